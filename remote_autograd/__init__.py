@@ -1,0 +1,55 @@
+"""remote_autograd: train a PyTorch model whose middle part runs on another machine.
+
+    trunk = RemoteModule("127.0.0.1:50051")        # the trunk runs on the server
+    model = nn.Sequential(bottom, trunk, top)
+    loss_fn(model(x), y).backward()                # top -> trunk (Backward RPC) -> bottom
+"""
+
+__version__ = "0.1.0"
+
+from .codec import Decoder, Encoder, decode, encode  # noqa: E402
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    CodecError,
+    ContextNotFound,
+    DeadlineExceeded,
+    InvalidRequest,
+    LimitExceeded,
+    RemoteAutogradError,
+    RemoteError,
+    ServerUnavailable,
+    StaleContext,
+    TransportError,
+    TrunkError,
+)
+from .module import RemoteModule  # noqa: E402
+from .optim import RemoteOptimizer, clip_grad_norm_  # noqa: E402
+from .options import ClientOptions, Limits, ServerOptions  # noqa: E402
+from .server import TrunkServer, serve  # noqa: E402
+
+__all__ = [
+    "AuthenticationError",
+    "ClientOptions",
+    "CodecError",
+    "ContextNotFound",
+    "DeadlineExceeded",
+    "Decoder",
+    "Encoder",
+    "InvalidRequest",
+    "LimitExceeded",
+    "Limits",
+    "RemoteAutogradError",
+    "RemoteError",
+    "RemoteModule",
+    "RemoteOptimizer",
+    "ServerOptions",
+    "ServerUnavailable",
+    "StaleContext",
+    "TransportError",
+    "TrunkError",
+    "TrunkServer",
+    "clip_grad_norm_",
+    "decode",
+    "encode",
+    "serve",
+]

@@ -1,0 +1,185 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ZeroGradMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ZERO_GRAD_NONE: _ClassVar[ZeroGradMode]
+    ZERO_GRAD_TO_NONE: _ClassVar[ZeroGradMode]
+    ZERO_GRAD_TO_ZERO: _ClassVar[ZeroGradMode]
+ZERO_GRAD_NONE: ZeroGradMode
+ZERO_GRAD_TO_NONE: ZeroGradMode
+ZERO_GRAD_TO_ZERO: ZeroGradMode
+
+class Header(_message.Message):
+    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    payload_bytes: int
+    keep_context: bool
+    training: bool
+    backward_seq: int
+    needs_input_grad: _containers.RepeatedScalarFieldContainer[bool]
+    reply_quantization: str
+    release_ids: _containers.RepeatedScalarFieldContainer[str]
+    zero_grad: ZeroGradMode
+    weights_version: int
+    compute_seconds: float
+    codec_seconds: float
+    recomputed: bool
+    grad_scale: float
+    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("header", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    UNARY_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_NUMEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_REPR_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    protocol_version: int
+    quantizations: _containers.RepeatedScalarFieldContainer[str]
+    compressions: _containers.RepeatedScalarFieldContainer[str]
+    max_payload_bytes: int
+    max_tensor_bytes: int
+    max_tensors: int
+    unary_payload_bytes: int
+    stream_chunk_bytes: int
+    trainable_parameters: _containers.RepeatedScalarFieldContainer[str]
+    trainable_numel: int
+    device: str
+    module_repr: str
+    context_ttl_seconds: float
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("request_ids",)
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class ConfigureOptimizerRequest(_message.Message):
+    __slots__ = ("name", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    options: bytes
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ...) -> None: ...
+
+class ConfigureOptimizerReply(_message.Message):
+    __slots__ = ("param_group",)
+    PARAM_GROUP_FIELD_NUMBER: _ClassVar[int]
+    param_group: bytes
+    def __init__(self, param_group: _Optional[bytes] = ...) -> None: ...
+
+class ZeroGradRequest(_message.Message):
+    __slots__ = ("mode",)
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    mode: ZeroGradMode
+    def __init__(self, mode: _Optional[_Union[ZeroGradMode, str]] = ...) -> None: ...
+
+class ZeroGradReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GradNormRequest(_message.Message):
+    __slots__ = ("norm_type", "zero_grad", "grad_scale")
+    NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    norm_type: float
+    zero_grad: ZeroGradMode
+    grad_scale: float
+    def __init__(self, norm_type: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., grad_scale: _Optional[float] = ...) -> None: ...
+
+class GradNormReply(_message.Message):
+    __slots__ = ("norms", "dtype")
+    NORMS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    norms: _containers.RepeatedScalarFieldContainer[float]
+    dtype: str
+    def __init__(self, norms: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("step", "param_groups", "grad_scale", "zero_grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    param_groups: bytes
+    grad_scale: float
+    zero_grad: ZeroGradMode
+    def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ...) -> None: ...
+
+class StepReply(_message.Message):
+    __slots__ = ("step", "weights_version", "replayed")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    weights_version: int
+    replayed: bool
+    def __init__(self, step: _Optional[int] = ..., weights_version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("parameters", "optimizer")
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    parameters: bool
+    optimizer: bool
+    def __init__(self, parameters: _Optional[bool] = ..., optimizer: _Optional[bool] = ...) -> None: ...
+
+class LoadStateReply(_message.Message):
+    __slots__ = ("parameters_loaded", "optimizer_loaded")
+    PARAMETERS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_LOADED_FIELD_NUMBER: _ClassVar[int]
+    parameters_loaded: int
+    optimizer_loaded: bool
+    def __init__(self, parameters_loaded: _Optional[int] = ..., optimizer_loaded: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,210 @@
+"""Server-side state: forward contexts awaiting Backward, and client sessions.
+
+Both tables are bounded (count, bytes, age) and thread-safe. A context belongs to one session;
+looking it up from another session is the same as looking up an id that never existed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ContextNotFound, LimitExceeded
+
+__all__ = ["ContextCache", "ForwardContext", "Session", "SessionTable"]
+
+_FORGET_REASONS = 4096  # remember why this many recent ids went away, for error messages
+
+
+@dataclass(eq=False)
+class ForwardContext:
+    """A cached forward: the leaves it started from and the outputs it reached."""
+
+    request_id: str
+    session: str
+    inputs: list[torch.Tensor]  # leaves on the server device (requires_grad where asked)
+    input_dtypes: list[torch.dtype]  # dtypes the client sent (gradients go back in these)
+    outputs: list[torch.Tensor]  # the trunk's tensor outputs, attached to the graph
+    nbytes: int  # bytes held by inputs and outputs
+    weights_version: int  # optimizer steps applied when the forward ran
+    rng_state: Any = None  # RNG state before the forward (recompute)
+    backward_seq: int = 0  # backwards answered so far
+    last_reply: Any = None  # the last Backward's reply, for a retried call
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ContextCache:
+    """Forward contexts by request id, bounded by count, bytes and idle age (LRU eviction)."""
+
+    def __init__(
+        self,
+        *,
+        max_contexts: int,
+        max_bytes: int,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_contexts = max_contexts
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, ForwardContext] = OrderedDict()
+        self._nbytes = 0
+        self._gone: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def put(self, context: ForwardContext) -> None:
+        if context.nbytes > self.max_bytes:
+            raise LimitExceeded(
+                f"forward context of {context.nbytes} bytes exceeds max_context_bytes="
+                f"{self.max_bytes}"
+            )
+        with self._lock:
+            self._expire_locked()
+            old = self._items.pop(context.request_id, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+            while self._items and (
+                len(self._items) >= self.max_contexts
+                or self._nbytes + context.nbytes > self.max_bytes
+            ):
+                _, evicted = self._items.popitem(last=False)
+                self._drop_locked(
+                    evicted,
+                    f"evicted to stay under max_contexts={self.max_contexts} / "
+                    f"max_context_bytes={self.max_bytes}",
+                )
+            context.last_used = self._clock()
+            self._items[context.request_id] = context
+            self._nbytes += context.nbytes
+
+    def get(self, session: str, request_id: str, *, method: str = "Backward") -> ForwardContext:
+        with self._lock:
+            self._expire_locked()
+            context = self._items.get(request_id)
+            if context is None or context.session != session:
+                reason = self._gone.get(request_id) if context is None else None
+                raise ContextNotFound(
+                    f"{method} for request {request_id[:12]}: no forward context ("
+                    + (reason or f"expired after {self.ttl:g} s idle, released, or never created")
+                    + ")"
+                )
+            context.last_used = self._clock()
+            self._items.move_to_end(request_id)
+            return context
+
+    def release(self, session: str, request_ids: list[str]) -> int:
+        released = 0
+        with self._lock:
+            for request_id in request_ids:
+                context = self._items.get(request_id)
+                if context is not None and context.session == session:
+                    del self._items[request_id]
+                    self._drop_locked(context, "released by the client")
+                    released += 1
+        return released
+
+    def drop_session(self, session: str) -> None:
+        with self._lock:
+            for request_id in [k for k, v in self._items.items() if v.session == session]:
+                self._drop_locked(self._items.pop(request_id), "its session ended")
+
+    def expire(self) -> int:
+        with self._lock:
+            return self._expire_locked()
+
+    def _expire_locked(self) -> int:
+        deadline = self._clock() - self.ttl
+        expired = 0
+        while self._items:
+            request_id, context = next(iter(self._items.items()))
+            if context.last_used > deadline:
+                break
+            del self._items[request_id]
+            self._drop_locked(context, f"expired after {self.ttl:g} s idle")
+            expired += 1
+        return expired
+
+    def _drop_locked(self, context: ForwardContext, reason: str) -> None:
+        self._nbytes -= context.nbytes
+        self._gone[context.request_id] = reason
+        while len(self._gone) > _FORGET_REASONS:
+            self._gone.popitem(last=False)
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's gradients, optimizer and step counter."""
+
+    key: str
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    last_step: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+class SessionTable:
+    """Sessions by key, at most ``max_sessions``; idle ones are dropped after ``ttl``."""
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int,
+        ttl: float,
+        on_drop: Callable[[str], None] = lambda key: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self._on_drop = on_drop
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Session:
+        with self._lock:
+            session = self._items.get(key)
+            if session is None:
+                self._expire_locked()
+                if len(self._items) >= self.max_sessions:
+                    raise LimitExceeded(
+                        f"server already holds max_sessions={self.max_sessions} sessions; "
+                        f"idle ones are dropped after {self.ttl:g} s"
+                    )
+                session = self._items[key] = Session(key)
+            session.last_seen = self._clock()
+            return session
+
+    def values(self) -> list[Session]:
+        with self._lock:
+            return list(self._items.values())
+
+    def expire(self) -> int:
+        with self._lock:
+            return self._expire_locked()
+
+    def _expire_locked(self) -> int:
+        deadline = self._clock() - self.ttl
+        stale = [key for key, s in self._items.items() if s.last_seen <= deadline]
+        for key in stale:
+            del self._items[key]
+            self._on_drop(key)
+        return len(stale)

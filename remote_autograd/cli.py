@@ -1,0 +1,134 @@
+"""The ``remote-autograd`` console command: ``serve``, and the subcommands of remote_autograd.hf."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .options import ServerOptions
+
+__all__ = ["load_factory", "main"]
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """``package.module:callable`` -> the callable; the operator names it on the command line."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"--module must look like package.module:callable, got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"--module {spec}: cannot import {module_name}: {exc}") from exc
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise SystemExit(f"--module {spec}: {module_name} has no attribute {attr}")
+    if not callable(target):
+        raise SystemExit(f"--module {spec}: {attr} is not callable")
+    return target
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+    parser.add_argument("--dtype", default=None, help="run the trunk in this dtype (bfloat16...)")
+    parser.add_argument("--context-ttl", type=float, default=600.0, help="seconds")
+    parser.add_argument("--max-contexts", type=int, default=4096)
+    parser.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
+    parser.add_argument("--tls-key", help="PEM private key of the server")
+    parser.add_argument("--client-ca", help="PEM CA that client certificates must chain to (mTLS)")
+    parser.add_argument(
+        "--token-file", help="file with one accepted bearer token per line (tokens required)"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plain text on a non-loopback address"
+    )
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    tokens: tuple[str, ...] = ()
+    if args.token_file:
+        with open(args.token_file) as f:
+            tokens = tuple(line.strip() for line in f if line.strip())
+    return ServerOptions(
+        device=args.device,
+        dtype=args.dtype,
+        context_ttl=args.context_ttl,
+        max_contexts=args.max_contexts,
+        certificate_chain=_read(args.tls_cert),
+        private_key=_read(args.tls_key),
+        client_ca=_read(args.client_ca),
+        tokens=tokens,
+        insecure=args.insecure,
+    )
+
+
+def run_server(module: Any, args: argparse.Namespace) -> None:
+    from .server import serve
+
+    server = serve(module, args.address, options=server_options(args))
+    print(f"remote-autograd: serving {type(module).__name__} on {server.address}", flush=True)
+    done = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    done.wait()
+    server.stop(grace=5.0)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    if args.module is None:
+        from .hf.cli import serve_hf
+
+        serve_hf(args)
+        return
+    module = load_factory(args.module)()
+    run_server(module, args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="remote-autograd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve a trunk module")
+    serve_parser.add_argument(
+        "--module",
+        help="package.module:callable returning the trunk nn.Module (omit for a GPT-2 trunk)",
+    )
+    add_server_arguments(serve_parser)
+    try:
+        from .hf.cli import add_commands
+    except ImportError:  # the hf extra is not installed
+        add_commands = None
+    if add_commands is not None:
+        add_commands(commands, serve_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        _serve(args)
+    else:
+        args.run(args)
+
+
+if __name__ == "__main__":
+    main()

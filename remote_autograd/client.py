@@ -1,0 +1,335 @@
+"""The only place RPCs are issued: :class:`TrunkClient`, one session with one trunk server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import msgpack
+
+from . import codec, frames
+from ._proto import remote_autograd_pb2 as pb
+from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .errors import ServerUnavailable, from_rpc_error
+from .options import ClientOptions
+from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel, max_message_bytes
+
+__all__ = ["CallStats", "TrunkClient"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_CONTROL_TIMEOUT = 30.0
+_RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
+
+
+class CallStats:
+    """Bytes and seconds spent by one client; the training command shows these."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.server_compute_seconds = 0.0
+        self.server_codec_seconds = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+class TrunkClient:
+    """A session with one trunk server. Thread-safe; cheap until the first call."""
+
+    def __init__(self, address: str, options: ClientOptions | None = None) -> None:
+        self.address = address
+        self.options = options = options or ClientOptions()
+        self.session_id = uuid.uuid4().hex
+        self.stats = CallStats()
+        self._metadata: tuple[tuple[str, str], ...] = ((SESSION_METADATA_KEY, self.session_id),)
+        if options.token:
+            self._metadata += ((AUTH_METADATA_KEY, f"Bearer {options.token}"),)
+        self._encoders = {
+            "activation": codec.Encoder(
+                compression=options.compression, quantization=options.activation_quantization
+            ),
+            "gradient": codec.Encoder(
+                compression=options.compression, quantization=options.gradient_quantization
+            ),
+        }
+        self._decoder = codec.Decoder(limits=options.limits)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.TrunkStub | None = None
+        self._info: pb.InfoReply | None = None
+        self._big_reply: dict[str, bool] = {}
+        # Deferred work that rides on the next call instead of costing a round trip.
+        self._pending_releases: list[str] = []
+        self._pending_zero = pb.ZERO_GRAD_NONE
+        self._pending_scale = 1.0
+        self._release_wakeup = threading.Event()
+        self._release_thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> pb_grpc.TrunkStub:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the client for {self.address} is closed")
+            if self._stub is None:
+                limit = max_message_bytes(1 << 20, 1 << 20)
+                # Replies to unary calls may be large (a small request can produce a big
+                # output), so the receive side accepts up to the frame limit.
+                self._channel = create_channel(
+                    self.address,
+                    self.options,
+                    max(limit, self.options.limits.max_payload_bytes + (64 << 10)),
+                )
+                self._stub = pb_grpc.TrunkStub(self._channel)
+            return self._stub
+
+    def info(self) -> pb.InfoReply:
+        """The server's handshake reply (fetched once, waiting up to ``connect_timeout``)."""
+        if self._info is None:
+            stub = self._connect()
+            assert self._channel is not None
+            try:
+                grpc.channel_ready_future(self._channel).result(
+                    timeout=self.options.connect_timeout
+                )
+            except grpc.FutureTimeoutError as exc:
+                raise ServerUnavailable(
+                    f"no trunk server answered at {self.address} within "
+                    f"{self.options.connect_timeout:g} s (ClientOptions.connect_timeout); "
+                    "is it running?"
+                ) from exc
+            self._info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+        return self._info
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channel, self._channel, self._stub = self._channel, None, None
+        self._release_wakeup.set()
+        if channel is not None:
+            if self._pending_releases:
+                self._flush_releases(pb_grpc.TrunkStub(channel))
+            channel.close()
+
+    def _kw(self, timeout: float | None = None) -> dict[str, Any]:
+        return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}
+
+    def _call(self, method: str, invoke: Callable[[], T], *, retry: bool = True) -> T:
+        """Run one RPC, retrying UNAVAILABLE where repeating is safe; translate errors."""
+        attempts = 1 + (self.options.retries if retry else 0)
+        delay = self.options.retry_backoff
+        for attempt in range(1, attempts + 1):
+            try:
+                result = invoke()
+                self.stats.calls += 1
+                return result
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < attempts:
+                    log.debug("%s to %s unavailable; retry %d in %.2fs", method, self.address,
+                              attempt, delay)
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise from_rpc_error(exc, method=method, address=self.address) from exc
+        raise AssertionError("unreachable")
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def _exchange(self, method: str, header: pb.Header, value: Any, kind: str) -> tuple[Any, pb.Header]:
+        """Send one frame, receive one frame: unary when small, streamed when large."""
+        info = self.info()
+        stub = self._connect()
+        buffers = self._encoders[kind].encode_buffers(value)
+        size = sum(len(b) for b in buffers)
+        header.release_ids.extend(self._take_releases())
+        streamed = size > info.unary_payload_bytes or self._big_reply.get(method, False)
+        if streamed:
+            rpc = getattr(stub, method + "Stream")
+
+            def invoke() -> frames.Received:
+                messages = frames.frame_messages(header, buffers, info.stream_chunk_bytes)
+                return frames.receive(rpc(messages, **self._kw()), self.options.limits)
+        else:
+            rpc = getattr(stub, method)
+            message = frames.unary_message(header, buffers)
+
+            def invoke() -> frames.Received:
+                return frames.receive_unary(rpc(message, **self._kw()), self.options.limits)
+
+        received = self._call(method, invoke)
+        reply_size = received.header.payload_bytes
+        self._big_reply[method] = reply_size > info.unary_payload_bytes
+        self.stats.bytes_sent += size
+        self.stats.bytes_received += reply_size
+        self.stats.server_compute_seconds += received.header.compute_seconds
+        self.stats.server_codec_seconds += received.header.codec_seconds
+        return received.decode(self._decoder), received.header
+
+    def compute(
+        self,
+        request_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        needs_input_grad: list[bool],
+        keep_context: bool,
+        training: bool,
+    ) -> tuple[Any, pb.Header]:
+        header = pb.Header(
+            request_id=request_id,
+            keep_context=keep_context,
+            training=training,
+            needs_input_grad=needs_input_grad,
+            reply_quantization=self.options.activation_quantization,
+        )
+        return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
+
+    def backward(
+        self, request_id: str, seq: int, grads: list[Any], needs_input_grad: list[bool]
+    ) -> tuple[Any, pb.Header]:
+        zero, scale = self._take_grad_ops()
+        header = pb.Header(
+            request_id=request_id,
+            backward_seq=seq,
+            needs_input_grad=needs_input_grad,
+            reply_quantization=self.options.gradient_quantization,
+            zero_grad=zero,
+            grad_scale=scale,
+        )
+        try:
+            return self._exchange("Backward", header, {"grads": grads}, "gradient")
+        except BaseException:
+            self._restore_grad_ops(zero, scale)
+            raise
+
+    # -- contexts ---------------------------------------------------------------------------
+
+    def schedule_release(self, request_id: str) -> None:
+        """The client's graph no longer needs this context. Safe from any thread or finalizer."""
+        if self._closed:
+            return
+        self._pending_releases.append(request_id)  # list.append is atomic
+        if self._release_thread is None:
+            with self._lock:
+                if self._release_thread is None:
+                    self._release_thread = threading.Thread(
+                        target=self._release_loop, name="ra-release", daemon=True
+                    )
+                    self._release_thread.start()
+        self._release_wakeup.set()
+
+    def _take_releases(self) -> list[str]:
+        taken = []
+        while self._pending_releases:
+            taken.append(self._pending_releases.pop())
+        return taken
+
+    def _release_loop(self) -> None:
+        while not self._closed:
+            self._release_wakeup.wait()
+            self._release_wakeup.clear()
+            time.sleep(_RELEASE_DELAY)  # give the next Compute a chance to carry them
+            stub = self._stub
+            if stub is not None and self._pending_releases and not self._closed:
+                self._flush_releases(stub)
+
+    def _flush_releases(self, stub: pb_grpc.TrunkStub) -> None:
+        ids = self._take_releases()
+        if not ids:
+            return
+        try:
+            stub.Release(pb.ReleaseRequest(request_ids=ids), **self._kw(_CONTROL_TIMEOUT))
+        except grpc.RpcError as exc:
+            # Not fatal: the server expires contexts on its own (ServerOptions.context_ttl).
+            log.debug("Release of %d contexts failed: %s", len(ids), exc)
+
+    # -- gradients and the optimizer ----------------------------------------------------------
+
+    def zero_grad_later(self, set_to_none: bool) -> None:
+        """Defer zero_grad() to the next Backward, GradNorm or Step of this session."""
+        with self._lock:
+            self._pending_zero = pb.ZERO_GRAD_TO_NONE if set_to_none else pb.ZERO_GRAD_TO_ZERO
+            self._pending_scale = 1.0
+
+    def scale_grads_later(self, scale: float) -> None:
+        """Defer multiplying the session's gradients by ``scale`` (gradient clipping)."""
+        with self._lock:
+            self._pending_scale *= scale
+
+    def _take_grad_ops(self) -> tuple[int, float]:
+        with self._lock:
+            taken = (self._pending_zero, self._pending_scale)
+            self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
+            return taken
+
+    def _restore_grad_ops(self, zero: int, scale: float) -> None:
+        with self._lock:
+            if self._pending_zero == pb.ZERO_GRAD_NONE:
+                self._pending_zero = zero
+                self._pending_scale *= scale
+
+    def configure_optimizer(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        stub = self._connect()
+        self.info()
+        request = pb.ConfigureOptimizerRequest(name=name, options=msgpack.packb(kwargs))
+        reply = self._call(
+            "ConfigureOptimizer",
+            lambda: stub.ConfigureOptimizer(request, **self._kw(_CONTROL_TIMEOUT)),
+        )
+        return msgpack.unpackb(reply.param_group, raw=False)
+
+    def grad_norms(self, norm_type: float) -> tuple[list[float], str]:
+        stub = self._connect()
+        zero, scale = self._take_grad_ops()
+        request = pb.GradNormRequest(norm_type=norm_type, zero_grad=zero, grad_scale=scale)
+        try:
+            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))
+        except BaseException:
+            self._restore_grad_ops(zero, scale)
+            raise
+        return list(reply.norms), reply.dtype
+
+    def step(self, step: int, param_groups: list[dict[str, Any]]) -> pb.StepReply:
+        stub = self._connect()
+        zero, scale = self._take_grad_ops()
+        request = pb.StepRequest(
+            step=step,
+            param_groups=msgpack.packb(param_groups),
+            zero_grad=zero,
+            grad_scale=scale,
+        )
+        try:
+            return self._call("Step", lambda: stub.Step(request, **self._kw()))
+        except BaseException:
+            self._restore_grad_ops(zero, scale)
+            raise
+
+    def get_state(self, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
+        stub = self._connect()
+        request = pb.GetStateRequest(parameters=parameters, optimizer=optimizer)
+        received = self._call(
+            "GetState",
+            lambda: frames.receive(stub.GetState(request, **self._kw()), self.options.limits),
+        )
+        return received.decode(self._decoder)
+
+    def load_state(self, state: dict[str, Any]) -> pb.LoadStateReply:
+        stub = self._connect()
+        info = self.info()
+        buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
+        return self._call(
+            "LoadState",
+            lambda: stub.LoadState(
+                frames.frame_messages(pb.Header(), buffers, info.stream_chunk_bytes), **self._kw()
+            ),
+        )

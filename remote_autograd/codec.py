@@ -1,0 +1,474 @@
+"""Tensors and plain values <-> one msgpack frame.
+
+A frame is a msgpack stream that any msgpack reader can walk::
+
+    uint32               length of the meta object that follows
+    map  meta            {"v": 1, "tree": <bytes of the tree>, "tensors": [tensor meta, ...]}
+    per tensor:          nil * k  (padding: aligns the tensor's bytes to 64)
+                         bin32    the tensor's bytes on the wire
+
+The tree is the call's value (tensors, None, bool, int, float, str, list, tuple, dict) packed
+with tensors replaced by ExtType(1, index) and tuples by ExtType(2, packed list), so it
+round-trips exactly. A tensor meta is a map::
+
+    dtype  "float32"...    the tensor's dtype (what the receiver gets back)
+    shape  [2, 3]          the tensor's shape
+    q      "none"          wire quantization: none | bf16 | fp16 | int8 (lossy, floating only)
+    z      "none"          compression of the wire bytes: none | lz4
+    n      24              bytes after quantization, before compression
+    s      24              bytes on the wire (the bin32's length)
+    scale  1024.0          fp16 only: power-of-two scale applied before the cast
+    block  256             int8 only: elements per quantization block
+
+The decoder checks every meta against :class:`~remote_autograd.options.Limits` and against the
+frame's real length before it allocates anything, so a lying header or an LZ4 bomb is refused
+with :class:`~remote_autograd.errors.CodecError`. Raw tensors are decoded without a copy
+(``torch.frombuffer`` over the received buffer).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import lz4.block
+import msgpack
+import torch
+
+from .errors import CodecError
+from .options import Limits
+
+__all__ = [
+    "COMPRESSIONS",
+    "DTYPES",
+    "QUANTIZATIONS",
+    "Decoder",
+    "Encoder",
+    "decode",
+    "encode",
+    "iter_chunks",
+]
+
+VERSION = 1
+ALIGN = 64
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+QUANTIZATIONS = ("none", "bf16", "fp16", "int8")
+COMPRESSIONS = ("none", "lz4", "auto")
+
+_EXT_TENSOR = 1
+_EXT_TUPLE = 2
+_INT8_BLOCK = 256
+_FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
+_SAMPLE_BYTES = 64 << 10  # "auto" compression looks at this much of a tensor first
+_MIN_COMPRESS_BYTES = 4 << 10  # below this LZ4 cannot pay for its own framing
+_WORTH_IT = 0.9  # compress only when it saves at least 10%
+_NIL = b"\xc0"
+_U32 = struct.Struct(">I")
+
+
+def _check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+class Encoder:
+    """Encodes a value holding tensors into a frame. Reusable; not thread-safe.
+
+    ``quantization`` applies to floating tensors only and is lossy; ``compression="auto"``
+    compresses a tensor with LZ4 only when a sample of it shrinks by at least 10%.
+    """
+
+    def __init__(self, *, compression: str = "auto", quantization: str = "none") -> None:
+        self.compression = _check_choice("compression", compression, COMPRESSIONS)
+        self.quantization = _check_choice("quantization", quantization, QUANTIZATIONS)
+
+    def encode(self, obj: Any) -> bytes:
+        """The frame as one bytes object."""
+        return b"".join(self.encode_buffers(obj))
+
+    def encode_buffers(self, obj: Any) -> list[bytes | memoryview]:
+        """The frame as a list of buffers, without copying raw tensor bytes."""
+        tensors: list[torch.Tensor] = []
+        tree = _pack_tree(obj, tensors)
+        cpu = _to_host(tensors)
+        metas: list[dict[str, Any]] = []
+        datas: list[bytes | memoryview] = []
+        for tensor in cpu:
+            meta, data = self._encode_tensor(tensor)
+            metas.append(meta)
+            datas.append(data)
+        meta_bytes = msgpack.packb({"v": VERSION, "tree": tree, "tensors": metas})
+        buffers: list[bytes | memoryview] = [b"\xce" + _U32.pack(len(meta_bytes)), meta_bytes]
+        offset = 5 + len(meta_bytes)
+        for data in datas:
+            pad = (-(offset + 5)) % ALIGN
+            buffers.append(_NIL * pad + b"\xc6" + _U32.pack(len(data)))
+            buffers.append(data)
+            offset += pad + 5 + len(data)
+        return buffers
+
+    def _encode_tensor(self, tensor: torch.Tensor) -> tuple[dict[str, Any], bytes | memoryview]:
+        name = _DTYPE_NAMES.get(tensor.dtype)
+        if name is None:
+            raise CodecError(
+                f"cannot send a tensor of dtype {tensor.dtype}; supported: {', '.join(DTYPES)}"
+            )
+        meta: dict[str, Any] = {"dtype": name, "shape": list(tensor.shape), "q": "none"}
+        wire = tensor
+        if self.quantization != "none" and tensor.is_floating_point() and tensor.numel():
+            wire, extra = _quantize(tensor, self.quantization)
+            if extra is not None:
+                meta["q"] = self.quantization
+                meta.update(extra)
+        raw = _as_bytes(wire)
+        meta["n"] = len(raw)
+        meta["z"] = "none"
+        if self._should_compress(raw):
+            packed = lz4.block.compress(raw, store_size=False)
+            if len(packed) < len(raw):
+                meta["z"] = "lz4"
+                raw = packed
+        meta["s"] = len(raw)
+        return meta, raw
+
+    def _should_compress(self, raw: memoryview | bytes) -> bool:
+        if self.compression == "none" or len(raw) < _MIN_COMPRESS_BYTES:
+            return False
+        if self.compression == "lz4" or len(raw) <= _SAMPLE_BYTES:
+            return True
+        start = (len(raw) - _SAMPLE_BYTES) // 2
+        sample = raw[start : start + _SAMPLE_BYTES]
+        return len(lz4.block.compress(sample, store_size=False)) < _WORTH_IT * len(sample)
+
+
+class Decoder:
+    """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe."""
+
+    def __init__(self, *, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+
+    def decode(self, buf: Any, *, base: torch.Tensor | None = None) -> Any:
+        """Decode a frame from any buffer. Raw tensors alias ``buf`` (or ``base``, a uint8
+        tensor over the same memory, e.g. pinned) when it is writable; otherwise they are copied.
+        """
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            view = memoryview(bytearray(view))
+            base = None
+        limits = self.limits
+        if len(view) > limits.max_payload_bytes:
+            raise CodecError(
+                f"frame of {len(view)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
+            )
+        if len(view) < 5 or view[0] != 0xCE:
+            raise CodecError("not a remote_autograd frame: it must start with a msgpack uint32")
+        (meta_len,) = _U32.unpack(view[1:5])
+        if meta_len > limits.max_header_bytes or 5 + meta_len > len(view):
+            raise CodecError(
+                f"frame header claims {meta_len} bytes; frame has {len(view) - 5}, "
+                f"max_header_bytes={limits.max_header_bytes}"
+            )
+        meta = _unpack(view[5 : 5 + meta_len], "frame header")
+        if not isinstance(meta, dict) or meta.get("v") != VERSION:
+            raise CodecError(f"unsupported frame version {_get(meta, 'v')!r}; expected {VERSION}")
+        metas = meta.get("tensors")
+        tree = meta.get("tree")
+        if not isinstance(metas, list) or not isinstance(tree, bytes):
+            raise CodecError("frame header must hold 'tensors' (a list) and 'tree' (bytes)")
+        if len(metas) > limits.max_tensors:
+            raise CodecError(
+                f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}"
+            )
+        checked = [self._check_meta(i, m) for i, m in enumerate(metas)]
+        offset = 5 + meta_len
+        spans = []
+        for i, (m, _) in enumerate(checked):
+            while offset < len(view) and view[offset] == 0xC0 and offset % ALIGN != (ALIGN - 5):
+                offset += 1
+            if offset + 5 > len(view) or view[offset] != 0xC6:
+                raise CodecError(f"tensor {i}: expected a bin32 at byte {offset} of the frame")
+            (size,) = _U32.unpack(view[offset + 1 : offset + 5])
+            if size != m["s"] or offset + 5 + size > len(view):
+                raise CodecError(
+                    f"tensor {i}: header says {m['s']} bytes, frame holds {size} "
+                    f"(frame is {len(view)} bytes)"
+                )
+            spans.append((offset + 5, size))
+            offset += 5 + size
+        if offset != len(view):
+            raise CodecError(f"frame has {len(view) - offset} trailing bytes after the last tensor")
+        tensors = [
+            _decode_tensor(view, base, start, size, m, numel)
+            for (start, size), (m, numel) in zip(spans, checked, strict=True)
+        ]
+        return _unpack(tree, "frame values", tensors)
+
+    def _check_meta(self, index: int, meta: Any) -> tuple[dict[str, Any], int]:
+        limits = self.limits
+        if not isinstance(meta, dict):
+            raise CodecError(f"tensor {index}: meta must be a map, got {type(meta).__name__}")
+        dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CodecError(
+                f"tensor {index}: unknown dtype {meta.get('dtype')!r}; supported: {', '.join(DTYPES)}"
+            )
+        shape = meta.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > limits.max_ndim
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise CodecError(
+                f"tensor {index}: shape must be a list of at most max_ndim={limits.max_ndim} "
+                f"non-negative ints, got {shape!r}"
+            )
+        numel = math.prod(shape)
+        itemsize = dtype.itemsize
+        if numel > limits.max_tensor_elements:
+            raise CodecError(
+                f"tensor {index}: {numel} elements exceed max_tensor_elements="
+                f"{limits.max_tensor_elements}"
+            )
+        if numel * itemsize > limits.max_tensor_bytes:
+            raise CodecError(
+                f"tensor {index}: {numel * itemsize} bytes exceed max_tensor_bytes="
+                f"{limits.max_tensor_bytes}"
+            )
+        q, z, n, s = meta.get("q"), meta.get("z"), meta.get("n"), meta.get("s")
+        if q not in QUANTIZATIONS or z not in ("none", "lz4"):
+            raise CodecError(f"tensor {index}: unknown codec q={q!r} z={z!r}")
+        if q != "none" and not dtype.is_floating_point:
+            raise CodecError(f"tensor {index}: quantization {q} on non-floating dtype {dtype}")
+        expected = _wire_nbytes(q, numel, itemsize, meta)
+        if n != expected:
+            raise CodecError(
+                f"tensor {index}: {meta['dtype']}{shape} with q={q} is {expected} bytes, "
+                f"header says {n!r}"
+            )
+        if type(s) is not int or s < 0 or (z == "none" and s != n) or (z == "lz4" and s > n):
+            raise CodecError(f"tensor {index}: wire size {s!r} does not fit {n} bytes with z={z}")
+        return meta, numel
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def _wire_nbytes(q: str, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+    if q == "none":
+        return numel * itemsize
+    if q in ("bf16", "fp16"):
+        if q == "fp16":
+            scale = meta.get("scale")
+            if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
+                raise CodecError(f"fp16 scale must be a positive finite float, got {scale!r}")
+        return numel * 2
+    block = meta.get("block")
+    if type(block) is not int or not 1 <= block <= 1 << 20:
+        raise CodecError(f"int8 block must be an int in [1, 2**20], got {block!r}")
+    return -(-numel // block) * 4 + numel
+
+
+def _decode_tensor(
+    view: memoryview,
+    base: torch.Tensor | None,
+    start: int,
+    size: int,
+    meta: dict[str, Any],
+    numel: int,
+) -> torch.Tensor:
+    dtype = DTYPES[meta["dtype"]]
+    shape = meta["shape"]
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    if meta["z"] == "lz4":
+        try:
+            raw = lz4.block.decompress(
+                view[start : start + size], uncompressed_size=meta["n"], return_bytearray=True
+            )
+        except lz4.block.LZ4BlockError as exc:
+            raise CodecError(f"corrupt LZ4 data for a {meta['dtype']}{shape} tensor") from exc
+        if len(raw) != meta["n"]:
+            raise CodecError(f"LZ4 data decompressed to {len(raw)} bytes, header says {meta['n']}")
+        data = torch.frombuffer(raw, dtype=torch.uint8)
+    elif base is not None:
+        data = base[start : start + size]
+    else:
+        data = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start)
+    return _dequantize(data, meta, dtype, numel).reshape(shape)
+
+
+def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, numel: int):
+    q = meta["q"]
+    if q == "none":
+        return data.view(dtype)
+    if q == "bf16":
+        return data.view(torch.bfloat16).to(dtype)
+    if q == "fp16":
+        return (data.view(torch.float16).to(torch.float32) / meta["scale"]).to(dtype)
+    block = meta["block"]
+    blocks = -(-numel // block)
+    scales = data[: blocks * 4].view(torch.float32)
+    q8 = data[blocks * 4 :].view(torch.int8).to(torch.float32)
+    padded = torch.nn.functional.pad(q8, (0, blocks * block - numel)).view(blocks, block)
+    return (padded * scales[:, None]).reshape(-1)[:numel].to(dtype)
+
+
+def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """Lossy wire form of a floating tensor; (tensor, None) where it would not be faithful."""
+    if kind == "bf16":
+        return (tensor, None) if tensor.dtype == torch.bfloat16 else (tensor.to(torch.bfloat16), {})
+    amax = float(tensor.abs().max())
+    if not math.isfinite(amax):
+        return tensor, None  # non-finite values travel losslessly; the receiver decides
+    if kind == "fp16":
+        # A power-of-two scale is exact: it moves the exponent range without rounding, so
+        # small gradients are not flushed to zero by fp16's narrow range.
+        scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
+        return (tensor.float() * scale).to(torch.float16), {"scale": float(scale)}
+    flat = tensor.reshape(-1).float()
+    numel = flat.numel()
+    blocks = -(-numel // _INT8_BLOCK)
+    padded = torch.nn.functional.pad(flat, (0, blocks * _INT8_BLOCK - numel))
+    absmax = padded.view(blocks, _INT8_BLOCK).abs().amax(dim=1)
+    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q8 = torch.round(padded.view(blocks, _INT8_BLOCK) / scales[:, None]).clamp_(-127, 127)
+    payload = torch.cat(
+        [scales.view(torch.uint8), q8.to(torch.int8).reshape(-1)[:numel].view(torch.uint8)]
+    )
+    return payload, {"block": _INT8_BLOCK}
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of the tensors; CUDA tensors go through pinned buffers with one sync."""
+    out = []
+    synced = True
+    for tensor in tensors:
+        if tensor.device.type == "cpu":
+            out.append(tensor.detach())
+        else:
+            host = torch.empty(
+                tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda"
+            )
+            host.copy_(tensor.detach(), non_blocking=True)
+            out.append(host)
+            synced = False
+    if not synced and torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
+    return out
+
+
+class _TreePacker:
+    """msgpack ``default`` hook collecting tensors (a bound method, not a recursive closure,
+    so no reference cycle keeps the tensors alive)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def packb(self, value: Any) -> bytes:
+        try:
+            return msgpack.packb(value, default=self.default, strict_types=True, use_bin_type=True)
+        except CodecError:
+            raise
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise CodecError(f"cannot encode value: {exc}") from exc
+
+    def default(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            self.tensors.append(value)
+            return msgpack.ExtType(_EXT_TENSOR, _U32.pack(len(self.tensors) - 1))
+        if isinstance(value, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, self.packb(list(value)))
+        for plain in (bool, int, float, str, dict, list):
+            if isinstance(value, plain):
+                return plain(value)  # subclasses (IntEnum, OrderedDict...) as their base
+        raise CodecError(
+            f"cannot send a value of type {type(value).__name__}: frames carry tensors, None, "
+            "bool, int, float, str, and lists, tuples and dicts of these"
+        )
+
+
+def _pack_tree(obj: Any, tensors: list[torch.Tensor]) -> bytes:
+    return _TreePacker(tensors).packb(obj)
+
+
+class _TreeUnpacker:
+    """msgpack ``ext_hook`` putting decoded tensors back in place (see _TreePacker)."""
+
+    def __init__(self, what: str, tensors: list[torch.Tensor] | None) -> None:
+        self.what = what
+        self.tensors = tensors
+
+    def unpackb(self, data: Any) -> Any:
+        try:
+            return msgpack.unpackb(
+                data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True
+            )
+        except CodecError:
+            raise
+        except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+            raise CodecError(f"{self.what} is not valid msgpack: {exc}") from exc
+
+    def ext_hook(self, code: int, payload: bytes) -> Any:
+        tensors = self.tensors
+        if code == _EXT_TENSOR and tensors is not None and len(payload) == 4:
+            (index,) = _U32.unpack(payload)
+            if index < len(tensors):
+                return tensors[index]
+            raise CodecError(f"{self.what}: reference to tensor {index}; frame has {len(tensors)}")
+        if code == _EXT_TUPLE and tensors is not None:
+            return tuple(self.unpackb(payload))
+        raise CodecError(f"{self.what}: unknown msgpack extension type {code}")
+
+
+def _unpack(data: Any, what: str, tensors: list[torch.Tensor] | None = None) -> Any:
+    return _TreeUnpacker(what, tensors).unpackb(data)
+
+
+def iter_chunks(buffers: list[bytes | memoryview], chunk_bytes: int) -> Iterator[bytes]:
+    """Re-slice a frame's buffers into chunks of ``chunk_bytes`` (one bounded copy each)."""
+    pending: list[bytes | memoryview] = []
+    pending_len = 0
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while len(view):
+            take = min(len(view), chunk_bytes - pending_len)
+            pending.append(view[:take])
+            pending_len += take
+            view = view[take:]
+            if pending_len == chunk_bytes:
+                yield b"".join(pending)
+                pending, pending_len = [], 0
+    if pending_len:
+        yield b"".join(pending)
+
+
+def encode(obj: Any, *, compression: str = "auto", quantization: str = "none") -> bytes:
+    """Encode ``obj`` into one frame (see :class:`Encoder`)."""
+    return Encoder(compression=compression, quantization=quantization).encode(obj)
+
+
+def decode(buf: Any, *, limits: Limits | None = None) -> Any:
+    """Decode one frame from any buffer (see :class:`Decoder`)."""
+    return Decoder(limits=limits).decode(buf)

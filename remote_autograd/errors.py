@@ -1,0 +1,163 @@
+"""The exception tree of remote_autograd.
+
+Every error the library raises derives from :class:`RemoteAutogradError`::
+
+    RemoteAutogradError
+    ├── CodecError            a frame or tensor could not be encoded or decoded (also ValueError)
+    ├── TransportError        the call did not complete: server down, deadline, cancelled
+    │   ├── ServerUnavailable     UNAVAILABLE: nobody answered at the address
+    │   └── DeadlineExceeded      DEADLINE_EXCEEDED: no answer within the call's deadline
+    └── RemoteError           the server answered with an error
+        ├── InvalidRequest        INVALID_ARGUMENT: the server refused what was sent
+        ├── LimitExceeded         RESOURCE_EXHAUSTED: a configured limit was hit (the message names it)
+        ├── ContextNotFound       NOT_FOUND: Backward on a forward context that expired or never existed
+        ├── StaleContext          FAILED_PRECONDITION: state moved on (weights stepped, step numbers)
+        ├── AuthenticationError   UNAUTHENTICATED / PERMISSION_DENIED
+        └── TrunkError            INTERNAL / UNKNOWN / UNIMPLEMENTED: the trunk itself raised
+
+``grpc.RpcError`` is translated in exactly one place, :func:`from_rpc_error`, which the client
+calls for every failed RPC. The server sends the class name in the ``ra-error`` trailing metadata
+so two errors that share a status code stay distinct.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "AuthenticationError",
+    "CodecError",
+    "ContextNotFound",
+    "DeadlineExceeded",
+    "InvalidRequest",
+    "LimitExceeded",
+    "RemoteAutogradError",
+    "RemoteError",
+    "ServerUnavailable",
+    "StaleContext",
+    "TransportError",
+    "TrunkError",
+    "from_rpc_error",
+]
+
+ERROR_METADATA_KEY = "ra-error"
+
+
+class RemoteAutogradError(Exception):
+    """Base class of every error raised by remote_autograd."""
+
+
+class CodecError(RemoteAutogradError, ValueError):
+    """A frame or a tensor could not be encoded or decoded (malformed, lying, or over a limit)."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TransportError(RemoteAutogradError):
+    """The call did not complete; the server may never have seen it."""
+
+    status: grpc.StatusCode | None = None
+
+    def __init__(self, message: str, *, status: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class ServerUnavailable(TransportError):
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(TransportError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RemoteError(RemoteAutogradError):
+    """The server answered the call with an error."""
+
+    status = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, status: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class InvalidRequest(RemoteError):
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class LimitExceeded(RemoteError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ContextNotFound(RemoteError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class StaleContext(RemoteError):
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AuthenticationError(RemoteError):
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class TrunkError(RemoteError):
+    status = grpc.StatusCode.INTERNAL
+
+
+_BY_NAME: dict[str, type[RemoteAutogradError]] = {
+    cls.__name__: cls
+    for cls in (
+        CodecError,
+        InvalidRequest,
+        LimitExceeded,
+        ContextNotFound,
+        StaleContext,
+        AuthenticationError,
+        TrunkError,
+    )
+}
+
+_BY_STATUS: dict[grpc.StatusCode, type[RemoteAutogradError]] = {
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: TransportError,
+    grpc.StatusCode.ABORTED: TransportError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+    grpc.StatusCode.NOT_FOUND: ContextNotFound,
+    grpc.StatusCode.ALREADY_EXISTS: StaleContext,
+    grpc.StatusCode.FAILED_PRECONDITION: StaleContext,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.INTERNAL: TrunkError,
+    grpc.StatusCode.UNKNOWN: TrunkError,
+    grpc.StatusCode.UNIMPLEMENTED: TrunkError,
+    grpc.StatusCode.DATA_LOSS: TrunkError,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError, *, method: str, address: str) -> RemoteAutogradError:
+    """Translate a failed gRPC call into the exception tree (the only place this is done)."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    name = None
+    if isinstance(exc, grpc.Call):
+        for key, value in exc.trailing_metadata() or ():
+            if key == ERROR_METADATA_KEY:
+                name = value
+    cls = _BY_NAME.get(name or "") or _BY_STATUS.get(code, RemoteError)
+    if cls is TransportError or issubclass(cls, TransportError):
+        hint = {
+            grpc.StatusCode.UNAVAILABLE: "is the server running and reachable?",
+            grpc.StatusCode.DEADLINE_EXCEEDED: "raise ClientOptions.timeout for slow trunks",
+        }.get(code, "")
+        message = f"{method} to {address} failed ({code.name}): {details}"
+        return cls(f"{message}; {hint}" if hint else message, status=code)
+    message = f"{method} on {address}: {details}"
+    if cls is CodecError:
+        return CodecError(message)
+    return cls(message, status=code)  # type: ignore[call-arg]

@@ -1,0 +1,89 @@
+"""One codec frame <-> the protobuf Frame messages of a unary call or a stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from . import codec
+from ._proto import remote_autograd_pb2 as pb
+from .errors import CodecError
+from .options import Limits
+
+__all__ = ["Received", "frame_messages", "receive", "receive_unary", "unary_message"]
+
+
+class Received:
+    """A frame read off the wire: its header and the buffer holding it."""
+
+    __slots__ = ("buffer", "header")
+
+    def __init__(self, header: pb.Header, buffer: Any) -> None:
+        self.header = header
+        self.buffer = buffer
+
+    def decode(self, decoder: codec.Decoder) -> Any:
+        return decoder.decode(self.buffer)
+
+
+def unary_message(header: pb.Header, buffers: list[bytes | memoryview]) -> pb.Frame:
+    payload = b"".join(buffers)
+    header.payload_bytes = len(payload)
+    return pb.Frame(header=header, payload=payload)
+
+
+def frame_messages(
+    header: pb.Header, buffers: list[bytes | memoryview], chunk_bytes: int
+) -> Iterator[pb.Frame]:
+    """The frame as a stream: the header rides on the first chunk."""
+    header.payload_bytes = sum(len(b) for b in buffers)
+    first = True
+    for chunk in codec.iter_chunks(buffers, chunk_bytes):
+        if first:
+            yield pb.Frame(header=header, payload=chunk)
+            first = False
+        else:
+            yield pb.Frame(payload=chunk)
+    if first:
+        yield pb.Frame(header=header)
+
+
+def receive_unary(message: pb.Frame, limits: Limits) -> Received:
+    if not message.HasField("header"):
+        raise CodecError("call carries no header")
+    if message.header.payload_bytes != len(message.payload):
+        raise CodecError(
+            f"header declares {message.header.payload_bytes} payload bytes, "
+            f"message carries {len(message.payload)}"
+        )
+    return Received(message.header, message.payload)
+
+
+def receive(messages: Iterable[pb.Frame], limits: Limits) -> Received:
+    """Assemble a streamed frame into one buffer, allocated once after the size is checked."""
+    iterator = iter(messages)
+    first = next(iterator, None)
+    if first is None or not first.HasField("header"):
+        raise CodecError("stream carries no header in its first message")
+    total = first.header.payload_bytes
+    if total > limits.max_payload_bytes:
+        raise CodecError(
+            f"frame of {total} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
+        )
+    buffer = bytearray(total)
+    view = memoryview(buffer)
+    filled = 0
+    for message in _chain(first, iterator):
+        size = len(message.payload)
+        if filled + size > total:
+            raise CodecError(f"stream carries more than the {total} bytes its header declares")
+        view[filled : filled + size] = message.payload
+        filled += size
+    if filled != total:
+        raise CodecError(f"stream ended after {filled} of the {total} bytes its header declares")
+    return Received(first.header, buffer)
+
+
+def _chain(first: pb.Frame, rest: Iterator[pb.Frame]) -> Iterator[pb.Frame]:
+    yield first
+    yield from rest

@@ -1,0 +1,102 @@
+"""The private autograd Function behind RemoteModule: Compute in forward, Backward in backward."""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .client import TrunkClient
+from .tree import flatten, unflatten
+
+__all__: list[str] = []
+
+
+class RemoteCall:
+    """One forward through the trunk and everything its backward needs."""
+
+    def __init__(
+        self,
+        client: TrunkClient,
+        template: Any,
+        *,
+        keep_context: bool,
+        training: bool,
+        device: torch.device,
+    ) -> None:
+        self.client = client
+        self.template = template
+        self.keep_context = keep_context
+        self.training = training
+        self.device = device
+        self.request_id = uuid.uuid4().hex
+        self.output_template: Any = None
+        self.backwards = 0
+        self._inputs: tuple[torch.Tensor, ...] = ()
+
+    def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        args, kwargs = unflatten(self.template, tensors)
+        needs = [t.requires_grad and t.is_floating_point() for t in tensors]
+        value, _ = self.client.compute(
+            self.request_id,
+            list(args),
+            kwargs,
+            needs_input_grad=needs if self.keep_context else [False] * len(tensors),
+            keep_context=self.keep_context,
+            training=self.training,
+        )
+        self.output_template, outputs = flatten(value)
+        return [t.to(self.device, non_blocking=True) for t in outputs]
+
+    def backward(
+        self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
+    ) -> list[torch.Tensor | None]:
+        self.backwards += 1  # one number per backward pass, reused by retries of that pass
+        value, _ = self.client.backward(
+            self.request_id,
+            self.backwards,
+            list(grads),
+            [bool(n) and t.is_floating_point() for n, t in zip(needs_input_grad, self._inputs)],
+        )
+        out: list[torch.Tensor | None] = []
+        for grad, tensor, needed in zip(value["grads"], self._inputs, needs_input_grad, strict=True):
+            if grad is None or not needed:
+                out.append(None)
+            else:
+                out.append(grad.to(tensor.device, tensor.dtype, non_blocking=True))
+        return out
+
+
+class _RemoteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, call: RemoteCall, dummy: torch.Tensor, *tensors: torch.Tensor):
+        # `dummy` requires grad whenever grad mode is on, so autograd records this node and calls
+        # backward even when no input needs a gradient (a frozen bottom, or raw token ids in):
+        # the trunk's own parameters still need their gradients.
+        call._inputs = tuple(t.detach() for t in tensors)
+        outputs = call.forward(tensors)
+        ctx.call = call
+        ctx.set_materialize_grads(False)  # unused outputs send None, not a tensor of zeros
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        if call.keep_context:
+            # A marker saved for backward: autograd frees it when the graph is freed, or right
+            # after a backward without retain_graph. Either way the server may drop the context.
+            marker = torch.empty(0)
+            weakref.finalize(marker, call.client.schedule_release, call.request_id)
+            ctx.save_for_backward(marker)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        call: RemoteCall = ctx.call
+        if not call.keep_context:
+            raise RuntimeError("this forward ran without grad mode; the server kept no context")
+        return (None, None, *call.backward(grads, ctx.needs_input_grad[2:]))
+
+
+def remote_apply(call: RemoteCall, dummy: torch.Tensor, tensors: list[torch.Tensor]):
+    return _RemoteFunction.apply(call, dummy, *tensors)

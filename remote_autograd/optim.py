@@ -1,0 +1,177 @@
+"""RemoteOptimizer (a torch optimizer whose state and step live on the server) and
+clip_grad_norm_ over local and remote parameters together."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from . import codec
+from .module import RemoteModule
+
+__all__ = ["RemoteOptimizer", "clip_grad_norm_"]
+
+_CLIENT_ONLY_KEYS = {"params", "initial_lr"}
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """Runs ``optimizer_class(trunk_parameters, **kwargs)`` on the server for this session.
+
+    It quacks like a torch optimizer: ``step()`` (the Step RPC, applied exactly once per step
+    number), ``zero_grad()`` (free: it rides on the next call), ``param_groups`` whose
+    hyperparameters a stock ``torch.optim.lr_scheduler`` may change (sent with every step), and
+    ``state_dict()``/``load_state_dict()``. ``optimizer_class`` is a class of ``torch.optim``
+    (or its name); keyword arguments must be plain numbers, bools or tuples of numbers.
+    """
+
+    def __init__(
+        self, module: RemoteModule, optimizer_class: type[torch.optim.Optimizer] | str, **kwargs: Any
+    ) -> None:
+        if not isinstance(module, RemoteModule):
+            raise TypeError(
+                f"RemoteOptimizer takes the RemoteModule whose trunk it trains, got "
+                f"{type(module).__name__}; optimize local modules with a torch optimizer"
+            )
+        name = optimizer_class if isinstance(optimizer_class, str) else optimizer_class.__name__
+        if not isinstance(optimizer_class, str) and getattr(torch.optim, name, None) is not optimizer_class:
+            raise ValueError(
+                f"{optimizer_class!r} is not a class of torch.optim: the server only builds "
+                "optimizers from torch.optim by name"
+            )
+        for key, value in kwargs.items():
+            if not _plain(value):
+                raise TypeError(
+                    f"{name}({key}={value!r}): remote optimizer options must be plain numbers, "
+                    "bools or tuples of numbers"
+                )
+        self.module = module
+        self.client = module.client
+        self.optimizer_name = name
+        resolved = self.client.configure_optimizer(name, kwargs)
+        resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
+        super().__init__([{"params": []}], resolved)
+        self._step_count = 0
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """Apply the session's accumulated trunk gradients on the server."""
+        if closure is not None:
+            raise ValueError(
+                "RemoteOptimizer.step() takes no closure: the loss lives on the client, so "
+                "optimizers that re-evaluate it (LBFGS) cannot run on the server"
+            )
+        self._step_count += 1
+        try:
+            self.client.step(self._step_count, self._hyperparameters())
+        except BaseException:
+            self._step_count -= 1
+            raise
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the session's trunk gradients (sent with the next Backward, GradNorm or Step)."""
+        self.client.zero_grad_later(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The server-side optimizer state, with this side's current hyperparameters."""
+        state = self.client.get_state(parameters=False, optimizer=True)
+        optimizer_state = state["optimizer"]
+        for remote, local in zip(optimizer_state["param_groups"], self.param_groups, strict=True):
+            remote.update({k: v for k, v in local.items() if k != "params"})
+        optimizer_state["remote_step"] = self._step_count
+        return optimizer_state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state = dict(state_dict)
+        step = int(state.pop("remote_step", 0))
+        server_state = {
+            "state": state["state"],
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "initial_lr"} for g in state["param_groups"]
+            ],
+        }
+        self.client.load_state({"parameters": None, "optimizer": server_state, "step": step})
+        for local, loaded in zip(self.param_groups, state["param_groups"], strict=True):
+            local.update({k: v for k, v in loaded.items() if k != "params"})
+        self._step_count = step
+
+    def _hyperparameters(self) -> list[dict[str, Any]]:
+        groups = []
+        for group in self.param_groups:
+            plain = {}
+            for key, value in group.items():
+                if key in _CLIENT_ONLY_KEYS:
+                    continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if _plain(value) and value is not None:
+                    plain[key] = value
+            groups.append(plain)
+        return groups
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={v}" for k, v in self._hyperparameters()[0].items())
+        return f"RemoteOptimizer({self.optimizer_name}, {self.module.address!r}, {hyper})"
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (bool, int)) or value is None:
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (bool, int, float)) and (not isinstance(v, float) or math.isfinite(v))
+        for v in value
+    )
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor | RemoteModule],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over local parameters and remote trunks together.
+
+    List the parts in the order of the unsplit model, e.g.
+    ``[*bottom.parameters(), trunk, *top.parameters()]``: each RemoteModule stands for its
+    trunk's parameters. The norms are stacked in that order, as torch does for the unsplit
+    model, and the remote gradients are scaled by the same coefficient on the server (it rides
+    on the next Backward, GradNorm or Step). Returns the total norm.
+    """
+    norm_type = float(norm_type)
+    parts = list(parameters)
+    norms: list[torch.Tensor] = []
+    local: list[torch.Tensor] = []
+    remotes: list[RemoteModule] = []
+    for part in parts:
+        if isinstance(part, RemoteModule):
+            remote_norms, dtype = part.client.grad_norms(norm_type)
+            norms.extend(torch.tensor(n, dtype=codec.DTYPES[dtype]) for n in remote_norms)
+            remotes.append(part)
+        elif part.grad is not None:
+            norms.extend(torch._foreach_norm([part.grad], norm_type))
+            local.append(part.grad)
+    if not norms:
+        return torch.tensor(0.0)
+    first_device = local[0].device if local else torch.device("cpu")
+    total_norm = torch.linalg.vector_norm(
+        torch.stack([n.to(first_device) for n in norms]), norm_type
+    )
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot "
+            "be clipped; pass error_if_nonfinite=False to scale by it anyway"
+        )
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    if local:
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grad in local:
+            by_device.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (device, _), grads in by_device.items():
+            torch._foreach_mul_(grads, clip_coef.to(device))
+    for remote in remotes:
+        remote.client.scale_grads_later(float(clip_coef))
+    return total_norm

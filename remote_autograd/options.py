@@ -1,0 +1,66 @@
+"""Option dataclasses: every knob of the client and the server, with its safe default.
+
+Nothing here reads the environment; pass options explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ClientOptions", "Limits", "ServerOptions"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer accepts from the other. Every violation is refused before allocating."""
+
+    max_payload_bytes: int = 1 * GiB  # bytes of one call's frame (all tensors + values)
+    max_tensor_bytes: int = 512 * MiB  # decoded bytes of one tensor
+    max_tensor_elements: int = 1 << 30  # elements of one tensor
+    max_tensors: int = 1024  # tensors in one call
+    max_ndim: int = 16  # dimensions of one tensor
+    max_header_bytes: int = 16 * MiB  # msgpack header + plain values of one frame
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a RemoteModule talks to its server."""
+
+    timeout: float = 300.0  # deadline of a Compute/Backward/Step call, seconds
+    connect_timeout: float = 30.0  # wait this long for the server to come up on first use
+    retries: int = 3  # extra attempts of a call that is safe to repeat (UNAVAILABLE only)
+    retry_backoff: float = 0.2  # first wait between attempts, seconds; doubles each time
+    compression: str = "auto"  # "auto" (LZ4 where a sample says it pays), "lz4" or "none"
+    activation_quantization: str = "none"  # wire codec of forward tensors: none|bf16|fp16|int8
+    gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
+    token: str | None = None  # bearer token sent with every call
+    root_certificates: bytes | None = None  # PEM of the CA that signed the server (enables TLS)
+    certificate_chain: bytes | None = None  # PEM client certificate (mutual TLS)
+    private_key: bytes | None = None  # PEM key of the client certificate
+    limits: Limits = field(default_factory=Limits)  # what the client accepts in replies
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a trunk server runs and what it accepts."""
+
+    device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...
+    dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs cast back)
+    max_workers: int = 16  # gRPC worker threads
+    limits: Limits = field(default_factory=Limits)  # what the server accepts from clients
+    max_contexts: int = 4096  # cached forward contexts, all sessions together
+    max_context_bytes: int = 8 * GiB  # bytes of cached inputs/outputs, all sessions together
+    context_ttl: float = 600.0  # a forward context expires this many seconds after its last use
+    max_sessions: int = 64  # client sessions at once
+    session_ttl: float = 3600.0  # an idle session (gradients, optimizer) is dropped after this
+    unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
+    stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size
+    compression: str = "auto"  # compression of replies: "auto", "lz4" or "none"
+    tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no token required
+    certificate_chain: bytes | None = None  # PEM server certificate (enables TLS)
+    private_key: bytes | None = None  # PEM key of the server certificate
+    client_ca: bytes | None = None  # PEM CA for client certificates (mutual TLS)
+    insecure: bool = False  # allow plain text on a non-loopback address

@@ -1,0 +1,97 @@
+"""Every gRPC channel and server option in one place: message sizes, keepalive, TLS, tokens."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from concurrent import futures
+
+import grpc
+
+from .options import ClientOptions, ServerOptions
+
+__all__ = ["AUTH_METADATA_KEY", "SESSION_METADATA_KEY", "create_channel", "create_server"]
+
+log = logging.getLogger(__name__)
+
+SESSION_METADATA_KEY = "ra-session"
+AUTH_METADATA_KEY = "authorization"
+# One gRPC message carries at most a stream chunk or a unary frame plus protobuf framing;
+# the codec's own limits bound the frame as a whole.
+_MESSAGE_SLACK = 64 << 10
+
+
+def _message_options(max_message: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def max_message_bytes(unary_payload_bytes: int, stream_chunk_bytes: int) -> int:
+    return max(unary_payload_bytes, stream_chunk_bytes) + _MESSAGE_SLACK
+
+
+def create_channel(address: str, options: ClientOptions, max_message: int) -> grpc.Channel:
+    """A channel to a trunk server; TLS when the options carry root certificates."""
+    channel_options = [
+        *_message_options(max_message),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.enable_retries", 0),  # the client retries where it is safe, not gRPC
+    ]
+    if options.root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=options.root_certificates,
+            private_key=options.private_key,
+            certificate_chain=options.certificate_chain,
+        )
+        return grpc.secure_channel(address, credentials, options=channel_options)
+    return grpc.insecure_channel(address, options=channel_options)
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_server(address: str, options: ServerOptions) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address``; returns it with the bound port."""
+    max_message = max_message_bytes(options.unary_payload_bytes, options.stream_chunk_bytes)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=options.max_workers, thread_name_prefix="remote-autograd"
+        ),
+        options=[*_message_options(max_message), ("grpc.so_reuseport", 0)],
+    )
+    if options.certificate_chain is not None:
+        if options.private_key is None:
+            raise ValueError("ServerOptions.certificate_chain needs private_key too")
+        credentials = grpc.ssl_server_credentials(
+            [(options.private_key, options.certificate_chain)],
+            root_certificates=options.client_ca,
+            require_client_auth=options.client_ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        if not is_loopback(address):
+            if not options.insecure:
+                raise ValueError(
+                    f"refusing to serve plain text on {address}: it is not a loopback address. "
+                    "Give a certificate and key (TLS), or pass insecure=True (--insecure) "
+                    "on a network you trust."
+                )
+            log.warning("serving PLAIN TEXT on %s: anyone on the network can read and send", address)
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return server, port

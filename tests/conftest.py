@@ -1,0 +1,65 @@
+"""Shared fixtures: real trunk servers on 127.0.0.1:0, in this process or a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from remote_autograd import ServerOptions, TrunkServer, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., TrunkServer]]:
+    """Start trunk servers in this process; all are stopped at the end of the test."""
+    servers: list[TrunkServer] = []
+
+    def start(module: torch.nn.Module, options: ServerOptions | None = None) -> TrunkServer:
+        server = serve(module, "127.0.0.1:0", options=options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
+
+
+def spawn_server(factory: str, *extra: str, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """Run ``remote-autograd serve --module factory`` in a child process; return it and its
+    address once it prints that it is serving."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "remote_autograd.cli",
+            "serve",
+            "--module",
+            factory,
+            "--address",
+            f"127.0.0.1:{port}",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "serving" in line:
+            return process, line.rsplit(" ", 1)[-1].strip()
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError(f"server did not start: {process.stderr.read() if process.stderr else ''}")
