@@ -1,7 +1,9 @@
 """Server-side state: forward contexts awaiting Backward, and client sessions.
 
 Both tables are bounded (count, bytes, age) and thread-safe. A context belongs to one session;
-looking it up from another session is the same as looking up an id that never existed.
+looking it up from another session is the same as looking up an id that never existed. One
+session cannot hold more than ``max_session_contexts`` (its own oldest go first), so a client
+that never releases cannot push every other client's contexts out.
 """
 
 from __future__ import annotations
@@ -24,16 +26,23 @@ _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error
 
 @dataclass(eq=False)
 class ForwardContext:
-    """A cached forward: the leaves it started from and the outputs it reached."""
+    """A cached forward: the leaves it started from and the outputs it reached.
+
+    ``outputs`` is None for a context kept for recompute (ServerOptions.recompute, or one the
+    client re-created after the server lost it): Backward runs the forward again from
+    ``inputs`` with the same ``seed``, then discards the graph.
+    """
 
     request_id: str
     session: str
     inputs: list[torch.Tensor]  # leaves on the server device (requires_grad where asked)
     input_dtypes: list[torch.dtype]  # dtypes the client sent (gradients go back in these)
-    outputs: list[torch.Tensor]  # the trunk's tensor outputs, attached to the graph
+    outputs: list[torch.Tensor] | None  # the trunk's tensor outputs, attached to the graph
     nbytes: int  # bytes held by inputs and outputs
     weights_version: int  # optimizer steps applied when the forward ran
-    rng_state: Any = None  # RNG state before the forward (recompute)
+    seed: int = 0  # RNG seed of the forward (dropout), so a recompute matches it
+    template: Any = None  # where the inputs go in (args, kwargs), for a recompute
+    training: bool = True  # the trunk's mode during the forward, for a recompute
     backward_seq: int = 0  # backwards answered so far
     last_reply: Any = None  # the last Backward's reply, for a retried call
     last_used: float = field(default_factory=time.monotonic)
@@ -49,9 +58,12 @@ class ContextCache:
         max_contexts: int,
         max_bytes: int,
         ttl: float,
+        max_per_session: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_contexts = max_contexts
+        self.max_per_session = max_per_session or max_contexts
+        self._per_session: dict[str, int] = {}
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
@@ -77,7 +89,14 @@ class ContextCache:
             self._expire_locked()
             old = self._items.pop(context.request_id, None)
             if old is not None:
-                self._nbytes -= old.nbytes
+                self._drop_locked(old, "replaced by a new forward with the same id")
+            if self._per_session.get(context.session, 0) >= self.max_per_session:
+                oldest = next(c for c in self._items.values() if c.session == context.session)
+                del self._items[oldest.request_id]
+                self._drop_locked(
+                    oldest,
+                    f"evicted to stay under max_session_contexts={self.max_per_session}",
+                )
             while self._items and (
                 len(self._items) >= self.max_contexts
                 or self._nbytes + context.nbytes > self.max_bytes
@@ -91,6 +110,7 @@ class ContextCache:
             context.last_used = self._clock()
             self._items[context.request_id] = context
             self._nbytes += context.nbytes
+            self._per_session[context.session] = self._per_session.get(context.session, 0) + 1
 
     def get(self, session: str, request_id: str, *, method: str = "Backward") -> ForwardContext:
         with self._lock:
@@ -141,6 +161,11 @@ class ContextCache:
 
     def _drop_locked(self, context: ForwardContext, reason: str) -> None:
         self._nbytes -= context.nbytes
+        left = self._per_session.get(context.session, 0) - 1
+        if left > 0:
+            self._per_session[context.session] = left
+        else:
+            self._per_session.pop(context.session, None)
         self._gone[context.request_id] = reason
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)
@@ -153,6 +178,8 @@ class Session:
     key: str
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
+    optimizer_name: str = ""  # the torch.optim class, for checkpoints
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # its plain kwargs
     last_step: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)

@@ -105,7 +105,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     continue
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = value.item()
-                if _plain(value) and value is not None:
+                # Non-finite numbers go too: the server refuses them by name.
+                if isinstance(value, (bool, int, float)) or (
+                    isinstance(value, (list, tuple))
+                    and all(isinstance(v, (bool, int, float)) for v in value)
+                ):
                     plain[key] = value
             groups.append(plain)
         return groups

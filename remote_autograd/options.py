@@ -22,7 +22,8 @@ class Limits:
     max_tensor_elements: int = 1 << 30  # elements of one tensor
     max_tensors: int = 1024  # tensors in one call
     max_ndim: int = 16  # dimensions of one tensor
-    max_header_bytes: int = 16 * MiB  # msgpack header + plain values of one frame
+    max_header_bytes: int = 1 * MiB  # msgpack header + plain values of one frame (unpacking
+    # plain values can take ~50x their wire size in Python objects, so keep this small)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ClientOptions:
     connect_timeout: float = 30.0  # wait this long for the server to come up on first use
     retries: int = 3  # extra attempts of a call that is safe to repeat (UNAVAILABLE only)
     retry_backoff: float = 0.2  # first wait between attempts, seconds; doubles each time
+    retry_backoff_max: float = 5.0  # longest wait between two attempts, seconds
+    recover_contexts: bool = True  # a Backward whose forward context the server lost (restart,
+    # expiry, eviction) resends the saved inputs so the server recomputes the forward
+    seed: int | None = None  # seed of the trunk's per-forward RNG (dropout); None: random.
+    # With a seed, a whole split run is reproducible and recomputed forwards match exactly
     compression: str = "auto"  # "auto" (LZ4 where a sample says it pays), "lz4" or "none"
     activation_quantization: str = "none"  # wire codec of forward tensors: none|bf16|fp16|int8
     gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
@@ -54,7 +60,9 @@ class ServerOptions:
     max_contexts: int = 4096  # cached forward contexts, all sessions together
     max_context_bytes: int = 8 * GiB  # bytes of cached inputs/outputs, all sessions together
     context_ttl: float = 600.0  # a forward context expires this many seconds after its last use
+    max_session_contexts: int = 1024  # cached forward contexts of one session (its oldest go)
     max_sessions: int = 64  # client sessions at once
+    max_inflight_bytes: int = 2 * GiB  # bytes of streamed frames held by all calls at once
     session_ttl: float = 3600.0  # an idle session (gradients, optimizer) is dropped after this
     unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
     stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size
@@ -64,3 +72,8 @@ class ServerOptions:
     private_key: bytes | None = None  # PEM key of the server certificate
     client_ca: bytes | None = None  # PEM CA for client certificates (mutual TLS)
     insecure: bool = False  # allow plain text on a non-loopback address
+    recompute: bool = False  # keep only a forward's inputs and RNG seed; Backward recomputes it
+    # (saves the activations' memory for one more forward per step)
+    checkpoint_path: str | None = None  # trunk + optimizer checkpoint: loaded at start if present
+    checkpoint_every: int = 0  # save after every this many optimizer steps (0: never by count)
+    checkpoint_interval: float = 0.0  # also save every this many seconds when weights changed

@@ -13,10 +13,14 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import re
+import secrets
 import threading
+import uuid
+from contextlib import contextmanager
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -29,10 +33,12 @@ from . import __version__, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .cache import ContextCache, ForwardContext, Session, SessionTable
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import (
     ERROR_METADATA_KEY,
     AuthenticationError,
     InvalidRequest,
+    LimitExceeded,
     RemoteAutogradError,
     StaleContext,
     TrunkError,
@@ -58,6 +64,9 @@ def _rpc(method: Callable) -> Callable:
     def fail(self: TrunkService, context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, RemoteAutogradError) and hasattr(exc, "status"):
             code, name, message = exc.status, type(exc).__name__, str(exc)
+            # DEBUG, not WARNING: a client sending garbage must not be able to flood the log.
+            log.debug("%s from %s refused (%s): %s", method.__name__, context.peer(),
+                      code.name, message)
         else:
             log.exception("%s failed in the trunk", method.__name__)
             code, name = grpc.StatusCode.INTERNAL, "TrunkError"
@@ -108,6 +117,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             max_contexts=options.max_contexts,
             max_bytes=options.max_context_bytes,
             ttl=options.context_ttl,
+            max_per_session=options.max_session_contexts,
         )
         self.sessions = SessionTable(
             max_sessions=options.max_sessions,
@@ -116,10 +126,15 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
         self.decoder = codec.Decoder(limits=options.limits)
         self.weights_version = 0
-        self._trunk_lock = threading.Lock()
+        self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
+        self.saved_version: int | None = None  # weights_version of the last checkpoint
+        self._trunk_lock = threading.RLock()
+        self._inflight = _ByteBudget(options.max_inflight_bytes)
         self._tokens = {
             hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
         }
+        if options.checkpoint_path:
+            self._restore(options.checkpoint_path)
 
     # -- sessions and auth ------------------------------------------------------------------
 
@@ -171,6 +186,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             device=str(self.device),
             module_repr=type(self.module).__name__,
             context_ttl_seconds=self.options.context_ttl,
+            server_id=self.server_id,
         )
 
     @_rpc
@@ -184,8 +200,8 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_streams_reply
     def ComputeStream(self, request_iterator: Any, context: grpc.ServicerContext):
         session = self.session(context)
-        received = frames.receive(request_iterator, self.options.limits)
-        header, buffers = self._compute(session, received)
+        with self._receive(request_iterator, "ComputeStream") as received:
+            header, buffers = self._compute(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
 
     @_rpc
@@ -199,9 +215,22 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_streams_reply
     def BackwardStream(self, request_iterator: Any, context: grpc.ServicerContext):
         session = self.session(context)
-        received = frames.receive(request_iterator, self.options.limits)
-        header, buffers = self._backward(session, received)
+        with self._receive(request_iterator, "BackwardStream") as received:
+            header, buffers = self._backward(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
+
+    @contextmanager
+    def _receive(self, request_iterator: Any, method: str) -> Iterator[frames.Received]:
+        """Assemble a streamed frame within max_inflight_bytes (checked before allocating)."""
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        declared = first.header.payload_bytes if first is not None else 0
+        # Over max_payload_bytes, frames.receive refuses it before allocating anything.
+        reserve = declared if declared <= self.options.limits.max_payload_bytes else 0
+        with self._inflight.reserve(reserve, method):
+            yield frames.receive(
+                [] if first is None else _chain(first, messages), self.options.limits
+            )
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
@@ -236,6 +265,8 @@ class TrunkService(pb_grpc.TrunkServicer):
             raise InvalidRequest(f"{request.name}(**{kwargs!r}): {exc}") from exc
         with session.lock:
             session.optimizer = optimizer
+            session.optimizer_name = request.name
+            session.optimizer_options = kwargs
             session.last_step = 0
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         return pb.ConfigureOptimizerReply(param_group=msgpack.packb(_plain_group(group)))
@@ -275,9 +306,18 @@ class TrunkService(pb_grpc.TrunkServicer):
             if request.step != session.last_step + 1:
                 raise StaleContext(
                     f"Step #{request.step} does not follow this session's last step "
-                    f"#{session.last_step}"
+                    f"#{session.last_step} (a server restarted from an older checkpoint "
+                    f"resumes at step #{session.last_step}: continue training from there)"
+                )
+            if request.server_id and request.server_id != self.server_id:
+                raise StaleContext(
+                    f"Step #{request.step}: its gradients were accumulated by server process "
+                    f"{request.server_id}, which is gone (this is {self.server_id}: a restart); "
+                    "they are lost, so run this step's forward and backward again"
                 )
             groups = _decode_groups(request.param_groups, optimizer)
+            if request.grad_scale and not math.isfinite(request.grad_scale):
+                raise InvalidRequest(f"grad_scale must be finite, got {request.grad_scale}")
             with self._trunk_lock:
                 _apply_pending(session, request.zero_grad, request.grad_scale)
                 for group, update in zip(optimizer.param_groups, groups, strict=True):
@@ -290,9 +330,22 @@ class TrunkService(pb_grpc.TrunkServicer):
                     for _, param in self.params:
                         param.grad = None
                 self.weights_version += 1
-            session.last_step = request.step
-            log.debug("session %s: step %d applied", session.key, request.step)
-            return pb.StepReply(step=request.step, weights_version=self.weights_version)
+                session.last_step = request.step
+                version = self.weights_version
+                every = self.options.checkpoint_every
+                if every and self.options.checkpoint_path and version % every == 0:
+                    self.checkpoint(on_error="log")
+            log.debug("Step #%d (session %s) applied: weights v%d", request.step, session.key,
+                      version)
+            return pb.StepReply(step=request.step, weights_version=version)
+
+    @_rpc
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
+        self.session(context)
+        if not self.options.checkpoint_path:
+            raise StaleContext("this server has no checkpoint path (serve --checkpoint FILE)")
+        version = self.checkpoint()
+        return pb.CheckpointReply(path=self.options.checkpoint_path, weights_version=version)
 
     @_rpc
     @_streams_reply
@@ -310,7 +363,8 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):
         session = self.session(context)
-        state = frames.receive(request_iterator, self.options.limits).decode(self.decoder)
+        with self._receive(request_iterator, "LoadState") as received:
+            state = received.decode(self.decoder)
         if not isinstance(state, dict):
             raise InvalidRequest("LoadState expects a map with 'parameters', 'optimizer', 'step'")
         parameters = state.get("parameters")
@@ -323,6 +377,7 @@ class TrunkService(pb_grpc.TrunkServicer):
                 if session.optimizer is None:
                     raise StaleContext("LoadState with optimizer state before ConfigureOptimizer")
                 _check_finite_groups(optimizer_state)
+                _check_finite_tree(optimizer_state.get("state"), "optimizer state")
                 try:
                     with self._trunk_lock:
                         session.optimizer.load_state_dict(optimizer_state)
@@ -361,53 +416,95 @@ class TrunkService(pb_grpc.TrunkServicer):
             raise InvalidRequest(
                 f"needs_input_grad has {len(needs)} flags for {len(tensors)} input tensors"
             )
-        if header.keep_context and not _ID.match(header.request_id):
+        keep = header.keep_context or header.recompute
+        if keep and not _ID.match(header.request_id):
             raise InvalidRequest(f"request id must match {_ID.pattern}, got {header.request_id!r}")
+        seed = header.rng_seed or secrets.randbits(63) or 1
+        leaves = []
+        for index, (tensor, need) in enumerate(zip(tensors, needs, strict=True)):
+            leaf = tensor.to(self.device, non_blocking=True)
+            if need:
+                if not leaf.is_floating_point():
+                    raise InvalidRequest(f"input {index} is {leaf.dtype}: it cannot need a grad")
+                leaf.requires_grad_(True)
+            leaves.append(leaf)
         decoded = time.perf_counter()
+        # Kept for recompute (the server's option, or a client re-creating a lost context):
+        # no graph is held; Backward runs the forward again with the same seed.
+        lazy = header.recompute or (header.keep_context and self.options.recompute)
+        outputs: list[torch.Tensor] | None = None
         with self._trunk_lock:
-            leaves = []
-            for index, (tensor, need) in enumerate(zip(tensors, needs, strict=True)):
-                leaf = tensor.to(self.device, non_blocking=True)
-                if need:
-                    if not leaf.is_floating_point():
-                        raise InvalidRequest(f"input {index} is {leaf.dtype}: it cannot need a grad")
-                    leaf.requires_grad_(True)
-                leaves.append(leaf)
-            args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
-            self.module.train(header.training)
-            rng_state = torch.random.get_rng_state() if header.keep_context else None
-            with torch.enable_grad() if header.keep_context else torch.no_grad():
-                result = self.module(*args, **kwargs)
-            out_template, outputs = flatten(result)
-            back = next((t.dtype for t in tensors if t.is_floating_point()), None)
-            if self.dtype is not None and back is not None:
-                outputs = [o.to(back) if o.is_floating_point() else o for o in outputs]
             version = self.weights_version
-            computed = time.perf_counter()
-        if header.keep_context:
+            if header.recompute and header.weights_version != version:
+                raise StaleContext(
+                    f"cannot re-create the forward of request {header.request_id[:12]}: it ran "
+                    f"on weights version {header.weights_version}, the trunk is now at "
+                    f"{version}; run the step's forward and backward again"
+                )
+            if not header.recompute:
+                out_template, outputs = self._forward(
+                    template, leaves, header.training, seed, grad=keep and not lazy
+                )
+        computed = time.perf_counter()
+        if keep:
+            kept = None if lazy else outputs
             self.contexts.put(
                 ForwardContext(
                     request_id=header.request_id,
                     session=session.key,
                     inputs=leaves,
                     input_dtypes=[t.dtype for t in tensors],
-                    outputs=outputs,
-                    nbytes=sum(_nbytes(t) for t in (*leaves, *outputs)),
+                    outputs=kept,
+                    nbytes=sum(_nbytes(t) for t in (*leaves, *(kept or ()))),
                     weights_version=version,
-                    rng_state=rng_state,
+                    seed=seed,
+                    template=template,
+                    training=header.training,
                 )
             )
-        reply_value = unflatten(out_template, [o.detach() for o in outputs])
-        buffers = self._encode_reply(reply_value, header.reply_quantization, "Compute")
-        return (
-            pb.Header(
-                request_id=header.request_id,
-                weights_version=version,
-                compute_seconds=computed - decoded,
-                codec_seconds=(decoded - started) + (time.perf_counter() - computed),
-            ),
-            buffers,
+        log.debug(
+            "Compute %s (session %s): %d inputs, keep=%s recompute=%s, weights v%d",
+            header.request_id[:12], session.key, len(tensors), keep, lazy, version,
         )
+        reply_header = pb.Header(
+            request_id=header.request_id,
+            weights_version=version,
+            rng_seed=seed,
+            recomputed=header.recompute,
+            server_id=self.server_id,
+            compute_seconds=computed - decoded,
+        )
+        if outputs is None:
+            reply_value = None  # a re-created context: the client has the outputs already
+        else:
+            reply_value = unflatten(out_template, [o.detach() for o in outputs])
+        buffers = self._encode_reply(reply_value, header.reply_quantization, "Compute")
+        reply_header.codec_seconds = (decoded - started) + (time.perf_counter() - computed)
+        return reply_header, buffers
+
+    def _forward(
+        self, template: Any, leaves: list[torch.Tensor], training: bool, seed: int, *, grad: bool
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """Run the trunk (caller holds the trunk lock) with its RNG seeded by ``seed``."""
+        args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
+        self.module.train(training)
+        cuda = self.device.type == "cuda"
+        devices = [self.device.index or torch.cuda.current_device()] if cuda else []
+        # A seed per forward makes dropout reproducible for a recompute, on any server process;
+        # fork_rng leaves the process-wide generators as they were.
+        with torch.random.fork_rng(devices=devices), (
+            torch.enable_grad() if grad else torch.no_grad()
+        ):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(devices[0]):
+                    torch.cuda.manual_seed(seed)
+            result = self.module(*args, **kwargs)
+        out_template, outputs = flatten(result)
+        back = next((t.dtype for t in leaves if t.is_floating_point()), None)
+        if self.dtype is not None and back is not None:
+            outputs = [o.to(back) if o.is_floating_point() else o for o in outputs]
+        return out_template, outputs
 
     def _backward(self, session: Session, received: frames.Received):
         header = received.header
@@ -415,6 +512,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         context = self.contexts.get(session.key, header.request_id)
         with context.lock:
             if header.backward_seq == context.backward_seq and context.last_reply is not None:
+                log.debug("Backward %s #%d: a retry, answered again", header.request_id[:12],
+                          header.backward_seq)
                 return context.last_reply  # a retry: same answer, nothing accumulates twice
             if header.backward_seq != context.backward_seq + 1:
                 raise StaleContext(
@@ -423,10 +522,9 @@ class TrunkService(pb_grpc.TrunkServicer):
                 )
             value = received.decode(self.decoder)
             grads = value.get("grads") if isinstance(value, dict) else None
-            if not isinstance(grads, list) or len(grads) != len(context.outputs):
+            if not isinstance(grads, list):
                 raise InvalidRequest(
-                    f"Backward expects {{'grads': [one tensor or None per output]}} with "
-                    f"{len(context.outputs)} entries"
+                    "Backward expects {'grads': [one tensor or None per output]}"
                 )
             needs = list(header.needs_input_grad)
             if len(needs) != len(context.inputs):
@@ -436,45 +534,53 @@ class TrunkService(pb_grpc.TrunkServicer):
             for index, need in enumerate(needs):
                 if need and not context.inputs[index].requires_grad:
                     raise InvalidRequest(f"input {index} was not sent as requiring a gradient")
-            targets, grad_outputs = [], []
-            for index, (output, grad) in enumerate(zip(context.outputs, grads, strict=True)):
+            for index, grad in enumerate(grads):
                 if grad is None:
                     continue
-                if not isinstance(grad, torch.Tensor) or grad.shape != output.shape:
+                if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
                     raise InvalidRequest(
-                        f"gradient {index}: expected a tensor of shape {list(output.shape)}, "
-                        f"got {_describe(grad)}"
+                        f"gradient {index}: expected a floating tensor, got {_describe(grad)}"
                     )
-                if not grad.is_floating_point() or not bool(torch.isfinite(grad).all()):
+                if not bool(torch.isfinite(grad).all()):
                     raise InvalidRequest(
                         f"gradient {index} is not finite (NaN or inf): refused before it "
                         "reaches the trunk"
                     )
-                if output.requires_grad:
-                    targets.append(output)
-                    grad_outputs.append(grad.to(self.device, output.dtype, non_blocking=True))
             decoded = time.perf_counter()
             wanted = [i for i, need in enumerate(needs) if need]
-            with self._trunk_lock:
+            # Same order as Step (session, then trunk), so the two cannot deadlock.
+            with session.lock, self._trunk_lock:
                 if context.weights_version != self.weights_version:
                     raise StaleContext(
                         f"Backward for request {header.request_id[:12]}: the trunk's weights "
                         f"were stepped (version {context.weights_version} -> "
                         f"{self.weights_version}) since its forward; run the forward again"
                     )
-                with session.lock:
-                    _apply_pending(session, header.zero_grad, header.grad_scale)
-                    wrt = [context.inputs[i] for i in wanted] + [p for _, p in self.params]
-                    if targets and wrt:
-                        results = torch.autograd.grad(
-                            targets, wrt, grad_outputs, retain_graph=True, allow_unused=True
-                        )
-                    else:
-                        results = (None,) * len(wrt)
-                    for (name, _), grad in zip(self.params, results[len(wanted) :], strict=True):
-                        if grad is not None:
-                            held = session.grads.get(name)
-                            session.grads[name] = grad if held is None else held.add_(grad)
+                outputs = context.outputs
+                if outputs is None:
+                    _, outputs = self._forward(
+                        context.template, context.inputs, context.training, context.seed,
+                        grad=True,
+                    )
+                targets, grad_outputs = self._grad_pairs(outputs, grads)
+                wrt = [context.inputs[i] for i in wanted] + [p for _, p in self.params]
+                if targets and wrt:
+                    results = torch.autograd.grad(
+                        targets,
+                        wrt,
+                        grad_outputs,
+                        retain_graph=context.outputs is not None,
+                        allow_unused=True,
+                    )
+                else:
+                    results = (None,) * len(wrt)
+                param_grads = results[len(wanted) :]
+                _check_finite_grads(self.params, param_grads)
+                _apply_pending(session, header.zero_grad, header.grad_scale)
+                for (name, _), grad in zip(self.params, param_grads, strict=True):
+                    if grad is not None:
+                        held = session.grads.get(name)
+                        session.grads[name] = grad if held is None else held.add_(grad)
                 computed = time.perf_counter()
             input_grads: list[torch.Tensor | None] = [None] * len(context.inputs)
             for i, grad in zip(wanted, results[: len(wanted)], strict=True):
@@ -486,6 +592,8 @@ class TrunkService(pb_grpc.TrunkServicer):
                 pb.Header(
                     request_id=header.request_id,
                     weights_version=context.weights_version,
+                    recomputed=context.outputs is None,
+                    server_id=self.server_id,
                     compute_seconds=computed - decoded,
                     codec_seconds=(decoded - started) + (time.perf_counter() - computed),
                 ),
@@ -493,7 +601,28 @@ class TrunkService(pb_grpc.TrunkServicer):
             )
             context.backward_seq = header.backward_seq
             context.last_reply = reply
+            log.debug("Backward %s #%d (session %s): accumulated", header.request_id[:12],
+                      header.backward_seq, session.key)
             return reply
+
+    def _grad_pairs(self, outputs: list[torch.Tensor], grads: list[Any]):
+        if len(grads) != len(outputs):
+            raise InvalidRequest(
+                f"Backward got {len(grads)} gradients for a forward with {len(outputs)} outputs"
+            )
+        targets, grad_outputs = [], []
+        for index, (output, grad) in enumerate(zip(outputs, grads, strict=True)):
+            if grad is None:
+                continue
+            if grad.shape != output.shape:
+                raise InvalidRequest(
+                    f"gradient {index}: expected a tensor of shape {list(output.shape)}, "
+                    f"got {_describe(grad)}"
+                )
+            if output.requires_grad:
+                targets.append(output)
+                grad_outputs.append(grad.to(self.device, output.dtype, non_blocking=True))
+        return targets, grad_outputs
 
     def _cast_in(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None and tensor.is_floating_point():
@@ -534,7 +663,125 @@ class TrunkService(pb_grpc.TrunkServicer):
             "context_bytes": self.contexts.nbytes,
             "sessions": len(self.sessions),
             "weights_version": self.weights_version,
+            "inflight_bytes": self._inflight.used,
         }
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint(self, *, on_error: str = "raise") -> int:
+        """Save the trunk and every session's optimizer to ``checkpoint_path``; return the
+        weights version saved. A consistent snapshot: no Step runs while it is written."""
+        path = self.options.checkpoint_path
+        if not path:
+            raise ValueError("ServerOptions.checkpoint_path is not set")
+        with self._trunk_lock:
+            version = self.weights_version
+            sessions = {}
+            for session in self.sessions.values():
+                if session.optimizer is not None:
+                    sessions[session.key] = {
+                        "step": session.last_step,
+                        "optimizer": session.optimizer_name,
+                        "options": session.optimizer_options,
+                        "state": session.optimizer.state_dict(),
+                    }
+            state = {
+                "weights_version": version,
+                "module": dict(self.module.state_dict()),
+                "sessions": sessions,
+            }
+            try:
+                save_checkpoint(path, state)
+            except OSError:
+                if on_error == "raise":
+                    raise
+                log.exception("could not save the checkpoint to %s; training goes on", path)
+                return self.saved_version or 0
+            self.saved_version = version
+        log.debug("checkpoint of weights v%d saved to %s", version, path)
+        return version
+
+    def _restore(self, path: str) -> None:
+        state = load_checkpoint(path)
+        if state is None:
+            log.info("no checkpoint at %s yet: starting from the module's weights", path)
+            return
+        with torch.no_grad():
+            self.module.load_state_dict(state["module"])
+        self.weights_version = self.saved_version = int(state["weights_version"])
+        for key, saved in state["sessions"].items():
+            session = self.sessions.get(key)
+            cls = getattr(torch.optim, saved["optimizer"])
+            session.optimizer = cls([p for _, p in self.params], **saved["options"])
+            session.optimizer.load_state_dict(saved["state"])
+            session.optimizer_name = saved["optimizer"]
+            session.optimizer_options = saved["options"]
+            session.last_step = int(saved["step"])
+        log.info(
+            "resumed from checkpoint %s: weights v%d, %d sessions",
+            path, self.weights_version, len(state["sessions"]),
+        )
+
+
+class _ByteBudget:
+    """Bytes of streamed frames held by calls in flight, at most ``limit`` together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def reserve(self, nbytes: int, method: str) -> Iterator[None]:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                raise LimitExceeded(
+                    f"{method}: a frame of {nbytes} bytes would exceed max_inflight_bytes="
+                    f"{self.limit} ({self.used} held by calls in flight); retry later"
+                )
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= nbytes
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _check_finite_grads(
+    params: Sequence[tuple[str, torch.Tensor]], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """Refuse a Backward whose parameter gradients hold NaN or inf, before accumulating."""
+    present = [(name, g) for (name, _), g in zip(params, grads, strict=True) if g is not None]
+    if not present:
+        return
+    finite = torch.stack([torch.isfinite(g).all() for _, g in present])
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(present, finite.tolist(), strict=True) if not ok]
+        raise InvalidRequest(
+            f"this Backward gives non-finite (NaN or inf) gradients for trunk parameters "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: refused, nothing was "
+            "accumulated (check the inputs and the loss)"
+        )
+
+
+def _check_finite_tree(value: Any, what: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InvalidRequest(f"{what} holds NaN or inf; refused")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{what} holds {value}; refused")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite_tree(item, what)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite_tree(item, what)
 
 
 def _apply_pending(session: Session, zero_grad: int, grad_scale: float) -> None:
@@ -650,11 +897,16 @@ class TrunkServer:
     """A running trunk server: the bound ``address``/``port``, ``stop()``, ``wait()``."""
 
     def __init__(
-        self, module: torch.nn.Module, address: str, options: ServerOptions | None = None
+        self,
+        module: torch.nn.Module,
+        address: str,
+        options: ServerOptions | None = None,
+        *,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.options = options = options or ServerOptions()
         self.service = TrunkService(module, options)
-        self._server, self.port = create_server(address, options)
+        self._server, self.port = create_server(address, options, interceptors=interceptors)
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
         pb_grpc.add_TrunkServicer_to_server(self.service, self._server)
         self._health = health.HealthServicer()
@@ -674,12 +926,16 @@ class TrunkServer:
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop taking calls, let calls in flight finish for ``grace`` seconds, then close."""
+        """Stop taking calls, let calls in flight finish for ``grace`` seconds, then close
+        (saving a last checkpoint when the weights moved since the previous one)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        service = self.service
+        if self.options.checkpoint_path and service.saved_version != service.weights_version:
+            service.checkpoint(on_error="log")
         log.info("trunk server on %s stopped", self.address)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -689,10 +945,19 @@ class TrunkServer:
         return self.service.stats()
 
     def _sweep(self) -> None:
-        period = max(0.05, min(5.0, self.options.context_ttl / 4, self.options.session_ttl / 4))
+        options, service = self.options, self.service
+        period = max(0.05, min(5.0, options.context_ttl / 4, options.session_ttl / 4))
+        if options.checkpoint_interval > 0:
+            period = min(period, max(0.05, options.checkpoint_interval / 4))
+        last_save = time.monotonic()
         while not self._stopped.wait(period):
-            self.service.contexts.expire()
-            self.service.sessions.expire()
+            service.contexts.expire()
+            service.sessions.expire()
+            due = time.monotonic() - last_save >= options.checkpoint_interval
+            if options.checkpoint_interval > 0 and options.checkpoint_path and due:
+                last_save = time.monotonic()
+                if service.saved_version != service.weights_version:
+                    service.checkpoint(on_error="log")
 
     def __enter__(self) -> TrunkServer:
         return self
@@ -706,8 +971,11 @@ def serve(
     address: str = "127.0.0.1:0",
     *,
     options: ServerOptions | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> TrunkServer:
-    """Serve ``module`` at ``address`` (port 0 picks a free port) and return the running server."""
-    return TrunkServer(module, address, options).start()
+    """Serve ``module`` at ``address`` (port 0 picks a free port) and return the running server.
+
+    ``interceptors`` are standard ``grpc.ServerInterceptor`` objects (logging, auditing...)."""
+    return TrunkServer(module, address, options, interceptors=interceptors).start()
 
 

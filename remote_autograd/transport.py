@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -64,13 +65,19 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def create_server(address: str, options: ServerOptions) -> tuple[grpc.Server, int]:
+def create_server(
+    address: str,
+    options: ServerOptions,
+    *,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address``; returns it with the bound port."""
     max_message = max_message_bytes(options.unary_payload_bytes, options.stream_chunk_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=options.max_workers, thread_name_prefix="remote-autograd"
         ),
+        interceptors=list(interceptors),
         options=[*_message_options(max_message), ("grpc.so_reuseport", 0)],
     )
     if options.certificate_chain is not None:

@@ -61,7 +61,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds")
+    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class InfoReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODULE_REPR_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol_version: int
     quantizations: _containers.RepeatedScalarFieldContainer[str]
@@ -90,7 +91,8 @@ class InfoReply(_message.Message):
     device: str
     module_repr: str
     context_ttl_seconds: float
-    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ...) -> None: ...
+    server_id: str
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)
@@ -147,16 +149,18 @@ class GradNormReply(_message.Message):
     def __init__(self, norms: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step", "param_groups", "grad_scale", "zero_grad")
+    __slots__ = ("step", "param_groups", "grad_scale", "zero_grad", "server_id")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     step: int
     param_groups: bytes
     grad_scale: float
     zero_grad: ZeroGradMode
-    def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ...) -> None: ...
+    server_id: str
+    def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("step", "weights_version", "replayed")
@@ -183,3 +187,15 @@ class LoadStateReply(_message.Message):
     parameters_loaded: int
     optimizer_loaded: bool
     def __init__(self, parameters_loaded: _Optional[int] = ..., optimizer_loaded: _Optional[bool] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("path", "weights_version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    weights_version: int
+    def __init__(self, path: _Optional[str] = ..., weights_version: _Optional[int] = ...) -> None: ...

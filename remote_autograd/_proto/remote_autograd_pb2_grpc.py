@@ -94,6 +94,11 @@ class TrunkStub:
                 request_serializer=remote__autograd__pb2.Frame.SerializeToString,
                 response_deserializer=remote__autograd__pb2.LoadStateReply.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/remote_autograd.v1.Trunk/Checkpoint',
+                request_serializer=remote__autograd__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=remote__autograd__pb2.CheckpointReply.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer:
@@ -179,6 +184,14 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Save the trunk's weights and every session's optimizer state to the
+        server's checkpoint file now (atomically: write, then rename).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +254,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.LoadState,
                     request_deserializer=remote__autograd__pb2.Frame.FromString,
                     response_serializer=remote__autograd__pb2.LoadStateReply.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=remote__autograd__pb2.CheckpointRequest.FromString,
+                    response_serializer=remote__autograd__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +585,33 @@ class Trunk:
             '/remote_autograd.v1.Trunk/LoadState',
             remote__autograd__pb2.Frame.SerializeToString,
             remote__autograd__pb2.LoadStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remote_autograd.v1.Trunk/Checkpoint',
+            remote__autograd__pb2.CheckpointRequest.SerializeToString,
+            remote__autograd__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,352 @@
+"""Transfer benchmark: Compute + Backward through RemoteModule vs raw TCP, gRPC and torch RPC.
+
+Every method moves the same float32 tensor payload to a server process and back (an echo), in
+the same run, payload sizes interleaved. Throughput counts tensor payload bytes both ways
+(``2 * size / seconds``); lossy codecs therefore show their effective throughput.
+
+    python -m benchmarks.bench_transfer --preset full --json transfer.json --doc
+    python -m benchmarks.bench_transfer --preset smoke --link 100mbit     # needs root
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    MiB,
+    ServerProcess,
+    human_bytes,
+    machine,
+    measure,
+    median,
+    rate_limited_link,
+    reps_for,
+    table,
+    update_doc,
+    write_json,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"sizes": [4 << 10, 1 << 20], "codecs": ["auto", "bf16"], "reps": 3, "warmup": 1},
+    "full": {
+        "sizes": [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20],
+        "codecs": ["none", "auto", "lz4", "bf16", "fp16", "int8"],
+        "reps": 20,
+        "warmup": 3,
+    },
+}
+# codec name -> (client compression, server compression, activation and gradient quantization)
+CODECS = {
+    "none": ("none", "none", "none"),
+    "auto": ("auto", "auto", "none"),
+    "lz4": ("lz4", "lz4", "none"),
+    "bf16": ("auto", "auto", "bf16"),
+    "fp16": ("auto", "auto", "fp16"),
+    "int8": ("auto", "auto", "int8"),
+}
+LOSSLESS = ("none", "auto", "lz4")
+BIG = 16 << 20  # lossy codecs are measured up to this size (they take the same path above it)
+
+
+# -- baseline clients ---------------------------------------------------------------------
+
+
+class TcpEcho:
+    """Raw TCP: length prefix + bytes, the reply read into a preallocated buffer."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+
+    def roundtrip(self, payload: memoryview) -> None:
+        size = len(payload)
+        if len(self.buffer) < size + 8:
+            self.buffer = bytearray(size + 8)
+        self.sock.sendall(struct.pack(">Q", size))
+        self.sock.sendall(payload)
+        view = memoryview(self.buffer)[: size + 8]
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("echo server closed")
+            got += n
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class GrpcEcho:
+    """Bare gRPC: bytes in one unary message, or streamed in chunks and reassembled."""
+
+    def __init__(self, address: str, chunk_bytes: int = MiB) -> None:
+        import grpc
+
+        from benchmarks.servers import GRPC_MAX_MESSAGE
+
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+            ],
+        )
+        self.unary_rpc = self.channel.unary_unary("/bench.Echo/Unary")
+        self.stream_rpc = self.channel.stream_stream("/bench.Echo/Stream")
+        self.chunk_bytes = chunk_bytes
+
+    def unary(self, payload: memoryview) -> None:
+        reply = self.unary_rpc(bytes(payload), timeout=600)
+        assert len(reply) == len(payload)
+
+    def stream(self, payload: memoryview) -> None:
+        chunk = self.chunk_bytes
+        requests = (bytes(payload[i : i + chunk]) for i in range(0, len(payload), chunk))
+        buffer = bytearray(len(payload))
+        filled = 0
+        for reply in self.stream_rpc(requests, timeout=600):
+            buffer[filled : filled + len(reply)] = reply
+            filled += len(reply)
+        assert filled == len(payload)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class TorchRpcEcho:
+    """torch.distributed.rpc over TensorPipe: rpc_sync of an echo function with the tensor."""
+
+    def __init__(self, address: str, uv_only: bool) -> None:
+        import torch.distributed.rpc as rpc
+
+        self.rpc = rpc
+        extra: dict[str, Any] = {"_transports": ["uv"], "_channels": ["basic"]} if uv_only else {}
+        options = rpc.TensorPipeRpcBackendOptions(
+            init_method=f"tcp://{address}", rpc_timeout=600, num_worker_threads=4, **extra
+        )
+        rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=options)
+
+    def roundtrip(self, tensor: torch.Tensor) -> None:
+        from benchmarks.servers import echo
+
+        self.rpc.rpc_sync("server", echo, args=(tensor,))
+
+    def close(self) -> None:
+        self.rpc.shutdown()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host.startswith("127.") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- remote_autograd --------------------------------------------------------------------
+
+
+def ra_roundtrips(module: Any, size: int, reps: int, warmup: int) -> dict[str, Any]:
+    """Median Compute and Backward seconds of ``module`` (a RemoteModule) for ``size`` bytes."""
+    x = torch.randn(size // 4, requires_grad=True)  # [size/4] float32: the activation
+    grad = torch.randn(size // 4)  # [size/4] float32: the gradient coming back
+    compute, backward = [], []
+    wire = 0
+    stats = module.client.stats
+    for i in range(warmup + reps):
+        sent, received = stats.bytes_sent, stats.bytes_received
+        start = time.perf_counter()
+        y = module(x)
+        middle = time.perf_counter()
+        y.backward(grad)
+        end = time.perf_counter()
+        x.grad = None
+        del y
+        if i >= warmup:
+            compute.append(middle - start)
+            backward.append(end - middle)
+            wire = stats.bytes_sent - sent + stats.bytes_received - received
+    return {
+        "compute_s": median(compute),
+        "backward_s": median(backward),
+        "compute_MBps": 2 * size / median(compute) / 1e6,
+        "backward_MBps": 2 * size / median(backward) / 1e6,
+        "wire_bytes_per_roundtrip": wire,  # Compute + Backward, both directions
+        "payload_bytes_per_roundtrip": 4 * size,
+    }
+
+
+def run(preset: dict[str, Any], host: str, netns: str | None, env: dict[str, str]) -> dict:
+    from remote_autograd import ClientOptions, RemoteModule
+
+    sizes, codecs = preset["sizes"], preset["codecs"]
+    results: dict[str, Any] = {"baselines": {}, "remote_autograd": {c: {} for c in codecs}}
+    with ExitStack() as stack:
+        start = lambda *a: stack.enter_context(ServerProcess(*a, "--host", host, netns=netns,  # noqa: E731
+                                                               env=env))
+        tcp = TcpEcho(start("tcp").address)
+        grpc_echo = GrpcEcho(start("grpc").address)
+        port = _free_port(host)
+        uv_only = netns is not None  # across namespaces only TCP is a fair (and working) choice
+        start("torchrpc", "--port", str(port), *(["--uv-only"] if uv_only else []))
+        trpc = TorchRpcEcho(f"{host}:{port}", uv_only)
+        stack.callback(trpc.close)
+        modules = {}
+        for codec in codecs:
+            client_z, server_z, quant = CODECS[codec]
+            server = start("ra", "--compression", server_z)
+            options = ClientOptions(
+                compression=client_z, activation_quantization=quant, gradient_quantization=quant
+            )
+            modules[codec] = stack.enter_context(RemoteModule(server.address, options=options))
+        for size in sizes:
+            reps = reps_for(size, preset["reps"])
+            warmup = preset["warmup"]
+            payload = torch.randn(size // 4)
+            view = memoryview(payload.numpy()).cast("B")
+            row: dict[str, Any] = {}
+            for name, fn in (
+                ("tcp", lambda: tcp.roundtrip(view)),
+                ("grpc_unary", lambda: grpc_echo.unary(view)),
+                ("grpc_stream", lambda: grpc_echo.stream(view)),
+                ("torch_rpc", lambda: trpc.roundtrip(payload)),
+            ):
+                seconds = median(measure(fn, warmup=warmup, reps=reps))
+                row[name] = {"s": seconds, "MBps": 2 * size / seconds / 1e6}
+            results["baselines"][str(size)] = row
+            for codec in codecs:
+                if codec not in LOSSLESS and size > BIG:
+                    continue
+                results["remote_autograd"][codec][str(size)] = ra_roundtrips(
+                    modules[codec], size, reps, warmup
+                )
+            print(f"{human_bytes(size):>8}: " + "  ".join(
+                f"{k} {v['MBps']:.0f}" for k, v in row.items()) + "  ra " + "  ".join(
+                f"{c} {results['remote_autograd'][c].get(str(size), {}).get('backward_MBps', 0):.0f}"
+                for c in codecs), flush=True)
+        grpc_echo.close()
+        tcp.close()
+    results["ratios"] = ratios(results)
+    return results
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """remote_autograd vs each baseline, per codec and size: throughput and latency ratios."""
+    out: dict[str, Any] = {}
+    for codec, by_size in results["remote_autograd"].items():
+        for size, ra in by_size.items():
+            base = results["baselines"][size]
+            grpc_best = min(base["grpc_unary"]["s"], base["grpc_stream"]["s"])
+            out.setdefault(codec, {})[size] = {
+                "backward_vs_tcp": base["tcp"]["s"] / ra["backward_s"],
+                "backward_vs_torch_rpc": base["torch_rpc"]["s"] / ra["backward_s"],
+                "backward_vs_grpc": grpc_best / ra["backward_s"],
+                "compute_latency_vs_grpc_unary": ra["compute_s"] / base["grpc_unary"]["s"],
+            }
+    return out
+
+
+def markdown(results: dict[str, Any], title: str) -> str:
+    sizes = list(results["baselines"])
+    rows = []
+    for size in sizes:
+        b = results["baselines"][size]
+        rows.append([human_bytes(int(size)), *(b[k]["s"] * 1e3 for k in b),
+                     *(b[k]["MBps"] for k in b)])
+    base_header = list(results["baselines"][sizes[0]])
+    parts = [f"### {title}", "", "Baselines (echo of the payload; ms, then MB/s both ways):", "",
+             table(["size", *(f"{k} ms" for k in base_header), *(f"{k} MB/s" for k in base_header)],
+                   rows), ""]
+    rows = []
+    for codec, by_size in results["remote_autograd"].items():
+        for size, ra in by_size.items():
+            r = results["ratios"][codec][size]
+            rows.append([codec, human_bytes(int(size)), ra["compute_s"] * 1e3,
+                         ra["backward_s"] * 1e3, ra["backward_MBps"],
+                         ra["wire_bytes_per_roundtrip"] / ra["payload_bytes_per_roundtrip"],
+                         r["backward_vs_tcp"], r["backward_vs_grpc"], r["backward_vs_torch_rpc"],
+                         r["compute_latency_vs_grpc_unary"]])
+    parts += ["remote_autograd (Compute then Backward through `RemoteModule`; ratios > 1 for "
+              "throughput mean faster than the baseline, the latency ratio < 1 means faster):", "",
+              table(["codec", "size", "Compute ms", "Backward ms", "Backward MB/s",
+                     "wire/payload", "Bwd vs TCP", "Bwd vs gRPC", "Bwd vs torch RPC",
+                     "Compute latency / gRPC unary"], rows)]
+    return "\n".join(parts)
+
+
+def plot(results: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sizes = [int(s) for s in results["baselines"]]
+    for name in results["baselines"][str(sizes[0])]:
+        ax.plot(sizes, [results["baselines"][str(s)][name]["MBps"] for s in sizes], "--o",
+                label=f"{name} (baseline)")
+    for codec, by_size in results["remote_autograd"].items():
+        xs = [int(s) for s in by_size]
+        ax.plot(xs, [by_size[str(s)]["backward_MBps"] for s in xs], "-s",
+                label=f"remote_autograd Backward, {codec}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tensor payload (bytes)")
+    ax.set_ylabel("payload MB/s (both directions)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")],
+                        help="override the preset's payload sizes (bytes, comma separated)")
+    parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
+    parser.add_argument("--reps", type=int, help="override the preset's repetitions")
+    parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
+    parser.add_argument("--json", help="write the results here (default: stdout)")
+    parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    for key in ("sizes", "codecs", "reps"):
+        if getattr(args, key):
+            preset[key] = getattr(args, key)
+    torch.manual_seed(0)
+    with ExitStack() as stack:
+        if args.link:
+            netns, _, host = stack.enter_context(rate_limited_link(args.link))
+            ifaces = ("rab7a", "rab7b")
+            os.environ["TP_SOCKET_IFNAME"] = ifaces[0]
+            env = {"TP_SOCKET_IFNAME": ifaces[1]}
+        else:
+            netns, host, env = None, "127.0.0.1", {}
+        results = run(preset, host, netns, env)
+    data = {"benchmark": "transfer", "preset": args.preset, "link": args.link or "loopback",
+            "machine": machine(), **results}
+    write_json(args.json, data)
+    if args.doc:
+        from benchmarks.common import DOCS
+
+        suffix = f"_{args.link}" if args.link else ""
+        title = f"Transfer over {args.link or 'loopback'}"
+        plot(results, str(DOCS / f"transfer{suffix}.png"), title)
+        update_doc(f"transfer{suffix}", markdown(data, title)
+                   + f"\n\n![{title}](transfer{suffix}.png)")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""LoRA adapters on any part of a split model, with peft (base weights frozen)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["LoraOptions", "add_lora", "lora_state"]
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The adapters every part gets; the server and the client take the same ones."""
+
+    rank: int = 8  # r of each adapter; 0 turns LoRA off (every weight trains)
+    alpha: float = 16.0  # scaling numerator: updates are scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # GPT-2 attention + MLP
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+def add_lora(module: nn.Module, options: LoraOptions, *, seed: int, part: str = "part") -> nn.Module:
+    """Inject LoRA adapters into ``module`` in place and freeze everything else.
+
+    ``seed`` makes the adapters' random initialisation repeatable without touching the global
+    generator. ``part`` names the module in errors.
+    """
+    targets = set(options.target_modules)
+    # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to be told.
+    fan_in_fan_out = any(
+        isinstance(m, Conv1D) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] in targets
+    )
+    config = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=sorted(targets),
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return inject_adapter_in_model(config, module)
+        except ValueError as exc:
+            raise ValueError(
+                f"LoRA on the {part}: none of the target modules {sorted(targets)} is in it "
+                f"({exc}); move the split points so every part holds at least one block, or "
+                "change --lora-targets"
+            ) from exc
+
+
+def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapter weights of ``module`` (what changes when LoRA trains)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}

@@ -1,0 +1,58 @@
+"""Small deterministic models the tests split into bottom / trunk / top."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: attention with a key padding mask, then an MLP."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Blocks(nn.Module):
+    """Several blocks taking (hidden, padding mask) and returning (hidden, per-token norm)."""
+
+    def __init__(self, depth: int = 2, width: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block in self.blocks:
+            x = block(x, padding)
+        return x, x.pow(2).mean(-1)
+
+
+def mlp_parts(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    bottom = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+    trunk = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh())
+    top = nn.Linear(12, 3)
+    return bottom.to(dtype), trunk.to(dtype), top.to(dtype)
+
+
+def block_parts(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    bottom = nn.Embedding(20, 16)
+    trunk = Blocks(depth=2, width=16)
+    top = nn.Linear(16, 20)
+    return bottom.to(dtype), trunk.to(dtype), top.to(dtype)
+
+
+def make_mlp_trunk() -> nn.Module:
+    """Factory for child-process servers: the float64 MLP trunk of mlp_parts(seed=0)."""
+    return mlp_parts(torch.float64)[1]

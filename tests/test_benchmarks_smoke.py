@@ -1,0 +1,71 @@
+"""Each benchmark script runs end to end with ``--preset smoke`` and writes valid JSON.
+
+No timing assertions: the numbers live in docs/benchmarks.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(module: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{module.rsplit('.', 1)[-1]}.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", module, "--preset", "smoke", "--json", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_transfer_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_transfer", tmp_path)
+    assert data["benchmark"] == "transfer"
+    for row in data["baselines"].values():
+        assert set(row) == {"tcp", "grpc_unary", "grpc_stream", "torch_rpc"}
+        assert all(v["s"] > 0 and v["MBps"] > 0 for v in row.values())
+    for by_size in data["remote_autograd"].values():
+        for result in by_size.values():
+            assert result["backward_s"] > 0 and result["compute_s"] > 0
+            assert result["wire_bytes_per_roundtrip"] > 0
+    assert data["ratios"]
+
+
+def test_step_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_step", tmp_path)
+    assert data["benchmark"] == "step"
+    assert data["monolithic"]["step_s"] > 0
+    for result in data["split"].values():
+        assert result["step_s"] > 0
+        assert len(result["losses"]) == len(data["monolithic"]["losses"])
+        assert {"client_s", "server_compute_s", "server_codec_s", "wire_and_rest_s"} <= set(
+            result["breakdown"]
+        )
+    assert data["ratios"]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="the rate-limited link needs root, ip and tc",
+)
+def test_transfer_over_shaped_link_smoke(tmp_path: Path) -> None:
+    data = run_script(
+        "benchmarks.bench_transfer", tmp_path, "--link", "1gbit", "--sizes", "65536",
+        "--codecs", "auto",
+    )
+    assert data["link"] == "1gbit"
+    assert data["remote_autograd"]["auto"]["65536"]["backward_s"] > 0

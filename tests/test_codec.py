@@ -1,0 +1,220 @@
+"""The wire codec: exact round trips, lossy codecs within bounds, hostile frames refused."""
+
+from __future__ import annotations
+
+import struct
+
+import hypothesis.strategies as st
+import lz4.block
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+
+from remote_autograd import CodecError, Decoder, Encoder, Limits, decode, encode
+from remote_autograd.codec import DTYPES, iter_chunks
+
+SHAPES = [(), (0,), (1,), (3, 4), (2, 0, 5), (2, 3, 4, 5), (70_000,)]
+
+
+def _example(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * 100).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=generator, dtype=torch.int64).to(
+        dtype
+    )
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4", "auto"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+def test_every_dtype_and_shape_round_trips_exactly(dtype, shape, compression):
+    tensor = _example(dtype, shape)
+    out = decode(encode(tensor, compression=compression))
+    assert out.dtype == dtype and out.shape == tensor.shape
+    assert torch.equal(out, tensor)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_non_contiguous_and_grad_tensors(requires_grad):
+    base = torch.randn(6, 8, dtype=torch.float64, requires_grad=requires_grad)
+    for view in (base.t(), base[:, ::3], base[1:4, 2:].T, base.expand(6, 8)):
+        out = decode(encode(view))
+        assert torch.equal(out, view.detach()) and not out.requires_grad
+
+
+def test_special_float_values_survive():
+    tensor = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45])
+    out = decode(encode(tensor))
+    assert torch.equal(out.view(torch.int32), tensor.view(torch.int32))
+
+
+def test_values_round_trip_with_their_types():
+    value = {
+        "none": None,
+        "flags": [True, False],
+        "ints": (1, -(2**63), 2**64 - 1),
+        "float": 2.5,
+        "text": "héllo",
+        "nested": [{"t": torch.arange(3)}, (torch.ones(2), [None])],
+        7: "int key",
+    }
+    out = decode(encode(value))
+    assert out.keys() == value.keys()
+    assert isinstance(out["ints"], tuple) and out["ints"] == value["ints"]
+    assert isinstance(out["nested"][1], tuple)
+    assert torch.equal(out["nested"][0]["t"], torch.arange(3))
+    assert out[7] == "int key" and out["text"] == "héllo" and out["none"] is None
+
+
+@pytest.mark.parametrize("value", [object(), torch.randn(2).numpy(), {1, 2}, 1 + 2j])
+def test_unsupported_values_are_refused(value):
+    with pytest.raises(CodecError):
+        encode({"x": value})
+
+
+def test_unsupported_dtype_is_refused():
+    with pytest.raises(CodecError, match="complex64"):
+        encode(torch.zeros(2, dtype=torch.complex64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from(list(DTYPES.values())),
+    shape=st.lists(st.integers(0, 6), max_size=4).map(tuple),
+    seed=st.integers(0, 2**16),
+    compression=st.sampled_from(["none", "lz4", "auto"]),
+)
+def test_round_trip_property(dtype, shape, seed, compression):
+    tensor = _example(dtype, shape, seed)
+    out = decode(encode([tensor, tensor.float()], compression=compression))
+    assert torch.equal(out[0], tensor) and torch.equal(out[1], tensor.float())
+
+
+@pytest.mark.parametrize(
+    ("quantization", "bound"), [("bf16", 2**-8), ("fp16", 2**-11), ("int8", 1 / 127)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lossy_codecs_stay_within_their_error_bound(quantization, bound, dtype):
+    tensor = torch.randn(4096, dtype=dtype)
+    out = decode(encode(tensor, quantization=quantization))
+    assert out.dtype == dtype and out.shape == tensor.shape
+    scale = tensor.abs().max() if quantization == "int8" else tensor.abs()
+    assert bool(((out - tensor).abs() <= bound * scale + 1e-30).all())
+    assert len(encode(tensor, quantization=quantization)) < 0.6 * len(encode(tensor))
+
+
+def test_fp16_scaling_keeps_tiny_gradients():
+    tensor = torch.randn(1000) * 1e-9  # would flush to zero in plain fp16
+    out = decode(encode(tensor, quantization="fp16"))
+    assert (out != 0).all()
+    torch.testing.assert_close(out, tensor, rtol=2**-10, atol=0)
+
+
+def test_lossy_codecs_leave_integers_and_non_finite_alone():
+    ints = torch.arange(10)
+    assert torch.equal(decode(encode(ints, quantization="int8")), ints)
+    bad = torch.tensor([1.0, float("inf")])
+    for quantization in ("fp16", "int8"):
+        assert torch.equal(decode(encode(bad, quantization=quantization)), bad)
+
+
+def test_auto_compresses_only_what_shrinks():
+    dense = torch.randn(1 << 16)
+    sparse = torch.zeros(1 << 16)
+    assert len(encode(dense, compression="auto")) > dense.numel() * 4
+    assert len(encode(sparse, compression="auto")) < 0.1 * sparse.numel() * 4
+
+
+def test_decode_accepts_any_buffer_without_copying_raw_tensors():
+    frame = bytearray(encode(torch.arange(1000, dtype=torch.float32), compression="none"))
+    out = decode(memoryview(frame))
+    frame[-4:] = struct.pack("<f", 7.0)  # the decoded tensor aliases the buffer
+    assert out[-1].item() == 7.0
+    assert torch.equal(decode(bytes(frame))[:3], torch.arange(3, dtype=torch.float32))
+
+
+def test_iter_chunks_reassembles_the_frame():
+    buffers = Encoder(compression="none").encode_buffers([torch.randn(1000), "x", torch.ones(7)])
+    chunks = list(iter_chunks(buffers, 333))
+    assert all(len(c) == 333 for c in chunks[:-1])
+    assert b"".join(chunks) == b"".join(buffers)
+
+
+# -- hostile frames -----------------------------------------------------------------------------
+
+
+def _frame(meta: dict, segments: list[bytes], tree: bytes | None = None) -> bytes:
+    meta = {"v": 1, "tree": tree if tree is not None else msgpack.packb(None), **meta}
+    head = msgpack.packb(meta)
+    out = b"\xce" + struct.pack(">I", len(head)) + head
+    for data in segments:
+        out += b"\xc0" * ((-(len(out) + 5)) % 64) + b"\xc6" + struct.pack(">I", len(data)) + data
+    return out
+
+
+def _meta(**overrides):
+    meta = {"dtype": "float32", "shape": [4], "q": "none", "z": "none", "n": 16, "s": 16}
+    meta.update(overrides)
+    return meta
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b"", "must start"),
+        (b"\x00" * 10, "must start"),
+        (b"\xce\xff\xff\xff\xff", "max_header_bytes"),
+        (b"\xce\x00\x00\x00\x01\x81", "not valid msgpack"),
+        (_frame({"v": 2}, []), "version"),
+        (_frame({"tensors": [_meta(dtype="complex128")]}, [b"0" * 16]), "unknown dtype"),
+        (_frame({"tensors": [_meta(shape=[-1])]}, [b"0" * 16]), "non-negative"),
+        (_frame({"tensors": [_meta(shape=[4.0])]}, [b"0" * 16]), "non-negative"),
+        (_frame({"tensors": [_meta(shape=[1] * 17)]}, [b"0" * 16]), "max_ndim"),
+        (_frame({"tensors": [_meta(shape=[2**40, 2**40])]}, [b"0" * 16]), "max_tensor_elements"),
+        (_frame({"tensors": [_meta(n=8, s=8)]}, [b"0" * 8]), "header says 8"),
+        (_frame({"tensors": [_meta(s=15)]}, [b"0" * 15]), "wire size"),
+        (_frame({"tensors": [_meta()]}, [b"0" * 12]), "frame holds 12"),
+        (_frame({"tensors": [_meta()]}, [b"0" * 16 + b"extra"]), "frame holds 21"),
+        (_frame({"tensors": [_meta()]}, [b"0" * 16]) + b"\x00", "trailing"),
+        (_frame({"tensors": [_meta(q="int4")]}, [b"0" * 16]), "unknown codec"),
+        (
+            _frame({"tensors": [_meta(dtype="int32", q="bf16", n=8, s=8)]}, [b"0" * 8]),
+            "non-floating",
+        ),
+        (_frame({"tensors": [_meta(z="lz4", s=5)]}, [b"\xff" * 5]), "corrupt LZ4"),
+        (
+            _frame({"tensors": []}, [], tree=msgpack.packb(msgpack.ExtType(1, b"\0\0\0\1"))),
+            "reference",
+        ),
+        (_frame({"tensors": []}, [], tree=msgpack.packb(msgpack.ExtType(9, b""))), "extension"),
+        (_frame({"tensors": "x"}, []), "'tensors'"),
+    ],
+)
+def test_malformed_and_lying_frames_are_refused(frame, message):
+    with pytest.raises(CodecError, match=message):
+        decode(frame)
+
+
+def test_lz4_bomb_is_refused_before_it_is_decompressed():
+    bomb = lz4.block.compress(b"\0" * (64 << 20), store_size=False)  # 64 MiB of zeros
+    limits = Limits(max_tensor_bytes=1 << 20)
+    meta = _meta(dtype="uint8", shape=[64 << 20], z="lz4", n=64 << 20, s=len(bomb))
+    with pytest.raises(CodecError, match="max_tensor_bytes=1048576"):
+        Decoder(limits=limits).decode(_frame({"tensors": [meta]}, [bomb]))
+    # A header that under-declares the size cannot make it decompress more than declared.
+    meta = _meta(dtype="uint8", shape=[1024], z="lz4", n=1024, s=len(bomb))
+    with pytest.raises(CodecError):
+        decode(_frame({"tensors": [meta]}, [bomb]))
+
+
+def test_limits_are_named_in_the_message():
+    frame = encode([torch.zeros(10)] * 5)
+    with pytest.raises(CodecError, match="max_tensors=4"):
+        Decoder(limits=Limits(max_tensors=4)).decode(frame)
+    with pytest.raises(CodecError, match="max_payload_bytes=100"):
+        Decoder(limits=Limits(max_payload_bytes=100)).decode(frame)

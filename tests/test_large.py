@@ -1,0 +1,36 @@
+"""A 256 MiB tensor through Compute and Backward with default limits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from remote_autograd import RemoteModule
+
+MiB = 1 << 20
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_256_mib_tensor_round_trips_forward_and_backward(start_server):
+    server = start_server(Scale())
+    remote = RemoteModule(server.address)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256 * MiB // 4, generator=generator).requires_grad_()  # 256 MiB of float32
+    y = remote(x)
+    assert y.shape == x.shape and torch.equal(y, x.detach() * 1.5)
+    grad = torch.full_like(y, 2.0)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * 1.5)
+    session_grads = server.service.sessions.values()[0].grads
+    torch.testing.assert_close(session_grads["weight"], (grad * x.detach()).sum().reshape(1))
+    # Both directions were streamed in chunks (the frames exceed the unary limit).
+    assert remote.client.stats.bytes_sent > 512 * MiB
+    assert remote.client.stats.bytes_received > 512 * MiB

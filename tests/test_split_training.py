@@ -1,0 +1,250 @@
+"""Split training equals local training: the trunk remote vs the same modules run locally."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from models import block_parts, mlp_parts
+from torch import nn
+
+from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_
+
+STEPS = 5
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    # float64: bit-for-bit; float32: max abs diff <= 1e-6 (the issue's bound).
+    return {"rtol": 0, "atol": 0} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}
+
+
+def _batches(kind: str, dtype: torch.dtype, n: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        if kind == "mlp":
+            x = torch.randn(8, 6, generator=generator, dtype=dtype)
+            y = torch.randint(0, 3, (8,), generator=generator)
+            yield (x,), y
+        else:
+            tokens = torch.randint(0, 20, (4, 7), generator=generator)
+            padding = torch.zeros(4, 7, dtype=torch.bool)
+            padding[1, 5:] = True  # a padded sequence
+            padding[3, 3:] = True
+            yield (tokens, padding), tokens
+
+
+class Split(nn.Module):
+    """bottom -> trunk -> top, for either the remote or the local trunk."""
+
+    def __init__(self, kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module) -> None:
+        super().__init__()
+        self.kind, self.bottom, self.trunk, self.top = kind, bottom, trunk, top
+
+    def forward(self, inputs, target):
+        if self.kind == "mlp":
+            logits = self.top(self.trunk(self.bottom(inputs[0])))
+            return nn.functional.cross_entropy(logits, target)
+        tokens, padding = inputs
+        hidden, norms = self.trunk(self.bottom(tokens), padding)
+        logits = self.top(hidden)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return loss + 1e-3 * norms.mean()  # the trunk's second output is used too
+
+
+def _pair(kind, dtype, start_server):
+    parts = mlp_parts(dtype) if kind == "mlp" else block_parts(dtype)
+    local = Split(kind, *copy.deepcopy(parts))
+    bottom, trunk, top = parts
+    server = start_server(trunk)
+    remote_trunk = RemoteModule(server.address)
+    remote = Split(kind, bottom, remote_trunk, top)
+    return local, remote, trunk, server
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["mlp", "blocks"])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_training_matches_local(kind, dtype, optimizer, start_server):
+    local, remote, served_trunk, server = _pair(kind, dtype, start_server)
+    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
+    cls = getattr(torch.optim, optimizer)
+    local_opt = cls(local.parameters(), **kwargs)
+    local_params = [*remote.bottom.parameters(), *remote.top.parameters()]
+    client_opt = cls(local_params, **kwargs)
+    trunk_opt = RemoteOptimizer(remote.trunk, cls, **kwargs)
+    schedulers = [
+        torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+        for o in (local_opt, client_opt, trunk_opt)
+    ]
+    batches = list(_batches(kind, dtype, 2 * STEPS))
+    tol = _tolerance(dtype)
+    for step in range(STEPS):
+        for opt in (local_opt, client_opt, trunk_opt):
+            opt.zero_grad()
+        for micro in batches[2 * step : 2 * step + 2]:  # gradient accumulation over 2 micro-batches
+            local_loss = local(*micro) / 2
+            remote_loss = remote(*micro) / 2
+            torch.testing.assert_close(remote_loss, local_loss, **tol)
+            local_loss.backward()
+            remote_loss.backward()
+        local_norm = torch.nn.utils.clip_grad_norm_(local.parameters(), 1.0)
+        remote_norm = clip_grad_norm_(
+            [*remote.bottom.parameters(), remote.trunk, *remote.top.parameters()], 1.0
+        )
+        torch.testing.assert_close(remote_norm, local_norm, **tol)
+        for opt in (local_opt, client_opt, trunk_opt):
+            opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert trunk_opt.param_groups[0]["lr"] == local_opt.param_groups[0]["lr"] < kwargs["lr"]
+    remote_state = remote.trunk.remote_state_dict()
+    for name, param in local.trunk.named_parameters():
+        torch.testing.assert_close(remote_state[name], param.detach(), **tol)
+        torch.testing.assert_close(dict(served_trunk.named_parameters())[name], param, **tol)
+    for mine, theirs in [(remote.bottom, local.bottom), (remote.top, local.top)]:
+        for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_outputs_and_gradients_match_local(dtype, start_server):
+    local, remote, _, server = _pair("blocks", dtype, start_server)
+    tokens, padding = next(_batches("blocks", dtype, 1))[0]
+    hidden = local.bottom(tokens).detach().requires_grad_()
+    remote_hidden = hidden.detach().clone().requires_grad_()
+    out, norms = local.trunk(hidden, padding)
+    remote_out, remote_norms = remote.trunk(remote_hidden, padding)
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(remote_out, out, **tol)
+    torch.testing.assert_close(remote_norms, norms, **tol)
+    assert remote_out.dtype == dtype and remote_out.device == hidden.device
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    remote_out.backward(grad)  # only the first output gets a gradient: the second sends None
+    torch.testing.assert_close(remote_hidden.grad, hidden.grad, **tol)
+    grads = server.service.sessions.values()[0].grads
+    for name, param in local.trunk.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, **tol)
+
+
+def test_gradcheck_through_remote_module(start_server):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    remote = RemoteModule(start_server(trunk).address)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: remote(a * b), (x, w))
+
+
+@pytest.mark.parametrize("inputs", ["frozen_bottom", "raw_ints"])
+def test_trunk_gets_gradients_when_no_input_requires_grad(inputs, start_server):
+    torch.manual_seed(0)
+    if inputs == "frozen_bottom":
+        trunk = nn.Linear(4, 2).double()
+        x = torch.randn(3, 4, dtype=torch.float64)  # a frozen bottom's output: no grad
+    else:
+        trunk = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).double()
+        x = torch.tensor([[1, 2, 3], [4, 5, 6]])  # the trunk is the first layer, fed token ids
+    local = copy.deepcopy(trunk)
+    before = copy.deepcopy(trunk)
+    remote = RemoteModule(start_server(trunk).address)
+    opt = RemoteOptimizer(remote, torch.optim.SGD, lr=0.1)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    remote(x).pow(2).sum().backward()
+    local(x).pow(2).sum().backward()
+    opt.step()
+    local_opt.step()
+    state = remote.remote_state_dict()
+    for (name, param), old in zip(local.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(state[name], param.detach()), name
+        assert not torch.equal(param, old), f"{name} did not train"
+
+
+def test_backward_twice_and_autograd_grad(start_server):
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 3).double()
+    local = copy.deepcopy(trunk)
+    remote = RemoteModule(start_server(trunk).address)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    y = remote(x)
+    first = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad((2 * y).sum(), x)[0]
+    expected = torch.autograd.grad(local(x).sum(), x)[0]
+    assert torch.equal(first, expected)
+    assert torch.equal(second, 2 * expected)
+
+
+def test_contexts_are_released_and_no_grad_keeps_nothing(start_server):
+    server = start_server(nn.Linear(4, 4))
+    remote = RemoteModule(server.address)
+    x = torch.randn(2, 4, requires_grad=True)
+    with torch.no_grad():
+        remote(x)
+    with torch.inference_mode():
+        remote(x)
+    assert server.stats()["contexts"] == 0
+    y = remote(x)
+    assert server.stats()["contexts"] == 1
+    y.sum().backward()  # no retain_graph: the client's graph is freed, so the context goes too
+    _wait_for(lambda: server.stats()["contexts"] == 0)
+    y = remote(x)
+    del y  # a forward that is never backwarded: released when its graph is dropped
+    _wait_for(lambda: server.stats()["contexts"] == 0)
+
+
+def test_train_and_eval_switch_the_trunk_mode(start_server):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Dropout(0.5))
+    server = start_server(trunk)
+    remote = RemoteModule(server.address)
+    x = torch.ones(1000)
+    remote.eval()
+    assert torch.equal(remote(x), x)
+    remote.train()
+    dropped = remote(x)
+    assert (dropped == 0).any() and (dropped == 2).any()
+    # Backward uses the forward's mask: the gradient is zero exactly where the output is.
+    x.requires_grad_()
+    out = remote(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())
+
+
+def test_remote_module_in_sequential(start_server):
+    server = start_server(nn.Linear(4, 4))
+    remote = RemoteModule(server.address)
+    model = nn.Sequential(nn.Linear(3, 4), remote, nn.Linear(4, 2))
+    assert len(list(remote.parameters())) == 0
+    assert len(list(model.parameters())) == 4  # the local layers only
+    assert repr(server.address) in repr(model)
+    model.eval()
+    assert not remote.training
+    out = model(torch.randn(5, 3))
+    assert out.shape == (5, 2)
+
+
+def test_several_inputs_values_and_nested_outputs(start_server):
+    class Mixer(nn.Module):
+        def forward(self, a, b, *, scale, options):
+            return {"sum": a + b * scale, "pair": (a * b, a.argmax(-1)), "echo": options}
+
+    server = start_server(Mixer())
+    remote = RemoteModule(server.address)
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    options = {"name": "x", "flags": [True, None, 2.5], "shape": (1, 2)}
+    out = remote(a, b, scale=3.0, options=options)
+    assert out["echo"] == options
+    assert out["pair"][1].dtype == torch.int64 and not out["pair"][1].requires_grad
+    (out["sum"].sum() + out["pair"][0].sum()).backward()
+    torch.testing.assert_close(a.grad, 1 + b.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, 3 + a.detach(), rtol=0, atol=0)
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
