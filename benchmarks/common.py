@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,7 +31,8 @@ MiB = 1 << 20
 
 
 class ServerProcess:
-    """A ``benchmarks.servers`` child; ``address`` is what it printed when ready."""
+    """A ``python -m module kind ...`` child (``benchmarks.servers`` by default); ``address`` is
+    what it printed after ``ready``."""
 
     def __init__(
         self,
@@ -39,10 +40,11 @@ class ServerProcess:
         *args: str,
         netns: str | None = None,
         env: dict[str, str] | None = None,
+        module: str = "benchmarks.servers",
         timeout: float = 60,
     ):
         env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-        cmd = [sys.executable, "-m", "benchmarks.servers", kind, *args]
+        cmd = [sys.executable, "-m", module, kind, *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.process = subprocess.Popen(
@@ -153,6 +155,8 @@ def update_doc(section: str, markdown: str, page: Path = DOC_PAGE) -> None:
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
@@ -169,13 +173,22 @@ def _sh(*cmd: str, check: bool = True) -> None:
     subprocess.run(cmd, check=check, capture_output=True)
 
 
+class Link(NamedTuple):
+    netns: str  # run servers here (ServerProcess(netns=...))
+    client_ip: str
+    server_ip: str  # connect to this
+    client_if: str
+    server_if: str
+
+
 @contextlib.contextmanager
-def rate_limited_link(rate: str, *, index: int = 7) -> Iterator[tuple[str, str, str]]:
+def rate_limited_link(rate: str, *, index: int | None = None) -> Iterator[Link]:
     """A veth pair into a fresh network namespace, each direction shaped by a ``tbf`` qdisc.
 
-    Yields ``(netns, client_ip, server_ip)``: run servers with ``netns=`` and connect to
-    ``server_ip``. Needs root. Everything is removed on exit, also on error.
+    Needs root. Everything is removed on exit, also on error. ``index`` (default: from the
+    process id) keeps concurrent runs apart; addresses are 10.213.<index>.1 and .2.
     """
+    index = index if index is not None else 16 + os.getpid() % 200
     ns, host_if, peer_if = f"ra_bench{index}", f"rab{index}a", f"rab{index}b"
     client_ip, server_ip = f"10.213.{index}.1", f"10.213.{index}.2"
     # tbf needs a burst of at least rate/HZ; 32 kbit is enough up to ~1 Gbit/s at HZ=1000,
@@ -196,7 +209,7 @@ def rate_limited_link(rate: str, *, index: int = 7) -> Iterator[tuple[str, str, 
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         _sh("tc", "qdisc", "add", "dev", host_if, "root", *shape)
         _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", peer_if, "root", *shape)
-        yield ns, client_ip, server_ip
+        yield Link(ns, client_ip, server_ip, host_if, peer_if)
     finally:
         _sh("ip", "link", "del", host_if, check=False)
         _sh("ip", "netns", "del", ns, check=False)

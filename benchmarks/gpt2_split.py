@@ -31,6 +31,8 @@ def config(name: str) -> GPT2Config:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         attn_implementation="sdpa",
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 

@@ -4,8 +4,10 @@ Each prints ``ready <host:port>`` once it accepts connections, then serves until
 
     ra        a remote_autograd trunk server (an echo trunk, or the GPT-2 trunk of bench_step)
     tcp       a raw TCP echo: 8-byte length, then that many bytes, echoed back
-    grpc      a bare gRPC echo of bytes (unary ``/bench.Echo/Unary``, streamed ``/bench.Echo/Stream``)
-    torchrpc  rank 0 of a torch.distributed.rpc (TensorPipe) pair; the client calls ``echo``
+    grpc      a bare gRPC echo of bytes (``/bench.Echo/Unary``; streamed: ``/bench.Echo/Stream``)
+
+(The torch.distributed.rpc pair lives in ``benchmarks.rpc_baseline``: both of its processes
+busy-poll, so it runs in a phase of its own.)
 """
 
 from __future__ import annotations
@@ -29,11 +31,6 @@ class EchoTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
-
-
-def echo(tensor: torch.Tensor) -> torch.Tensor:
-    """The torch.distributed.rpc baseline's remote function."""
-    return tensor
 
 
 def _wait_for_signal() -> None:
@@ -137,25 +134,6 @@ def serve_grpc(args: argparse.Namespace) -> None:
     server.stop(None)
 
 
-def serve_torchrpc(args: argparse.Namespace) -> None:
-    import torch.distributed.rpc as rpc
-
-    print(f"ready {args.host}:{args.port}", flush=True)
-    options = rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://{args.host}:{args.port}", rpc_timeout=600, num_worker_threads=4
-    )
-    if args.uv_only:
-        options = rpc.TensorPipeRpcBackendOptions(
-            init_method=f"tcp://{args.host}:{args.port}",
-            rpc_timeout=600,
-            num_worker_threads=4,
-            _transports=["uv"],
-            _channels=["basic"],
-        )
-    rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=options)
-    rpc.shutdown()  # returns once the client has shut down too
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -166,15 +144,10 @@ def main() -> None:
     ra.add_argument("--chunk-bytes", type=int, default=1 << 20)
     for name in ("tcp", "grpc"):
         sub.add_parser(name)
-    trpc = sub.add_parser("torchrpc")
-    trpc.add_argument("--port", type=int, required=True)
-    trpc.add_argument("--uv-only", action="store_true", help="TCP transport only (no shm)")
     for p in sub.choices.values():
         p.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    {"ra": serve_ra, "tcp": serve_tcp, "grpc": serve_grpc, "torchrpc": serve_torchrpc}[
-        args.kind
-    ](args)
+    {"ra": serve_ra, "tcp": serve_tcp, "grpc": serve_grpc}[args.kind](args)
 
 
 if __name__ == "__main__":

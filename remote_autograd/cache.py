@@ -19,7 +19,7 @@ import torch
 
 from .errors import ContextNotFound, LimitExceeded
 
-__all__ = ["ContextCache", "ForwardContext", "Session", "SessionTable"]
+__all__ = ["ContextCache", "ForwardContext", "Session", "SessionTable", "StepTurns"]
 
 _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error messages
 
@@ -45,6 +45,7 @@ class ForwardContext:
     training: bool = True  # the trunk's mode during the forward, for a recompute
     backward_seq: int = 0  # backwards answered so far
     last_reply: Any = None  # the last Backward's reply, for a retried call
+    lease: int = -1  # StepTurns epoch of the lease this context holds (-1: none)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,8 +60,10 @@ class ContextCache:
         max_bytes: int,
         ttl: float,
         max_per_session: int | None = None,
+        on_drop: Callable[[ForwardContext], None] = lambda context: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._on_drop = on_drop
         self.max_contexts = max_contexts
         self.max_per_session = max_per_session or max_contexts
         self._per_session: dict[str, int] = {}
@@ -160,6 +163,7 @@ class ContextCache:
         return expired
 
     def _drop_locked(self, context: ForwardContext, reason: str) -> None:
+        self._on_drop(context)
         self._nbytes -= context.nbytes
         left = self._per_session.get(context.session, 0) - 1
         if left > 0:
@@ -235,3 +239,77 @@ class SessionTable:
             del self._items[key]
             self._on_drop(key)
         return len(stale)
+
+
+class StepTurns:
+    """Keeps a Step of one session from landing between another session's forward and backward.
+
+    A forward kept for Backward takes a lease, which ends at its first Backward (or when the
+    context goes away). A Step waits until no other session holds a lease, for at most
+    ``wait`` seconds; meanwhile, forwards of sessions holding no lease wait for that Step, so
+    the leases drain. After a Step, every lease is void: those forwards saw older weights, and
+    their Backward is refused as stale rather than giving a gradient of the wrong weights.
+    """
+
+    def __init__(self, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.wait = wait
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._leases: dict[str, int] = {}
+        self._epoch = 0
+        self._steps_waiting = 0
+
+    def lease(self, session: str) -> int:
+        """Take a lease for a forward of ``session``; returns its epoch for :meth:`end`."""
+        with self._cond:
+            deadline = self._clock() + self.wait
+            while self._steps_waiting and not self._leases.get(session):
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._leases[session] = self._leases.get(session, 0) + 1
+            return self._epoch
+
+    def end(self, session: str, epoch: int) -> None:
+        with self._cond:
+            self._end_locked(session, epoch)
+
+    def end_context(self, context: ForwardContext) -> None:
+        """End the lease a context holds, once, whoever gets there first (its Backward, or the
+        cache dropping it)."""
+        with self._cond:
+            epoch, context.lease = context.lease, -1
+            if epoch >= 0:
+                self._end_locked(context.session, epoch)
+
+    def _end_locked(self, session: str, epoch: int) -> None:
+        if epoch != self._epoch or not self._leases.get(session):
+            return
+        self._leases[session] -= 1
+        if not self._leases[session]:
+            del self._leases[session]
+            self._cond.notify_all()
+
+    def others_holding(self, session: str) -> int:
+        with self._cond:
+            return sum(n for key, n in self._leases.items() if key != session)
+
+    def begin_step(self, session: str) -> None:
+        """Wait until no other session holds a lease (or ``wait`` passed)."""
+        with self._cond:
+            self._steps_waiting += 1
+            deadline = self._clock() + self.wait
+            while any(key != session for key in self._leases):
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+
+    def end_step(self, *, stepped: bool) -> None:
+        with self._cond:
+            self._steps_waiting -= 1
+            if stepped:
+                self._epoch += 1
+                self._leases.clear()
+            self._cond.notify_all()

@@ -12,6 +12,7 @@ old one, so a server killed while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -49,10 +50,8 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

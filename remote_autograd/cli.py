@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .options import ServerOptions
+from .options import Limits, ServerOptions
 
 __all__ = ["load_factory", "main"]
 
@@ -45,8 +45,38 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
     parser.add_argument("--dtype", default=None, help="run the trunk in this dtype (bfloat16...)")
-    parser.add_argument("--context-ttl", type=float, default=600.0, help="seconds")
-    parser.add_argument("--max-contexts", type=int, default=4096)
+    defaults, limits = ServerOptions(), Limits()
+    parser.add_argument(
+        "--context-ttl", type=float, default=defaults.context_ttl,
+        help="seconds a forward context waits for its Backward",
+    )
+    parser.add_argument("--max-contexts", type=int, default=defaults.max_contexts)
+    parser.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes)
+    parser.add_argument(
+        "--max-session-contexts", type=int, default=defaults.max_session_contexts
+    )
+    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    parser.add_argument("--session-ttl", type=float, default=defaults.session_ttl)
+    parser.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes)
+    parser.add_argument("--max-payload-bytes", type=int, default=limits.max_payload_bytes)
+    parser.add_argument("--max-tensor-bytes", type=int, default=limits.max_tensor_bytes)
+    parser.add_argument(
+        "--max-tensor-elements", type=int, default=limits.max_tensor_elements
+    )
+    parser.add_argument("--max-tensors", type=int, default=limits.max_tensors)
+    parser.add_argument(
+        "--recompute", action="store_true",
+        help="keep only inputs between Compute and Backward; recompute the forward",
+    )
+    parser.add_argument(
+        "--checkpoint", help="checkpoint file: loaded at start when present, saved as below"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="save after every N optimizer steps"
+    )
+    parser.add_argument(
+        "--checkpoint-interval", type=float, default=0.0, help="save every N seconds"
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
     parser.add_argument("--tls-key", help="PEM private key of the server")
     parser.add_argument("--client-ca", help="PEM CA that client certificates must chain to (mTLS)")
@@ -68,11 +98,26 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         dtype=args.dtype,
         context_ttl=args.context_ttl,
         max_contexts=args.max_contexts,
+        max_context_bytes=args.max_context_bytes,
+        max_session_contexts=args.max_session_contexts,
+        max_sessions=args.max_sessions,
+        session_ttl=args.session_ttl,
+        max_inflight_bytes=args.max_inflight_bytes,
+        limits=Limits(
+            max_payload_bytes=args.max_payload_bytes,
+            max_tensor_bytes=args.max_tensor_bytes,
+            max_tensor_elements=args.max_tensor_elements,
+            max_tensors=args.max_tensors,
+        ),
         certificate_chain=_read(args.tls_cert),
         private_key=_read(args.tls_key),
         client_ca=_read(args.client_ca),
         tokens=tokens,
         insecure=args.insecure,
+        recompute=args.recompute,
+        checkpoint_path=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_interval=args.checkpoint_interval,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import msgpack
 from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .errors import ServerUnavailable, from_rpc_error
+from .errors import ServerUnavailable, StaleContext, from_rpc_error
 from .options import ClientOptions
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel, max_message_bytes
 
@@ -73,6 +74,11 @@ class TrunkClient:
         self._release_wakeup = threading.Event()
         self._release_thread: threading.Thread | None = None
         self._closed = False
+        # Where this session is, for the trunk's RNG seeds (see _next_seed).
+        self._steps_done = 0
+        self._forwards_since_zero_grad = 0
+        # The server process that holds the gradients of the step in progress ("" = none yet).
+        self._grads_server_id = ""
 
     # -- connection -------------------------------------------------------------------------
 
@@ -115,6 +121,9 @@ class TrunkClient:
             self._closed = True
             channel, self._channel, self._stub = self._channel, None, None
         self._release_wakeup.set()
+        thread = self._release_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_CONTROL_TIMEOUT)  # a Release in flight finishes first
         if channel is not None:
             if self._pending_releases:
                 self._flush_releases(pb_grpc.TrunkStub(channel))
@@ -124,7 +133,13 @@ class TrunkClient:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}
 
     def _call(self, method: str, invoke: Callable[[], T], *, retry: bool = True) -> T:
-        """Run one RPC, retrying UNAVAILABLE where repeating is safe; translate errors."""
+        """Run one RPC, retrying UNAVAILABLE where repeating is safe; translate errors.
+
+        Every call retried here is idempotent on the server: Compute re-creates the context
+        under the same request id, Backward carries its sequence number and Step its step
+        number (a repeat is answered from the first result), the rest set state. GradNorm
+        carrying a deferred zero_grad or clip scale is not repeated (retry=False).
+        """
         attempts = 1 + (self.options.retries if retry else 0)
         delay = self.options.retry_backoff
         for attempt in range(1, attempts + 1):
@@ -138,14 +153,16 @@ class TrunkClient:
                     log.debug("%s to %s unavailable; retry %d in %.2fs", method, self.address,
                               attempt, delay)
                     time.sleep(delay)
-                    delay *= 2
+                    delay = min(delay * 2, self.options.retry_backoff_max)
                     continue
                 raise from_rpc_error(exc, method=method, address=self.address) from exc
         raise AssertionError("unreachable")
 
     # -- tensors ----------------------------------------------------------------------------
 
-    def _exchange(self, method: str, header: pb.Header, value: Any, kind: str) -> tuple[Any, pb.Header]:
+    def _exchange(
+        self, method: str, header: pb.Header, value: Any, kind: str
+    ) -> tuple[Any, pb.Header]:
         """Send one frame, receive one frame: unary when small, streamed when large."""
         info = self.info()
         stub = self._connect()
@@ -191,8 +208,50 @@ class TrunkClient:
             training=training,
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
+            rng_seed=self._next_seed(),
         )
         return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
+
+    def recompute(
+        self,
+        request_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        needs_input_grad: list[bool],
+        training: bool,
+        seed: int,
+        weights_version: int,
+        backward_seq: int,
+    ) -> pb.Header:
+        """Re-create a forward context the server lost from the inputs kept here; the server
+        runs the forward again (same seed, so dropout matches) when the Backward comes."""
+        header = pb.Header(
+            request_id=request_id,
+            recompute=True,
+            training=training,
+            needs_input_grad=needs_input_grad,
+            rng_seed=seed,
+            weights_version=weights_version,
+            backward_seq=backward_seq,
+        )
+        log.info("forward context %s was lost on %s; resending its inputs to recompute it",
+                 request_id[:12], self.address)
+        _, reply = self._exchange("Compute", header, {"args": args, "kwargs": kwargs},
+                                  "activation")
+        return reply
+
+    def _next_seed(self) -> int:
+        """The seed of the next forward's dropout: with options.seed, a function of the seed,
+        the steps done and the forwards since zero_grad(), so a step redone from its
+        zero_grad() after a fault draws the same dropout as the first try."""
+        if self.options.seed is None:
+            return 0  # the server picks one and tells us
+        with self._lock:
+            key = f"{self.options.seed}:{self._steps_done}:{self._forwards_since_zero_grad}"
+            self._forwards_since_zero_grad += 1
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return (int.from_bytes(digest, "big") >> 1) or 1
 
     def backward(
         self, request_id: str, seq: int, grads: list[Any], needs_input_grad: list[bool]
@@ -207,10 +266,14 @@ class TrunkClient:
             grad_scale=scale,
         )
         try:
-            return self._exchange("Backward", header, {"grads": grads}, "gradient")
+            value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
+        with self._lock:
+            if not self._grads_server_id:
+                self._grads_server_id = reply.server_id
+        return value, reply
 
     # -- contexts ---------------------------------------------------------------------------
 
@@ -260,6 +323,8 @@ class TrunkClient:
         with self._lock:
             self._pending_zero = pb.ZERO_GRAD_TO_NONE if set_to_none else pb.ZERO_GRAD_TO_ZERO
             self._pending_scale = 1.0
+            self._grads_server_id = ""  # gradients held anywhere so far no longer count
+            self._forwards_since_zero_grad = 0
 
     def scale_grads_later(self, scale: float) -> None:
         """Defer multiplying the session's gradients by ``scale`` (gradient clipping)."""
@@ -292,8 +357,12 @@ class TrunkClient:
         stub = self._connect()
         zero, scale = self._take_grad_ops()
         request = pb.GradNormRequest(norm_type=norm_type, zero_grad=zero, grad_scale=scale)
+        # A deferred zero_grad/scale is applied by the server on arrival: not safe to repeat.
+        safe = zero == pb.ZERO_GRAD_NONE and scale == 1.0
         try:
-            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))
+            reply = self._call(
+                "GradNorm", lambda: stub.GradNorm(request, **self._kw()), retry=safe
+            )
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
@@ -307,12 +376,35 @@ class TrunkClient:
             param_groups=msgpack.packb(param_groups),
             zero_grad=zero,
             grad_scale=scale,
+            server_id=self._grads_server_id,
         )
         try:
-            return self._call("Step", lambda: stub.Step(request, **self._kw()))
+            reply = self._call("Step", lambda: stub.Step(request, **self._kw()))
+        except StaleContext:
+            self._restore_grad_ops(zero, scale)
+            self.forget_gradients()  # the step is redone from its forward, on this server
+            raise
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
+        with self._lock:
+            self._grads_server_id = ""
+            self._steps_done = step
+            self._forwards_since_zero_grad = 0
+        return reply
+
+    def forget_gradients(self) -> None:
+        """The step in progress is abandoned (its gradients were lost): stop checking them."""
+        with self._lock:
+            self._grads_server_id = ""
+
+    def checkpoint(self) -> pb.CheckpointReply:
+        """Ask the server to save its checkpoint now."""
+        stub = self._connect()
+        return self._call(
+            "Checkpoint",
+            lambda: stub.Checkpoint(pb.CheckpointRequest(), **self._kw(_CONTROL_TIMEOUT)),
+        )
 
     def get_state(self, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
         stub = self._connect()

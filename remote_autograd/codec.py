@@ -72,6 +72,7 @@ COMPRESSIONS = ("none", "lz4", "auto")
 _EXT_TENSOR = 1
 _EXT_TUPLE = 2
 _INT8_BLOCK = 256
+_CHUNK = 1 << 18  # elements quantized at a time: the temporaries stay in cache
 _FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
 _SAMPLE_BYTES = 64 << 10  # "auto" compression looks at this much of a tensor first
 _MIN_COMPRESS_BYTES = 4 << 10  # below this LZ4 cannot pay for its own framing
@@ -321,37 +322,66 @@ def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, nu
     if q == "bf16":
         return data.view(torch.bfloat16).to(dtype)
     if q == "fp16":
-        return (data.view(torch.float16).to(torch.float32) / meta["scale"]).to(dtype)
+        # One allocation: the float32 copy, divided in place (1/scale is exact: a power of two).
+        return data.view(torch.float16).to(torch.float32).mul_(1.0 / meta["scale"]).to(dtype)
     block = meta["block"]
     blocks = -(-numel // block)
     scales = data[: blocks * 4].view(torch.float32)
-    q8 = data[blocks * 4 :].view(torch.int8).to(torch.float32)
-    padded = torch.nn.functional.pad(q8, (0, blocks * block - numel)).view(blocks, block)
-    return (padded * scales[:, None]).reshape(-1)[:numel].to(dtype)
+    q8 = data[blocks * 4 :].view(torch.int8)
+    out = torch.empty(numel, dtype=torch.float32)
+    full = numel // block
+    # int8 * float32 written straight into the output: no float copy of the int8s, no padding.
+    torch.mul(q8[: full * block].view(full, block), scales[:full, None],
+              out=out[: full * block].view(full, block))
+    if full < blocks:
+        torch.mul(q8[full * block :], scales[full], out=out[full * block :])
+    return out.to(dtype)
+
+
+def _amax(tensor: torch.Tensor) -> float:
+    low, high = torch.aminmax(tensor)  # one pass, no |x| temporary
+    return max(-float(low), float(high))
 
 
 def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, Any] | None]:
     """Lossy wire form of a floating tensor; (tensor, None) where it would not be faithful."""
     if kind == "bf16":
         return (tensor, None) if tensor.dtype == torch.bfloat16 else (tensor.to(torch.bfloat16), {})
-    amax = float(tensor.abs().max())
+    amax = _amax(tensor)
     if not math.isfinite(amax):
         return tensor, None  # non-finite values travel losslessly; the receiver decides
+    flat = tensor.detach().reshape(-1)
+    numel = flat.numel()
     if kind == "fp16":
         # A power-of-two scale is exact: it moves the exponent range without rounding, so
         # small gradients are not flushed to zero by fp16's narrow range.
         scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
-        return (tensor.float() * scale).to(torch.float16), {"scale": float(scale)}
-    flat = tensor.reshape(-1).float()
-    numel = flat.numel()
+        out = torch.empty(numel, dtype=torch.float16)
+        work = torch.empty(min(numel, _CHUNK), dtype=flat.dtype)
+        for start in range(0, numel, _CHUNK):  # cache-sized pieces: no full-size temporary
+            piece = flat[start : start + _CHUNK]
+            torch.mul(piece, scale, out=work[: piece.numel()])
+            out[start : start + piece.numel()].copy_(work[: piece.numel()])
+        return out, {"scale": float(scale)}
     blocks = -(-numel // _INT8_BLOCK)
-    padded = torch.nn.functional.pad(flat, (0, blocks * _INT8_BLOCK - numel))
-    absmax = padded.view(blocks, _INT8_BLOCK).abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q8 = torch.round(padded.view(blocks, _INT8_BLOCK) / scales[:, None]).clamp_(-127, 127)
-    payload = torch.cat(
-        [scales.view(torch.uint8), q8.to(torch.int8).reshape(-1)[:numel].view(torch.uint8)]
-    )
+    full = numel // _INT8_BLOCK
+    payload = torch.empty(blocks * 4 + numel, dtype=torch.uint8)
+    scales = payload[: blocks * 4].view(torch.float32)
+    q8 = payload[blocks * 4 :].view(torch.int8)
+    rows = flat[: full * _INT8_BLOCK].view(full, _INT8_BLOCK)
+    parts = [(rows, q8[: full * _INT8_BLOCK].view(full, _INT8_BLOCK), scales[:full])]
+    if full < blocks:  # the last, partial block
+        parts.append((flat[full * _INT8_BLOCK :].view(1, -1), q8[full * _INT8_BLOCK :].view(1, -1),
+                      scales[full:]))
+    step = max(1, _CHUNK // _INT8_BLOCK)
+    for values, out, block_scales in parts:
+        for row in range(0, values.shape[0], step):  # cache-sized pieces: temporaries stay hot
+            piece = values[row : row + step].float()
+            absmax = piece.abs().amax(dim=1)
+            piece_scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+            block_scales[row : row + step].copy_(piece_scales)
+            scaled = piece / piece_scales[:, None]  # a new chunk: the caller's tensor is untouched
+            out[row : row + step].copy_(scaled.round_().clamp_(-127, 127))
     return payload, {"block": _INT8_BLOCK}
 
 

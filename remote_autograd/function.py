@@ -10,6 +10,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .client import TrunkClient
+from .errors import ContextNotFound
 from .tree import flatten, unflatten
 
 __all__: list[str] = []
@@ -35,34 +36,61 @@ class RemoteCall:
         self.request_id = uuid.uuid4().hex
         self.output_template: Any = None
         self.backwards = 0
-        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._inputs: tuple[torch.Tensor, ...] = ()  # detached: resent if the server loses them
+        self._needs: list[bool] = []
+        self.seed = 0  # the server's RNG seed for this forward
+        self.weights_version = 0  # the trunk's weights the forward ran on
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         args, kwargs = unflatten(self.template, tensors)
         needs = [t.requires_grad and t.is_floating_point() for t in tensors]
-        value, _ = self.client.compute(
+        self._needs = needs if self.keep_context else [False] * len(tensors)
+        value, header = self.client.compute(
             self.request_id,
             list(args),
             kwargs,
-            needs_input_grad=needs if self.keep_context else [False] * len(tensors),
+            needs_input_grad=self._needs,
             keep_context=self.keep_context,
             training=self.training,
         )
+        self.seed = header.rng_seed
+        self.weights_version = header.weights_version
         self.output_template, outputs = flatten(value)
         return [t.to(self.device, non_blocking=True) for t in outputs]
+
+    def _recompute(self) -> None:
+        args, kwargs = unflatten(self.template, self._inputs)
+        self.client.recompute(
+            self.request_id,
+            list(args),
+            kwargs,
+            needs_input_grad=self._needs,
+            training=self.training,
+            seed=self.seed,
+            weights_version=self.weights_version,
+            backward_seq=self.backwards - 1,
+        )
 
     def backward(
         self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
     ) -> list[torch.Tensor | None]:
         self.backwards += 1  # one number per backward pass, reused by retries of that pass
-        value, _ = self.client.backward(
-            self.request_id,
-            self.backwards,
-            list(grads),
-            [bool(n) and t.is_floating_point() for n, t in zip(needs_input_grad, self._inputs)],
-        )
+        needs = [
+            bool(n) and t.is_floating_point()
+            for n, t in zip(needs_input_grad, self._inputs, strict=True)
+        ]
+        try:
+            value, _ = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+        except ContextNotFound:
+            # Expired, evicted, or the server restarted: send the inputs again and let the
+            # server recompute the forward (refused if the weights moved since).
+            if not self.client.options.recover_contexts:
+                raise
+            self._recompute()
+            value, _ = self.client.backward(self.request_id, self.backwards, list(grads), needs)
         out: list[torch.Tensor | None] = []
-        for grad, tensor, needed in zip(value["grads"], self._inputs, needs_input_grad, strict=True):
+        pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)
+        for grad, tensor, needed in pairs:
             if grad is None or not needed:
                 out.append(None)
             else:

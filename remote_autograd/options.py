@@ -54,7 +54,7 @@ class ServerOptions:
     """How a trunk server runs and what it accepts."""
 
     device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...
-    dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs cast back)
+    dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs back)
     max_workers: int = 16  # gRPC worker threads
     limits: Limits = field(default_factory=Limits)  # what the server accepts from clients
     max_contexts: int = 4096  # cached forward contexts, all sessions together
@@ -63,6 +63,8 @@ class ServerOptions:
     max_session_contexts: int = 1024  # cached forward contexts of one session (its oldest go)
     max_sessions: int = 64  # client sessions at once
     max_inflight_bytes: int = 2 * GiB  # bytes of streamed frames held by all calls at once
+    step_wait: float = 10.0  # a Step waits up to this long for other sessions' forwards to
+    # get their Backward (shared trunk: see docs/security.md), then steps anyway
     session_ttl: float = 3600.0  # an idle session (gradients, optimizer) is dropped after this
     unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
     stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size

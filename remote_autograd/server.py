@@ -13,14 +13,13 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import re
 import secrets
 import threading
-import uuid
-from contextlib import contextmanager
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -32,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from . import __version__, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .cache import ContextCache, ForwardContext, Session, SessionTable
+from .cache import ContextCache, ForwardContext, Session, SessionTable, StepTurns
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import (
     ERROR_METADATA_KEY,
@@ -79,7 +78,7 @@ def _rpc(method: Callable) -> Callable:
         @functools.wraps(method)
         def stream_wrapper(self: TrunkService, request: Any, context: grpc.ServicerContext):
             try:
-                yield from method(self, request, context)
+                yield from method(self, _well_formed(request, method.__name__), context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 fail(self, context, exc)
 
@@ -88,11 +87,68 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: TrunkService, request: Any, context: grpc.ServicerContext):
         try:
-            return method(self, request, context)
+            return method(self, _well_formed(request, method.__name__), context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             fail(self, context, exc)
 
     return wrapper
+
+
+class _Malformed:
+    """Stands for a request message protobuf could not parse (see _add_trunk_service)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _well_formed(request: Any, method: str) -> Any:
+    if isinstance(request, _Malformed):
+        raise InvalidRequest(f"{method}: the request is not a valid protobuf message "
+                             f"({request.reason})")
+    if hasattr(request, "__next__"):  # a request stream: check each message as it arrives
+        return _well_formed_stream(request, method)
+    return request
+
+
+def _well_formed_stream(messages: Iterator[Any], method: str) -> Iterator[Any]:
+    for message in messages:
+        yield _well_formed(message, method)
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Malformed(str(exc)[:200])
+
+    return parse
+
+
+def _add_trunk_service(servicer: pb_grpc.TrunkServicer, server: grpc.Server) -> None:
+    """Register the generated handlers, except that a request protobuf cannot parse reaches
+    the servicer (and is answered INVALID_ARGUMENT) instead of gRPC's INTERNAL and a logged
+    traceback per message, which a client could use to flood the log."""
+
+    class Capture:
+        handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+            self.handlers = handlers
+
+    capture = Capture()
+    pb_grpc.add_TrunkServicer_to_server(servicer, capture)
+    handlers = {
+        name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _streams_reply(method: Callable) -> Callable:
@@ -113,11 +169,13 @@ class TrunkService(pb_grpc.TrunkServicer):
         if self.dtype is not None:
             self.module = self.module.to(self.dtype)
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.turns = StepTurns(options.step_wait)
         self.contexts = ContextCache(
             max_contexts=options.max_contexts,
             max_bytes=options.max_context_bytes,
             ttl=options.context_ttl,
             max_per_session=options.max_session_contexts,
+            on_drop=self._end_lease,
         )
         self.sessions = SessionTable(
             max_sessions=options.max_sessions,
@@ -235,7 +293,8 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         session = self.session(context)
-        return pb.ReleaseReply(released=self.contexts.release(session.key, list(request.request_ids)))
+        released = self.contexts.release(session.key, list(request.request_ids))
+        return pb.ReleaseReply(released=released)
 
     @_rpc
     def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
@@ -318,26 +377,46 @@ class TrunkService(pb_grpc.TrunkServicer):
             groups = _decode_groups(request.param_groups, optimizer)
             if request.grad_scale and not math.isfinite(request.grad_scale):
                 raise InvalidRequest(f"grad_scale must be finite, got {request.grad_scale}")
-            with self._trunk_lock:
-                _apply_pending(session, request.zero_grad, request.grad_scale)
-                for group, update in zip(optimizer.param_groups, groups, strict=True):
-                    group.update(update)
-                for name, param in self.params:
-                    param.grad = session.grads.get(name)
-                try:
-                    optimizer.step()
-                finally:
-                    for _, param in self.params:
-                        param.grad = None
-                self.weights_version += 1
-                session.last_step = request.step
-                version = self.weights_version
-                every = self.options.checkpoint_every
-                if every and self.options.checkpoint_path and version % every == 0:
-                    self.checkpoint(on_error="log")
+            waiting = self.turns.others_holding(session.key)
+            if waiting:
+                log.debug("Step #%d (session %s) waits for %d forwards of other sessions",
+                          request.step, session.key, waiting)
+            self.turns.begin_step(session.key)
+            stepped = False
+            try:
+                version = self._step(session, optimizer, request, groups)
+                stepped = True
+            finally:
+                self.turns.end_step(stepped=stepped)
             log.debug("Step #%d (session %s) applied: weights v%d", request.step, session.key,
                       version)
             return pb.StepReply(step=request.step, weights_version=version)
+
+    def _step(
+        self,
+        session: Session,
+        optimizer: torch.optim.Optimizer,
+        request: pb.StepRequest,
+        groups: list[dict[str, Any]],
+    ) -> int:
+        """Apply the session's gradients (the caller holds the session lock and its turn)."""
+        with self._trunk_lock:
+            _apply_pending(session, request.zero_grad, request.grad_scale)
+            for group, update in zip(optimizer.param_groups, groups, strict=True):
+                group.update(update)
+            for name, param in self.params:
+                param.grad = session.grads.get(name)
+            try:
+                optimizer.step()
+            finally:
+                for _, param in self.params:
+                    param.grad = None
+            self.weights_version += 1
+            session.last_step = request.step
+            every = self.options.checkpoint_every
+            if every and self.options.checkpoint_path and self.weights_version % every == 0:
+                self.checkpoint(on_error="log")
+            return self.weights_version
 
     @_rpc
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
@@ -429,42 +508,20 @@ class TrunkService(pb_grpc.TrunkServicer):
                 leaf.requires_grad_(True)
             leaves.append(leaf)
         decoded = time.perf_counter()
-        # Kept for recompute (the server's option, or a client re-creating a lost context):
-        # no graph is held; Backward runs the forward again with the same seed.
-        lazy = header.recompute or (header.keep_context and self.options.recompute)
-        outputs: list[torch.Tensor] | None = None
-        with self._trunk_lock:
-            version = self.weights_version
-            if header.recompute and header.weights_version != version:
-                raise StaleContext(
-                    f"cannot re-create the forward of request {header.request_id[:12]}: it ran "
-                    f"on weights version {header.weights_version}, the trunk is now at "
-                    f"{version}; run the step's forward and backward again"
-                )
-            if not header.recompute:
-                out_template, outputs = self._forward(
-                    template, leaves, header.training, seed, grad=keep and not lazy
-                )
-        computed = time.perf_counter()
-        if keep:
-            kept = None if lazy else outputs
-            self.contexts.put(
-                ForwardContext(
-                    request_id=header.request_id,
-                    session=session.key,
-                    inputs=leaves,
-                    input_dtypes=[t.dtype for t in tensors],
-                    outputs=kept,
-                    nbytes=sum(_nbytes(t) for t in (*leaves, *(kept or ()))),
-                    weights_version=version,
-                    seed=seed,
-                    template=template,
-                    training=header.training,
-                )
+        # A kept forward holds a lease until its Backward: no other session's Step lands in
+        # between (see StepTurns). The context carries it once cached.
+        lease = self.turns.lease(session.key) if keep else -1
+        try:
+            outputs, out_template, version = self._run_compute(
+                session, header, template, leaves, tensors, seed, lease
             )
+        except BaseException:
+            self.turns.end(session.key, lease)
+            raise
+        computed = time.perf_counter()
         log.debug(
-            "Compute %s (session %s): %d inputs, keep=%s recompute=%s, weights v%d",
-            header.request_id[:12], session.key, len(tensors), keep, lazy, version,
+            "Compute %s (session %s): %d inputs, keep=%s, weights v%d",
+            header.request_id[:12], session.key, len(tensors), keep, version,
         )
         reply_header = pb.Header(
             request_id=header.request_id,
@@ -481,6 +538,48 @@ class TrunkService(pb_grpc.TrunkServicer):
         buffers = self._encode_reply(reply_value, header.reply_quantization, "Compute")
         reply_header.codec_seconds = (decoded - started) + (time.perf_counter() - computed)
         return reply_header, buffers
+
+    def _run_compute(self, session, header, template, leaves, tensors, seed, lease):
+        """The forward, and the context it leaves for Backward; returns (outputs or None,
+        their template, weights version)."""
+        keep = header.keep_context or header.recompute
+        out_template = None
+        # Kept for recompute (the server's option, or a client re-creating a lost context):
+        # no graph is held; Backward runs the forward again with the same seed.
+        lazy = header.recompute or (header.keep_context and self.options.recompute)
+        outputs: list[torch.Tensor] | None = None
+        with self._trunk_lock:
+            version = self.weights_version
+            if header.recompute and header.weights_version != version:
+                raise StaleContext(
+                    f"cannot re-create the forward of request {header.request_id[:12]}: it ran "
+                    f"on weights version {header.weights_version}, the trunk is now at "
+                    f"{version}; run the step's forward and backward again"
+                )
+            if not header.recompute:
+                out_template, outputs = self._forward(
+                    template, leaves, header.training, seed, grad=keep and not lazy
+                )
+        if keep:
+            kept = None if lazy else outputs
+            # The cache ends the lease when the context goes away (evicted, released...).
+            self.contexts.put(
+                ForwardContext(
+                    request_id=header.request_id,
+                    session=session.key,
+                    inputs=leaves,
+                    input_dtypes=[t.dtype for t in tensors],
+                    outputs=kept,
+                    nbytes=sum(_nbytes(t) for t in (*leaves, *(kept or ()))),
+                    weights_version=version,
+                    seed=seed,
+                    template=template,
+                    training=header.training,
+                    backward_seq=header.backward_seq if header.recompute else 0,
+                    lease=lease,
+                )
+            )
+        return outputs, out_template, version
 
     def _forward(
         self, template: Any, leaves: list[torch.Tensor], training: bool, seed: int, *, grad: bool
@@ -551,6 +650,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             # Same order as Step (session, then trunk), so the two cannot deadlock.
             with session.lock, self._trunk_lock:
                 if context.weights_version != self.weights_version:
+                    self._end_lease(context)
                     raise StaleContext(
                         f"Backward for request {header.request_id[:12]}: the trunk's weights "
                         f"were stepped (version {context.weights_version} -> "
@@ -601,9 +701,13 @@ class TrunkService(pb_grpc.TrunkServicer):
             )
             context.backward_seq = header.backward_seq
             context.last_reply = reply
+            self._end_lease(context)
             log.debug("Backward %s #%d (session %s): accumulated", header.request_id[:12],
                       header.backward_seq, session.key)
             return reply
+
+    def _end_lease(self, context: ForwardContext) -> None:
+        self.turns.end_context(context)
 
     def _grad_pairs(self, outputs: list[torch.Tensor], grads: list[Any]):
         if len(grads) != len(outputs):
@@ -639,7 +743,9 @@ class TrunkService(pb_grpc.TrunkServicer):
         try:
             return encoder.encode_buffers(value)
         except codec.CodecError as exc:
-            raise TrunkError(f"{method}: the trunk returned a value that cannot be sent: {exc}")
+            raise TrunkError(
+                f"{method}: the trunk returned a value that cannot be sent: {exc}"
+            ) from exc
 
     def _check_parameters(self, parameters: Any) -> None:
         named = dict(self.params)
@@ -908,7 +1014,7 @@ class TrunkServer:
         self.service = TrunkService(module, options)
         self._server, self.port = create_server(address, options, interceptors=interceptors)
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
-        pb_grpc.add_TrunkServicer_to_server(self.service, self._server)
+        _add_trunk_service(self.service, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

@@ -97,7 +97,10 @@ def create_server(
                     "Give a certificate and key (TLS), or pass insecure=True (--insecure) "
                     "on a network you trust."
                 )
-            log.warning("serving PLAIN TEXT on %s: anyone on the network can read and send", address)
+            log.warning(
+                "serving PLAIN TEXT on %s (--insecure): anyone on the network can read and send",
+                address,
+            )
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")

@@ -12,6 +12,7 @@ from torch import nn
 
 import remote_autograd
 from remote_autograd import (
+    ClientOptions,
     ContextNotFound,
     InvalidRequest,
     RemoteAutogradError,
@@ -24,6 +25,9 @@ from remote_autograd import (
     TrunkError,
 )
 from remote_autograd.errors import ERROR_METADATA_KEY, from_rpc_error
+
+# Without it the client re-creates a lost context (see tests/test_faults.py).
+NO_RECOVERY = ClientOptions(recover_contexts=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def test_unreachable_server_is_a_clear_error_not_a_hang():
 
 def test_backward_after_expiry_names_the_context(start_server):
     server = start_server(nn.Linear(3, 3), ServerOptions(context_ttl=0.2))
-    remote = RemoteModule(server.address)
+    remote = RemoteModule(server.address, options=NO_RECOVERY)
     y = remote(torch.randn(2, 3, requires_grad=True))
     time.sleep(0.5)
     with pytest.raises(ContextNotFound, match=r"no forward context \(expired after 0.2 s idle"):
@@ -85,7 +89,7 @@ def test_backward_after_expiry_names_the_context(start_server):
 
 def test_evicted_context_says_why(start_server):
     server = start_server(nn.Linear(3, 3), ServerOptions(max_contexts=1))
-    remote = RemoteModule(server.address)
+    remote = RemoteModule(server.address, options=NO_RECOVERY)
     x = torch.randn(2, 3, requires_grad=True)
     first = remote(x)
     second = remote(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -65,7 +66,7 @@ def micro_batches(
     per_epoch = -(-len(samples) // batch_size)
     epoch, skip = divmod(start, per_epoch)
     while True:
-        loader = DataLoader(
+        loader: DataLoader[Any] = DataLoader(
             samples,  # type: ignore[arg-type]
             batch_size=batch_size,
             shuffle=True,

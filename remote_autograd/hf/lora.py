@@ -17,7 +17,7 @@ class LoraOptions:
     """The adapters every part gets; the server and the client take the same ones."""
 
     rank: int = 8  # r of each adapter; 0 turns LoRA off (every weight trains)
-    alpha: float = 16.0  # scaling numerator: updates are scaled by alpha / rank
+    alpha: int = 16  # scaling numerator: updates are scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input
     target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # GPT-2 attention + MLP
 
@@ -26,7 +26,9 @@ class LoraOptions:
         return self.rank > 0
 
 
-def add_lora(module: nn.Module, options: LoraOptions, *, seed: int, part: str = "part") -> nn.Module:
+def add_lora(
+    module: nn.Module, options: LoraOptions, *, seed: int, part: str = "part"
+) -> nn.Module:
     """Inject LoRA adapters into ``module`` in place and freeze everything else.
 
     ``seed`` makes the adapters' random initialisation repeatable without touching the global
@@ -35,7 +37,9 @@ def add_lora(module: nn.Module, options: LoraOptions, *, seed: int, part: str = 
     targets = set(options.target_modules)
     # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to be told.
     fan_in_fan_out = any(
-        isinstance(m, Conv1D) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] in targets
+        isinstance(m, Conv1D)
+        for name, m in module.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
     )
     config = LoraConfig(
         r=options.rank,

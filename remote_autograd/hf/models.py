@@ -69,6 +69,10 @@ def build_model(spec: ModelSpec) -> PreTrainedModel:
                 bos_token_id=tokenizer.eos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                # Wider than GPT-2's 0.02: with the embedding (= LM head) and final norm frozen,
+                # logits are at most |h| * |w| ~ d * std, and 0.02 * 128 caps them near 2.6 nats,
+                # a floor for the loss that LoRA on the blocks alone could not get under.
+                initializer_range=0.1,
             )
             _set_dropout(config, spec.dropout)
             model = AutoModelForCausalLM.from_config(

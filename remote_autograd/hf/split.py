@@ -27,6 +27,7 @@ __all__ = [
     "Bottom",
     "DecoderFamily",
     "GPT2Family",
+    "LlamaFamily",
     "SplitModel",
     "Top",
     "Trunk",
@@ -38,25 +39,25 @@ __all__ = [
 class DecoderFamily:
     """Where one family of decoder-only models keeps its parts, and what its blocks take."""
 
-    def backbone(self, model: PreTrainedModel) -> nn.Module:
+    def backbone(self, model: PreTrainedModel) -> Any:
         """The bare decoder inside the LM (``model.transformer`` for GPT-2, ``model.model``...)."""
         raise NotImplementedError
 
-    def blocks(self, backbone: nn.Module) -> nn.ModuleList:
+    def blocks(self, backbone: Any) -> nn.ModuleList:
         raise NotImplementedError
 
-    def embeddings(self, backbone: nn.Module) -> nn.ModuleDict:
+    def embeddings(self, backbone: Any) -> nn.ModuleDict:
         """What the bottom needs before its blocks (token/position embeddings, dropout)."""
         raise NotImplementedError
 
     def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
         raise NotImplementedError
 
-    def shared(self, backbone: nn.Module) -> nn.ModuleDict:
+    def shared(self, backbone: Any) -> nn.ModuleDict:
         """Parameter-free modules every part needs next to its blocks (a rotary embedding)."""
         return nn.ModuleDict()
 
-    def final_norm(self, backbone: nn.Module) -> nn.Module:
+    def final_norm(self, backbone: Any) -> nn.Module:
         raise NotImplementedError
 
     def position_ids(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor):
@@ -76,20 +77,20 @@ class DecoderFamily:
 
 
 class GPT2Family(DecoderFamily):
-    def backbone(self, model: PreTrainedModel) -> nn.Module:
+    def backbone(self, model: PreTrainedModel) -> Any:
         return model.transformer
 
-    def blocks(self, backbone: nn.Module) -> nn.ModuleList:
+    def blocks(self, backbone: Any) -> nn.ModuleList:
         return backbone.h
 
-    def embeddings(self, backbone: nn.Module) -> nn.ModuleDict:
+    def embeddings(self, backbone: Any) -> nn.ModuleDict:
         return nn.ModuleDict({"wte": backbone.wte, "wpe": backbone.wpe, "drop": backbone.drop})
 
     def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
         hidden = embeddings["wte"](input_ids) + embeddings["wpe"](position_ids)
         return embeddings["drop"](hidden)
 
-    def final_norm(self, backbone: nn.Module) -> nn.Module:
+    def final_norm(self, backbone: Any) -> nn.Module:
         return backbone.ln_f
 
     def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
@@ -103,13 +104,54 @@ class GPT2Family(DecoderFamily):
         return {"attention_mask": mask, "position_ids": position_ids}
 
 
-# model_type -> family. A RoPE family adds `shared` (the rotary embedding) and passes
-# `position_embeddings=rotary(hidden_states, position_ids)` in block_kwargs.
-FAMILIES: dict[str, DecoderFamily] = {"gpt2": GPT2Family()}
+class LlamaFamily(DecoderFamily):
+    """RoPE: every part holds the (parameter-free) rotary embedding and turns the position ids
+    that crossed the cut into cos/sin itself, as LlamaModel does once."""
+
+    def backbone(self, model: PreTrainedModel) -> Any:
+        return model.model
+
+    def blocks(self, backbone: Any) -> nn.ModuleList:
+        return backbone.layers
+
+    def embeddings(self, backbone: Any) -> nn.ModuleDict:
+        return nn.ModuleDict({"embed_tokens": backbone.embed_tokens})
+
+    def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        return embeddings["embed_tokens"](input_ids)
+
+    def shared(self, backbone: Any) -> nn.ModuleDict:
+        return nn.ModuleDict({"rotary": backbone.rotary_emb})
+
+    def final_norm(self, backbone: Any) -> nn.Module:
+        return backbone.norm
+
+    def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
+        mask = create_causal_mask(
+            config=config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": shared["rotary"](hidden_states, position_ids=position_ids),
+        }
+
+
+# model_type -> family.
+FAMILIES: dict[str, DecoderFamily] = {"gpt2": GPT2Family(), "llama": LlamaFamily()}
 
 
 class _Part(nn.Module):
-    """Blocks of one part and what they need to run on their own."""
+    """Blocks of one part and what they need to run on their own.
+
+    Modules are registered in the unsplit model's order (embeddings, blocks, norm, head), so
+    ``parameters()`` of bottom, trunk and top, concatenated, list the unsplit model's parameters
+    in its own order: gradient-norm clipping then stacks the norms exactly as torch would.
+    """
 
     def __init__(
         self,
@@ -118,13 +160,23 @@ class _Part(nn.Module):
         blocks: list[nn.Module],
         shared: nn.ModuleDict,
         first_layer: int,
+        *,
+        embeddings: nn.ModuleDict | None = None,
+        norm: nn.Module | None = None,
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.family = family
         self.config = config
         self.first_layer = first_layer  # index of blocks[0] in the unsplit model
+        if embeddings is not None:
+            self.embeddings = embeddings
         self.shared = shared
         self.blocks = nn.ModuleList(blocks)
+        if norm is not None:
+            self.norm = norm
+        if head is not None:
+            self.head = head
 
     def run_blocks(
         self,
@@ -150,8 +202,7 @@ class Bottom(_Part):
     """Embeddings and the first blocks; returns what the trunk takes, as keyword arguments."""
 
     def __init__(self, family, config, embeddings: nn.ModuleDict, blocks, shared) -> None:
-        super().__init__(family, config, blocks, shared, first_layer=0)
-        self.embeddings = embeddings
+        super().__init__(family, config, blocks, shared, 0, embeddings=embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -159,7 +210,11 @@ class Bottom(_Part):
         position_ids = self.family.position_ids(attention_mask, input_ids)  # (1, T)
         hidden = self.family.embed(self.embeddings, input_ids, position_ids)  # (B, T, d)
         hidden = self.run_blocks(hidden, attention_mask, position_ids)
-        return {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids}
+        return {
+            "hidden_states": hidden,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
 
 
 class Trunk(_Part):
@@ -186,10 +241,10 @@ class Trunk(_Part):
 class Top(_Part):
     """The last blocks, the final norm and the LM head; returns logits (B, T, vocab)."""
 
-    def __init__(self, family, config, blocks, shared, norm: nn.Module, head: nn.Module, first_layer):
-        super().__init__(family, config, blocks, shared, first_layer)
-        self.norm = norm
-        self.head = head
+    def __init__(
+        self, family, config, blocks, shared, norm: nn.Module, head: nn.Module, first_layer
+    ):
+        super().__init__(family, config, blocks, shared, first_layer, norm=norm, head=head)
 
     def forward(
         self,

@@ -1,0 +1,273 @@
+"""Training-step benchmark: GPT-2 with its blocks on a trunk server vs the same model in-process.
+
+Same weights, same batches, same optimizer (AdamW; the trunk's runs on the server through
+RemoteOptimizer). All runs advance in lockstep, step i of each back to back. Reports the
+median step time, the overhead ratio, where the split step's time goes, and the loss curve of
+every wire codec next to the monolithic float32 one.
+
+    python -m benchmarks.bench_step --preset full --json step.json --doc
+    python -m benchmarks.bench_step --preset full --link 100mbit --doc      # needs root
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    ServerProcess,
+    machine,
+    median,
+    rate_limited_link,
+    table,
+    update_doc,
+    write_json,
+)
+from benchmarks.gpt2_split import build
+
+# ---- settings ---------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"model": "tiny", "batch": 2, "seq": 16, "steps": 4, "warmup": 1,
+              "codecs": ["none", "bf16"]},
+    "full": {"model": "small", "batch": 2, "seq": 64, "steps": 8, "warmup": 2,
+             "codecs": ["none", "bf16", "fp16", "int8"]},
+}
+LR = 3e-4
+DATA_VOCAB = 512  # tokens are drawn from the first 512 ids: a pattern the model learns fast
+# -----------------------------------------------------------------------------------------
+
+
+def batches(preset: dict[str, Any]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    n = preset["warmup"] + preset["steps"]
+    shape = (preset["batch"], preset["seq"])
+    return [torch.randint(0, DATA_VOCAB, shape, generator=generator) for _ in range(n)]
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+class Monolithic:
+    """The whole model in this process."""
+
+    def __init__(self, preset: dict[str, Any]) -> None:
+        self.bottom, self.trunk, self.top = build(preset["model"])
+        params = [*self.bottom.parameters(), *self.trunk.parameters(),
+                  *self.top.ln_f.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=LR)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
+        start = time.perf_counter()
+        loss = lm_loss(self.top(self.trunk(self.bottom(ids))), ids)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+            self.losses.append(loss.item())
+
+    def result(self) -> dict[str, Any]:
+        return {"step_s": median(self.times), "times": self.times, "losses": self.losses}
+
+
+class Split:
+    """Bottom and top here, the blocks on a trunk server, one wire codec both ways."""
+
+    def __init__(self, preset: dict[str, Any], address: str, codec: str) -> None:
+        from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
+
+        self.preset, self.codec = preset, codec
+        self.bottom, _, self.top = build(preset["model"])
+        options = ClientOptions(activation_quantization=codec, gradient_quantization=codec)
+        self.trunk = RemoteModule(address, options=options)
+        self.optimizer = torch.optim.AdamW(
+            [*self.bottom.parameters(), *self.top.ln_f.parameters()], lr=LR)
+        self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.parts: list[dict[str, float]] = []
+        self.marks: dict[str, float] = {}
+
+    def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
+        stats, marks = self.trunk.client.stats, self.marks
+        before = (stats.server_compute_seconds, stats.server_codec_seconds,
+                  stats.bytes_sent + stats.bytes_received)
+        start = time.perf_counter()
+        hidden = self.bottom(ids)  # [B, T, n_embd]
+        # Hooks mark when the remote Backward starts (grad of the trunk's output is ready)
+        # and ends (the grad of its input arrives), to split the step's time.
+        hidden.register_hook(lambda g: marks.__setitem__("bwd_end", time.perf_counter()))
+        t0 = time.perf_counter()
+        out = self.trunk(hidden)  # [B, T, n_embd]
+        t1 = time.perf_counter()
+        out.register_hook(lambda g: marks.__setitem__("bwd_start", time.perf_counter()))
+        loss = lm_loss(self.top(out), ids)
+        loss.backward()
+        t2 = time.perf_counter()
+        self.remote_optimizer.step()
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.remote_optimizer.zero_grad()
+        elapsed = time.perf_counter() - start
+        if not timed:
+            return
+        self.times.append(elapsed)
+        self.losses.append(loss.item())
+        rpc = (t1 - t0) + (marks["bwd_end"] - marks["bwd_start"]) + (t3 - t2)
+        server_compute = stats.server_compute_seconds - before[0]
+        server_codec = stats.server_codec_seconds - before[1]
+        self.parts.append({
+            "client_s": elapsed - rpc,
+            "rpc_s": rpc,
+            "server_step_rpc_s": t3 - t2,
+            "server_compute_s": server_compute,
+            "server_codec_s": server_codec,
+            "wire_and_rest_s": rpc - (t3 - t2) - server_compute - server_codec,
+            "wire_bytes": stats.bytes_sent + stats.bytes_received - before[2],
+        })
+
+    def result(self) -> dict[str, Any]:
+        self.trunk.close()
+        breakdown = {key: median([p[key] for p in self.parts]) for key in self.parts[0]}
+        breakdown["client_codec_s"] = _client_codec_seconds(self.preset, self.codec)
+        return {"step_s": median(self.times), "times": self.times, "losses": self.losses,
+                "breakdown": breakdown}
+
+
+def _client_codec_seconds(preset: dict[str, Any], codec: str) -> float:
+    """Client-side encode + decode of one step's tensors (4 of [B, T, n_embd]), timed apart."""
+    from benchmarks.gpt2_split import config
+    from remote_autograd import Decoder, Encoder
+
+    cfg = config(preset["model"])
+    tensor = torch.randn(preset["batch"], preset["seq"], cfg.n_embd)
+    encoder, decoder = Encoder(quantization=codec), Decoder()
+    frame = encoder.encode({"t": tensor})
+    samples = []
+    for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(2):  # Compute and Backward: one frame out, one in each
+            encoder.encode_buffers({"t": tensor})
+            decoder.decode(bytearray(frame))
+        samples.append(time.perf_counter() - start)
+    return median(samples)
+
+
+def summarize(data: dict[str, Any]) -> dict[str, Any]:
+    mono = data["monolithic"]
+    out: dict[str, Any] = {}
+    raw = data["split"].get("none")
+    for codec, result in data["split"].items():
+        deltas = [abs(a - b) / b for a, b in zip(result["losses"], mono["losses"], strict=True)]
+        out[codec] = {
+            "step_vs_monolithic": result["step_s"] / mono["step_s"],
+            "step_vs_split_float32": result["step_s"] / raw["step_s"] if raw else None,
+            "max_loss_rel_diff_vs_monolithic": max(deltas),
+            "final_loss_rel_diff_vs_monolithic": deltas[-1],
+        }
+    return out
+
+
+def markdown(data: dict[str, Any], title: str) -> str:
+    mono = data["monolithic"]
+    p = data["preset"]
+    rows = [["monolithic (one process)", mono["step_s"] * 1e3, 1.0, "", "", "", "", "", "",
+             mono["losses"][-1], 0.0]]
+    for codec, r in data["split"].items():
+        b, s = r["breakdown"], data["ratios"][codec]
+        rows.append([f"split, wire {codec}", r["step_s"] * 1e3, s["step_vs_monolithic"],
+                     s["step_vs_split_float32"], b["client_s"] * 1e3,
+                     b["server_compute_s"] * 1e3 + b["server_step_rpc_s"] * 1e3,
+                     (b["server_codec_s"] + b["client_codec_s"]) * 1e3,
+                     b["wire_and_rest_s"] * 1e3, b["wire_bytes"] / 1e6, r["losses"][-1],
+                     s["max_loss_rel_diff_vs_monolithic"]])
+    header = ["run", "step ms", "vs monolithic", "vs split float32", "client compute ms",
+              "server compute+Step ms", "encode/decode ms", "wire+gRPC ms", "MB on wire",
+              "final loss", "max loss rel. diff"]
+    return (f"### {title}\n\nGPT-2 `{p['model']}` (random init), batch {p['batch']} x "
+            f"{p['seq']} tokens, AdamW, {p['steps']} timed steps after {p['warmup']} warm-up "
+            "(medians).\n\n" + table(header, rows))
+
+
+def plot(data: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(data["monolithic"]["losses"], "k-", lw=3, alpha=0.4, label="monolithic float32")
+    for codec, result in data["split"].items():
+        ax.plot(result["losses"], "-o", ms=3, label=f"split, wire {codec}")
+    ax.set_xlabel("timed step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
+    parser.add_argument("--steps", type=int, help="override the preset's timed steps")
+    parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
+    parser.add_argument("--json", help="write the results here (default: stdout)")
+    parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if args.codecs:
+        preset["codecs"] = args.codecs
+    if args.steps:
+        preset["steps"] = args.steps
+    data: dict[str, Any] = {"benchmark": "step", "preset": preset, "link": args.link or "loopback",
+                            "machine": machine(), "torch_threads": torch.get_num_threads()}
+    with ExitStack() as stack:
+        netns, host = None, "127.0.0.1"
+        if args.link:
+            link = stack.enter_context(rate_limited_link(args.link))
+            netns, host = link.netns, link.server_ip
+        runners: dict[str, Monolithic | Split] = {"monolithic": Monolithic(preset)}
+        for codec in preset["codecs"]:
+            server = stack.enter_context(ServerProcess(
+                "ra", "--trunk", preset["model"], "--host", host, netns=netns,
+                env={"OMP_NUM_THREADS": str(torch.get_num_threads())}))
+            runners[codec] = Split(preset, server.address, codec)
+        # Lockstep: step i of every run back to back, so a slow patch of a noisy machine
+        # hits all of them alike and the ratios stay honest.
+        for i, ids in enumerate(batches(preset)):
+            for runner in runners.values():
+                runner.step(ids, timed=i >= preset["warmup"])
+        data["monolithic"] = runners.pop("monolithic").result()
+        data["split"] = {codec: runner.result() for codec, runner in runners.items()}
+        for codec, result in data["split"].items():
+            print(f"{codec}: {result['step_s'] * 1e3:.0f} ms "
+                  f"(monolithic {data['monolithic']['step_s'] * 1e3:.0f} ms)", flush=True)
+    data["ratios"] = summarize(data)
+    write_json(args.json, data)
+    if args.doc:
+        from benchmarks.common import DOCS
+
+        suffix = f"_{args.link}" if args.link else ""
+        title = f"Training step over {args.link or 'loopback'}"
+        plot(data, str(DOCS / f"step{suffix}.png"), title)
+        update_doc(f"step{suffix}", markdown(data, title) + f"\n\n![{title}](step{suffix}.png)")
+    return data
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

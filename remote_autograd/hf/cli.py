@@ -1,0 +1,284 @@
+"""``remote-autograd serve`` (GPT-2 trunk options), ``train`` and ``demo``.
+
+The server and the trainer take the same model and LoRA flags: each builds the whole model from
+them and keeps its own parts, so only activations, gradients and control messages travel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands", "serve_hf"]
+
+log = logging.getLogger(__name__)
+
+_DEMO_OUT = "runs/demo"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags both sides must agree on."""
+    group = parser.add_argument_group("model and split (give the server and the trainer the same)")
+    group.add_argument(
+        "--model-path",
+        help="local folder with pretrained GPT-2 weights and tokenizer "
+        "(default: a small random GPT-2 with a byte-level tokenizer; nothing is downloaded)",
+    )
+    group.add_argument(
+        "--trunk-layers",
+        default="2:4",
+        metavar="K:M",
+        help="blocks K..M-1 run on the server; the bottom keeps 0..K-1, the top M.. (default 2:4)",
+    )
+    group.add_argument("--n-layer", type=int, default=6, help="random init: blocks")
+    group.add_argument("--n-embd", type=int, default=128, help="random init: hidden size")
+    group.add_argument("--n-head", type=int, default=4, help="random init: attention heads")
+    group.add_argument("--n-positions", type=int, default=256, help="random init: max length")
+    group.add_argument("--dropout", type=float, help="set every dropout of the model to this")
+    group.add_argument("--attn-implementation", default="eager", help="eager, sdpa")
+    group.add_argument("--seed", type=int, default=0, help="random weights, LoRA init, data order")
+    group.add_argument("--lora-rank", type=int, default=8, help="0 trains every weight instead")
+    group.add_argument("--lora-alpha", type=int, default=16)
+    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument(
+        "--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated module names"
+    )
+
+
+def model_options(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .lora import LoraOptions
+    from .models import ModelSpec
+
+    start, sep, end = args.trunk_layers.partition(":")
+    if not sep or not start.isdigit() or not end.isdigit():
+        raise SystemExit(f"--trunk-layers must look like K:M (e.g. 2:4), got {args.trunk_layers!r}")
+    spec = ModelSpec(
+        path=args.model_path,
+        trunk_start=int(start),
+        trunk_end=int(end),
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        n_positions=args.n_positions,
+        dropout=args.dropout,
+        attn_implementation=args.attn_implementation,
+        seed=args.seed,
+    )
+    lora = LoraOptions(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+    )
+    return spec, lora
+
+
+def _model_argv(args: argparse.Namespace) -> list[str]:
+    """The model flags of ``args`` again, for a server started from here."""
+    argv = [
+        f"--trunk-layers={args.trunk_layers}",
+        f"--n-layer={args.n_layer}",
+        f"--n-embd={args.n_embd}",
+        f"--n-head={args.n_head}",
+        f"--n-positions={args.n_positions}",
+        f"--attn-implementation={args.attn_implementation}",
+        f"--seed={args.seed}",
+        f"--lora-rank={args.lora_rank}",
+        f"--lora-alpha={args.lora_alpha}",
+        f"--lora-dropout={args.lora_dropout}",
+        f"--lora-targets={args.lora_targets}",
+    ]
+    if args.model_path:
+        argv.append(f"--model-path={args.model_path}")
+    if args.dropout is not None:
+        argv.append(f"--dropout={args.dropout}")
+    return argv
+
+
+def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(serve_parser)
+    train_parser = commands.add_parser(
+        "train", help="train bottom + remote trunk + top (LoRA) on a text corpus"
+    )
+    demo_parser = commands.add_parser(
+        "demo", help="the main job: train with defaults against a server it starts"
+    )
+    for parser, default_out in ((train_parser, "runs/train"), (demo_parser, _DEMO_OUT)):
+        add_model_arguments(parser)
+        _add_train_arguments(parser, default_out)
+        parser.set_defaults(run=run_train)
+    # One torch thread in each of the two processes: they take turns, and on a small or shared
+    # machine spinning OpenMP threads of one slow the other down (measured on 2 busy cores: 30
+    # steps in 28-34 s with 1 thread, 64-231 s with 2; on idle cores 2 threads were 20% faster).
+    demo_parser.set_defaults(threads=1)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="a running trunk server (default: start one on 127.0.0.1 for this run)",
+    )
+    group.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    group.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch")
+    group.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per sample, at most")
+    group.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--warmup-steps", type=int, default=20)
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    group.add_argument("--corpus", help="UTF-8 text file (default: Python's pydoc topics)")
+    group.add_argument("--out-dir", default=default_out, help="metrics.json, loss.png, checkpoints")
+    group.add_argument("--checkpoint-every", type=int, default=100, help="steps; 0: at the end")
+    group.add_argument("--resume", metavar="PATH", help="checkpoint file or folder of them")
+    group.add_argument(
+        "--threads", type=int, help="torch threads here and in a server started here (demo: 1)"
+    )
+    group.add_argument("--token-file", help="file whose first line is the server's bearer token")
+    group.add_argument("--root-cert", help="PEM CA of the server's certificate (enables TLS)")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..options import ClientOptions
+    from .train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, lora = model_options(args)
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().splitlines()[0].strip()
+    root = Path(args.root_cert).read_bytes() if args.root_cert else None
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        server = args.server
+        if server is None:
+            server = stack.enter_context(_loopback_server(args))
+            print(f"trunk server started on {server} (log: {args.out_dir}/server.log)", flush=True)
+        config = TrainConfig(
+            server=server,
+            model=spec,
+            lora=lora,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            max_grad_norm=args.max_grad_norm,
+            corpus=args.corpus,
+            seed=args.seed,
+            out_dir=args.out_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=True,
+            client=ClientOptions(token=token, root_certificates=root),
+        )
+        result = train(config)
+    _print_summary(result, time.perf_counter() - started)
+
+
+def _print_summary(result: Any, seconds: float) -> None:
+    history = result.history
+    if not history:
+        print("nothing to do: the checkpoint is already at --steps")
+        return
+    every = max(1, len(history) // 10)
+    print("step   loss   tokens/s")
+    rows = history[::every]
+    if rows[-1] is not history[-1]:
+        rows.append(history[-1])
+    for metrics in rows:
+        print(f"{metrics['step']:4d}  {metrics['loss']:6.3f}  {metrics['tokens_per_s']:8.0f}")
+    last = history[-1]
+    window = max(1, min(10, len(history) // 5))
+    early = sum(m["loss"] for m in history[:window]) / window
+    late = sum(m["loss"] for m in history[-window:]) / window
+    print(
+        f"loss {early:.3f} -> {late:.3f} (mean of the first and last {window} steps); "
+        f"sent {last['bytes_sent'] / 1e6:.1f} MB, received {last['bytes_received'] / 1e6:.1f} MB; "
+        f"{seconds:.0f} s"
+    )
+    print(f"metrics: {result.out_dir / 'metrics.json'}, loss curve: {result.out_dir / 'loss.png'}")
+    change = result.lora_change
+    parts = ", ".join(f"{part} {value:.3g}" for part, value in change.items())
+    if all(value > 0 for value in change.values()):
+        frozen = "unchanged" if result.frozen_unchanged else "CHANGED (unexpected)"
+        print(
+            f"LoRA weights of bottom, trunk and top all changed (L2 norm of the change: {parts}); "
+            f"frozen base weights here {frozen}"
+        )
+    else:
+        print(f"LoRA weights did NOT all change (L2 norm of the change: {parts})")
+
+
+@contextlib.contextmanager
+def _loopback_server(args: argparse.Namespace) -> Iterator[str]:
+    """``remote-autograd serve`` in a child process on 127.0.0.1, stopped on exit.
+
+    A child process rather than a thread: it is exactly the two-terminal setup (the trunk is
+    built from the command line, no shared Python objects), and its threads do not compete with
+    the training loop for this interpreter's GIL.
+    """
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "remote_autograd.cli", "serve", "--address", "127.0.0.1:0"]
+    argv += _model_argv(args)
+    log_file = (out_dir / "server.log").open("w")
+    env = None
+    if args.threads:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+    try:
+        address = _wait_for_address(process, out_dir / "server.log")
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        log_file.close()
+
+
+def _wait_for_address(process: subprocess.Popen, log_path: Path) -> str:
+    assert process.stdout is not None  # we asked for a pipe
+    for line in process.stdout:  # the server prints one line once it listens
+        if " serving " in line:
+            return line.rsplit(" ", 1)[-1].strip()
+    process.wait()
+    raise SystemExit(
+        f"the trunk server exited with code {process.returncode} before serving; see {log_path}"
+    )
+
+
+def serve_hf(args: argparse.Namespace) -> None:
+    """``remote-autograd serve`` without ``--module``: the GPT-2 trunk of the given split."""
+    from ..cli import run_server
+    from .models import build_trunk
+
+    spec, lora = model_options(args)
+    trunk = build_trunk(spec, lora)
+    log.info(
+        "trunk: blocks [%d, %d), %d trainable parameters (LoRA rank %d)",
+        spec.trunk_start,
+        spec.trunk_end,
+        sum(p.numel() for p in trunk.parameters() if p.requires_grad),
+        lora.rank,
+    )
+    run_server(trunk, args)

@@ -1,0 +1,37 @@
+"""Module factories for child-process servers (``remote-autograd serve --module factories:...``)
+and the same trunks for in-process servers, so both runs start from identical weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def dropout_trunk() -> nn.Module:
+    """A float64 trunk with dropout, seeded: every call returns the same weights."""
+    generator = torch.Generator().manual_seed(1234)
+    trunk = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.25), nn.Linear(16, 8), nn.Tanh()
+    ).to(torch.float64)
+    with torch.no_grad():
+        for param in trunk.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.4)
+    return trunk
+
+
+def local_parts() -> tuple[nn.Module, nn.Module]:
+    """The client-side bottom and top around dropout_trunk, seeded."""
+    generator = torch.Generator().manual_seed(99)
+    bottom, top = nn.Linear(4, 8).double(), nn.Linear(8, 2).double()
+    with torch.no_grad():
+        for param in [*bottom.parameters(), *top.parameters()]:
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.5)
+    return bottom, top
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data of one training step: the same for every run."""
+    generator = torch.Generator().manual_seed(10_000 + step)
+    x = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    return x, y

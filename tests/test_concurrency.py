@@ -1,0 +1,148 @@
+"""Several clients training one shared trunk (the semantics are in docs/security.md):
+
+- each session accumulates its own gradients; its Step applies only those, with its own
+  optimizer, to the shared weights;
+- a Step waits until every other session's forward at the current weights has had its Backward
+  (up to ServerOptions.step_wait), so no Step lands between another client's forward and
+  backward; a forward whose weights moved anyway (the wait ran out) is refused at Backward
+  with StaleContext, never answered with a gradient of the wrong weights.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from factories import batch, dropout_trunk
+from torch import nn
+
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    StaleContext,
+)
+
+CLIENTS = 8
+STEPS = 50
+
+
+def test_eight_clients_fifty_steps_each(start_server):
+    server = start_server(dropout_trunk(), ServerOptions(max_workers=16))
+    errors: list[BaseException] = []
+    peak_contexts = [0]
+    stale = [0]
+
+    def train(index: int) -> None:
+        try:
+            head = nn.Linear(8, 2).double()
+            with RemoteModule(server.address, options=ClientOptions(seed=index)) as trunk:
+                optimizer = RemoteOptimizer(trunk, "SGD", lr=0.01)
+                local = torch.optim.SGD(head.parameters(), lr=0.01)
+                for step in range(1, STEPS + 1):
+                    x, y = batch(1000 * index + step)
+                    x = torch.cat([x, x], dim=1)  # 8 features
+                    while True:
+                        optimizer.zero_grad()
+                        local.zero_grad()
+                        loss = F.mse_loss(head(trunk(x)), y)
+                        peak_contexts[0] = max(peak_contexts[0], server.stats()["contexts"])
+                        try:
+                            loss.backward()
+                            break
+                        except StaleContext:  # only if a Step gave up waiting for us
+                            stale[0] += 1
+                    optimizer.step()
+                    local.step()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    stats = server.stats()
+    assert stats["weights_version"] == CLIENTS * STEPS  # every step applied, none twice
+    assert sorted(s.last_step for s in server.service.sessions.values()) == [STEPS] * CLIENTS
+    assert stats["contexts"] == 0 and stats["context_bytes"] == 0  # nothing leaked
+    assert stats["inflight_bytes"] == 0
+    assert server.service.turns.others_holding("") == 0  # no forward left waiting
+    assert peak_contexts[0] <= 2 * CLIENTS  # each client holds one graph (and a release)
+    assert all(torch.isfinite(p).all() for p in server.service.module.parameters())
+    print(f"stale backwards redone: {stale[0]}")
+
+
+def _session(server, remote: RemoteModule):
+    key = remote.client.session_id
+    return next(s for s in server.service.sessions.values() if s.key.endswith(key))
+
+
+def _shared_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(4, 3).double()
+
+
+def _local_grads(weights: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    module = _shared_linear()
+    module.load_state_dict(weights)
+    module(x).square().sum().backward()
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def test_a_step_waits_for_another_clients_backward(start_server):
+    server = start_server(_shared_linear(), ServerOptions(step_wait=60.0))
+    a, b = RemoteModule(server.address), RemoteModule(server.address)
+    opt_a, opt_b = RemoteOptimizer(a, "SGD", lr=0.1), RemoteOptimizer(b, "SGD", lr=0.1)
+    w0 = {k: v.detach().clone() for k, v in server.service.module.state_dict().items()}
+    xa = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xb = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    out_a = a(xa)  # A's forward on w0 ...
+    b(xb).square().sum().backward()
+    stepping = threading.Thread(target=opt_b.step)
+    stepping.start()  # ... B's step must wait for A's backward
+    out_a.square().sum().backward()
+    stepping.join()
+
+    ga, gb = _local_grads(w0, xa), _local_grads(w0, xb)
+    session_a = _session(server, a)
+    for name, grad in ga.items():  # A's gradient is that of the weights its forward saw
+        assert torch.equal(session_a.grads[name], grad), name
+    opt_a.step()  # applied to the weights B moved: each step applies its own session's grads
+    local = _shared_linear()
+    local.load_state_dict(w0)
+    local_sgd = torch.optim.SGD(local.parameters(), lr=0.1)
+    for grads in (gb, ga):  # B's step, then A's: both gradients of w0
+        for name, param in local.named_parameters():
+            param.grad = grads[name]
+        local_sgd.step()
+    for name, value in server.service.module.state_dict().items():
+        assert torch.equal(value, local.state_dict()[name]), name
+    assert server.stats()["weights_version"] == 2
+
+
+def test_a_step_that_stopped_waiting_makes_the_old_forward_stale(start_server):
+    server = start_server(_shared_linear(), ServerOptions(step_wait=0.1))
+    a, b = RemoteModule(server.address), RemoteModule(server.address)
+    RemoteOptimizer(a, "SGD", lr=0.1)
+    opt_b = RemoteOptimizer(b, "SGD", lr=0.1)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    out_a = a(x)  # A wanders off before its backward
+    b(x).sum().backward()
+    opt_b.step()  # gives up waiting for A after step_wait
+    moved = {k: v.clone() for k, v in server.service.module.state_dict().items()}
+    try:
+        out_a.sum().backward()
+    except StaleContext as exc:
+        assert "were stepped (version 0 -> 1)" in str(exc)
+    else:
+        raise AssertionError("a backward through moved weights was answered")
+    session_a = _session(server, a)
+    assert session_a.grads == {}  # nothing accumulated from the stale forward
+    for name, value in server.service.module.state_dict().items():
+        assert torch.equal(value, moved[name])
+    a(x).sum().backward()  # A simply runs its forward again

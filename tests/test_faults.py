@@ -1,0 +1,269 @@
+"""Faults with nothing lost: dropped replies, lost contexts, a server killed and restarted from
+its checkpoint. Each run ends with exactly the parameters of a fault-free run (float64)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import spawn_server
+from factories import batch, dropout_trunk, local_parts
+
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    ServerUnavailable,
+    StaleContext,
+    serve,
+)
+from remote_autograd.checkpoint import load_checkpoint
+
+STEPS = 6
+SEED = 5  # seeds the trunk's dropout through ClientOptions.seed
+
+
+class Run:
+    """The split model of tests/factories.py, trained one step at a time."""
+
+    def __init__(self, address: str, **options) -> None:
+        self.bottom, self.top = local_parts()
+        self.remote = RemoteModule(address, options=ClientOptions(seed=SEED, **options))
+        self.remote_optimizer = RemoteOptimizer(self.remote, "SGD", lr=0.1, momentum=0.9)
+        self.local_optimizer = torch.optim.SGD(
+            [*self.bottom.parameters(), *self.top.parameters()], lr=0.1, momentum=0.9
+        )
+
+    def forward_backward(self, step: int) -> None:
+        x, y = batch(step)
+        self.local_optimizer.zero_grad()
+        self.remote_optimizer.zero_grad()
+        loss = F.mse_loss(self.top(self.remote(self.bottom(x))), y)
+        loss.backward()
+
+    def finish_step(self) -> None:
+        self.remote_optimizer.step()
+        self.local_optimizer.step()
+
+    def step(self, step: int) -> None:
+        self.forward_backward(step)
+        self.finish_step()
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        out = {f"trunk.{k}": v for k, v in self.remote.remote_state_dict().items()}
+        for prefix, module in (("bottom", self.bottom), ("top", self.top)):
+            out.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.named_parameters()})
+        return out
+
+
+def _fault_free(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    server = serve(dropout_trunk())
+    try:
+        run = Run(server.address)
+        for step in range(1, steps + 1):
+            run.step(step)
+        return run.parameters()
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return _fault_free()
+
+
+def _assert_equal(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert params.keys() == reference.keys()
+    for name, value in params.items():
+        assert value.dtype == torch.float64
+        assert torch.equal(value, reference[name]), name
+
+
+class DropFirstReply(grpc.ServerInterceptor):
+    """Lets the server do the work of the first ``method`` call, then loses its reply."""
+
+    def __init__(self, method: str) -> None:
+        self.method = f"/remote_autograd.v1.Trunk/{method}"
+        self.dropped = 0
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None or details.method != self.method:
+            return handler
+        inner = handler.unary_unary
+
+        def behavior(request, context):
+            reply = inner(request, context)
+            if not self.dropped:
+                self.dropped += 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "test: the reply was lost")
+            return reply
+
+        return handler._replace(unary_unary=behavior)
+
+
+@pytest.mark.parametrize("method", ["Step", "Backward"])
+def test_a_lost_reply_is_retried_and_applied_once(method, reference):
+    drop = DropFirstReply(method)
+    server = serve(dropout_trunk(), interceptors=[drop])
+    try:
+        run = Run(server.address, retry_backoff=0.01)
+        for step in range(1, STEPS + 1):
+            run.step(step)
+        assert drop.dropped == 1
+        session = server.service.sessions.values()[0]
+        assert session.last_step == STEPS
+        assert server.stats()["weights_version"] == STEPS  # not STEPS + 1
+        _assert_equal(run.parameters(), reference)
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.mark.parametrize("how", ["evicted", "expired"])
+def test_a_lost_context_is_recomputed_with_the_same_dropout(how, reference):
+    options = ServerOptions(max_contexts=1) if how == "evicted" else ServerOptions(context_ttl=0.2)
+    server = serve(dropout_trunk(), options=options)
+    try:
+        run = Run(server.address)
+        other = RemoteModule(server.address, options=ClientOptions(seed=1))
+        recomputed = 0
+        for step in range(1, STEPS + 1):
+            x, y = batch(step)
+            run.local_optimizer.zero_grad()
+            run.remote_optimizer.zero_grad()
+            loss = F.mse_loss(run.top(run.remote(run.bottom(x))), y)
+            if how == "evicted":  # another session's forward takes the only slot
+                other(torch.zeros(1, 8, dtype=torch.float64, requires_grad=True))
+            else:
+                time.sleep(0.5)
+            calls = run.remote.client.stats.calls
+            loss.backward()
+            recomputed += run.remote.client.stats.calls - calls - 1  # Backward, Compute, Backward
+            run.finish_step()
+        assert recomputed >= STEPS  # every step lost its context and got it back
+        _assert_equal(run.parameters(), reference)
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_lost_context_is_not_recomputed_on_moved_weights():
+    server = serve(dropout_trunk(), options=ServerOptions(max_contexts=1))
+    try:
+        run = Run(server.address)
+        out = run.remote(torch.ones(2, 8, dtype=torch.float64, requires_grad=True))
+        run.step(2)  # another forward evicts the first; its step moves the weights
+        with pytest.raises(StaleContext, match="weights version 0, the trunk is now at 1"):
+            out.sum().backward()
+    finally:
+        server.stop(grace=None)
+
+
+def test_recompute_mode_matches_and_keeps_only_inputs(reference):
+    server = serve(dropout_trunk(), options=ServerOptions(recompute=True))
+    try:
+        run = Run(server.address)
+        for step in range(1, STEPS + 1):
+            x, y = batch(step)
+            run.local_optimizer.zero_grad()
+            run.remote_optimizer.zero_grad()
+            hidden = run.bottom(x)
+            loss = F.mse_loss(run.top(run.remote(hidden)), y)
+            assert server.stats()["contexts"] == 1
+            assert server.stats()["context_bytes"] == hidden.numel() * 8  # inputs only
+            loss.backward()
+            run.finish_step()
+        _assert_equal(run.parameters(), reference)
+    finally:
+        server.stop(grace=None)
+
+
+def test_killed_server_restarts_from_its_checkpoint(tmp_path, reference):
+    checkpoint = str(tmp_path / "trunk.ckpt")
+    args = ("factories:dropout_trunk", "--checkpoint", checkpoint, "--checkpoint-every", "1")
+    process, address = spawn_server(*args)
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+
+    def kill_and_restart() -> None:
+        os.kill(processes[-1].pid, signal.SIGKILL)
+        processes[-1].wait()
+        # While it is down: a clear error, quickly, not a hang.
+        probe = RemoteModule(address, options=ClientOptions(connect_timeout=1.0, retries=0))
+        with pytest.raises(ServerUnavailable, match="is it running"):
+            probe(torch.zeros(1, 8, dtype=torch.float64))
+        processes.append(spawn_server(*args, port=port)[0])
+
+    try:
+        run = Run(address, retries=10, retry_backoff=0.1, retry_backoff_max=1.0)
+        run.step(1)
+        run.step(2)
+        # Killed between forward and backward: the backward resends the inputs, the restarted
+        # server (weights and momentum from step 2's checkpoint) recomputes the forward.
+        x, y = batch(3)
+        run.local_optimizer.zero_grad()
+        run.remote_optimizer.zero_grad()
+        loss = F.mse_loss(run.top(run.remote(run.bottom(x))), y)
+        kill_and_restart()
+        loss.backward()
+        run.finish_step()
+        # Killed after backward: the accumulated gradients are gone, and Step says so.
+        run.forward_backward(4)
+        kill_and_restart()
+        with pytest.raises(StaleContext, match="gradients were accumulated by server process"):
+            run.remote_optimizer.step()
+        run.step(4)  # the step again, from its forward
+        for step in range(5, STEPS + 1):
+            run.step(step)
+        _assert_equal(run.parameters(), reference)
+        saved = load_checkpoint(checkpoint)
+        assert saved is not None and saved["weights_version"] == STEPS
+        assert [s["step"] for s in saved["sessions"].values()] == [STEPS]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
+
+
+def test_checkpoint_on_request_on_schedule_and_at_shutdown(tmp_path, reference):
+    path = str(tmp_path / "trunk.ckpt")
+    server = serve(dropout_trunk(), options=ServerOptions(checkpoint_path=path))
+    run = Run(server.address)
+    run.step(1)
+    assert not os.path.exists(path)
+    reply = run.remote.client.checkpoint()
+    assert reply.weights_version == 1 and reply.path == path
+    assert load_checkpoint(path)["weights_version"] == 1
+    run.step(2)
+    server.stop(grace=1.0)  # drains, then saves the moved weights
+    assert load_checkpoint(path)["weights_version"] == 2
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".ckpt-")] == []  # no temp files
+
+    interval = ServerOptions(checkpoint_path=path, checkpoint_interval=0.05)
+    resumed = serve(dropout_trunk(), options=interval)
+    try:
+        assert resumed.stats()["weights_version"] == 2
+        run.remote.close()
+        run.remote = RemoteModule(resumed.address, options=ClientOptions(seed=SEED))
+        # The session is new (new client id), so its optimizer starts fresh: compare only
+        # the trunk weights, which were restored exactly.
+        trunk = run.remote.remote_state_dict()
+        run.remote_optimizer = RemoteOptimizer(run.remote, "SGD", lr=0.1)
+        run.step(3)
+        deadline = time.monotonic() + 30
+        while load_checkpoint(path)["weights_version"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert load_checkpoint(path)["weights_version"] == 3  # saved by the schedule
+    finally:
+        resumed.stop(grace=None)
+    two_steps = _fault_free(2)
+    for name, value in trunk.items():
+        assert torch.equal(value, two_steps[f"trunk.{name}"]), name

@@ -1,0 +1,183 @@
+"""Every limit is refused with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and a message naming it;
+non-finite numbers never reach the trunk's weights; nothing is lost by a refused call."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from remote_autograd import (
+    ClientOptions,
+    CodecError,
+    ContextNotFound,
+    InvalidRequest,
+    LimitExceeded,
+    Limits,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+)
+from remote_autograd._proto import remote_autograd_pb2 as pb
+
+
+def _linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(4, 4).double()
+
+
+def _weights(server) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in server.service.module.named_parameters()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("limits", "tensor", "named"),
+    [
+        (Limits(max_tensor_elements=10), torch.zeros(11), "max_tensor_elements=10"),
+        (Limits(max_tensor_bytes=80), torch.zeros(11, dtype=torch.float64), "max_tensor_bytes=80"),
+        (Limits(max_ndim=3), torch.zeros(1, 1, 1, 1), "max_ndim=3"),
+        (Limits(max_payload_bytes=1000), torch.zeros(300), "max_payload_bytes=1000"),
+        (Limits(max_tensors=2), [torch.zeros(1)] * 3, "max_tensors=2"),
+        (Limits(max_header_bytes=200), {f"k{i}": i for i in range(50)}, "max_header_bytes=200"),
+    ],
+    ids=["elements", "tensor-bytes", "ndim", "payload", "tensors", "header"],
+)
+def test_frame_limits_are_named(start_server, limits, tensor, named):
+    server = start_server(nn.Identity(), ServerOptions(limits=limits))
+    remote = RemoteModule(server.address, options=ClientOptions(compression="none"))
+    with pytest.raises(CodecError, match=named) as info:
+        remote(tensor)
+    assert info.value.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert torch.equal(remote(torch.ones(2)), torch.ones(2))  # still serving
+    assert server.stats()["inflight_bytes"] == 0
+
+
+def test_message_over_the_grpc_size_is_resource_exhausted(start_server):
+    server = start_server(nn.Identity(), ServerOptions(unary_payload_bytes=1 << 16))
+    channel = grpc.insecure_channel(server.address)
+    compute = channel.unary_unary("/remote_autograd.v1.Trunk/Compute")
+    big = pb.Frame(header=pb.Header(payload_bytes=4 << 20), payload=bytes(4 << 20))
+    with pytest.raises(grpc.RpcError) as info:
+        compute(big.SerializeToString(), timeout=30, metadata=(("ra-session", "s"),))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in info.value.details()
+    channel.close()
+
+
+def test_context_bigger_than_max_context_bytes(start_server):
+    server = start_server(_linear(), ServerOptions(max_context_bytes=1000))
+    remote = RemoteModule(server.address)
+    with pytest.raises(LimitExceeded, match="exceeds max_context_bytes=1000"):
+        remote(torch.zeros(100, 4, dtype=torch.float64, requires_grad=True))
+    assert server.stats()["contexts"] == 0
+    remote(torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)).sum().backward()
+
+
+def test_max_sessions(start_server):
+    server = start_server(_linear(), ServerOptions(max_sessions=2))
+    first, second, third = (RemoteModule(server.address) for _ in range(3))
+    x = torch.ones(1, 4, dtype=torch.float64)
+    first(x), second(x)
+    with pytest.raises(LimitExceeded, match="max_sessions=2"):
+        third(x)
+    assert server.stats()["sessions"] == 2
+
+
+def test_one_session_cannot_push_out_the_contexts_of_another(start_server):
+    options = ServerOptions(max_contexts=8, max_session_contexts=2)
+    server = start_server(_linear(), options)
+    strict = ClientOptions(recover_contexts=False)  # an evicted context would be an error
+    patient, greedy = (RemoteModule(server.address, options=strict) for _ in range(2))
+    x = torch.ones(1, 4, dtype=torch.float64, requires_grad=True)
+    kept = patient(x)
+    outputs = [greedy(x) for _ in range(10)]  # keeps every graph alive: never released
+    assert server.stats()["contexts"] == 3  # 2 of greedy's, 1 of patient's
+    kept.sum().backward()  # patient's context survived greedy's ten
+    outputs[-1].sum().backward()
+    with pytest.raises(ContextNotFound, match="max_session_contexts=2"):
+        outputs[0].sum().backward()
+
+
+def test_non_finite_output_gradients_are_refused(start_server):
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    before = _weights(server)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+        with pytest.raises(InvalidRequest, match="not finite"):
+            y.backward(torch.full_like(y, bad))
+    assert server.service.sessions.values()[0].grads == {}
+    optimizer.step()  # no gradients: SGD leaves the weights as they were
+    assert _same(before, _weights(server))
+
+
+def test_non_finite_inputs_never_reach_the_weights(start_server):
+    """Finite output gradients through a NaN input still give NaN parameter gradients: the
+    server checks those before accumulating them."""
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    good = torch.ones(2, 4, dtype=torch.float64)
+    remote(good).sum().backward()  # one good backward accumulated
+    held = {k: v.clone() for k, v in server.service.sessions.values()[0].grads.items()}
+    bad = good.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InvalidRequest, match="non-finite .* gradients for trunk parameters"):
+        remote(bad).sum().backward()
+    grads = server.service.sessions.values()[0].grads
+    assert _same(held, grads)  # the good one is still there, untouched
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in _weights(server).values())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_learning_rates_are_refused(start_server, value):
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    with pytest.raises(TypeError, match="plain numbers"):
+        RemoteOptimizer(remote, "SGD", lr=value)
+    with pytest.raises(InvalidRequest, match="not a finite number"):  # past the client check
+        remote.client.configure_optimizer("SGD", {"lr": value})
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    before = _weights(server)
+    optimizer.param_groups[0]["lr"] = value  # what a broken LR scheduler would do
+    with pytest.raises(InvalidRequest, match="lr"):
+        optimizer.step()
+    optimizer.param_groups[0]["betas"] = (0.9, value)
+    optimizer.param_groups[0]["lr"] = 0.01
+    with pytest.raises(InvalidRequest, match="betas"):
+        optimizer.step()
+    assert _same(before, _weights(server))
+    optimizer.param_groups[0]["betas"] = (0.9, 0.999)
+    optimizer.step()  # the step number was not used up by the refusals
+    assert not _same(before, _weights(server))
+
+
+def test_non_finite_grad_scale_and_optimizer_state_are_refused(start_server):
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    before = _weights(server)
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg_sq"][0, 0] = float("nan")
+    with pytest.raises(InvalidRequest, match="optimizer state holds NaN"):
+        optimizer.load_state_dict(state)
+    with pytest.raises(InvalidRequest, match="grad_scale must be finite"):
+        _raw_step(remote, 2, math.inf)
+    assert _same(before, _weights(server))
+
+
+def _raw_step(remote: RemoteModule, step: int, scale: float) -> None:
+    remote.client.scale_grads_later(scale)
+    remote.client.step(step, [{}])

@@ -1,0 +1,299 @@
+"""TLS, mutual TLS, bearer tokens, sessions bound to their token, plain text only on loopback,
+no unpickling, health/reflection and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from torch import nn
+
+from remote_autograd import (
+    AuthenticationError,
+    ClientOptions,
+    ContextNotFound,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    ServerUnavailable,
+    TransportError,
+    serve,
+)
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd.client import TrunkClient
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "remote_autograd"
+
+
+def _openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _issue(directory: pathlib.Path, name: str, ca: str, cn: str, ext: str) -> None:
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        cwd=directory,
+    )
+    (directory / f"{name}.ext").write_text(ext + "\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        cwd=directory,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, bytes]:
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and a rogue CA's."""
+    directory = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue"):
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={ca}-ca",
+            cwd=directory,
+        )
+    _issue(
+        directory,
+        "server",
+        "ca",
+        "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    )
+    _issue(directory, "client", "ca", "client-1", "extendedKeyUsage=clientAuth")
+    _issue(directory, "intruder", "rogue", "client-1", "extendedKeyUsage=clientAuth")
+    return {p.stem + p.suffix: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def _linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(4, 2).double()
+
+
+def _one_step(address: str, options: ClientOptions) -> torch.Tensor:
+    with RemoteModule(address, options=options) as remote:
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        x = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+        remote(x).sum().backward()
+        optimizer.step()
+        return x.grad
+
+
+def _fails(address: str, options: ClientOptions, error: type[Exception]) -> None:
+    options = ClientOptions(**{**options.__dict__, "connect_timeout": 1.0, "retries": 0})
+    with pytest.raises(error), RemoteModule(address, options=options) as remote:
+        remote(torch.ones(1, 4, dtype=torch.float64))
+
+
+def test_tls(start_server, pki):
+    options = ServerOptions(certificate_chain=pki["server.pem"], private_key=pki["server.key"])
+    server = start_server(_linear(), options)
+    expected = _linear().weight.sum(0).expand(3, 4)
+    grad = _one_step(server.address, ClientOptions(root_certificates=pki["ca.pem"]))
+    assert torch.equal(grad, expected)
+    _fails(server.address, ClientOptions(), ServerUnavailable)  # plain text to a TLS port
+    _fails(server.address, ClientOptions(root_certificates=pki["rogue.pem"]), ServerUnavailable)
+
+
+def test_mutual_tls(start_server, pki):
+    options = ServerOptions(
+        certificate_chain=pki["server.pem"], private_key=pki["server.key"], client_ca=pki["ca.pem"]
+    )
+    server = start_server(_linear(), options)
+    trusted = ClientOptions(root_certificates=pki["ca.pem"])
+    _one_step(
+        server.address,
+        ClientOptions(
+            root_certificates=pki["ca.pem"],
+            certificate_chain=pki["client.pem"],
+            private_key=pki["client.key"],
+        ),
+    )
+    key = server.service.sessions.values()[0].key
+    assert "/cn=client-1/" in key  # the session is bound to the certificate's identity
+    for options in (
+        trusted,  # no client certificate
+        ClientOptions(
+            root_certificates=pki["ca.pem"],
+            certificate_chain=pki["intruder.pem"],
+            private_key=pki["intruder.key"],
+        ),  # same CN, wrong CA
+    ):
+        _fails(server.address, options, TransportError)
+
+
+def test_tokens_are_required_and_checked(start_server):
+    server = start_server(_linear(), ServerOptions(tokens=("alpha-token", "beta-token")))
+    for token in (None, "", "wrong", "alpha-token2", "alpha"):
+        with pytest.raises(AuthenticationError, match="bearer token"):
+            TrunkClient(server.address, ClientOptions(token=token, retries=0)).info()
+    assert server.stats()["sessions"] == 0  # refused before any session state
+    _one_step(server.address, ClientOptions(token="alpha-token"))
+    _one_step(server.address, ClientOptions(token="beta-token"))
+
+
+def test_a_client_cannot_touch_another_clients_contexts(start_server):
+    server = start_server(_linear(), ServerOptions(tokens=("alpha-token", "beta-token")))
+    alice = RemoteModule(server.address, options=ClientOptions(token="alpha-token"))
+    RemoteOptimizer(alice, "SGD", lr=0.1)
+    y = alice(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+    request_id = server.service.contexts._items.copy().popitem()[1].request_id
+
+    # Mallory has the other token and even knows Alice's session id and request id.
+    mallory = TrunkClient(server.address, ClientOptions(token="beta-token", retries=0))
+    mallory.session_id = alice.client.session_id
+    mallory._metadata = (("ra-session", mallory.session_id), mallory._metadata[1])
+    grads = [torch.ones(2, 2, dtype=torch.float64)]
+    with pytest.raises(ContextNotFound):
+        mallory.backward(request_id, 1, grads, [False])
+    assert mallory.configure_optimizer("SGD", {"lr": 5.0})  # her own session, not Alice's
+    release = pb.ReleaseRequest(request_ids=[request_id])
+    stub = mallory._connect()
+    assert stub.Release(release, metadata=mallory._metadata, timeout=10).released == 0
+    sessions = server.service.sessions.values()
+    alice_session = next(s for s in sessions if s.optimizer.defaults["lr"] == 0.1)
+    assert alice_session.grads == {}
+    y.sum().backward()  # Alice's context is intact, and only she accumulated into it
+    assert set(alice_session.grads) == {"weight", "bias"}
+    mallory.close()
+    alice.close()
+
+
+def test_plain_text_only_on_loopback_unless_insecure(caplog):
+    with pytest.raises(ValueError, match="refusing to serve plain text on 0.0.0.0:0"):
+        serve(_linear(), "0.0.0.0:0")
+    with caplog.at_level(logging.WARNING, logger="remote_autograd.transport"):
+        server = serve(_linear(), "0.0.0.0:0", options=ServerOptions(insecure=True))
+    try:
+        assert "PLAIN TEXT" in caplog.text
+        _one_step(f"127.0.0.1:{server.port}", ClientOptions())
+    finally:
+        server.stop(grace=None)
+
+
+def test_nothing_network_facing_unpickles_or_evaluates():
+    pattern = re.compile(
+        r"import (c?pickle|dill|marshal)|\bpickle\.|torch\.load|(?<![\w.`])(eval|exec|__import__)\("
+    )
+    for path in PACKAGE.glob("*.py"):
+        hits = [line for line in path.read_text().splitlines() if pattern.search(line)]
+        assert hits == [], f"{path.name}: {hits}"
+
+
+class Slow(nn.Module):
+    def __init__(self, started: threading.Event) -> None:
+        super().__init__()
+        self.started = started
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.started.set()
+        time.sleep(0.5)
+        return x + 1
+
+
+def test_health_reflection_and_graceful_shutdown():
+    started = threading.Event()
+    server = serve(Slow(started))
+    channel = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "remote_autograd.v1.Trunk"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for a in answers for s in a.list_services_response.service}
+    assert {"remote_autograd.v1.Trunk", "grpc.health.v1.Health"} <= names
+
+    remote = RemoteModule(server.address)
+    results: list[torch.Tensor] = []
+    call = threading.Thread(target=lambda: results.append(remote(torch.zeros(2))))
+    call.start()
+    assert started.wait(30)
+    server.stop(grace=30)  # the call in flight finishes; new calls are refused
+    call.join()
+    assert torch.equal(results[0], torch.ones(2))
+    with pytest.raises(ServerUnavailable):
+        RemoteModule(server.address, options=ClientOptions(connect_timeout=1.0, retries=0))(
+            torch.zeros(2)
+        )
+    channel.close()
+
+
+def test_cli_flags_reach_the_server_options(tmp_path, pki):
+    import argparse
+
+    from remote_autograd.cli import add_server_arguments, server_options
+
+    (tmp_path / "tokens.txt").write_text("alpha\n\n  beta  \n")
+    for name in ("server.pem", "server.key", "ca.pem"):
+        (tmp_path / name).write_bytes(pki[name])
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--address", "0.0.0.0:1", "--insecure", "--token-file", str(tmp_path / "tokens.txt"),
+            "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
+            "--client-ca", str(tmp_path / "ca.pem"), "--max-payload-bytes", "1000",
+            "--max-tensor-elements", "10", "--max-tensors", "3", "--max-sessions", "2",
+            "--max-session-contexts", "5", "--max-inflight-bytes", "777", "--recompute",
+            "--checkpoint", "ckpt", "--checkpoint-every", "4", "--checkpoint-interval", "9",
+        ]
+    )  # fmt: skip
+    options = server_options(args)
+    assert options.tokens == ("alpha", "beta")
+    assert options.certificate_chain == pki["server.pem"] and options.client_ca == pki["ca.pem"]
+    assert options.insecure and options.recompute
+    assert (options.limits.max_payload_bytes, options.limits.max_tensor_elements) == (1000, 10)
+    assert (options.limits.max_tensors, options.max_sessions) == (3, 2)
+    assert (options.max_session_contexts, options.max_inflight_bytes) == (5, 777)
+    assert (options.checkpoint_path, options.checkpoint_every) == ("ckpt", 4)
+    assert options.checkpoint_interval == 9.0
+    defaults = server_options(parser.parse_args([]))
+    assert defaults == ServerOptions()  # the flags' defaults are the library's
