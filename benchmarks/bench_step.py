@@ -33,10 +33,22 @@ from benchmarks.gpt2_split import build
 
 # ---- settings ---------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"model": "tiny", "batch": 2, "seq": 16, "steps": 4, "warmup": 1,
-              "codecs": ["none", "bf16"]},
-    "full": {"model": "small", "batch": 2, "seq": 64, "steps": 8, "warmup": 2,
-             "codecs": ["none", "bf16", "fp16", "int8"]},
+    "smoke": {
+        "model": "tiny",
+        "batch": 2,
+        "seq": 16,
+        "steps": 4,
+        "warmup": 1,
+        "codecs": ["none", "bf16"],
+    },
+    "full": {
+        "model": "small",
+        "batch": 2,
+        "seq": 64,
+        "steps": 8,
+        "warmup": 2,
+        "codecs": ["none", "bf16", "fp16", "int8"],
+    },
 }
 LR = 3e-4
 DATA_VOCAB = 512  # tokens are drawn from the first 512 ids: a pattern the model learns fast
@@ -59,8 +71,7 @@ class Monolithic:
 
     def __init__(self, preset: dict[str, Any]) -> None:
         self.bottom, self.trunk, self.top = build(preset["model"])
-        params = [*self.bottom.parameters(), *self.trunk.parameters(),
-                  *self.top.ln_f.parameters()]
+        params = [*self.bottom.parameters(), *self.trunk.parameters(), *self.top.ln_f.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=LR)
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -90,7 +101,8 @@ class Split:
         options = ClientOptions(activation_quantization=codec, gradient_quantization=codec)
         self.trunk = RemoteModule(address, options=options)
         self.optimizer = torch.optim.AdamW(
-            [*self.bottom.parameters(), *self.top.ln_f.parameters()], lr=LR)
+            [*self.bottom.parameters(), *self.top.ln_f.parameters()], lr=LR
+        )
         self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -99,8 +111,11 @@ class Split:
 
     def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
         stats, marks = self.trunk.client.stats, self.marks
-        before = (stats.server_compute_seconds, stats.server_codec_seconds,
-                  stats.bytes_sent + stats.bytes_received)
+        before = (
+            stats.server_compute_seconds,
+            stats.server_codec_seconds,
+            stats.bytes_sent + stats.bytes_received,
+        )
         start = time.perf_counter()
         hidden = self.bottom(ids)  # [B, T, n_embd]
         # Hooks mark when the remote Backward starts (grad of the trunk's output is ready)
@@ -126,22 +141,28 @@ class Split:
         rpc = (t1 - t0) + (marks["bwd_end"] - marks["bwd_start"]) + (t3 - t2)
         server_compute = stats.server_compute_seconds - before[0]
         server_codec = stats.server_codec_seconds - before[1]
-        self.parts.append({
-            "client_s": elapsed - rpc,
-            "rpc_s": rpc,
-            "server_step_rpc_s": t3 - t2,
-            "server_compute_s": server_compute,
-            "server_codec_s": server_codec,
-            "wire_and_rest_s": rpc - (t3 - t2) - server_compute - server_codec,
-            "wire_bytes": stats.bytes_sent + stats.bytes_received - before[2],
-        })
+        self.parts.append(
+            {
+                "client_s": elapsed - rpc,
+                "rpc_s": rpc,
+                "server_step_rpc_s": t3 - t2,
+                "server_compute_s": server_compute,
+                "server_codec_s": server_codec,
+                "wire_and_rest_s": rpc - (t3 - t2) - server_compute - server_codec,
+                "wire_bytes": stats.bytes_sent + stats.bytes_received - before[2],
+            }
+        )
 
     def result(self) -> dict[str, Any]:
         self.trunk.close()
         breakdown = {key: median([p[key] for p in self.parts]) for key in self.parts[0]}
         breakdown["client_codec_s"] = _client_codec_seconds(self.preset, self.codec)
-        return {"step_s": median(self.times), "times": self.times, "losses": self.losses,
-                "breakdown": breakdown}
+        return {
+            "step_s": median(self.times),
+            "times": self.times,
+            "losses": self.losses,
+            "breakdown": breakdown,
+        }
 
 
 def _client_codec_seconds(preset: dict[str, Any], codec: str) -> float:
@@ -181,22 +202,56 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
 def markdown(data: dict[str, Any], title: str) -> str:
     mono = data["monolithic"]
     p = data["preset"]
-    rows = [["monolithic (one process)", mono["step_s"] * 1e3, 1.0, "", "", "", "", "", "",
-             mono["losses"][-1], 0.0]]
+    rows = [
+        [
+            "monolithic (one process)",
+            mono["step_s"] * 1e3,
+            1.0,
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            mono["losses"][-1],
+            0.0,
+        ]
+    ]
     for codec, r in data["split"].items():
         b, s = r["breakdown"], data["ratios"][codec]
-        rows.append([f"split, wire {codec}", r["step_s"] * 1e3, s["step_vs_monolithic"],
-                     s["step_vs_split_float32"], b["client_s"] * 1e3,
-                     b["server_compute_s"] * 1e3 + b["server_step_rpc_s"] * 1e3,
-                     (b["server_codec_s"] + b["client_codec_s"]) * 1e3,
-                     b["wire_and_rest_s"] * 1e3, b["wire_bytes"] / 1e6, r["losses"][-1],
-                     s["max_loss_rel_diff_vs_monolithic"]])
-    header = ["run", "step ms", "vs monolithic", "vs split float32", "client compute ms",
-              "server compute+Step ms", "encode/decode ms", "wire+gRPC ms", "MB on wire",
-              "final loss", "max loss rel. diff"]
-    return (f"### {title}\n\nGPT-2 `{p['model']}` (random init), batch {p['batch']} x "
-            f"{p['seq']} tokens, AdamW, {p['steps']} timed steps after {p['warmup']} warm-up "
-            "(medians).\n\n" + table(header, rows))
+        rows.append(
+            [
+                f"split, wire {codec}",
+                r["step_s"] * 1e3,
+                s["step_vs_monolithic"],
+                s["step_vs_split_float32"],
+                b["client_s"] * 1e3,
+                b["server_compute_s"] * 1e3 + b["server_step_rpc_s"] * 1e3,
+                (b["server_codec_s"] + b["client_codec_s"]) * 1e3,
+                b["wire_and_rest_s"] * 1e3,
+                b["wire_bytes"] / 1e6,
+                r["losses"][-1],
+                s["max_loss_rel_diff_vs_monolithic"],
+            ]
+        )
+    header = [
+        "run",
+        "step ms",
+        "vs monolithic",
+        "vs split float32",
+        "client compute ms",
+        "server compute+Step ms",
+        "encode/decode ms",
+        "wire+gRPC ms",
+        "MB on wire",
+        "final loss",
+        "max loss rel. diff",
+    ]
+    return (
+        f"### {title}\n\nGPT-2 `{p['model']}` (random init), batch {p['batch']} x "
+        f"{p['seq']} tokens, AdamW, {p['steps']} timed steps after {p['warmup']} warm-up "
+        "(medians).\n\n" + table(header, rows)
+    )
 
 
 def plot(data: dict[str, Any], path: str, title: str) -> None:
@@ -233,8 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset["codecs"] = args.codecs
     if args.steps:
         preset["steps"] = args.steps
-    data: dict[str, Any] = {"benchmark": "step", "preset": preset, "link": args.link or "loopback",
-                            "machine": machine(), "torch_threads": torch.get_num_threads()}
+    data: dict[str, Any] = {
+        "benchmark": "step",
+        "preset": preset,
+        "link": args.link or "loopback",
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
     with ExitStack() as stack:
         netns, host = None, "127.0.0.1"
         if args.link:
@@ -242,9 +302,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             netns, host = link.netns, link.server_ip
         runners: dict[str, Monolithic | Split] = {"monolithic": Monolithic(preset)}
         for codec in preset["codecs"]:
-            server = stack.enter_context(ServerProcess(
-                "ra", "--trunk", preset["model"], "--host", host, netns=netns,
-                env={"OMP_NUM_THREADS": str(torch.get_num_threads())}))
+            server = stack.enter_context(
+                ServerProcess(
+                    "ra",
+                    "--trunk",
+                    preset["model"],
+                    "--host",
+                    host,
+                    netns=netns,
+                    env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
+                )
+            )
             runners[codec] = Split(preset, server.address, codec)
         # Lockstep: step i of every run back to back, so a slow patch of a noisy machine
         # hits all of them alike and the ratios stay honest.
@@ -254,8 +322,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data["monolithic"] = runners.pop("monolithic").result()
         data["split"] = {codec: runner.result() for codec, runner in runners.items()}
         for codec, result in data["split"].items():
-            print(f"{codec}: {result['step_s'] * 1e3:.0f} ms "
-                  f"(monolithic {data['monolithic']['step_s'] * 1e3:.0f} ms)", flush=True)
+            print(
+                f"{codec}: {result['step_s'] * 1e3:.0f} ms "
+                f"(monolithic {data['monolithic']['step_s'] * 1e3:.0f} ms)",
+                flush=True,
+            )
     data["ratios"] = summarize(data)
     write_json(args.json, data)
     if args.doc:

@@ -42,8 +42,12 @@ from benchmarks.common import (
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [4 << 10, 1 << 20], "codecs": ["auto", "bf16"], "reps": 3, "warmup": 1},
     # over a shaped link: sizes that finish in minutes at 100 Mbit/s
-    "link": {"sizes": [4 << 10, 64 << 10, 1 << 20, 4 << 20], "reps": 5, "warmup": 2,
-             "codecs": ["none", "auto", "bf16", "fp16", "int8"]},
+    "link": {
+        "sizes": [4 << 10, 64 << 10, 1 << 20, 4 << 20],
+        "reps": 5,
+        "warmup": 2,
+        "codecs": ["none", "auto", "bf16", "fp16", "int8"],
+    },
     "full": {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20],
         "codecs": ["none", "auto", "lz4", "bf16", "fp16", "int8"],
@@ -136,16 +140,32 @@ def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dic
     port = _free_port(host) if link is None else 29517
     common = ["--address", f"{host}:{port}", *(["--uv-only"] if link else [])]
     server = ServerProcess(
-        "server", *common, *(["--ifname", link.server_if] if link else []),
-        netns=link.netns if link else None, module="benchmarks.rpc_baseline",
+        "server",
+        *common,
+        *(["--ifname", link.server_if] if link else []),
+        netns=link.netns if link else None,
+        module="benchmarks.rpc_baseline",
     )
     try:
         client = subprocess.run(
-            [sys.executable, "-m", "benchmarks.rpc_baseline", "client", *common,
-             *(["--ifname", link.client_if] if link else []),
-             "--sizes", ",".join(map(str, preset["sizes"])), "--reps", str(preset["reps"]),
-             "--warmup", str(preset["warmup"])],
-            capture_output=True, text=True, timeout=900, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.rpc_baseline",
+                "client",
+                *common,
+                *(["--ifname", link.client_if] if link else []),
+                "--sizes",
+                ",".join(map(str, preset["sizes"])),
+                "--reps",
+                str(preset["reps"]),
+                "--warmup",
+                str(preset["warmup"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         server.process.wait(60)
@@ -154,7 +174,7 @@ def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dic
     lines = [line for line in client.stdout.splitlines() if line.startswith("result ")]
     if client.returncode or not lines:
         raise RuntimeError(f"torch.distributed.rpc baseline failed: {client.stderr[-2000:]}")
-    return json.loads(lines[-1][len("result "):])
+    return json.loads(lines[-1][len("result ") :])
 
 
 def _free_port(host: str) -> int:
@@ -208,8 +228,11 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
     torch_rpc = torch_rpc_phase(preset, host, link) if link is None else {}
     with ExitStack() as stack:
         # One thread per side: two OpenMP pools spinning on 2 cores distort every number.
-        start = lambda *a: stack.enter_context(ServerProcess(  # noqa: E731
-            *a, "--host", host, netns=netns, env={"OMP_NUM_THREADS": "1"}))
+        def start(*args: str) -> Any:
+            return stack.enter_context(
+                ServerProcess(*args, "--host", host, netns=netns, env={"OMP_NUM_THREADS": "1"})
+            )
+
         tcp = TcpEcho(start("tcp").address)
         grpc_echo = GrpcEcho(start("grpc").address)
         modules = {}
@@ -243,10 +266,13 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
                     modules[codec], size, reps, warmup
                 )
             ra_rows = {c: results["remote_autograd"][c].get(str(size), {}) for c in codecs}
-            print(f"{human_bytes(size):>8}: "
-                  + "  ".join(f"{k} {v['MBps']:.0f}" for k, v in row.items()) + "  ra "
-                  + "  ".join(f"{c} {r.get('backward_MBps', 0):.0f}" for c, r in ra_rows.items()),
-                  flush=True)
+            print(
+                f"{human_bytes(size):>8}: "
+                + "  ".join(f"{k} {v['MBps']:.0f}" for k, v in row.items())
+                + "  ra "
+                + "  ".join(f"{c} {r.get('backward_MBps', 0):.0f}" for c, r in ra_rows.items()),
+                flush=True,
+            )
         grpc_echo.close()
         tcp.close()
     results["ratios"] = ratios(results)
@@ -275,26 +301,58 @@ def markdown(results: dict[str, Any], title: str) -> str:
     rows = []
     for size in sizes:
         b = results["baselines"][size]
-        rows.append([human_bytes(int(size)), *(b[k]["s"] * 1e3 for k in b),
-                     *(b[k]["MBps"] for k in b)])
+        rows.append(
+            [human_bytes(int(size)), *(b[k]["s"] * 1e3 for k in b), *(b[k]["MBps"] for k in b)]
+        )
     base_header = list(results["baselines"][sizes[0]])
-    parts = [f"### {title}", "", "Baselines (echo of the payload; ms, then MB/s both ways):", "",
-             table(["size", *(f"{k} ms" for k in base_header), *(f"{k} MB/s" for k in base_header)],
-                   rows), ""]
+    parts = [
+        f"### {title}",
+        "",
+        "Baselines (echo of the payload; ms, then MB/s both ways):",
+        "",
+        table(
+            ["size", *(f"{k} ms" for k in base_header), *(f"{k} MB/s" for k in base_header)], rows
+        ),
+        "",
+    ]
     rows = []
     for codec, by_size in results["remote_autograd"].items():
         for size, ra in by_size.items():
             r = results["ratios"][codec][size]
-            rows.append([codec, human_bytes(int(size)), ra["compute_s"] * 1e3,
-                         ra["backward_s"] * 1e3, ra["backward_MBps"],
-                         ra["wire_bytes_per_roundtrip"] / ra["payload_bytes_per_roundtrip"],
-                         r["backward_vs_tcp"], r["backward_vs_grpc"], r["backward_vs_torch_rpc"],
-                         r["compute_latency_vs_grpc_unary"]])
-    parts += ["remote_autograd (Compute then Backward through `RemoteModule`; ratios > 1 for "
-              "throughput mean faster than the baseline, the latency ratio < 1 means faster):", "",
-              table(["codec", "size", "Compute ms", "Backward ms", "Backward MB/s",
-                     "wire/payload", "Bwd vs TCP", "Bwd vs gRPC", "Bwd vs torch RPC",
-                     "Compute latency / gRPC unary"], rows)]
+            rows.append(
+                [
+                    codec,
+                    human_bytes(int(size)),
+                    ra["compute_s"] * 1e3,
+                    ra["backward_s"] * 1e3,
+                    ra["backward_MBps"],
+                    ra["wire_bytes_per_roundtrip"] / ra["payload_bytes_per_roundtrip"],
+                    r["backward_vs_tcp"],
+                    r["backward_vs_grpc"],
+                    r["backward_vs_torch_rpc"],
+                    r["compute_latency_vs_grpc_unary"],
+                ]
+            )
+    parts += [
+        "remote_autograd (Compute then Backward through `RemoteModule`; ratios > 1 for "
+        "throughput mean faster than the baseline, the latency ratio < 1 means faster):",
+        "",
+        table(
+            [
+                "codec",
+                "size",
+                "Compute ms",
+                "Backward ms",
+                "Backward MB/s",
+                "wire/payload",
+                "Bwd vs TCP",
+                "Bwd vs gRPC",
+                "Bwd vs torch RPC",
+                "Compute latency / gRPC unary",
+            ],
+            rows,
+        ),
+    ]
     return "\n".join(parts)
 
 
@@ -307,12 +365,20 @@ def plot(results: dict[str, Any], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     sizes = [int(s) for s in results["baselines"]]
     for name in results["baselines"][str(sizes[0])]:
-        ax.plot(sizes, [results["baselines"][str(s)][name]["MBps"] for s in sizes], "--o",
-                label=f"{name} (baseline)")
+        ax.plot(
+            sizes,
+            [results["baselines"][str(s)][name]["MBps"] for s in sizes],
+            "--o",
+            label=f"{name} (baseline)",
+        )
     for codec, by_size in results["remote_autograd"].items():
         xs = [int(s) for s in by_size]
-        ax.plot(xs, [by_size[str(s)]["backward_MBps"] for s in xs], "-s",
-                label=f"remote_autograd Backward, {codec}")
+        ax.plot(
+            xs,
+            [by_size[str(s)]["backward_MBps"] for s in xs],
+            "-s",
+            label=f"remote_autograd Backward, {codec}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tensor payload (bytes)")
@@ -328,8 +394,11 @@ def plot(results: dict[str, Any], path: str, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")],
-                        help="override the preset's payload sizes (bytes, comma separated)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        help="override the preset's payload sizes (bytes, comma separated)",
+    )
     parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
     parser.add_argument("--reps", type=int, help="override the preset's repetitions")
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
@@ -345,8 +414,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         link = stack.enter_context(rate_limited_link(args.link)) if args.link else None
         results = run(preset, link)
-    data = {"benchmark": "transfer", "preset": args.preset, "link": args.link or "loopback",
-            "machine": machine(), **results}
+    data = {
+        "benchmark": "transfer",
+        "preset": args.preset,
+        "link": args.link or "loopback",
+        "machine": machine(),
+        **results,
+    }
     write_json(args.json, data)
     if args.doc:
         from benchmarks.common import DOCS
@@ -354,8 +428,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         suffix = f"_{args.link}" if args.link else ""
         title = f"Transfer over {args.link or 'loopback'}"
         plot(results, str(DOCS / f"transfer{suffix}.png"), title)
-        update_doc(f"transfer{suffix}", markdown(data, title)
-                   + f"\n\n![{title}](transfer{suffix}.png)")
+        update_doc(
+            f"transfer{suffix}", markdown(data, title) + f"\n\n![{title}](transfer{suffix}.png)"
+        )
     return data
 
 

@@ -145,8 +145,7 @@ def update_doc(section: str, markdown: str, page: Path = DOC_PAGE) -> None:
     text = page.read_text() if page.exists() else "# Benchmarks\n"
     block = f"{begin}\n{markdown.rstrip()}\n{end}"
     if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text,
-                      flags=re.S)
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     page.parent.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,13 @@ def main() -> None:
     results = {}
     for size in (int(s) for s in args.sizes.split(",")):
         payload = torch.randn(size // 4)
-        seconds = median(measure(lambda p=payload: rpc.rpc_sync("server", echo, args=(p,)),
-                                 warmup=args.warmup, reps=reps_for(size, args.reps)))
+        seconds = median(
+            measure(
+                lambda p=payload: rpc.rpc_sync("server", echo, args=(p,)),
+                warmup=args.warmup,
+                reps=reps_for(size, args.reps),
+            )
+        )
         results[str(size)] = {"s": seconds, "MBps": 2 * size / seconds / 1e6}
     rpc.shutdown()
     print("result " + json.dumps(results), flush=True)

@@ -24,10 +24,18 @@ def runs(preset: str, links: bool) -> list[tuple[str, list[str]]]:
     if links:
         link_preset = "link" if preset == "full" else "smoke"
         for rate in ("1gbit", "100mbit"):
-            out.append((f"transfer_{rate}", ["benchmarks.bench_transfer", "--preset", link_preset,
-                                             "--link", rate, *doc]))
-        out.append(("step_100mbit", ["benchmarks.bench_step", "--preset", preset,
-                                     "--link", "100mbit", *doc]))
+            out.append(
+                (
+                    f"transfer_{rate}",
+                    ["benchmarks.bench_transfer", "--preset", link_preset, "--link", rate, *doc],
+                )
+            )
+        out.append(
+            (
+                "step_100mbit",
+                ["benchmarks.bench_step", "--preset", preset, "--link", "100mbit", *doc],
+            )
+        )
     return out
 
 
@@ -43,8 +51,9 @@ def main() -> None:
     for name, cmd in runs(args.preset, args.links):
         start = time.monotonic()
         print(f"== {name}: {' '.join(cmd)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", *cmd, "--json", str(out / f"{name}.json")],
-                               cwd=ROOT)
+        code = subprocess.call(
+            [sys.executable, "-m", *cmd, "--json", str(out / f"{name}.json")], cwd=ROOT
+        )
         print(f"== {name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
         if code:
             failed.append(name)

@@ -1,8 +1,8 @@
 """remote_autograd: train a PyTorch model whose middle part runs on another machine.
 
-    trunk = RemoteModule("127.0.0.1:50051")        # the trunk runs on the server
-    model = nn.Sequential(bottom, trunk, top)
-    loss_fn(model(x), y).backward()                # top -> trunk (Backward RPC) -> bottom
+trunk = RemoteModule("127.0.0.1:50051")        # the trunk runs on the server
+model = nn.Sequential(bottom, trunk, top)
+loss_fn(model(x), y).backward()                # top -> trunk (Backward RPC) -> bottom
 """
 
 __version__ = "0.1.0"

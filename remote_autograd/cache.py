@@ -8,6 +8,7 @@ that never releases cannot push every other client's contexts out.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import ContextNotFound, LimitExceeded
+from ._proto.remote_autograd_pb2 import ZERO_GRAD_TO_NONE, ZERO_GRAD_TO_ZERO
+from .errors import ContextNotFound, InvalidRequest, LimitExceeded
 
 __all__ = ["ContextCache", "ForwardContext", "Session", "SessionTable", "StepTurns"]
 
@@ -187,6 +189,20 @@ class Session:
     last_step: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def apply_pending(self, zero_grad: int, grad_scale: float) -> None:
+        """zero_grad() and clip scaling the client deferred to this call, in that order."""
+        if zero_grad == ZERO_GRAD_TO_NONE:
+            self.grads.clear()
+        elif zero_grad == ZERO_GRAD_TO_ZERO:
+            for grad in self.grads.values():
+                grad.zero_()
+        if grad_scale and grad_scale != 1.0:
+            if not math.isfinite(grad_scale):
+                raise InvalidRequest(f"grad_scale must be finite, got {grad_scale}")
+            grads = list(self.grads.values())
+            if grads:
+                torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=grads[0].dtype))
 
 
 class SessionTable:

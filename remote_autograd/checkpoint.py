@@ -16,12 +16,16 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from typing import Any
 
-from . import codec
-from .options import Limits
+import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+from . import codec
+from .cache import SessionTable
+from .options import Limits, ServerOptions
+
+__all__ = ["CheckpointMixin", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +78,72 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
             "point --checkpoint elsewhere"
         )
     return state
+
+
+class CheckpointMixin:
+    """Saving and restoring the whole server state; a mixin of TrunkService."""
+
+    # State of TrunkService (service.py) that this mixin uses.
+    options: ServerOptions
+    module: torch.nn.Module
+    params: list[tuple[str, torch.nn.Parameter]]
+    sessions: SessionTable
+    weights_version: int
+    _trunk_lock: threading.RLock
+    saved_version: int | None
+
+    def checkpoint(self, *, on_error: str = "raise") -> int:
+        """Save the trunk and every session's optimizer to ``checkpoint_path``; return the
+        weights version saved. A consistent snapshot: no Step runs while it is written."""
+        path = self.options.checkpoint_path
+        if not path:
+            raise ValueError("ServerOptions.checkpoint_path is not set")
+        with self._trunk_lock:
+            version = self.weights_version
+            sessions = {}
+            for session in self.sessions.values():
+                if session.optimizer is not None:
+                    sessions[session.key] = {
+                        "step": session.last_step,
+                        "optimizer": session.optimizer_name,
+                        "options": session.optimizer_options,
+                        "state": session.optimizer.state_dict(),
+                    }
+            state = {
+                "weights_version": version,
+                "module": dict(self.module.state_dict()),
+                "sessions": sessions,
+            }
+            try:
+                save_checkpoint(path, state)
+            except OSError:
+                if on_error == "raise":
+                    raise
+                log.exception("could not save the checkpoint to %s; training goes on", path)
+                return self.saved_version or 0
+            self.saved_version = version
+        log.debug("checkpoint of weights v%d saved to %s", version, path)
+        return version
+
+    def _restore(self, path: str) -> None:
+        state = load_checkpoint(path)
+        if state is None:
+            log.info("no checkpoint at %s yet: starting from the module's weights", path)
+            return
+        with torch.no_grad():
+            self.module.load_state_dict(state["module"])
+        self.weights_version = self.saved_version = int(state["weights_version"])
+        for key, saved in state["sessions"].items():
+            session = self.sessions.get(key)
+            cls = getattr(torch.optim, saved["optimizer"])
+            session.optimizer = cls([p for _, p in self.params], **saved["options"])
+            session.optimizer.load_state_dict(saved["state"])
+            session.optimizer_name = saved["optimizer"]
+            session.optimizer_options = saved["options"]
+            session.last_step = int(saved["step"])
+        log.info(
+            "resumed from checkpoint %s: weights v%d, %d sessions",
+            path,
+            self.weights_version,
+            len(state["sessions"]),
+        )

@@ -47,25 +47,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="run the trunk in this dtype (bfloat16...)")
     defaults, limits = ServerOptions(), Limits()
     parser.add_argument(
-        "--context-ttl", type=float, default=defaults.context_ttl,
+        "--context-ttl",
+        type=float,
+        default=defaults.context_ttl,
         help="seconds a forward context waits for its Backward",
     )
     parser.add_argument("--max-contexts", type=int, default=defaults.max_contexts)
     parser.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes)
-    parser.add_argument(
-        "--max-session-contexts", type=int, default=defaults.max_session_contexts
-    )
+    parser.add_argument("--max-session-contexts", type=int, default=defaults.max_session_contexts)
     parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     parser.add_argument("--session-ttl", type=float, default=defaults.session_ttl)
     parser.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes)
     parser.add_argument("--max-payload-bytes", type=int, default=limits.max_payload_bytes)
     parser.add_argument("--max-tensor-bytes", type=int, default=limits.max_tensor_bytes)
-    parser.add_argument(
-        "--max-tensor-elements", type=int, default=limits.max_tensor_elements
-    )
+    parser.add_argument("--max-tensor-elements", type=int, default=limits.max_tensor_elements)
     parser.add_argument("--max-tensors", type=int, default=limits.max_tensors)
     parser.add_argument(
-        "--recompute", action="store_true",
+        "--recompute",
+        action="store_true",
         help="keep only inputs between Compute and Backward; recompute the forward",
     )
     parser.add_argument(
@@ -159,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_server_arguments(serve_parser)
     try:
         from .hf.cli import add_commands
-    except ImportError:  # the hf extra is not installed
-        add_commands = None
-    if add_commands is not None:
+    except ImportError:  # the hf extra is not installed: serve --module still works
+        pass
+    else:
         add_commands(commands, serve_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(

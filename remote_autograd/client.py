@@ -18,7 +18,12 @@ from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .errors import ServerUnavailable, StaleContext, from_rpc_error
 from .options import ClientOptions
-from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel, max_message_bytes
+from .transport import (
+    AUTH_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    create_channel,
+    fits_unary,
+)
 
 __all__ = ["CallStats", "TrunkClient"]
 
@@ -69,7 +74,7 @@ class TrunkClient:
         self._big_reply: dict[str, bool] = {}
         # Deferred work that rides on the next call instead of costing a round trip.
         self._pending_releases: list[str] = []
-        self._pending_zero = pb.ZERO_GRAD_NONE
+        self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
         self._pending_scale = 1.0
         self._release_wakeup = threading.Event()
         self._release_thread: threading.Thread | None = None
@@ -87,14 +92,7 @@ class TrunkClient:
             if self._closed:
                 raise RuntimeError(f"the client for {self.address} is closed")
             if self._stub is None:
-                limit = max_message_bytes(1 << 20, 1 << 20)
-                # Replies to unary calls may be large (a small request can produce a big
-                # output), so the receive side accepts up to the frame limit.
-                self._channel = create_channel(
-                    self.address,
-                    self.options,
-                    max(limit, self.options.limits.max_payload_bytes + (64 << 10)),
-                )
+                self._channel = create_channel(self.address, self.options)
                 self._stub = pb_grpc.TrunkStub(self._channel)
             return self._stub
 
@@ -150,8 +148,13 @@ class TrunkClient:
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < attempts:
-                    log.debug("%s to %s unavailable; retry %d in %.2fs", method, self.address,
-                              attempt, delay)
+                    log.debug(
+                        "%s to %s unavailable; retry %d in %.2fs",
+                        method,
+                        self.address,
+                        attempt,
+                        delay,
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, self.options.retry_backoff_max)
                     continue
@@ -169,7 +172,9 @@ class TrunkClient:
         buffers = self._encoders[kind].encode_buffers(value)
         size = sum(len(b) for b in buffers)
         header.release_ids.extend(self._take_releases())
-        streamed = size > info.unary_payload_bytes or self._big_reply.get(method, False)
+        streamed = not fits_unary(size, info.unary_payload_bytes) or self._big_reply.get(
+            method, False
+        )
         if streamed:
             rpc = getattr(stub, method + "Stream")
 
@@ -185,7 +190,7 @@ class TrunkClient:
 
         received = self._call(method, invoke)
         reply_size = received.header.payload_bytes
-        self._big_reply[method] = reply_size > info.unary_payload_bytes
+        self._big_reply[method] = not fits_unary(reply_size, info.unary_payload_bytes)
         self.stats.bytes_sent += size
         self.stats.bytes_received += reply_size
         self.stats.server_compute_seconds += received.header.compute_seconds
@@ -235,10 +240,12 @@ class TrunkClient:
             weights_version=weights_version,
             backward_seq=backward_seq,
         )
-        log.info("forward context %s was lost on %s; resending its inputs to recompute it",
-                 request_id[:12], self.address)
-        _, reply = self._exchange("Compute", header, {"args": args, "kwargs": kwargs},
-                                  "activation")
+        log.info(
+            "forward context %s was lost on %s; resending its inputs to recompute it",
+            request_id[:12],
+            self.address,
+        )
+        _, reply = self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
         return reply
 
     def _next_seed(self) -> int:
@@ -331,13 +338,13 @@ class TrunkClient:
         with self._lock:
             self._pending_scale *= scale
 
-    def _take_grad_ops(self) -> tuple[int, float]:
+    def _take_grad_ops(self) -> tuple[pb.ZeroGradMode, float]:
         with self._lock:
             taken = (self._pending_zero, self._pending_scale)
             self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
             return taken
 
-    def _restore_grad_ops(self, zero: int, scale: float) -> None:
+    def _restore_grad_ops(self, zero: pb.ZeroGradMode, scale: float) -> None:
         with self._lock:
             if self._pending_zero == pb.ZERO_GRAD_NONE:
                 self._pending_zero = zero
@@ -360,9 +367,7 @@ class TrunkClient:
         # A deferred zero_grad/scale is applied by the server on arrival: not safe to repeat.
         safe = zero == pb.ZERO_GRAD_NONE and scale == 1.0
         try:
-            reply = self._call(
-                "GradNorm", lambda: stub.GradNorm(request, **self._kw()), retry=safe
-            )
+            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()), retry=safe)
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise

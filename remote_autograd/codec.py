@@ -193,9 +193,7 @@ class Decoder:
         if not isinstance(metas, list) or not isinstance(tree, bytes):
             raise CodecError("frame header must hold 'tensors' (a list) and 'tree' (bytes)")
         if len(metas) > limits.max_tensors:
-            raise CodecError(
-                f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}"
-            )
+            raise CodecError(f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}")
         checked = [self._check_meta(i, m) for i, m in enumerate(metas)]
         offset = 5 + meta_len
         spans = []
@@ -227,7 +225,8 @@ class Decoder:
         dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
         if dtype is None:
             raise CodecError(
-                f"tensor {index}: unknown dtype {meta.get('dtype')!r}; supported: {', '.join(DTYPES)}"
+                f"tensor {index}: unknown dtype {meta.get('dtype')!r}; "
+                f"supported: {', '.join(DTYPES)}"
             )
         shape = meta.get("shape")
         if (
@@ -331,8 +330,11 @@ def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, nu
     out = torch.empty(numel, dtype=torch.float32)
     full = numel // block
     # int8 * float32 written straight into the output: no float copy of the int8s, no padding.
-    torch.mul(q8[: full * block].view(full, block), scales[:full, None],
-              out=out[: full * block].view(full, block))
+    torch.mul(
+        q8[: full * block].view(full, block),
+        scales[:full, None],
+        out=out[: full * block].view(full, block),
+    )
     if full < blocks:
         torch.mul(q8[full * block :], scales[full], out=out[full * block :])
     return out.to(dtype)
@@ -371,8 +373,13 @@ def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, 
     rows = flat[: full * _INT8_BLOCK].view(full, _INT8_BLOCK)
     parts = [(rows, q8[: full * _INT8_BLOCK].view(full, _INT8_BLOCK), scales[:full])]
     if full < blocks:  # the last, partial block
-        parts.append((flat[full * _INT8_BLOCK :].view(1, -1), q8[full * _INT8_BLOCK :].view(1, -1),
-                      scales[full:]))
+        parts.append(
+            (
+                flat[full * _INT8_BLOCK :].view(1, -1),
+                q8[full * _INT8_BLOCK :].view(1, -1),
+                scales[full:],
+            )
+        )
     step = max(1, _CHUNK // _INT8_BLOCK)
     for values, out, block_scales in parts:
         for row in range(0, values.shape[0], step):  # cache-sized pieces: temporaries stay hot
@@ -387,7 +394,8 @@ def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    array: Any = flat.view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
+    return memoryview(array).cast("B")
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -430,9 +438,19 @@ class _TreePacker:
             return msgpack.ExtType(_EXT_TENSOR, _U32.pack(len(self.tensors) - 1))
         if isinstance(value, tuple):
             return msgpack.ExtType(_EXT_TUPLE, self.packb(list(value)))
-        for plain in (bool, int, float, str, dict, list):
-            if isinstance(value, plain):
-                return plain(value)  # subclasses (IntEnum, OrderedDict...) as their base
+        # Subclasses (IntEnum, OrderedDict...) travel as their base type.
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, list):
+            return list(value)
         raise CodecError(
             f"cannot send a value of type {type(value).__name__}: frames carry tensors, None, "
             "bool, int, float, str, and lists, tuples and dicts of these"

@@ -9,11 +9,11 @@ Every error the library raises derives from :class:`RemoteAutogradError`::
     │   └── DeadlineExceeded      DEADLINE_EXCEEDED: no answer within the call's deadline
     └── RemoteError           the server answered with an error
         ├── InvalidRequest        INVALID_ARGUMENT: the server refused what was sent
-        ├── LimitExceeded         RESOURCE_EXHAUSTED: a configured limit was hit (the message names it)
-        ├── ContextNotFound       NOT_FOUND: Backward on a forward context that expired or never existed
-        ├── StaleContext          FAILED_PRECONDITION: state moved on (weights stepped, step numbers)
+        ├── LimitExceeded         RESOURCE_EXHAUSTED: a configured limit was hit (named)
+        ├── ContextNotFound       NOT_FOUND: Backward on a context that expired or never was
+        ├── StaleContext          FAILED_PRECONDITION: state moved on (weights, step numbers)
         ├── AuthenticationError   UNAUTHENTICATED / PERMISSION_DENIED
-        └── TrunkError            INTERNAL / UNKNOWN / UNIMPLEMENTED: the trunk itself raised
+        └── TrunkError            INTERNAL / UNKNOWN / UNIMPLEMENTED: the trunk raised
 
 ``grpc.RpcError`` is translated in exactly one place, :func:`from_rpc_error`, which the client
 calls for every failed RPC. The server sends the class name in the ``ra-error`` trailing metadata

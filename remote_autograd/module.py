@@ -48,9 +48,7 @@ class RemoteModule(nn.Module):
         keep = grad_on and (
             any(t.requires_grad for t in tensors) or self.client.info().trainable_numel > 0
         )
-        device = self.device or next(
-            (t.device for t in tensors), torch.device("cpu")
-        )
+        device = self.device or next((t.device for t in tensors), torch.device("cpu"))
         call = RemoteCall(
             self.client, template, keep_context=keep, training=self.training, device=device
         )

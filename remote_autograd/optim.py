@@ -28,7 +28,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, module: RemoteModule, optimizer_class: type[torch.optim.Optimizer] | str, **kwargs: Any
+        self,
+        module: RemoteModule,
+        optimizer_class: type[torch.optim.Optimizer] | str,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(module, RemoteModule):
             raise TypeError(
@@ -36,7 +39,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"{type(module).__name__}; optimize local modules with a torch optimizer"
             )
         name = optimizer_class if isinstance(optimizer_class, str) else optimizer_class.__name__
-        if not isinstance(optimizer_class, str) and getattr(torch.optim, name, None) is not optimizer_class:
+        if (
+            not isinstance(optimizer_class, str)
+            and getattr(torch.optim, name, None) is not optimizer_class
+        ):
             raise ValueError(
                 f"{optimizer_class!r} is not a class of torch.optim: the server only builds "
                 "optimizers from torch.optim by name"

@@ -11,7 +11,13 @@ import grpc
 
 from .options import ClientOptions, ServerOptions
 
-__all__ = ["AUTH_METADATA_KEY", "SESSION_METADATA_KEY", "create_channel", "create_server"]
+__all__ = [
+    "AUTH_METADATA_KEY",
+    "SESSION_METADATA_KEY",
+    "create_channel",
+    "create_server",
+    "fits_unary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +28,17 @@ AUTH_METADATA_KEY = "authorization"
 _MESSAGE_SLACK = 64 << 10
 
 
-def _message_options(max_message: int) -> list[tuple[str, int]]:
+def _message_options(max_receive: int, max_send: int) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", max_message),
-        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_send),
+        ("grpc.max_receive_message_length", max_receive),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # The server must accept the clients' keepalive pings (every 30 s, also while idle);
+        # gRPC's default (one per 5 minutes) answers them with GOAWAY "too_many_pings".
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
     ]
 
 
@@ -37,10 +46,19 @@ def max_message_bytes(unary_payload_bytes: int, stream_chunk_bytes: int) -> int:
     return max(unary_payload_bytes, stream_chunk_bytes) + _MESSAGE_SLACK
 
 
-def create_channel(address: str, options: ClientOptions, max_message: int) -> grpc.Channel:
+def fits_unary(frame_bytes: int, unary_payload_bytes: int) -> bool:
+    """Whether a frame goes in one message: the limit is on tensor payload, and the frame's
+    own header rides in the slack (a 1 MiB tensor must not be streamed for 130 bytes)."""
+    return frame_bytes <= unary_payload_bytes + _MESSAGE_SLACK // 2
+
+
+def create_channel(address: str, options: ClientOptions) -> grpc.Channel:
     """A channel to a trunk server; TLS when the options carry root certificates."""
+    # Replies to unary calls may be a whole frame; what the client sends is bounded by the
+    # server (one unary frame or one stream chunk per message).
+    largest = options.limits.max_payload_bytes + _MESSAGE_SLACK
     channel_options = [
-        *_message_options(max_message),
+        *_message_options(largest, largest),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
         ("grpc.enable_retries", 0),  # the client retries where it is safe, not gRPC
@@ -78,7 +96,12 @@ def create_server(
             max_workers=options.max_workers, thread_name_prefix="remote-autograd"
         ),
         interceptors=list(interceptors),
-        options=[*_message_options(max_message), ("grpc.so_reuseport", 0)],
+        # A small request can produce a large output: a unary reply may be up to a whole
+        # frame (the client switches that method to streams once it has seen one).
+        options=[
+            *_message_options(max_message, options.limits.max_payload_bytes + _MESSAGE_SLACK),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     if options.certificate_chain is not None:
         if options.private_key is None:

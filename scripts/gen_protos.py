@@ -42,7 +42,9 @@ def generate(out: pathlib.Path) -> None:
         text = grpc_file.read_text()
         text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
         grpc_file.write_text(text)
-    (out / "__init__.py").write_text('"""Generated from protos/ by scripts/gen_protos.py. Do not edit."""\n')
+    (out / "__init__.py").write_text(
+        '"""Generated from protos/ by scripts/gen_protos.py. Do not edit."""\n'
+    )
 
 
 def main() -> None:

@@ -64,8 +64,14 @@ def test_step_smoke(tmp_path: Path) -> None:
 )
 def test_transfer_over_shaped_link_smoke(tmp_path: Path) -> None:
     data = run_script(
-        "benchmarks.bench_transfer", tmp_path, "--link", "1gbit", "--sizes", "65536",
-        "--codecs", "auto",
+        "benchmarks.bench_transfer",
+        tmp_path,
+        "--link",
+        "1gbit",
+        "--sizes",
+        "65536",
+        "--codecs",
+        "auto",
     )
     assert data["link"] == "1gbit"
     assert data["remote_autograd"]["auto"]["65536"]["backward_s"] > 0

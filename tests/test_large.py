@@ -34,3 +34,21 @@ def test_256_mib_tensor_round_trips_forward_and_backward(start_server):
     # Both directions were streamed in chunks (the frames exceed the unary limit).
     assert remote.client.stats.bytes_sent > 512 * MiB
     assert remote.client.stats.bytes_received > 512 * MiB
+
+
+def test_small_request_with_a_large_reply(start_server):
+    class Expand(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor([1.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(1 << 20) * self.weight  # 8 floats in, 32 MiB out
+
+    remote = RemoteModule(start_server(Expand()).address)
+    x = torch.arange(8.0, requires_grad=True)
+    for _ in range(2):  # the first reply arrives unary, the next call streams
+        y = remote(x)
+        assert torch.equal(y, x.detach().repeat(1 << 20))
+        y.sum().backward()
+    assert torch.equal(x.grad, torch.full((8,), 2.0 * (1 << 20)))

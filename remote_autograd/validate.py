@@ -1,0 +1,148 @@
+"""What the server accepts from the network besides frames: plain hyperparameters, finite
+numbers, gradients that will not poison the weights. Each check raises InvalidRequest naming
+what it refused."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import torch
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "check_finite_grads",
+    "check_finite_groups",
+    "check_finite_tree",
+    "clone_tree",
+    "decode_groups",
+    "describe",
+    "is_plain",
+    "plain_group",
+    "plain_map",
+]
+
+_PLAIN = (bool, int, float)
+
+
+def check_finite_grads(
+    params: Sequence[tuple[str, torch.Tensor]], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """Refuse a Backward whose parameter gradients hold NaN or inf, before accumulating."""
+    present = [(name, g) for (name, _), g in zip(params, grads, strict=True) if g is not None]
+    if not present:
+        return
+    finite = torch.stack([torch.isfinite(g).all() for _, g in present])
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(present, finite.tolist(), strict=True) if not ok]
+        raise InvalidRequest(
+            f"this Backward gives non-finite (NaN or inf) gradients for trunk parameters "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: refused, nothing was "
+            "accumulated (check the inputs and the loss)"
+        )
+
+
+def check_finite_tree(value: Any, what: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InvalidRequest(f"{what} holds NaN or inf; refused")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{what} holds {value}; refused")
+    elif isinstance(value, dict):
+        for item in value.values():
+            check_finite_tree(item, what)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_finite_tree(item, what)
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def is_plain(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, _PLAIN) or value is None:
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, _PLAIN) and (not isinstance(v, float) or math.isfinite(v)) for v in value
+    )
+
+
+def plain_map(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(data, raw=False) if data else {}
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise InvalidRequest(f"{what} are not valid msgpack: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidRequest(f"{what} must be a map of names to values")
+    for key, item in value.items():
+        if not is_plain(item):
+            raise InvalidRequest(
+                f"{what}: {key}={item!r} is not a finite number, bool, or list of these"
+            )
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
+def plain_group(group: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in group.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (*_PLAIN, type(None), str)) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)
+        ):
+            out[key] = value
+    return out
+
+
+def decode_groups(data: bytes, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    try:
+        groups = msgpack.unpackb(data, raw=False) if data else [{} for _ in optimizer.param_groups]
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise InvalidRequest(f"param_groups are not valid msgpack: {exc}") from exc
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise InvalidRequest(f"param_groups must be a list of {len(optimizer.param_groups)} maps")
+    updates = []
+    for group, current in zip(groups, optimizer.param_groups, strict=True):
+        if not isinstance(group, dict):
+            raise InvalidRequest("each param group must be a map of hyperparameters")
+        update = {}
+        for key, value in group.items():
+            if key not in current or key == "params":
+                continue  # e.g. initial_lr from a scheduler: a client-side detail
+            if not is_plain(value) or value is None:
+                raise InvalidRequest(
+                    f"hyperparameter {key}={value!r}: expected a finite number, bool or a list "
+                    "of these"
+                )
+            update[key] = tuple(value) if isinstance(value, list) else value
+        updates.append(update)
+    return updates
+
+
+def check_finite_groups(state: Any) -> None:
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list):
+        raise InvalidRequest("optimizer state must hold 'param_groups' (a list)")
+    for group in groups:
+        for key, value in group.items() if isinstance(group, dict) else ():
+            if key != "params" and not is_plain(value) and not isinstance(value, str):
+                raise InvalidRequest(f"optimizer state: {key}={value!r} is not finite and plain")
+
+
+def clone_tree(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tree(v) for v in value)
+    return value
