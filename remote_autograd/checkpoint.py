@@ -16,14 +16,13 @@ import contextlib
 import logging
 import os
 import tempfile
-import threading
 from typing import Any
 
 import torch
 
 from . import codec
-from .cache import SessionTable
-from .options import Limits, ServerOptions
+from .options import Limits
+from .state import TrunkState
 
 __all__ = ["CheckpointMixin", "load_checkpoint", "save_checkpoint"]
 
@@ -80,17 +79,8 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
     return state
 
 
-class CheckpointMixin:
+class CheckpointMixin(TrunkState):
     """Saving and restoring the whole server state; a mixin of TrunkService."""
-
-    # State of TrunkService (service.py) that this mixin uses.
-    options: ServerOptions
-    module: torch.nn.Module
-    params: list[tuple[str, torch.nn.Parameter]]
-    sessions: SessionTable
-    weights_version: int
-    _trunk_lock: threading.RLock
-    saved_version: int | None
 
     def checkpoint(self, *, on_error: str = "raise") -> int:
         """Save the trunk and every session's optimizer to ``checkpoint_path``; return the

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 
 from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
-from .cache import ContextCache, ForwardContext, Session, SessionTable, StepTurns
+from .cache import ForwardContext, Session
 from .errors import InvalidRequest, StaleContext, TrunkError
-from .options import ServerOptions
+from .state import TrunkState
 from .tree import flatten, unflatten
 from .validate import check_finite_grads, describe
 
@@ -39,22 +38,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class ComputeMixin:
+class ComputeMixin(TrunkState):
     """Compute and Backward of :class:`~remote_autograd.service.TrunkService`."""
-
-    # State of TrunkService (service.py) that this mixin uses.
-    options: ServerOptions
-    module: torch.nn.Module
-    params: list[tuple[str, torch.nn.Parameter]]
-    sessions: SessionTable
-    weights_version: int
-    _trunk_lock: threading.RLock
-    device: torch.device
-    dtype: torch.dtype | None
-    contexts: ContextCache
-    turns: StepTurns
-    decoder: codec.Decoder
-    server_id: str
 
     def _compute(self, session: Session, received: frames.Received):
         header = received.header

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +17,9 @@ import torch
 
 from . import codec
 from ._proto import remote_autograd_pb2 as pb
-from .cache import Session, SessionTable, StepTurns
+from .cache import Session
 from .errors import InvalidRequest, StaleContext
-from .options import ServerOptions
+from .state import TrunkState
 from .validate import (
     check_finite_groups,
     check_finite_tree,
@@ -39,18 +38,8 @@ log = logging.getLogger(__name__)
 _NOT_OPTIMIZERS = {"Optimizer", "LBFGS"}
 
 
-class OptimizerMixin:
+class OptimizerMixin(TrunkState):
     """ConfigureOptimizer, GradNorm, Step, GetState and LoadState of TrunkService."""
-
-    # State of TrunkService (service.py) that this mixin uses.
-    options: ServerOptions
-    module: torch.nn.Module
-    params: list[tuple[str, torch.nn.Parameter]]
-    sessions: SessionTable
-    weights_version: int
-    _trunk_lock: threading.RLock
-    turns: StepTurns
-    server_id: str
 
     checkpoint: Callable[..., int]  # CheckpointMixin
 

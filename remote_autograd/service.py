@@ -214,32 +214,33 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
 
     @_rpc
     def Compute(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Frame:
-        session = self.session(context)
-        received = frames.receive_unary(request, self.options.limits)
-        header, buffers = self._compute(session, received)
-        return frames.unary_message(header, buffers)
+        return self._unary(self._compute, request, context)
 
     @_rpc
     @_streams_reply
     def ComputeStream(self, request_iterator: Any, context: grpc.ServicerContext):
-        session = self.session(context)
-        with self._receive(request_iterator, "ComputeStream") as received:
-            header, buffers = self._compute(session, received)
-        yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
+        yield from self._streamed(self._compute, "ComputeStream", request_iterator, context)
 
     @_rpc
     def Backward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Frame:
-        session = self.session(context)
-        received = frames.receive_unary(request, self.options.limits)
-        header, buffers = self._backward(session, received)
-        return frames.unary_message(header, buffers)
+        return self._unary(self._backward, request, context)
 
     @_rpc
     @_streams_reply
     def BackwardStream(self, request_iterator: Any, context: grpc.ServicerContext):
+        yield from self._streamed(self._backward, "BackwardStream", request_iterator, context)
+
+    def _unary(self, work: Callable, request: pb.Frame, context: grpc.ServicerContext):
         session = self.session(context)
-        with self._receive(request_iterator, "BackwardStream") as received:
-            header, buffers = self._backward(session, received)
+        header, buffers = work(session, frames.receive_unary(request, self.options.limits))
+        return frames.unary_message(header, buffers)
+
+    def _streamed(
+        self, work: Callable, method: str, request_iterator: Any, context: grpc.ServicerContext
+    ) -> Iterator[pb.Frame]:
+        session = self.session(context)
+        with self._receive(request_iterator, method) as received:
+            header, buffers = work(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
 
     @contextmanager

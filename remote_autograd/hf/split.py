@@ -94,14 +94,19 @@ class GPT2Family(DecoderFamily):
         return backbone.ln_f
 
     def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = _causal_mask(config, hidden_states, attention_mask, position_ids)
         return {"attention_mask": mask, "position_ids": position_ids}
+
+
+def _causal_mask(config, hidden_states, attention_mask, position_ids):
+    """The 4-D causal + padding mask the blocks take, built as the unsplit model builds it."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden_states,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
 
 
 class LlamaFamily(DecoderFamily):
@@ -127,13 +132,7 @@ class LlamaFamily(DecoderFamily):
         return backbone.norm
 
     def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = _causal_mask(config, hidden_states, attention_mask, position_ids)
         return {
             "attention_mask": mask,
             "position_ids": position_ids,
