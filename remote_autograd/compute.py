@@ -25,7 +25,7 @@ from .cache import ForwardContext, Session
 from .errors import InvalidRequest, StaleContext, TrunkError
 from .state import TrunkState
 from .tree import flatten, unflatten
-from .validate import check_finite_grads, describe
+from .validate import check_finite_grads, describe, finite_flags
 
 __all__ = ["ComputeMixin"]
 
@@ -227,7 +227,7 @@ class ComputeMixin(TrunkState):
                     raise InvalidRequest(
                         f"gradient {index}: expected a floating tensor, got {describe(grad)}"
                     )
-                if not bool(torch.isfinite(grad).all()):
+                if not finite_flags([grad])[0]:
                     raise InvalidRequest(
                         f"gradient {index} is not finite (NaN or inf): refused before it "
                         "reaches the trunk"

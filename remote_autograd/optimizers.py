@@ -26,6 +26,7 @@ from .validate import (
     clone_tree,
     decode_groups,
     describe,
+    finite_flags,
     plain_group,
     plain_map,
 )
@@ -217,5 +218,5 @@ class OptimizerMixin(TrunkState):
                     f"parameter {name}: expected shape {list(named[name].shape)}, "
                     f"got {describe(value)}"
                 )
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not finite_flags([value])[0]:
                 raise InvalidRequest(f"parameter {name} holds NaN or inf; refused")

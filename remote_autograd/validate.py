@@ -20,12 +20,27 @@ __all__ = [
     "clone_tree",
     "decode_groups",
     "describe",
+    "finite_flags",
     "is_plain",
     "plain_group",
     "plain_map",
 ]
 
 _PLAIN = (bool, int, float)
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values, with one pass over each (``aminmax``
+    propagates NaN and shows inf; ``isfinite().all()`` would first build a boolean tensor as
+    large as the input, several times slower) and one synchronisation for all of them."""
+    flags = []
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor)
+            flags.append(torch.isfinite(low) & torch.isfinite(high))
+        else:
+            flags.append(torch.ones((), dtype=torch.bool, device=tensor.device))
+    return torch.stack(flags).tolist() if flags else []
 
 
 def check_finite_grads(
@@ -35,9 +50,9 @@ def check_finite_grads(
     present = [(name, g) for (name, _), g in zip(params, grads, strict=True) if g is not None]
     if not present:
         return
-    finite = torch.stack([torch.isfinite(g).all() for _, g in present])
-    if not bool(finite.all()):
-        bad = [name for (name, _), ok in zip(present, finite.tolist(), strict=True) if not ok]
+    finite = finite_flags([g for _, g in present])
+    if not all(finite):
+        bad = [name for (name, _), ok in zip(present, finite, strict=True) if not ok]
         raise InvalidRequest(
             f"this Backward gives non-finite (NaN or inf) gradients for trunk parameters "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: refused, nothing was "
@@ -47,7 +62,7 @@ def check_finite_grads(
 
 def check_finite_tree(value: Any, what: str) -> None:
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not finite_flags([value])[0]:
             raise InvalidRequest(f"{what} holds NaN or inf; refused")
     elif isinstance(value, float):
         if not math.isfinite(value):
