@@ -28,7 +28,7 @@ protos: venv
 	$(PY) scripts/gen_protos.py
 
 bench-smoke: venv
-	$(PY) benchmarks/run_all.py --preset smoke
+	$(PY) -m benchmarks.run_all --preset smoke
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

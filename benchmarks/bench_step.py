@@ -1,9 +1,12 @@
 """Training-step benchmark: GPT-2 with its blocks on a trunk server vs the same model in-process.
 
-Same weights, same batches, same optimizer (AdamW; the trunk's runs on the server through
-RemoteOptimizer). All runs advance in lockstep, step i of each back to back. Reports the
-median step time, the overhead ratio, where the split step's time goes, and the loss curve of
-every wire codec next to the monolithic float32 one.
+The model is transformers' GPT2LMHeadModel (random init, no downloads), cut by the library's
+own ``remote_autograd.hf.split_causal_lm``: bottom (embeddings) | trunk (every block, on the
+server) | top (final norm + tied LM head). No LoRA: every weight trains. Same weights, same
+batches, same optimizer (AdamW; the trunk's runs on the server through RemoteOptimizer). All
+runs advance in lockstep, step i of each back to back. Reports the median step time, the
+overhead ratio, where the split step's time goes, and the loss curve of every wire codec next
+to the monolithic float32 one.
 
     python -m benchmarks.bench_step --preset full --json step.json --doc
     python -m benchmarks.bench_step --preset full --link 100mbit --doc      # needs root
@@ -18,7 +21,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.common import (
     ServerProcess,
@@ -29,7 +32,7 @@ from benchmarks.common import (
     update_doc,
     write_json,
 )
-from benchmarks.gpt2_split import build
+from remote_autograd.hf import SplitModel, causal_lm_loss, split_causal_lm, unique_parameters
 
 # ---- settings ---------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,11 +48,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "small",
         "batch": 2,
         "seq": 64,
-        "steps": 8,
+        "steps": 20,
         "warmup": 2,
         "codecs": ["none", "bf16", "fp16", "int8"],
     },
 }
+# model -> (n_layer, n_embd, n_head, vocab): "small" is GPT-2 small (124M parameters).
+MODELS = {"small": (12, 768, 12, 50257), "tiny": (2, 64, 4, 1000)}
+SEED = 0  # the same weights in every process: split and monolithic runs start identical
 LR = 3e-4
 DATA_VOCAB = 512  # tokens are drawn from the first 512 ids: a pattern the model learns fast
 # -----------------------------------------------------------------------------------------
@@ -62,23 +68,50 @@ def batches(preset: dict[str, Any]) -> list[torch.Tensor]:
     return [torch.randint(0, DATA_VOCAB, shape, generator=generator) for _ in range(n)]
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+def build_model(name: str) -> GPT2LMHeadModel:
+    """The whole GPT-2 in training mode, GPT-2's own init drawn from ``SEED``."""
+    n_layer, n_embd, n_head, vocab = MODELS[name]
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=1024,
+        resid_pdrop=0.0,  # no dropout: runs are comparable step by step
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = GPT2LMHeadModel(config)
+    return model.train()
+
+
+def build_split(name: str) -> SplitModel:
+    """Bottom | trunk (all blocks) | top, from the library's split."""
+    return split_causal_lm(build_model(name), 0, MODELS[name][0])
+
+
+def build_trunk(name: str) -> torch.nn.Module:
+    """What the trunk server runs (``python -m benchmarks.servers ra --trunk NAME``)."""
+    return build_split(name).trunk
 
 
 class Monolithic:
     """The whole model in this process."""
 
     def __init__(self, preset: dict[str, Any]) -> None:
-        self.bottom, self.trunk, self.top = build(preset["model"])
-        params = [*self.bottom.parameters(), *self.trunk.parameters(), *self.top.ln_f.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=LR)
+        self.model = build_model(preset["model"])  # unsplit
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         self.times: list[float] = []
         self.losses: list[float] = []
 
     def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
         start = time.perf_counter()
-        loss = lm_loss(self.top(self.trunk(self.bottom(ids))), ids)
+        loss = causal_lm_loss(self.model(ids).logits, ids)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -97,12 +130,10 @@ class Split:
         from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
 
         self.preset, self.codec = preset, codec
-        self.bottom, _, self.top = build(preset["model"])
+        self.bottom, _, self.top = build_split(preset["model"])
         options = ClientOptions(activation_quantization=codec, gradient_quantization=codec)
         self.trunk = RemoteModule(address, options=options)
-        self.optimizer = torch.optim.AdamW(
-            [*self.bottom.parameters(), *self.top.ln_f.parameters()], lr=LR
-        )
+        self.optimizer = torch.optim.AdamW(unique_parameters(self.bottom, self.top), lr=LR)
         self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -117,7 +148,7 @@ class Split:
             stats.bytes_sent + stats.bytes_received,
         )
         start = time.perf_counter()
-        hidden = self.bottom(ids)  # [B, T, n_embd]
+        hidden = self.bottom(ids)["hidden_states"]  # [B, T, n_embd]
         # Hooks mark when the remote Backward starts (grad of the trunk's output is ready)
         # and ends (the grad of its input arrives), to split the step's time.
         hidden.register_hook(lambda g: marks.__setitem__("bwd_end", time.perf_counter()))
@@ -125,7 +156,7 @@ class Split:
         out = self.trunk(hidden)  # [B, T, n_embd]
         t1 = time.perf_counter()
         out.register_hook(lambda g: marks.__setitem__("bwd_start", time.perf_counter()))
-        loss = lm_loss(self.top(out), ids)
+        loss = causal_lm_loss(self.top(out), ids)
         loss.backward()
         t2 = time.perf_counter()
         self.remote_optimizer.step()
@@ -167,11 +198,10 @@ class Split:
 
 def _client_codec_seconds(preset: dict[str, Any], codec: str) -> float:
     """Client-side encode + decode of one step's tensors (4 of [B, T, n_embd]), timed apart."""
-    from benchmarks.gpt2_split import config
     from remote_autograd import Decoder, Encoder
 
-    cfg = config(preset["model"])
-    tensor = torch.randn(preset["batch"], preset["seq"], cfg.n_embd)
+    n_embd = MODELS[preset["model"]][1]
+    tensor = torch.randn(preset["batch"], preset["seq"], n_embd)
     encoder, decoder = Encoder(quantization=codec), Decoder()
     frame = encoder.encode({"t": tensor})
     samples = []
@@ -248,7 +278,8 @@ def markdown(data: dict[str, Any], title: str) -> str:
         "max loss rel. diff",
     ]
     return (
-        f"### {title}\n\nGPT-2 `{p['model']}` (random init), batch {p['batch']} x "
+        f"### {title}\n\nGPT-2 `{p['model']}` (random init, split by `remote_autograd.hf`, every "
+        f"block on the server, no LoRA: all weights train), batch {p['batch']} x "
         f"{p['seq']} tokens, AdamW, {p['steps']} timed steps after {p['warmup']} warm-up "
         "(medians).\n\n" + table(header, rows)
     )

@@ -46,7 +46,7 @@ def serve_ra(args: argparse.Namespace) -> None:
     if args.trunk == "echo":
         module: nn.Module = EchoTrunk()
     else:
-        from benchmarks.gpt2_split import build_trunk
+        from benchmarks.bench_step import build_trunk
 
         module = build_trunk(args.trunk)
     options = ServerOptions(
