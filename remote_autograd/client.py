@@ -299,10 +299,13 @@ class TrunkClient:
         self._release_wakeup.set()
 
     def _take_releases(self) -> list[str]:
+        # The release thread and a caller may both take: pop() is atomic, emptiness is not.
         taken = []
-        while self._pending_releases:
-            taken.append(self._pending_releases.pop())
-        return taken
+        while True:
+            try:
+                taken.append(self._pending_releases.pop())
+            except IndexError:
+                return taken
 
     def _release_loop(self) -> None:
         while not self._closed:
