@@ -28,6 +28,7 @@ from benchmarks.common import (
     machine,
     median,
     rate_limited_link,
+    save_plot,
     table,
     update_doc,
     write_json,
@@ -297,12 +298,7 @@ def plot(data: dict[str, Any], path: str, title: str) -> None:
         ax.plot(result["losses"], "-o", ms=3, label=f"split, wire {codec}")
     ax.set_xlabel("timed step")
     ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, title=title, legend_size=8)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from benchmarks.common import (
     median,
     rate_limited_link,
     reps_for,
+    save_plot,
     table,
     update_doc,
     write_json,
@@ -383,12 +384,7 @@ def plot(results: dict[str, Any], path: str, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("tensor payload (bytes)")
     ax.set_ylabel("payload MB/s (both directions)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, title=title, legend_size=7)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

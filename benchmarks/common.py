@@ -152,6 +152,18 @@ def update_doc(section: str, markdown: str, page: Path = DOC_PAGE) -> None:
     page.write_text(text)
 
 
+def save_plot(fig: Any, ax: Any, path: Path | str, *, title: str, legend_size: int) -> None:
+    """Title, legend and grid the way every benchmark plot has them; write the PNG; close."""
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
