@@ -167,7 +167,8 @@ class ComputeMixin(TrunkState):
     ) -> tuple[Any, list[torch.Tensor]]:
         """Run the trunk (caller holds the trunk lock), its RNG seeded by ``seed`` if given."""
         args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
-        self.module.train(training)
+        if self.module.training != training:  # train() walks every submodule: not per call
+            self.module.train(training)
         with torch.enable_grad() if grad else torch.no_grad():
             if seed is None:  # nothing will recompute this forward: no need to pin its RNG
                 result = self.module(*args, **kwargs)

@@ -177,7 +177,8 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
                     "missing or unknown bearer token: pass ClientOptions(token=...)"
                 )
             identity = matches[0]
-        peer = context.auth_context().get("x509_common_name")
+        # Only mutual TLS puts a client certificate's name in the auth context.
+        peer = context.auth_context().get("x509_common_name") if self.options.client_ca else None
         if peer:
             identity += "/cn=" + b",".join(peer).decode(errors="replace")
         session_id = str(metadata.get(SESSION_METADATA_KEY, ""))
