@@ -10,7 +10,7 @@ import torch
 from models import block_parts, mlp_parts
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_
+from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
 
 STEPS = 5
 
@@ -248,3 +248,22 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
+
+
+def test_server_dtype_is_invisible_to_the_caller(start_server):
+    """A trunk served in float64 takes and returns the caller's float32, like a local
+    ``trunk.double()`` wrapped in casts."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    local = copy.deepcopy(trunk).double()
+    remote = RemoteModule(start_server(trunk, ServerOptions(dtype="float64")).address)
+    x = torch.randn(3, 4, requires_grad=True)
+    local_x = x.detach().clone().requires_grad_()
+    out = remote(x)
+    expected = local(local_x.double()).float()
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert torch.equal(x.grad, local_x.grad)
