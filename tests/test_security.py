@@ -38,14 +38,14 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# A fresh P-256 key, unencrypted: the same for the CAs, the server and the clients.
+_NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def _issue(directory: pathlib.Path, name: str, ca: str, cn: str, ext: str) -> None:
     _openssl(
         "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *_NEW_EC_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
@@ -83,11 +83,7 @@ def pki(tmp_path_factory) -> dict[str, bytes]:
         _openssl(
             "req",
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+            *_NEW_EC_KEY,
             "-keyout",
             f"{ca}.key",
             "-out",
