@@ -10,6 +10,11 @@ to the monolithic float32 one.
 
     python -m benchmarks.bench_step --preset full --json step.json --doc
     python -m benchmarks.bench_step --preset full --link 100mbit --doc      # needs root
+    python -m benchmarks.bench_step --trunk-device cuda --client-device cuda --json gpu.json
+
+``--trunk-device`` places the server's blocks, ``--client-device`` the embeddings, the head and
+the monolithic model; on a GPU each timed step ends with a synchronize, so it counts the work
+it queued.
 """
 
 from __future__ import annotations
@@ -101,21 +106,31 @@ def build_trunk(name: str) -> torch.nn.Module:
     return build_split(name).trunk
 
 
-class Monolithic:
-    """The whole model in this process."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``, so a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, preset: dict[str, Any]) -> None:
-        self.model = build_model(preset["model"])  # unsplit
+
+class Monolithic:
+    """The whole model in this process, on ``device``."""
+
+    def __init__(self, preset: dict[str, Any], device: torch.device) -> None:
+        self.device = device
+        self.model = build_model(preset["model"]).to(device)  # unsplit
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         self.times: list[float] = []
         self.losses: list[float] = []
 
     def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
+        ids = ids.to(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         loss = causal_lm_loss(self.model(ids).logits, ids)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        synchronize(self.device)
         if timed:
             self.times.append(time.perf_counter() - start)
             self.losses.append(loss.item())
@@ -125,13 +140,16 @@ class Monolithic:
 
 
 class Split:
-    """Bottom and top here, the blocks on a trunk server, one wire codec both ways."""
+    """Bottom and top here (on ``device``), the blocks on a trunk server; one codec both ways."""
 
-    def __init__(self, preset: dict[str, Any], address: str, codec: str) -> None:
+    def __init__(
+        self, preset: dict[str, Any], address: str, codec: str, device: torch.device
+    ) -> None:
         from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
 
-        self.preset, self.codec = preset, codec
-        self.bottom, _, self.top = build_split(preset["model"])
+        self.preset, self.codec, self.device = preset, codec, device
+        bottom, _, top = build_split(preset["model"])
+        self.bottom, self.top = bottom.to(device), top.to(device)
         options = ClientOptions(activation_quantization=codec, gradient_quantization=codec)
         self.trunk = RemoteModule(address, options=options)
         self.optimizer = torch.optim.AdamW(unique_parameters(self.bottom, self.top), lr=LR)
@@ -148,6 +166,8 @@ class Split:
             stats.server_codec_seconds,
             stats.bytes_sent + stats.bytes_received,
         )
+        ids = ids.to(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         hidden = self.bottom(ids)["hidden_states"]  # [B, T, n_embd]
         # Hooks mark when the remote Backward starts (grad of the trunk's output is ready)
@@ -165,6 +185,7 @@ class Split:
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.remote_optimizer.zero_grad()
+        synchronize(self.device)
         elapsed = time.perf_counter() - start
         if not timed:
             return
@@ -188,7 +209,7 @@ class Split:
     def result(self) -> dict[str, Any]:
         self.trunk.close()
         breakdown = {key: median([p[key] for p in self.parts]) for key in self.parts[0]}
-        breakdown["client_codec_s"] = _client_codec_seconds(self.preset, self.codec)
+        breakdown["client_codec_s"] = _client_codec_seconds(self.preset, self.codec, self.device)
         return {
             "step_s": median(self.times),
             "times": self.times,
@@ -197,12 +218,14 @@ class Split:
         }
 
 
-def _client_codec_seconds(preset: dict[str, Any], codec: str) -> float:
-    """Client-side encode + decode of one step's tensors (4 of [B, T, n_embd]), timed apart."""
+def _client_codec_seconds(preset: dict[str, Any], codec: str, device: torch.device) -> float:
+    """Client-side encode + decode of one step's tensors (4 of [B, T, n_embd]), timed apart;
+    on a GPU with the copies to and from the host."""
     from remote_autograd import Decoder, Encoder
+    from remote_autograd.codec import to_device
 
     n_embd = MODELS[preset["model"]][1]
-    tensor = torch.randn(preset["batch"], preset["seq"], n_embd)
+    tensor = torch.randn(preset["batch"], preset["seq"], n_embd).to(device)
     encoder, decoder = Encoder(quantization=codec), Decoder()
     frame = encoder.encode({"t": tensor})
     samples = []
@@ -210,7 +233,8 @@ def _client_codec_seconds(preset: dict[str, Any], codec: str) -> float:
         start = time.perf_counter()
         for _ in range(2):  # Compute and Backward: one frame out, one in each
             encoder.encode_buffers({"t": tensor})
-            decoder.decode(bytearray(frame))
+            to_device(decoder.decode(bytearray(frame))["t"], device)
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return median(samples)
 
@@ -282,8 +306,13 @@ def markdown(data: dict[str, Any], title: str) -> str:
         f"### {title}\n\nGPT-2 `{p['model']}` (random init, split by `remote_autograd.hf`, every "
         f"block on the server, no LoRA: all weights train), batch {p['batch']} x "
         f"{p['seq']} tokens, AdamW, {p['steps']} timed steps after {p['warmup']} warm-up "
-        "(medians).\n\n" + table(header, rows)
+        f"(medians); trunk on {data['devices']['trunk']}, client and monolithic on "
+        f"{data['devices']['client']}{_gpu_note(data)}.\n\n" + table(header, rows)
     )
+
+
+def _gpu_note(data: dict[str, Any]) -> str:
+    return f" ({data['gpu']})" if data.get("gpu") else ""
 
 
 def plot(data: dict[str, Any], path: str, title: str) -> None:
@@ -307,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
     parser.add_argument("--steps", type=int, help="override the preset's timed steps")
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
+    parser.add_argument("--trunk-device", default="cpu", help="the server's blocks: cpu, cuda...")
+    parser.add_argument(
+        "--client-device", default="cpu", help="embeddings, head and monolithic model: cpu, cuda..."
+    )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
     args = parser.parse_args(argv)
@@ -315,10 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset["codecs"] = args.codecs
     if args.steps:
         preset["steps"] = args.steps
+    client_device = torch.device(args.client_device)
     data: dict[str, Any] = {
         "benchmark": "step",
         "preset": preset,
         "link": args.link or "loopback",
+        "devices": {"trunk": args.trunk_device, "client": args.client_device},
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -327,20 +362,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.link:
             link = stack.enter_context(rate_limited_link(args.link))
             netns, host = link.netns, link.server_ip
-        runners: dict[str, Monolithic | Split] = {"monolithic": Monolithic(preset)}
+        runners: dict[str, Monolithic | Split] = {"monolithic": Monolithic(preset, client_device)}
         for codec in preset["codecs"]:
             server = stack.enter_context(
                 ServerProcess(
                     "ra",
                     "--trunk",
                     preset["model"],
+                    "--device",
+                    args.trunk_device,
                     "--host",
                     host,
                     netns=netns,
                     env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
                 )
             )
-            runners[codec] = Split(preset, server.address, codec)
+            runners[codec] = Split(preset, server.address, codec, client_device)
         # Lockstep: step i of every run back to back, so a slow patch of a noisy machine
         # hits all of them alike and the ratios stay honest.
         for i, ids in enumerate(batches(preset)):
@@ -355,12 +392,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
     data["ratios"] = summarize(data)
+    on_gpu = "cuda" in {torch.device(d).type for d in (args.trunk_device, args.client_device)}
+    # Asked only now: in a process that has not touched CUDA it would start it, and that
+    # changes how the client receives (pinned buffers).
+    data["gpu"] = torch.cuda.get_device_name() if on_gpu else None
     write_json(args.json, data)
     if args.doc:
         from benchmarks.common import DOCS
 
-        suffix = f"_{args.link}" if args.link else ""
-        title = f"Training step over {args.link or 'loopback'}"
+        suffix = (f"_{args.link}" if args.link else "") + ("_gpu" if on_gpu else "")
+        title = f"Training step over {args.link or 'loopback'}" + (" on a GPU" if on_gpu else "")
         plot(data, str(DOCS / f"step{suffix}.png"), title)
         update_doc(f"step{suffix}", markdown(data, title) + f"\n\n![{title}](step{suffix}.png)")
     return data

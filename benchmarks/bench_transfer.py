@@ -32,6 +32,7 @@ from benchmarks.common import (
     machine,
     measure,
     median,
+    python_path,
     rate_limited_link,
     reps_for,
     save_plot,
@@ -47,25 +48,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 4 << 20],
         "reps": 5,
         "warmup": 2,
-        "codecs": ["none", "auto", "bf16", "fp16", "int8"],
+        "codecs": ["none", "grpc", "auto", "bf16", "fp16", "int8"],
     },
     "full": {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20],
-        "codecs": ["none", "auto", "lz4", "bf16", "fp16", "int8"],
+        "codecs": ["none", "grpc", "auto", "lz4", "bf16", "fp16", "int8"],
         "reps": 20,
         "warmup": 3,
     },
 }
-# codec name -> (client compression, server compression, activation and gradient quantization)
+# codec name -> (client compression, server compression, activation and gradient quantization,
+# bulk channel on). "grpc" is "none" with the bulk channel off: every frame in gRPC messages.
 CODECS = {
-    "none": ("none", "none", "none"),
-    "auto": ("auto", "auto", "none"),
-    "lz4": ("lz4", "lz4", "none"),
-    "bf16": ("auto", "auto", "bf16"),
-    "fp16": ("auto", "auto", "fp16"),
-    "int8": ("auto", "auto", "int8"),
+    "none": ("none", "none", "none", True),
+    "grpc": ("none", "none", "none", False),
+    "auto": ("auto", "auto", "none", True),
+    "lz4": ("lz4", "lz4", "none", True),
+    "bf16": ("auto", "auto", "bf16", True),
+    "fp16": ("auto", "auto", "fp16", True),
+    "int8": ("auto", "auto", "int8", True),
 }
-LOSSLESS = ("none", "auto", "lz4")
+LOSSLESS = ("none", "grpc", "auto", "lz4")
 BIG = 16 << 20  # lossy codecs are measured up to this size (they take the same path above it)
 
 
@@ -167,7 +170,7 @@ def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dic
             text=True,
             timeout=900,
             cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            env=dict(os.environ, PYTHONPATH=python_path()),
         )
         server.process.wait(60)
     finally:
@@ -238,10 +241,13 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
         grpc_echo = GrpcEcho(start("grpc").address)
         modules = {}
         for codec in codecs:
-            client_z, server_z, quant = CODECS[codec]
+            client_z, server_z, quant, bulk = CODECS[codec]
             server = start("ra", "--compression", server_z)
             options = ClientOptions(
-                compression=client_z, activation_quantization=quant, gradient_quantization=quant
+                compression=client_z,
+                activation_quantization=quant,
+                gradient_quantization=quant,
+                bulk=bulk,
             )
             modules[codec] = stack.enter_context(RemoteModule(server.address, options=options))
         for size in sizes:

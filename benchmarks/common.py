@@ -43,7 +43,7 @@ class ServerProcess:
         module: str = "benchmarks.servers",
         timeout: float = 60,
     ):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        env = dict(os.environ, PYTHONPATH=python_path(), **(env or {}))
         cmd = [sys.executable, "-m", module, kind, *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -78,6 +78,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child: the repository, then the caller's own, which may hold the
+    dependencies (a ``pip install --target`` folder, as on the GPU machine)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 # -- timing -------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def serve_ra(args: argparse.Namespace) -> None:
 
         module = build_trunk(args.trunk)
     options = ServerOptions(
+        device=args.device,
         compression=args.compression,
         unary_payload_bytes=args.unary_bytes,
         stream_chunk_bytes=args.chunk_bytes,
@@ -139,6 +140,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="kind", required=True)
     ra = sub.add_parser("ra")
     ra.add_argument("--trunk", default="echo", help="echo, or a preset of bench_step")
+    ra.add_argument("--device", default="cpu", help="where the trunk runs: cpu, cuda...")
     ra.add_argument("--compression", default="auto")
     ra.add_argument("--unary-bytes", type=int, default=1 << 20)
     ra.add_argument("--chunk-bytes", type=int, default=1 << 20)

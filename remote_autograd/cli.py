@@ -85,6 +85,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure", action="store_true", help="allow plain text on a non-loopback address"
     )
+    parser.add_argument(
+        "--no-bulk",
+        dest="bulk",
+        action="store_false",
+        help="offer no bulk channel: large frames travel as gRPC streams",
+    )
+    parser.add_argument(
+        "--bulk-port", type=int, default=0, help="TCP port of the bulk channel (0: any free one)"
+    )
+    parser.add_argument("--bulk-timeout", type=float, default=defaults.bulk_timeout)
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
@@ -113,6 +123,9 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         client_ca=_read(args.client_ca),
         tokens=tokens,
         insecure=args.insecure,
+        bulk=args.bulk,
+        bulk_port=args.bulk_port,
+        bulk_timeout=args.bulk_timeout,
         recompute=args.recompute,
         checkpoint_path=args.checkpoint,
         checkpoint_every=args.checkpoint_every,

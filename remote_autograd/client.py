@@ -16,7 +16,8 @@ import msgpack
 from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .errors import ServerUnavailable, StaleContext, from_rpc_error
+from .bulk import BulkBroken, BulkClient
+from .errors import LimitExceeded, ServerUnavailable, StaleContext, from_rpc_error
 from .options import ClientOptions
 from .transport import (
     AUTH_METADATA_KEY,
@@ -40,6 +41,7 @@ class CallStats:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
+        self.bulk_calls = 0  # calls whose frames went over the bulk channel
         self.server_compute_seconds = 0.0
         self.server_codec_seconds = 0.0
 
@@ -72,6 +74,8 @@ class TrunkClient:
         self._stub: pb_grpc.TrunkStub | None = None
         self._info: pb.InfoReply | None = None
         self._big_reply: dict[str, bool] = {}
+        self._bulk: BulkClient | None = None
+        self._bulk_off = not options.bulk or options.root_certificates is not None
         # Deferred work that rides on the next call instead of costing a round trip.
         self._pending_releases: list[str] = []
         self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
@@ -122,6 +126,8 @@ class TrunkClient:
         thread = self._release_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=_CONTROL_TIMEOUT)  # a Release in flight finishes first
+        if self._bulk is not None:
+            self._bulk.close()
         if channel is not None:
             if self._pending_releases:
                 self._flush_releases(pb_grpc.TrunkStub(channel))
@@ -145,6 +151,11 @@ class TrunkClient:
                 result = invoke()
                 self.stats.calls += 1
                 return result
+            except BulkBroken as exc:
+                if attempt == attempts:
+                    raise
+                log.debug("%s to %s: %s; retry %d", method, self.address, exc, attempt)
+                continue
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < attempts:
@@ -172,9 +183,43 @@ class TrunkClient:
         buffers = self._encoders[kind].encode_buffers(value)
         size = sum(len(b) for b in buffers)
         header.release_ids.extend(self._take_releases())
-        streamed = not fits_unary(size, info.unary_payload_bytes) or self._big_reply.get(
-            method, False
-        )
+        big_reply = self._big_reply.get(method, False)
+        streamed = not fits_unary(size, info.unary_payload_bytes) or big_reply
+        bulk = None
+        if size >= self.options.bulk_min_bytes or big_reply:
+            bulk = self._bulk_client()
+        if bulk is not None:
+            rpc = getattr(stub, method)
+
+            def invoke() -> frames.Received:
+                connection = self._bulk_connection(bulk)
+                if connection is None:
+                    return self._plain_invoke(stub, method, header, buffers, streamed)()
+                received = bulk.call(connection, rpc, header, buffers, **self._kw())
+                self.stats.bulk_calls += 1
+                return received
+        else:
+            invoke = self._plain_invoke(stub, method, header, buffers, streamed)
+
+        received = self._call(method, invoke)
+        reply_size = received.header.payload_bytes
+        self._big_reply[method] = not fits_unary(reply_size, info.unary_payload_bytes)
+        self.stats.bytes_sent += size
+        self.stats.bytes_received += reply_size
+        self.stats.server_compute_seconds += received.header.compute_seconds
+        self.stats.server_codec_seconds += received.header.codec_seconds
+        return received.decode(self._decoder), received.header
+
+    def _plain_invoke(
+        self,
+        stub: pb_grpc.TrunkStub,
+        method: str,
+        header: pb.Header,
+        buffers: list,
+        streamed: bool,
+    ) -> Callable[[], frames.Received]:
+        """The call in gRPC messages: one unary message, or a stream of chunks."""
+        info = self.info()
         if streamed:
             rpc = getattr(stub, method + "Stream")
 
@@ -188,14 +233,67 @@ class TrunkClient:
             def invoke() -> frames.Received:
                 return frames.receive_unary(rpc(message, **self._kw()), self.options.limits)
 
-        received = self._call(method, invoke)
-        reply_size = received.header.payload_bytes
-        self._big_reply[method] = not fits_unary(reply_size, info.unary_payload_bytes)
-        self.stats.bytes_sent += size
-        self.stats.bytes_received += reply_size
-        self.stats.server_compute_seconds += received.header.compute_seconds
-        self.stats.server_codec_seconds += received.header.codec_seconds
-        return received.decode(self._decoder), received.header
+        return invoke
+
+    def _bulk_client(self) -> BulkClient | None:
+        """The bulk channel to this server, when it offers one and it can be used."""
+        if self._bulk_off:
+            return None
+        if self._bulk is None:
+            port = self.info().bulk_port
+            if not port:
+                self._bulk_off = True
+                return None
+            with self._lock:
+                if self._bulk is None:
+                    self._bulk = self._new_bulk_client(port)
+        return self._bulk
+
+    def _new_bulk_client(self, port: int) -> BulkClient:
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        return BulkClient(
+            host,
+            port,
+            self._open_bulk_ticket,
+            limits=self.options.limits,
+            connect_timeout=self.options.connect_timeout,
+        )
+
+    def _open_bulk_ticket(self) -> tuple[bytes, str]:
+        stub = self._connect()
+        reply = self._call(
+            "OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **self._kw(_CONTROL_TIMEOUT))
+        )
+        return reply.ticket, reply.connection_id
+
+    def _bulk_connection(self, bulk: BulkClient) -> Any:
+        """A connection of the bulk channel, or None: this call goes in gRPC messages.
+
+        A port that cannot be reached is asked for again (a restarted server listens on a new
+        one); if the new one cannot be reached either, this client stops using the channel."""
+        try:
+            return bulk.take()
+        except LimitExceeded as exc:
+            log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
+            return None
+        except OSError as exc:
+            reason: OSError = exc
+        stub = self._connect()
+        info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+        if info.bulk_port and info.bulk_port != bulk.port:
+            self._info = info
+            bulk.port = info.bulk_port
+            try:
+                return bulk.take()
+            except OSError as exc:
+                reason = exc
+        log.warning(
+            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams",
+            self.address,
+            reason,
+        )
+        self._bulk_off = True
+        return None
 
     def compute(
         self,

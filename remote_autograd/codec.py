@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = [
     "decode",
     "encode",
     "iter_chunks",
+    "reap_copies",
+    "to_device",
 ]
 
 VERSION = 1
@@ -399,9 +402,9 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of the tensors; CUDA tensors go through pinned buffers with one sync."""
+    """CPU copies of the tensors; CUDA tensors go through pinned buffers, one sync per device."""
     out = []
-    synced = True
+    devices: set[torch.device] = set()
     for tensor in tensors:
         if tensor.device.type == "cpu":
             out.append(tensor.detach())
@@ -411,10 +414,58 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             )
             host.copy_(tensor.detach(), non_blocking=True)
             out.append(host)
-            synced = False
-    if not synced and torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()
+            devices.add(tensor.device)
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
     return out
+
+
+def to_device(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A decoded tensor on ``device`` (then cast to ``dtype`` there): where the trunk or the
+    caller wants it.
+
+    A CPU tensor goes to CUDA without blocking the host. It may alias a pinned receive buffer
+    (``frames._BufferPool``), which the pool refills as soon as nothing else references it,
+    while the copy may still be reading it: the source is held until the copy has run.
+    """
+    moved = tensor.to(device, non_blocking=True)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        _COPIES.hold(tensor, device)
+    # Cast after the copy: the cast then runs on the device, and the copy reads the pinned
+    # source itself rather than a pageable cast of it.
+    return moved if dtype is None else moved.to(dtype)
+
+
+def reap_copies() -> None:
+    """Let go of the sources of host-to-device copies that have completed."""
+    _COPIES.reap()
+
+
+class _CopiesInFlight:
+    """Host tensors that asynchronous host-to-device copies may still be reading, each held
+    until an event recorded on the copy's stream after it has completed."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    def hold(self, source: torch.Tensor, device: torch.device) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        with self._lock:
+            self._held = [(e, t) for e, t in self._held if not e.query()]
+            self._held.append((event, source))
+
+    def reap(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = [(e, t) for e, t in self._held if not e.query()]
+
+
+_COPIES = _CopiesInFlight()
 
 
 class _TreePacker:

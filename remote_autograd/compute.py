@@ -44,8 +44,6 @@ class ComputeMixin(TrunkState):
     def _compute(self, session: Session, received: frames.Received):
         header = received.header
         started = time.perf_counter()
-        if header.release_ids:
-            self.contexts.release(session.key, list(header.release_ids))
         value = received.decode(self.decoder)
         if (
             not isinstance(value, dict)
@@ -68,7 +66,7 @@ class ComputeMixin(TrunkState):
         seed = header.rng_seed or secrets.randbits(63) or 1
         leaves = []
         for index, (tensor, need) in enumerate(zip(tensors, needs, strict=True)):
-            leaf = tensor.to(self.device, non_blocking=True)
+            leaf = codec.to_device(tensor, self.device)
             if need:
                 if not leaf.is_floating_point():
                     raise InvalidRequest(f"input {index} is {leaf.dtype}: it cannot need a grad")
@@ -321,7 +319,7 @@ class ComputeMixin(TrunkState):
                 )
             if output.requires_grad:
                 targets.append(output)
-                grad_outputs.append(grad.to(self.device, output.dtype, non_blocking=True))
+                grad_outputs.append(codec.to_device(grad, self.device, output.dtype))
         return targets, grad_outputs
 
     def _cast_in(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,21 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 from . import codec
 from ._proto import remote_autograd_pb2 as pb
 from .errors import CodecError
 from .options import Limits
 
-__all__ = ["Received", "frame_messages", "receive", "receive_unary", "unary_message"]
+__all__ = [
+    "Received",
+    "frame_messages",
+    "receive",
+    "receive_buffer",
+    "receive_unary",
+    "unary_message",
+]
 
 
 class Received:
@@ -47,32 +56,62 @@ class _BufferPool:
     a reference through the buffer protocol), so a buffer whose only reference is the pool's
     is free. The pool tracks at most ``max_buffers`` buffers and ``max_bytes`` bytes; a buffer
     dropped from it lives on with its tensors like any other.
+
+    Once the process uses CUDA, new buffers are pinned (page-locked), so decoded tensors reach
+    the GPU by an asynchronous DMA copy instead of a staged, blocking one. Such a copy may still
+    be reading a buffer after its tensors are gone: ``codec.to_device`` holds their sources
+    until the copy has run, so the buffer stays referenced, and busy, until then.
     """
 
     def __init__(self, max_buffers: int = 4, max_bytes: int = 512 << 20) -> None:
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
-        self._buffers: list[bytearray] = []
+        self._buffers: list[Any] = []  # bytearrays, and numpy arrays over pinned tensors
         self._lock = threading.Lock()
 
     def take(self, size: int) -> memoryview:
         if size < _POOL_MIN_BYTES or size > self.max_bytes:
             return memoryview(bytearray(size))
+        pinned = _pin_receive_buffers()
+        if pinned:
+            codec.reap_copies()  # a buffer whose copies to the GPU have run is free again
         with self._lock:
             buffers = self._buffers
-            for index, buffer in enumerate(buffers):
+            for index in range(len(buffers)):
+                buffer = buffers[index]  # not enumerate(): its reused tuple holds a reference
                 # 3 references: the list, this loop's name, getrefcount's argument.
-                if size <= len(buffer) <= 2 * size and sys.getrefcount(buffer) == 3:
+                if (
+                    size <= len(buffer) <= 2 * size
+                    and (not isinstance(buffer, bytearray)) == pinned
+                    and sys.getrefcount(buffer) == 3
+                ):
                     buffers.append(buffers.pop(index))  # most recently used last
                     return memoryview(buffer)[:size]
-            fresh = bytearray(size)
+            fresh = self._pinned(size) if pinned else bytearray(size)
             buffers.append(fresh)
             while len(buffers) > self.max_buffers or sum(map(len, buffers)) > self.max_bytes:
                 buffers.pop(0)  # least recently used; if in use, its tensors keep it alive
             return memoryview(fresh)[:size]
 
+    @staticmethod
+    def _pinned(size: int) -> Any:
+        # A numpy array: it exports the buffer protocol (a tensor does not) and keeps the
+        # tensor, and with it the page-locked memory, alive.
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+
+
+def _pin_receive_buffers() -> bool:
+    # A process that has touched CUDA (a trunk or a caller on a GPU) copies what it receives
+    # there; a CPU-only one never pays for page-locked memory.
+    return torch.cuda.is_initialized()
+
 
 _POOL = _BufferPool()
+
+
+def receive_buffer(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes for a frame about to arrive (pooled when large)."""
+    return _POOL.take(size)
 
 
 def unary_message(header: pb.Header, buffers: list[bytes | memoryview]) -> pb.Frame:

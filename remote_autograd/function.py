@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import codec
 from .client import TrunkClient
 from .errors import ContextNotFound
 from .tree import flatten, unflatten
@@ -56,7 +57,7 @@ class RemoteCall:
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
         self.output_template, outputs = flatten(value)
-        return [t.to(self.device, non_blocking=True) for t in outputs]
+        return [codec.to_device(t, self.device) for t in outputs]
 
     def _recompute(self) -> None:
         args, kwargs = unflatten(self.template, self._inputs)
@@ -94,7 +95,7 @@ class RemoteCall:
             if grad is None or not needed:
                 out.append(None)
             else:
-                out.append(grad.to(tensor.device, tensor.dtype, non_blocking=True))
+                out.append(codec.to_device(grad, tensor.device, tensor.dtype))
         return out
 
 

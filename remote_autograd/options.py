@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["ClientOptions", "Limits", "ServerOptions"]
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -42,6 +43,8 @@ class ClientOptions:
     compression: str = "auto"  # "auto" (LZ4 where a sample says it pays), "lz4" or "none"
     activation_quantization: str = "none"  # wire codec of forward tensors: none|bf16|fp16|int8
     gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
+    bulk: bool = True  # send large frames over the server's bulk channel when it offers one
+    bulk_min_bytes: int = 512 * KiB  # frames (either way) from this size use the bulk channel
     token: str | None = None  # bearer token sent with every call
     root_certificates: bytes | None = None  # PEM of the CA that signed the server (enables TLS)
     certificate_chain: bytes | None = None  # PEM client certificate (mutual TLS)
@@ -69,6 +72,12 @@ class ServerOptions:
     unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
     stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size
     compression: str = "auto"  # compression of replies: "auto", "lz4" or "none"
+    bulk: bool = True  # offer the bulk channel (large frames on a TCP port beside gRPC); plain
+    # text servers only: a TLS server keeps every byte in TLS (docs/protocol.md)
+    bulk_port: int = 0  # TCP port of the bulk channel (0: any free port, told in Info)
+    max_bulk_connections: int = 256  # bulk connections, all sessions together
+    max_session_bulk_connections: int = 8  # bulk connections of one session
+    bulk_timeout: float = 60.0  # a bulk transfer that stalls this many seconds is dropped
     tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no token required
     certificate_chain: bytes | None = None  # PEM server certificate (enables TLS)
     private_key: bytes | None = None  # PEM key of the server certificate

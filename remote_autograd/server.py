@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .bulk import BulkListener
 from .options import ServerOptions
 from .service import TrunkService, tolerant
 from .transport import create_server
@@ -69,7 +70,16 @@ class TrunkServer:
         self.options = options = options or ServerOptions()
         self.service = TrunkService(module, options)
         self._server, self.port = create_server(address, options, interceptors=interceptors)
-        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        if options.bulk and options.certificate_chain is None:
+            self.service.bulk = BulkListener(
+                host.strip("[]") or "0.0.0.0",
+                options.bulk_port,
+                max_connections=options.max_bulk_connections,
+                max_session_connections=options.max_session_bulk_connections,
+                timeout=options.bulk_timeout,
+            )
         _add_trunk_service(self.service, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -96,6 +106,8 @@ class TrunkServer:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         service = self.service
+        if service.bulk is not None:
+            service.bulk.close()
         if self.options.checkpoint_path and service.saved_version != service.weights_version:
             service.checkpoint(on_error="log")
         log.info("trunk server on %s stopped", self.address)
@@ -115,6 +127,8 @@ class TrunkServer:
         while not self._stopped.wait(period):
             service.contexts.expire()
             service.sessions.expire()
+            if service.bulk is not None:
+                service.bulk.prune()
             due = time.monotonic() - last_save >= options.checkpoint_interval
             if options.checkpoint_interval > 0 and options.checkpoint_path and due:
                 last_save = time.monotonic()

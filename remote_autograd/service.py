@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import torch
 
-from . import __version__, codec, frames
+from . import __version__, bulk, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .cache import ContextCache, Session, SessionTable, StepTurns
@@ -143,10 +143,9 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
             on_drop=self._end_lease,
         )
         self.sessions = SessionTable(
-            max_sessions=options.max_sessions,
-            ttl=options.session_ttl,
-            on_drop=self.contexts.drop_session,
+            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._drop_session
         )
+        self.bulk: bulk.BulkListener | None = None  # TrunkServer opens it beside the gRPC port
         self.decoder = codec.Decoder(limits=options.limits)
         self.weights_version = 0
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
@@ -189,6 +188,11 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
             )
         return self.sessions.get(f"{identity}/{session_id}")
 
+    def _drop_session(self, key: str) -> None:
+        self.contexts.drop_session(key)
+        if self.bulk is not None:
+            self.bulk.drop_session(key)
+
     # -- RPCs -------------------------------------------------------------------------------
 
     @_rpc
@@ -211,11 +215,22 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
             module_repr=type(self.module).__name__,
             context_ttl_seconds=self.options.context_ttl,
             server_id=self.server_id,
+            bulk_port=self.bulk.port if self.bulk is not None else 0,
+        )
+
+    @_rpc
+    def OpenBulk(self, request: pb.OpenBulkRequest, context: grpc.ServicerContext):
+        session = self.session(context)
+        if self.bulk is None:
+            raise InvalidRequest("this server offers no bulk channel (InfoReply.bulk_port is 0)")
+        ticket, connection_id = self.bulk.issue(session.key)
+        return pb.OpenBulkReply(
+            ticket=ticket, connection_id=connection_id, ticket_ttl_seconds=bulk.TICKET_TTL
         )
 
     @_rpc
     def Compute(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Frame:
-        return self._unary(self._compute, request, context)
+        return self._unary(self._compute, "Compute", request, context)
 
     @_rpc
     @_streams_reply
@@ -224,15 +239,28 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
 
     @_rpc
     def Backward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Frame:
-        return self._unary(self._backward, request, context)
+        return self._unary(self._backward, "Backward", request, context)
 
     @_rpc
     @_streams_reply
     def BackwardStream(self, request_iterator: Any, context: grpc.ServicerContext):
         yield from self._streamed(self._backward, "BackwardStream", request_iterator, context)
 
-    def _unary(self, work: Callable, request: pb.Frame, context: grpc.ServicerContext):
+    def _unary(self, work: Callable, method: str, request: pb.Frame, context: grpc.ServicerContext):
         session = self.session(context)
+        self._release_piggybacked(session, request.header)
+        if request.header.bulk_connection:
+            if self.bulk is None:
+                raise InvalidRequest("this server offers no bulk channel")
+            return bulk.serve_call(
+                self.bulk,
+                session.key,
+                request.header,
+                self.options.limits,
+                context,
+                reserve=lambda nbytes: self._inflight.reserve(nbytes, method),
+                work=lambda received: work(session, received),
+            )
         header, buffers = work(session, frames.receive_unary(request, self.options.limits))
         return frames.unary_message(header, buffers)
 
@@ -241,8 +269,15 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
     ) -> Iterator[pb.Frame]:
         session = self.session(context)
         with self._receive(request_iterator, method) as received:
+            self._release_piggybacked(session, received.header)
             header, buffers = work(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
+
+    def _release_piggybacked(self, session: Session, header: pb.Header) -> None:
+        """Contexts the client let go of, riding on this call: freed before its frame arrives,
+        so their buffers can take it."""
+        if header.release_ids:
+            self.contexts.release(session.key, list(header.release_ids))
 
     @contextmanager
     def _receive(self, request_iterator: Any, method: str) -> Iterator[frames.Received]:

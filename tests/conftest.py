@@ -35,7 +35,9 @@ def start_server() -> Iterator[Callable[..., TrunkServer]]:
 def spawn_server(factory: str, *extra: str, port: int = 0) -> tuple[subprocess.Popen, str]:
     """Run ``remote-autograd serve --module factory`` in a child process; return it and its
     address once it prints that it is serving."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    # The caller's PYTHONPATH last: it may hold the dependencies (--target installs).
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     process = subprocess.Popen(
         [
             sys.executable,

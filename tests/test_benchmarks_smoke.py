@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_script(module: str, tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / f"{module.rsplit('.', 1)[-1]}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    paths = [str(ROOT), os.environ.get("PYTHONPATH")]  # the caller's may hold the dependencies
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     completed = subprocess.run(
         [sys.executable, "-m", module, "--preset", "smoke", "--json", str(out), *extra],
         cwd=ROOT,

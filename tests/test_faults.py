@@ -109,12 +109,16 @@ class DropFirstReply(grpc.ServerInterceptor):
         return handler._replace(unary_unary=behavior)
 
 
-@pytest.mark.parametrize("method", ["Step", "Backward"])
-def test_a_lost_reply_is_retried_and_applied_once(method, reference):
+# bulk_min_bytes=0: every frame goes over the bulk channel (bulk.py), whose connection the
+# lost reply or the killed server leaves behind.
+@pytest.mark.parametrize(
+    "method, bulk_min_bytes", [("Step", 1 << 18), ("Backward", 1 << 18), ("Backward", 0)]
+)
+def test_a_lost_reply_is_retried_and_applied_once(method, bulk_min_bytes, reference):
     drop = DropFirstReply(method)
     server = serve(dropout_trunk(), interceptors=[drop])
     try:
-        run = Run(server.address, retry_backoff=0.01)
+        run = Run(server.address, retry_backoff=0.01, bulk_min_bytes=bulk_min_bytes)
         for step in range(1, STEPS + 1):
             run.step(step)
         assert drop.dropped == 1
@@ -122,6 +126,7 @@ def test_a_lost_reply_is_retried_and_applied_once(method, reference):
         assert session.last_step == STEPS
         assert server.stats()["weights_version"] == STEPS  # not STEPS + 1
         _assert_equal(run.parameters(), reference)
+        assert (run.remote.client.stats.bulk_calls > 0) == (bulk_min_bytes == 0)
     finally:
         server.stop(grace=None)
 
@@ -184,7 +189,8 @@ def test_recompute_mode_matches_and_keeps_only_inputs(reference):
         server.stop(grace=None)
 
 
-def test_killed_server_restarts_from_its_checkpoint(tmp_path, reference):
+@pytest.mark.parametrize("bulk_min_bytes", [1 << 18, 0])
+def test_killed_server_restarts_from_its_checkpoint(tmp_path, bulk_min_bytes, reference):
     checkpoint = str(tmp_path / "trunk.ckpt")
     args = ("factories:dropout_trunk", "--checkpoint", checkpoint, "--checkpoint-every", "1")
     process, address = spawn_server(*args)
@@ -201,7 +207,13 @@ def test_killed_server_restarts_from_its_checkpoint(tmp_path, reference):
         processes.append(spawn_server(*args, port=port)[0])
 
     try:
-        run = Run(address, retries=10, retry_backoff=0.1, retry_backoff_max=1.0)
+        run = Run(
+            address,
+            retries=10,
+            retry_backoff=0.1,
+            retry_backoff_max=1.0,
+            bulk_min_bytes=bulk_min_bytes,
+        )
         run.step(1)
         run.step(2)
         # Killed between forward and backward: the backward resends the inputs, the restarted
@@ -222,6 +234,7 @@ def test_killed_server_restarts_from_its_checkpoint(tmp_path, reference):
         for step in range(5, STEPS + 1):
             run.step(step)
         _assert_equal(run.parameters(), reference)
+        assert (run.remote.client.stats.bulk_calls > 0) == (bulk_min_bytes == 0)
         saved = load_checkpoint(checkpoint)
         assert saved is not None and saved["weights_version"] == STEPS
         assert [s["step"] for s in saved["sessions"].values()] == [STEPS]

@@ -1,11 +1,13 @@
-"""A 256 MiB tensor through Compute and Backward with default limits."""
+"""A 256 MiB tensor through Compute and Backward with default limits, over the bulk channel and
+over gRPC streams."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from remote_autograd import RemoteModule
+from remote_autograd import ClientOptions, RemoteModule
 
 MiB = 1 << 20
 
@@ -19,9 +21,10 @@ class Scale(nn.Module):
         return x * self.weight
 
 
-def test_256_mib_tensor_round_trips_forward_and_backward(start_server):
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk-channel", "grpc-streams"])
+def test_256_mib_tensor_round_trips_forward_and_backward(start_server, bulk):
     server = start_server(Scale())
-    remote = RemoteModule(server.address)
+    remote = RemoteModule(server.address, options=ClientOptions(bulk=bulk))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256 * MiB // 4, generator=generator).requires_grad_()  # 256 MiB of float32
     y = remote(x)
@@ -31,9 +34,10 @@ def test_256_mib_tensor_round_trips_forward_and_backward(start_server):
     assert torch.equal(x.grad, grad * 1.5)
     session_grads = server.service.sessions.values()[0].grads
     torch.testing.assert_close(session_grads["weight"], (grad * x.detach()).sum().reshape(1))
-    # Both directions were streamed in chunks (the frames exceed the unary limit).
+    # Both directions went over the bulk channel, or were streamed in chunks.
     assert remote.client.stats.bytes_sent > 512 * MiB
     assert remote.client.stats.bytes_received > 512 * MiB
+    assert remote.client.stats.bulk_calls == (2 if bulk else 0)
 
 
 def test_small_request_with_a_large_reply(start_server):

@@ -129,6 +129,7 @@ def _fails(address: str, options: ClientOptions, error: type[Exception]) -> None
 def test_tls(start_server, pki):
     options = ServerOptions(certificate_chain=pki["server.pem"], private_key=pki["server.key"])
     server = start_server(_linear(), options)
+    assert server.service.bulk is None  # no plain-text side channel beside a TLS port
     expected = _linear().weight.sum(0).expand(3, 4)
     grad = _one_step(server.address, ClientOptions(root_certificates=pki["ca.pem"]))
     assert torch.equal(grad, expected)
@@ -280,6 +281,7 @@ def test_cli_flags_reach_the_server_options(tmp_path, pki):
             "--max-tensor-elements", "10", "--max-tensors", "3", "--max-sessions", "2",
             "--max-session-contexts", "5", "--max-inflight-bytes", "777", "--recompute",
             "--checkpoint", "ckpt", "--checkpoint-every", "4", "--checkpoint-interval", "9",
+            "--no-bulk", "--bulk-port", "5001", "--bulk-timeout", "7",
         ]
     )  # fmt: skip
     options = server_options(args)
@@ -291,5 +293,6 @@ def test_cli_flags_reach_the_server_options(tmp_path, pki):
     assert (options.max_session_contexts, options.max_inflight_bytes) == (5, 777)
     assert (options.checkpoint_path, options.checkpoint_every) == ("ckpt", 4)
     assert options.checkpoint_interval == 9.0
+    assert (options.bulk, options.bulk_port, options.bulk_timeout) == (False, 5001, 7.0)
     defaults = server_options(parser.parse_args([]))
     assert defaults == ServerOptions()  # the flags' defaults are the library's

@@ -99,6 +99,11 @@ class TrunkStub:
                 request_serializer=remote__autograd__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=remote__autograd__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.OpenBulk = channel.unary_unary(
+                '/remote_autograd.v1.Trunk/OpenBulk',
+                request_serializer=remote__autograd__pb2.OpenBulkRequest.SerializeToString,
+                response_deserializer=remote__autograd__pb2.OpenBulkReply.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer:
@@ -192,6 +197,14 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulk(self, request, context):
+        """A single-use ticket for one new connection to the bulk port (InfoReply.bulk_port): large
+        frames of this session travel there instead of in gRPC messages (docs/protocol.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +272,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=remote__autograd__pb2.CheckpointRequest.FromString,
                     response_serializer=remote__autograd__pb2.CheckpointReply.SerializeToString,
+            ),
+            'OpenBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulk,
+                    request_deserializer=remote__autograd__pb2.OpenBulkRequest.FromString,
+                    response_serializer=remote__autograd__pb2.OpenBulkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +630,33 @@ class Trunk:
             '/remote_autograd.v1.Trunk/Checkpoint',
             remote__autograd__pb2.CheckpointRequest.SerializeToString,
             remote__autograd__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remote_autograd.v1.Trunk/OpenBulk',
+            remote__autograd__pb2.OpenBulkRequest.SerializeToString,
+            remote__autograd__pb2.OpenBulkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,432 @@
+"""The bulk channel: the bytes of large frames on a plain TCP connection beside the gRPC call.
+
+gRPC-Python copies every message several times on each side; at 64 MiB a bare gRPC stream moves
+0.40x what a TCP socket does on the same machine (docs/benchmarks.md). So a frame of
+``ClientOptions.bulk_min_bytes`` or more travels on a TCP connection the client opened to the
+server's bulk port, while the call itself (its header, authentication, deadline, status, retry)
+is still an ordinary unary gRPC call whose header names the connection. The reply's frame comes
+back on the same connection, before the call returns.
+
+A connection belongs to the session that asked for it: the client gets a single-use ticket
+(``OpenBulk``) over its authenticated gRPC channel and presents it as the connection's first
+bytes; the server then lets only calls of that session name the connection. The channel is
+offered by plain-text servers only (loopback, or ``--insecure``): a TLS server keeps every byte
+inside TLS and large frames use gRPC streams. Wire format, all integers big-endian::
+
+    hello     client -> server  b"RAB1" + ticket (32 bytes)
+              server -> client  b"RAB1" + status (1 byte, 0: accepted)
+    request   client -> server  b"RAQ1" + uint32 0 + uint64 length + frame
+    reply     server -> client  b"RAR1" + uint32 status + uint64 length + frame
+              (status 1: no frame follows; the gRPC call carries the error)
+
+A connection carries one call at a time. Either side drops it on anything unexpected; the client
+then retries the call (every call that uses this channel is safe to repeat) on a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from . import frames
+from ._proto import remote_autograd_pb2 as pb
+from .errors import CodecError, InvalidRequest, LimitExceeded, ServerUnavailable
+from .options import Limits
+
+__all__ = ["BulkBroken", "BulkClient", "BulkListener"]
+
+log = logging.getLogger(__name__)
+
+HELLO = b"RAB1"
+REQUEST = b"RAQ1"
+REPLY = b"RAR1"
+TICKET_BYTES = 32
+_PREFIX = struct.Struct(">4sIQ")
+_OK, _NO_FRAME = 0, 1
+TICKET_TTL = 30.0  # seconds a ticket may wait for its connection
+_HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to present its ticket
+_MAX_HANDSHAKES = 16  # connections presenting tickets at once; more are closed at once
+_RECV_SLICE = 4 << 20  # largest single recv_into
+
+
+class BulkBroken(ServerUnavailable):
+    """A bulk connection broke mid-call; the call is safe to repeat on a new connection."""
+
+
+class _Connection:
+    """One side of a bulk connection: framed, exact-length reads and writes."""
+
+    def __init__(self, sock: socket.socket, connection_id: str, session: str = "") -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.id = connection_id
+        self.session = session
+        self.busy = threading.Lock()  # one call at a time
+        self.closed = False
+
+    def close(self) -> None:
+        """Drop the connection; unblocks a thread sending or receiving on it."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):  # already gone
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def send(self, magic: bytes, status: int, buffers: Sequence[Any], length: int) -> None:
+        self.sock.sendall(_PREFIX.pack(magic, status, length))
+        for buffer in buffers:
+            self.sock.sendall(buffer)
+
+    def recv_prefix(self, magic: bytes) -> tuple[int, int]:
+        prefix = bytearray(_PREFIX.size)
+        self.recv_into(memoryview(prefix))
+        got, status, length = _PREFIX.unpack(prefix)
+        if got != magic:
+            raise CodecError(f"bulk connection {self.id}: expected {magic!r}, got {bytes(got)!r}")
+        return status, length
+
+    def recv_into(self, view: memoryview) -> None:
+        filled, total = 0, len(view)
+        while filled < total:
+            got = self.sock.recv_into(view[filled:], min(total - filled, _RECV_SLICE))
+            if got == 0:
+                raise ConnectionError(
+                    f"bulk connection {self.id} closed after {filled} of {total} bytes"
+                )
+            filled += got
+
+    def recv_frame(self, length: int, limits: Limits) -> memoryview:
+        if length > limits.max_payload_bytes:
+            raise CodecError(
+                f"bulk frame of {length} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
+            )
+        view = frames.receive_buffer(length)
+        self.recv_into(view)
+        return view
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+class BulkListener:
+    """The server's bulk port: issues tickets, accepts connections, lends them to calls."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        max_connections: int,
+        max_session_connections: int,
+        timeout: float,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_session_connections = max_session_connections
+        self.timeout = timeout
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=64)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._tickets: dict[bytes, tuple[str, str, float]] = {}  # digest -> id, session, expiry
+        self._connections: dict[str, _Connection] = {}
+        self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="ra-bulk-accept", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def issue(self, session: str) -> tuple[bytes, str]:
+        """A single-use ticket for one new connection of ``session``, and that connection's id."""
+        now = time.monotonic()
+        with self._lock:
+            self._tickets = {d: t for d, t in self._tickets.items() if t[2] > now}
+            held = sum(c.session == session for c in self._connections.values())
+            held += sum(t[1] == session for t in self._tickets.values())
+            if held >= self.max_session_connections:
+                raise LimitExceeded(
+                    f"session holds max_session_bulk_connections={self.max_session_connections} "
+                    "bulk connections"
+                )
+            if len(self._connections) + len(self._tickets) >= self.max_connections:
+                raise LimitExceeded(
+                    f"server holds max_bulk_connections={self.max_connections} bulk connections"
+                )
+            ticket = secrets.token_bytes(TICKET_BYTES)
+            connection_id = secrets.token_hex(8)
+            self._tickets[_digest(ticket)] = (connection_id, session, now + TICKET_TTL)
+        return ticket, connection_id
+
+    def claim(self, connection_id: str, session: str) -> _Connection:
+        """The connection a call names, reserved for that call (``release`` gives it back)."""
+        with self._lock:
+            connection = self._connections.get(connection_id)
+        if connection is None or connection.session != session or connection.closed:
+            # UNAVAILABLE: the client retries on a new connection (after a restart, say).
+            raise ServerUnavailable(
+                f"bulk connection {connection_id[:16]!r} is not open for this session here"
+            )
+        if not connection.busy.acquire(blocking=False):
+            raise InvalidRequest(f"bulk connection {connection_id} is carrying another call")
+        return connection
+
+    def release(self, connection: _Connection) -> None:
+        connection.busy.release()
+        if connection.closed:
+            with self._lock:
+                self._connections.pop(connection.id, None)
+
+    def drop_session(self, session: str) -> None:
+        with self._lock:
+            gone = [c for c in self._connections.values() if c.session == session]
+            for connection in gone:
+                del self._connections[connection.id]
+        for connection in gone:
+            connection.close()
+
+    def prune(self) -> int:
+        """Close idle connections whose client went away (an idle connection has nothing to
+        read unless its peer closed it or broke the protocol)."""
+        with self._lock:
+            idle = [c for c in self._connections.values() if not c.busy.locked()]
+        if not idle:
+            return 0
+        try:
+            readable, _, _ = select.select([c.sock for c in idle], [], [], 0)
+        except (OSError, ValueError):
+            readable = [c.sock for c in idle if c.closed]
+        gone = [c for c in idle if c.sock in readable and c.busy.acquire(blocking=False)]
+        for connection in gone:
+            connection.close()
+            self.release(connection)
+        return len(gone)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = list(self._connections.values()), {}
+        with contextlib.suppress(OSError):  # wakes the accepting thread
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for connection in connections:
+            connection.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # the listener was closed
+            if not self._handshakes.acquire(blocking=False):
+                sock.close()  # too many connections presenting tickets at once
+                continue
+            threading.Thread(
+                target=self._handshake, args=(sock,), name="ra-bulk-hello", daemon=True
+            ).start()
+
+    def _handshake(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(_HANDSHAKE_TIMEOUT)
+            hello = bytearray(len(HELLO) + TICKET_BYTES)
+            _Connection(sock, "hello").recv_into(memoryview(hello))
+            entry = None
+            if hello[: len(HELLO)] == HELLO:
+                with self._lock:
+                    entry = self._tickets.pop(_digest(bytes(hello[len(HELLO) :])), None)
+            if entry is None or entry[2] < time.monotonic() or self._closed:
+                sock.sendall(HELLO + bytes([1]))
+                sock.close()
+                return
+            connection_id, session, _ = entry
+            sock.settimeout(self.timeout)
+            connection = _Connection(sock, connection_id, session)
+            with self._lock:
+                self._connections[connection_id] = connection
+            sock.sendall(HELLO + bytes([_OK]))
+        except OSError:
+            sock.close()
+        finally:
+            self._handshakes.release()
+
+
+def serve_call(
+    listener: BulkListener,
+    session: str,
+    header: pb.Header,
+    limits: Limits,
+    context: grpc.ServicerContext,
+    reserve: Callable[[int], Any],
+    work: Callable[[frames.Received], tuple[pb.Header, list]],
+) -> pb.Frame:
+    """Serve one call whose frames travel on the bulk connection its header names."""
+    connection = listener.claim(header.bulk_connection, session)
+    finished = False
+
+    def on_done() -> None:
+        # A call that ends mid-frame (refused, cancelled, past its deadline) drops the
+        # connection: that unblocks the socket, and the client may have sent bytes that
+        # nobody will read.
+        if not finished:
+            connection.close()
+
+    context.add_callback(on_done)
+    try:
+        length = header.payload_bytes
+        if length > limits.max_payload_bytes:
+            raise CodecError(
+                f"frame of {length} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
+            )
+        with reserve(length):
+            try:
+                _, declared = connection.recv_prefix(REQUEST)
+                if declared != length:
+                    raise CodecError(
+                        f"bulk connection carries {declared} bytes, the header declares {length}"
+                    )
+                received = frames.Received(header, connection.recv_frame(length, limits))
+            except BaseException:
+                connection.close()  # the stream's position is unknown
+                raise
+            try:
+                reply_header, buffers = work(received)
+            except BaseException:
+                connection.send(REPLY, _NO_FRAME, (), 0)
+                finished = True  # both sides are where they should be: keep the connection
+                raise
+        size = sum(len(b) for b in buffers)
+        connection.send(REPLY, _OK, buffers, size)
+        finished = True
+        reply = pb.Frame()
+        reply.header.CopyFrom(reply_header)  # a retried Backward's header is cached: copy it
+        reply.header.payload_bytes = size
+        reply.header.bulk_connection = connection.id
+        return reply
+    except OSError as exc:
+        connection.close()
+        raise ServerUnavailable(f"bulk connection {connection.id} broke: {exc}") from exc
+    finally:
+        listener.release(connection)
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class BulkClient:
+    """A client's bulk connections to one server, opened on demand and reused."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        open_ticket: Callable[[], tuple[bytes, str]],
+        *,
+        limits: Limits,
+        connect_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._open_ticket = open_ticket
+        self._limits = limits
+        self._connect_timeout = connect_timeout
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+
+    def connect(self) -> _Connection:
+        ticket, connection_id = self._open_ticket()
+        sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+        try:
+            sock.sendall(HELLO + ticket)
+            answer = bytearray(len(HELLO) + 1)
+            connection = _Connection(sock, connection_id)
+            connection.recv_into(memoryview(answer))
+        except BaseException:
+            sock.close()
+            raise
+        if answer != HELLO + bytes([_OK]):
+            sock.close()
+            raise ConnectionRefusedError(f"the server refused bulk connection {connection_id}")
+        sock.settimeout(None)  # a call's deadline bounds it (the gRPC call ends, we close)
+        return connection
+
+    def take(self) -> _Connection:
+        with self._lock:
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.closed:
+                    return connection
+        return self.connect()
+
+    def give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            self._idle.append(connection)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def call(
+        self,
+        connection: _Connection,
+        rpc: grpc.UnaryUnaryMultiCallable,
+        header: pb.Header,
+        buffers: Sequence[Any],
+        **kwargs: Any,
+    ) -> frames.Received:
+        """One unary call whose frames travel on ``connection``; the connection returns to the
+        pool when the exchange completed, and is dropped otherwise."""
+        length = sum(len(b) for b in buffers)
+        message = pb.Frame()
+        message.header.CopyFrom(header)  # the caller may resend the header another way
+        message.header.payload_bytes = length
+        message.header.bulk_connection = connection.id
+        future = rpc.future(message, **kwargs)
+        reusable = False
+
+        def on_done(future: grpc.Future) -> None:
+            # A call that fails before its reply arrived (refused, cancelled, past its
+            # deadline) unblocks our socket at once.
+            if not reusable and (future.cancelled() or future.exception() is not None):
+                connection.close()
+
+        future.add_done_callback(on_done)
+        try:
+            try:
+                connection.send(REQUEST, 0, buffers, length)
+                status, size = connection.recv_prefix(REPLY)
+                buffer = connection.recv_frame(size, self._limits) if status == _OK else None
+                reusable = True
+            except OSError as exc:
+                future.result()  # raises the call's own error when it has one
+                raise BulkBroken(f"bulk connection {connection.id} broke: {exc}") from exc
+            reply = future.result()
+            if buffer is None or reply.header.payload_bytes != size:
+                reusable = False
+                raise CodecError(
+                    f"bulk reply of {size} bytes, the reply header declares "
+                    f"{reply.header.payload_bytes}"
+                )
+            return frames.Received(reply.header, buffer)
+        finally:
+            if reusable and not connection.closed:
+                self.give_back(connection)
+            else:
+                connection.close()
+
+
+def _digest(ticket: bytes) -> bytes:
+    return hashlib.sha256(ticket).digest()

@@ -1,0 +1,294 @@
+"""The bulk channel (remote_autograd/bulk.py): large frames on a TCP connection beside the gRPC
+call. Real servers on 127.0.0.1:0; the attacks speak the bulk wire format over raw sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import struct
+import time
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+PREFIX = struct.Struct(">4sIQ")
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def _round_trip(remote: RemoteModule, x: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().requires_grad_()
+    y = remote(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server):
+    server = start_server(Scale())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(MiB // 2, generator=generator, dtype=torch.float64)  # 4 MiB
+    grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    results = {}
+    for bulk in (True, False):
+        with RemoteModule(server.address, options=ClientOptions(bulk=bulk)) as remote:
+            for _ in range(3):
+                results[bulk] = _round_trip(remote, x, grad)
+            assert remote.client.stats.bulk_calls == (6 if bulk else 0)
+        if bulk:
+            assert len(server.service.bulk) == 1  # one connection, reused by every call
+    assert torch.equal(results[True][0], x * 1.5)
+    assert torch.equal(results[True][1], grad * 1.5)
+    for a, b in zip(results[True], results[False], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_small_frames_stay_in_grpc_messages(start_server):
+    server = start_server(Scale())
+    with RemoteModule(server.address) as remote:
+        y, g = _round_trip(remote, torch.ones(512, dtype=torch.float64), torch.ones(512))
+        assert torch.equal(g, torch.full((512,), 1.5, dtype=torch.float64))
+        assert remote.client.stats.bulk_calls == 0
+    assert len(server.service.bulk) == 0
+
+
+# -- the wire, spoken by hand -------------------------------------------------------------------
+
+
+class Peer:
+    """A client speaking the protocol by hand: gRPC stub + raw bulk sockets."""
+
+    def __init__(self, address: str, session: str = "s1", token: str | None = None) -> None:
+        self.sockets: list[socket.socket] = []
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.TrunkStub(self.channel)
+        self.metadata: tuple[tuple[str, str], ...] = (("ra-session", session),)
+        if token:
+            self.metadata += (("authorization", f"Bearer {token}"),)
+        self.port = self.stub.Info(pb.InfoRequest(), metadata=self.metadata).bulk_port
+        assert self.port
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.channel.close()
+
+    def hello(self, ticket: bytes) -> tuple[socket.socket, bytes]:
+        sock = self.connect()
+        sock.sendall(b"RAB1" + ticket)
+        return sock, _recv(sock, 5)
+
+    def open(self) -> tuple[socket.socket, str]:
+        reply = self.stub.OpenBulk(pb.OpenBulkRequest(), metadata=self.metadata)
+        sock, answer = self.hello(reply.ticket)
+        assert answer == b"RAB1\x00"
+        return sock, reply.connection_id
+
+    def compute(self, connection_id: str, payload_bytes: int) -> grpc.Future:
+        header = pb.Header(payload_bytes=payload_bytes, bulk_connection=connection_id)
+        return self.stub.Compute.future(pb.Frame(header=header), metadata=self.metadata, timeout=30)
+
+
+@pytest.fixture
+def peers():
+    """Peers made by the test; their sockets and channels are closed at its end."""
+    made: list[Peer] = []
+
+    def make(*args, **kwargs) -> Peer:
+        made.append(Peer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer when the peer closes (a reset counts as closing)."""
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = sock.recv(n - len(data))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _status(future: grpc.Future) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        future.result()
+    return info.value.code()
+
+
+def _still_serves(server) -> None:
+    with RemoteModule(server.address) as remote:
+        x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)  # 512 KiB each, incompressible
+        y, g = _round_trip(remote, x, grad)
+        assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        assert remote.client.stats.bulk_calls == 2
+
+
+def test_a_connection_needs_a_fresh_ticket(start_server, peers):
+    server = start_server(Scale())
+    peer = peers(server.address)
+    sock, answer = peer.hello(b"\x00" * 32)
+    assert answer == b"RAB1\x01" and _recv(sock, 1) == b""  # refused, then closed
+    ticket = peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata).ticket
+    first, answer = peer.hello(ticket)
+    assert answer == b"RAB1\x00"
+    _, answer = peer.hello(ticket)
+    assert answer == b"RAB1\x01"  # single use
+    garbage = peer.connect()
+    garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 32)
+    assert _recv(garbage, 5) == b"RAB1\x01"
+    assert len(server.service.bulk) == 1
+
+
+def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers):
+    server = start_server(Scale(), ServerOptions(tokens=("alpha", "beta")))
+    owner = peers(server.address, "s1", token="alpha")
+    _, connection_id = owner.open()
+    for other in (peers(server.address, "s2", "alpha"), peers(server.address, "s1", "beta")):
+        future = other.compute(connection_id, 1000)
+        assert _status(future) == grpc.StatusCode.UNAVAILABLE
+    assert _status(owner.compute("0123456789abcdef", 1000)) == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as info:
+        peers(server.address, "s3", token="gamma")  # no token, no ticket
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers):
+    server = start_server(Scale(), ServerOptions(limits=Limits(max_payload_bytes=MiB)))
+    peer = peers(server.address)
+    sock, connection_id = peer.open()
+    future = peer.compute(connection_id, 2 * MiB)  # over the limit: refused before any byte
+    with pytest.raises(grpc.RpcError) as info:
+        future.result()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_payload_bytes=1048576" in info.value.details()
+    assert _recv(sock, 1) == b""  # dropped: bytes the client sent would be read as the next
+    sock, connection_id = peer.open()
+    future = peer.compute(connection_id, 1000)  # this time the bulk prefix lies
+    sock.sendall(PREFIX.pack(b"RAQ1", 0, 999_999))
+    with pytest.raises(grpc.RpcError) as info:
+        future.result()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the header declares 1000" in info.value.details()
+    assert _recv(sock, 1) == b""  # and the server dropped it
+    assert server.stats()["inflight_bytes"] == 0
+    _still_serves(server)
+
+
+def test_a_stalled_or_vanished_sender_frees_the_server(start_server, peers):
+    server = start_server(Scale(), ServerOptions(bulk_timeout=0.5))
+    peer = peers(server.address)
+    sock, connection_id = peer.open()
+    future = peer.compute(connection_id, 4096)
+    sock.sendall(PREFIX.pack(b"RAQ1", 0, 4096) + b"\x00" * 100)  # then nothing
+    assert _status(future) == grpc.StatusCode.UNAVAILABLE  # after bulk_timeout
+    sock, connection_id = peer.open()
+    future = peer.compute(connection_id, 4096)
+    sock.sendall(PREFIX.pack(b"RAQ1", 0, 4096) + b"\x00" * 100)
+    sock.close()  # gone mid-frame
+    assert _status(future) == grpc.StatusCode.UNAVAILABLE
+    assert server.stats()["inflight_bytes"] == 0
+    deadline = time.monotonic() + 5
+    while len(server.service.bulk) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server.service.bulk) == 0  # both dropped
+    _still_serves(server)
+
+
+def test_without_a_bulk_connection_frames_go_as_grpc_streams(start_server, caplog):
+    x = torch.randn(MiB // 2, dtype=torch.float64)  # 4 MiB that LZ4 cannot shrink
+    # No connection may be opened: OpenBulk is refused (a named limit), the call streams.
+    server = start_server(Scale(), ServerOptions(max_bulk_connections=0))
+    with RemoteModule(server.address) as remote:
+        y, g = _round_trip(remote, x, torch.ones_like(x))
+        assert torch.equal(g, torch.full_like(x, 1.5)) and remote.client.stats.bulk_calls == 0
+        assert remote.client.stats.bytes_sent > 4 * MiB
+    # The port cannot be reached: the client says so once and streams from then on.
+    server = start_server(Scale())
+    server.service.bulk.close()
+    with caplog.at_level(logging.WARNING), RemoteModule(server.address) as remote:
+        for _ in range(2):
+            y, g = _round_trip(remote, x, torch.ones_like(x))
+        assert torch.equal(y, x * 1.5) and remote.client.stats.bulk_calls == 0
+    assert caplog.text.count("cannot be reached") == 1
+    # Turned off on either side.
+    server = start_server(Scale(), ServerOptions(bulk=False))
+    assert server.service.bulk is None
+    with RemoteModule(server.address) as remote:
+        _round_trip(remote, x, torch.ones_like(x))
+        assert remote.client.stats.bulk_calls == 0
+
+
+def test_releases_riding_on_a_backward_are_applied(start_server):
+    server = start_server(Scale())
+    with RemoteModule(server.address) as remote:
+        x = torch.ones(4, dtype=torch.float64, requires_grad=True)
+        first, second = remote(x), remote(x)
+        first.sum().backward()  # frees the first graph: its release waits for the next call
+        second.sum().backward()  # ... which is this Backward
+        assert server.stats()["contexts"] <= 1
+        time.sleep(0.5)  # the second's release goes on its own
+        assert server.stats()["contexts"] == 0
+
+
+def test_receive_buffers_are_reused_once_nothing_holds_them():
+    first = frames.receive_buffer(MiB)
+    first[0] = 7
+    del first
+    second = frames.receive_buffer(MiB)
+    assert second[0] == 7  # the same memory (fresh memory is zeros)
+    third = frames.receive_buffer(MiB)
+    assert third[0] == 0  # the second still holds it
+
+
+def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
+    server = start_server(Scale())
+    peer = peers(server.address)
+    generator = random.Random(7)
+    for _ in range(300):
+        sock = peer.connect()
+        with contextlib.suppress(OSError):  # the server may have judged and closed it already
+            sock.sendall(generator.randbytes(generator.randrange(0, 80)))
+            sock.shutdown(socket.SHUT_WR)  # a short hello ends here; a long one is judged
+        answer = _recv(sock, 8)
+        assert answer in (b"", b"RAB1\x01")
+        sock.close()
+    # Garbage where a call's frame should be: each refused, the connection dropped.
+    for _ in range(20):
+        sock, connection_id = peer.open()
+        size = generator.randrange(1, 4096)
+        future = peer.compute(connection_id, size)
+        sock.sendall(generator.randbytes(size + PREFIX.size))
+        assert _status(future) in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    assert len(server.service.bulk) <= 1 and server.stats()["inflight_bytes"] == 0
+    _still_serves(server)

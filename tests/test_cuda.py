@@ -1,0 +1,297 @@
+"""The CUDA path: trunk and caller on every mix of CPU and GPU, against the same parts run locally.
+
+Runs only where CUDA is available: CI has no GPU and skips the whole module; the GPU machine
+runs it through ``scripts/device_check.sh``. Checked here: outputs and input gradients come back
+on the caller's device and dtype, split training equals local training with each part on the
+same device as in the split, received tensors are decoded into pinned (page-locked) buffers, and
+a pooled buffer is never refilled while an asynchronous copy to the GPU may still read it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import block_parts, mlp_parts
+from torch import nn
+
+from remote_autograd import (
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    clip_grad_norm_,
+    codec,
+    frames,
+)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device (runs on the GPU machine: scripts/device_check.sh)",
+)
+
+# (trunk device, client device): the trunk is served on the first, bottom, top and the tensors
+# the caller passes live on the second.
+PLACEMENTS = [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "cuda")]
+PLACEMENT_IDS = ["trunk_cuda-client_cpu", "trunk_cpu-client_cuda", "trunk_cuda-client_cuda"]
+STEPS = 3
+MiB = 1 << 20
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    # Not bit-for-bit: the split clips with its norms stacked in model order, torch's clip
+    # groups them by device first, and float32 attention on the GPU may use atomics.
+    if dtype == torch.float64:
+        return {"rtol": 0, "atol": 1e-12}
+    return {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _to(value, device: torch.device | str):
+    """A tensor, or a tuple of them, on ``device`` (autograd follows the copies)."""
+    if isinstance(value, tuple):
+        return tuple(v.to(device) for v in value)
+    return value.to(device)
+
+
+class Placed(nn.Module):
+    """The local trunk on its own device: what RemoteModule does, without the wire."""
+
+    def __init__(self, trunk: nn.Module, device: str, back: str) -> None:
+        super().__init__()
+        self.trunk, self.device, self.back = trunk.to(device), device, back
+
+    def forward(self, *args: torch.Tensor):
+        return _to(self.trunk(*[a.to(self.device) for a in args]), self.back)
+
+
+class Split(nn.Module):
+    """bottom -> trunk -> top (as in test_split_training), the trunk remote or Placed."""
+
+    def __init__(self, kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module) -> None:
+        super().__init__()
+        self.kind, self.bottom, self.trunk, self.top = kind, bottom, trunk, top
+
+    def forward(self, inputs, target):
+        if self.kind == "mlp":
+            logits = self.top(self.trunk(self.bottom(inputs[0])))
+            return nn.functional.cross_entropy(logits, target)
+        tokens, padding = inputs
+        hidden, norms = self.trunk(self.bottom(tokens), padding)
+        loss = nn.functional.cross_entropy(self.top(hidden).flatten(0, 1), target.flatten())
+        return loss + 1e-3 * norms.mean()
+
+
+def _batches(kind: str, dtype: torch.dtype, n: int, device: str, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if kind == "mlp":
+            x = torch.randn(8, 6, generator=generator, dtype=dtype)
+            inputs, target = (x,), torch.randint(0, 3, (8,), generator=generator)
+        else:
+            tokens = torch.randint(0, 20, (4, 7), generator=generator)
+            padding = torch.zeros(4, 7, dtype=torch.bool)
+            padding[1, 5:] = True
+            padding[3, 3:] = True
+            inputs, target = (tokens, padding), tokens
+        out.append((tuple(t.to(device) for t in inputs), target.to(device)))
+    return out
+
+
+def _pair(kind, dtype, trunk_device, client_device, start_server):
+    parts = mlp_parts(dtype) if kind == "mlp" else block_parts(dtype)
+    bottom, trunk, top = copy.deepcopy(parts)
+    local = Split(
+        kind,
+        bottom.to(client_device),
+        Placed(trunk, trunk_device, client_device),
+        top.to(client_device),
+    )
+    bottom, trunk, top = parts
+    server = start_server(trunk, ServerOptions(device=trunk_device))
+    remote = Split(
+        kind, bottom.to(client_device), RemoteModule(server.address), top.to(client_device)
+    )
+    return local, remote, trunk, server
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [("mlp", torch.float64), ("mlp", torch.float32), ("blocks", torch.float64)],
+    ids=["mlp-float64", "mlp-float32", "blocks-float64"],
+)
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_training_matches_local(kind, dtype, optimizer, trunk_device, client_device, start_server):
+    local, remote, served_trunk, _ = _pair(kind, dtype, trunk_device, client_device, start_server)
+    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
+    cls = getattr(torch.optim, optimizer)
+    local_opt = cls(local.parameters(), **kwargs)
+    client_opt = cls([*remote.bottom.parameters(), *remote.top.parameters()], **kwargs)
+    trunk_opt = RemoteOptimizer(remote.trunk, cls, **kwargs)
+    batches = _batches(kind, dtype, 2 * STEPS, client_device)
+    tol = _tolerance(dtype)
+    for step in range(STEPS):
+        for opt in (local_opt, client_opt, trunk_opt):
+            opt.zero_grad()
+        for micro in batches[2 * step : 2 * step + 2]:  # gradient accumulation over 2 micro-batches
+            local_loss = local(*micro) / 2
+            remote_loss = remote(*micro) / 2
+            assert remote_loss.device.type == local_loss.device.type == client_device
+            torch.testing.assert_close(remote_loss, local_loss, **tol)
+            local_loss.backward()
+            remote_loss.backward()
+        local_norm = torch.nn.utils.clip_grad_norm_(local.parameters(), 1.0)
+        remote_norm = clip_grad_norm_(
+            [*remote.bottom.parameters(), remote.trunk, *remote.top.parameters()], 1.0
+        )
+        torch.testing.assert_close(remote_norm, local_norm, **tol)
+        for opt in (local_opt, client_opt, trunk_opt):
+            opt.step()
+    remote_state = remote.trunk.remote_state_dict()
+    served = dict(served_trunk.named_parameters())
+    for name, param in local.trunk.trunk.named_parameters():
+        assert served[name].device.type == trunk_device
+        torch.testing.assert_close(served[name], param, **tol)
+        torch.testing.assert_close(remote_state[name], param.detach().cpu(), **tol)
+    for mine, theirs in [(remote.bottom, local.bottom), (remote.top, local.top)]:
+        for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+            assert a.device.type == client_device
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_outputs_and_gradients_come_back_on_the_callers_device(
+    dtype, trunk_device, client_device, start_server
+):
+    local, remote, _, server = _pair("blocks", dtype, trunk_device, client_device, start_server)
+    (tokens, padding), _ = _batches("blocks", dtype, 1, client_device)[0]
+    hidden = local.bottom(tokens).detach().requires_grad_()
+    remote_hidden = hidden.detach().clone().requires_grad_()
+    out, norms = local.trunk(hidden, padding)
+    remote_out, remote_norms = remote.trunk(remote_hidden, padding)
+    tol = _tolerance(dtype)
+    for got, expected in [(remote_out, out), (remote_norms, norms)]:
+        assert got.device == hidden.device and got.dtype == dtype
+        torch.testing.assert_close(got, expected, **tol)
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(out.shape, generator=generator, dtype=dtype).to(client_device)
+    out.backward(grad)
+    remote_out.backward(grad)
+    assert remote_hidden.grad.device == hidden.device and remote_hidden.grad.dtype == dtype
+    torch.testing.assert_close(remote_hidden.grad, hidden.grad, **tol)
+    grads = server.service.sessions.values()[0].grads
+    for name, param in local.trunk.trunk.named_parameters():
+        assert grads[name].device.type == trunk_device
+        torch.testing.assert_close(grads[name], param.grad, **tol)
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+def test_server_dtype_and_integer_outputs_on_the_callers_device(
+    trunk_device, client_device, start_server
+):
+    """A trunk served in float64 takes and returns the caller's float32 on the caller's
+    device; integer and bool outputs come back there too."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = torch.tanh(self.linear(x))
+            return y, y.argmax(-1), y > 0
+
+    torch.manual_seed(0)  # the Linear's init and x
+    trunk = Head()
+    local = copy.deepcopy(trunk).double().to(trunk_device)
+    options = ServerOptions(device=trunk_device, dtype="float64")
+    remote = RemoteModule(start_server(trunk, options).address)
+    x = torch.randn(3, 4).to(client_device).requires_grad_()
+    local_x = x.detach().clone().requires_grad_()
+    out, index, positive = remote(x)
+    expected = local(local_x.to(trunk_device).double())[0].float().to(client_device)
+    for got in (out, index, positive):
+        assert got.device == x.device
+    assert (
+        out.dtype == torch.float32 and index.dtype == torch.int64 and positive.dtype == torch.bool
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    assert torch.equal(index, expected.argmax(-1)) and torch.equal(positive, expected > 0)
+    out.sum().backward()
+    expected.sum().backward()
+    assert x.grad.device == x.device and x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, local_x.grad, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+def test_received_tensors_are_pinned_when_copied_to_the_gpu(
+    trunk_device, client_device, start_server, monkeypatch
+):
+    copied: list[tuple[int, bool]] = []  # (bytes, pinned) of each CPU tensor sent to a GPU
+    to_device = codec.to_device
+
+    def spy(tensor, device, dtype=None):
+        if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+            copied.append((tensor.numel() * tensor.element_size(), tensor.is_pinned()))
+        return to_device(tensor, device, dtype)
+
+    monkeypatch.setattr(codec, "to_device", spy)
+    server = start_server(Scale(), ServerOptions(device=trunk_device))
+    remote = RemoteModule(server.address)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(MiB // 4, generator=generator).to(client_device).requires_grad_()  # 1 MiB
+    y = remote(x)
+    y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1.5), rtol=0, atol=0)
+    # Compute's input and Backward's gradient on the server; the output and the input
+    # gradient on the client: two copies to the GPU per side that has one.
+    expected = 2 * (trunk_device == "cuda") + 2 * (client_device == "cuda")
+    assert [pinned for size, pinned in copied if size >= MiB] == [True] * expected
+    pool = frames._POOL._buffers
+    assert any(not isinstance(b, bytearray) and torch.from_numpy(b).is_pinned() for b in pool)
+    codec.reap_copies()  # the copies are done: nothing holds the buffers any more
+    assert not codec._COPIES._held
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def corrupted_replies(remote: RemoteModule, calls: int, sleep_cycles: int) -> list[int]:
+    """Send ``calls`` different 1 MiB tensors from the CPU with outputs wanted on the GPU, each
+    copy queued behind a GPU sleep longer than a round trip (so the sleeps pile up and every
+    copy runs well after its reply's buffer was let go); return the calls whose output differs
+    from the trunk's (x * 1.5, computed alike on both sides).
+
+    No call synchronizes (the inputs are on the CPU, so encoding them waits for nothing): a
+    pooled receive buffer refilled before its copy ran would show up as a wrong output.
+    """
+    generator = torch.Generator().manual_seed(7)
+    inputs, outputs = [], []
+    with torch.no_grad():
+        for i in range(calls):
+            x = torch.randn(MiB // 4, generator=generator) + i
+            torch.cuda._sleep(sleep_cycles)
+            outputs.append(remote(x))
+            inputs.append(x)
+    torch.cuda.synchronize()
+    return [
+        i
+        for i, (x, y) in enumerate(zip(inputs, outputs, strict=True))
+        if not torch.equal(y.cpu(), x * 1.5)
+    ]
+
+
+@pytest.mark.parametrize("trunk_device", ["cpu", "cuda"])
+def test_pooled_buffers_are_not_refilled_while_copies_read_them(trunk_device, start_server):
+    server = start_server(Scale(), ServerOptions(device=trunk_device))
+    remote = RemoteModule(server.address, device="cuda")
+    assert corrupted_replies(remote, calls=50, sleep_cycles=20_000_000) == []
