@@ -58,6 +58,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup": 2,
         "codecs": ["none", "bf16", "fp16", "int8"],
     },
+    # a batch that keeps a GPU busy: 4096 tokens, 12.6 MB of float32 activations per crossing
+    "gpu": {
+        "model": "small",
+        "batch": 8,
+        "seq": 512,
+        "steps": 10,
+        "warmup": 2,
+        "codecs": ["none", "bf16", "int8"],
+    },
 }
 # model -> (n_layer, n_embd, n_head, vocab): "small" is GPT-2 small (124M parameters).
 MODELS = {"small": (12, 768, 12, 50257), "tiny": (2, 64, 4, 1000)}

@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,9 @@ class _Connection:
         self.session = session
         self.busy = threading.Lock()  # one call at a time
         self.closed = False
+        # A connection dropped without close() (its client was garbage collected) still
+        # closes its socket.
+        self._finalizer = weakref.finalize(self, sock.close)
 
     def close(self) -> None:
         """Drop the connection; unblocks a thread sending or receiving on it."""
@@ -82,7 +86,7 @@ class _Connection:
         self.closed = True
         with contextlib.suppress(OSError):  # already gone
             self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        self._finalizer()
 
     def send(self, magic: bytes, status: int, buffers: Sequence[Any], length: int) -> None:
         self.sock.sendall(_PREFIX.pack(magic, status, length))
@@ -98,14 +102,7 @@ class _Connection:
         return status, length
 
     def recv_into(self, view: memoryview) -> None:
-        filled, total = 0, len(view)
-        while filled < total:
-            got = self.sock.recv_into(view[filled:], min(total - filled, _RECV_SLICE))
-            if got == 0:
-                raise ConnectionError(
-                    f"bulk connection {self.id} closed after {filled} of {total} bytes"
-                )
-            filled += got
+        _recv_exact(self.sock, view, f"bulk connection {self.id}")
 
     def recv_frame(self, length: int, limits: Limits) -> memoryview:
         if length > limits.max_payload_bytes:
@@ -241,7 +238,7 @@ class BulkListener:
         try:
             sock.settimeout(_HANDSHAKE_TIMEOUT)
             hello = bytearray(len(HELLO) + TICKET_BYTES)
-            _Connection(sock, "hello").recv_into(memoryview(hello))
+            _recv_exact(sock, memoryview(hello), "a new bulk connection")
             entry = None
             if hello[: len(HELLO)] == HELLO:
                 with self._lock:
@@ -426,6 +423,15 @@ class BulkClient:
                 self.give_back(connection)
             else:
                 connection.close()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
+    filled, total = 0, len(view)
+    while filled < total:
+        got = sock.recv_into(view[filled:], min(total - filled, _RECV_SLICE))
+        if got == 0:
+            raise ConnectionError(f"{what} closed after {filled} of {total} bytes")
+        filled += got
 
 
 def _digest(ticket: bytes) -> bytes:

@@ -433,7 +433,7 @@ def to_device(
     """
     moved = tensor.to(device, non_blocking=True)
     if tensor.device.type == "cpu" and device.type == "cuda":
-        _COPIES.hold(tensor, device)
+        _COPIES.hold(tensor.detach(), device)  # the memory, not the autograd graph
     # Cast after the copy: the cast then runs on the device, and the copy reads the pinned
     # source itself rather than a pageable cast of it.
     return moved if dtype is None else moved.to(dtype)

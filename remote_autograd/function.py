@@ -57,7 +57,7 @@ class RemoteCall:
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
         self.output_template, outputs = flatten(value)
-        return [codec.to_device(t, self.device) for t in outputs]
+        return outputs  # on the CPU: remote_apply moves them (see there)
 
     def _recompute(self) -> None:
         args, kwargs = unflatten(self.template, self._inputs)
@@ -128,4 +128,10 @@ class _RemoteFunction(torch.autograd.Function):
 
 
 def remote_apply(call: RemoteCall, dummy: torch.Tensor, tensors: list[torch.Tensor]):
-    return _RemoteFunction.apply(call, dummy, *tensors)
+    outputs = _RemoteFunction.apply(call, dummy, *tensors)
+    # The outputs leave the Function on the CPU and reach the caller's device by an ordinary
+    # differentiable copy. So the gradients coming back are CPU tensors, and autograd runs the
+    # Function's backward (which waits for the Backward RPC) on its CPU thread, not on the
+    # GPU's one worker thread: a trunk served by this same process on the same GPU needs that
+    # thread for its own backward meanwhile (they would deadlock).
+    return tuple(codec.to_device(output, call.device) for output in outputs)

@@ -30,17 +30,28 @@ _PLAIN = (bool, int, float)
 
 
 def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
-    """Whether each tensor holds only finite values, with one pass over each (``aminmax``
-    propagates NaN and shows inf; ``isfinite().all()`` would first build a boolean tensor as
-    large as the input, several times slower) and one synchronisation for all of them."""
-    flags = []
-    for tensor in tensors:
-        if tensor.is_floating_point() and tensor.numel():
-            low, high = torch.aminmax(tensor)
-            flags.append(torch.isfinite(low) & torch.isfinite(high))
-        else:
-            flags.append(torch.ones((), dtype=torch.bool, device=tensor.device))
-    return torch.stack(flags).tolist() if flags else []
+    """Whether each tensor holds only finite values, with one pass over each and one
+    synchronisation per device kind. On a GPU, one fused kernel takes every tensor's largest
+    magnitude (``_foreach_norm`` with ord=inf: NaN and inf propagate), instead of a few kernel
+    launches per tensor; on the CPU, ``aminmax`` per tensor (``isfinite().all()`` would first
+    build a boolean tensor as large as the input, several times slower)."""
+    flags = [True] * len(tensors)
+    checked = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.numel()]
+    fused = [i for i in checked if tensors[i].device.type == "cuda"]
+    rest = [i for i in checked if tensors[i].device.type != "cuda"]
+    verdicts: list[tuple[list[int], torch.Tensor]] = []
+    if fused:
+        norms = torch._foreach_norm([tensors[i] for i in fused], math.inf)
+        verdicts.append((fused, torch.isfinite(torch.stack(norms))))
+    if rest:
+        ends = [torch.aminmax(tensors[i]) for i in rest]
+        verdicts.append(
+            (rest, torch.stack([torch.isfinite(low) & torch.isfinite(high) for low, high in ends]))
+        )
+    for indices, finite in verdicts:
+        for index, flag in zip(indices, finite.tolist(), strict=True):
+            flags[index] = flag
+    return flags
 
 
 def check_finite_grads(

@@ -40,9 +40,10 @@ MiB = 1 << 20
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:
     # Not bit-for-bit: the split clips with its norms stacked in model order, torch's clip
-    # groups them by device first, and float32 attention on the GPU may use atomics.
+    # groups them by device first, and attention's backward on the GPU uses atomics (seen on an
+    # H200: float64 weights 1.3e-12 apart after 3 AdamW steps, run to run).
     if dtype == torch.float64:
-        return {"rtol": 0, "atol": 1e-12}
+        return {"rtol": 0, "atol": 1e-10}
     return {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -243,9 +244,12 @@ def test_received_tensors_are_pinned_when_copied_to_the_gpu(
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(MiB // 4, generator=generator).to(client_device).requires_grad_()  # 1 MiB
     y = remote(x)
-    y.backward(torch.ones_like(y))
+    # Random values: LZ4 would shrink ones, and a decompressed tensor is pageable memory (only
+    # tensors decoded in place from the receive buffer are pinned; see docs/protocol.md).
+    grad = torch.randn(x.shape, generator=generator).to(client_device)
+    y.backward(grad)
     torch.cuda.synchronize()
-    torch.testing.assert_close(x.grad, torch.full_like(x, 1.5), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad * 1.5, rtol=0, atol=0)
     # Compute's input and Backward's gradient on the server; the output and the input
     # gradient on the client: two copies to the GPU per side that has one.
     expected = 2 * (trunk_device == "cuda") + 2 * (client_device == "cuda")
