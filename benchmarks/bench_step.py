@@ -20,6 +20,7 @@ it queued.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from contextlib import ExitStack
@@ -58,8 +59,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup": 2,
         "codecs": ["none", "bf16", "fp16", "int8"],
     },
+    # a step that is mostly wire, as with a GPU trunk, on a CPU: GPT-2 "tiny" (2 blocks of 64)
+    # over 4096 tokens moves 1 MiB of float32 activations per crossing for little compute
+    "wire": {
+        "model": "tiny",
+        "batch": 8,
+        "seq": 512,
+        "steps": 20,
+        "warmup": 2,
+        "codecs": ["none", "bf16", "fp16", "int8"],
+    },
     # a batch that keeps a GPU busy: 4096 tokens, 12.6 MB of float32 activations per crossing
-    "gpu": {
+    "large": {
         "model": "small",
         "batch": 8,
         "seq": 512,
@@ -351,7 +362,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
+    parser.add_argument(
+        "--render", help="no run: write the doc section of a results JSON (from a GPU machine)"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            data = json.load(f)
+        document(data)
+        return data
+    data = run(args)
+    write_json(args.json, data)
+    if args.doc:
+        document(data)
+    return data
+
+
+def document(data: dict[str, Any]) -> None:
+    """Write the run's section of docs/benchmarks.md and its plot."""
+    from benchmarks.common import DOCS
+
+    link = data["link"] if data["link"] != "loopback" else ""
+    on_gpu = data.get("gpu") is not None
+    name = data.get("preset_name", "full")
+    suffix = (f"_{link}" if link else "") + ("" if name == "full" else f"_{name}")
+    if on_gpu:
+        suffix += "_gpu" + ("" if data["devices"]["client"] != "cpu" else "_client_cpu")
+    title = f"Training step over {link or 'loopback'}"
+    if name != "full":
+        title += f", preset {name}"
+    if on_gpu:
+        title += f", {data['gpu']} (trunk on {data['devices']['trunk']}, client on "
+        title += f"{data['devices']['client']})"
+    plot(data, str(DOCS / f"step{suffix}.png"), title)
+    update_doc(f"step{suffix}", markdown(data, title) + f"\n\n![{title}](step{suffix}.png)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     preset = dict(PRESETS[args.preset])
     if args.codecs:
         preset["codecs"] = args.codecs
@@ -360,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client_device = torch.device(args.client_device)
     data: dict[str, Any] = {
         "benchmark": "step",
+        "preset_name": args.preset,
         "preset": preset,
         "link": args.link or "loopback",
         "devices": {"trunk": args.trunk_device, "client": args.client_device},
@@ -405,14 +453,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Asked only now: in a process that has not touched CUDA it would start it, and that
     # changes how the client receives (pinned buffers).
     data["gpu"] = torch.cuda.get_device_name() if on_gpu else None
-    write_json(args.json, data)
-    if args.doc:
-        from benchmarks.common import DOCS
-
-        suffix = (f"_{args.link}" if args.link else "") + ("_gpu" if on_gpu else "")
-        title = f"Training step over {args.link or 'loopback'}" + (" on a GPU" if on_gpu else "")
-        plot(data, str(DOCS / f"step{suffix}.png"), title)
-        update_doc(f"step{suffix}", markdown(data, title) + f"\n\n![{title}](step{suffix}.png)")
     return data
 
 

@@ -36,6 +36,13 @@ def runs(preset: str, links: bool) -> list[tuple[str, list[str]]]:
                 ["benchmarks.bench_step", "--preset", preset, "--link", "100mbit", *doc],
             )
         )
+        if preset == "full":  # a step that is mostly wire, as with a GPU trunk
+            out.append(
+                (
+                    "step_wire_100mbit",
+                    ["benchmarks.bench_step", "--preset", "wire", "--link", "100mbit", *doc],
+                )
+            )
     return out
 
 
