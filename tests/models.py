@@ -56,3 +56,32 @@ def block_parts(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, nn.Module
 def make_mlp_trunk() -> nn.Module:
     """Factory for child-process servers: the float64 MLP trunk of mlp_parts(seed=0)."""
     return mlp_parts(torch.float64)[1]
+
+
+class Scale(nn.Module):
+    """``x * weight`` with weight 1.5: what comes back is easy to predict."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5], dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+class Split(nn.Module):
+    """bottom -> trunk -> top, for either the remote or the local trunk."""
+
+    def __init__(self, kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module) -> None:
+        super().__init__()
+        self.kind, self.bottom, self.trunk, self.top = kind, bottom, trunk, top
+
+    def forward(self, inputs, target):
+        if self.kind == "mlp":
+            logits = self.top(self.trunk(self.bottom(inputs[0])))
+            return nn.functional.cross_entropy(logits, target)
+        tokens, padding = inputs
+        hidden, norms = self.trunk(self.bottom(tokens), padding)
+        logits = self.top(hidden)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return loss + 1e-3 * norms.mean()  # the trunk's second output is used too

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 import torch
-from torch import nn
+from models import Scale
 
 from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames
 from remote_autograd._proto import remote_autograd_pb2 as pb
@@ -21,15 +21,6 @@ from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 PREFIX = struct.Struct(">4sIQ")
-
-
-class Scale(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
 
 
 def _round_trip(remote: RemoteModule, x: torch.Tensor, grad: torch.Tensor):
@@ -40,7 +31,7 @@ def _round_trip(remote: RemoteModule, x: torch.Tensor, grad: torch.Tensor):
 
 
 def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server):
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(MiB // 2, generator=generator, dtype=torch.float64)  # 4 MiB
     grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)
@@ -59,7 +50,7 @@ def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server)
 
 
 def test_small_frames_stay_in_grpc_messages(start_server):
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     with RemoteModule(server.address) as remote:
         y, g = _round_trip(remote, torch.ones(512, dtype=torch.float64), torch.ones(512))
         assert torch.equal(g, torch.full((512,), 1.5, dtype=torch.float64))
@@ -152,7 +143,7 @@ def _still_serves(server) -> None:
 
 
 def test_a_connection_needs_a_fresh_ticket(start_server, peers):
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     peer = peers(server.address)
     sock, answer = peer.hello(b"\x00" * 32)
     assert answer == b"RAB1\x01" and _recv(sock, 1) == b""  # refused, then closed
@@ -168,7 +159,7 @@ def test_a_connection_needs_a_fresh_ticket(start_server, peers):
 
 
 def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers):
-    server = start_server(Scale(), ServerOptions(tokens=("alpha", "beta")))
+    server = start_server(Scale(torch.float64), ServerOptions(tokens=("alpha", "beta")))
     owner = peers(server.address, "s1", token="alpha")
     _, connection_id = owner.open()
     for other in (peers(server.address, "s2", "alpha"), peers(server.address, "s1", "beta")):
@@ -181,7 +172,7 @@ def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers
 
 
 def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers):
-    server = start_server(Scale(), ServerOptions(limits=Limits(max_payload_bytes=MiB)))
+    server = start_server(Scale(torch.float64), ServerOptions(limits=Limits(max_payload_bytes=MiB)))
     peer = peers(server.address)
     sock, connection_id = peer.open()
     future = peer.compute(connection_id, 2 * MiB)  # over the limit: refused before any byte
@@ -203,7 +194,7 @@ def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers):
 
 
 def test_a_stalled_or_vanished_sender_frees_the_server(start_server, peers):
-    server = start_server(Scale(), ServerOptions(bulk_timeout=0.5))
+    server = start_server(Scale(torch.float64), ServerOptions(bulk_timeout=0.5))
     peer = peers(server.address)
     sock, connection_id = peer.open()
     future = peer.compute(connection_id, 4096)
@@ -225,13 +216,13 @@ def test_a_stalled_or_vanished_sender_frees_the_server(start_server, peers):
 def test_without_a_bulk_connection_frames_go_as_grpc_streams(start_server, caplog):
     x = torch.randn(MiB // 2, dtype=torch.float64)  # 4 MiB that LZ4 cannot shrink
     # No connection may be opened: OpenBulk is refused (a named limit), the call streams.
-    server = start_server(Scale(), ServerOptions(max_bulk_connections=0))
+    server = start_server(Scale(torch.float64), ServerOptions(max_bulk_connections=0))
     with RemoteModule(server.address) as remote:
         y, g = _round_trip(remote, x, torch.ones_like(x))
         assert torch.equal(g, torch.full_like(x, 1.5)) and remote.client.stats.bulk_calls == 0
         assert remote.client.stats.bytes_sent > 4 * MiB
     # The port cannot be reached: the client says so once and streams from then on.
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     server.service.bulk.close()
     with caplog.at_level(logging.WARNING), RemoteModule(server.address) as remote:
         for _ in range(2):
@@ -239,7 +230,7 @@ def test_without_a_bulk_connection_frames_go_as_grpc_streams(start_server, caplo
         assert torch.equal(y, x * 1.5) and remote.client.stats.bulk_calls == 0
     assert caplog.text.count("cannot be reached") == 1
     # Turned off on either side.
-    server = start_server(Scale(), ServerOptions(bulk=False))
+    server = start_server(Scale(torch.float64), ServerOptions(bulk=False))
     assert server.service.bulk is None
     with RemoteModule(server.address) as remote:
         _round_trip(remote, x, torch.ones_like(x))
@@ -247,7 +238,7 @@ def test_without_a_bulk_connection_frames_go_as_grpc_streams(start_server, caplo
 
 
 def test_releases_riding_on_a_backward_are_applied(start_server):
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     with RemoteModule(server.address) as remote:
         x = torch.ones(4, dtype=torch.float64, requires_grad=True)
         first, second = remote(x), remote(x)
@@ -269,7 +260,7 @@ def test_receive_buffers_are_reused_once_nothing_holds_them():
 
 
 def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
-    server = start_server(Scale())
+    server = start_server(Scale(torch.float64))
     peer = peers(server.address)
     generator = random.Random(7)
     for _ in range(300):

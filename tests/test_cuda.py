@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from models import block_parts, mlp_parts
+from models import Scale, Split, block_parts, mlp_parts
 from torch import nn
 
 from remote_autograd import (
@@ -63,23 +63,6 @@ class Placed(nn.Module):
 
     def forward(self, *args: torch.Tensor):
         return _to(self.trunk(*[a.to(self.device) for a in args]), self.back)
-
-
-class Split(nn.Module):
-    """bottom -> trunk -> top (as in test_split_training), the trunk remote or Placed."""
-
-    def __init__(self, kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module) -> None:
-        super().__init__()
-        self.kind, self.bottom, self.trunk, self.top = kind, bottom, trunk, top
-
-    def forward(self, inputs, target):
-        if self.kind == "mlp":
-            logits = self.top(self.trunk(self.bottom(inputs[0])))
-            return nn.functional.cross_entropy(logits, target)
-        tokens, padding = inputs
-        hidden, norms = self.trunk(self.bottom(tokens), padding)
-        loss = nn.functional.cross_entropy(self.top(hidden).flatten(0, 1), target.flatten())
-        return loss + 1e-3 * norms.mean()
 
 
 def _batches(kind: str, dtype: torch.dtype, n: int, device: str, seed: int = 1):
@@ -258,15 +241,6 @@ def test_received_tensors_are_pinned_when_copied_to_the_gpu(
     assert any(not isinstance(b, bytearray) and torch.from_numpy(b).is_pinned() for b in pool)
     codec.reap_copies()  # the copies are done: nothing holds the buffers any more
     assert not codec._COPIES._held
-
-
-class Scale(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([1.5]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
 
 
 def corrupted_replies(remote: RemoteModule, calls: int, sleep_cycles: int) -> list[int]:

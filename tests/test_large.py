@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import Scale
 from torch import nn
 
 from remote_autograd import ClientOptions, RemoteModule
 
 MiB = 1 << 20
-
-
-class Scale(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([1.5]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk-channel", "grpc-streams"])

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from models import block_parts, mlp_parts
+from models import Split, block_parts, mlp_parts
 from torch import nn
 
 from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
@@ -33,24 +33,6 @@ def _batches(kind: str, dtype: torch.dtype, n: int, seed: int = 1):
             padding[1, 5:] = True  # a padded sequence
             padding[3, 3:] = True
             yield (tokens, padding), tokens
-
-
-class Split(nn.Module):
-    """bottom -> trunk -> top, for either the remote or the local trunk."""
-
-    def __init__(self, kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module) -> None:
-        super().__init__()
-        self.kind, self.bottom, self.trunk, self.top = kind, bottom, trunk, top
-
-    def forward(self, inputs, target):
-        if self.kind == "mlp":
-            logits = self.top(self.trunk(self.bottom(inputs[0])))
-            return nn.functional.cross_entropy(logits, target)
-        tokens, padding = inputs
-        hidden, norms = self.trunk(self.bottom(tokens), padding)
-        logits = self.top(hidden)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-        return loss + 1e-3 * norms.mean()  # the trunk's second output is used too
 
 
 def _pair(kind, dtype, start_server):
