@@ -393,7 +393,13 @@ def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, 
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    flat = tensor.detach()
+    if flat.is_conj() or flat.is_neg() or not flat.is_contiguous():
+        flat = flat.resolve_conj().resolve_neg().contiguous()
+    if flat.dim() != 1 or flat.stride(0) != 1:
+        # Contiguous by now, so its elements are dense from its offset on; a one-element view
+        # may still carry any stride (x[0:1, 0]), which reshape(-1) would keep.
+        flat = flat.as_strided((flat.numel(),), (1,))
     array: Any = flat.view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
     return memoryview(array).cast("B")
 

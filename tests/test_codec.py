@@ -42,7 +42,16 @@ def test_every_dtype_and_shape_round_trips_exactly(dtype, shape, compression):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_non_contiguous_and_grad_tensors(requires_grad):
     base = torch.randn(6, 8, dtype=torch.float64, requires_grad=requires_grad)
-    for view in (base.t(), base[:, ::3], base[1:4, 2:].T, base.expand(6, 8)):
+    # base[1:2, 3] and base[2:3, 4:5] are contiguous one-element views with strides other than 1
+    views = (
+        base.t(),
+        base[:, ::3],
+        base[1:4, 2:].T,
+        base.expand(6, 8),
+        base[1:2, 3],
+        base[2:3, 4:5],
+    )
+    for view in views:
         out = decode(encode(view))
         assert torch.equal(out, view.detach()) and not out.requires_grad
 
