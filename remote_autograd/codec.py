@@ -198,8 +198,10 @@ class Decoder:
         offset = 5 + meta_len
         spans = []
         for i, (m, _) in enumerate(checked):
-            while offset < len(view) and view[offset] == 0xC0 and offset % ALIGN != (ALIGN - 5):
-                offset += 1
+            # Skip the nil padding (at most up to the alignment point) in one slice, not a
+            # byte at a time.
+            pad = bytes(view[offset : offset + (ALIGN - 5 - offset) % ALIGN])
+            offset += len(pad) - len(pad.lstrip(_NIL))
             if offset + 5 > len(view) or view[offset] != 0xC6:
                 raise CodecError(f"tensor {i}: expected a bin32 at byte {offset} of the frame")
             (size,) = _U32.unpack(view[offset + 1 : offset + 5])
@@ -311,7 +313,8 @@ def _decode_tensor(
         data = base[start : start + size]
     else:
         data = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start)
-    return _dequantize(data, meta, dtype, numel).reshape(shape)
+    values = _dequantize(data, meta, dtype, numel)  # 1-D, numel elements
+    return values if len(shape) == 1 else values.reshape(shape)
 
 
 def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, numel: int):
