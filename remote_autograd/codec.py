@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import lz4.block
 import msgpack
@@ -158,11 +158,34 @@ class Encoder:
         return len(lz4.block.compress(sample, store_size=False)) < _WORTH_IT * len(sample)
 
 
+class _Layout(NamedTuple):
+    """Where the tensors of a frame lie, as checked for one frame header (see Decoder)."""
+
+    limits: Limits  # the limits it was checked against
+    length: int  # bytes of the whole frame
+    tree: bytes
+    # per tensor: its checked meta, its element count, where its bytes start, how many there
+    # are, and the frame's bytes just before them (the nil padding and the bin32 head)
+    tensors: list[tuple[dict[str, Any], int, int, int, bytes]]
+
+
+_LAYOUTS = 64  # frame headers one decoder remembers; a training loop repeats a handful
+_LAYOUT_HEADER_BYTES = 4096  # only small headers are remembered (64 x 4 KiB at most)
+
+
 class Decoder:
-    """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe."""
+    """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe.
+
+    Training sends frames of the same shapes again and again, so the decoder remembers the
+    layout of recent small frame headers: a frame whose header, length, padding and bin32
+    heads are byte-for-byte those of a frame it has checked is not unpacked and checked again
+    (the checks would find the same tensors at the same places). Each tensor's bytes are
+    still decoded, LZ4 sizes checked and the values unpacked every time.
+    """
 
     def __init__(self, *, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
+        self._layouts: dict[bytes, _Layout] = {}
 
     def decode(self, buf: Any, *, base: torch.Tensor | None = None) -> Any:
         """Decode a frame from any buffer. Raw tensors alias ``buf`` (or ``base``, a uint8
@@ -185,6 +208,22 @@ class Decoder:
                 f"frame header claims {meta_len} bytes; frame has {len(view) - 5}, "
                 f"max_header_bytes={limits.max_header_bytes}"
             )
+        key = bytes(view[5 : 5 + meta_len]) if meta_len <= _LAYOUT_HEADER_BYTES else None
+        layout = self._layouts.get(key) if key is not None else None
+        if layout is None or not _same_layout(view, layout, limits):
+            layout = self._layout(view, meta_len, limits)
+            if key is not None:
+                if len(self._layouts) >= _LAYOUTS:
+                    self._layouts.clear()  # atomic from any thread, unlike evicting one
+                self._layouts[key] = layout
+        tensors = [
+            _decode_tensor(view, base, start, size, meta, numel)
+            for meta, numel, start, size, _ in layout.tensors
+        ]
+        return _unpack(layout.tree, "frame values", tensors)
+
+    def _layout(self, view: memoryview, meta_len: int, limits: Limits) -> _Layout:
+        """Unpack and check a frame's header and find its tensors, refusing what is wrong."""
         meta = _unpack(view[5 : 5 + meta_len], "frame header")
         if not isinstance(meta, dict) or meta.get("v") != VERSION:
             raise CodecError(f"unsupported frame version {_get(meta, 'v')!r}; expected {VERSION}")
@@ -196,10 +235,11 @@ class Decoder:
             raise CodecError(f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}")
         checked = [self._check_meta(i, m) for i, m in enumerate(metas)]
         offset = 5 + meta_len
-        spans = []
-        for i, (m, _) in enumerate(checked):
+        tensors = []
+        for i, (m, numel) in enumerate(checked):
             # Skip the nil padding (at most up to the alignment point) in one slice, not a
             # byte at a time.
+            pad_start = offset
             pad = bytes(view[offset : offset + (ALIGN - 5 - offset) % ALIGN])
             offset += len(pad) - len(pad.lstrip(_NIL))
             if offset + 5 > len(view) or view[offset] != 0xC6:
@@ -210,15 +250,11 @@ class Decoder:
                     f"tensor {i}: header says {m['s']} bytes, frame holds {size} "
                     f"(frame is {len(view)} bytes)"
                 )
-            spans.append((offset + 5, size))
+            tensors.append((m, numel, offset + 5, size, bytes(view[pad_start : offset + 5])))
             offset += 5 + size
         if offset != len(view):
             raise CodecError(f"frame has {len(view) - offset} trailing bytes after the last tensor")
-        tensors = [
-            _decode_tensor(view, base, start, size, m, numel)
-            for (start, size), (m, numel) in zip(spans, checked, strict=True)
-        ]
-        return _unpack(tree, "frame values", tensors)
+        return _Layout(limits, len(view), tree, tensors)
 
     def _check_meta(self, index: int, meta: Any) -> tuple[dict[str, Any], int]:
         limits = self.limits
@@ -270,6 +306,17 @@ class Decoder:
 
 def _get(obj: Any, key: str) -> Any:
     return obj.get(key) if isinstance(obj, dict) else None
+
+
+def _same_layout(view: memoryview, layout: _Layout, limits: Limits) -> bool:
+    """Whether ``view`` (whose header is the one ``layout`` was found for) has the same length
+    and the same bytes around its tensors, so checking it again would find the same layout."""
+    if layout.limits is not limits or layout.length != len(view):
+        return False
+    for _, _, start, _, before in layout.tensors:
+        if view[start - len(before) : start] != before:
+            return False
+    return True
 
 
 def _wire_nbytes(q: str, numel: int, itemsize: int, meta: dict[str, Any]) -> int:

@@ -209,6 +209,31 @@ def test_malformed_and_lying_frames_are_refused(frame, message):
         decode(frame)
 
 
+def test_a_reused_decoder_checks_every_frame_whose_header_it_has_seen():
+    # The decoder remembers the layout of headers it has checked: frames sharing a header still
+    # decode their own values, and are refused when the bytes around their tensors lie.
+    decoder, encoder = Decoder(), Encoder(compression="none")
+    for seed in range(3):
+        value = {"x": _example(torch.float32, (3, 4), seed), "n": [seed, 2]}
+        out = decoder.decode(encoder.encode(value))
+        assert torch.equal(out["x"], value["x"]) and out["n"] == [seed, 2]
+    good = _frame({"tensors": [_meta(), _meta()]}, [b"0" * 16, b"1" * 16])
+    first_head = good.index(b"\xc6")
+    lying = {
+        "expected a bin32": good[: first_head - 1] + b"\x00" + good[first_head:],  # padding
+        "frame holds 12": _frame({"tensors": [_meta(), _meta()]}, [b"0" * 16, b"1" * 12]),
+        "trailing": good + b"\x00",
+    }
+    for _ in range(2):
+        assert decoder.decode(good) is None
+        for message, frame in lying.items():
+            with pytest.raises(CodecError, match=message):
+                decoder.decode(frame)
+    decoder.limits = Limits(max_tensors=1)
+    with pytest.raises(CodecError, match="max_tensors=1"):
+        decoder.decode(good)
+
+
 def test_lz4_bomb_is_refused_before_it_is_decompressed():
     bomb = lz4.block.compress(b"\0" * (64 << 20), store_size=False)  # 64 MiB of zeros
     limits = Limits(max_tensor_bytes=1 << 20)
