@@ -6,6 +6,7 @@ the same run, payload sizes interleaved. Throughput counts tensor payload bytes 
 
     python -m benchmarks.bench_transfer --preset full --json transfer.json --doc
     python -m benchmarks.bench_transfer --preset smoke --link 100mbit     # needs root
+    python -m benchmarks.bench_transfer --preset latency     # 4 KiB Compute vs gRPC unary only
 """
 
 from __future__ import annotations
@@ -41,8 +42,19 @@ from benchmarks.common import (
     write_json,
 )
 
+BASELINES = ("tcp", "grpc_unary", "grpc_stream", "torch_rpc")
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [4 << 10, 1 << 20], "codecs": ["auto", "bf16"], "reps": 3, "warmup": 1},
+    # the small-call latency alone: alternating blocks of calls, so drifting load on a noisy
+    # machine hits the baseline and remote_autograd alike
+    "latency": {
+        "sizes": [4 << 10],
+        "codecs": ["none"],
+        "baselines": ["grpc_unary"],
+        "reps": 200,
+        "rounds": 10,
+        "warmup": 50,
+    },
     # over a shaped link: sizes that finish in minutes at 100 Mbit/s
     "link": {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 4 << 20],
@@ -190,8 +202,9 @@ def _free_port(host: str) -> int:
 # -- remote_autograd --------------------------------------------------------------------
 
 
-def ra_roundtrips(module: Any, size: int, reps: int, warmup: int) -> dict[str, Any]:
-    """Median Compute and Backward seconds of ``module`` (a RemoteModule) for ``size`` bytes."""
+def ra_roundtrips(module: Any, size: int, reps: int, warmup: int) -> dict[str, list[float]]:
+    """Compute and Backward seconds of ``module`` (a RemoteModule) for ``size`` bytes, per call,
+    and the wire bytes of the last round trip."""
     x = torch.randn(size // 4, requires_grad=True)  # [size/4] float32: the activation
     grad = torch.randn(size // 4)  # [size/4] float32: the gradient coming back
     compute, backward = [], []
@@ -210,13 +223,19 @@ def ra_roundtrips(module: Any, size: int, reps: int, warmup: int) -> dict[str, A
             compute.append(middle - start)
             backward.append(end - middle)
             wire = stats.bytes_sent - sent + stats.bytes_received - received
+    return {"compute": compute, "backward": backward, "wire": [wire]}
+
+
+def ra_summary(size: int, samples: dict[str, list[float]]) -> dict[str, Any]:
+    compute, backward = median(samples["compute"]), median(samples["backward"])
     return {
-        "compute_s": median(compute),
-        "backward_s": median(backward),
-        "compute_MBps": 2 * size / median(compute) / 1e6,
-        "backward_MBps": 2 * size / median(backward) / 1e6,
-        "wire_bytes_per_roundtrip": wire,  # Compute + Backward, both directions
+        "compute_s": compute,
+        "backward_s": backward,
+        "compute_MBps": 2 * size / compute / 1e6,
+        "backward_MBps": 2 * size / backward / 1e6,
+        "wire_bytes_per_roundtrip": samples["wire"][-1],  # Compute + Backward, both directions
         "payload_bytes_per_roundtrip": 4 * size,
+        "calls": len(samples["compute"]),
     }
 
 
@@ -224,12 +243,15 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
     from remote_autograd import ClientOptions, RemoteModule
 
     sizes, codecs = preset["sizes"], preset["codecs"]
+    baselines = preset.get("baselines", BASELINES)
+    rounds = preset.get("rounds", 1)
     host = link.server_ip if link else "127.0.0.1"
     netns = link.netns if link else None
     results: dict[str, Any] = {"baselines": {}, "remote_autograd": {c: {} for c in codecs}}
     # Over a shaped link the TensorPipe pair hung in rendezvous/shutdown across namespaces in
     # our runs, so there the torch.distributed.rpc baseline is left out (see docs/benchmarks.md).
-    torch_rpc = torch_rpc_phase(preset, host, link) if link is None else {}
+    use_torch_rpc = link is None and "torch_rpc" in baselines
+    torch_rpc = torch_rpc_phase(preset, host, link) if use_torch_rpc else {}
     with ExitStack() as stack:
         # One thread per side: two OpenMP pools spinning on 2 cores distort every number.
         def start(*args: str) -> Any:
@@ -237,8 +259,10 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
                 ServerProcess(*args, "--host", host, netns=netns, env={"OMP_NUM_THREADS": "1"})
             )
 
-        tcp = TcpEcho(start("tcp").address)
-        grpc_echo = GrpcEcho(start("grpc").address)
+        tcp = TcpEcho(start("tcp").address) if "tcp" in baselines else None
+        grpc_echo = None
+        if {"grpc_unary", "grpc_stream"} & set(baselines):
+            grpc_echo = GrpcEcho(start("grpc").address)
         modules = {}
         for codec in codecs:
             client_z, server_z, quant, bulk = CODECS[codec]
@@ -255,23 +279,33 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
             warmup = preset["warmup"]
             payload = torch.randn(size // 4)
             view = memoryview(payload.numpy()).cast("B")
+            methods = {}
+            if tcp is not None:
+                methods["tcp"] = lambda v=view: tcp.roundtrip(v)
+            if grpc_echo is not None:
+                methods["grpc_unary"] = lambda v=view: grpc_echo.unary(v)
+                methods["grpc_stream"] = lambda v=view: grpc_echo.stream(v)
+            methods = {name: fn for name, fn in methods.items() if name in baselines}
+            measured = [c for c in codecs if codec_measured(c, size)]
+            base_samples: dict[str, list[float]] = {name: [] for name in methods}
+            ra_samples = {c: {"compute": [], "backward": [], "wire": []} for c in measured}
+            # Rounds of blocks, methods in turn: load that drifts during the run hits all alike.
+            for _ in range(rounds):
+                for name, fn in methods.items():
+                    base_samples[name] += measure(fn, warmup=warmup, reps=reps)
+                for codec in measured:
+                    got = ra_roundtrips(modules[codec], size, reps, warmup)
+                    for key, values in got.items():
+                        ra_samples[codec][key] += values
             row: dict[str, Any] = {}
-            for name, fn in (
-                ("tcp", lambda v=view: tcp.roundtrip(v)),
-                ("grpc_unary", lambda v=view: grpc_echo.unary(v)),
-                ("grpc_stream", lambda v=view: grpc_echo.stream(v)),
-            ):
-                seconds = median(measure(fn, warmup=warmup, reps=reps))
+            for name, samples in base_samples.items():
+                seconds = median(samples)
                 row[name] = {"s": seconds, "MBps": 2 * size / seconds / 1e6}
             if str(size) in torch_rpc:
                 row["torch_rpc"] = torch_rpc[str(size)]
             results["baselines"][str(size)] = row
-            for codec in codecs:
-                if codec not in LOSSLESS and size > BIG:
-                    continue
-                results["remote_autograd"][codec][str(size)] = ra_roundtrips(
-                    modules[codec], size, reps, warmup
-                )
+            for codec in measured:
+                results["remote_autograd"][codec][str(size)] = ra_summary(size, ra_samples[codec])
             ra_rows = {c: results["remote_autograd"][c].get(str(size), {}) for c in codecs}
             print(
                 f"{human_bytes(size):>8}: "
@@ -280,10 +314,16 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
                 + "  ".join(f"{c} {r.get('backward_MBps', 0):.0f}" for c, r in ra_rows.items()),
                 flush=True,
             )
-        grpc_echo.close()
-        tcp.close()
+        if grpc_echo is not None:
+            grpc_echo.close()
+        if tcp is not None:
+            tcp.close()
     results["ratios"] = ratios(results)
     return results
+
+
+def codec_measured(codec: str, size: int) -> bool:
+    return codec in LOSSLESS or size <= BIG
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
@@ -292,13 +332,17 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     for codec, by_size in results["remote_autograd"].items():
         for size, ra in by_size.items():
             base = results["baselines"][size]
-            grpc_best = min(base["grpc_unary"]["s"], base["grpc_stream"]["s"])
-            trpc = base.get("torch_rpc")
+            seconds = {name: value["s"] for name, value in base.items()}
+            grpc = [seconds[k] for k in ("grpc_unary", "grpc_stream") if k in seconds]
+            backward = ra["backward_s"]
+            unary = seconds.get("grpc_unary")
             out.setdefault(codec, {})[size] = {
-                "backward_vs_tcp": base["tcp"]["s"] / ra["backward_s"],
-                "backward_vs_torch_rpc": trpc["s"] / ra["backward_s"] if trpc else None,
-                "backward_vs_grpc": grpc_best / ra["backward_s"],
-                "compute_latency_vs_grpc_unary": ra["compute_s"] / base["grpc_unary"]["s"],
+                "backward_vs_tcp": seconds["tcp"] / backward if "tcp" in seconds else None,
+                "backward_vs_torch_rpc": (
+                    seconds["torch_rpc"] / backward if "torch_rpc" in seconds else None
+                ),
+                "backward_vs_grpc": min(grpc) / backward if grpc else None,
+                "compute_latency_vs_grpc_unary": ra["compute_s"] / unary if unary else None,
             }
     return out
 
@@ -403,14 +447,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
     parser.add_argument("--reps", type=int, help="override the preset's repetitions")
+    parser.add_argument(
+        "--baselines",
+        type=lambda s: s.split(","),
+        help=f"measure only these baselines (comma separated: {','.join(BASELINES)})",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="repeat every method's block of calls this many times, in turn"
+    )
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
-    for key in ("sizes", "codecs", "reps"):
+    for key in ("sizes", "codecs", "reps", "baselines", "rounds"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
+    unknown = set(preset.get("baselines", BASELINES)) - set(BASELINES)
+    if unknown:
+        parser.error(f"unknown baselines {', '.join(sorted(unknown))}; known: {BASELINES}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # see run(): the servers use one thread too
     with ExitStack() as stack:

@@ -179,9 +179,9 @@ class TrunkClient:
     ) -> tuple[Any, pb.Header]:
         """Send one frame, receive one frame: unary when small, streamed when large."""
         info = self.info()
-        stub = self._connect()
+        stub = self._stub or self._connect()  # _connect() takes the lock: only when needed
         buffers = self._encoders[kind].encode_buffers(value)
-        size = sum(len(b) for b in buffers)
+        size = sum(map(len, buffers))
         header.release_ids.extend(self._take_releases())
         big_reply = self._big_reply.get(method, False)
         streamed = not fits_unary(size, info.unary_payload_bytes) or big_reply
@@ -397,7 +397,10 @@ class TrunkClient:
         self._release_wakeup.set()
 
     def _take_releases(self) -> list[str]:
-        # The release thread and a caller may both take: pop() is atomic, emptiness is not.
+        # The release thread and a caller may both take: pop() is atomic, emptiness is not
+        # (an id appended right after this check rides on a later call or the release thread).
+        if not self._pending_releases:
+            return []
         taken = []
         while True:
             try:

@@ -32,7 +32,7 @@ import math
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import lz4.block
 import msgpack
@@ -161,11 +161,34 @@ class Encoder:
         return len(lz4.block.compress(sample, store_size=False)) < _WORTH_IT * len(sample)
 
 
+class _Layout(NamedTuple):
+    """Where the tensors of a frame lie, as checked for one frame header (see Decoder)."""
+
+    limits: Limits  # the limits it was checked against
+    length: int  # bytes of the whole frame
+    tree: bytes
+    # per tensor: its checked meta, its element count, where its bytes start, how many there
+    # are, and the frame's bytes just before them (the nil padding and the bin32 head)
+    tensors: list[tuple[dict[str, Any], int, int, int, bytes]]
+
+
+_LAYOUTS = 64  # frame headers one decoder remembers; a training loop repeats a handful
+_LAYOUT_HEADER_BYTES = 4096  # only small headers are remembered (64 x 4 KiB at most)
+
+
 class Decoder:
-    """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe."""
+    """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe.
+
+    Training sends frames of the same shapes again and again, so the decoder remembers the
+    layout of recent small frame headers: a frame whose header, length, padding and bin32
+    heads are byte-for-byte those of a frame it has checked is not unpacked and checked again
+    (the checks would find the same tensors at the same places). Each tensor's bytes are
+    still decoded, LZ4 sizes checked and the values unpacked every time.
+    """
 
     def __init__(self, *, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
+        self._layouts: dict[bytes, _Layout] = {}
 
     def decode(self, buf: Any, *, base: torch.Tensor | None = None) -> Any:
         """Decode a frame from any buffer. Raw tensors alias ``buf`` (or ``base``, a uint8
@@ -188,6 +211,22 @@ class Decoder:
                 f"frame header claims {meta_len} bytes; frame has {len(view) - 5}, "
                 f"max_header_bytes={limits.max_header_bytes}"
             )
+        key = bytes(view[5 : 5 + meta_len]) if meta_len <= _LAYOUT_HEADER_BYTES else None
+        layout = self._layouts.get(key) if key is not None else None
+        if layout is None or not _same_layout(view, layout, limits):
+            layout = self._layout(view, meta_len, limits)
+            if key is not None:
+                if len(self._layouts) >= _LAYOUTS:
+                    self._layouts.clear()  # atomic from any thread, unlike evicting one
+                self._layouts[key] = layout
+        tensors = [
+            _decode_tensor(view, base, start, size, meta, numel)
+            for meta, numel, start, size, _ in layout.tensors
+        ]
+        return _unpack(layout.tree, "frame values", tensors)
+
+    def _layout(self, view: memoryview, meta_len: int, limits: Limits) -> _Layout:
+        """Unpack and check a frame's header and find its tensors, refusing what is wrong."""
         meta = _unpack(view[5 : 5 + meta_len], "frame header")
         if not isinstance(meta, dict) or meta.get("v") != VERSION:
             raise CodecError(f"unsupported frame version {_get(meta, 'v')!r}; expected {VERSION}")
@@ -199,10 +238,13 @@ class Decoder:
             raise CodecError(f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}")
         checked = [self._check_meta(i, m) for i, m in enumerate(metas)]
         offset = 5 + meta_len
-        spans = []
-        for i, (m, _) in enumerate(checked):
-            while offset < len(view) and view[offset] == 0xC0 and offset % ALIGN != (ALIGN - 5):
-                offset += 1
+        tensors = []
+        for i, (m, numel) in enumerate(checked):
+            # Skip the nil padding (at most up to the alignment point) in one slice, not a
+            # byte at a time.
+            pad_start = offset
+            pad = bytes(view[offset : offset + (ALIGN - 5 - offset) % ALIGN])
+            offset += len(pad) - len(pad.lstrip(_NIL))
             if offset + 5 > len(view) or view[offset] != 0xC6:
                 raise CodecError(f"tensor {i}: expected a bin32 at byte {offset} of the frame")
             (size,) = _U32.unpack(view[offset + 1 : offset + 5])
@@ -211,15 +253,11 @@ class Decoder:
                     f"tensor {i}: header says {m['s']} bytes, frame holds {size} "
                     f"(frame is {len(view)} bytes)"
                 )
-            spans.append((offset + 5, size))
+            tensors.append((m, numel, offset + 5, size, bytes(view[pad_start : offset + 5])))
             offset += 5 + size
         if offset != len(view):
             raise CodecError(f"frame has {len(view) - offset} trailing bytes after the last tensor")
-        tensors = [
-            _decode_tensor(view, base, start, size, m, numel)
-            for (start, size), (m, numel) in zip(spans, checked, strict=True)
-        ]
-        return _unpack(tree, "frame values", tensors)
+        return _Layout(limits, len(view), tree, tensors)
 
     def _check_meta(self, index: int, meta: Any) -> tuple[dict[str, Any], int]:
         limits = self.limits
@@ -273,6 +311,17 @@ def _get(obj: Any, key: str) -> Any:
     return obj.get(key) if isinstance(obj, dict) else None
 
 
+def _same_layout(view: memoryview, layout: _Layout, limits: Limits) -> bool:
+    """Whether ``view`` (whose header is the one ``layout`` was found for) has the same length
+    and the same bytes around its tensors, so checking it again would find the same layout."""
+    if layout.limits is not limits or layout.length != len(view):
+        return False
+    for _, _, start, _, before in layout.tensors:
+        if view[start - len(before) : start] != before:
+            return False
+    return True
+
+
 def _wire_nbytes(q: str, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
     if q == "none":
         return numel * itemsize
@@ -314,7 +363,8 @@ def _decode_tensor(
         data = base[start : start + size]
     else:
         data = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start)
-    return _dequantize(data, meta, dtype, numel).reshape(shape)
+    values = _dequantize(data, meta, dtype, numel)  # 1-D, numel elements
+    return values if len(shape) == 1 else values.reshape(shape)
 
 
 def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, numel: int):
@@ -396,7 +446,13 @@ def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, 
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    flat = tensor.detach()
+    if flat.is_conj() or flat.is_neg() or not flat.is_contiguous():
+        flat = flat.resolve_conj().resolve_neg().contiguous()
+    if flat.dim() != 1 or flat.stride(0) != 1:
+        # Contiguous by now, so its elements are dense from its offset on; a one-element view
+        # may still carry any stride (x[0:1, 0]), which reshape(-1) would keep.
+        flat = flat.as_strided((flat.numel(),), (1,))
     array: Any = flat.view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
     return memoryview(array).cast("B")
 

@@ -14,6 +14,8 @@ from .tree import flatten, unflatten
 
 __all__ = ["RemoteModule"]
 
+_CPU = torch.device("cpu")
+
 
 class RemoteModule(nn.Module):
     """Runs the trunk served at ``address``; ``loss.backward()`` reaches it like any layer.
@@ -48,7 +50,7 @@ class RemoteModule(nn.Module):
         keep = grad_on and (
             any(t.requires_grad for t in tensors) or self.client.info().trainable_numel > 0
         )
-        device = self.device or next((t.device for t in tensors), torch.device("cpu"))
+        device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
             self.client, template, keep_context=keep, training=self.training, device=device
         )

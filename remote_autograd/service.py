@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from . import __version__, bulk, codec, frames
 from ._proto import remote_autograd_pb2 as pb
@@ -92,6 +93,8 @@ class _Malformed:
 
 
 def _well_formed(request: Any, method: str) -> Any:
+    if isinstance(request, Message):  # first: hasattr() below raises and catches on a message
+        return request
     if isinstance(request, _Malformed):
         raise InvalidRequest(
             f"{method}: the request is not a valid protobuf message ({request.reason})"

@@ -42,7 +42,16 @@ def test_every_dtype_and_shape_round_trips_exactly(dtype, shape, compression):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_non_contiguous_and_grad_tensors(requires_grad):
     base = torch.randn(6, 8, dtype=torch.float64, requires_grad=requires_grad)
-    for view in (base.t(), base[:, ::3], base[1:4, 2:].T, base.expand(6, 8)):
+    # base[1:2, 3] and base[2:3, 4:5] are contiguous one-element views with strides other than 1
+    views = (
+        base.t(),
+        base[:, ::3],
+        base[1:4, 2:].T,
+        base.expand(6, 8),
+        base[1:2, 3],
+        base[2:3, 4:5],
+    )
+    for view in views:
         out = decode(encode(view))
         assert torch.equal(out, view.detach()) and not out.requires_grad
 
@@ -198,6 +207,31 @@ def _meta(**overrides):
 def test_malformed_and_lying_frames_are_refused(frame, message):
     with pytest.raises(CodecError, match=message):
         decode(frame)
+
+
+def test_a_reused_decoder_checks_every_frame_whose_header_it_has_seen():
+    # The decoder remembers the layout of headers it has checked: frames sharing a header still
+    # decode their own values, and are refused when the bytes around their tensors lie.
+    decoder, encoder = Decoder(), Encoder(compression="none")
+    for seed in range(3):
+        value = {"x": _example(torch.float32, (3, 4), seed), "n": [seed, 2]}
+        out = decoder.decode(encoder.encode(value))
+        assert torch.equal(out["x"], value["x"]) and out["n"] == [seed, 2]
+    good = _frame({"tensors": [_meta(), _meta()]}, [b"0" * 16, b"1" * 16])
+    first_head = good.index(b"\xc6")
+    lying = {
+        "expected a bin32": good[: first_head - 1] + b"\x00" + good[first_head:],  # padding
+        "frame holds 12": _frame({"tensors": [_meta(), _meta()]}, [b"0" * 16, b"1" * 12]),
+        "trailing": good + b"\x00",
+    }
+    for _ in range(2):
+        assert decoder.decode(good) is None
+        for message, frame in lying.items():
+            with pytest.raises(CodecError, match=message):
+                decoder.decode(frame)
+    decoder.limits = Limits(max_tensors=1)
+    with pytest.raises(CodecError, match="max_tensors=1"):
+        decoder.decode(good)
 
 
 def test_lz4_bomb_is_refused_before_it_is_decompressed():

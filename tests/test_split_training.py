@@ -194,6 +194,27 @@ def test_train_and_eval_switch_the_trunk_mode(start_server):
     assert torch.equal(x.grad, out.detach())
 
 
+def test_seeded_forwards_leave_the_process_rng_as_it_was(start_server):
+    # The server runs in this process: pinning each forward's dropout to its seed (training
+    # forwards kept for Backward, and the Backward of a server that recomputes) must not move
+    # the process-wide generator that the rest of the program draws from.
+    trunk = nn.Sequential(nn.Dropout(0.5))
+    plain = start_server(trunk)
+    recomputing = start_server(copy.deepcopy(trunk), ServerOptions(recompute=True))
+    x = torch.ones(1000, requires_grad=True)
+    for server in (plain, recomputing):
+        with RemoteModule(server.address) as remote:
+            remote.client.info()  # connect first
+            before = torch.get_rng_state()
+            first, second = remote(x), remote(x)
+            (first + second).sum().backward()
+            after = torch.get_rng_state()
+        assert torch.equal(before, after)
+        assert not torch.equal(first, second)  # each forward drew a mask of its own
+        assert torch.equal(x.grad, (first + second).detach())  # Backward used those masks
+        x.grad = None
+
+
 def test_remote_module_in_sequential(start_server):
     server = start_server(nn.Linear(4, 4))
     remote = RemoteModule(server.address)
