@@ -71,7 +71,7 @@ class ComputeMixin(TrunkState):
                 f"needs_input_grad has {len(needs)} flags for {len(tensors)} input tensors"
             )
         keep = header.keep_context or header.recompute
-        if keep and not REQUEST_ID.match(header.request_id):
+        if keep and not REQUEST_ID.fullmatch(header.request_id):
             raise InvalidRequest(
                 f"request id must match {REQUEST_ID.pattern}, got {header.request_id!r}"
             )

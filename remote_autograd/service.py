@@ -184,7 +184,7 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
         if peer:
             identity += "/cn=" + b",".join(peer).decode(errors="replace")
         session_id = str(metadata.get(SESSION_METADATA_KEY, ""))
-        if not REQUEST_ID.match(session_id):
+        if not REQUEST_ID.fullmatch(session_id):
             raise InvalidRequest(
                 f"metadata {SESSION_METADATA_KEY!r} must be 1-64 characters of [0-9A-Za-z_-], "
                 f"got {session_id[:80]!r}"

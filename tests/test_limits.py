@@ -181,3 +181,26 @@ def test_non_finite_grad_scale_and_optimizer_state_are_refused(start_server):
 def _raw_step(remote: RemoteModule, step: int, scale: float) -> None:
     remote.client.scale_grads_later(scale)
     remote.client.step(step, [{}])
+
+
+@pytest.mark.parametrize("request_id", ["a" * 65, "abc\n", "abc/def", ""])
+def test_request_ids_are_checked_whole(start_server, request_id):
+    from remote_autograd import codec
+    from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
+
+    server = start_server(_linear())
+    payload = codec.encode({"args": [torch.zeros(1, 4, dtype=torch.float64)], "kwargs": {}})
+    header = pb.Header(
+        request_id=request_id,
+        keep_context=True,
+        training=True,
+        payload_bytes=len(payload),
+        needs_input_grad=[True],
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TrunkStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Compute(pb.Frame(header=header, payload=payload), metadata=(("ra-session", "s"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request id must match" in info.value.details()
+    assert server.stats()["contexts"] == 0
