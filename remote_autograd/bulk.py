@@ -40,7 +40,7 @@ from typing import Any
 
 import grpc
 
-from . import frames
+from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from .errors import CodecError, InvalidRequest, LimitExceeded, ServerUnavailable
 from .options import Limits
@@ -105,10 +105,7 @@ class _Connection:
         _recv_exact(self.sock, view, f"bulk connection {self.id}")
 
     def recv_frame(self, length: int, limits: Limits) -> memoryview:
-        if length > limits.max_payload_bytes:
-            raise CodecError(
-                f"bulk frame of {length} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
-            )
+        codec.check_frame_size(length, limits)
         view = frames.receive_buffer(length)
         self.recv_into(view)
         return view
@@ -282,10 +279,7 @@ def serve_call(
     context.add_callback(on_done)
     try:
         length = header.payload_bytes
-        if length > limits.max_payload_bytes:
-            raise CodecError(
-                f"frame of {length} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
-            )
+        codec.check_frame_size(length, limits)  # before reserving or reading a byte
         with reserve(length):
             try:
                 _, declared = connection.recv_prefix(REQUEST)

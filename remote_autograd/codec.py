@@ -50,6 +50,7 @@ __all__ = [
     "decode",
     "encode",
     "iter_chunks",
+    "check_frame_size",
     "reap_copies",
     "to_device",
 ]
@@ -176,6 +177,15 @@ _LAYOUTS = 64  # frame headers one decoder remembers; a training loop repeats a 
 _LAYOUT_HEADER_BYTES = 4096  # only small headers are remembered (64 x 4 KiB at most)
 
 
+def check_frame_size(size: int, limits: Limits) -> None:
+    """Refuse a frame over ``limits.max_payload_bytes``: checked before anything is allocated
+    for it, whichever way it arrives (one message, a stream, the bulk channel)."""
+    if size > limits.max_payload_bytes:
+        raise CodecError(
+            f"frame of {size} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
+        )
+
+
 class Decoder:
     """Decodes frames, refusing anything over ``limits``. Reusable and thread-safe.
 
@@ -199,10 +209,7 @@ class Decoder:
             view = memoryview(bytearray(view))
             base = None
         limits = self.limits
-        if len(view) > limits.max_payload_bytes:
-            raise CodecError(
-                f"frame of {len(view)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
-            )
+        check_frame_size(len(view), limits)
         if len(view) < 5 or view[0] != 0xCE:
             raise CodecError("not a remote_autograd frame: it must start with a msgpack uint32")
         (meta_len,) = _U32.unpack(view[1:5])
@@ -524,6 +531,10 @@ class _CopiesInFlight:
 _COPIES = _CopiesInFlight()
 
 
+# What a frame's values may be besides tensors, None and tuples; bool before its base int.
+_PLAIN_TYPES: tuple[type[Any], ...] = (bool, int, float, str, dict, list)
+
+
 class _TreePacker:
     """msgpack ``default`` hook collecting tensors (a bound method, not a recursive closure,
     so no reference cycle keeps the tensors alive)."""
@@ -545,19 +556,10 @@ class _TreePacker:
             return msgpack.ExtType(_EXT_TENSOR, _U32.pack(len(self.tensors) - 1))
         if isinstance(value, tuple):
             return msgpack.ExtType(_EXT_TUPLE, self.packb(list(value)))
-        # Subclasses (IntEnum, OrderedDict...) travel as their base type.
-        if isinstance(value, bool):
-            return bool(value)
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, str):
-            return str(value)
-        if isinstance(value, dict):
-            return dict(value)
-        if isinstance(value, list):
-            return list(value)
+        # Subclasses (IntEnum, OrderedDict...) travel as their base type (bool before int).
+        for base in _PLAIN_TYPES:
+            if isinstance(value, base):
+                return base(value)
         raise CodecError(
             f"cannot send a value of type {type(value).__name__}: frames carry tensors, None, "
             "bool, int, float, str, and lists, tuples and dicts of these"

@@ -154,10 +154,7 @@ def receive(messages: Iterable[pb.Frame], limits: Limits) -> Received:
     if first is None or not first.HasField("header"):
         raise CodecError("stream carries no header in its first message")
     total = first.header.payload_bytes
-    if total > limits.max_payload_bytes:
-        raise CodecError(
-            f"frame of {total} bytes exceeds max_payload_bytes={limits.max_payload_bytes}"
-        )
+    codec.check_frame_size(total, limits)
     view = buffer = _POOL.take(total)
     filled = 0
     for message in _chain(first, iterator):
