@@ -122,18 +122,19 @@ def train(config: TrainConfig) -> TrainResult:
             torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (optimizer, trunk_optimizer)
         ]
         parts = {"bottom": bottom, "top": top}
+        # What a checkpoint holds besides the step and the history: saved and loaded alike.
+        run_state: dict[str, Any] = dict(
+            spec=config.model,
+            lora=config.lora,
+            trunk=trunk,
+            optimizer=optimizer,
+            trunk_optimizer=trunk_optimizer,
+            schedulers=schedulers,
+            **parts,
+        )
         step, history = 0, list[dict[str, float]]()
         if config.resume:
-            step, history = load_checkpoint(
-                config.resume,
-                spec=config.model,
-                lora=config.lora,
-                trunk=trunk,
-                optimizer=optimizer,
-                trunk_optimizer=trunk_optimizer,
-                schedulers=schedulers,
-                **parts,
-            )
+            step, history = load_checkpoint(config.resume, **run_state)
         adapters_before = _adapters(bottom, top, trunk)
         frozen_before = {
             (part, n): p.detach().clone()
@@ -207,14 +208,8 @@ def train(config: TrainConfig) -> TrainResult:
                 save_checkpoint(
                     out_dir / "checkpoints" / f"step_{step:06d}.pt",
                     step=step,
-                    spec=config.model,
-                    lora=config.lora,
-                    trunk=trunk,
-                    optimizer=optimizer,
-                    trunk_optimizer=trunk_optimizer,
-                    schedulers=schedulers,
                     history=history,
-                    **parts,
+                    **run_state,
                 )
         adapters_after = _adapters(bottom, top, trunk)
     lora_change = {
