@@ -60,6 +60,48 @@ def test_remote_optimizer_quacks_like_a_torch_optimizer(start_server):
     assert state["remote_step"] == 1 and state["param_groups"][0]["lr"] == 5e-4
     assert {k for k in state["state"][0]} == {"step", "exp_avg", "exp_avg_sq"}
     assert "AdamW" in repr(optimizer)
+    # state_dict() lays this side's groups over the server's: read the server's own instead.
+    assert _server_group(remote)["lr"] == 1e-3  # the scheduled lr travels with the next step
+    remote(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    assert _server_group(remote)["lr"] == 5e-4
+    assert _server_group(remote)["betas"] == (0.8, 0.9)
+
+
+def _server_group(remote: RemoteModule) -> dict:
+    """The first param group of the session's optimizer, as GetState returns it from the
+    server (no client-side copy involved)."""
+    state = remote.client.get_state(parameters=False, optimizer=True)
+    return state["optimizer"]["param_groups"][0]
+
+
+def test_scheduled_learning_rates_reach_the_server_weights(start_server):
+    """Weights after AdamW steps with a LambdaLR schedule equal those of the same schedule
+    run locally: the lr the server used at each step is the scheduled one."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(2, 2).double()
+    local = nn.Linear(2, 2).double()
+    local.load_state_dict(trunk.state_dict())
+    remote = RemoteModule(start_server(trunk).address)
+    optimizer = RemoteOptimizer(remote, torch.optim.AdamW, lr=0.1)
+    local_optimizer = torch.optim.AdamW(local.parameters(), lr=0.1)
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1 / (step + 1))
+        for o in (optimizer, local_optimizer)
+    ]
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        local_optimizer.zero_grad()
+        remote(x).square().sum().backward()
+        local(x).square().sum().backward()
+        optimizer.step()
+        local_optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert _server_group(remote)["lr"] == 0.1 / 3  # the lr of the third step
+    for name, value in remote.remote_state_dict().items():
+        assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
 
 
 def test_optimizer_state_round_trips_through_the_server(start_server):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,14 @@ def test_step_smoke(tmp_path: Path) -> None:
     for result in data["split"].values():
         assert result["step_s"] > 0
         assert len(result["losses"]) == len(data["monolithic"]["losses"])
+    # The split run computes what the monolithic one does: float32 on the wire is the same
+    # arithmetic (last-bit differences at most), bf16 rounds activations and gradients.
+    bounds = {"none": 1e-5, "bf16": 1e-3}
+    assert set(data["split"]) == set(bounds)
+    for codec, result in data["split"].items():
+        torch.testing.assert_close(
+            result["losses"], data["monolithic"]["losses"], rtol=bounds[codec], atol=0
+        )
         assert {"client_s", "server_compute_s", "server_codec_s", "wire_and_rest_s"} <= set(
             result["breakdown"]
         )

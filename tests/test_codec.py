@@ -105,7 +105,10 @@ def test_round_trip_property(dtype, shape, seed, compression):
 
 
 @pytest.mark.parametrize(
-    ("quantization", "bound"), [("bf16", 2**-8), ("fp16", 2**-11), ("int8", 1 / 127)]
+    ("quantization", "bound"),
+    # Round to nearest: half a unit in the last place of bf16 / fp16, half a step of int8's
+    # (max|x| / 127, float32 rounding on top: see the int8 test below for its exact bound).
+    [("bf16", 2**-8), ("fp16", 2**-11), ("int8", (1 / 254) * (1 + 2**-14))],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_lossy_codecs_stay_within_their_error_bound(quantization, bound, dtype):
@@ -115,6 +118,29 @@ def test_lossy_codecs_stay_within_their_error_bound(quantization, bound, dtype):
     scale = tensor.abs().max() if quantization == "int8" else tensor.abs()
     assert bool(((out - tensor).abs() <= bound * scale + 1e-30).all())
     assert len(encode(tensor, quantization=quantization)) < 0.6 * len(encode(tensor))
+
+
+@pytest.mark.parametrize("numel", [4096, 4096 + 100, 37], ids=["full-blocks", "partial", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_int8_rounds_to_nearest_within_half_a_step_of_its_block(numel, dtype):
+    """int8 (codec.py): per block of 256 elements, scale = max|x| / 127 and each element is
+    round(x / scale) * scale, so its error is at most scale / 2 (plus float32 rounding)."""
+    generator = torch.Generator().manual_seed(3)
+    tensor = torch.randn(numel, generator=generator, dtype=torch.float64).to(dtype) * 10
+    tensor[5] = 0.0
+    out = decode(encode(tensor, quantization="int8"))
+    blocks = torch.nn.functional.pad(tensor.float(), (0, -numel % 256)).view(-1, 256)
+    scales = (blocks.abs().amax(1) / 127).repeat_interleave(256)[:numel].double()
+    error = (out.double() - tensor.double()).abs()
+    slack = tensor.double().abs() * 2**-23  # float32 rounding of x, x / scale and q * scale
+    assert bool((error <= scales / 2 + slack).all()), float((error / scales).max())
+    assert float((error / scales).max()) > 0.4  # the bound is tight: it is what the codec gives
+    assert out[5] == 0.0
+    block_max = tensor.float().view(-1)[: (numel // 256) * 256].view(-1, 256).abs().amax(1)
+    if len(block_max):  # each block's largest magnitude is exact: it maps to +-127
+        for index, peak in enumerate(block_max.tolist()):
+            block = out.float()[index * 256 : (index + 1) * 256].abs()
+            assert float(block.max()) == pytest.approx(peak, rel=2**-22)
 
 
 def test_fp16_scaling_keeps_tiny_gradients():

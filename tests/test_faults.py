@@ -3,6 +3,7 @@ its checkpoint. Each run ends with exactly the parameters of a fault-free run (f
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
@@ -87,11 +88,14 @@ def _assert_equal(params: dict[str, torch.Tensor], reference: dict[str, torch.Te
 
 
 class DropFirstReply(grpc.ServerInterceptor):
-    """Lets the server do the work of the first ``method`` call, then loses its reply."""
+    """Lets the server do the work of the first ``method`` call (or the ``nth``), then loses
+    its reply."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, nth: int = 1) -> None:
         self.method = f"/remote_autograd.v1.Trunk/{method}"
         self.dropped = 0
+        self.nth = nth
+        self.seen = 0
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = continuation(details)
@@ -101,7 +105,8 @@ class DropFirstReply(grpc.ServerInterceptor):
 
         def behavior(request, context):
             reply = inner(request, context)
-            if not self.dropped:
+            self.seen += 1
+            if not self.dropped and self.seen >= self.nth:
                 self.dropped += 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "test: the reply was lost")
             return reply
@@ -131,9 +136,53 @@ def test_a_lost_reply_is_retried_and_applied_once(method, bulk_min_bytes, refere
         server.stop(grace=None)
 
 
+def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
+    """Two micro-batches per step, the second Backward's reply lost: its retry carries no
+    zero_grad that could hide a second accumulation, so the session's gradients must be
+    exactly the two micro-batches' sum (computed here with the same trunk, float64)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(8, 8).double()
+    local = copy.deepcopy(trunk)
+    drop = DropFirstReply("Backward", nth=2)
+    server = serve(trunk, interceptors=[drop])
+    try:
+        remote = RemoteModule(server.address, options=ClientOptions(retry_backoff=0.01))
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+        optimizer.zero_grad()
+        xs = [batch(step)[0].repeat(1, 2) for step in (1, 2)]  # (5, 8) each
+        for x in xs:
+            x_remote = x.clone().requires_grad_()
+            remote(x_remote).square().sum().backward()
+            x_local = x.clone().requires_grad_()
+            local(x_local).square().sum().backward()
+            assert torch.equal(x_remote.grad, x_local.grad)  # the retry's answer is the same
+        assert drop.dropped == 1 and drop.seen == 3  # 2 Backwards, one of them sent twice
+        grads = server.service.sessions.values()[0].grads
+        for name, param in local.named_parameters():
+            assert torch.equal(grads[name], param.grad), name
+        optimizer.step()
+        local_optimizer.step()
+        for name, value in remote.remote_state_dict().items():
+            assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
+    finally:
+        server.stop(grace=None)
+
+
+def _expire_contexts_now(server) -> int:
+    """Expire every cached forward context at once, as the sweeper does after context_ttl:
+    ``expire()`` with the ttl set to 0 for the call (no sleeping, no race with a short ttl)."""
+    cache = server.service.contexts
+    ttl, cache.ttl = cache.ttl, 0.0
+    try:
+        return cache.expire()
+    finally:
+        cache.ttl = ttl
+
+
 @pytest.mark.parametrize("how", ["evicted", "expired"])
 def test_a_lost_context_is_recomputed_with_the_same_dropout(how, reference):
-    options = ServerOptions(max_contexts=1) if how == "evicted" else ServerOptions(context_ttl=0.2)
+    options = ServerOptions(max_contexts=1) if how == "evicted" else ServerOptions()
     server = serve(dropout_trunk(), options=options)
     try:
         run = Run(server.address)
@@ -147,7 +196,7 @@ def test_a_lost_context_is_recomputed_with_the_same_dropout(how, reference):
             if how == "evicted":  # another session's forward takes the only slot
                 other(torch.zeros(1, 8, dtype=torch.float64, requires_grad=True))
             else:
-                time.sleep(0.5)
+                assert _expire_contexts_now(server) == 1
             calls = run.remote.client.stats.calls
             loss.backward()
             recomputed += run.remote.client.stats.calls - calls - 1  # Backward, Compute, Backward

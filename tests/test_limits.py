@@ -204,3 +204,48 @@ def test_request_ids_are_checked_whole(start_server, request_id):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request id must match" in info.value.details()
     assert server.stats()["contexts"] == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_load_state_refuses_non_finite_parameters(start_server, value):
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    before = _weights(server)
+    state = remote.remote_state_dict()
+    state["weight"][1, 2] = value
+    with pytest.raises(InvalidRequest, match="parameter weight holds NaN or inf; refused"):
+        remote.load_remote_state_dict(state)
+    assert _same(before, _weights(server))
+    assert server.stats()["weights_version"] == 0  # nothing was loaded
+    state["weight"][1, 2] = 0.25
+    remote.load_remote_state_dict(state)  # a finite one is loaded
+    assert server.service.module.weight[1, 2].item() == 0.25
+    assert server.stats()["weights_version"] == 1
+
+
+def test_load_state_refuses_unknown_or_misshapen_parameters(start_server):
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    before = _weights(server)
+    with pytest.raises(InvalidRequest, match="no trainable parameter named 'nope'"):
+        remote.load_remote_state_dict({"nope": torch.zeros(1, dtype=torch.float64)})
+    with pytest.raises(InvalidRequest, match=r"parameter bias: expected shape \[4\]"):
+        remote.load_remote_state_dict({"bias": torch.zeros(5, dtype=torch.float64)})
+    assert _same(before, _weights(server))
+
+
+def test_a_non_finite_clip_scale_never_reaches_the_gradients(start_server):
+    """A clip scale rides on the next Backward, GradNorm or Step; a non-finite one is refused
+    by each before it multiplies the session's gradients."""
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    session = server.service.sessions.values()[0]
+    held = {k: v.clone() for k, v in session.grads.items()}
+    remote.client.scale_grads_later(math.inf)
+    with pytest.raises(InvalidRequest, match="grad_scale must be finite, got inf"):
+        remote.client.grad_norms(2.0)
+    assert _same(held, session.grads)
+    with pytest.raises(InvalidRequest, match="grad_scale must be finite, got inf"):
+        remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()  # the scale still pends
+    assert _same(held, session.grads)

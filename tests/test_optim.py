@@ -1,0 +1,130 @@
+"""RemoteOptimizer and clip_grad_norm_ behave like their torch counterparts on the unsplit
+model: each case runs the same float64 computation locally and compares exactly."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_
+
+
+def _parts(seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    return nn.Linear(3, 4).double(), nn.Linear(4, 4).double(), nn.Linear(4, 2).double()
+
+
+def _inputs(n: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randn(5, 3, generator=generator, dtype=torch.float64) for _ in range(n)]
+
+
+class Pair:
+    """The same bottom -> trunk -> top twice: the trunk served (split) and local (unsplit)."""
+
+    def __init__(self, start_server, **optimizer) -> None:
+        bottom, trunk, top = _parts()
+        self.local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+        self.served = trunk
+        self.server = start_server(trunk)
+        self.remote = RemoteModule(self.server.address)
+        self.bottom, self.top = bottom, top
+        self.split = nn.Sequential(bottom, self.remote, top)
+        self.trunk_opt = RemoteOptimizer(self.remote, "SGD", **optimizer)
+        self.split_opt = torch.optim.SGD([*bottom.parameters(), *top.parameters()], **optimizer)
+        self.local_opt = torch.optim.SGD(self.local.parameters(), **optimizer)
+
+    def backward(self, x: torch.Tensor) -> None:
+        self.split(x).square().sum().backward()
+        self.local(x).square().sum().backward()
+
+    def clip_parts(self) -> list:
+        return [*self.bottom.parameters(), self.remote, *self.top.parameters()]
+
+    def step(self) -> None:
+        for optimizer in (self.trunk_opt, self.split_opt, self.local_opt):
+            optimizer.step()
+
+    def assert_same_weights(self) -> None:
+        remote = self.remote.remote_state_dict()
+        for name, param in self.local[1].named_parameters():
+            assert torch.equal(remote[name], param.detach()), name
+        for mine, theirs in ((self.bottom, self.local[0]), (self.top, self.local[2])):
+            for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+                assert torch.equal(a, b)
+
+
+def test_zero_grad_set_to_none_false_zeroes_the_trunk_gradients(start_server):
+    pair = Pair(start_server, lr=0.1, momentum=0.9)
+    first, second = _inputs(2)
+    pair.backward(first)
+    for optimizer in (pair.trunk_opt, pair.split_opt, pair.local_opt):
+        optimizer.zero_grad(set_to_none=False)
+    norms, _ = pair.remote.client.grad_norms(2.0)
+    assert norms == [0.0, 0.0]  # zeroed, not dropped: both gradients are still there
+    pair.backward(second)  # accumulates onto zeros: the second batch's gradients only
+    grads = pair.server.service.sessions.values()[0].grads
+    for name, param in pair.local[1].named_parameters():
+        assert torch.equal(grads[name], param.grad), name
+    pair.step()
+    pair.assert_same_weights()
+
+
+def test_zero_grad_set_to_none_drops_the_trunk_gradients(start_server):
+    pair = Pair(start_server, lr=0.1)
+    pair.backward(_inputs(1)[0])
+    pair.trunk_opt.zero_grad()
+    assert pair.remote.client.grad_norms(2.0)[0] == []  # None, as torch's set_to_none=True
+    pair.trunk_opt.step()  # SGD skips parameters without a gradient
+    for name, value in pair.remote.remote_state_dict().items():
+        assert torch.equal(value, dict(pair.local[1].named_parameters())[name].detach()), name
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf], ids=["l2", "l1", "inf"])
+def test_clip_grad_norm_clips_like_torch(start_server, norm_type):
+    pair = Pair(start_server, lr=0.1)
+    for x in _inputs(2):
+        pair.backward(x)
+    local_norm = torch.nn.utils.clip_grad_norm_(pair.local.parameters(), 0.5, norm_type)
+    norm = clip_grad_norm_(pair.clip_parts(), 0.5, norm_type)
+    assert local_norm > 0.5  # it really clips
+    assert torch.equal(norm, local_norm)
+    # The remote share of the clipping is applied on the server (with the next call).
+    norms, _ = pair.remote.client.grad_norms(norm_type)
+    trunk = pair.local[1].parameters()
+    expected = [float(torch.linalg.vector_norm(p.grad, norm_type)) for p in trunk]
+    assert norms == expected
+    pair.step()
+    pair.assert_same_weights()
+
+
+def test_clip_grad_norm_without_gradients_is_zero(start_server):
+    pair = Pair(start_server, lr=0.1)
+    local = torch.nn.utils.clip_grad_norm_(pair.local.parameters(), 1.0)
+    norm = clip_grad_norm_(pair.clip_parts(), 1.0)
+    assert torch.equal(norm, local) and float(norm) == 0.0
+    pair.split(_inputs(1)[0]).sum().backward()
+    assert float(clip_grad_norm_([pair.remote], 1e9)) > 0  # the trunk's alone
+
+
+def test_clip_grad_norm_error_if_nonfinite(start_server):
+    pair = Pair(start_server, lr=0.1)
+    pair.backward(_inputs(1)[0])
+    pair.bottom.bias.grad[0] = math.inf
+    pair.local[0].bias.grad[0] = math.inf
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(pair.local.parameters(), 1.0, error_if_nonfinite=True)
+    held = {k: v.clone() for k, v in pair.server.service.sessions.values()[0].grads.items()}
+    with pytest.raises(RuntimeError, match="total norm of order 2.0 .* is non-finite"):
+        clip_grad_norm_(pair.clip_parts(), 1.0, error_if_nonfinite=True)
+    assert pair.bottom.weight.grad.isfinite().all()  # nothing was scaled
+    norms, _ = pair.remote.client.grad_norms(2.0)  # neither here nor on the server
+    grads = pair.server.service.sessions.values()[0].grads
+    assert all(torch.equal(grads[k], v) for k, v in held.items())
+    assert norms == [float(v.norm()) for v in held.values()]
+    # Without the flag it scales by the non-finite norm, as torch does (to zeros and NaN).
+    assert math.isinf(float(clip_grad_norm_(pair.clip_parts(), 1.0)))

@@ -1,0 +1,94 @@
+"""Client sessions on the server: an idle session expires after ServerOptions.session_ttl and
+takes everything it held with it (contexts, gradients, optimizer, bulk connections).
+
+No test races a short ttl: a session is made idle by moving its ``last_seen`` back past the
+ttl, then expired by ``sessions.expire()`` (what the server's sweeper calls). One test checks
+that the sweeper calls it, with a session that has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from models import Scale
+from torch import nn
+
+from remote_autograd import (
+    ClientOptions,
+    ContextNotFound,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    StaleContext,
+)
+
+MiB = 1 << 20
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def _idle(server, remote: RemoteModule) -> None:
+    """Make the session of ``remote`` look idle for longer than session_ttl, and expire it."""
+    session = next(
+        s for s in server.service.sessions.values() if s.key.endswith(remote.client.session_id)
+    )
+    session.last_seen -= server.options.session_ttl + 1
+    assert server.service.sessions.expire() == 1
+
+
+def test_the_sweeper_expires_idle_sessions(start_server):
+    server = start_server(Scale(torch.float64), ServerOptions(session_ttl=0.3))
+    remote = RemoteModule(server.address)
+    remote.client.info()
+    _wait_for(lambda: server.stats()["sessions"] == 0)
+    x = torch.ones(2, dtype=torch.float64)
+    assert torch.equal(remote(x), x * 1.5)  # the client goes on in a new session
+
+
+def test_an_idle_session_expires_with_its_contexts_gradients_and_optimizer(start_server):
+    torch.manual_seed(0)
+    server = start_server(nn.Linear(4, 4).double())
+    remote = RemoteModule(server.address, options=ClientOptions(recover_contexts=False))
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    x = torch.ones(2, 4, dtype=torch.float64, requires_grad=True)
+    remote(x).sum().backward()  # gradients held by the session
+    kept = remote(x)  # a context held by the session
+    assert server.stats()["contexts"] == 1 and server.stats()["sessions"] == 1
+    _idle(server, remote)
+    assert server.stats()["sessions"] == 0
+    # Its cleanup ran with it: the context (whose ttl is the default 600 s) is gone too.
+    assert server.stats()["contexts"] == 0 and server.stats()["context_bytes"] == 0
+    with pytest.raises(ContextNotFound, match=r"no forward context \(its session ended\)"):
+        kept.sum().backward()
+    with pytest.raises(StaleContext, match="Step before ConfigureOptimizer"):
+        optimizer.step()  # the optimizer went with the session
+
+
+def test_a_session_in_use_does_not_expire(start_server):
+    server = start_server(Scale(torch.float64))
+    remote = RemoteModule(server.address)
+    remote(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
+    session = server.service.sessions.values()[0]
+    session.last_seen -= server.options.session_ttl - 60  # idle, but not for session_ttl
+    assert server.service.sessions.expire() == 0
+    remote(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert session.last_seen > time.monotonic() - 60  # each call counts as use
+    assert server.stats()["sessions"] == 1 and set(session.grads) == {"weight"}
+
+
+def test_an_expired_session_closes_its_bulk_connections(start_server):
+    server = start_server(Scale(torch.float64))
+    remote = RemoteModule(server.address)
+    x = torch.randn(MiB // 8, dtype=torch.float64)  # 1 MiB: over bulk_min_bytes
+    assert torch.equal(remote(x), x * 1.5)
+    assert remote.client.stats.bulk_calls == 1 and len(server.service.bulk) == 1
+    _idle(server, remote)
+    assert len(server.service.bulk) == 0
+    assert torch.equal(remote(x), x * 1.5)  # a new session, which opens a new connection
