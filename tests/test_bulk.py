@@ -245,18 +245,32 @@ def test_releases_riding_on_a_backward_are_applied(start_server):
         first.sum().backward()  # frees the first graph: its release waits for the next call
         second.sum().backward()  # ... which is this Backward
         assert server.stats()["contexts"] <= 1
-        time.sleep(0.5)  # the second's release goes on its own
-        assert server.stats()["contexts"] == 0
+        _wait_for(lambda: server.stats()["contexts"] == 0)  # the second's goes on its own
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
 
 
 def test_receive_buffers_are_reused_once_nothing_holds_them():
-    first = frames.receive_buffer(MiB)
+    # A pool of its own: the process-wide one holds whatever earlier tests left in it.
+    pool = frames._BufferPool(max_buffers=4)
+    first = pool.take(MiB)
     first[0] = 7
     del first
-    second = frames.receive_buffer(MiB)
+    second = pool.take(MiB)
     assert second[0] == 7  # the same memory (fresh memory is zeros)
-    third = frames.receive_buffer(MiB)
+    third = pool.take(MiB)
     assert third[0] == 0  # the second still holds it
+    tensor = torch.frombuffer(third, dtype=torch.uint8)  # what a decoded tensor does
+    third[0] = 9
+    del third
+    assert pool.take(MiB)[0] != 9  # the tensor still holds it: not handed out again
+    del tensor
+    assert pool.take(MiB)[0] == 9  # free once the tensor is gone
 
 
 def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
@@ -283,3 +297,37 @@ def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
         )
     assert len(server.service.bulk) <= 1 and server.stats()["inflight_bytes"] == 0
     _still_serves(server)
+
+
+def test_max_session_bulk_connections(start_server, peers):
+    server = start_server(Scale(torch.float64), ServerOptions(max_session_bulk_connections=2))
+    peer = peers(server.address, "s1")
+    peer.open()
+    peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata)  # a ticket counts too
+    with pytest.raises(grpc.RpcError) as info:
+        peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_session_bulk_connections=2" in info.value.details()
+    other = peers(server.address, "s2")  # the cap is per session
+    _, connection_id = other.open()
+    assert connection_id
+
+
+def test_connections_presenting_tickets_at_once_are_capped(start_server, peers):
+    from remote_autograd.bulk import _MAX_HANDSHAKES
+
+    server = start_server(Scale(torch.float64))
+    peer = peers(server.address)
+    ticket = peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata).ticket
+    silent = [peer.connect() for _ in range(_MAX_HANDSHAKES)]  # each holds a handshake slot
+    over, answer = peer.hello(ticket)
+    assert answer == b""  # closed at once, before reading the ticket
+    for sock in silent:
+        sock.close()  # their handshakes end (EOF), freeing the slots
+
+    def hello_accepted() -> bool:
+        sock, answer = peer.hello(ticket)  # the ticket was never read: still valid
+        return answer == b"RAB1\x00"
+
+    _wait_for(hello_accepted)
+    assert len(server.service.bulk) == 1

@@ -19,11 +19,18 @@ import pytest
 import torch
 from conftest import spawn_server
 from factories import dropout_trunk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, ServerOptions, codec
+from remote_autograd import (
+    ClientOptions,
+    Limits,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    codec,
+)
 from remote_autograd._proto import remote_autograd_pb2 as pb
 
 SEED = 20261126
@@ -317,8 +324,8 @@ def test_ten_thousand_malformed_messages(tmp_path):
 
 
 class _Echo(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2
+    def forward(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        return [x * 2 for x in xs]
 
 
 _metas = st.fixed_dictionaries(
@@ -338,15 +345,20 @@ _metas = st.fixed_dictionaries(
 )
 
 
+_ECHO_LIMITS = Limits(max_tensor_bytes=1 << 16, max_tensor_elements=1 << 14, max_tensors=4)
+
+
 @pytest.fixture(scope="module")
 def echo_server():
     from remote_autograd import serve
-    from remote_autograd.options import Limits
 
-    limits = Limits(max_tensor_bytes=1 << 16, max_tensor_elements=1 << 14, max_tensors=4)
-    server = serve(_Echo(), options=ServerOptions(limits=limits))
+    server = serve(_Echo(), options=ServerOptions(limits=_ECHO_LIMITS))
     channel = grpc.insecure_channel(server.address)
-    yield server, channel.unary_unary(TRUNK + "Compute")
+    yield (
+        server,
+        channel.stream_stream(TRUNK + "ComputeStream"),
+        channel.unary_unary(TRUNK + "Release"),
+    )
     channel.close()
     server.stop(grace=None)
 
@@ -358,21 +370,51 @@ def echo_server():
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(metas=st.lists(_metas, min_size=1, max_size=3), body=st.binary(max_size=512))
+# Frames that tell the truth, so the test sees the server accept too (not only refuse).
+@example(metas=[_good_meta()], body=bytes(range(128)))
+@example(
+    metas=[{**_good_meta(), "dtype": "int32", "shape": [4, 8]}, {**_good_meta(), "shape": [16]}],
+    body=bytes(range(128)),
+)
+@example(metas=[{**_good_meta(), "n": 127}], body=bytes(128))  # and one that lies
 def test_lying_tensor_headers_are_refused_before_allocating(echo_server, metas, body):
-    server, compute = echo_server
+    """Streamed (so the frame holds bytes of max_inflight_bytes while it is checked) and kept
+    for a Backward (so an accepted frame leaves a context). The local codec is the oracle: the
+    server accepts exactly the frames it decodes, and answers each tensor doubled."""
+    server, compute, release = echo_server
     refs = [_ref(i) for i in range(len(metas))]
     payload = _frame(
         {"v": 1, "tree": _tree({"args": refs, "kwargs": {}}), "tensors": metas},
         [body[: m["s"]] if 0 <= m["s"] < len(body) else body for m in metas],
     )
-    request = pb.Frame(header=pb.Header(payload_bytes=len(payload)), payload=payload)
     try:
-        compute(request.SerializeToString(), timeout=30, metadata=(("ra-session", "hyp"),))
+        expected = codec.Decoder(limits=_ECHO_LIMITS).decode(bytearray(payload))
+    except codec.CodecError:
+        expected = None
+    header = pb.Header(
+        request_id="hyp", keep_context=True, training=True, payload_bytes=len(payload)
+    )
+    request = pb.Frame(header=header, payload=payload)
+    metadata = (("ra-session", "hyp"),)
+    try:
+        replies = list(compute(iter([request.SerializeToString()]), timeout=30, metadata=metadata))
     except grpc.RpcError as exc:
-        assert exc.code() in REFUSALS, (exc.code(), exc.details())
-        assert server.service._inflight.used == 0
-    # A lie the codec could not see through would have to be self-consistent: then it is valid.
-    assert server.stats()["contexts"] == 0
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert expected is None, f"the server refused a valid frame: {exc.details()}"
+        assert server.stats()["contexts"] == 0
+    else:
+        assert expected is not None, "the server accepted a frame the codec refuses"
+        reply = pb.Frame.FromString(replies[0])
+        out = codec.decode(b"".join(pb.Frame.FromString(r).payload for r in replies))
+        assert reply.header.request_id == "hyp"
+        assert len(out) == len(expected["args"])
+        for got, sent in zip(out, expected["args"], strict=True):
+            assert torch.equal(got, sent * 2)
+        assert server.stats()["contexts"] == 1  # kept for its Backward
+        request_ids = pb.ReleaseRequest(request_ids=["hyp"]).SerializeToString()
+        assert pb.ReleaseReply.FromString(release(request_ids, metadata=metadata)).released == 1
+        assert server.stats()["contexts"] == 0
+    assert server.stats()["inflight_bytes"] == 0  # its reservation ended with the call
 
 
 def test_streamed_frame_declaring_too_much_is_refused_before_allocating(start_server):

@@ -133,11 +133,13 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(
     lora = LoraOptions(rank=4, alpha=8, dropout=0.1)
     run = {**RUN, "steps": 4, "checkpoint_every": 2, "model": spec, "lora": lora}
 
-    server = start_server(build_trunk(spec, lora))
+    whole_trunk = build_trunk(spec, lora)
+    server = start_server(whole_trunk)
     whole = train(TrainConfig(server=server.address, out_dir=str(tmp_path / "a"), **run))
 
     # A fresh server and a fresh client: everything comes from the step-2 checkpoint.
-    server = start_server(build_trunk(spec, lora))
+    resumed_trunk = build_trunk(spec, lora)
+    server = start_server(resumed_trunk)
     checkpoint = tmp_path / "a" / "checkpoints" / "step_000002.pt"
     resumed = train(
         TrainConfig(
@@ -145,13 +147,23 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(
         )
     )
     keys = ("step", "loss", "grad_norm", "lr", "tokens")
-    assert [[m[k] for k in keys] for m in resumed.history] == [
-        [m[k] for k in keys] for m in whole.history
+    # Steps 1-2 of the resumed history are the checkpoint's copy; 3-4 were run after it.
+    assert [m["step"] for m in resumed.history] == [1, 2, 3, 4]
+    assert [[m[k] for k in keys] for m in resumed.history[2:]] == [
+        [m[k] for k in keys] for m in whole.history[2:]
     ]
+    assert resumed.history[:2] == whole.history[:2]  # the saved copy, as saved
     for part in ("bottom", "top"):
         got = lora_state(getattr(resumed, part))
         want = lora_state(getattr(whole, part))
+        assert got.keys() == want.keys() and want, part
         assert all(torch.equal(got[n], want[n]) for n in want), part
+    # The trunk: both servers' adapters, after the same four steps, and moved by steps 3-4.
+    got, want = lora_state(resumed_trunk), lora_state(whole_trunk)
+    assert got.keys() == want.keys() and want
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    at_checkpoint = torch.load(checkpoint, weights_only=True)["trunk"]
+    assert any(not torch.equal(at_checkpoint[n], want[n]) for n in at_checkpoint)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(start_server, tmp_path: Path) -> None:
