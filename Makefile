@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv lint protos bench-smoke clean
+.PHONY: demo test venv lint protos bench-smoke mutate clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+
+# Not part of `make test`: applies one-line mutations to a copy of the tree and checks that the
+# tests named for each fail (scripts/mutation_check.py --list).
+mutate: venv
+	$(PY) scripts/mutation_check.py
 
 bench-smoke: venv
 	$(PY) -m benchmarks.run_all --preset smoke

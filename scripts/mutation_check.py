@@ -1,0 +1,463 @@
+"""Mutation check: does the test suite notice when a documented behaviour breaks?
+
+Each mutation below is a one-line change to the library that breaks one documented behaviour,
+with the tests that should fail because of it. For each, the script applies the change to a
+temporary copy of the repository (the working tree is never touched), runs those tests there,
+and reports KILLED (a test failed, as it should) or SURVIVED (the suite did not notice), then
+restores the file in the copy.
+
+    python scripts/mutation_check.py            # every mutation
+    python scripts/mutation_check.py --list     # names and what each breaks
+    python scripts/mutation_check.py --only int8_truncates --only bearer_scheme
+    python scripts/mutation_check.py --json results.json
+
+A mutation names its target as (file, exact snippet): the snippet must occur exactly once in
+the file, so a restructured library makes the script stop with a clear message naming the
+mutation to re-point, instead of silently testing nothing. Before the mutations, the listed
+tests run once on the unmodified copy (``--skip-baseline`` skips that): a test failing there
+would make every KILLED meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    original: str  # exact text, found exactly once in the file
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids that must fail
+    breaks: str  # the documented behaviour it breaks
+
+
+M = Mutation
+MUTATIONS: list[Mutation] = [
+    # -- the eight changes of the audit (issue #12) -----------------------------------------
+    M(
+        "retried_backward_accumulates_twice",
+        "remote_autograd/compute.py",
+        "context.backward_seq = header.backward_seq",
+        "context.backward_seq = context.backward_seq",
+        (
+            "tests/test_faults.py::test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice",
+        ),
+        "a retried Backward is applied exactly once",
+    ),
+    M(
+        "load_state_accepts_nan",
+        "remote_autograd/optimizers.py",
+        "if not finite_flags([value])[0]:",
+        "if False:",
+        ("tests/test_limits.py::test_load_state_refuses_non_finite_parameters",),
+        "LoadState refuses non-finite parameters",
+    ),
+    M(
+        "reply_quantization_ignored",
+        "remote_autograd/compute.py",
+        'quantization=quantization or "none"',
+        'quantization="none"',
+        ("tests/test_split_training.py::test_wire_quantization_end_to_end",),
+        "the server encodes replies with the requested reply_quantization",
+    ),
+    M(
+        "not_found_is_trunk_error",
+        "remote_autograd/errors.py",
+        "grpc.StatusCode.NOT_FOUND: ContextNotFound,",
+        "grpc.StatusCode.NOT_FOUND: TrunkError,",
+        ("tests/test_errors.py::test_every_status_code_is_translated",),
+        "NOT_FOUND becomes ContextNotFound",
+    ),
+    M(
+        "bearer_scheme_unchecked",
+        "remote_autograd/service.py",
+        'if scheme.lower() != "bearer" or not matches:',
+        "if not matches:",
+        ("tests/test_security.py::test_the_token_must_come_with_the_bearer_scheme",),
+        "tokens are accepted only with the Bearer scheme",
+    ),
+    M(
+        "expired_session_keeps_contexts",
+        "remote_autograd/service.py",
+        "self.contexts.drop_session(key)",
+        "pass",
+        (
+            "tests/test_sessions.py::"
+            "test_an_idle_session_expires_with_its_contexts_gradients_and_optimizer",
+        ),
+        "an expired session's contexts go with it",
+    ),
+    M(
+        "zero_grad_to_zero_does_nothing",
+        "remote_autograd/cache.py",
+        "grad.zero_()",
+        "pass",
+        ("tests/test_optim.py::test_zero_grad_set_to_none_false_zeroes_the_trunk_gradients",),
+        "zero_grad(set_to_none=False) zeroes the trunk's gradients",
+    ),
+    M(
+        "int8_truncates",
+        "remote_autograd/codec.py",
+        "scaled.round_()",
+        "scaled.trunc_()",
+        ("tests/test_codec.py::test_int8_rounds_to_nearest_within_half_a_step_of_its_block",),
+        "int8 rounds to nearest (error <= scale / 2)",
+    ),
+    # -- more documented behaviours ------------------------------------------------------------
+    M(
+        "step_not_replayed",
+        "remote_autograd/optimizers.py",
+        "if request.step == session.last_step and request.step > 0:",
+        "if False:",
+        ("tests/test_faults.py::test_a_lost_reply_is_retried_and_applied_once",),
+        "a retried Step is answered as a replay, applied once",
+    ),
+    M(
+        "grad_scale_not_checked",
+        "remote_autograd/cache.py",
+        "if not math.isfinite(grad_scale):",
+        "if False:",
+        ("tests/test_limits.py::test_a_non_finite_clip_scale_never_reaches_the_gradients",),
+        "a non-finite clip scale is refused before it touches the gradients",
+    ),
+    M(
+        "contexts_not_bound_to_sessions",
+        "remote_autograd/cache.py",
+        "if context is None or context.session != session:",
+        "if context is None:",
+        ("tests/test_security.py::test_a_client_cannot_touch_another_clients_contexts",),
+        "one session cannot use another's contexts",
+    ),
+    M(
+        "max_payload_bytes_unchecked",
+        "remote_autograd/codec.py",
+        "if size > limits.max_payload_bytes:",
+        "if False:",
+        ("tests/test_limits.py::test_frame_limits_are_named",),
+        "frames over max_payload_bytes are refused",
+    ),
+    M(
+        "stale_weights_answered",
+        "remote_autograd/compute.py",
+        "if context.weights_version != self.weights_version:",
+        "if False:",
+        (
+            "tests/test_concurrency.py::"
+            "test_a_step_that_stopped_waiting_makes_the_old_forward_stale",
+        ),
+        "a Backward through weights stepped since its forward is refused",
+    ),
+    M(
+        "backward_order_unchecked",
+        "remote_autograd/compute.py",
+        "if header.backward_seq != context.backward_seq + 1:",
+        "if False:",
+        ("tests/test_errors.py::test_backward_header_is_checked_against_its_forward",),
+        "Backwards of one context come in sequence",
+    ),
+    M(
+        "backward_needs_count_unchecked",
+        "remote_autograd/compute.py",
+        "if len(needs) != len(context.inputs):",
+        "if False:",
+        ("tests/test_errors.py::test_backward_header_is_checked_against_its_forward",),
+        "Backward's needs_input_grad has one flag per input",
+    ),
+    M(
+        "integer_input_may_need_grad",
+        "remote_autograd/compute.py",
+        "if not leaf.is_floating_point():",
+        "if False:",
+        ("tests/test_errors.py::test_compute_refuses_an_integer_input_that_needs_a_gradient",),
+        "an integer input cannot need a gradient (InvalidRequest)",
+    ),
+    M(
+        "unsendable_reply_not_translated",
+        "remote_autograd/compute.py",
+        "except codec.CodecError as exc:\n            raise TrunkError(",
+        "except KeyError as exc:\n            raise TrunkError(",
+        ("tests/test_errors.py::test_a_trunk_returning_what_cannot_be_sent_is_a_trunk_error",),
+        "a trunk output that cannot be sent is a TrunkError",
+    ),
+    M(
+        "remote_clipping_removed",
+        "remote_autograd/optim.py",
+        "remote.client.scale_grads_later(float(clip_coef))",
+        "pass",
+        (
+            "tests/test_split_training.py::test_training_matches_local",
+            "tests/test_optim.py::test_clip_grad_norm_clips_like_torch",
+        ),
+        "clip_grad_norm_ scales the trunk's gradients too",
+    ),
+    M(
+        "clip_error_if_nonfinite_ignored",
+        "remote_autograd/optim.py",
+        "if error_if_nonfinite and not bool(torch.isfinite(total_norm)):",
+        "if False:",
+        ("tests/test_optim.py::test_clip_grad_norm_error_if_nonfinite",),
+        "clip_grad_norm_(error_if_nonfinite=True) raises on a non-finite norm",
+    ),
+    M(
+        "scheduled_lr_not_sent",
+        "remote_autograd/optim.py",
+        "self.client.step(self._step_count, self._hyperparameters())",
+        "self.client.step(self._step_count, [{}])",
+        (
+            "tests/test_api.py::test_remote_optimizer_quacks_like_a_torch_optimizer",
+            "tests/test_api.py::test_scheduled_learning_rates_reach_the_server_weights",
+        ),
+        "a scheduler's lr reaches the server's optimizer with each step",
+    ),
+    M(
+        "deadline_is_plain_transport_error",
+        "remote_autograd/errors.py",
+        "grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,",
+        "grpc.StatusCode.DEADLINE_EXCEEDED: TransportError,",
+        ("tests/test_errors.py::test_a_call_past_client_options_timeout_is_deadline_exceeded",),
+        "a call past ClientOptions.timeout raises DeadlineExceeded",
+    ),
+    M(
+        "session_ttl_never_expires",
+        "remote_autograd/cache.py",
+        "stale = [key for key, s in self._items.items() if s.last_seen <= deadline]",
+        "stale = []",
+        (
+            "tests/test_sessions.py::test_the_sweeper_expires_idle_sessions",
+            "tests/test_sessions.py::"
+            "test_an_idle_session_expires_with_its_contexts_gradients_and_optimizer",
+        ),
+        "an idle session is dropped after session_ttl",
+    ),
+    M(
+        "session_bulk_cap_unchecked",
+        "remote_autograd/bulk.py",
+        "if held >= self.max_session_connections:",
+        "if False:",
+        ("tests/test_bulk.py::test_max_session_bulk_connections",),
+        "max_session_bulk_connections caps one session's bulk connections",
+    ),
+    M(
+        "handshake_cap_unchecked",
+        "remote_autograd/bulk.py",
+        "if not self._handshakes.acquire(blocking=False):",
+        "if not self._handshakes.acquire(blocking=False) and False:",
+        ("tests/test_bulk.py::test_connections_presenting_tickets_at_once_are_capped",),
+        "at most _MAX_HANDSHAKES connections present tickets at once",
+    ),
+    M(
+        "checkpoint_without_path_unexplained",
+        "remote_autograd/service.py",
+        "if not self.options.checkpoint_path:",
+        "if False:",
+        ("tests/test_checkpoint.py::test_checkpoint_without_a_path_is_refused",),
+        "Checkpoint on a server without a path is refused, saying so",
+    ),
+    M(
+        "checkpoint_format_unchecked",
+        "remote_autograd/checkpoint.py",
+        'if not isinstance(state, dict) or state.get("format") != FORMAT:',
+        "if not isinstance(state, dict):",
+        (
+            "tests/test_checkpoint.py::"
+            "test_a_file_that_is_not_a_checkpoint_stops_the_server_from_starting",
+        ),
+        "a checkpoint file of another format is refused",
+    ),
+    M(
+        "sigterm_not_handled",
+        "remote_autograd/cli.py",
+        "signal.signal(signal.SIGTERM, stop)",
+        "pass",
+        (
+            "tests/test_checkpoint.py::"
+            "test_sigterm_stops_the_cli_server_gracefully_with_a_last_checkpoint",
+        ),
+        "SIGTERM stops the CLI server gracefully, saving a last checkpoint",
+    ),
+    M(
+        "server_dtype_input_not_cast",
+        "remote_autograd/compute.py",
+        "return tensor.to(self.dtype)",
+        "return tensor",
+        (
+            "tests/test_split_training.py::test_a_half_precision_server_dtype_computes_like_the_cast_local_trunk",
+        ),
+        "ServerOptions.dtype runs the trunk in that dtype",
+    ),
+    M(
+        "load_state_nan_in_optimizer_state",
+        "remote_autograd/optimizers.py",
+        'check_finite_tree(optimizer_state.get("state"), "optimizer state")',
+        "pass",
+        ("tests/test_limits.py::test_non_finite_grad_scale_and_optimizer_state_are_refused",),
+        "LoadState refuses non-finite optimizer state",
+    ),
+    M(
+        "streamed_inflight_not_returned",
+        "remote_autograd/service.py",
+        "self.used -= nbytes",
+        "pass",
+        (
+            "tests/test_fuzz.py::test_lying_tensor_headers_are_refused_before_allocating",
+            "tests/test_limits.py::test_frame_limits_are_named",
+        ),
+        "a streamed frame's max_inflight_bytes reservation ends with its call",
+    ),
+    M(
+        "release_ignored",
+        "remote_autograd/cache.py",
+        "if context is not None and context.session == session:",
+        "if False:",
+        ("tests/test_split_training.py::test_contexts_are_released_and_no_grad_keeps_nothing",),
+        "contexts the client's graph no longer needs are released",
+    ),
+    M(
+        "resume_skips_trunk_weights",
+        "remote_autograd/hf/checkpoint.py",
+        'trunk.load_remote_state_dict(state["trunk"])',
+        "pass",
+        ("tests/test_hf_train.py::test_resume_continues_with_the_losses_of_an_uninterrupted_run",),
+        "a resumed run restores the trunk's weights",
+    ),
+]
+
+
+class SnippetNotFound(SystemExit):
+    pass
+
+
+def _default_python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _copy_repo(target: Path) -> Path:
+    copy = target / "repo"
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", ".venv", ".pytest_cache", ".hypothesis", "runs", "*.egg-info"
+    )
+    shutil.copytree(ROOT, copy, ignore=ignore)
+    return copy
+
+
+def _check(mutation: Mutation, root: Path) -> str:
+    path = root / mutation.path
+    if not path.exists():
+        raise SnippetNotFound(
+            f"mutation {mutation.name}: {mutation.path} does not exist; re-point it"
+        )
+    text = path.read_text()
+    count = text.count(mutation.original)
+    if count != 1:
+        raise SnippetNotFound(
+            f"mutation {mutation.name}: the snippet {mutation.original!r} occurs {count} times "
+            f"in {mutation.path} (expected exactly once); re-point it at the code that now does "
+            f"this: {mutation.breaks}"
+        )
+    return text
+
+
+def _pytest(python: str, root: Path, tests: list[str], timeout: float) -> tuple[int, str, float]:
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        PYTHONDONTWRITEBYTECODE="1",  # a mutation of the same length must not hit a stale .pyc
+    )
+    command = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "timed out", time.monotonic() - started
+    return done.returncode, (done.stdout + done.stderr)[-2000:], time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run this mutation")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--python", default=_default_python(), help="interpreter for pytest")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
+    parser.add_argument("--skip-baseline", action="store_true", help="no unmutated run first")
+    args = parser.parse_args(argv)
+
+    names = {m.name for m in MUTATIONS}
+    assert len(names) == len(MUTATIONS), "mutation names must be unique"
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:40s} {m.path}: breaks '{m.breaks}'")
+        return 0
+    unknown = set(args.only or ()) - names
+    if unknown:
+        parser.error(f"unknown mutation(s) {sorted(unknown)}; see --list")
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        root = _copy_repo(Path(tmp))
+        for mutation in chosen:  # every snippet is checked before anything runs
+            _check(mutation, root)
+        probe = subprocess.run(
+            [args.python, "-c", "import remote_autograd; print(remote_autograd.__file__)"],
+            cwd=root,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+            capture_output=True,
+            text=True,
+        )
+        if not probe.stdout.strip().startswith(str(root)):
+            raise SystemExit(f"the copy's remote_autograd is not the one imported: {probe}")
+        if not args.skip_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            code, output, seconds = _pytest(args.python, root, tests, args.timeout)
+            print(f"baseline: {len(tests)} tests, rc={code} ({seconds:.0f} s)", flush=True)
+            if code != 0:
+                print(output)
+                raise SystemExit("the tests fail without any mutation: fix them first")
+        for mutation in chosen:
+            path = root / mutation.path
+            original = _check(mutation, root)
+            path.write_text(original.replace(mutation.original, mutation.replacement))
+            try:
+                code, output, seconds = _pytest(
+                    args.python, root, list(mutation.tests), args.timeout
+                )
+            finally:
+                path.write_text(original)
+            # rc 1: tests failed. Anything else (2 interrupted/collection error, 4 usage, 5 no
+            # tests) means the node ids are wrong, not that the mutation was caught.
+            verdict = {0: "SURVIVED", 1: "KILLED"}.get(code, "ERROR")
+            results.append(
+                {**asdict(mutation), "verdict": verdict, "returncode": code, "seconds": seconds}
+            )
+            print(f"{verdict:9s} {mutation.name} ({seconds:.0f} s)", flush=True)
+            if verdict == "ERROR":
+                print(output)
+    killed = sum(r["verdict"] == "KILLED" for r in results)
+    print(f"{killed}/{len(results)} killed")
+    for r in results:
+        if r["verdict"] != "KILLED":
+            print(f"  {r['verdict']}: {r['name']} ({r['breaks']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
