@@ -242,7 +242,7 @@ def _client_codec_seconds(preset: dict[str, Any], codec: str, device: torch.devi
     """Client-side encode + decode of one step's tensors (4 of [B, T, n_embd]), timed apart;
     on a GPU with the copies to and from the host."""
     from remote_autograd import Decoder, Encoder
-    from remote_autograd.codec import to_device
+    from remote_autograd.memory import to_device
 
     n_embd = MODELS[preset["model"]][1]
     tensor = torch.randn(preset["batch"], preset["seq"], n_embd).to(device)

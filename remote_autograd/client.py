@@ -1,4 +1,9 @@
-"""The only place RPCs are issued: :class:`TrunkClient`, one session with one trunk server."""
+"""The only place RPCs are issued: :class:`TrunkClient`, one session with one trunk server.
+
+The client holds the call logic: request and session ids, retries, deferred work (releases,
+``zero_grad()`` and clip scales riding on the next call), dropout seeds. How a call's frames
+travel (unary, stream, bulk) is exchange.py's; how values become frames is codec.py's.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,11 @@ import msgpack
 from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .bulk import BulkBroken, BulkClient
-from .errors import LimitExceeded, ServerUnavailable, StaleContext, from_rpc_error
+from .bulk import BulkBroken
+from .errors import ServerUnavailable, StaleContext, TransportError, from_rpc_error
+from .exchange import CallStats, FrameExchange
 from .options import ClientOptions
-from .transport import (
-    AUTH_METADATA_KEY,
-    SESSION_METADATA_KEY,
-    create_channel,
-    fits_unary,
-)
+from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel
 
 __all__ = ["CallStats", "TrunkClient"]
 
@@ -32,21 +33,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CONTROL_TIMEOUT = 30.0
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
-
-
-class CallStats:
-    """Bytes and seconds spent by one client; the training command shows these."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.calls = 0
-        self.bulk_calls = 0  # calls whose frames went over the bulk channel
-        self.server_compute_seconds = 0.0
-        self.server_codec_seconds = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(vars(self))
 
 
 class TrunkClient:
@@ -73,9 +59,14 @@ class TrunkClient:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.TrunkStub | None = None
         self._info: pb.InfoReply | None = None
-        self._big_reply: dict[str, bool] = {}
-        self._bulk: BulkClient | None = None
-        self._bulk_off = not options.bulk or options.root_certificates is not None
+        self._frames = FrameExchange(
+            address,
+            options,
+            self.stats,
+            kw=self._kw,
+            open_ticket=self._open_bulk_ticket,
+            refresh_info=self._refresh_info,
+        )
         # Deferred work that rides on the next call instead of costing a round trip.
         self._pending_releases: list[str] = []
         self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
@@ -94,7 +85,10 @@ class TrunkClient:
     def _connect(self) -> pb_grpc.TrunkStub:
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"the client for {self.address} is closed")
+                raise TransportError(
+                    f"the client for {self.address} is closed: create a new RemoteModule",
+                    status=grpc.StatusCode.CANCELLED,
+                )
             if self._stub is None:
                 self._channel = create_channel(self.address, self.options)
                 self._stub = pb_grpc.TrunkStub(self._channel)
@@ -126,8 +120,7 @@ class TrunkClient:
         thread = self._release_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=_CONTROL_TIMEOUT)  # a Release in flight finishes first
-        if self._bulk is not None:
-            self._bulk.close()
+        self._frames.close()
         if channel is not None:
             if self._pending_releases:
                 self._flush_releases(pb_grpc.TrunkStub(channel))
@@ -146,118 +139,41 @@ class TrunkClient:
         """
         attempts = 1 + (self.options.retries if retry else 0)
         delay = self.options.retry_backoff
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             try:
                 result = invoke()
                 self.stats.calls += 1
                 return result
             except BulkBroken as exc:
                 if attempt == attempts:
-                    raise
+                    raise  # a ServerUnavailable already
                 log.debug("%s to %s: %s; retry %d", method, self.address, exc, attempt)
-                continue
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < attempts:
-                    log.debug(
-                        "%s to %s unavailable; retry %d in %.2fs",
-                        method,
-                        self.address,
-                        attempt,
-                        delay,
-                    )
-                    time.sleep(delay)
-                    delay = min(delay * 2, self.options.retry_backoff_max)
-                    continue
-                raise from_rpc_error(exc, method=method, address=self.address) from exc
-        raise AssertionError("unreachable")
+                if code != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
+                    raise from_rpc_error(exc, method=method, address=self.address) from exc
+                log.debug(
+                    "%s to %s unavailable; retry %d in %.2fs", method, self.address, attempt, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.options.retry_backoff_max)
+            attempt += 1
 
     # -- tensors ----------------------------------------------------------------------------
 
     def _exchange(
         self, method: str, header: pb.Header, value: Any, kind: str
     ) -> tuple[Any, pb.Header]:
-        """Send one frame, receive one frame: unary when small, streamed when large."""
+        """Send one frame, receive one frame (the exchange picks unary, stream or bulk)."""
         info = self.info()
         stub = self._stub or self._connect()  # _connect() takes the lock: only when needed
         buffers = self._encoders[kind].encode_buffers(value)
-        size = sum(map(len, buffers))
         header.release_ids.extend(self._take_releases())
-        big_reply = self._big_reply.get(method, False)
-        streamed = not fits_unary(size, info.unary_payload_bytes) or big_reply
-        bulk = None
-        if size >= self.options.bulk_min_bytes or big_reply:
-            bulk = self._bulk_client()
-        if bulk is not None:
-            rpc = getattr(stub, method)
-
-            def invoke() -> frames.Received:
-                connection = self._bulk_connection(bulk)
-                if connection is None:
-                    return self._plain_invoke(stub, method, header, buffers, streamed)()
-                received = bulk.call(connection, rpc, header, buffers, **self._kw())
-                self.stats.bulk_calls += 1
-                return received
-        else:
-            invoke = self._plain_invoke(stub, method, header, buffers, streamed)
-
+        invoke = self._frames.invoker(stub, info, method, header, buffers)
         received = self._call(method, invoke)
-        reply_size = received.header.payload_bytes
-        self._big_reply[method] = not fits_unary(reply_size, info.unary_payload_bytes)
-        self.stats.bytes_sent += size
-        self.stats.bytes_received += reply_size
-        self.stats.server_compute_seconds += received.header.compute_seconds
-        self.stats.server_codec_seconds += received.header.codec_seconds
+        self._frames.received(method, info, sum(map(len, buffers)), received.header)
         return received.decode(self._decoder), received.header
-
-    def _plain_invoke(
-        self,
-        stub: pb_grpc.TrunkStub,
-        method: str,
-        header: pb.Header,
-        buffers: list,
-        streamed: bool,
-    ) -> Callable[[], frames.Received]:
-        """The call in gRPC messages: one unary message, or a stream of chunks."""
-        info = self.info()
-        if streamed:
-            rpc = getattr(stub, method + "Stream")
-
-            def invoke() -> frames.Received:
-                messages = frames.frame_messages(header, buffers, info.stream_chunk_bytes)
-                return frames.receive(rpc(messages, **self._kw()), self.options.limits)
-        else:
-            rpc = getattr(stub, method)
-            message = frames.unary_message(header, buffers)
-
-            def invoke() -> frames.Received:
-                return frames.receive_unary(rpc(message, **self._kw()), self.options.limits)
-
-        return invoke
-
-    def _bulk_client(self) -> BulkClient | None:
-        """The bulk channel to this server, when it offers one and it can be used."""
-        if self._bulk_off:
-            return None
-        if self._bulk is None:
-            port = self.info().bulk_port
-            if not port:
-                self._bulk_off = True
-                return None
-            with self._lock:
-                if self._bulk is None:
-                    self._bulk = self._new_bulk_client(port)
-        return self._bulk
-
-    def _new_bulk_client(self, port: int) -> BulkClient:
-        host = self.address.rsplit(":", 1)[0].strip("[]")
-        return BulkClient(
-            host,
-            port,
-            self._open_bulk_ticket,
-            limits=self.options.limits,
-            connect_timeout=self.options.connect_timeout,
-        )
 
     def _open_bulk_ticket(self) -> tuple[bytes, str]:
         stub = self._connect()
@@ -266,34 +182,10 @@ class TrunkClient:
         )
         return reply.ticket, reply.connection_id
 
-    def _bulk_connection(self, bulk: BulkClient) -> Any:
-        """A connection of the bulk channel, or None: this call goes in gRPC messages.
-
-        A port that cannot be reached is asked for again (a restarted server listens on a new
-        one); if the new one cannot be reached either, this client stops using the channel."""
-        try:
-            return bulk.take()
-        except LimitExceeded as exc:
-            log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
-            return None
-        except OSError as exc:
-            reason: OSError = exc
+    def _refresh_info(self) -> pb.InfoReply:
         stub = self._connect()
-        info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
-        if info.bulk_port and info.bulk_port != bulk.port:
-            self._info = info
-            bulk.port = info.bulk_port
-            try:
-                return bulk.take()
-            except OSError as exc:
-                reason = exc
-        log.warning(
-            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams",
-            self.address,
-            reason,
-        )
-        self._bulk_off = True
-        return None
+        self._info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+        return self._info
 
     def compute(
         self,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -39,7 +38,9 @@ import msgpack
 import torch
 
 from .errors import CodecError
+from .memory import to_host
 from .options import Limits
+from .quantize import QUANTIZATIONS, WIRE_CODECS
 
 __all__ = [
     "COMPRESSIONS",
@@ -49,10 +50,9 @@ __all__ = [
     "Encoder",
     "decode",
     "encode",
-    "iter_chunks",
     "check_frame_size",
-    "reap_copies",
-    "to_device",
+    "dtype_name",
+    "iter_chunks",
 ]
 
 VERSION = 1
@@ -70,14 +70,17 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-QUANTIZATIONS = ("none", "bf16", "fp16", "int8")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a dtype a frame can carry ("float32"...)."""
+    return _DTYPE_NAMES[dtype]
+
+
 COMPRESSIONS = ("none", "lz4", "auto")
 
 _EXT_TENSOR = 1
 _EXT_TUPLE = 2
-_INT8_BLOCK = 256
-_CHUNK = 1 << 18  # elements quantized at a time: the temporaries stay in cache
-_FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
 _SAMPLE_BYTES = 64 << 10  # "auto" compression looks at this much of a tensor first
 _MIN_COMPRESS_BYTES = 4 << 10  # below this LZ4 cannot pay for its own framing
 _WORTH_IT = 0.9  # compress only when it saves at least 10%
@@ -111,7 +114,7 @@ class Encoder:
         """The frame as a list of buffers, without copying raw tensor bytes."""
         tensors: list[torch.Tensor] = []
         tree = _pack_tree(obj, tensors)
-        cpu = _to_host(tensors)
+        cpu = to_host(tensors)
         metas: list[dict[str, Any]] = []
         datas: list[bytes | memoryview] = []
         for tensor in cpu:
@@ -137,7 +140,7 @@ class Encoder:
         meta: dict[str, Any] = {"dtype": name, "shape": list(tensor.shape), "q": "none"}
         wire = tensor
         if self.quantization != "none" and tensor.is_floating_point() and tensor.numel():
-            wire, extra = _quantize(tensor, self.quantization)
+            wire, extra = WIRE_CODECS[self.quantization].quantize(tensor)
             if extra is not None:
                 meta["q"] = self.quantization
                 meta.update(extra)
@@ -200,14 +203,12 @@ class Decoder:
         self.limits = limits or Limits()
         self._layouts: dict[bytes, _Layout] = {}
 
-    def decode(self, buf: Any, *, base: torch.Tensor | None = None) -> Any:
-        """Decode a frame from any buffer. Raw tensors alias ``buf`` (or ``base``, a uint8
-        tensor over the same memory, e.g. pinned) when it is writable; otherwise they are copied.
-        """
+    def decode(self, buf: Any) -> Any:
+        """Decode a frame from any buffer. Raw tensors alias ``buf`` when it is writable;
+        otherwise they are copied."""
         view = memoryview(buf).cast("B")
         if view.readonly:
             view = memoryview(bytearray(view))
-            base = None
         limits = self.limits
         check_frame_size(len(view), limits)
         if len(view) < 5 or view[0] != 0xCE:
@@ -227,7 +228,7 @@ class Decoder:
                     self._layouts.clear()  # atomic from any thread, unlike evicting one
                 self._layouts[key] = layout
         tensors = [
-            _decode_tensor(view, base, start, size, meta, numel)
+            _decode_tensor(view, start, size, meta, numel)
             for meta, numel, start, size, _ in layout.tensors
         ]
         return _unpack(layout.tree, "frame values", tensors)
@@ -303,7 +304,7 @@ class Decoder:
             raise CodecError(f"tensor {index}: unknown codec q={q!r} z={z!r}")
         if q != "none" and not dtype.is_floating_point:
             raise CodecError(f"tensor {index}: quantization {q} on non-floating dtype {dtype}")
-        expected = _wire_nbytes(q, numel, itemsize, meta)
+        expected = WIRE_CODECS[q].wire_nbytes(numel, itemsize, meta)
         if n != expected:
             raise CodecError(
                 f"tensor {index}: {meta['dtype']}{shape} with q={q} is {expected} bytes, "
@@ -329,24 +330,8 @@ def _same_layout(view: memoryview, layout: _Layout, limits: Limits) -> bool:
     return True
 
 
-def _wire_nbytes(q: str, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
-    if q == "none":
-        return numel * itemsize
-    if q in ("bf16", "fp16"):
-        if q == "fp16":
-            scale = meta.get("scale")
-            if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
-                raise CodecError(f"fp16 scale must be a positive finite float, got {scale!r}")
-        return numel * 2
-    block = meta.get("block")
-    if type(block) is not int or not 1 <= block <= 1 << 20:
-        raise CodecError(f"int8 block must be an int in [1, 2**20], got {block!r}")
-    return -(-numel // block) * 4 + numel
-
-
 def _decode_tensor(
     view: memoryview,
-    base: torch.Tensor | None,
     start: int,
     size: int,
     meta: dict[str, Any],
@@ -366,90 +351,10 @@ def _decode_tensor(
         if len(raw) != meta["n"]:
             raise CodecError(f"LZ4 data decompressed to {len(raw)} bytes, header says {meta['n']}")
         data = torch.frombuffer(raw, dtype=torch.uint8)
-    elif base is not None:
-        data = base[start : start + size]
     else:
         data = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start)
-    values = _dequantize(data, meta, dtype, numel)  # 1-D, numel elements
+    values = WIRE_CODECS[meta["q"]].dequantize(data, meta, dtype, numel)  # 1-D, numel elements
     return values if len(shape) == 1 else values.reshape(shape)
-
-
-def _dequantize(data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, numel: int):
-    q = meta["q"]
-    if q == "none":
-        return data.view(dtype)
-    if q == "bf16":
-        return data.view(torch.bfloat16).to(dtype)
-    if q == "fp16":
-        # One allocation: the float32 copy, divided in place (1/scale is exact: a power of two).
-        return data.view(torch.float16).to(torch.float32).mul_(1.0 / meta["scale"]).to(dtype)
-    block = meta["block"]
-    blocks = -(-numel // block)
-    scales = data[: blocks * 4].view(torch.float32)
-    q8 = data[blocks * 4 :].view(torch.int8)
-    out = torch.empty(numel, dtype=torch.float32)
-    full = numel // block
-    # int8 * float32 written straight into the output: no float copy of the int8s, no padding.
-    torch.mul(
-        q8[: full * block].view(full, block),
-        scales[:full, None],
-        out=out[: full * block].view(full, block),
-    )
-    if full < blocks:
-        torch.mul(q8[full * block :], scales[full], out=out[full * block :])
-    return out.to(dtype)
-
-
-def _amax(tensor: torch.Tensor) -> float:
-    low, high = torch.aminmax(tensor)  # one pass, no |x| temporary
-    return max(-float(low), float(high))
-
-
-def _quantize(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, Any] | None]:
-    """Lossy wire form of a floating tensor; (tensor, None) where it would not be faithful."""
-    if kind == "bf16":
-        return (tensor, None) if tensor.dtype == torch.bfloat16 else (tensor.to(torch.bfloat16), {})
-    amax = _amax(tensor)
-    if not math.isfinite(amax):
-        return tensor, None  # non-finite values travel losslessly; the receiver decides
-    flat = tensor.detach().reshape(-1)
-    numel = flat.numel()
-    if kind == "fp16":
-        # A power-of-two scale is exact: it moves the exponent range without rounding, so
-        # small gradients are not flushed to zero by fp16's narrow range.
-        scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
-        out = torch.empty(numel, dtype=torch.float16)
-        work = torch.empty(min(numel, _CHUNK), dtype=flat.dtype)
-        for start in range(0, numel, _CHUNK):  # cache-sized pieces: no full-size temporary
-            piece = flat[start : start + _CHUNK]
-            torch.mul(piece, scale, out=work[: piece.numel()])
-            out[start : start + piece.numel()].copy_(work[: piece.numel()])
-        return out, {"scale": float(scale)}
-    blocks = -(-numel // _INT8_BLOCK)
-    full = numel // _INT8_BLOCK
-    payload = torch.empty(blocks * 4 + numel, dtype=torch.uint8)
-    scales = payload[: blocks * 4].view(torch.float32)
-    q8 = payload[blocks * 4 :].view(torch.int8)
-    rows = flat[: full * _INT8_BLOCK].view(full, _INT8_BLOCK)
-    parts = [(rows, q8[: full * _INT8_BLOCK].view(full, _INT8_BLOCK), scales[:full])]
-    if full < blocks:  # the last, partial block
-        parts.append(
-            (
-                flat[full * _INT8_BLOCK :].view(1, -1),
-                q8[full * _INT8_BLOCK :].view(1, -1),
-                scales[full:],
-            )
-        )
-    step = max(1, _CHUNK // _INT8_BLOCK)
-    for values, out, block_scales in parts:
-        for row in range(0, values.shape[0], step):  # cache-sized pieces: temporaries stay hot
-            piece = values[row : row + step].float()
-            absmax = piece.abs().amax(dim=1)
-            piece_scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-            block_scales[row : row + step].copy_(piece_scales)
-            scaled = piece / piece_scales[:, None]  # a new chunk: the caller's tensor is untouched
-            out[row : row + step].copy_(scaled.round_().clamp_(-127, 127))
-    return payload, {"block": _INT8_BLOCK}
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -462,73 +367,6 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
         flat = flat.as_strided((flat.numel(),), (1,))
     array: Any = flat.view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
     return memoryview(array).cast("B")
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of the tensors; CUDA tensors go through pinned buffers, one sync per device."""
-    out = []
-    devices: set[torch.device] = set()
-    for tensor in tensors:
-        if tensor.device.type == "cpu":
-            out.append(tensor.detach())
-        else:
-            host = torch.empty(
-                tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda"
-            )
-            host.copy_(tensor.detach(), non_blocking=True)
-            out.append(host)
-            devices.add(tensor.device)
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-    return out
-
-
-def to_device(
-    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """A decoded tensor on ``device`` (then cast to ``dtype`` there): where the trunk or the
-    caller wants it.
-
-    A CPU tensor goes to CUDA without blocking the host. It may alias a pinned receive buffer
-    (``frames._BufferPool``), which the pool refills as soon as nothing else references it,
-    while the copy may still be reading it: the source is held until the copy has run.
-    """
-    moved = tensor.to(device, non_blocking=True)
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        _COPIES.hold(tensor.detach(), device)  # the memory, not the autograd graph
-    # Cast after the copy: the cast then runs on the device, and the copy reads the pinned
-    # source itself rather than a pageable cast of it.
-    return moved if dtype is None else moved.to(dtype)
-
-
-def reap_copies() -> None:
-    """Let go of the sources of host-to-device copies that have completed."""
-    _COPIES.reap()
-
-
-class _CopiesInFlight:
-    """Host tensors that asynchronous host-to-device copies may still be reading, each held
-    until an event recorded on the copy's stream after it has completed."""
-
-    def __init__(self) -> None:
-        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-        self._lock = threading.Lock()
-
-    def hold(self, source: torch.Tensor, device: torch.device) -> None:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        with self._lock:
-            self._held = [(e, t) for e, t in self._held if not e.query()]
-            self._held.append((event, source))
-
-    def reap(self) -> None:
-        with self._lock:
-            if self._held:
-                self._held = [(e, t) for e, t in self._held if not e.query()]
-
-
-_COPIES = _CopiesInFlight()
 
 
 # What a frame's values may be besides tensors, None and tuples; bool before its base int.

@@ -12,6 +12,8 @@ Every error the library raises derives from :class:`RemoteAutogradError`::
         ├── LimitExceeded         RESOURCE_EXHAUSTED: a configured limit was hit (named)
         ├── ContextNotFound       NOT_FOUND: Backward on a context that expired or never was
         ├── StaleContext          FAILED_PRECONDITION: state moved on (weights, step numbers)
+        ├── NotConfigured         FAILED_PRECONDITION: a call needs setup first (the optimizer,
+        │                         a checkpoint path)
         ├── AuthenticationError   UNAUTHENTICATED / PERMISSION_DENIED
         └── TrunkError            INTERNAL / UNKNOWN / UNIMPLEMENTED: the trunk raised
 
@@ -31,6 +33,7 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidRequest",
     "LimitExceeded",
+    "NotConfigured",
     "RemoteAutogradError",
     "RemoteError",
     "ServerUnavailable",
@@ -99,6 +102,13 @@ class StaleContext(RemoteError):
     status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class NotConfigured(RemoteError):
+    """The call needs something set up first: a RemoteOptimizer before Step, a checkpoint
+    path on the server before Checkpoint."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class AuthenticationError(RemoteError):
     status = grpc.StatusCode.UNAUTHENTICATED
 
@@ -115,6 +125,7 @@ _BY_NAME: dict[str, type[RemoteAutogradError]] = {
         LimitExceeded,
         ContextNotFound,
         StaleContext,
+        NotConfigured,
         AuthenticationError,
         TrunkError,
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, memory
 from ._proto import remote_autograd_pb2 as pb
 from .errors import CodecError
 from .options import Limits
@@ -59,7 +59,7 @@ class _BufferPool:
 
     Once the process uses CUDA, new buffers are pinned (page-locked), so decoded tensors reach
     the GPU by an asynchronous DMA copy instead of a staged, blocking one. Such a copy may still
-    be reading a buffer after its tensors are gone: ``codec.to_device`` holds their sources
+    be reading a buffer after its tensors are gone: ``memory.to_device`` holds their sources
     until the copy has run, so the buffer stays referenced, and busy, until then.
     """
 
@@ -74,7 +74,7 @@ class _BufferPool:
             return memoryview(bytearray(size))
         pinned = _pin_receive_buffers()
         if pinned:
-            codec.reap_copies()  # a buffer whose copies to the GPU have run is free again
+            memory.reap_copies()  # a buffer whose copies to the GPU have run is free again
         with self._lock:
             buffers = self._buffers
             for index in range(len(buffers)):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import codec
+from . import memory
 from .client import TrunkClient
 from .errors import ContextNotFound
 from .tree import flatten, unflatten
@@ -95,7 +95,7 @@ class RemoteCall:
             if grad is None or not needed:
                 out.append(None)
             else:
-                out.append(codec.to_device(grad, tensor.device, tensor.dtype))
+                out.append(memory.to_device(grad, tensor.device, tensor.dtype))
         return out
 
 
@@ -134,4 +134,4 @@ def remote_apply(call: RemoteCall, dummy: torch.Tensor, tensors: list[torch.Tens
     # Function's backward (which waits for the Backward RPC) on its CPU thread, not on the
     # GPU's one worker thread: a trunk served by this same process on the same GPU needs that
     # thread for its own backward meanwhile (they would deadlock).
-    return tuple(codec.to_device(output, call.device) for output in outputs)
+    return tuple(memory.to_device(output, call.device) for output in outputs)

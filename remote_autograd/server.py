@@ -1,8 +1,9 @@
 """The trunk server: :func:`serve` and :class:`TrunkServer`.
 
-Registers the Trunk servicer (service.py), the standard gRPC health checking service and server
-reflection on one gRPC server, runs the sweeper that expires idle contexts and sessions (and
-saves scheduled checkpoints), and drains calls in flight on stop.
+Puts a trunk engine (engine.py) behind the Trunk servicer (service.py) on one gRPC server with
+the standard health checking and reflection services, opens the bulk channel beside it, runs the
+sweeper that expires idle contexts and sessions (and saves scheduled checkpoints), and drains
+calls in flight on stop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .bulk import BulkListener
+from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
 from .transport import create_server
@@ -61,14 +63,19 @@ class TrunkServer:
 
     def __init__(
         self,
-        module: torch.nn.Module,
+        trunk: torch.nn.Module | TrunkEngine,
         address: str,
         options: ServerOptions | None = None,
         *,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
-        self.options = options = options or ServerOptions()
-        self.service = TrunkService(module, options)
+        if isinstance(trunk, TrunkEngine):
+            self.engine = trunk
+            self.options = options = trunk.options
+        else:
+            self.options = options = options or ServerOptions()
+            self.engine = TrunkEngine(trunk, options)
+        self.service = TrunkService(self.engine)
         self._server, self.port = create_server(address, options, interceptors=interceptors)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -94,7 +101,9 @@ class TrunkServer:
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper.start()
-        log.info("trunk server listening on %s (device %s)", self.address, self.service.device)
+        log.info(
+            "trunk server listening on %s (device %s)", self.address, self.engine.runner.device
+        )
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -105,11 +114,9 @@ class TrunkServer:
         self._stopped.set()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
-        service = self.service
-        if service.bulk is not None:
-            service.bulk.close()
-        if self.options.checkpoint_path and service.saved_version != service.weights_version:
-            service.checkpoint(on_error="log")
+        if self.service.bulk is not None:
+            self.service.bulk.close()
+        self.engine.save_if_changed()
         log.info("trunk server on %s stopped", self.address)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -119,21 +126,19 @@ class TrunkServer:
         return self.service.stats()
 
     def _sweep(self) -> None:
-        options, service = self.options, self.service
+        options, engine, bulk = self.options, self.engine, self.service.bulk
         period = max(0.05, min(5.0, options.context_ttl / 4, options.session_ttl / 4))
         if options.checkpoint_interval > 0:
             period = min(period, max(0.05, options.checkpoint_interval / 4))
         last_save = time.monotonic()
         while not self._stopped.wait(period):
-            service.contexts.expire()
-            service.sessions.expire()
-            if service.bulk is not None:
-                service.bulk.prune()
+            engine.expire()
+            if bulk is not None:
+                bulk.prune()
             due = time.monotonic() - last_save >= options.checkpoint_interval
             if options.checkpoint_interval > 0 and options.checkpoint_path and due:
                 last_save = time.monotonic()
-                if service.saved_version != service.weights_version:
-                    service.checkpoint(on_error="log")
+                engine.save_if_changed()
 
     def __enter__(self) -> TrunkServer:
         return self

@@ -1,9 +1,10 @@
-"""The gRPC servicer of the Trunk service: authentication, sessions, and one method per RPC.
+"""The gRPC servicer of the Trunk service: a thin shell around the trunk engine.
 
-The work behind the RPCs lives in the mixins: compute.py (Compute, Backward), optimizers.py
-(ConfigureOptimizer, GradNorm, Step, GetState, LoadState) and checkpoint.py. Every exception
-leaving an RPC becomes a gRPC status here (``_rpc``), with the error's class in the ``ra-error``
-trailing metadata.
+Each RPC authenticates the caller, finds its session, turns the request into a plain call of
+:class:`~remote_autograd.engine.TrunkEngine` (engine.py does the work), and moves the frames
+in and out: one message, a stream of chunks, or the bulk channel (bulk.py). Every exception
+leaving an RPC becomes a gRPC status here (``_rpc``), with the error's class in the
+``ra-error`` trailing metadata.
 """
 
 from __future__ import annotations
@@ -13,32 +14,31 @@ import hashlib
 import hmac
 import logging
 import threading
-import uuid
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
-import torch
+import msgpack
 from google.protobuf.message import Message
 
 from . import __version__, bulk, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .cache import ContextCache, Session, SessionTable, StepTurns
-from .checkpoint import CheckpointMixin
-from .compute import REQUEST_ID, ComputeMixin
+from .calls import BackwardCall, ComputeCall, StepCall
+from .engine import TrunkEngine
 from .errors import (
     ERROR_METADATA_KEY,
     AuthenticationError,
     InvalidRequest,
     LimitExceeded,
     RemoteAutogradError,
-    StaleContext,
+    TrunkError,
 )
-from .optimizers import OptimizerMixin
-from .options import ServerOptions
+from .sessions import Session, ZeroGrad
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
+from .validate import unpack
 
 __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
 
@@ -124,46 +124,25 @@ def _streams_reply(method: Callable) -> Callable:
     return method
 
 
-class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkServicer):
-    """Serves one ``nn.Module`` to any number of client sessions."""
+class TrunkService(pb_grpc.TrunkServicer):
+    """The Trunk service over one :class:`~remote_autograd.engine.TrunkEngine`."""
 
-    def __init__(self, module: torch.nn.Module, options: ServerOptions | None = None) -> None:
-        self.options = options = options or ServerOptions()
-        self.device = torch.device(options.device)
-        self.dtype = codec.DTYPES[options.dtype] if options.dtype else None
-        if self.dtype is not None and not self.dtype.is_floating_point:
-            raise ValueError(f"ServerOptions.dtype must be floating, got {options.dtype}")
-        self.module = module.to(self.device)
-        if self.dtype is not None:
-            self.module = self.module.to(self.dtype)
-        self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        self.turns = StepTurns(options.step_wait)
-        self.contexts = ContextCache(
-            max_contexts=options.max_contexts,
-            max_bytes=options.max_context_bytes,
-            ttl=options.context_ttl,
-            max_per_session=options.max_session_contexts,
-            on_drop=self._end_lease,
-        )
-        self.sessions = SessionTable(
-            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._drop_session
-        )
+    def __init__(self, engine: TrunkEngine) -> None:
+        self.engine = engine
+        self.options = options = engine.options
         self.bulk: bulk.BulkListener | None = None  # TrunkServer opens it beside the gRPC port
         self.decoder = codec.Decoder(limits=options.limits)
-        self.weights_version = 0
-        self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
-        self.saved_version: int | None = None  # weights_version of the last checkpoint
-        self._trunk_lock = threading.RLock()
         self._inflight = _ByteBudget(options.max_inflight_bytes)
         self._tokens = {
             hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
         }
-        if options.checkpoint_path:
-            self._restore(options.checkpoint_path)
+        engine.session_listeners.append(self._drop_bulk)
 
-    # -- sessions and auth ------------------------------------------------------------------
+    # -- who is calling -------------------------------------------------------------------------
 
-    def session(self, context: grpc.ServicerContext) -> Session:
+    def identity(self, context: grpc.ServicerContext) -> str:
+        """The caller's authenticated identity: a token's fingerprint ("anonymous" on a
+        server without tokens) and, under mutual TLS, the client certificate's name."""
         metadata = dict(context.invocation_metadata())
         identity = "anonymous"
         if self._tokens:
@@ -183,18 +162,15 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
         peer = context.auth_context().get("x509_common_name") if self.options.client_ca else None
         if peer:
             identity += "/cn=" + b",".join(peer).decode(errors="replace")
-        session_id = str(metadata.get(SESSION_METADATA_KEY, ""))
-        if not REQUEST_ID.fullmatch(session_id):
-            raise InvalidRequest(
-                f"metadata {SESSION_METADATA_KEY!r} must be 1-64 characters of [0-9A-Za-z_-], "
-                f"got {session_id[:80]!r}"
-            )
-        return self.sessions.get(f"{identity}/{session_id}")
+        return identity
 
-    def _drop_session(self, key: str) -> None:
-        self.contexts.drop_session(key)
+    def session(self, context: grpc.ServicerContext) -> Session:
+        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+        return self.engine.session(self.identity(context), session_id)
+
+    def _drop_bulk(self, session_key: str) -> None:
         if self.bulk is not None:
-            self.bulk.drop_session(key)
+            self.bulk.drop_session(session_key)
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -202,6 +178,7 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
         self.session(context)
         limits = self.options.limits
+        trunk = self.engine.info()
         return pb.InfoReply(
             server_version=__version__,
             protocol_version=PROTOCOL_VERSION,
@@ -212,12 +189,12 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
             max_tensors=limits.max_tensors,
             unary_payload_bytes=self.options.unary_payload_bytes,
             stream_chunk_bytes=self.options.stream_chunk_bytes,
-            trainable_parameters=[name for name, _ in self.params],
-            trainable_numel=sum(p.numel() for _, p in self.params),
-            device=str(self.device),
-            module_repr=type(self.module).__name__,
+            trainable_parameters=trunk.trainable_parameters,
+            trainable_numel=trunk.trainable_numel,
+            device=trunk.device,
+            module_repr=trunk.module_name,
             context_ttl_seconds=self.options.context_ttl,
-            server_id=self.server_id,
+            server_id=trunk.server_id,
             bulk_port=self.bulk.port if self.bulk is not None else 0,
         )
 
@@ -248,6 +225,136 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
     @_streams_reply
     def BackwardStream(self, request_iterator: Any, context: grpc.ServicerContext):
         yield from self._streamed(self._backward, "BackwardStream", request_iterator, context)
+
+    @_rpc
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        released = self.engine.release(self.session(context), list(request.request_ids))
+        return pb.ReleaseReply(released=released)
+
+    @_rpc
+    def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
+        options = unpack(request.options, "optimizer options")
+        group = self.engine.configure_optimizer(self.session(context), request.name, options)
+        return pb.ConfigureOptimizerReply(param_group=msgpack.packb(group))
+
+    @_rpc
+    def GradNorm(self, request: pb.GradNormRequest, context: grpc.ServicerContext):
+        norms, dtype = self.engine.grad_norms(
+            self.session(context),
+            request.norm_type or 2.0,
+            ZeroGrad(request.zero_grad),
+            request.grad_scale,
+        )
+        return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))
+
+    @_rpc
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+        call = StepCall(
+            step=request.step,
+            param_groups=unpack(request.param_groups, "param_groups"),
+            zero_grad=ZeroGrad(request.zero_grad),
+            grad_scale=request.grad_scale,
+            server_id=request.server_id,
+        )
+        result = self.engine.step(self.session(context), call)
+        return pb.StepReply(
+            step=result.step, weights_version=result.weights_version, replayed=result.replayed
+        )
+
+    @_rpc
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
+        self.session(context)
+        version = self.engine.checkpoint()
+        return pb.CheckpointReply(path=self.options.checkpoint_path, weights_version=version)
+
+    @_rpc
+    @_streams_reply
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext):
+        state = self.engine.get_state(
+            self.session(context), parameters=request.parameters, optimizer=request.optimizer
+        )
+        buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
+        yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
+
+    @_rpc
+    def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):
+        session = self.session(context)
+        with self._receive(request_iterator, "LoadState") as received:
+            state = received.decode(self.decoder)
+        loaded, optimizer_loaded = self.engine.load_state(session, state)
+        return pb.LoadStateReply(parameters_loaded=loaded, optimizer_loaded=optimizer_loaded)
+
+    # -- Compute and Backward: header <-> call, frames <-> values ---------------------------------
+
+    def _compute(self, session: Session, received: frames.Received):
+        header = received.header
+        started = time.perf_counter()
+        value = received.decode(self.decoder)
+        call = ComputeCall(
+            request_id=header.request_id,
+            training=header.training,
+            needs_input_grad=list(header.needs_input_grad),
+            keep_context=header.keep_context,
+            recompute=header.recompute,
+            rng_seed=header.rng_seed,
+            weights_version=header.weights_version,
+            backward_seq=header.backward_seq,
+        )
+        decoded = time.perf_counter()
+        result = self.engine.compute(session, call, value)
+        computed = time.perf_counter()
+        buffers = self._encode_reply(result.value, header.reply_quantization, "Compute")
+        reply = pb.Header(
+            request_id=header.request_id,
+            weights_version=result.weights_version,
+            rng_seed=result.seed,
+            recomputed=result.recomputed,
+            server_id=self.engine.server_id,
+            compute_seconds=result.compute_seconds,
+            codec_seconds=(decoded - started) + (time.perf_counter() - computed),
+        )
+        return reply, buffers
+
+    def _backward(self, session: Session, received: frames.Received):
+        header = received.header
+        started = time.perf_counter()
+        value = received.decode(self.decoder)
+        call = BackwardCall(
+            request_id=header.request_id,
+            seq=header.backward_seq,
+            needs_input_grad=list(header.needs_input_grad),
+            zero_grad=ZeroGrad(header.zero_grad),
+            grad_scale=header.grad_scale,
+        )
+        decoded = time.perf_counter()
+        result = self.engine.backward(session, call, value)
+        computed = time.perf_counter()
+        buffers = self._encode_reply({"grads": result.grads}, header.reply_quantization, "Backward")
+        reply = pb.Header(
+            request_id=header.request_id,
+            weights_version=result.weights_version,
+            recomputed=result.recomputed,
+            server_id=self.engine.server_id,
+            compute_seconds=result.compute_seconds,
+            codec_seconds=(decoded - started) + (time.perf_counter() - computed),
+        )
+        return reply, buffers
+
+    def _encode_reply(self, value: Any, quantization: str, method: str) -> list:
+        try:
+            encoder = codec.Encoder(
+                compression=self.options.compression, quantization=quantization or "none"
+            )
+        except ValueError as exc:
+            raise InvalidRequest(f"reply_quantization: {exc}") from exc
+        try:
+            return encoder.encode_buffers(value)
+        except codec.CodecError as exc:
+            raise TrunkError(
+                f"{method}: the trunk returned a value that cannot be sent: {exc}"
+            ) from exc
+
+    # -- moving frames --------------------------------------------------------------------------
 
     def _unary(self, work: Callable, method: str, request: pb.Frame, context: grpc.ServicerContext):
         session = self.session(context)
@@ -280,7 +387,7 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
         """Contexts the client let go of, riding on this call: freed before its frame arrives,
         so their buffers can take it."""
         if header.release_ids:
-            self.contexts.release(session.key, list(header.release_ids))
+            self.engine.release(session, list(header.release_ids))
 
     @contextmanager
     def _receive(self, request_iterator: Any, method: str) -> Iterator[frames.Received]:
@@ -295,61 +402,9 @@ class TrunkService(ComputeMixin, OptimizerMixin, CheckpointMixin, pb_grpc.TrunkS
                 [] if first is None else _chain(first, messages), self.options.limits
             )
 
-    @_rpc
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
-        session = self.session(context)
-        released = self.contexts.release(session.key, list(request.request_ids))
-        return pb.ReleaseReply(released=released)
-
-    @_rpc
-    def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
-        return self._configure_optimizer(self.session(context), request)
-
-    @_rpc
-    def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext):
-        session = self.session(context)
-        with session.lock:
-            session.apply_pending(request.mode, 0.0)
-        return pb.ZeroGradReply()
-
-    @_rpc
-    def GradNorm(self, request: pb.GradNormRequest, context: grpc.ServicerContext):
-        return self._grad_norm(self.session(context), request)
-
-    @_rpc
-    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
-        return self._step(self.session(context), request)
-
-    @_rpc
-    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
-        self.session(context)
-        if not self.options.checkpoint_path:
-            raise StaleContext("this server has no checkpoint path (serve --checkpoint FILE)")
-        version = self.checkpoint()
-        return pb.CheckpointReply(path=self.options.checkpoint_path, weights_version=version)
-
-    @_rpc
-    @_streams_reply
-    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext):
-        buffers = self._get_state(self.session(context), request)
-        yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
-
-    @_rpc
-    def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):
-        session = self.session(context)
-        with self._receive(request_iterator, "LoadState") as received:
-            state = received.decode(self.decoder)
-        return self._load_state(session, state)
-
     def stats(self) -> dict[str, int]:
-        """Counts for tests and operators: cached contexts, their bytes, sessions."""
-        return {
-            "contexts": len(self.contexts),
-            "context_bytes": self.contexts.nbytes,
-            "sessions": len(self.sessions),
-            "weights_version": self.weights_version,
-            "inflight_bytes": self._inflight.used,
-        }
+        """Counts for tests and operators: the engine's, and bytes of frames in flight."""
+        return {**self.engine.stats(), "inflight_bytes": self._inflight.used}
 
 
 class _ByteBudget:

@@ -17,13 +17,17 @@ __all__ = [
     "check_finite_grads",
     "check_finite_groups",
     "check_finite_tree",
+    "check_grad_outputs",
+    "check_parameters",
     "clone_tree",
-    "decode_groups",
     "describe",
     "finite_flags",
     "is_plain",
+    "optimizer_class",
     "plain_group",
     "plain_map",
+    "step_groups",
+    "unpack",
 ]
 
 _PLAIN = (bool, int, float)
@@ -71,6 +75,60 @@ def check_finite_grads(
         )
 
 
+def check_grad_outputs(grads: Sequence[Any]) -> None:
+    """Refuse output gradients of a Backward that are not floating tensors, or not finite."""
+    for index, grad in enumerate(grads):
+        if grad is None:
+            continue
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+            raise InvalidRequest(
+                f"gradient {index}: expected a floating tensor, got {describe(grad)}"
+            )
+        if not finite_flags([grad])[0]:
+            raise InvalidRequest(
+                f"gradient {index} is not finite (NaN or inf): refused before it reaches the trunk"
+            )
+
+
+def check_parameters(parameters: Any, named: dict[str, torch.Tensor]) -> None:
+    """Refuse parameters to load that the trunk does not have, of another shape, or non-finite."""
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("'parameters' must map names to tensors")
+    for name, value in parameters.items():
+        if name not in named:
+            raise InvalidRequest(f"no trainable parameter named {name!r} in the trunk")
+        if not isinstance(value, torch.Tensor) or value.shape != named[name].shape:
+            raise InvalidRequest(
+                f"parameter {name}: expected shape {list(named[name].shape)}, got {describe(value)}"
+            )
+        if not finite_flags([value])[0]:
+            raise InvalidRequest(f"parameter {name} holds NaN or inf; refused")
+
+
+# The base class; LBFGS needs a closure, which only the client could evaluate.
+_NOT_OPTIMIZERS = {"Optimizer", "LBFGS"}
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class of torch.optim a client named, if it may run on the server."""
+    cls = getattr(torch.optim, name, None)
+    if (
+        name.startswith("_")
+        or name in _NOT_OPTIMIZERS
+        or not isinstance(cls, type)
+        or not issubclass(cls, torch.optim.Optimizer)
+    ):
+        allowed = sorted(
+            n
+            for n, c in vars(torch.optim).items()
+            if isinstance(c, type)
+            and issubclass(c, torch.optim.Optimizer)
+            and n not in _NOT_OPTIMIZERS
+        )
+        raise InvalidRequest(f"optimizer {name!r} is not allowed; use one of {', '.join(allowed)}")
+    return cls
+
+
 def check_finite_tree(value: Any, what: str) -> None:
     if isinstance(value, torch.Tensor):
         if not finite_flags([value])[0]:
@@ -102,11 +160,17 @@ def is_plain(value: Any) -> bool:
     )
 
 
-def plain_map(data: bytes, what: str) -> dict[str, Any]:
+def unpack(data: bytes, what: str) -> Any:
+    """A msgpack value sent in a control message (None when empty)."""
     try:
-        value = msgpack.unpackb(data, raw=False) if data else {}
+        return msgpack.unpackb(data, raw=False) if data else None
     except (ValueError, msgpack.UnpackException) as exc:
         raise InvalidRequest(f"{what} are not valid msgpack: {exc}") from exc
+
+
+def plain_map(value: Any, what: str) -> dict[str, Any]:
+    """Keyword arguments of plain finite values (None: no arguments)."""
+    value = {} if value is None else value
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise InvalidRequest(f"{what} must be a map of names to values")
     for key, item in value.items():
@@ -129,11 +193,10 @@ def plain_group(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode_groups(data: bytes, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    try:
-        groups = msgpack.unpackb(data, raw=False) if data else [{} for _ in optimizer.param_groups]
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise InvalidRequest(f"param_groups are not valid msgpack: {exc}") from exc
+def step_groups(groups: Any, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyperparameter updates a Step brings, one map per param group (None: none)."""
+    if groups is None:
+        groups = [{} for _ in optimizer.param_groups]
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise InvalidRequest(f"param_groups must be a list of {len(optimizer.param_groups)} maps")
     updates = []

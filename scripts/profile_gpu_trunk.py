@@ -21,9 +21,17 @@ from typing import Any
 import torch
 
 from benchmarks.bench_step import LR, build_split
-from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, compute, serve
-from remote_autograd.compute import ComputeMixin
-from remote_autograd.optimizers import OptimizerMixin
+from remote_autograd import (
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    engine,
+    serve,
+    validate,
+)
+from remote_autograd.engine import TrunkEngine
+from remote_autograd.runner import TrunkRunner
+from remote_autograd.service import TrunkService
 
 PHASES: dict[str, list[float]] = defaultdict(list)
 DEVICE = "cuda"
@@ -115,14 +123,14 @@ def main() -> None:
     print(f"remote step, not instrumented: {remote_steps(remote, optimizer, hiddens):.2f} ms")
 
     patches = [
-        (ComputeMixin, "_forward"),
-        (ComputeMixin, "_encode_reply"),
-        (ComputeMixin, "_grad_pairs"),
-        (ComputeMixin, "_compute"),
-        (ComputeMixin, "_backward"),
-        (OptimizerMixin, "_step"),
-        (compute, "check_finite_grads"),
-        (compute, "finite_flags"),
+        (TrunkRunner, "forward"),
+        (TrunkService, "_encode_reply"),
+        (TrunkRunner, "_grad_pairs"),
+        (TrunkEngine, "compute"),
+        (TrunkEngine, "backward"),
+        (TrunkEngine, "step"),
+        (engine, "check_finite_grads"),
+        (validate, "finite_flags"),
         (torch.autograd, "grad"),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name in patches]

@@ -16,15 +16,15 @@ from torch import nn
 from remote_autograd import (
     ClientOptions,
     CodecError,
+    NotConfigured,
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
-    StaleContext,
     TrunkError,
     encode,
     serve,
 )
-from remote_autograd.checkpoint import load_checkpoint
+from remote_autograd.checkpoint_file import load_checkpoint
 
 
 def _one_step(remote: RemoteModule, optimizer: RemoteOptimizer) -> None:
@@ -36,9 +36,9 @@ def _one_step(remote: RemoteModule, optimizer: RemoteOptimizer) -> None:
 def test_checkpoint_without_a_path_is_refused(start_server):
     server = start_server(dropout_trunk())
     remote = RemoteModule(server.address)
-    with pytest.raises(StaleContext, match=r"this server has no checkpoint path \(serve"):
+    with pytest.raises(NotConfigured, match=r"this server has no checkpoint path \(serve"):
         remote.client.checkpoint()
-    assert server.service.saved_version is None
+    assert server.engine.saved_version is None
 
 
 @pytest.mark.parametrize(
@@ -69,10 +69,10 @@ def test_a_failed_save_on_request_is_reported_and_training_goes_on(tmp_path, cap
     try:
         remote = RemoteModule(server.address)
         optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
-        with caplog.at_level(logging.ERROR, logger="remote_autograd.checkpoint"):
+        with caplog.at_level(logging.ERROR, logger="remote_autograd.engine"):
             _one_step(remote, optimizer)  # the scheduled save fails: logged, the step stands
         assert "could not save the checkpoint" in caplog.text
-        assert server.stats()["weights_version"] == 1 and server.service.saved_version is None
+        assert server.stats()["weights_version"] == 1 and server.engine.saved_version is None
         with pytest.raises(TrunkError, match="Checkpoint: the trunk raised FileNotFoundError"):
             remote.client.checkpoint()  # asked for: the caller hears of it
         _one_step(remote, optimizer)
@@ -123,12 +123,12 @@ def test_a_checkpoint_restores_weights_and_each_sessions_optimizer(tmp_path):
     resumed = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path))
     try:
         assert resumed.stats()["weights_version"] == 1
-        session = resumed.service.sessions.values()[0]  # restored under its key
+        session = resumed.engine.sessions.values()[0]  # restored under its key
         assert session.last_step == 1 and session.optimizer_name == "SGD"
         state = session.optimizer.state_dict()
         for index, saved in momentum.items():
             assert torch.equal(state["state"][index]["momentum_buffer"], saved["momentum_buffer"])
-        for name, param in resumed.service.module.named_parameters():
+        for name, param in resumed.engine.module.named_parameters():
             assert torch.equal(param.detach(), weights[name]), name
     finally:
         resumed.stop(grace=None)

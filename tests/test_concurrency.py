@@ -67,18 +67,18 @@ def test_eight_clients_fifty_steps_each(start_server):
     assert errors == []
     stats = server.stats()
     assert stats["weights_version"] == CLIENTS * STEPS  # every step applied, none twice
-    assert sorted(s.last_step for s in server.service.sessions.values()) == [STEPS] * CLIENTS
+    assert sorted(s.last_step for s in server.engine.sessions.values()) == [STEPS] * CLIENTS
     assert stats["contexts"] == 0 and stats["context_bytes"] == 0  # nothing leaked
     assert stats["inflight_bytes"] == 0
-    assert server.service.turns.others_holding("") == 0  # no forward left waiting
+    assert server.engine.turns.others_holding("") == 0  # no forward left waiting
     assert peak_contexts[0] <= 2 * CLIENTS  # each client holds one graph (and a release)
-    assert all(torch.isfinite(p).all() for p in server.service.module.parameters())
+    assert all(torch.isfinite(p).all() for p in server.engine.module.parameters())
     print(f"stale backwards redone: {stale[0]}")
 
 
 def _session(server, remote: RemoteModule):
     key = remote.client.session_id
-    return next(s for s in server.service.sessions.values() if s.key.endswith(key))
+    return next(s for s in server.engine.sessions.values() if s.key.endswith(key))
 
 
 def _shared_linear() -> nn.Module:
@@ -97,7 +97,7 @@ def test_a_step_waits_for_another_clients_backward(start_server):
     server = start_server(_shared_linear(), ServerOptions(step_wait=60.0))
     a, b = RemoteModule(server.address), RemoteModule(server.address)
     opt_a, opt_b = RemoteOptimizer(a, "SGD", lr=0.1), RemoteOptimizer(b, "SGD", lr=0.1)
-    w0 = {k: v.detach().clone() for k, v in server.service.module.state_dict().items()}
+    w0 = {k: v.detach().clone() for k, v in server.engine.module.state_dict().items()}
     xa = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     xb = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
@@ -120,7 +120,7 @@ def test_a_step_waits_for_another_clients_backward(start_server):
         for name, param in local.named_parameters():
             param.grad = grads[name]
         local_sgd.step()
-    for name, value in server.service.module.state_dict().items():
+    for name, value in server.engine.module.state_dict().items():
         assert torch.equal(value, local.state_dict()[name]), name
     assert server.stats()["weights_version"] == 2
 
@@ -134,7 +134,7 @@ def test_a_step_that_stopped_waiting_makes_the_old_forward_stale(start_server):
     out_a = a(x)  # A wanders off before its backward
     b(x).sum().backward()
     opt_b.step()  # gives up waiting for A after step_wait
-    moved = {k: v.clone() for k, v in server.service.module.state_dict().items()}
+    moved = {k: v.clone() for k, v in server.engine.module.state_dict().items()}
     try:
         out_a.sum().backward()
     except StaleContext as exc:
@@ -143,6 +143,6 @@ def test_a_step_that_stopped_waiting_makes_the_old_forward_stale(start_server):
         raise AssertionError("a backward through moved weights was answered")
     session_a = _session(server, a)
     assert session_a.grads == {}  # nothing accumulated from the stale forward
-    for name, value in server.service.module.state_dict().items():
+    for name, value in server.engine.module.state_dict().items():
         assert torch.equal(value, moved[name])
     a(x).sum().backward()  # A simply runs its forward again

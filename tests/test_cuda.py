@@ -21,8 +21,8 @@ from remote_autograd import (
     RemoteOptimizer,
     ServerOptions,
     clip_grad_norm_,
-    codec,
     frames,
+    memory,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -165,7 +165,7 @@ def test_outputs_and_gradients_come_back_on_the_callers_device(
     remote_out.backward(grad)
     assert remote_hidden.grad.device == hidden.device and remote_hidden.grad.dtype == dtype
     torch.testing.assert_close(remote_hidden.grad, hidden.grad, **tol)
-    grads = server.service.sessions.values()[0].grads
+    grads = server.engine.sessions.values()[0].grads
     for name, param in local.trunk.trunk.named_parameters():
         assert grads[name].device.type == trunk_device
         torch.testing.assert_close(grads[name], param.grad, **tol)
@@ -214,14 +214,14 @@ def test_received_tensors_are_pinned_when_copied_to_the_gpu(
     trunk_device, client_device, start_server, monkeypatch
 ):
     copied: list[tuple[int, bool]] = []  # (bytes, pinned) of each CPU tensor sent to a GPU
-    to_device = codec.to_device
+    to_device = memory.to_device
 
     def spy(tensor, device, dtype=None):
         if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
             copied.append((tensor.numel() * tensor.element_size(), tensor.is_pinned()))
         return to_device(tensor, device, dtype)
 
-    monkeypatch.setattr(codec, "to_device", spy)
+    monkeypatch.setattr(memory, "to_device", spy)
     server = start_server(Scale(), ServerOptions(device=trunk_device))
     remote = RemoteModule(server.address)
     generator = torch.Generator().manual_seed(5)
@@ -239,8 +239,8 @@ def test_received_tensors_are_pinned_when_copied_to_the_gpu(
     assert [pinned for size, pinned in copied if size >= MiB] == [True] * expected
     pool = frames._POOL._buffers
     assert any(not isinstance(b, bytearray) and torch.from_numpy(b).is_pinned() for b in pool)
-    codec.reap_copies()  # the copies are done: nothing holds the buffers any more
-    assert not codec._COPIES._held
+    memory.reap_copies()  # the copies are done: nothing holds the buffers any more
+    assert not memory._COPIES._held
 
 
 def corrupted_replies(remote: RemoteModule, calls: int, sleep_cycles: int) -> list[int]:

@@ -19,6 +19,7 @@ from remote_autograd import (
     DeadlineExceeded,
     InvalidRequest,
     LimitExceeded,
+    NotConfigured,
     RemoteAutogradError,
     RemoteModule,
     RemoteOptimizer,
@@ -169,7 +170,7 @@ def test_optimizer_allowlist_and_arguments(start_server):
 
 def test_step_before_optimizer_and_out_of_order_steps(start_server):
     remote = RemoteModule(start_server(nn.Linear(2, 2)).address)
-    with pytest.raises(StaleContext, match="Step before ConfigureOptimizer"):
+    with pytest.raises(NotConfigured, match="Step before ConfigureOptimizer"):
         remote.client.step(1, [{}])
     RemoteOptimizer(remote, torch.optim.SGD, lr=0.1)
     with pytest.raises(StaleContext, match="Step #3 does not follow this session's last step #0"):
@@ -183,7 +184,7 @@ def test_bad_gradients_are_refused_before_touching_the_trunk(start_server):
     y = remote(torch.randn(2, 3, requires_grad=True))
     with pytest.raises(InvalidRequest, match="not finite"):
         y.backward(torch.full((2, 3), float("nan")))
-    assert server.service.sessions.values()[0].grads == {}
+    assert server.engine.sessions.values()[0].grads == {}
 
 
 def _wait_for(condition, timeout: float = 30.0) -> None:
@@ -252,7 +253,7 @@ def test_backward_header_is_checked_against_its_forward(start_server):
     x = torch.ones(2, 3, dtype=torch.float64)
     client.compute("ctx", [x], {}, needs_input_grad=[False], keep_context=True, training=True)
     grads = [torch.ones(2, 3, dtype=torch.float64)]
-    session = server.service.sessions.values()[0]
+    session = server.engine.sessions.values()[0]
     with pytest.raises(InvalidRequest, match="needs_input_grad has 2 flags for 1 inputs"):
         client.backward("ctx", 1, grads, [True, True])
     with pytest.raises(InvalidRequest, match="input 0 was not sent as requiring a gradient"):

@@ -25,7 +25,7 @@ from remote_autograd import (
     StaleContext,
     serve,
 )
-from remote_autograd.checkpoint import load_checkpoint
+from remote_autograd.checkpoint_file import load_checkpoint
 
 STEPS = 6
 SEED = 5  # seeds the trunk's dropout through ClientOptions.seed
@@ -127,7 +127,7 @@ def test_a_lost_reply_is_retried_and_applied_once(method, bulk_min_bytes, refere
         for step in range(1, STEPS + 1):
             run.step(step)
         assert drop.dropped == 1
-        session = server.service.sessions.values()[0]
+        session = server.engine.sessions.values()[0]
         assert session.last_step == STEPS
         assert server.stats()["weights_version"] == STEPS  # not STEPS + 1
         _assert_equal(run.parameters(), reference)
@@ -158,7 +158,7 @@ def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
             local(x_local).square().sum().backward()
             assert torch.equal(x_remote.grad, x_local.grad)  # the retry's answer is the same
         assert drop.dropped == 1 and drop.seen == 3  # 2 Backwards, one of them sent twice
-        grads = server.service.sessions.values()[0].grads
+        grads = server.engine.sessions.values()[0].grads
         for name, param in local.named_parameters():
             assert torch.equal(grads[name], param.grad), name
         optimizer.step()
@@ -172,7 +172,7 @@ def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
 def _expire_contexts_now(server) -> int:
     """Expire every cached forward context at once, as the sweeper does after context_ttl:
     ``expire()`` with the ttl set to 0 for the call (no sleeping, no race with a short ttl)."""
-    cache = server.service.contexts
+    cache = server.engine.contexts
     ttl, cache.ttl = cache.ttl, 0.0
     try:
         return cache.expire()

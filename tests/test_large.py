@@ -24,7 +24,7 @@ def test_256_mib_tensor_round_trips_forward_and_backward(start_server, bulk):
     grad = torch.randn(y.shape, generator=generator)
     y.backward(grad)
     assert torch.equal(x.grad, grad * 1.5)
-    session_grads = server.service.sessions.values()[0].grads
+    session_grads = server.engine.sessions.values()[0].grads
     torch.testing.assert_close(session_grads["weight"], (grad * x.detach()).sum().reshape(1))
     # Both directions went over the bulk channel, or were streamed in chunks.
     assert remote.client.stats.bytes_sent > 512 * MiB

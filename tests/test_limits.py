@@ -30,7 +30,7 @@ def _linear(seed: int = 0) -> nn.Module:
 
 
 def _weights(server) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in server.service.module.named_parameters()}
+    return {n: p.detach().clone() for n, p in server.engine.module.named_parameters()}
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -114,7 +114,7 @@ def test_non_finite_output_gradients_are_refused(start_server):
         y = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
         with pytest.raises(InvalidRequest, match="not finite"):
             y.backward(torch.full_like(y, bad))
-    assert server.service.sessions.values()[0].grads == {}
+    assert server.engine.sessions.values()[0].grads == {}
     optimizer.step()  # no gradients: SGD leaves the weights as they were
     assert _same(before, _weights(server))
 
@@ -127,12 +127,12 @@ def test_non_finite_inputs_never_reach_the_weights(start_server):
     optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
     good = torch.ones(2, 4, dtype=torch.float64)
     remote(good).sum().backward()  # one good backward accumulated
-    held = {k: v.clone() for k, v in server.service.sessions.values()[0].grads.items()}
+    held = {k: v.clone() for k, v in server.engine.sessions.values()[0].grads.items()}
     bad = good.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(InvalidRequest, match="non-finite .* gradients for trunk parameters"):
         remote(bad).sum().backward()
-    grads = server.service.sessions.values()[0].grads
+    grads = server.engine.sessions.values()[0].grads
     assert _same(held, grads)  # the good one is still there, untouched
     optimizer.step()
     assert all(torch.isfinite(p).all() for p in _weights(server).values())
@@ -219,7 +219,7 @@ def test_load_state_refuses_non_finite_parameters(start_server, value):
     assert server.stats()["weights_version"] == 0  # nothing was loaded
     state["weight"][1, 2] = 0.25
     remote.load_remote_state_dict(state)  # a finite one is loaded
-    assert server.service.module.weight[1, 2].item() == 0.25
+    assert server.engine.module.weight[1, 2].item() == 0.25
     assert server.stats()["weights_version"] == 1
 
 
@@ -240,7 +240,7 @@ def test_a_non_finite_clip_scale_never_reaches_the_gradients(start_server):
     server = start_server(_linear())
     remote = RemoteModule(server.address)
     remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
-    session = server.service.sessions.values()[0]
+    session = server.engine.sessions.values()[0]
     held = {k: v.clone() for k, v in session.grads.items()}
     remote.client.scale_grads_later(math.inf)
     with pytest.raises(InvalidRequest, match="grad_scale must be finite, got inf"):

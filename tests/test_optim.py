@@ -67,7 +67,7 @@ def test_zero_grad_set_to_none_false_zeroes_the_trunk_gradients(start_server):
     norms, _ = pair.remote.client.grad_norms(2.0)
     assert norms == [0.0, 0.0]  # zeroed, not dropped: both gradients are still there
     pair.backward(second)  # accumulates onto zeros: the second batch's gradients only
-    grads = pair.server.service.sessions.values()[0].grads
+    grads = pair.server.engine.sessions.values()[0].grads
     for name, param in pair.local[1].named_parameters():
         assert torch.equal(grads[name], param.grad), name
     pair.step()
@@ -118,12 +118,12 @@ def test_clip_grad_norm_error_if_nonfinite(start_server):
     pair.local[0].bias.grad[0] = math.inf
     with pytest.raises(RuntimeError, match="non-finite"):
         torch.nn.utils.clip_grad_norm_(pair.local.parameters(), 1.0, error_if_nonfinite=True)
-    held = {k: v.clone() for k, v in pair.server.service.sessions.values()[0].grads.items()}
+    held = {k: v.clone() for k, v in pair.server.engine.sessions.values()[0].grads.items()}
     with pytest.raises(RuntimeError, match="total norm of order 2.0 .* is non-finite"):
         clip_grad_norm_(pair.clip_parts(), 1.0, error_if_nonfinite=True)
     assert pair.bottom.weight.grad.isfinite().all()  # nothing was scaled
     norms, _ = pair.remote.client.grad_norms(2.0)  # neither here nor on the server
-    grads = pair.server.service.sessions.values()[0].grads
+    grads = pair.server.engine.sessions.values()[0].grads
     assert all(torch.equal(grads[k], v) for k, v in held.items())
     assert norms == [float(v.norm()) for v in held.values()]
     # Without the flag it scales by the non-finite norm, as torch does (to zeros and NaN).

@@ -152,7 +152,7 @@ def test_mutual_tls(start_server, pki):
             private_key=pki["client.key"],
         ),
     )
-    key = server.service.sessions.values()[0].key
+    key = server.engine.sessions.values()[0].key
     assert "/cn=client-1/" in key  # the session is bound to the certificate's identity
     for options in (
         trusted,  # no client certificate
@@ -209,7 +209,7 @@ def test_a_client_cannot_touch_another_clients_contexts(start_server):
     alice = RemoteModule(server.address, options=ClientOptions(token="alpha-token"))
     RemoteOptimizer(alice, "SGD", lr=0.1)
     y = alice(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
-    request_id = server.service.contexts._items.copy().popitem()[1].request_id
+    request_id = server.engine.contexts._items.copy().popitem()[1].request_id
 
     # Mallory has the other token and even knows Alice's session id and request id.
     mallory = TrunkClient(server.address, ClientOptions(token="beta-token", retries=0))
@@ -222,7 +222,7 @@ def test_a_client_cannot_touch_another_clients_contexts(start_server):
     release = pb.ReleaseRequest(request_ids=[request_id])
     stub = mallory._connect()
     assert stub.Release(release, metadata=mallory._metadata, timeout=10).released == 0
-    sessions = server.service.sessions.values()
+    sessions = server.engine.sessions.values()
     alice_session = next(s for s in sessions if s.optimizer.defaults["lr"] == 0.1)
     assert alice_session.grads == {}
     y.sum().backward()  # Alice's context is intact, and only she accumulated into it

@@ -18,10 +18,10 @@ from torch import nn
 from remote_autograd import (
     ClientOptions,
     ContextNotFound,
+    NotConfigured,
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
-    StaleContext,
 )
 
 MiB = 1 << 20
@@ -37,10 +37,10 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
 def _idle(server, remote: RemoteModule) -> None:
     """Make the session of ``remote`` look idle for longer than session_ttl, and expire it."""
     session = next(
-        s for s in server.service.sessions.values() if s.key.endswith(remote.client.session_id)
+        s for s in server.engine.sessions.values() if s.key.endswith(remote.client.session_id)
     )
     session.last_seen -= server.options.session_ttl + 1
-    assert server.service.sessions.expire() == 1
+    assert server.engine.sessions.expire() == 1
 
 
 def test_the_sweeper_expires_idle_sessions(start_server):
@@ -67,7 +67,7 @@ def test_an_idle_session_expires_with_its_contexts_gradients_and_optimizer(start
     assert server.stats()["contexts"] == 0 and server.stats()["context_bytes"] == 0
     with pytest.raises(ContextNotFound, match=r"no forward context \(its session ended\)"):
         kept.sum().backward()
-    with pytest.raises(StaleContext, match="Step before ConfigureOptimizer"):
+    with pytest.raises(NotConfigured, match="Step before ConfigureOptimizer"):
         optimizer.step()  # the optimizer went with the session
 
 
@@ -75,9 +75,9 @@ def test_a_session_in_use_does_not_expire(start_server):
     server = start_server(Scale(torch.float64))
     remote = RemoteModule(server.address)
     remote(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
-    session = server.service.sessions.values()[0]
+    session = server.engine.sessions.values()[0]
     session.last_seen -= server.options.session_ttl - 60  # idle, but not for session_ttl
-    assert server.service.sessions.expire() == 0
+    assert server.engine.sessions.expire() == 0
     remote(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert session.last_seen > time.monotonic() - 60  # each call counts as use
     assert server.stats()["sessions"] == 1 and set(session.grads) == {"weight"}

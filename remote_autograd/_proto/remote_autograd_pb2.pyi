@@ -130,16 +130,6 @@ class ConfigureOptimizerReply(_message.Message):
     param_group: bytes
     def __init__(self, param_group: _Optional[bytes] = ...) -> None: ...
 
-class ZeroGradRequest(_message.Message):
-    __slots__ = ("mode",)
-    MODE_FIELD_NUMBER: _ClassVar[int]
-    mode: ZeroGradMode
-    def __init__(self, mode: _Optional[_Union[ZeroGradMode, str]] = ...) -> None: ...
-
-class ZeroGradReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class GradNormRequest(_message.Message):
     __slots__ = ("norm_type", "zero_grad", "grad_scale")
     NORM_TYPE_FIELD_NUMBER: _ClassVar[int]

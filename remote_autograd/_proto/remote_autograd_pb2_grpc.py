@@ -69,11 +69,6 @@ class TrunkStub:
                 request_serializer=remote__autograd__pb2.ConfigureOptimizerRequest.SerializeToString,
                 response_deserializer=remote__autograd__pb2.ConfigureOptimizerReply.FromString,
                 _registered_method=True)
-        self.ZeroGrad = channel.unary_unary(
-                '/remote_autograd.v1.Trunk/ZeroGrad',
-                request_serializer=remote__autograd__pb2.ZeroGradRequest.SerializeToString,
-                response_deserializer=remote__autograd__pb2.ZeroGradReply.FromString,
-                _registered_method=True)
         self.GradNorm = channel.unary_unary(
                 '/remote_autograd.v1.Trunk/GradNorm',
                 request_serializer=remote__autograd__pb2.GradNormRequest.SerializeToString,
@@ -158,12 +153,6 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ZeroGrad(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GradNorm(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -242,11 +231,6 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.ConfigureOptimizer,
                     request_deserializer=remote__autograd__pb2.ConfigureOptimizerRequest.FromString,
                     response_serializer=remote__autograd__pb2.ConfigureOptimizerReply.SerializeToString,
-            ),
-            'ZeroGrad': grpc.unary_unary_rpc_method_handler(
-                    servicer.ZeroGrad,
-                    request_deserializer=remote__autograd__pb2.ZeroGradRequest.FromString,
-                    response_serializer=remote__autograd__pb2.ZeroGradReply.SerializeToString,
             ),
             'GradNorm': grpc.unary_unary_rpc_method_handler(
                     servicer.GradNorm,
@@ -468,33 +452,6 @@ class Trunk:
             '/remote_autograd.v1.Trunk/ConfigureOptimizer',
             remote__autograd__pb2.ConfigureOptimizerRequest.SerializeToString,
             remote__autograd__pb2.ConfigureOptimizerReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ZeroGrad(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/remote_autograd.v1.Trunk/ZeroGrad',
-            remote__autograd__pb2.ZeroGradRequest.SerializeToString,
-            remote__autograd__pb2.ZeroGradReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,14 +1,13 @@
-"""Server-side state: forward contexts awaiting Backward, and client sessions.
+"""Forward contexts awaiting their Backward, bounded by count, bytes and idle age.
 
-Both tables are bounded (count, bytes, age) and thread-safe. A context belongs to one session;
-looking it up from another session is the same as looking up an id that never existed. One
-session cannot hold more than ``max_session_contexts`` (its own oldest go first), so a client
-that never releases cannot push every other client's contexts out.
+A context belongs to one session; looking it up from another session is the same as looking up
+an id that never existed. One session cannot hold more than ``max_session_contexts`` (its own
+oldest go first), so a client that never releases cannot push every other client's contexts
+out.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -18,10 +17,9 @@ from typing import Any
 
 import torch
 
-from ._proto.remote_autograd_pb2 import ZERO_GRAD_TO_NONE, ZERO_GRAD_TO_ZERO
-from .errors import ContextNotFound, InvalidRequest, LimitExceeded
+from .errors import ContextNotFound, LimitExceeded
 
-__all__ = ["ContextCache", "ForwardContext", "Session", "SessionTable", "StepTurns"]
+__all__ = ["ContextCache", "ForwardContext"]
 
 _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error messages
 
@@ -175,157 +173,3 @@ class ContextCache:
         self._gone[context.request_id] = reason
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)
-
-
-@dataclass(eq=False)
-class Session:
-    """One client's gradients, optimizer and step counter."""
-
-    key: str
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer: torch.optim.Optimizer | None = None
-    optimizer_name: str = ""  # the torch.optim class, for checkpoints
-    optimizer_options: dict[str, Any] = field(default_factory=dict)  # its plain kwargs
-    last_step: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    lock: threading.RLock = field(default_factory=threading.RLock)
-
-    def apply_pending(self, zero_grad: int, grad_scale: float) -> None:
-        """zero_grad() and clip scaling the client deferred to this call, in that order."""
-        if zero_grad == ZERO_GRAD_TO_NONE:
-            self.grads.clear()
-        elif zero_grad == ZERO_GRAD_TO_ZERO:
-            for grad in self.grads.values():
-                grad.zero_()
-        if grad_scale and grad_scale != 1.0:
-            if not math.isfinite(grad_scale):
-                raise InvalidRequest(f"grad_scale must be finite, got {grad_scale}")
-            grads = list(self.grads.values())
-            if grads:
-                torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=grads[0].dtype))
-
-
-class SessionTable:
-    """Sessions by key, at most ``max_sessions``; idle ones are dropped after ``ttl``."""
-
-    def __init__(
-        self,
-        *,
-        max_sessions: int,
-        ttl: float,
-        on_drop: Callable[[str], None] = lambda key: None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.max_sessions = max_sessions
-        self.ttl = ttl
-        self._on_drop = on_drop
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._items: dict[str, Session] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> Session:
-        with self._lock:
-            session = self._items.get(key)
-            if session is None:
-                self._expire_locked()
-                if len(self._items) >= self.max_sessions:
-                    raise LimitExceeded(
-                        f"server already holds max_sessions={self.max_sessions} sessions; "
-                        f"idle ones are dropped after {self.ttl:g} s"
-                    )
-                session = self._items[key] = Session(key)
-            session.last_seen = self._clock()
-            return session
-
-    def values(self) -> list[Session]:
-        with self._lock:
-            return list(self._items.values())
-
-    def expire(self) -> int:
-        with self._lock:
-            return self._expire_locked()
-
-    def _expire_locked(self) -> int:
-        deadline = self._clock() - self.ttl
-        stale = [key for key, s in self._items.items() if s.last_seen <= deadline]
-        for key in stale:
-            del self._items[key]
-            self._on_drop(key)
-        return len(stale)
-
-
-class StepTurns:
-    """Keeps a Step of one session from landing between another session's forward and backward.
-
-    A forward kept for Backward takes a lease, which ends at its first Backward (or when the
-    context goes away). A Step waits until no other session holds a lease, for at most
-    ``wait`` seconds; meanwhile, forwards of sessions holding no lease wait for that Step, so
-    the leases drain. After a Step, every lease is void: those forwards saw older weights, and
-    their Backward is refused as stale rather than giving a gradient of the wrong weights.
-    """
-
-    def __init__(self, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.wait = wait
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._leases: dict[str, int] = {}
-        self._epoch = 0
-        self._steps_waiting = 0
-
-    def lease(self, session: str) -> int:
-        """Take a lease for a forward of ``session``; returns its epoch for :meth:`end`."""
-        with self._cond:
-            deadline = self._clock() + self.wait
-            while self._steps_waiting and not self._leases.get(session):
-                left = deadline - self._clock()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            self._leases[session] = self._leases.get(session, 0) + 1
-            return self._epoch
-
-    def end(self, session: str, epoch: int) -> None:
-        with self._cond:
-            self._end_locked(session, epoch)
-
-    def end_context(self, context: ForwardContext) -> None:
-        """End the lease a context holds, once, whoever gets there first (its Backward, or the
-        cache dropping it)."""
-        with self._cond:
-            epoch, context.lease = context.lease, -1
-            if epoch >= 0:
-                self._end_locked(context.session, epoch)
-
-    def _end_locked(self, session: str, epoch: int) -> None:
-        if epoch != self._epoch or not self._leases.get(session):
-            return
-        self._leases[session] -= 1
-        if not self._leases[session]:
-            del self._leases[session]
-            self._cond.notify_all()
-
-    def others_holding(self, session: str) -> int:
-        with self._cond:
-            return sum(n for key, n in self._leases.items() if key != session)
-
-    def begin_step(self, session: str) -> None:
-        """Wait until no other session holds a lease (or ``wait`` passed)."""
-        with self._cond:
-            self._steps_waiting += 1
-            deadline = self._clock() + self.wait
-            while any(key != session for key in self._leases):
-                left = deadline - self._clock()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-
-    def end_step(self, *, stepped: bool) -> None:
-        with self._cond:
-            self._steps_waiting -= 1
-            if stepped:
-                self._epoch += 1
-                self._leases.clear()
-            self._cond.notify_all()

@@ -1,0 +1,87 @@
+"""What the engine is asked and what it answers: plain dataclasses, no protobuf.
+
+The gRPC service (service.py) builds a call from a request's header and turns a result into
+the reply's header; the engine (engine.py) never sees either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .sessions import ZeroGrad
+
+__all__ = [
+    "BackwardCall",
+    "BackwardResult",
+    "ComputeCall",
+    "ComputeResult",
+    "StepCall",
+    "StepResult",
+    "TrunkInfo",
+]
+
+
+@dataclass(frozen=True)
+class ComputeCall:
+    request_id: str  # names the forward context a Backward will find (when kept)
+    training: bool  # the trunk's mode for this forward
+    needs_input_grad: list[bool]  # per input tensor; empty: none needs one
+    keep_context: bool = False  # keep the graph for a Backward
+    recompute: bool = False  # re-create a lost context from these inputs (nothing is run now)
+    rng_seed: int = 0  # the forward's RNG seed; 0: the engine picks one
+    weights_version: int = 0  # recompute only: the weights the lost forward ran on
+    backward_seq: int = 0  # recompute only: backwards the lost context had answered
+
+
+@dataclass
+class ComputeResult:
+    value: Any  # the trunk's output (None for a recompute: the client has it)
+    weights_version: int  # the weights the forward ran on
+    seed: int  # the RNG seed it ran with, for a later recompute
+    recomputed: bool
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class BackwardCall:
+    request_id: str
+    seq: int  # 1, 2...: backwards through the same context; a repeat is a retry
+    needs_input_grad: list[bool]
+    zero_grad: ZeroGrad = ZeroGrad.KEEP  # a deferred zero_grad(), applied first
+    grad_scale: float = 0.0  # a deferred clip scale (0 or 1: none), applied after it
+
+
+@dataclass
+class BackwardResult:
+    grads: list[torch.Tensor | None]  # one per input, in the dtype it was sent in
+    weights_version: int
+    recomputed: bool  # the forward was run again for this Backward
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class StepCall:
+    step: int  # 1, 2...: the session's step number; a repeat is a replay
+    param_groups: list[dict[str, Any]] | None = None  # hyperparameters per group (schedulers)
+    zero_grad: ZeroGrad = ZeroGrad.KEEP
+    grad_scale: float = 0.0
+    server_id: str = ""  # the server process that accumulated the gradients ("" = unknown)
+
+
+@dataclass
+class StepResult:
+    step: int
+    weights_version: int
+    replayed: bool = False  # applied before: nothing changed
+
+
+@dataclass
+class TrunkInfo:
+    trainable_parameters: list[str]
+    trainable_numel: int
+    device: str
+    module_name: str
+    server_id: str

@@ -1,0 +1,73 @@
+"""Trunk checkpoints on the server's disk: weights, every session's optimizer, step numbers.
+
+A checkpoint is one codec frame (``codec.encode``; msgpack, no pickle) holding::
+
+    {"format": 1, "weights_version": int, "module": {name: tensor},
+     "sessions": {key: {"step": int, "optimizer": name, "options": {plain kwargs},
+                        "state": optimizer.state_dict()}}}
+
+It is written to a temporary file in the same directory, flushed to disk, then renamed over the
+old one, so a server killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any
+
+from . import codec
+from .options import Limits
+
+__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = 1
+# The server reads only files it wrote itself, but a checkpoint is as large as the trunk and its
+# optimizer state, far beyond the limits of one network call.
+_FILE_LIMITS = Limits(
+    max_payload_bytes=1 << 62,
+    max_tensor_bytes=1 << 62,
+    max_tensor_elements=1 << 62,
+    max_tensors=1 << 31,
+    max_header_bytes=1 << 31,
+)
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync the dir)."""
+    buffers = codec.Encoder(compression="none").encode_buffers({"format": FORMAT, **state})
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for buffer in buffers:
+                f.write(buffer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str) -> dict[str, Any] | None:
+    """The state saved at ``path``, or None when there is no checkpoint yet."""
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+    except FileNotFoundError:
+        return None
+    state = codec.Decoder(limits=_FILE_LIMITS).decode(data)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a remote_autograd checkpoint of format {FORMAT}; move it away or "
+            "point --checkpoint elsewhere"
+        )
+    return state

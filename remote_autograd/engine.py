@@ -1,0 +1,530 @@
+"""The trunk engine: the one object that owns the trunk and everything that changes it.
+
+:class:`TrunkEngine` holds the module (through its :class:`~remote_autograd.runner.TrunkRunner`),
+the trainable parameters, the trunk lock, the weights version, the forward contexts, the
+sessions with their gradients and optimizers, and the checkpoints. It speaks plain Python
+values (calls.py): the gRPC service around it authenticates, moves frames and maps errors to
+status codes, and nothing here knows of gRPC.
+
+Locks, always taken in this order: a context's lock, then a session's lock, then the trunk
+lock (``_lock``, held while the module runs or its weights change).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import checkpoint_file
+from .calls import (
+    BackwardCall,
+    BackwardResult,
+    ComputeCall,
+    ComputeResult,
+    StepCall,
+    StepResult,
+    TrunkInfo,
+)
+from .codec import DTYPES
+from .contexts import ContextCache, ForwardContext
+from .errors import InvalidRequest, NotConfigured, StaleContext
+from .options import ServerOptions
+from .runner import TrunkRunner
+from .sessions import Session, SessionTable
+from .tree import flatten, unflatten
+from .turns import StepTurns
+from .validate import (
+    check_finite_grads,
+    check_finite_groups,
+    check_finite_tree,
+    check_grad_outputs,
+    check_parameters,
+    clone_tree,
+    optimizer_class,
+    plain_group,
+    plain_map,
+    step_groups,
+)
+
+__all__ = ["ID_PATTERN", "TrunkEngine"]
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # request and session ids, matched whole
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class TrunkEngine:
+    """Serves one ``nn.Module`` to any number of sessions."""
+
+    def __init__(self, module: torch.nn.Module, options: ServerOptions | None = None) -> None:
+        self.options = options = options or ServerOptions()
+        dtype = DTYPES[options.dtype] if options.dtype else None
+        self.runner = TrunkRunner(module, torch.device(options.device), dtype)
+        self.turns = StepTurns(options.step_wait)
+        self.contexts = ContextCache(
+            max_contexts=options.max_contexts,
+            max_bytes=options.max_context_bytes,
+            ttl=options.context_ttl,
+            max_per_session=options.max_session_contexts,
+            on_drop=self.turns.end_context,
+        )
+        self.sessions = SessionTable(
+            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._end_session
+        )
+        # Called with a session's key when it ends (the service drops its bulk connections).
+        self.session_listeners: list[Callable[[str], None]] = []
+        self.weights_version = 0  # optimizer steps (and loads) applied to the weights
+        self.saved_version: int | None = None  # weights_version of the last checkpoint
+        self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
+        self._lock = threading.RLock()
+        if options.checkpoint_path:
+            self._restore(options.checkpoint_path)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.runner.module
+
+    @property
+    def params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.runner.params
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def session(self, identity: str, session_id: str) -> Session:
+        """The session ``session_id`` of the authenticated ``identity`` (created on first use)."""
+        if not ID_PATTERN.fullmatch(session_id):
+            raise InvalidRequest(
+                f"a session id must be 1-64 characters of [0-9A-Za-z_-], got {session_id[:80]!r}"
+            )
+        return self.sessions.get(f"{identity}/{session_id}")
+
+    def _end_session(self, key: str) -> None:
+        self.contexts.drop_session(key)
+        for listener in self.session_listeners:
+            listener(key)
+
+    def info(self) -> TrunkInfo:
+        return TrunkInfo(
+            trainable_parameters=[name for name, _ in self.params],
+            trainable_numel=sum(p.numel() for _, p in self.params),
+            device=str(self.runner.device),
+            module_name=type(self.module).__name__,
+            server_id=self.server_id,
+        )
+
+    # -- Compute and Backward -----------------------------------------------------------------
+
+    def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:
+        """Run the trunk on ``value`` ({'args': list, 'kwargs': dict}); for training, keep
+        the graph under the request id for a Backward (or only the inputs, to recompute)."""
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("args"), list)
+            or not isinstance(value.get("kwargs"), dict)
+            or not all(isinstance(k, str) for k in value["kwargs"])
+        ):
+            raise InvalidRequest("Compute expects a map {'args': list, 'kwargs': {str: value}}")
+        template, tensors = flatten((value["args"], value["kwargs"]))
+        needs = call.needs_input_grad or [False] * len(tensors)
+        if len(needs) != len(tensors):
+            raise InvalidRequest(
+                f"needs_input_grad has {len(needs)} flags for {len(tensors)} input tensors"
+            )
+        keep = call.keep_context or call.recompute
+        if keep and not ID_PATTERN.fullmatch(call.request_id):
+            raise InvalidRequest(
+                f"request id must match {ID_PATTERN.pattern}, got {call.request_id!r}"
+            )
+        seed = call.rng_seed or secrets.randbits(63) or 1
+        leaves = self.runner.leaves(tensors, needs)
+        started = time.perf_counter()
+        # A kept forward holds a lease until its Backward: no other session's Step lands in
+        # between (see StepTurns). The context carries it once cached.
+        lease = self.turns.lease(session.key) if keep else -1
+        try:
+            outputs, out_template, version = self._run_compute(
+                session, call, template, leaves, tensors, seed, lease
+            )
+        except BaseException:
+            self.turns.end(session.key, lease)
+            raise
+        log.debug(
+            "Compute %s (session %s): %d inputs, keep=%s, weights v%d",
+            call.request_id[:12],
+            session.key,
+            len(tensors),
+            keep,
+            version,
+        )
+        return ComputeResult(
+            # None for a re-created context: the client has the outputs already.
+            value=None
+            if outputs is None
+            else unflatten(out_template, [o.detach() for o in outputs]),
+            weights_version=version,
+            seed=seed,
+            recomputed=call.recompute,
+            compute_seconds=time.perf_counter() - started,
+        )
+
+    def _run_compute(self, session, call, template, leaves, tensors, seed, lease):
+        """The forward, and the context it leaves for Backward; returns (outputs or None,
+        their template, weights version)."""
+        keep = call.keep_context or call.recompute
+        out_template = None
+        # Kept for recompute (the server's option, or a client re-creating a lost context):
+        # no graph is held; Backward runs the forward again with the same seed.
+        lazy = call.recompute or (call.keep_context and self.options.recompute)
+        outputs: list[torch.Tensor] | None = None
+        with self._lock:
+            version = self.weights_version
+            if call.recompute and call.weights_version != version:
+                raise StaleContext(
+                    f"cannot re-create the forward of request {call.request_id[:12]}: it ran "
+                    f"on weights version {call.weights_version}, the trunk is now at "
+                    f"{version}; run the step's forward and backward again"
+                )
+            if not call.recompute:
+                out_template, outputs = self.runner.forward(
+                    template, leaves, call.training, seed if keep else None, grad=keep and not lazy
+                )
+        if keep:
+            kept = None if lazy else outputs
+            # The cache ends the lease when the context goes away (evicted, released...).
+            self.contexts.put(
+                ForwardContext(
+                    request_id=call.request_id,
+                    session=session.key,
+                    inputs=leaves,
+                    input_dtypes=[t.dtype for t in tensors],
+                    outputs=kept,
+                    nbytes=sum(_nbytes(t) for t in (*leaves, *(kept or ()))),
+                    weights_version=version,
+                    seed=seed,
+                    template=template,
+                    training=call.training,
+                    backward_seq=call.backward_seq if call.recompute else 0,
+                    lease=lease,
+                )
+            )
+        return outputs, out_template, version
+
+    def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:
+        """Gradients of the kept forward ``call.request_id`` given its outputs' gradients
+        (``value``: {'grads': [tensor or None per output]}): parameter gradients accumulate in
+        the session, input gradients are returned. A repeated ``seq`` is a retry: answered
+        again, nothing accumulates twice."""
+        context = self.contexts.get(session.key, call.request_id)
+        with context.lock:
+            if call.seq == context.backward_seq and context.last_reply is not None:
+                log.debug(
+                    "Backward %s #%d: a retry, answered again", call.request_id[:12], call.seq
+                )
+                return context.last_reply
+            if call.seq != context.backward_seq + 1:
+                raise StaleContext(
+                    f"Backward #{call.seq} for request {call.request_id[:12]}: "
+                    f"expected #{context.backward_seq + 1}"
+                )
+            grads = value.get("grads") if isinstance(value, dict) else None
+            if not isinstance(grads, list):
+                raise InvalidRequest("Backward expects {'grads': [one tensor or None per output]}")
+            needs = call.needs_input_grad
+            if len(needs) != len(context.inputs):
+                raise InvalidRequest(
+                    f"needs_input_grad has {len(needs)} flags for {len(context.inputs)} inputs"
+                )
+            for index, need in enumerate(needs):
+                if need and not context.inputs[index].requires_grad:
+                    raise InvalidRequest(f"input {index} was not sent as requiring a gradient")
+            check_grad_outputs(grads)
+            started = time.perf_counter()
+            wanted = [i for i, need in enumerate(needs) if need]
+            with session.lock, self._lock:
+                if context.weights_version != self.weights_version:
+                    self.turns.end_context(context)
+                    raise StaleContext(
+                        f"Backward for request {call.request_id[:12]}: the trunk's weights "
+                        f"were stepped (version {context.weights_version} -> "
+                        f"{self.weights_version}) since its forward; run the forward again"
+                    )
+                outputs = context.outputs
+                if outputs is None:
+                    _, outputs = self.runner.forward(
+                        context.template, context.inputs, context.training, context.seed, grad=True
+                    )
+                input_grads, param_grads = self.runner.gradients(
+                    outputs,
+                    grads,
+                    [context.inputs[i] for i in wanted],
+                    retain_graph=context.outputs is not None,
+                )
+                check_finite_grads(self.params, param_grads)
+                session.apply_pending(call.zero_grad, call.grad_scale)
+                for (name, _), grad in zip(self.params, param_grads, strict=True):
+                    if grad is not None:
+                        held = session.grads.get(name)
+                        session.grads[name] = grad if held is None else held.add_(grad)
+                computed = time.perf_counter()
+            returned: list[torch.Tensor | None] = [None] * len(context.inputs)
+            for i, grad in zip(wanted, input_grads, strict=True):
+                returned[i] = None if grad is None else grad.to(context.input_dtypes[i])
+            result = BackwardResult(
+                grads=returned,
+                weights_version=context.weights_version,
+                recomputed=context.outputs is None,
+                compute_seconds=computed - started,
+            )
+            context.backward_seq = call.seq
+            context.last_reply = result
+            self.turns.end_context(context)
+            log.debug(
+                "Backward %s #%d (session %s): accumulated",
+                call.request_id[:12],
+                call.seq,
+                session.key,
+            )
+            return result
+
+    def release(self, session: Session, request_ids: list[str]) -> int:
+        """Forget contexts the client no longer needs; returns how many were found."""
+        return self.contexts.release(session.key, request_ids) if request_ids else 0
+
+    # -- the session's optimizer ----------------------------------------------------------------
+
+    def configure_optimizer(
+        self, session: Session, name: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Give the session its optimizer: a class of torch.optim by name, plain kwargs;
+        returns the resolved hyperparameters."""
+        cls = optimizer_class(name)
+        kwargs = plain_map(options, "optimizer options")
+        if not self.params:
+            raise InvalidRequest("the trunk has no trainable parameters to optimize")
+        try:
+            optimizer = cls([p for _, p in self.params], **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
+        with session.lock:
+            session.optimizer = optimizer
+            session.optimizer_name = name
+            session.optimizer_options = kwargs
+            session.last_step = 0
+        return plain_group({k: v for k, v in optimizer.param_groups[0].items() if k != "params"})
+
+    def grad_norms(
+        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+    ) -> tuple[list[float], torch.dtype]:
+        """Per-parameter norms of the session's gradients, in the trunk's parameter order,
+        and the gradients' dtype."""
+        with session.lock:
+            session.apply_pending(zero_grad, grad_scale)
+            grads = [session.grads[n] for n, _ in self.params if n in session.grads]
+            if not grads:
+                return [], torch.float32
+            norms = torch._foreach_norm(grads, norm_type)
+            return [float(n) for n in norms], norms[0].dtype
+
+    def step(self, session: Session, call: StepCall) -> StepResult:
+        """Apply the session's optimizer once per step number (a repeat is a replay)."""
+        with session.lock:
+            optimizer = session.optimizer
+            if optimizer is None:
+                raise NotConfigured(
+                    "Step before ConfigureOptimizer: create a RemoteOptimizer for this trunk first"
+                )
+            if call.step == session.last_step and call.step > 0:
+                return StepResult(call.step, self.weights_version, replayed=True)
+            if call.step != session.last_step + 1:
+                raise StaleContext(
+                    f"Step #{call.step} does not follow this session's last step "
+                    f"#{session.last_step} (a server restarted from an older checkpoint "
+                    f"resumes at step #{session.last_step}: continue training from there)"
+                )
+            if call.server_id and call.server_id != self.server_id:
+                raise StaleContext(
+                    f"Step #{call.step}: its gradients were accumulated by server process "
+                    f"{call.server_id}, which is gone (this is {self.server_id}: a restart); "
+                    "they are lost, so run this step's forward and backward again"
+                )
+            groups = step_groups(call.param_groups, optimizer)
+            waiting = self.turns.others_holding(session.key)
+            if waiting:
+                log.debug(
+                    "Step #%d (session %s) waits for %d forwards of other sessions",
+                    call.step,
+                    session.key,
+                    waiting,
+                )
+            self.turns.begin_step(session.key)
+            stepped = False
+            try:
+                version = self._apply_step(session, optimizer, call, groups)
+                stepped = True
+            finally:
+                self.turns.end_step(stepped=stepped)
+            log.debug("Step #%d (session %s) applied: weights v%d", call.step, session.key, version)
+            return StepResult(call.step, version)
+
+    def _apply_step(
+        self,
+        session: Session,
+        optimizer: torch.optim.Optimizer,
+        call: StepCall,
+        groups: list[dict[str, Any]],
+    ) -> int:
+        """Apply the session's gradients (the caller holds the session lock and its turn)."""
+        with self._lock:
+            session.apply_pending(call.zero_grad, call.grad_scale)
+            for group, update in zip(optimizer.param_groups, groups, strict=True):
+                group.update(update)
+            for name, param in self.params:
+                param.grad = session.grads.get(name)
+            try:
+                optimizer.step()
+            finally:
+                for _, param in self.params:
+                    param.grad = None
+            self.weights_version += 1
+            session.last_step = call.step
+            every = self.options.checkpoint_every
+            if every and self.options.checkpoint_path and self.weights_version % every == 0:
+                self.checkpoint(on_error="log")
+            return self.weights_version
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def get_state(self, session: Session, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
+        """Copies of the trainable parameters and/or the session's optimizer state."""
+        state: dict[str, Any] = {"step": session.last_step, "parameters": None, "optimizer": None}
+        with session.lock, self._lock:
+            if parameters:
+                state["parameters"] = {n: p.detach().clone() for n, p in self.params}
+            if optimizer and session.optimizer is not None:
+                state["optimizer"] = clone_tree(session.optimizer.state_dict())
+        return state
+
+    def load_state(self, session: Session, state: Any) -> tuple[int, bool]:
+        """Load trainable parameters and/or the session's optimizer state, all checked first;
+        returns (parameters loaded, whether optimizer state was loaded)."""
+        if not isinstance(state, dict):
+            raise InvalidRequest("LoadState expects a map with 'parameters', 'optimizer', 'step'")
+        parameters = state.get("parameters")
+        optimizer_state = state.get("optimizer")
+        step = state.get("step")
+        if parameters is not None:
+            check_parameters(parameters, dict(self.params))
+        with session.lock:
+            if optimizer_state is not None:
+                if session.optimizer is None:
+                    raise NotConfigured(
+                        "LoadState with optimizer state before ConfigureOptimizer: create the "
+                        "RemoteOptimizer first"
+                    )
+                check_finite_groups(optimizer_state)
+                check_finite_tree(optimizer_state.get("state"), "optimizer state")
+                try:
+                    with self._lock:
+                        session.optimizer.load_state_dict(optimizer_state)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
+            if parameters is not None:
+                with self._lock, torch.no_grad():
+                    named = dict(self.params)
+                    for name, value in parameters.items():
+                        named[name].copy_(value)
+                    self.weights_version += 1
+            if type(step) is int and step >= 0:
+                session.last_step = step
+        return len(parameters or {}), optimizer_state is not None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint(self, *, on_error: str = "raise") -> int:
+        """Save the trunk and every session's optimizer to ``checkpoint_path``; return the
+        weights version saved. A consistent snapshot: no Step runs while it is written."""
+        path = self.options.checkpoint_path
+        if not path:
+            raise NotConfigured("this server has no checkpoint path (serve --checkpoint FILE)")
+        with self._lock:
+            version = self.weights_version
+            sessions = {}
+            for session in self.sessions.values():
+                if session.optimizer is not None:
+                    sessions[session.key] = {
+                        "step": session.last_step,
+                        "optimizer": session.optimizer_name,
+                        "options": session.optimizer_options,
+                        "state": session.optimizer.state_dict(),
+                    }
+            state = {
+                "weights_version": version,
+                "module": dict(self.module.state_dict()),
+                "sessions": sessions,
+            }
+            try:
+                checkpoint_file.save_checkpoint(path, state)
+            except OSError:
+                if on_error == "raise":
+                    raise
+                log.exception("could not save the checkpoint to %s; training goes on", path)
+                return self.saved_version or 0
+            self.saved_version = version
+        log.debug("checkpoint of weights v%d saved to %s", version, path)
+        return version
+
+    def save_if_changed(self) -> None:
+        """A checkpoint when the weights moved since the last one (and a path is set)."""
+        if self.options.checkpoint_path and self.saved_version != self.weights_version:
+            self.checkpoint(on_error="log")
+
+    def _restore(self, path: str) -> None:
+        state = checkpoint_file.load_checkpoint(path)
+        if state is None:
+            log.info("no checkpoint at %s yet: starting from the module's weights", path)
+            return
+        with torch.no_grad():
+            self.module.load_state_dict(state["module"])
+        self.weights_version = self.saved_version = int(state["weights_version"])
+        for key, saved in state["sessions"].items():
+            session = self.sessions.get(key)
+            cls = getattr(torch.optim, saved["optimizer"])
+            session.optimizer = cls([p for _, p in self.params], **saved["options"])
+            session.optimizer.load_state_dict(saved["state"])
+            session.optimizer_name = saved["optimizer"]
+            session.optimizer_options = saved["options"]
+            session.last_step = int(saved["step"])
+        log.info(
+            "resumed from checkpoint %s: weights v%d, %d sessions",
+            path,
+            self.weights_version,
+            len(state["sessions"]),
+        )
+
+    # -- housekeeping -----------------------------------------------------------------------------
+
+    def expire(self) -> None:
+        """Drop idle contexts and sessions (the server's sweeper calls this)."""
+        self.contexts.expire()
+        self.sessions.expire()
+
+    def stats(self) -> dict[str, int]:
+        """Counts for tests and operators: cached contexts, their bytes, sessions."""
+        return {
+            "contexts": len(self.contexts),
+            "context_bytes": self.contexts.nbytes,
+            "sessions": len(self.sessions),
+            "weights_version": self.weights_version,
+        }

@@ -1,0 +1,188 @@
+"""How one call's frames travel between client and server: one gRPC message, a stream of gRPC
+messages, or the bulk channel. The client-side mirror of the service's frame moving.
+
+:class:`FrameExchange` chooses the way for each call and returns the call as a function
+``invoke() -> frames.Received``, which :class:`~remote_autograd.client.TrunkClient` runs under
+its retries: the exchange knows nothing of ids, sessions or retries, and the codec nothing of
+either.
+
+- **unary**: the frame fits one message (``InfoReply.unary_payload_bytes``) and the last
+  reply of this method did too;
+- **stream**: ``ComputeStream`` / ``BackwardStream``, the frame in ``stream_chunk_bytes`` chunks;
+- **bulk**: frames of ``ClientOptions.bulk_min_bytes`` or more (or whose reply was that large)
+  on a TCP connection beside the unary call (bulk.py), when the server offers one. A port
+  that cannot be reached is asked for again (a restarted server listens on a new one); if the
+  new one cannot be reached either, this exchange stops using the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import frames
+from ._proto import remote_autograd_pb2 as pb
+from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .bulk import BulkClient
+from .errors import LimitExceeded
+from .options import ClientOptions
+from .transport import fits_unary
+
+__all__ = ["CallStats", "FrameExchange"]
+
+log = logging.getLogger(__name__)
+
+
+class CallStats:
+    """Bytes and seconds spent by one client; the training command shows these."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.bulk_calls = 0  # calls whose frames went over the bulk channel
+        self.server_compute_seconds = 0.0
+        self.server_codec_seconds = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+class FrameExchange:
+    """Chooses how each call's frames travel, and keeps the bulk channel of one server."""
+
+    def __init__(
+        self,
+        address: str,
+        options: ClientOptions,
+        stats: CallStats,
+        *,
+        kw: Callable[[], dict[str, Any]],
+        open_ticket: Callable[[], tuple[bytes, str]],
+        refresh_info: Callable[[], pb.InfoReply],
+    ) -> None:
+        self.address = address
+        self.options = options
+        self.stats = stats
+        self._kw = kw  # timeout and metadata of a call
+        self._open_ticket = open_ticket  # an OpenBulk RPC
+        self._refresh_info = refresh_info  # an Info RPC (a restarted server's new bulk port)
+        self._lock = threading.Lock()
+        self._big_reply: dict[str, bool] = {}
+        self._bulk: BulkClient | None = None
+        self._bulk_off = not options.bulk or options.root_certificates is not None
+
+    def invoker(
+        self,
+        stub: pb_grpc.TrunkStub,
+        info: pb.InfoReply,
+        method: str,
+        header: pb.Header,
+        buffers: list,
+    ) -> Callable[[], frames.Received]:
+        """The call ``method`` sending ``header`` and ``buffers``, ready to run (and rerun)."""
+        size = sum(map(len, buffers))
+        big_reply = self._big_reply.get(method, False)
+        streamed = not fits_unary(size, info.unary_payload_bytes) or big_reply
+        bulk = None
+        if size >= self.options.bulk_min_bytes or big_reply:
+            bulk = self._bulk_client(info)
+        plain = self._plain_invoker(stub, info, method, header, buffers, streamed)
+        if bulk is None:
+            return plain
+        rpc = getattr(stub, method)
+
+        def invoke() -> frames.Received:
+            connection = self._bulk_connection(bulk)
+            if connection is None:
+                return plain()
+            received = bulk.call(connection, rpc, header, buffers, **self._kw())
+            self.stats.bulk_calls += 1
+            return received
+
+        return invoke
+
+    def received(self, method: str, info: pb.InfoReply, sent: int, reply: pb.Header) -> None:
+        """Account for a completed call, and remember whether its reply was large."""
+        self._big_reply[method] = not fits_unary(reply.payload_bytes, info.unary_payload_bytes)
+        self.stats.bytes_sent += sent
+        self.stats.bytes_received += reply.payload_bytes
+        self.stats.server_compute_seconds += reply.compute_seconds
+        self.stats.server_codec_seconds += reply.codec_seconds
+
+    def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
+
+    def _plain_invoker(
+        self,
+        stub: pb_grpc.TrunkStub,
+        info: pb.InfoReply,
+        method: str,
+        header: pb.Header,
+        buffers: list,
+        streamed: bool,
+    ) -> Callable[[], frames.Received]:
+        """The call in gRPC messages: one unary message, or a stream of chunks."""
+        limits = self.options.limits
+        if streamed:
+            stream = getattr(stub, method + "Stream")
+
+            def invoke_stream() -> frames.Received:
+                messages = frames.frame_messages(header, buffers, info.stream_chunk_bytes)
+                return frames.receive(stream(messages, **self._kw()), limits)
+
+            return invoke_stream
+        unary = getattr(stub, method)
+        message = frames.unary_message(header, buffers)
+
+        def invoke_unary() -> frames.Received:
+            return frames.receive_unary(unary(message, **self._kw()), limits)
+
+        return invoke_unary
+
+    def _bulk_client(self, info: pb.InfoReply) -> BulkClient | None:
+        """The bulk channel to this server, when it offers one and it can be used."""
+        if self._bulk_off:
+            return None
+        if self._bulk is None:
+            if not info.bulk_port:
+                self._bulk_off = True
+                return None
+            with self._lock:
+                if self._bulk is None:
+                    host = self.address.rsplit(":", 1)[0].strip("[]")
+                    self._bulk = BulkClient(
+                        host,
+                        info.bulk_port,
+                        self._open_ticket,
+                        limits=self.options.limits,
+                        connect_timeout=self.options.connect_timeout,
+                    )
+        return self._bulk
+
+    def _bulk_connection(self, bulk: BulkClient) -> Any:
+        """A connection of the bulk channel, or None: this call goes in gRPC messages."""
+        try:
+            return bulk.take()
+        except LimitExceeded as exc:
+            log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
+            return None
+        except OSError as exc:
+            reason: OSError = exc
+        info = self._refresh_info()
+        if info.bulk_port and info.bulk_port != bulk.port:
+            bulk.port = info.bulk_port
+            try:
+                return bulk.take()
+            except OSError as exc:
+                reason = exc
+        log.warning(
+            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams",
+            self.address,
+            reason,
+        )
+        self._bulk_off = True
+        return None

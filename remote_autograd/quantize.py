@@ -1,0 +1,167 @@
+"""The wire codecs of floating tensors, registered in one place: ``none`` and the lossy
+``bf16``, ``fp16`` and ``int8``.
+
+A wire codec turns a tensor into the bytes a frame carries (plus a few meta fields) and back.
+Adding one is one class and one line in :data:`WIRE_CODECS`; the frame format (codec.py) asks
+this registry for every tensor it sends or receives and knows nothing of the codecs themselves.
+
+Wire forms (``n`` is the meta's byte count before compression)::
+
+    none   the tensor's own bytes                           n = numel * itemsize
+    bf16   bfloat16 values                                   n = numel * 2
+    fp16   float16 of x * scale (scale: a power of two)      n = numel * 2, meta "scale"
+    int8   per block of ``block`` elements: float32 scales,  n = blocks * 4 + numel, meta "block"
+           then int8 round(x / scale), scale = absmax / 127
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+
+from .errors import CodecError
+
+__all__ = ["QUANTIZATIONS", "WIRE_CODECS", "WireCodec"]
+
+_CHUNK = 1 << 18  # elements quantized at a time: the temporaries stay in cache
+_FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
+_INT8_BLOCK = 256
+
+
+class WireCodec(Protocol):
+    """How one wire form is written and read back."""
+
+    def wire_nbytes(self, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+        """Bytes of the wire form, checking the meta fields it needs (raise CodecError)."""
+
+    def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """The wire form of a non-empty floating tensor and its extra meta fields, or
+        ``(tensor, None)`` where the codec would not be faithful (it then travels as is)."""
+
+    def dequantize(
+        self, data: torch.Tensor, meta: dict[str, Any], dtype: torch.dtype, numel: int
+    ) -> torch.Tensor:
+        """1-D ``numel`` values of ``dtype`` from the wire bytes ``data`` (uint8)."""
+
+
+class _Raw:
+    def wire_nbytes(self, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+        return numel * itemsize
+
+    def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        return tensor, None
+
+    def dequantize(self, data, meta, dtype, numel):
+        return data.view(dtype)
+
+
+class _BFloat16:
+    def wire_nbytes(self, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+        return numel * 2
+
+    def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        return (tensor, None) if tensor.dtype == torch.bfloat16 else (tensor.to(torch.bfloat16), {})
+
+    def dequantize(self, data, meta, dtype, numel):
+        return data.view(torch.bfloat16).to(dtype)
+
+
+class _Float16:
+    def wire_nbytes(self, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+        scale = meta.get("scale")
+        if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
+            raise CodecError(f"fp16 scale must be a positive finite float, got {scale!r}")
+        return numel * 2
+
+    def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        amax = _amax(tensor)
+        if not math.isfinite(amax):
+            return tensor, None  # non-finite values travel losslessly; the receiver decides
+        flat = tensor.detach().reshape(-1)
+        numel = flat.numel()
+        # A power-of-two scale is exact: it moves the exponent range without rounding, so
+        # small gradients are not flushed to zero by fp16's narrow range.
+        scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
+        out = torch.empty(numel, dtype=torch.float16, device=flat.device)
+        work = torch.empty(min(numel, _CHUNK), dtype=flat.dtype, device=flat.device)
+        for start in range(0, numel, _CHUNK):  # cache-sized pieces: no full-size temporary
+            piece = flat[start : start + _CHUNK]
+            torch.mul(piece, scale, out=work[: piece.numel()])
+            out[start : start + piece.numel()].copy_(work[: piece.numel()])
+        return out, {"scale": float(scale)}
+
+    def dequantize(self, data, meta, dtype, numel):
+        # One allocation: the float32 copy, divided in place (1/scale is exact: a power of two).
+        return data.view(torch.float16).to(torch.float32).mul_(1.0 / meta["scale"]).to(dtype)
+
+
+class _Int8:
+    def wire_nbytes(self, numel: int, itemsize: int, meta: dict[str, Any]) -> int:
+        block = meta.get("block")
+        if type(block) is not int or not 1 <= block <= 1 << 20:
+            raise CodecError(f"int8 block must be an int in [1, 2**20], got {block!r}")
+        return -(-numel // block) * 4 + numel
+
+    def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if not math.isfinite(_amax(tensor)):
+            return tensor, None  # non-finite values travel losslessly; the receiver decides
+        flat = tensor.detach().reshape(-1)
+        numel = flat.numel()
+        blocks = -(-numel // _INT8_BLOCK)
+        full = numel // _INT8_BLOCK
+        payload = torch.empty(blocks * 4 + numel, dtype=torch.uint8, device=flat.device)
+        scales = payload[: blocks * 4].view(torch.float32)
+        q8 = payload[blocks * 4 :].view(torch.int8)
+        rows = flat[: full * _INT8_BLOCK].view(full, _INT8_BLOCK)
+        parts = [(rows, q8[: full * _INT8_BLOCK].view(full, _INT8_BLOCK), scales[:full])]
+        if full < blocks:  # the last, partial block
+            parts.append(
+                (
+                    flat[full * _INT8_BLOCK :].view(1, -1),
+                    q8[full * _INT8_BLOCK :].view(1, -1),
+                    scales[full:],
+                )
+            )
+        step = max(1, _CHUNK // _INT8_BLOCK)
+        for values, out, block_scales in parts:
+            for row in range(0, values.shape[0], step):  # cache-sized: temporaries stay hot
+                piece = values[row : row + step].float()
+                absmax = piece.abs().amax(dim=1)
+                piece_scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+                block_scales[row : row + step].copy_(piece_scales)
+                scaled = piece / piece_scales[:, None]  # a new chunk: the input is untouched
+                out[row : row + step].copy_(scaled.round_().clamp_(-127, 127))
+        return payload, {"block": _INT8_BLOCK}
+
+    def dequantize(self, data, meta, dtype, numel):
+        block = meta["block"]
+        blocks = -(-numel // block)
+        scales = data[: blocks * 4].view(torch.float32)
+        q8 = data[blocks * 4 :].view(torch.int8)
+        out = torch.empty(numel, dtype=torch.float32, device=data.device)
+        full = numel // block
+        # int8 * float32 written straight into the output: no float copy of the int8s.
+        torch.mul(
+            q8[: full * block].view(full, block),
+            scales[:full, None],
+            out=out[: full * block].view(full, block),
+        )
+        if full < blocks:
+            torch.mul(q8[full * block :], scales[full], out=out[full * block :])
+        return out.to(dtype)
+
+
+def _amax(tensor: torch.Tensor) -> float:
+    low, high = torch.aminmax(tensor)  # one pass, no |x| temporary
+    return max(-float(low), float(high))
+
+
+WIRE_CODECS: dict[str, WireCodec] = {
+    "none": _Raw(),
+    "bf16": _BFloat16(),
+    "fp16": _Float16(),
+    "int8": _Int8(),
+}
+QUANTIZATIONS = tuple(WIRE_CODECS)

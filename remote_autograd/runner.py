@@ -1,0 +1,152 @@
+"""The trunk ``nn.Module`` on its device: forwards (seeded, cast) and their gradients.
+
+:class:`TrunkRunner` is the part of the engine that touches the module itself; the engine
+(engine.py) decides when it runs, under which lock, and what is kept. A trunk sharded or
+replicated over several processes is another runner with the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import memory
+from .errors import InvalidRequest
+from .tree import flatten, unflatten
+from .validate import describe
+
+__all__ = ["TrunkRunner"]
+
+_UNCHANGED = contextlib.nullcontext()
+
+
+def _grad_mode(enabled: bool) -> contextlib.AbstractContextManager:
+    """enable_grad()/no_grad(), or nothing when the thread is in that mode already (gRPC's
+    worker threads run in grad mode: a training forward needs no switch)."""
+    if torch.is_grad_enabled() == enabled:
+        return _UNCHANGED
+    return torch.set_grad_enabled(enabled)
+
+
+class TrunkRunner:
+    """Runs one module on one device, optionally cast to ``dtype`` (inputs cast in, floating
+    outputs cast back to the inputs' dtype)."""
+
+    def __init__(
+        self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
+    ) -> None:
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
+        self.device = device
+        self.dtype = dtype
+        self.module = module.to(device)
+        if dtype is not None:
+            self.module = self.module.to(dtype)
+        # The trainable parameters, in module order: the order of every gradient list.
+        self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def leaves(self, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:
+        """The received inputs on the trunk's device, requiring a gradient where asked."""
+        leaves = []
+        for index, (tensor, need) in enumerate(zip(tensors, needs, strict=True)):
+            leaf = memory.to_device(tensor, self.device)
+            if need:
+                if not leaf.is_floating_point():
+                    raise InvalidRequest(f"input {index} is {leaf.dtype}: it cannot need a grad")
+                leaf.requires_grad_(True)
+            leaves.append(leaf)
+        return leaves
+
+    def forward(
+        self,
+        template: Any,
+        leaves: list[torch.Tensor],
+        training: bool,
+        seed: int | None,
+        *,
+        grad: bool,
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """Run the trunk (the caller holds the trunk lock), its RNG seeded by ``seed`` if
+        given; returns the outputs' template and tensors."""
+        args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
+        if self.module.training != training:  # train() walks every submodule: not per call
+            self.module.train(training)
+        with _grad_mode(grad):
+            if seed is None:  # nothing will recompute this forward: no need to pin its RNG
+                result = self.module(*args, **kwargs)
+            else:
+                result = self._seeded(seed, args, kwargs)
+        out_template, outputs = flatten(result)
+        if self.dtype is not None:
+            back = next((t.dtype for t in leaves if t.is_floating_point()), None)
+            if back is not None:
+                outputs = [o.to(back) if o.is_floating_point() else o for o in outputs]
+        return out_template, outputs
+
+    def gradients(
+        self,
+        outputs: list[torch.Tensor],
+        grads: list[Any],
+        inputs: list[torch.Tensor],
+        *,
+        retain_graph: bool,
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Gradients of ``inputs`` and of the trainable parameters, given the gradients of
+        the outputs (one tensor or None each)."""
+        targets, grad_outputs = self._grad_pairs(outputs, grads)
+        wrt = [*inputs, *(p for _, p in self.params)]
+        results: Sequence[torch.Tensor | None]
+        if targets and wrt:
+            results = torch.autograd.grad(
+                targets, wrt, grad_outputs, retain_graph=retain_graph, allow_unused=True
+            )
+        else:
+            results = (None,) * len(wrt)
+        return list(results[: len(inputs)]), list(results[len(inputs) :])
+
+    def _grad_pairs(self, outputs: list[torch.Tensor], grads: list[Any]):
+        if len(grads) != len(outputs):
+            raise InvalidRequest(
+                f"Backward got {len(grads)} gradients for a forward with {len(outputs)} outputs"
+            )
+        targets, grad_outputs = [], []
+        for index, (output, grad) in enumerate(zip(outputs, grads, strict=True)):
+            if grad is None:
+                continue
+            if grad.shape != output.shape:
+                raise InvalidRequest(
+                    f"gradient {index}: expected a tensor of shape {list(output.shape)}, "
+                    f"got {describe(grad)}"
+                )
+            if output.requires_grad:
+                targets.append(output)
+                grad_outputs.append(memory.to_device(grad, self.device, output.dtype))
+        return targets, grad_outputs
+
+    def _seeded(self, seed: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        # A seed per forward makes dropout reproducible for a recompute, on any server process;
+        # the process-wide generators are left as they were.
+        if self.device.type != "cuda":
+            # What fork_rng(devices=[]) does, without its accelerator lookups (a third of a
+            # small Compute's forward): only the CPU generator is saved and restored.
+            generator = torch.default_generator
+            state = generator.get_state()
+            generator.manual_seed(seed)
+            try:
+                return self.module(*args, **kwargs)
+            finally:
+                generator.set_state(state)
+        devices = [self.device.index or torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+            return self.module(*args, **kwargs)
+
+    def _cast_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None and tensor.is_floating_point():
+            return tensor.to(self.dtype)
+        return tensor

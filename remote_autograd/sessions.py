@@ -1,0 +1,110 @@
+"""Client sessions on the server: each one's gradients, optimizer and step counter.
+
+A session is keyed by the caller's authenticated identity and the session id it sends, so a
+session id copied by another identity names a different session. The table is bounded by
+``max_sessions``; sessions idle for ``session_ttl`` are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequest, LimitExceeded
+
+__all__ = ["Session", "SessionTable", "ZeroGrad"]
+
+
+class ZeroGrad(IntEnum):
+    """A ``zero_grad()`` the client deferred to its next call (values of the wire's enum)."""
+
+    KEEP = 0  # nothing pending
+    TO_NONE = 1  # zero_grad(set_to_none=True)
+    TO_ZERO = 2  # zero_grad(set_to_none=False)
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's gradients, optimizer and step counter."""
+
+    key: str
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    optimizer_name: str = ""  # the torch.optim class, for checkpoints
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # its plain kwargs
+    last_step: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def apply_pending(self, zero_grad: int, grad_scale: float) -> None:
+        """zero_grad() and clip scaling the client deferred to this call, in that order."""
+        if zero_grad == ZeroGrad.TO_NONE:
+            self.grads.clear()
+        elif zero_grad == ZeroGrad.TO_ZERO:
+            for grad in self.grads.values():
+                grad.zero_()
+        if grad_scale and grad_scale != 1.0:
+            if not math.isfinite(grad_scale):
+                raise InvalidRequest(f"grad_scale must be finite, got {grad_scale}")
+            grads = list(self.grads.values())
+            if grads:
+                torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=grads[0].dtype))
+
+
+class SessionTable:
+    """Sessions by key, at most ``max_sessions``; idle ones are dropped after ``ttl``."""
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int,
+        ttl: float,
+        on_drop: Callable[[str], None] = lambda key: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self._on_drop = on_drop
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Session:
+        with self._lock:
+            session = self._items.get(key)
+            if session is None:
+                self._expire_locked()
+                if len(self._items) >= self.max_sessions:
+                    raise LimitExceeded(
+                        f"server already holds max_sessions={self.max_sessions} sessions; "
+                        f"idle ones are dropped after {self.ttl:g} s"
+                    )
+                session = self._items[key] = Session(key)
+            session.last_seen = self._clock()
+            return session
+
+    def values(self) -> list[Session]:
+        with self._lock:
+            return list(self._items.values())
+
+    def expire(self) -> int:
+        with self._lock:
+            return self._expire_locked()
+
+    def _expire_locked(self) -> int:
+        deadline = self._clock() - self.ttl
+        stale = [key for key, s in self._items.items() if s.last_seen <= deadline]
+        for key in stale:
+            del self._items[key]
+            self._on_drop(key)
+        return len(stale)
