@@ -111,8 +111,8 @@ def _causal_mask(config, hidden_states, attention_mask, position_ids, *, sliding
 
 
 class GPT2Family(DecoderFamily):
-    lora_targets = ("c_attn", "c_proj", "c_fc")  # attention and MLP
-    dropout_keys = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # attention and MLP
+    dropout_keys: tuple[str, ...] = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
     def backbone(self, model: PreTrainedModel) -> Any:
         return model.transformer
@@ -144,8 +144,11 @@ class LlamaFamily(DecoderFamily):
     the (parameter-free) rotary embedding and turns the position ids that crossed the cut into
     cos/sin itself, as the unsplit model does once."""
 
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    dropout_keys = ("attention_dropout",)
+    lora_targets: tuple[str, ...] = (
+        *("q_proj", "k_proj", "v_proj", "o_proj"),  # attention
+        *("gate_proj", "up_proj", "down_proj"),  # MLP
+    )
+    dropout_keys: tuple[str, ...] = ("attention_dropout",)
 
     def backbone(self, model: PreTrainedModel) -> Any:
         return model.model
@@ -203,15 +206,15 @@ def _attention_kind(config: PretrainedConfig, layer: int) -> str:
 class Phi3Family(LlamaFamily):
     """Phi-3: Llama's layout with fused projections."""
 
-    lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    dropout_keys = ("attention_dropout", "resid_pdrop")
+    lora_targets: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    dropout_keys: tuple[str, ...] = ("attention_dropout", "resid_pdrop")
 
 
 class GPTNeoXFamily(DecoderFamily):
     """GPT-NeoX (Pythia): RoPE on part of each head, embedding dropout, untied ``embed_out``."""
 
-    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-    dropout_keys = ("attention_dropout", "hidden_dropout")
+    lora_targets: tuple[str, ...] = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    dropout_keys: tuple[str, ...] = ("attention_dropout", "hidden_dropout")
 
     def backbone(self, model: PreTrainedModel) -> Any:
         return model.gpt_neox
