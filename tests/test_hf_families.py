@@ -211,3 +211,16 @@ def test_register_family_replaces_only_when_asked() -> None:
         register_family("gpt2", original, replace=True)
     assert calls == ["final_norm"]
     assert FAMILIES["gpt2"] is original
+
+
+def test_the_lazy_package_exports_what_it_lists() -> None:
+    """remote_autograd.hf imports its names on first use: each listed one resolves to the object
+    its submodule defines, and none is shadowed by a submodule of the same name."""
+    import importlib
+
+    import remote_autograd.hf as hf
+
+    assert sorted(hf.__all__) == sorted(hf._WHERE)
+    for name in hf.__all__:
+        module = importlib.import_module(f"remote_autograd.hf.{hf._WHERE[name]}")
+        assert getattr(hf, name) is getattr(module, name), name
