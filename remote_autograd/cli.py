@@ -1,30 +1,79 @@
-"""The ``remote-autograd`` console command: ``serve``, and the subcommands of remote_autograd.hf."""
+"""The ``remote-autograd`` console command.
+
+    remote-autograd serve --module pkg.mod:make_trunk   # any nn.Module, built by your callable
+    remote-autograd serve --model-type llama ...        # the trunk of a Hugging Face LM (hf extra)
+    remote-autograd train ... / demo                    # the other parts of that LM (hf extra)
+
+This module needs only the core package. The hf extra's commands and model flags come from
+``remote_autograd.hf.cli``, imported while the parser is built and only when transformers and
+peft are importable; that import is cheap (no transformers) and goes one way, hf -> core.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import importlib.util
+import inspect
 import logging
+import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .options import Limits, ServerOptions
+from .options import ServerOptions
 
-__all__ = ["load_factory", "main"]
+__all__ = [
+    "SERVER_FLAGS",
+    "add_server_arguments",
+    "build_parser",
+    "load_factory",
+    "main",
+    "run_server",
+    "server_options",
+]
+
+# ServerOptions fields whose flag is not ``--field-name``; every other field gets that one.
+_FLAG_NAMES = {
+    "checkpoint_path": "--checkpoint",
+    "certificate_chain": "--tls-cert",
+    "private_key": "--tls-key",
+    "tokens": "--token-file",
+}
+
+_TRUNK_CHOICES = (
+    "--module package.module:callable (a callable returning any nn.Module), or --model-type "
+    "NAME / --model-path DIR (the trunk of a Hugging Face causal LM, cut by --trunk-layers; "
+    "needs the hf extra: pip install 'remote_autograd[hf]')"
+)
+_NO_TRUNK = f"serve needs a trunk: {_TRUNK_CHOICES}"
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
-    """``package.module:callable`` -> the callable; the operator names it on the command line."""
+    """``package.module:callable`` -> the callable; the operator names it on the command line.
+
+    The current directory is importable first, as under ``python -m``: the console script's
+    ``sys.path[0]`` is its own bin folder, so ``mypkg`` next to the operator would not be found.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"--module must look like package.module:callable, got {spec!r}")
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"--module {spec}: cannot import {module_name}: {exc}") from exc
+        raise SystemExit(
+            f"--module {spec}: cannot import {module_name}: {exc} (looked in the current "
+            "directory and on PYTHONPATH)"
+        ) from exc
     for part in attr.split("."):
         target = getattr(target, part, None)
         if target is None:
@@ -34,106 +83,138 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return target
 
 
-def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """One server flag: the option field it sets (``limits.max_tensors``) and how."""
+
+    path: tuple[str, ...]  # field names from ServerOptions down
+    flag: str  # --max-tensors
+    kind: type | str  # int, float, str, bool, "file" (bytes), "lines" (tuple of lines)
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return "server." + ".".join(self.path)
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> its one-line comment in the class source (continuation lines joined), the
+    comment being where options.py documents every field."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen build): flags without help text
+        return {}
+    comments: dict[str, str] = {}
+    last = None
+    for line in source.splitlines():
+        field = re.match(r"\s{4}(\w+):[^#]*#\s?(.*)$", line)
+        more = re.match(r"\s{4}#\s?(.*)$", line)
+        if field:
+            last = field.group(1)
+            comments[last] = field.group(2).strip()
+        elif more and last is not None:
+            comments[last] += " " + more.group(1).strip()
+        else:
+            last = None
+    return comments
+
+
+def _flags(cls: type = ServerOptions, path: tuple[str, ...] = ()) -> Iterator[_Flag]:
+    """A flag for every field of ``cls``, nested option dataclasses (Limits) flattened."""
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        hint, default = hints[field.name], getattr(defaults, field.name)
+        here = (*path, field.name)
+        if dataclasses.is_dataclass(hint):
+            yield from _flags(hint, here)  # type: ignore[arg-type]
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]  # X | None
+        kind: type | str
+        if hint is bytes:
+            kind = "file"
+        elif typing.get_origin(hint) is tuple:
+            kind = "lines"
+        elif hint in (bool, int, float, str):
+            kind = hint
+        else:
+            raise TypeError(f"no command-line flag for {cls.__name__}.{field.name}: {hint}")
+        flag = _FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        if kind is bool and default:
+            flag = "--no-" + flag[2:]
+        yield _Flag(here, flag, kind, default, comments.get(field.name, ""))
+
+
+SERVER_FLAGS: tuple[_Flag, ...] = tuple(_flags())
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
-    parser.add_argument("--dtype", default=None, help="run the trunk in this dtype (bfloat16...)")
-    defaults, limits = ServerOptions(), Limits()
-    parser.add_argument(
-        "--context-ttl",
-        type=float,
-        default=defaults.context_ttl,
-        help="seconds a forward context waits for its Backward",
-    )
-    parser.add_argument("--max-contexts", type=int, default=defaults.max_contexts)
-    parser.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes)
-    parser.add_argument("--max-session-contexts", type=int, default=defaults.max_session_contexts)
-    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
-    parser.add_argument("--session-ttl", type=float, default=defaults.session_ttl)
-    parser.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes)
-    parser.add_argument("--max-payload-bytes", type=int, default=limits.max_payload_bytes)
-    parser.add_argument("--max-tensor-bytes", type=int, default=limits.max_tensor_bytes)
-    parser.add_argument("--max-tensor-elements", type=int, default=limits.max_tensor_elements)
-    parser.add_argument("--max-tensors", type=int, default=limits.max_tensors)
-    parser.add_argument(
-        "--recompute",
-        action="store_true",
-        help="keep only inputs between Compute and Backward; recompute the forward",
-    )
-    parser.add_argument(
-        "--checkpoint", help="checkpoint file: loaded at start when present, saved as below"
-    )
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=0, help="save after every N optimizer steps"
-    )
-    parser.add_argument(
-        "--checkpoint-interval", type=float, default=0.0, help="save every N seconds"
-    )
-    parser.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
-    parser.add_argument("--tls-key", help="PEM private key of the server")
-    parser.add_argument("--client-ca", help="PEM CA that client certificates must chain to (mTLS)")
-    parser.add_argument(
-        "--token-file", help="file with one accepted bearer token per line (tokens required)"
-    )
-    parser.add_argument(
-        "--insecure", action="store_true", help="allow plain text on a non-loopback address"
-    )
-    parser.add_argument(
-        "--no-bulk",
-        dest="bulk",
-        action="store_false",
-        help="offer no bulk channel: large frames travel as gRPC streams",
-    )
-    parser.add_argument(
-        "--bulk-port", type=int, default=0, help="TCP port of the bulk channel (0: any free one)"
-    )
-    parser.add_argument("--bulk-timeout", type=float, default=defaults.bulk_timeout)
+    """``--address`` and one flag per ServerOptions field (see :data:`SERVER_FLAGS`)."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    for flag in SERVER_FLAGS:
+        text = flag.help.replace("%", "%%")
+        if flag.kind is bool:
+            action = "store_false" if flag.default else "store_true"
+            group.add_argument(flag.flag, dest=flag.dest, action=action, help=text)
+        elif flag.kind == "file":
+            group.add_argument(flag.flag, dest=flag.dest, metavar="FILE", help=f"{text} (a file)")
+        elif flag.kind == "lines":
+            help_text = f"{text} (a file, one a line)"
+            group.add_argument(flag.flag, dest=flag.dest, metavar="FILE", help=help_text)
+        else:
+            suffix = "" if flag.default is None else " (default: %(default)s)"
+            group.add_argument(
+                flag.flag,
+                dest=flag.dest,
+                metavar=flag.path[-1].upper(),
+                type=flag.kind,  # type: ignore[arg-type]
+                default=flag.default,
+                help=text + suffix,
+            )
+
+
+def _value(flag: _Flag, given: Any) -> Any:
+    if flag.kind == "file":
+        if given is None:
+            return None
+        with open(given, "rb") as f:
+            return f.read()
+    if flag.kind == "lines":
+        if given is None:
+            return flag.default
+        with open(given) as f:
+            return tuple(line.strip() for line in f if line.strip())
+    return given
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
-    tokens: tuple[str, ...] = ()
-    if args.token_file:
-        with open(args.token_file) as f:
-            tokens = tuple(line.strip() for line in f if line.strip())
-    return ServerOptions(
-        device=args.device,
-        dtype=args.dtype,
-        context_ttl=args.context_ttl,
-        max_contexts=args.max_contexts,
-        max_context_bytes=args.max_context_bytes,
-        max_session_contexts=args.max_session_contexts,
-        max_sessions=args.max_sessions,
-        session_ttl=args.session_ttl,
-        max_inflight_bytes=args.max_inflight_bytes,
-        limits=Limits(
-            max_payload_bytes=args.max_payload_bytes,
-            max_tensor_bytes=args.max_tensor_bytes,
-            max_tensor_elements=args.max_tensor_elements,
-            max_tensors=args.max_tensors,
-        ),
-        certificate_chain=_read(args.tls_cert),
-        private_key=_read(args.tls_key),
-        client_ca=_read(args.client_ca),
-        tokens=tokens,
-        insecure=args.insecure,
-        bulk=args.bulk,
-        bulk_port=args.bulk_port,
-        bulk_timeout=args.bulk_timeout,
-        recompute=args.recompute,
-        checkpoint_path=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_interval=args.checkpoint_interval,
+    """The ServerOptions the flags of :func:`add_server_arguments` ask for."""
+    values: dict[str, Any] = {}
+    for flag in SERVER_FLAGS:
+        node = values
+        for name in flag.path[:-1]:
+            node = node.setdefault(name, {})
+        node[flag.path[-1]] = _value(flag, getattr(args, flag.dest))
+    return _build(ServerOptions, values)
+
+
+def _build(cls: Any, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    return cls(
+        **{
+            name: _build(hints[name], value) if isinstance(value, dict) else value
+            for name, value in values.items()
+        }
     )
 
 
 def run_server(module: Any, args: argparse.Namespace) -> None:
+    """Serve ``module`` with the server flags of ``args`` until SIGTERM or SIGINT."""
     from .server import serve
 
     server = serve(module, args.address, options=server_options(args))
@@ -150,41 +231,56 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    if args.module is None:
-        from .hf.cli import serve_hf
-
-        serve_hf(args)
-        return
-    module = load_factory(args.module)()
+    hf_model = getattr(args, "model_type", None) or getattr(args, "model_path", None)
+    if args.module is not None and hf_model:
+        raise SystemExit("serve takes one trunk: --module, or --model-type/--model-path, not both")
+    if args.module is not None:
+        module = load_factory(args.module)()
+    elif hf_model:
+        module = args.build_hf_trunk(args)  # set by remote_autograd.hf.cli.add_commands
+    else:
+        raise SystemExit(_NO_TRUNK)
     run_server(module, args)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="remote-autograd", description=__doc__)
+def _hf_extra_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("transformers", "peft"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``serve``, plus the hf extra's commands when it is installed."""
+    parser = argparse.ArgumentParser(
+        prog="remote-autograd",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="serve a trunk module")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="serve a trunk: --module for any nn.Module, --model-type/--model-path for an LM's",
+        description=f"Serve a trunk: {_TRUNK_CHOICES}.",
+    )
     serve_parser.add_argument(
-        "--module",
-        help="package.module:callable returning the trunk nn.Module (omit for a GPT-2 trunk)",
+        "--module", help="package.module:callable returning the trunk nn.Module"
     )
     add_server_arguments(serve_parser)
-    try:
-        from .hf.cli import add_commands
-    except ImportError:  # the hf extra is not installed: serve --module still works
-        pass
-    else:
+    serve_parser.set_defaults(run=_serve)
+    if _hf_extra_installed():
+        from .hf.cli import add_commands  # argparse definitions only; no transformers import
+
         add_commands(commands, serve_parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "serve":
-        _serve(args)
-    else:
-        args.run(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

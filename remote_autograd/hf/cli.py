@@ -1,7 +1,9 @@
-"""``remote-autograd serve`` (GPT-2 trunk options), ``train`` and ``demo``.
+"""The hf extra's command line: model flags of ``remote-autograd serve``, ``train`` and ``demo``.
 
 The server and the trainer take the same model and LoRA flags: each builds the whole model from
 them and keeps its own parts, so only activations, gradients and control messages travel.
+Nothing here imports transformers at import time (the core command line imports this module to
+build its parser); the imports go one way, hf -> core.
 """
 
 from __future__ import annotations
@@ -17,20 +19,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands", "serve_hf"]
+__all__ = ["add_commands", "add_model_arguments", "build_hf_trunk", "model_options"]
 
 log = logging.getLogger(__name__)
 
 _DEMO_OUT = "runs/demo"
+# The built-in families (remote_autograd.hf.families), listed here without importing them.
+_MODEL_TYPES = "gpt2, gpt_neox, llama, mistral, qwen2, qwen3, gemma, phi3"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags both sides must agree on."""
     group = parser.add_argument_group("model and split (give the server and the trainer the same)")
     group.add_argument(
+        "--model-type",
+        metavar="NAME",
+        help=f"a small random model of this family ({_MODEL_TYPES}) with a byte-level "
+        "tokenizer, sized by --n-layer/--n-embd/--n-head/--n-positions; nothing is downloaded "
+        "(train/demo default: gpt2)",
+    )
+    group.add_argument(
         "--model-path",
-        help="local folder with pretrained GPT-2 weights and tokenizer "
-        "(default: a small random GPT-2 with a byte-level tokenizer; nothing is downloaded)",
+        metavar="DIR",
+        help="local folder with pretrained weights, config.json and tokenizer, of any family "
+        "above (its config.json's model_type decides)",
     )
     group.add_argument(
         "--trunk-layers",
@@ -49,7 +61,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-alpha", type=int, default=16)
     group.add_argument("--lora-dropout", type=float, default=0.0)
     group.add_argument(
-        "--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated module names"
+        "--lora-targets",
+        help="comma-separated module names (default: the family's, e.g. c_attn,c_proj,c_fc for "
+        "GPT-2, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for Llama)",
     )
 
 
@@ -62,6 +76,7 @@ def model_options(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit(f"--trunk-layers must look like K:M (e.g. 2:4), got {args.trunk_layers!r}")
     spec = ModelSpec(
         path=args.model_path,
+        model_type=args.model_type,
         trunk_start=int(start),
         trunk_end=int(end),
         n_layer=args.n_layer,
@@ -76,9 +91,19 @@ def model_options(args: argparse.Namespace) -> tuple[Any, Any]:
         rank=args.lora_rank,
         alpha=args.lora_alpha,
         dropout=args.lora_dropout,
-        target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        target_modules=_targets(args.lora_targets),
     )
     return spec, lora
+
+
+def _targets(flag: str | None) -> tuple[str, ...] | None:
+    """--lora-targets as a tuple; None (the family's defaults) when not given."""
+    if flag is None:
+        return None
+    targets = tuple(t.strip() for t in flag.split(",") if t.strip())
+    if not targets:
+        raise SystemExit(f"--lora-targets must name at least one module, got {flag!r}")
+    return targets
 
 
 def _model_argv(args: argparse.Namespace) -> list[str]:
@@ -94,17 +119,24 @@ def _model_argv(args: argparse.Namespace) -> list[str]:
         f"--lora-rank={args.lora_rank}",
         f"--lora-alpha={args.lora_alpha}",
         f"--lora-dropout={args.lora_dropout}",
-        f"--lora-targets={args.lora_targets}",
     ]
+    if args.lora_targets is not None:
+        argv.append(f"--lora-targets={args.lora_targets}")
     if args.model_path:
         argv.append(f"--model-path={args.model_path}")
+    # The server must be told the family: serve has no default (train's is gpt2).
+    if args.model_type or not args.model_path:
+        argv.append(f"--model-type={args.model_type or 'gpt2'}")
     if args.dropout is not None:
         argv.append(f"--dropout={args.dropout}")
     return argv
 
 
 def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
+    """``train`` and ``demo``, and the model flags of ``serve`` (which builds the trunk with
+    :func:`build_hf_trunk` when --model-type or --model-path is given)."""
     add_model_arguments(serve_parser)
+    serve_parser.set_defaults(build_hf_trunk=build_hf_trunk)
     train_parser = commands.add_parser(
         "train", help="train bottom + remote trunk + top (LoRA) on a text corpus"
     )
@@ -151,11 +183,16 @@ def run_train(args: argparse.Namespace) -> None:
     import torch
 
     from ..options import ClientOptions
-    from .train import TrainConfig, train
+    from .models import build_config
+    from .training import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec, lora = model_options(args)
+    try:
+        build_config(spec)  # an unknown family fails here, not in the server it would start
+    except ValueError as exc:
+        raise SystemExit(f"{args.command}: {exc}") from exc
     token = None
     if args.token_file:
         token = Path(args.token_file).read_text().splitlines()[0].strip()
@@ -267,18 +304,21 @@ def _wait_for_address(process: subprocess.Popen, log_path: Path) -> str:
     )
 
 
-def serve_hf(args: argparse.Namespace) -> None:
-    """``remote-autograd serve`` without ``--module``: the GPT-2 trunk of the given split."""
-    from ..cli import run_server
+def build_hf_trunk(args: argparse.Namespace) -> Any:
+    """The trunk ``remote-autograd serve --model-type/--model-path`` serves."""
     from .models import build_trunk
 
     spec, lora = model_options(args)
-    trunk = build_trunk(spec, lora)
+    try:
+        trunk = build_trunk(spec, lora)
+    except ValueError as exc:  # an unknown family, a split that does not fit...
+        raise SystemExit(f"serve: {exc}") from exc
     log.info(
-        "trunk: blocks [%d, %d), %d trainable parameters (LoRA rank %d)",
+        "trunk: blocks [%d, %d) of a %s, %d trainable parameters (LoRA rank %d)",
         spec.trunk_start,
         spec.trunk_end,
+        trunk.config.model_type,
         sum(p.numel() for p in trunk.parameters() if p.requires_grad),
         lora.rank,
     )
-    run_server(trunk, args)
+    return trunk

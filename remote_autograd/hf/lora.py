@@ -19,7 +19,9 @@ class LoraOptions:
     rank: int = 8  # r of each adapter; 0 turns LoRA off (every weight trains)
     alpha: int = 16  # scaling numerator: updates are scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input
-    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # GPT-2 attention + MLP
+    # Module names to adapt; None: the model family's defaults (DecoderFamily.lora_targets,
+    # applied by build_trunk / build_client_parts)
+    target_modules: tuple[str, ...] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -34,6 +36,11 @@ def add_lora(
     ``seed`` makes the adapters' random initialisation repeatable without touching the global
     generator. ``part`` names the module in errors.
     """
+    if options.target_modules is None:
+        raise ValueError(
+            f"LoRA on the {part}: LoraOptions.target_modules is None; name the modules to adapt "
+            "(build_trunk and build_client_parts fill in the model family's defaults)"
+        )
     targets = set(options.target_modules)
     # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to be told.
     fan_in_fan_out = any(

@@ -7,141 +7,31 @@
 What crosses each cut is the hidden states plus the *2-D* padding mask and the position ids
 (integer tensors, a few bytes per token). Every part rebuilds what its blocks need from these
 with the library's own helpers, exactly as the unsplit model does once: the causal + padding
-mask for GPT-2, and (for a RoPE family) the rotary embeddings from the position ids. What
-differs between families lives in one :class:`DecoderFamily` subclass, so adding Llama/Qwen
-means writing one more of these, not another split.
+mask (full or sliding window), and (for a RoPE family) the rotary embeddings from the position
+ids. What differs between families lives in one :class:`~remote_autograd.hf.families.DecoderFamily`
+subclass, found by ``config.model_type`` (see families.py), so a new architecture is one more of
+these, not another split.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.masking_utils import create_causal_mask
+
+from .families import DecoderFamily, get_family
 
 __all__ = [
-    "FAMILIES",
     "Bottom",
-    "DecoderFamily",
-    "GPT2Family",
-    "LlamaFamily",
     "SplitModel",
     "Top",
     "Trunk",
     "causal_lm_loss",
     "split_causal_lm",
 ]
-
-
-class DecoderFamily:
-    """Where one family of decoder-only models keeps its parts, and what its blocks take."""
-
-    def backbone(self, model: PreTrainedModel) -> Any:
-        """The bare decoder inside the LM (``model.transformer`` for GPT-2, ``model.model``...)."""
-        raise NotImplementedError
-
-    def blocks(self, backbone: Any) -> nn.ModuleList:
-        raise NotImplementedError
-
-    def embeddings(self, backbone: Any) -> nn.ModuleDict:
-        """What the bottom needs before its blocks (token/position embeddings, dropout)."""
-        raise NotImplementedError
-
-    def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
-        raise NotImplementedError
-
-    def shared(self, backbone: Any) -> nn.ModuleDict:
-        """Parameter-free modules every part needs next to its blocks (a rotary embedding)."""
-        return nn.ModuleDict()
-
-    def final_norm(self, backbone: Any) -> nn.Module:
-        raise NotImplementedError
-
-    def position_ids(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor):
-        # GPT2Model and LlamaModel both number positions 0..T-1 whatever the padding.
-        return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-
-    def block_kwargs(
-        self,
-        config: PretrainedConfig,
-        shared: nn.ModuleDict,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-    ) -> dict[str, Any]:
-        """Keyword arguments of every block, built as the unsplit model builds them."""
-        raise NotImplementedError
-
-
-class GPT2Family(DecoderFamily):
-    def backbone(self, model: PreTrainedModel) -> Any:
-        return model.transformer
-
-    def blocks(self, backbone: Any) -> nn.ModuleList:
-        return backbone.h
-
-    def embeddings(self, backbone: Any) -> nn.ModuleDict:
-        return nn.ModuleDict({"wte": backbone.wte, "wpe": backbone.wpe, "drop": backbone.drop})
-
-    def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
-        hidden = embeddings["wte"](input_ids) + embeddings["wpe"](position_ids)
-        return embeddings["drop"](hidden)
-
-    def final_norm(self, backbone: Any) -> nn.Module:
-        return backbone.ln_f
-
-    def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
-        mask = _causal_mask(config, hidden_states, attention_mask, position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids}
-
-
-def _causal_mask(config, hidden_states, attention_mask, position_ids):
-    """The 4-D causal + padding mask the blocks take, built as the unsplit model builds it."""
-    return create_causal_mask(
-        config=config,
-        inputs_embeds=hidden_states,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
-
-
-class LlamaFamily(DecoderFamily):
-    """RoPE: every part holds the (parameter-free) rotary embedding and turns the position ids
-    that crossed the cut into cos/sin itself, as LlamaModel does once."""
-
-    def backbone(self, model: PreTrainedModel) -> Any:
-        return model.model
-
-    def blocks(self, backbone: Any) -> nn.ModuleList:
-        return backbone.layers
-
-    def embeddings(self, backbone: Any) -> nn.ModuleDict:
-        return nn.ModuleDict({"embed_tokens": backbone.embed_tokens})
-
-    def embed(self, embeddings: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor):
-        return embeddings["embed_tokens"](input_ids)
-
-    def shared(self, backbone: Any) -> nn.ModuleDict:
-        return nn.ModuleDict({"rotary": backbone.rotary_emb})
-
-    def final_norm(self, backbone: Any) -> nn.Module:
-        return backbone.norm
-
-    def block_kwargs(self, config, shared, hidden_states, attention_mask, position_ids):
-        mask = _causal_mask(config, hidden_states, attention_mask, position_ids)
-        return {
-            "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": shared["rotary"](hidden_states, position_ids=position_ids),
-        }
-
-
-# model_type -> family.
-FAMILIES: dict[str, DecoderFamily] = {"gpt2": GPT2Family(), "llama": LlamaFamily()}
 
 
 class _Part(nn.Module):
@@ -185,11 +75,12 @@ class _Part(nn.Module):
     ) -> torch.Tensor:
         if not len(self.blocks):
             return hidden_states
+        layers = range(self.first_layer, self.first_layer + len(self.blocks))
         kwargs = self.family.block_kwargs(
-            self.config, self.shared, hidden_states, attention_mask, position_ids
+            self.config, self.shared, hidden_states, attention_mask, position_ids, layers
         )
-        for block in self.blocks:
-            hidden_states = block(hidden_states, **kwargs)
+        for block, block_kwargs in zip(self.blocks, kwargs, strict=True):
+            hidden_states = block(hidden_states, **block_kwargs)
         return hidden_states
 
     def extra_repr(self) -> str:
@@ -273,13 +164,7 @@ def split_causal_lm(model: PreTrainedModel, start: int, end: int) -> SplitModel:
     The parts share ``model``'s modules (no copy): tied weights, such as GPT-2's embedding and
     LM head, stay one parameter in the bottom and the top. Only the trunk is meant to travel.
     """
-    model_type = getattr(model.config, "model_type", None)
-    family = FAMILIES.get(model_type or "")
-    if family is None:
-        raise ValueError(
-            f"cannot split a {model_type!r} model: supported families are "
-            f"{', '.join(sorted(FAMILIES))} (add a DecoderFamily to remote_autograd.hf.split)"
-        )
+    family = get_family(getattr(model.config, "model_type", None))
     backbone = family.backbone(model)
     blocks = list(family.blocks(backbone))
     if not 0 <= start < end <= len(blocks):
