@@ -22,6 +22,7 @@ from .options import ClientOptions
 from .transport import (
     AUTH_METADATA_KEY,
     SESSION_METADATA_KEY,
+    bulk_client_tls,
     create_channel,
     fits_unary,
 )
@@ -75,7 +76,8 @@ class TrunkClient:
         self._info: pb.InfoReply | None = None
         self._big_reply: dict[str, bool] = {}
         self._bulk: BulkClient | None = None
-        self._bulk_off = not options.bulk or options.root_certificates is not None
+        self._bulk_off = not options.bulk
+        self._bulk_retry_at = 0.0  # monotonic time before which the bulk channel is not tried
         # Deferred work that rides on the next call instead of costing a round trip.
         self._pending_releases: list[str] = []
         self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
@@ -237,7 +239,7 @@ class TrunkClient:
 
     def _bulk_client(self) -> BulkClient | None:
         """The bulk channel to this server, when it offers one and it can be used."""
-        if self._bulk_off:
+        if self._bulk_off or time.monotonic() < self._bulk_retry_at:
             return None
         if self._bulk is None:
             port = self.info().bulk_port
@@ -257,6 +259,8 @@ class TrunkClient:
             self._open_bulk_ticket,
             limits=self.options.limits,
             connect_timeout=self.options.connect_timeout,
+            tls=bulk_client_tls(self.options),  # TLS exactly when the gRPC channel is
+            server_hostname=host,  # the name the gRPC channel verifies: its target's host
         )
 
     def _open_bulk_ticket(self) -> tuple[bytes, str]:
@@ -270,7 +274,9 @@ class TrunkClient:
         """A connection of the bulk channel, or None: this call goes in gRPC messages.
 
         A port that cannot be reached is asked for again (a restarted server listens on a new
-        one); if the new one cannot be reached either, this client stops using the channel."""
+        one); if the new one cannot be reached either (or its TLS certificate does not verify),
+        large frames use gRPC streams for ``bulk_retry_interval`` seconds, then it is tried
+        again."""
         try:
             return bulk.take()
         except LimitExceeded as exc:
@@ -287,12 +293,15 @@ class TrunkClient:
                 return bulk.take()
             except OSError as exc:
                 reason = exc
+        retry = self.options.bulk_retry_interval
         log.warning(
-            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams",
+            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams "
+            "for %g s (ClientOptions.bulk_retry_interval)",
             self.address,
             reason,
+            retry,
         )
-        self._bulk_off = True
+        self._bulk_retry_at = time.monotonic() + retry
         return None
 
     def compute(
