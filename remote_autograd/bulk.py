@@ -140,6 +140,10 @@ class BulkListener:
         hello_timeout: float,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        if hello_timeout <= 0:
+            raise ValueError(
+                f"ServerOptions.bulk_hello_timeout must be > 0 seconds, got {hello_timeout!r}"
+            )
         self.max_connections = max_connections
         self.max_session_connections = max_session_connections
         self.timeout = timeout
