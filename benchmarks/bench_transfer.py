@@ -7,6 +7,12 @@ the same run, payload sizes interleaved. Throughput counts tensor payload bytes 
     python -m benchmarks.bench_transfer --preset full --json transfer.json --doc
     python -m benchmarks.bench_transfer --preset smoke --link 100mbit     # needs root
     python -m benchmarks.bench_transfer --preset latency     # 4 KiB Compute vs gRPC unary only
+    python -m benchmarks.bench_transfer --preset tls --tls   # everything inside TLS
+
+With ``--tls`` every method runs inside TLS (one self-signed certificate made with openssl for
+the run): the ``tcp`` baseline is then a raw TLS socket (Python ``ssl``), ``grpc_*`` are TLS gRPC,
+remote_autograd's ``none`` codec takes its TLS bulk channel and ``grpc`` its TLS gRPC streams.
+torch.distributed.rpc has no TLS and is left out.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -62,6 +70,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup": 2,
         "codecs": ["none", "grpc", "auto", "bf16", "fp16", "int8"],
     },
+    # inside TLS (--tls): the bulk channel vs a raw TLS socket vs TLS gRPC streams
+    "tls": {
+        "sizes": [1 << 20, 16 << 20, 64 << 20, 256 << 20],
+        "codecs": ["none", "grpc"],
+        "baselines": ["tcp", "grpc_stream"],
+        "reps": 5,
+        "warmup": 1,
+    },
     "full": {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20],
         "codecs": ["none", "grpc", "auto", "lz4", "bf16", "fp16", "int8"],
@@ -90,9 +106,11 @@ BIG = 16 << 20  # lossy codecs are measured up to this size (they take the same 
 class TcpEcho:
     """Raw TCP: length prefix + bytes, the reply read into a preallocated buffer."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: ssl.SSLContext | None = None) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)))
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
 
@@ -117,18 +135,20 @@ class TcpEcho:
 class GrpcEcho:
     """Bare gRPC: bytes in one unary message, or streamed in chunks and reassembled."""
 
-    def __init__(self, address: str, chunk_bytes: int = MiB) -> None:
+    def __init__(self, address: str, chunk_bytes: int = MiB, root: bytes | None = None) -> None:
         import grpc
 
         from benchmarks.servers import GRPC_MAX_MESSAGE
 
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+        ]
+        if root is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.unary_rpc = self.channel.unary_unary("/bench.Echo/Unary")
         self.stream_rpc = self.channel.stream_stream("/bench.Echo/Stream")
         self.chunk_bytes = chunk_bytes
@@ -239,7 +259,32 @@ def ra_summary(size: int, samples: dict[str, list[float]]) -> dict[str, Any]:
     }
 
 
-def run(preset: dict[str, Any], link: Link | None) -> dict:
+class SelfSigned:
+    """A throwaway certificate for 127.0.0.1 and localhost (its own root), made with openssl."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="bench-tls-")
+        self.cert = os.path.join(self._directory.name, "cert.pem")
+        self.key = os.path.join(self._directory.name, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"]
+            + ["ec_paramgen_curve:prime256v1", "-nodes", "-keyout", self.key, "-out", self.cert]
+            + ["-days", "1", "-subj", "/CN=localhost"]
+            + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True,
+            capture_output=True,
+        )
+        with open(self.cert, "rb") as file:
+            self.pem = file.read()
+        self.client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.client_context.load_verify_locations(cafile=self.cert)
+        self.server_args = ("--tls-cert", self.cert, "--tls-key", self.key)
+
+    def close(self) -> None:
+        self._directory.cleanup()
+
+
+def run(preset: dict[str, Any], link: Link | None, tls: SelfSigned | None = None) -> dict:
     from remote_autograd import ClientOptions, RemoteModule
 
     sizes, codecs = preset["sizes"], preset["codecs"]
@@ -250,19 +295,25 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
     results: dict[str, Any] = {"baselines": {}, "remote_autograd": {c: {} for c in codecs}}
     # Over a shaped link the TensorPipe pair hung in rendezvous/shutdown across namespaces in
     # our runs, so there the torch.distributed.rpc baseline is left out (see docs/benchmarks.md).
-    use_torch_rpc = link is None and "torch_rpc" in baselines
+    use_torch_rpc = link is None and tls is None and "torch_rpc" in baselines
     torch_rpc = torch_rpc_phase(preset, host, link) if use_torch_rpc else {}
     with ExitStack() as stack:
         # One thread per side: two OpenMP pools spinning on 2 cores distort every number.
+        tls_args = tls.server_args if tls else ()
+
         def start(*args: str) -> Any:
             return stack.enter_context(
-                ServerProcess(*args, "--host", host, netns=netns, env={"OMP_NUM_THREADS": "1"})
+                ServerProcess(
+                    *args, "--host", host, *tls_args, netns=netns, env={"OMP_NUM_THREADS": "1"}
+                )
             )
 
-        tcp = TcpEcho(start("tcp").address) if "tcp" in baselines else None
+        tcp = None
+        if "tcp" in baselines:
+            tcp = TcpEcho(start("tcp").address, tls.client_context if tls else None)
         grpc_echo = None
         if {"grpc_unary", "grpc_stream"} & set(baselines):
-            grpc_echo = GrpcEcho(start("grpc").address)
+            grpc_echo = GrpcEcho(start("grpc").address, root=tls.pem if tls else None)
         modules = {}
         for codec in codecs:
             client_z, server_z, quant, bulk = CODECS[codec]
@@ -272,6 +323,7 @@ def run(preset: dict[str, Any], link: Link | None) -> dict:
                 activation_quantization=quant,
                 gradient_quantization=quant,
                 bulk=bulk,
+                root_certificates=tls.pem if tls else None,
             )
             modules[codec] = stack.enter_context(RemoteModule(server.address, options=options))
         for size in sizes:
@@ -338,6 +390,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             unary = seconds.get("grpc_unary")
             out.setdefault(codec, {})[size] = {
                 "backward_vs_tcp": seconds["tcp"] / backward if "tcp" in seconds else None,
+                "compute_vs_tcp": seconds["tcp"] / ra["compute_s"] if "tcp" in seconds else None,
                 "backward_vs_torch_rpc": (
                     seconds["torch_rpc"] / backward if "torch_rpc" in seconds else None
                 ),
@@ -456,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--rounds", type=int, help="repeat every method's block of calls this many times, in turn"
     )
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
+    parser.add_argument("--tls", action="store_true", help="run every method inside TLS")
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md + plot")
     args = parser.parse_args(argv)
@@ -470,11 +524,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # see run(): the servers use one thread too
     with ExitStack() as stack:
         link = stack.enter_context(rate_limited_link(args.link)) if args.link else None
-        results = run(preset, link)
+        tls = SelfSigned() if args.tls else None
+        if tls is not None:
+            stack.callback(tls.close)
+        results = run(preset, link, tls)
     data = {
         "benchmark": "transfer",
         "preset": args.preset,
         "link": args.link or "loopback",
+        "tls": args.tls,
         "machine": machine(),
         **results,
     }
@@ -482,8 +540,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.doc:
         from benchmarks.common import DOCS
 
-        suffix = f"_{args.link}" if args.link else ""
-        title = f"Transfer over {args.link or 'loopback'}"
+        suffix = (f"_{args.link}" if args.link else "") + ("_tls" if args.tls else "")
+        title = f"Transfer over {args.link or 'loopback'}" + (", TLS" if args.tls else "")
         plot(results, str(DOCS / f"transfer{suffix}.png"), title)
         update_doc(
             f"transfer{suffix}", markdown(data, title) + f"\n\n![{title}](transfer{suffix}.png)"

@@ -1,6 +1,7 @@
 """Server processes for the benchmarks: ``python -m benchmarks.servers KIND [options]``.
 
 Each prints ``ready <host:port>`` once it accepts connections, then serves until terminated.
+With ``--tls-cert`` and ``--tls-key`` (PEM files) each serves inside TLS instead.
 
     ra        a remote_autograd trunk server (an echo trunk, or the GPT-2 trunk of bench_step)
     tcp       a raw TCP echo: 8-byte length, then that many bytes, echoed back
@@ -49,12 +50,15 @@ def serve_ra(args: argparse.Namespace) -> None:
         from benchmarks.bench_step import build_trunk
 
         module = build_trunk(args.trunk)
+    chain, key = _tls_files(args)
     options = ServerOptions(
         device=args.device,
         compression=args.compression,
         unary_payload_bytes=args.unary_bytes,
         stream_chunk_bytes=args.chunk_bytes,
         insecure=True,
+        certificate_chain=chain,
+        private_key=key,
     )
     torch.manual_seed(0)
     server = serve(module, f"{args.host}:0", options=options)
@@ -91,14 +95,32 @@ def _tcp_client(conn: socket.socket) -> None:
             return
 
 
+def _tls_files(args: argparse.Namespace) -> tuple[bytes | None, bytes | None]:
+    if not args.tls_cert:
+        return None, None
+    with open(args.tls_cert, "rb") as chain, open(args.tls_key, "rb") as key:
+        return chain.read(), key.read()
+
+
 def serve_tcp(args: argparse.Namespace) -> None:
     listener = socket.create_server((args.host, 0))
     print(f"ready {args.host}:{listener.getsockname()[1]}", flush=True)
+    context = None
+    if args.tls_cert:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+
+    def client(conn: socket.socket) -> None:
+        if context is not None:
+            conn = context.wrap_socket(conn, server_side=True)
+        _tcp_client(conn)
 
     def accept() -> None:
         while True:
             conn, _ = listener.accept()
-            threading.Thread(target=_tcp_client, args=(conn,), daemon=True).start()
+            threading.Thread(target=client, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     _wait_for_signal()
@@ -128,7 +150,12 @@ def serve_grpc(args: argparse.Namespace) -> None:
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(f"{args.host}:0")
+    chain, key = _tls_files(args)
+    if chain is not None:
+        credentials = grpc.ssl_server_credentials([(key, chain)])
+        port = server.add_secure_port(f"{args.host}:0", credentials)
+    else:
+        port = server.add_insecure_port(f"{args.host}:0")
     server.start()
     print(f"ready {args.host}:{port}", flush=True)
     _wait_for_signal()
@@ -148,6 +175,8 @@ def main() -> None:
         sub.add_parser(name)
     for p in sub.choices.values():
         p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--tls-cert", help="PEM certificate: serve inside TLS")
+        p.add_argument("--tls-key", help="PEM key of --tls-cert")
     args = parser.parse_args()
     {"ra": serve_ra, "tcp": serve_tcp, "grpc": serve_grpc}[args.kind](args)
 

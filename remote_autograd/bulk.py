@@ -1,4 +1,4 @@
-"""The bulk channel: the bytes of large frames on a plain TCP connection beside the gRPC call.
+"""The bulk channel: the bytes of large frames on a TCP (or TLS) connection beside the gRPC call.
 
 gRPC-Python copies every message several times on each side; at 64 MiB a bare gRPC stream moves
 0.40x what a TCP socket does on the same machine (docs/benchmarks.md). So a frame of
@@ -9,9 +9,13 @@ back on the same connection, before the call returns.
 
 A connection belongs to the session that asked for it: the client gets a single-use ticket
 (``OpenBulk``) over its authenticated gRPC channel and presents it as the connection's first
-bytes; the server then lets only calls of that session name the connection. The channel is
-offered by plain-text servers only (loopback, or ``--insecure``): a TLS server keeps every byte
-inside TLS and large frames use gRPC streams. Wire format, all integers big-endian::
+bytes; the server then lets only calls of that session name the connection. The connection is
+TLS exactly when the gRPC port is: the same certificate and key (and client CA under mutual TLS),
+the client verifying the same host name with the same roots as its gRPC channel; plain text only
+beside a plain-text gRPC port (loopback, or ``--insecure``). A new connection has
+``ServerOptions.bulk_hello_timeout`` in all for its TLS handshake and its ticket, so a peer that
+trickles bytes holds a handshake slot no longer than that. Wire format (inside TLS, if any), all
+integers big-endian::
 
     hello     client -> server  b"RAB1" + ticket (32 bytes)
               server -> client  b"RAB1" + status (1 byte, 0: accepted)
@@ -31,6 +35,7 @@ import logging
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -56,7 +61,6 @@ TICKET_BYTES = 32
 _PREFIX = struct.Struct(">4sIQ")
 _OK, _NO_FRAME = 0, 1
 TICKET_TTL = 30.0  # seconds a ticket may wait for its connection
-_HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to present its ticket
 _MAX_HANDSHAKES = 16  # connections presenting tickets at once; more are closed at once
 _RECV_SLICE = 4 << 20  # largest single recv_into
 
@@ -85,13 +89,18 @@ class _Connection:
             return
         self.closed = True
         with contextlib.suppress(OSError):  # already gone
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown: SSLSocket.shutdown would also detach the TLS state
+            # under a thread still reading, which would then read raw TLS records as data.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         self._finalizer()
 
     def send(self, magic: bytes, status: int, buffers: Sequence[Any], length: int) -> None:
-        self.sock.sendall(_PREFIX.pack(magic, status, length))
-        for buffer in buffers:
-            self.sock.sendall(buffer)
+        try:
+            self.sock.sendall(_PREFIX.pack(magic, status, length))
+            for buffer in buffers:
+                self.sock.sendall(buffer)
+        except ValueError as exc:  # an SSL socket that close() closed under us
+            raise ConnectionError(f"bulk connection {self.id} was closed") from exc
 
     def recv_prefix(self, magic: bytes) -> tuple[int, int]:
         prefix = bytearray(_PREFIX.size)
@@ -102,7 +111,10 @@ class _Connection:
         return status, length
 
     def recv_into(self, view: memoryview) -> None:
-        _recv_exact(self.sock, view, f"bulk connection {self.id}")
+        try:
+            _recv_exact(self.sock, view, f"bulk connection {self.id}")
+        except ValueError as exc:  # an SSL socket that close() closed under us
+            raise ConnectionError(f"bulk connection {self.id} was closed") from exc
 
     def recv_frame(self, length: int, limits: Limits) -> memoryview:
         codec.check_frame_size(length, limits)
@@ -125,17 +137,25 @@ class BulkListener:
         max_connections: int,
         max_session_connections: int,
         timeout: float,
+        hello_timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        if hello_timeout <= 0:
+            raise ValueError(
+                f"ServerOptions.bulk_hello_timeout must be > 0 seconds, got {hello_timeout!r}"
+            )
         self.max_connections = max_connections
         self.max_session_connections = max_session_connections
         self.timeout = timeout
+        self.hello_timeout = hello_timeout
+        self.tls = tls  # a server-side context: every connection is TLS
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=64)
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._tickets: dict[bytes, tuple[str, str, float]] = {}  # digest -> id, session, expiry
         self._connections: dict[str, _Connection] = {}
-        self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
+        self._handshaking = 0  # connections in their TLS handshake or hello
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="ra-bulk-accept", daemon=True)
         self._thread.start()
@@ -224,7 +244,10 @@ class BulkListener:
                 sock, _ = self._listener.accept()
             except OSError:
                 return  # the listener was closed
-            if not self._handshakes.acquire(blocking=False):
+            with self._lock:
+                full = self._handshaking >= _MAX_HANDSHAKES
+                self._handshaking += not full
+            if full:
                 sock.close()  # too many connections presenting tickets at once
                 continue
             threading.Thread(
@@ -232,14 +255,21 @@ class BulkListener:
             ).start()
 
     def _handshake(self, sock: socket.socket) -> None:
+        # One deadline for the TLS handshake and the whole hello: a peer trickling a byte now
+        # and then must not hold a handshake slot (there are _MAX_HANDSHAKES) for longer.
+        deadline = time.monotonic() + self.hello_timeout
         try:
-            sock.settimeout(_HANDSHAKE_TIMEOUT)
+            sock.settimeout(self.hello_timeout)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                sock.do_handshake()  # bounded as a whole by the socket's timeout (CPython)
             hello = bytearray(len(HELLO) + TICKET_BYTES)
-            _recv_exact(sock, memoryview(hello), "a new bulk connection")
+            _recv_exact(sock, memoryview(hello), "a new bulk connection", deadline=deadline)
             entry = None
             if hello[: len(HELLO)] == HELLO:
                 with self._lock:
                     entry = self._tickets.pop(_digest(bytes(hello[len(HELLO) :])), None)
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
             if entry is None or entry[2] < time.monotonic() or self._closed:
                 sock.sendall(HELLO + bytes([1]))
                 sock.close()
@@ -250,10 +280,16 @@ class BulkListener:
             with self._lock:
                 self._connections[connection_id] = connection
             sock.sendall(HELLO + bytes([_OK]))
-        except OSError:
+        except (OSError, ValueError):  # includes timeouts and TLS errors
             sock.close()
         finally:
-            self._handshakes.release()
+            with self._lock:
+                self._handshaking -= 1
+
+    @property
+    def handshaking(self) -> int:
+        """New connections still in their TLS handshake or hello."""
+        return self._handshaking
 
 
 def serve_call(
@@ -326,12 +362,16 @@ class BulkClient:
         *,
         limits: Limits,
         connect_timeout: float,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._open_ticket = open_ticket
         self._limits = limits
         self._connect_timeout = connect_timeout
+        self._tls = tls  # a client-side context: verifies the server as the gRPC channel does
+        self._server_hostname = server_hostname or host
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
@@ -339,6 +379,10 @@ class BulkClient:
         ticket, connection_id = self._open_ticket()
         sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
         try:
+            if self._tls is not None:
+                # A server that refuses our certificate (mutual TLS) says so in an alert that
+                # the read of its answer raises (ssl.SSLError, an OSError).
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname)
             sock.sendall(HELLO + ticket)
             answer = bytearray(len(HELLO) + 1)
             connection = _Connection(sock, connection_id)
@@ -419,9 +463,18 @@ class BulkClient:
                 connection.close()
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
+def _recv_exact(
+    sock: socket.socket, view: memoryview, what: str, *, deadline: float | None = None
+) -> None:
+    """Fill ``view`` from ``sock``; with a ``deadline`` (monotonic), the whole read ends by
+    then (a socket's own timeout bounds each ``recv`` only)."""
     filled, total = 0, len(view)
     while filled < total:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{what} sent {filled} of {total} bytes in time")
+            sock.settimeout(left)
         got = sock.recv_into(view[filled:], min(total - filled, _RECV_SLICE))
         if got == 0:
             raise ConnectionError(f"{what} closed after {filled} of {total} bytes")

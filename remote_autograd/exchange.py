@@ -12,13 +12,15 @@ either.
 - **bulk**: frames of ``ClientOptions.bulk_min_bytes`` or more (or whose reply was that large)
   on a TCP connection beside the unary call (bulk.py), when the server offers one. A port
   that cannot be reached is asked for again (a restarted server listens on a new one); if the
-  new one cannot be reached either, this exchange stops using the channel.
+  new one cannot be reached either, large frames use gRPC streams for
+  ``ClientOptions.bulk_retry_interval`` seconds before the channel is tried again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +30,7 @@ from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .bulk import BulkClient
 from .errors import LimitExceeded
 from .options import ClientOptions
-from .transport import fits_unary
+from .transport import bulk_client_tls, fits_unary
 
 __all__ = ["CallStats", "FrameExchange"]
 
@@ -72,7 +74,8 @@ class FrameExchange:
         self._lock = threading.Lock()
         self._big_reply: dict[str, bool] = {}
         self._bulk: BulkClient | None = None
-        self._bulk_off = not options.bulk or options.root_certificates is not None
+        self._bulk_off = not options.bulk
+        self._bulk_retry_at = 0.0  # monotonic time before which the bulk channel is not tried
 
     def invoker(
         self,
@@ -145,7 +148,7 @@ class FrameExchange:
 
     def _bulk_client(self, info: pb.InfoReply) -> BulkClient | None:
         """The bulk channel to this server, when it offers one and it can be used."""
-        if self._bulk_off:
+        if self._bulk_off or time.monotonic() < self._bulk_retry_at:
             return None
         if self._bulk is None:
             if not info.bulk_port:
@@ -160,6 +163,8 @@ class FrameExchange:
                         self._open_ticket,
                         limits=self.options.limits,
                         connect_timeout=self.options.connect_timeout,
+                        tls=bulk_client_tls(self.options),
+                        server_hostname=host,
                     )
         return self._bulk
 
@@ -180,9 +185,11 @@ class FrameExchange:
             except OSError as exc:
                 reason = exc
         log.warning(
-            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams",
+            "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams "
+            "for %g s (ClientOptions.bulk_retry_interval), then it is tried again",
             self.address,
             reason,
+            self.options.bulk_retry_interval,
         )
-        self._bulk_off = True
+        self._bulk_retry_at = time.monotonic() + self.options.bulk_retry_interval
         return None

@@ -45,6 +45,8 @@ class ClientOptions:
     gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
     bulk: bool = True  # send large frames over the server's bulk channel when it offers one
     bulk_min_bytes: int = 512 * KiB  # frames (either way) from this size use the bulk channel
+    bulk_retry_interval: float = 30.0  # after the bulk channel could not be reached, large
+    # frames use gRPC streams this many seconds, then the channel is tried again
     token: str | None = None  # bearer token sent with every call
     root_certificates: bytes | None = None  # PEM of the CA that signed the server (enables TLS)
     certificate_chain: bytes | None = None  # PEM client certificate (mutual TLS)
@@ -72,12 +74,13 @@ class ServerOptions:
     unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
     stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size
     compression: str = "auto"  # compression of replies: "auto", "lz4" or "none"
-    bulk: bool = True  # offer the bulk channel (large frames on a TCP port beside gRPC); plain
-    # text servers only: a TLS server keeps every byte in TLS (docs/protocol.md)
+    bulk: bool = True  # offer the bulk channel (large frames on a TCP port beside gRPC); TLS
+    # with the same certificates when the gRPC port is TLS (docs/protocol.md)
     bulk_port: int = 0  # TCP port of the bulk channel (0: any free port, told in Info)
     max_bulk_connections: int = 256  # bulk connections, all sessions together
     max_session_bulk_connections: int = 8  # bulk connections of one session
     bulk_timeout: float = 60.0  # a bulk transfer that stalls this many seconds is dropped
+    bulk_hello_timeout: float = 5.0  # a new bulk connection's TLS handshake + ticket, in all
     tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no token required
     certificate_chain: bytes | None = None  # PEM server certificate (enables TLS)
     private_key: bytes | None = None  # PEM key of the server certificate

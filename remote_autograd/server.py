@@ -25,7 +25,7 @@ from .bulk import BulkListener
 from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
-from .transport import create_server
+from .transport import bulk_server_tls, create_server
 
 __all__ = ["SERVICE_NAME", "TrunkServer", "serve"]
 
@@ -79,13 +79,15 @@ class TrunkServer:
         self._server, self.port = create_server(address, options, interceptors=interceptors)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        if options.bulk and options.certificate_chain is None:
+        if options.bulk:  # TLS exactly when the gRPC port is
             self.service.bulk = BulkListener(
                 host.strip("[]") or "0.0.0.0",
                 options.bulk_port,
                 max_connections=options.max_bulk_connections,
                 max_session_connections=options.max_session_bulk_connections,
                 timeout=options.bulk_timeout,
+                hello_timeout=options.bulk_hello_timeout,
+                tls=bulk_server_tls(options),
             )
         _add_trunk_service(self.service, self._server)
         self._health = health.HealthServicer()

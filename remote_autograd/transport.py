@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Sequence
+import os
+import ssl
+import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -14,6 +18,8 @@ from .options import ClientOptions, ServerOptions
 __all__ = [
     "AUTH_METADATA_KEY",
     "SESSION_METADATA_KEY",
+    "bulk_client_tls",
+    "bulk_server_tls",
     "create_channel",
     "create_server",
     "fits_unary",
@@ -128,3 +134,72 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     return server, port
+
+
+# -- TLS of the bulk channel (bulk.py): the same certificates as the gRPC port -----------------
+
+
+def bulk_server_tls(options: ServerOptions) -> ssl.SSLContext | None:
+    """The bulk port's TLS: the gRPC port's certificate and key, and under mutual TLS the
+    same client CA, a client certificate required. None for a plain-text server."""
+    if options.certificate_chain is None:
+        return None
+    if options.private_key is None:
+        raise ValueError("ServerOptions.certificate_chain needs private_key too")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.num_tickets = 0  # every connection is a full handshake: no session resumption
+    _load_cert_chain(context, options.certificate_chain, options.private_key, "ServerOptions")
+    if options.client_ca is not None:
+        context.load_verify_locations(cadata=options.client_ca.decode("ascii"))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def bulk_client_tls(options: ClientOptions) -> ssl.SSLContext | None:
+    """The client's side of it: the roots (and client certificate) of its gRPC channel, the
+    server's host name checked. None where the gRPC channel is plain text."""
+    if options.root_certificates is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=options.root_certificates.decode("ascii"))
+    if options.certificate_chain is not None:
+        if options.private_key is None:
+            raise ValueError("ClientOptions.certificate_chain needs private_key too")
+        _load_cert_chain(context, options.certificate_chain, options.private_key, "ClientOptions")
+    return context
+
+
+def _load_cert_chain(context: ssl.SSLContext, chain: bytes, key: bytes, owner: str) -> None:
+    """``load_cert_chain`` from PEM bytes: the ssl module reads only files, so the key goes
+    to an anonymous in-memory file where the system has one (Linux), else to a 0600 file in
+    a 0700 directory, deleted as soon as it is read."""
+    try:
+        with _pem_file(chain) as chain_path, _pem_file(key) as key_path:
+            context.load_cert_chain(chain_path, key_path)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"{owner}.certificate_chain / private_key: expected a PEM certificate and the PEM "
+            f"key that matches it, the ssl module says: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _pem_file(data: bytes) -> Iterator[str]:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("remote-autograd-pem", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="remote-autograd-") as directory:  # mode 0700
+        path = os.path.join(directory, "pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        yield path

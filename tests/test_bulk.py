@@ -1,5 +1,6 @@
 """The bulk channel (remote_autograd/bulk.py): large frames on a TCP connection beside the gRPC
-call. Real servers on 127.0.0.1:0; the attacks speak the bulk wire format over raw sockets."""
+call, TLS beside a TLS port. Real servers on 127.0.0.1:0; the attacks speak the bulk wire format
+over raw sockets (TLS sockets where the server is TLS)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,75 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import struct
+import threading
 import time
 
 import grpc
 import pytest
 import torch
 from models import Scale
+from pki import make_pki
 
 from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
+from remote_autograd.bulk import BulkListener
+from remote_autograd.transport import bulk_client_tls, bulk_server_tls
 
 MiB = 1 << 20
 PREFIX = struct.Struct(">4sIQ")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, bytes]:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+class Wire:
+    """Plain text or TLS: the options of both sides and the sockets a hand-made peer opens."""
+
+    def __init__(self, pki: dict[str, bytes] | None, mutual: bool = False) -> None:
+        self.pki = pki
+        self.mutual = mutual
+
+    def server(self, **fields) -> ServerOptions:
+        if self.pki is not None:
+            fields.update(
+                certificate_chain=self.pki["server.pem"], private_key=self.pki["server.key"]
+            )
+            if self.mutual:
+                fields.update(client_ca=self.pki["ca.pem"])
+        return ServerOptions(**fields)
+
+    def client(self, **fields) -> ClientOptions:
+        if self.pki is not None:
+            fields.update(root_certificates=self.pki["ca.pem"])
+            if self.mutual:
+                fields.update(
+                    certificate_chain=self.pki["client.pem"], private_key=self.pki["client.key"]
+                )
+        return ClientOptions(**fields)
+
+    def channel(self, address: str) -> grpc.Channel:
+        if self.pki is None:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.pki["ca.pem"],
+            private_key=self.pki["client.key"] if self.mutual else None,
+            certificate_chain=self.pki["client.pem"] if self.mutual else None,
+        )
+        return grpc.secure_channel(address, credentials)
+
+    def tls(self, **fields) -> ssl.SSLContext | None:
+        """The client side's TLS of a bulk connection (``fields``: other ClientOptions)."""
+        return bulk_client_tls(self.client(**fields))
+
+
+@pytest.fixture(params=["plain", "tls"])
+def wire(request, pki) -> Wire:
+    return Wire(pki if request.param == "tls" else None)
 
 
 def _round_trip(remote: RemoteModule, x: torch.Tensor, grad: torch.Tensor):
@@ -30,14 +86,14 @@ def _round_trip(remote: RemoteModule, x: torch.Tensor, grad: torch.Tensor):
     return y.detach(), x.grad
 
 
-def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server):
-    server = start_server(Scale(torch.float64))
+def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server, wire):
+    server = start_server(Scale(torch.float64), wire.server())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(MiB // 2, generator=generator, dtype=torch.float64)  # 4 MiB
     grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)
     results = {}
     for bulk in (True, False):
-        with RemoteModule(server.address, options=ClientOptions(bulk=bulk)) as remote:
+        with RemoteModule(server.address, options=wire.client(bulk=bulk)) as remote:
             for _ in range(3):
                 results[bulk] = _round_trip(remote, x, grad)
             assert remote.client.stats.bulk_calls == (6 if bulk else 0)
@@ -64,9 +120,12 @@ def test_small_frames_stay_in_grpc_messages(start_server):
 class Peer:
     """A client speaking the protocol by hand: gRPC stub + raw bulk sockets."""
 
-    def __init__(self, address: str, session: str = "s1", token: str | None = None) -> None:
+    def __init__(
+        self, address: str, session: str = "s1", token: str | None = None, wire: Wire | None = None
+    ) -> None:
         self.sockets: list[socket.socket] = []
-        self.channel = grpc.insecure_channel(address)
+        self.wire = wire or Wire(None)
+        self.channel = self.wire.channel(address)
         self.stub = pb_grpc.TrunkStub(self.channel)
         self.metadata: tuple[tuple[str, str], ...] = (("ra-session", session),)
         if token:
@@ -74,9 +133,15 @@ class Peer:
         self.port = self.stub.Info(pb.InfoRequest(), metadata=self.metadata).bulk_port
         assert self.port
 
-    def connect(self) -> socket.socket:
+    def connect(self, tls: ssl.SSLContext | None | bool = True) -> socket.socket:
+        """A connection to the bulk port: TLS as the wire says (``tls``: True), raw TCP (False),
+        or TLS with this client context."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         self.sockets.append(sock)
+        context = self.wire.tls() if tls is True else tls or None
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+            self.sockets.append(sock)
         return sock
 
     def close(self) -> None:
@@ -84,13 +149,16 @@ class Peer:
             sock.close()
         self.channel.close()
 
-    def hello(self, ticket: bytes) -> tuple[socket.socket, bytes]:
-        sock = self.connect()
+    def ticket(self) -> pb.OpenBulkReply:
+        return self.stub.OpenBulk(pb.OpenBulkRequest(), metadata=self.metadata)
+
+    def hello(self, ticket: bytes, tls: ssl.SSLContext | None | bool = True):
+        sock = self.connect(tls)
         sock.sendall(b"RAB1" + ticket)
         return sock, _recv(sock, 5)
 
     def open(self) -> tuple[socket.socket, str]:
-        reply = self.stub.OpenBulk(pb.OpenBulkRequest(), metadata=self.metadata)
+        reply = self.ticket()
         sock, answer = self.hello(reply.ticket)
         assert answer == b"RAB1\x00"
         return sock, reply.connection_id
@@ -120,7 +188,7 @@ def _recv(sock: socket.socket, n: int) -> bytes:
     while len(data) < n:
         try:
             chunk = sock.recv(n - len(data))
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLError):  # TLS: a reset, or an alert
             break
         if not chunk:
             break
@@ -134,20 +202,20 @@ def _status(future: grpc.Future) -> grpc.StatusCode:
     return info.value.code()
 
 
-def _still_serves(server) -> None:
-    with RemoteModule(server.address) as remote:
+def _still_serves(server, wire: Wire | None = None) -> None:
+    with RemoteModule(server.address, options=(wire or Wire(None)).client()) as remote:
         x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)  # 512 KiB each, incompressible
         y, g = _round_trip(remote, x, grad)
         assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
         assert remote.client.stats.bulk_calls == 2
 
 
-def test_a_connection_needs_a_fresh_ticket(start_server, peers):
-    server = start_server(Scale(torch.float64))
-    peer = peers(server.address)
+def test_a_connection_needs_a_fresh_ticket(start_server, peers, wire):
+    server = start_server(Scale(torch.float64), wire.server())
+    peer = peers(server.address, wire=wire)
     sock, answer = peer.hello(b"\x00" * 32)
     assert answer == b"RAB1\x01" and _recv(sock, 1) == b""  # refused, then closed
-    ticket = peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata).ticket
+    ticket = peer.ticket().ticket
     first, answer = peer.hello(ticket)
     assert answer == b"RAB1\x00"
     _, answer = peer.hello(ticket)
@@ -156,24 +224,29 @@ def test_a_connection_needs_a_fresh_ticket(start_server, peers):
     garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 32)
     assert _recv(garbage, 5) == b"RAB1\x01"
     assert len(server.service.bulk) == 1
+    if wire.pki is not None:  # a fresh ticket in plain text to the TLS port opens nothing
+        sock, answer = peer.hello(peer.ticket().ticket, tls=False)
+        assert b"RAB1" not in answer  # closed, maybe after a TLS alert
+        assert len(server.service.bulk) == 1
 
 
-def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers):
-    server = start_server(Scale(torch.float64), ServerOptions(tokens=("alpha", "beta")))
-    owner = peers(server.address, "s1", token="alpha")
+def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers, wire):
+    server = start_server(Scale(torch.float64), wire.server(tokens=("alpha", "beta")))
+    owner = peers(server.address, "s1", token="alpha", wire=wire)
     _, connection_id = owner.open()
-    for other in (peers(server.address, "s2", "alpha"), peers(server.address, "s1", "beta")):
+    others = (peers(server.address, "s2", "alpha", wire), peers(server.address, "s1", "beta", wire))
+    for other in others:
         future = other.compute(connection_id, 1000)
         assert _status(future) == grpc.StatusCode.UNAVAILABLE
     assert _status(owner.compute("0123456789abcdef", 1000)) == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(grpc.RpcError) as info:
-        peers(server.address, "s3", token="gamma")  # no token, no ticket
+        peers(server.address, "s3", token="gamma", wire=wire)  # no token, no ticket
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers):
-    server = start_server(Scale(torch.float64), ServerOptions(limits=Limits(max_payload_bytes=MiB)))
-    peer = peers(server.address)
+def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers, wire):
+    server = start_server(Scale(torch.float64), wire.server(limits=Limits(max_payload_bytes=MiB)))
+    peer = peers(server.address, wire=wire)
     sock, connection_id = peer.open()
     future = peer.compute(connection_id, 2 * MiB)  # over the limit: refused before any byte
     with pytest.raises(grpc.RpcError) as info:
@@ -190,7 +263,7 @@ def test_lying_or_oversized_bulk_frames_are_refused(start_server, peers):
     assert "the header declares 1000" in info.value.details()
     assert _recv(sock, 1) == b""  # and the server dropped it
     assert server.stats()["inflight_bytes"] == 0
-    _still_serves(server)
+    _still_serves(server, wire)
 
 
 def test_a_stalled_or_vanished_sender_frees_the_server(start_server, peers):
@@ -273,17 +346,18 @@ def test_receive_buffers_are_reused_once_nothing_holds_them():
     assert pool.take(MiB)[0] == 9  # free once the tensor is gone
 
 
-def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
-    server = start_server(Scale(torch.float64))
-    peer = peers(server.address)
+def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers, wire):
+    server = start_server(Scale(torch.float64), wire.server())
+    peer = peers(server.address, wire=wire)
     generator = random.Random(7)
-    for _ in range(300):
-        sock = peer.connect()
+    for i in range(300):
+        # TLS: raw bytes where the handshake should be, then (every third) inside TLS
+        sock = peer.connect(tls=wire.pki is not None and i % 3 == 0)
         with contextlib.suppress(OSError):  # the server may have judged and closed it already
             sock.sendall(generator.randbytes(generator.randrange(0, 80)))
             sock.shutdown(socket.SHUT_WR)  # a short hello ends here; a long one is judged
         answer = _recv(sock, 8)
-        assert answer in (b"", b"RAB1\x01")
+        assert answer in (b"", b"RAB1\x01") or (wire.pki is not None and b"RAB1" not in answer)
         sock.close()
     # Garbage where a call's frame should be: each refused, the connection dropped.
     for _ in range(20):
@@ -296,7 +370,7 @@ def test_random_bytes_at_the_bulk_port_open_nothing(start_server, peers):
             grpc.StatusCode.UNAVAILABLE,
         )
     assert len(server.service.bulk) <= 1 and server.stats()["inflight_bytes"] == 0
-    _still_serves(server)
+    _still_serves(server, wire)
 
 
 def test_max_session_bulk_connections(start_server, peers):
@@ -331,3 +405,180 @@ def test_connections_presenting_tickets_at_once_are_capped(start_server, peers):
 
     _wait_for(hello_accepted)
     assert len(server.service.bulk) == 1
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def _tls_refused(peer: Peer, ticket: bytes, context: ssl.SSLContext) -> bool:
+    """Whether a TLS connection with ``context`` presenting ``ticket`` is refused in TLS (the
+    handshake fails, or under TLS 1.3 the server's alert ends the connection before any
+    answer)."""
+    try:
+        _, answer = peer.hello(ticket, tls=context)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return answer == b""
+
+
+def test_tls_bulk_verifies_the_server_and_under_mutual_tls_the_client(start_server, peers, pki):
+    mutual = Wire(pki, mutual=True)
+    server = start_server(Scale(torch.float64), mutual.server())
+    peer = peers(server.address, wire=mutual)
+    ticket = peer.ticket().ticket  # taken over the authenticated gRPC channel
+    no_certificate = bulk_client_tls(ClientOptions(root_certificates=pki["ca.pem"]))
+    intruder = bulk_client_tls(
+        ClientOptions(
+            root_certificates=pki["ca.pem"],
+            certificate_chain=pki["intruder.pem"],  # same name, the rogue CA's
+            private_key=pki["intruder.key"],
+        )
+    )
+    assert no_certificate is not None and intruder is not None
+    assert _tls_refused(peer, ticket, no_certificate)
+    assert _tls_refused(peer, ticket, intruder)
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client that does not trust it
+        peer.hello(ticket, tls=bulk_client_tls(ClientOptions(root_certificates=pki["rogue.pem"])))
+    assert len(server.service.bulk) == 0
+    _, answer = peer.hello(ticket)  # refused in TLS, the ticket was never read: still good
+    assert answer == b"RAB1\x00" and len(server.service.bulk) == 1
+    _still_serves(server, mutual)  # frames over mutual TLS bulk, equal to local
+
+
+def test_a_bulk_port_whose_certificate_does_not_verify_is_not_used(start_server, pki, caplog):
+    tls = Wire(pki)
+    server = start_server(Scale(torch.float64), tls.server())
+    # The bulk port now shows a certificate of another CA (a port taken over, say): the
+    # client's TLS refuses it, and its frames stay in the verified gRPC channel.
+    server.service.bulk.close()
+    server.service.bulk = BulkListener(
+        "127.0.0.1",
+        max_connections=8,
+        max_session_connections=8,
+        timeout=10,
+        hello_timeout=5,
+        tls=bulk_server_tls(
+            ServerOptions(certificate_chain=pki["intruder.pem"], private_key=pki["intruder.key"])
+        ),
+    )
+    x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)  # 512 KiB each, incompressible
+    with (
+        caplog.at_level(logging.WARNING),
+        RemoteModule(server.address, options=tls.client()) as remote,
+    ):
+        y, g = _round_trip(remote, x, grad)
+        assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        assert remote.client.stats.bulk_calls == 0
+    assert "certificate verify failed" in caplog.text and "gRPC streams" in caplog.text
+    assert len(server.service.bulk) == 0
+
+
+# -- the hello deadline and the client's retry ---------------------------------------------------
+
+
+def test_a_client_that_lost_the_bulk_channel_tries_it_again_later(start_server, caplog):
+    server = start_server(Scale(torch.float64))
+    server.service.bulk.close()  # nothing listens on the port the server told
+    x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)
+    options = ClientOptions(bulk_retry_interval=0.2)
+    with caplog.at_level(logging.WARNING), RemoteModule(server.address, options=options) as remote:
+        y, g = _round_trip(remote, x, grad)
+        assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        assert remote.client.stats.bulk_calls == 0 and "cannot be reached" in caplog.text
+        # The channel comes back on a new port (as after a restart of the server).
+        server.service.bulk = BulkListener(
+            "127.0.0.1", max_connections=8, max_session_connections=8, timeout=10, hello_timeout=5
+        )
+        deadline = time.monotonic() + 10
+        while remote.client.stats.bulk_calls == 0 and time.monotonic() < deadline:
+            y, g = _round_trip(remote, x, grad)
+            assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        before = remote.client.stats.bulk_calls
+        assert before > 0
+        _round_trip(remote, x, grad)
+        assert remote.client.stats.bulk_calls == before + 2  # for good: both frames
+
+
+class Trickler(threading.Thread):
+    """Opens bulk connections and sends their first bytes one at a time, every 0.2 s, until the
+    server closes them (then opens the next), until told to stop. ``endings`` says how each
+    ended: "closed" by the server, "answered" (the server judged a whole hello), "stopped"."""
+
+    def __init__(self, port: int, first: bytes, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port, self.first, self.stop = port, first, stop
+        self.endings: list[str] = []
+
+    def run(self) -> None:
+        until = time.monotonic() + 20  # bounded whatever happens
+        while not self.stop.is_set() and time.monotonic() < until:
+            self.endings.append(self._one())
+
+    def _one(self) -> str:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        except OSError:
+            return "closed"
+        with sock:
+            sock.settimeout(0.2)
+            try:
+                sock.sendall(self.first)
+                while not self.stop.is_set():
+                    try:
+                        if sock.recv(64):
+                            return "answered"
+                        return "closed"
+                    except TimeoutError:
+                        sock.sendall(b"\x00")
+            except OSError:
+                return "closed"
+        return "stopped"
+
+
+def test_slow_hellos_hold_no_handshake_slot_past_the_deadline(start_server, wire):
+    """16 peers trickling their hellos fill every handshake slot; each is cut at the hello
+    deadline, a client already connected keeps its bulk channel, and a new client whose
+    connection was refused meanwhile gets the channel once the slots free up."""
+    server = start_server(Scale(torch.float64), wire.server(bulk_hello_timeout=0.5))
+    listener = server.service.bulk
+    x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)
+    options = wire.client(bulk_retry_interval=0.1)
+    # TLS: a handshake record header that promises 512 bytes; plain: the start of a hello
+    first = b"\x16\x03\x01\x02\x00" if wire.pki is not None else b"RAB1"
+    stop = threading.Event()
+    tricklers = [Trickler(listener.port, first, stop) for _ in range(16)]
+    with (
+        RemoteModule(server.address, options=options) as old,
+        RemoteModule(server.address, options=options) as new,
+    ):
+        _round_trip(old, x, grad)  # its connection is open before the slots fill
+        assert old.client.stats.bulk_calls == 2
+        try:
+            for trickler in tricklers:
+                trickler.start()
+            deadline = time.monotonic() + 10
+            while listener.handshaking < 16 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert listener.handshaking == 16  # every slot held by a trickler
+            for _ in range(3):
+                y, g = _round_trip(old, x, grad)
+                assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+            assert old.client.stats.bulk_calls == 8
+            y, g = _round_trip(new, x, grad)  # its hello is likely refused: streams
+            assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+            while time.monotonic() < deadline:
+                closed = sum(t.endings.count("closed") for t in tricklers)
+                if closed >= 32:  # every trickler cut twice
+                    break
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for trickler in tricklers:
+                trickler.join(timeout=10)
+        endings = [e for t in tricklers for e in t.endings]
+        assert endings.count("closed") >= 32 and "answered" not in endings
+        deadline = time.monotonic() + 10
+        while new.client.stats.bulk_calls == 0 and time.monotonic() < deadline:
+            y, g = _round_trip(new, x, grad)
+            assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        assert new.client.stats.bulk_calls >= 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
-import subprocess
 import threading
 import time
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pki import make_pki
 from torch import nn
 
 from remote_autograd import (
@@ -35,76 +35,10 @@ from remote_autograd.client import TrunkClient
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "remote_autograd"
 
 
-def _openssl(*args: str, cwd: pathlib.Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-# A fresh P-256 key, unencrypted: the same for the CAs, the server and the clients.
-_NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def _issue(directory: pathlib.Path, name: str, ca: str, cn: str, ext: str) -> None:
-    _openssl(
-        "req",
-        *_NEW_EC_KEY,
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={cn}",
-        cwd=directory,
-    )
-    (directory / f"{name}.ext").write_text(ext + "\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-out",
-        f"{name}.pem",
-        "-days",
-        "2",
-        "-extfile",
-        f"{name}.ext",
-        cwd=directory,
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, bytes]:
     """A CA, a server certificate for 127.0.0.1, a client certificate, and a rogue CA's."""
-    directory = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue"):
-        _openssl(
-            "req",
-            "-x509",
-            *_NEW_EC_KEY,
-            "-keyout",
-            f"{ca}.key",
-            "-out",
-            f"{ca}.pem",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={ca}-ca",
-            cwd=directory,
-        )
-    _issue(
-        directory,
-        "server",
-        "ca",
-        "localhost",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-    )
-    _issue(directory, "client", "ca", "client-1", "extendedKeyUsage=clientAuth")
-    _issue(directory, "intruder", "rogue", "client-1", "extendedKeyUsage=clientAuth")
-    return {p.stem + p.suffix: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _linear() -> nn.Module:
@@ -130,7 +64,7 @@ def _fails(address: str, options: ClientOptions, error: type[Exception]) -> None
 def test_tls(start_server, pki):
     options = ServerOptions(certificate_chain=pki["server.pem"], private_key=pki["server.key"])
     server = start_server(_linear(), options)
-    assert server.service.bulk is None  # no plain-text side channel beside a TLS port
+    assert server.service.bulk.tls is not None  # no plain-text side channel beside a TLS port
     expected = _linear().weight.sum(0).expand(3, 4)
     grad = _one_step(server.address, ClientOptions(root_certificates=pki["ca.pem"]))
     assert torch.equal(grad, expected)
@@ -163,6 +97,31 @@ def test_mutual_tls(start_server, pki):
         ),  # same CN, wrong CA
     ):
         _fails(server.address, options, TransportError)
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_large_frames_over_tls_take_the_tls_bulk_channel(start_server, pki, mutual):
+    server_options = ServerOptions(
+        certificate_chain=pki["server.pem"],
+        private_key=pki["server.key"],
+        client_ca=pki["ca.pem"] if mutual else None,
+    )
+    server = start_server(nn.Identity(), server_options)
+    client_options = ClientOptions(
+        root_certificates=pki["ca.pem"],
+        certificate_chain=pki["client.pem"] if mutual else None,
+        private_key=pki["client.key"] if mutual else None,
+    )
+    x = torch.randn(4, 1 << 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with RemoteModule(server.address, options=client_options) as remote:
+        y = remote(x.requires_grad_())  # 2 MiB each way, LZ4 cannot shrink it
+        y.backward(2 * x.detach())
+        assert torch.equal(y, x) and torch.equal(x.grad, 2 * x.detach())
+        assert remote.client.stats.bulk_calls == 2  # Compute and Backward, inside TLS
+        (connection,) = server.service.bulk._connections.values()
+        key = server.engine.sessions.values()[0].key
+        assert connection.session == key  # bound to the session (under mTLS: its CN too)
+        assert ("/cn=client-1/" in key) == mutual
 
 
 def test_tokens_are_required_and_checked(start_server):
