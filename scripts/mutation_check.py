@@ -49,8 +49,8 @@ MUTATIONS: list[Mutation] = [
     # -- the eight changes of the audit (issue #12) -----------------------------------------
     M(
         "retried_backward_accumulates_twice",
-        "remote_autograd/compute.py",
-        "context.backward_seq = header.backward_seq",
+        "remote_autograd/engine.py",
+        "context.backward_seq = call.seq",
         "context.backward_seq = context.backward_seq",
         (
             "tests/test_faults.py::test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice",
@@ -59,15 +59,15 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "load_state_accepts_nan",
-        "remote_autograd/optimizers.py",
-        "if not finite_flags([value])[0]:",
-        "if False:",
+        "remote_autograd/validate.py",
+        'if not finite_flags([value])[0]:\n            raise InvalidRequest(f"parameter',
+        'if False:\n            raise InvalidRequest(f"parameter',
         ("tests/test_limits.py::test_load_state_refuses_non_finite_parameters",),
         "LoadState refuses non-finite parameters",
     ),
     M(
         "reply_quantization_ignored",
-        "remote_autograd/compute.py",
+        "remote_autograd/service.py",
         'quantization=quantization or "none"',
         'quantization="none"',
         ("tests/test_split_training.py::test_wire_quantization_end_to_end",),
@@ -91,7 +91,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "expired_session_keeps_contexts",
-        "remote_autograd/service.py",
+        "remote_autograd/engine.py",
         "self.contexts.drop_session(key)",
         "pass",
         (
@@ -102,7 +102,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "zero_grad_to_zero_does_nothing",
-        "remote_autograd/cache.py",
+        "remote_autograd/sessions.py",
         "grad.zero_()",
         "pass",
         ("tests/test_optim.py::test_zero_grad_set_to_none_false_zeroes_the_trunk_gradients",),
@@ -110,7 +110,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "int8_truncates",
-        "remote_autograd/codec.py",
+        "remote_autograd/quantize.py",
         "scaled.round_()",
         "scaled.trunc_()",
         ("tests/test_codec.py::test_int8_rounds_to_nearest_within_half_a_step_of_its_block",),
@@ -119,15 +119,15 @@ MUTATIONS: list[Mutation] = [
     # -- more documented behaviours ------------------------------------------------------------
     M(
         "step_not_replayed",
-        "remote_autograd/optimizers.py",
-        "if request.step == session.last_step and request.step > 0:",
+        "remote_autograd/engine.py",
+        "if call.step == session.last_step and call.step > 0:",
         "if False:",
         ("tests/test_faults.py::test_a_lost_reply_is_retried_and_applied_once",),
         "a retried Step is answered as a replay, applied once",
     ),
     M(
         "grad_scale_not_checked",
-        "remote_autograd/cache.py",
+        "remote_autograd/sessions.py",
         "if not math.isfinite(grad_scale):",
         "if False:",
         ("tests/test_limits.py::test_a_non_finite_clip_scale_never_reaches_the_gradients",),
@@ -135,7 +135,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "contexts_not_bound_to_sessions",
-        "remote_autograd/cache.py",
+        "remote_autograd/contexts.py",
         "if context is None or context.session != session:",
         "if context is None:",
         ("tests/test_security.py::test_a_client_cannot_touch_another_clients_contexts",),
@@ -151,7 +151,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "stale_weights_answered",
-        "remote_autograd/compute.py",
+        "remote_autograd/engine.py",
         "if context.weights_version != self.weights_version:",
         "if False:",
         (
@@ -162,15 +162,15 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "backward_order_unchecked",
-        "remote_autograd/compute.py",
-        "if header.backward_seq != context.backward_seq + 1:",
+        "remote_autograd/engine.py",
+        "if call.seq != context.backward_seq + 1:",
         "if False:",
         ("tests/test_errors.py::test_backward_header_is_checked_against_its_forward",),
         "Backwards of one context come in sequence",
     ),
     M(
         "backward_needs_count_unchecked",
-        "remote_autograd/compute.py",
+        "remote_autograd/engine.py",
         "if len(needs) != len(context.inputs):",
         "if False:",
         ("tests/test_errors.py::test_backward_header_is_checked_against_its_forward",),
@@ -178,7 +178,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "integer_input_may_need_grad",
-        "remote_autograd/compute.py",
+        "remote_autograd/runner.py",
         "if not leaf.is_floating_point():",
         "if False:",
         ("tests/test_errors.py::test_compute_refuses_an_integer_input_that_needs_a_gradient",),
@@ -186,7 +186,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "unsendable_reply_not_translated",
-        "remote_autograd/compute.py",
+        "remote_autograd/service.py",
         "except codec.CodecError as exc:\n            raise TrunkError(",
         "except KeyError as exc:\n            raise TrunkError(",
         ("tests/test_errors.py::test_a_trunk_returning_what_cannot_be_sent_is_a_trunk_error",),
@@ -232,7 +232,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "session_ttl_never_expires",
-        "remote_autograd/cache.py",
+        "remote_autograd/sessions.py",
         "stale = [key for key, s in self._items.items() if s.last_seen <= deadline]",
         "stale = []",
         (
@@ -253,22 +253,22 @@ MUTATIONS: list[Mutation] = [
     M(
         "handshake_cap_unchecked",
         "remote_autograd/bulk.py",
-        "if not self._handshakes.acquire(blocking=False):",
-        "if not self._handshakes.acquire(blocking=False) and False:",
+        "full = self._handshaking >= _MAX_HANDSHAKES",
+        "full = False",
         ("tests/test_bulk.py::test_connections_presenting_tickets_at_once_are_capped",),
         "at most _MAX_HANDSHAKES connections present tickets at once",
     ),
     M(
         "checkpoint_without_path_unexplained",
-        "remote_autograd/service.py",
-        "if not self.options.checkpoint_path:",
+        "remote_autograd/engine.py",
+        "if not path:",
         "if False:",
         ("tests/test_checkpoint.py::test_checkpoint_without_a_path_is_refused",),
         "Checkpoint on a server without a path is refused, saying so",
     ),
     M(
         "checkpoint_format_unchecked",
-        "remote_autograd/checkpoint.py",
+        "remote_autograd/checkpoint_file.py",
         'if not isinstance(state, dict) or state.get("format") != FORMAT:',
         "if not isinstance(state, dict):",
         (
@@ -290,7 +290,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "server_dtype_input_not_cast",
-        "remote_autograd/compute.py",
+        "remote_autograd/runner.py",
         "return tensor.to(self.dtype)",
         "return tensor",
         (
@@ -300,7 +300,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "load_state_nan_in_optimizer_state",
-        "remote_autograd/optimizers.py",
+        "remote_autograd/engine.py",
         'check_finite_tree(optimizer_state.get("state"), "optimizer state")',
         "pass",
         ("tests/test_limits.py::test_non_finite_grad_scale_and_optimizer_state_are_refused",),
@@ -319,7 +319,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "release_ignored",
-        "remote_autograd/cache.py",
+        "remote_autograd/contexts.py",
         "if context is not None and context.session == session:",
         "if False:",
         ("tests/test_split_training.py::test_contexts_are_released_and_no_grad_keeps_nothing",),
