@@ -242,7 +242,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         norms, dtype = self.engine.grad_norms(
             self.session(context),
             request.norm_type or 2.0,
-            ZeroGrad(request.zero_grad),
+            ZeroGrad.from_wire(request.zero_grad),
             request.grad_scale,
         )
         return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))
@@ -252,7 +252,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         call = StepCall(
             step=request.step,
             param_groups=unpack(request.param_groups, "param_groups"),
-            zero_grad=ZeroGrad(request.zero_grad),
+            zero_grad=ZeroGrad.from_wire(request.zero_grad),
             grad_scale=request.grad_scale,
             server_id=request.server_id,
         )
@@ -323,7 +323,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             request_id=header.request_id,
             seq=header.backward_seq,
             needs_input_grad=list(header.needs_input_grad),
-            zero_grad=ZeroGrad(header.zero_grad),
+            zero_grad=ZeroGrad.from_wire(header.zero_grad),
             grad_scale=header.grad_scale,
         )
         decoded = time.perf_counter()

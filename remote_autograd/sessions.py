@@ -29,6 +29,17 @@ class ZeroGrad(IntEnum):
     TO_NONE = 1  # zero_grad(set_to_none=True)
     TO_ZERO = 2  # zero_grad(set_to_none=False)
 
+    @classmethod
+    def from_wire(cls, value: int) -> ZeroGrad:
+        """The mode a request names; protobuf enums are open, so any int can arrive."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidRequest(
+                f"zero_grad must be one of {', '.join(f'{m.value} ({m.name})' for m in cls)}, "
+                f"got {value}"
+            ) from None
+
 
 @dataclass(eq=False)
 class Session:

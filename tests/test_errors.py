@@ -292,3 +292,39 @@ def test_a_trunk_returning_what_cannot_be_sent_is_a_trunk_error(start_server, va
         remote(torch.ones(2))
     assert type(info.value) is TrunkError and named in str(info.value)
     assert server.stats()["contexts"] == 0  # a forward not kept (no grad wanted) leaves nothing
+
+
+@pytest.mark.parametrize("method", ["GradNorm", "Step"])
+def test_an_unknown_zero_grad_mode_is_refused_and_changes_nothing(start_server, method):
+    """Protobuf enums are open: any int can arrive as zero_grad. It is refused as
+    INVALID_ARGUMENT (not an INTERNAL error of the trunk), and the session's gradients stay."""
+    from remote_autograd._proto import remote_autograd_pb2 as pb
+    from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
+
+    server = start_server(nn.Linear(3, 2).double())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    optimizer.zero_grad()
+    remote(torch.ones(1, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
+    session = server.engine.sessions.values()[0]
+    held = {k: v.clone() for k, v in session.grads.items()}
+    metadata = (("ra-session", remote.client.session_id),)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TrunkStub(channel)
+        request = (
+            pb.GradNormRequest(norm_type=2.0, zero_grad=7)
+            if method == "GradNorm"
+            else pb.StepRequest(step=1, zero_grad=7)
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(stub, method)(request, metadata=metadata, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "zero_grad must be one of 0 (KEEP), 1 (TO_NONE), 2 (TO_ZERO), got 7" in info.value.details()
+    )
+    assert session.grads.keys() == held.keys()
+    for name, grad in held.items():
+        assert torch.equal(session.grads[name], grad), name
+    assert server.stats()["weights_version"] == 0
+    optimizer.step()  # the session goes on
+    assert server.stats()["weights_version"] == 1
