@@ -18,6 +18,7 @@ import pytest
 import torch
 from models import Scale
 from pki import make_pki
+from polling import wait_for
 
 from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames
 from remote_autograd._proto import remote_autograd_pb2 as pb
@@ -318,14 +319,7 @@ def test_releases_riding_on_a_backward_are_applied(start_server):
         first.sum().backward()  # frees the first graph: its release waits for the next call
         second.sum().backward()  # ... which is this Backward
         assert server.stats()["contexts"] <= 1
-        _wait_for(lambda: server.stats()["contexts"] == 0)  # the second's goes on its own
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+        wait_for(lambda: server.stats()["contexts"] == 0)  # the second's goes on its own
 
 
 def test_receive_buffers_are_reused_once_nothing_holds_them():
@@ -403,7 +397,7 @@ def test_connections_presenting_tickets_at_once_are_capped(start_server, peers):
         sock, answer = peer.hello(ticket)  # the ticket was never read: still valid
         return answer == b"RAB1\x00"
 
-    _wait_for(hello_accepted)
+    wait_for(hello_accepted)
     assert len(server.service.bulk) == 1
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
 import pytest
 import torch
+from polling import wait_for
 from torch import nn
 
 import remote_autograd
@@ -118,7 +118,7 @@ def test_backward_after_expiry_names_the_context(start_server):
     server = start_server(nn.Linear(3, 3), ServerOptions(context_ttl=0.2))
     remote = RemoteModule(server.address, options=NO_RECOVERY)
     y = remote(torch.randn(2, 3, requires_grad=True))
-    _wait_for(lambda: server.stats()["contexts"] == 0)  # the sweeper expired it
+    wait_for(lambda: server.stats()["contexts"] == 0)  # the sweeper expired it
     with pytest.raises(ContextNotFound, match=r"no forward context \(expired after 0.2 s idle"):
         y.sum().backward()
 
@@ -185,13 +185,6 @@ def test_bad_gradients_are_refused_before_touching_the_trunk(start_server):
     with pytest.raises(InvalidRequest, match="not finite"):
         y.backward(torch.full((2, 3), float("nan")))
     assert server.engine.sessions.values()[0].grads == {}
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 class Blocking(nn.Module):

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from models import Scale
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import (
@@ -25,13 +26,6 @@ from remote_autograd import (
 )
 
 MiB = 1 << 20
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def _idle(server, remote: RemoteModule) -> None:
@@ -47,7 +41,7 @@ def test_the_sweeper_expires_idle_sessions(start_server):
     server = start_server(Scale(torch.float64), ServerOptions(session_ttl=0.3))
     remote = RemoteModule(server.address)
     remote.client.info()
-    _wait_for(lambda: server.stats()["sessions"] == 0)
+    wait_for(lambda: server.stats()["sessions"] == 0)
     x = torch.ones(2, dtype=torch.float64)
     assert torch.equal(remote(x), x * 1.5)  # the client goes on in a new session
 

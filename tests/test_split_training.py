@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 from models import Split, block_parts, mlp_parts
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
@@ -172,10 +172,10 @@ def test_contexts_are_released_and_no_grad_keeps_nothing(start_server):
     y = remote(x)
     assert server.stats()["contexts"] == 1
     y.sum().backward()  # no retain_graph: the client's graph is freed, so the context goes too
-    _wait_for(lambda: server.stats()["contexts"] == 0)
+    wait_for(lambda: server.stats()["contexts"] == 0, timeout=10.0)
     y = remote(x)
     del y  # a forward that is never backwarded: released when its graph is dropped
-    _wait_for(lambda: server.stats()["contexts"] == 0)
+    wait_for(lambda: server.stats()["contexts"] == 0, timeout=10.0)
 
 
 def test_train_and_eval_switch_the_trunk_mode(start_server):
@@ -275,13 +275,6 @@ def test_several_inputs_values_and_nested_outputs(start_server):
     (out["sum"].sum() + out["pair"][0].sum()).backward()
     torch.testing.assert_close(a.grad, 1 + b.detach(), rtol=0, atol=0)
     torch.testing.assert_close(b.grad, 3 + a.detach(), rtol=0, atol=0)
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_server_dtype_is_invisible_to_the_caller(start_server):
