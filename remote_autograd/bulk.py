@@ -119,7 +119,11 @@ class _Connection:
     def recv_frame(self, length: int, limits: Limits) -> memoryview:
         codec.check_frame_size(length, limits)
         view = frames.receive_buffer(length)
-        self.recv_into(view)
+        try:
+            self.recv_into(view)
+        except BaseException:
+            view.release()  # as frames.receive: a kept traceback must not hold the buffer
+            raise
         return view
 
 

@@ -38,7 +38,7 @@ class ForwardContext:
     inputs: list[torch.Tensor]  # leaves on the server device (requires_grad where asked)
     input_dtypes: list[torch.dtype]  # dtypes the client sent (gradients go back in these)
     outputs: list[torch.Tensor] | None  # the trunk's tensor outputs, attached to the graph
-    nbytes: int  # bytes held by inputs and outputs
+    nbytes: int  # bytes held: inputs, outputs and the activations saved for Backward
     weights_version: int  # optimizer steps applied when the forward ran
     seed: int = 0  # RNG seed of the forward (dropout), so a recompute matches it
     template: Any = None  # where the inputs go in (args, kwargs), for a recompute

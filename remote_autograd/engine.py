@@ -12,6 +12,7 @@ lock (``_lock``, held while the module runs or its weights change).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
@@ -36,6 +37,7 @@ from .calls import (
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .errors import InvalidRequest, NotConfigured, StaleContext
+from .footprint import Footprint
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -59,10 +61,6 @@ __all__ = ["ID_PATTERN", "TrunkEngine"]
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # request and session ids, matched whole
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class TrunkEngine:
@@ -196,12 +194,19 @@ class TrunkEngine:
                     f"on weights version {call.weights_version}, the trunk is now at "
                     f"{version}; run the step's forward and backward again"
                 )
+            # A kept graph's inputs, outputs and saved activations count against
+            # max_context_bytes; the trunk's own weights, which every forward saves, do not.
+            graph = keep and not lazy
+            shared = [*self.module.parameters(), *self.module.buffers()] if graph else []
+            footprint = Footprint(shared)
             if not call.recompute:
-                out_template, outputs = self.runner.forward(
-                    template, leaves, call.training, seed if keep else None, grad=keep and not lazy
-                )
+                with footprint.saved() if graph else contextlib.nullcontext():
+                    out_template, outputs = self.runner.forward(
+                        template, leaves, call.training, seed if keep else None, grad=graph
+                    )
         if keep:
             kept = None if lazy else outputs
+            footprint.add([*leaves, *(kept or ())])
             # The cache ends the lease when the context goes away (evicted, released...).
             self.contexts.put(
                 ForwardContext(
@@ -210,7 +215,7 @@ class TrunkEngine:
                     inputs=leaves,
                     input_dtypes=[t.dtype for t in tensors],
                     outputs=kept,
-                    nbytes=sum(_nbytes(t) for t in (*leaves, *(kept or ()))),
+                    nbytes=footprint.nbytes,
                     weights_version=version,
                     seed=seed,
                     template=template,

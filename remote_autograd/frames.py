@@ -155,17 +155,25 @@ def receive(messages: Iterable[pb.Frame], limits: Limits) -> Received:
         raise CodecError("stream carries no header in its first message")
     total = first.header.payload_bytes
     codec.check_frame_size(total, limits)
-    view = buffer = _POOL.take(total)
+    view = _POOL.take(total)
     filled = 0
-    for message in _chain(first, iterator):
-        size = len(message.payload)
-        if filled + size > total:
-            raise CodecError(f"stream carries more than the {total} bytes its header declares")
-        view[filled : filled + size] = message.payload
-        filled += size
-    if filled != total:
-        raise CodecError(f"stream ended after {filled} of the {total} bytes its header declares")
-    return Received(first.header, buffer)
+    try:
+        for message in _chain(first, iterator):
+            size = len(message.payload)
+            if filled + size > total:
+                raise CodecError(f"stream carries more than the {total} bytes its header declares")
+            view[filled : filled + size] = message.payload
+            filled += size
+        if filled != total:
+            raise CodecError(
+                f"stream ended after {filled} of the {total} bytes its header declares"
+            )
+    except BaseException:
+        # gRPC keeps the error of a cancelled call, its traceback and so this frame, until its
+        # cyclic collector runs: the buffer (up to max_payload_bytes) must not live on with it.
+        view.release()
+        raise
+    return Received(first.header, view)
 
 
 def _chain(first: pb.Frame, rest: Iterator[pb.Frame]) -> Iterator[pb.Frame]:

@@ -63,7 +63,8 @@ class ServerOptions:
     max_workers: int = 16  # gRPC worker threads
     limits: Limits = field(default_factory=Limits)  # what the server accepts from clients
     max_contexts: int = 4096  # cached forward contexts, all sessions together
-    max_context_bytes: int = 8 * GiB  # bytes of cached inputs/outputs, all sessions together
+    max_context_bytes: int = 8 * GiB  # bytes held by kept forwards (inputs, outputs and the
+    # activations autograd saved for Backward), all sessions together
     context_ttl: float = 600.0  # a forward context expires this many seconds after its last use
     max_session_contexts: int = 1024  # cached forward contexts of one session (its oldest go)
     max_sessions: int = 64  # client sessions at once

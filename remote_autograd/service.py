@@ -51,6 +51,11 @@ def _rpc(method: Callable) -> Callable:
     """Turn any exception into a gRPC status with the error's class in trailing metadata."""
 
     def fail(self: TrunkService, context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.RpcError):
+            # Raised by a request stream whose caller cancelled or ran out of time: an
+            # expected end, nobody to answer.
+            log.debug("%s from %s: the caller went away mid-call", method.__name__, context.peer())
+            return
         if isinstance(exc, RemoteAutogradError) and hasattr(exc, "status"):
             code, name, message = exc.status, type(exc).__name__, str(exc)
             # DEBUG, not WARNING: a client sending garbage must not be able to flood the log.

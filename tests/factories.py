@@ -35,3 +35,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     y = torch.randn(5, 2, generator=generator, dtype=torch.float64)
     return x, y
+
+
+def wide_mlp() -> nn.Module:
+    """A float32 MLP whose saved activations are three times its input (memory-bound tests)."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))

@@ -1,0 +1,64 @@
+"""What a kept forward really holds: its inputs, its outputs and the activations autograd saved.
+
+``max_context_bytes`` bounds this. Counting only inputs and outputs misses most of it: a
+transformer block saves several tensors the size of its input for its backward. The saved ones
+are seen through ``torch.autograd.graph.saved_tensors_hooks`` while the forward runs; tensors
+are counted once per storage (views share one), and the trunk's own parameters and buffers,
+which every forward saves and none owns, not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+__all__ = ["Footprint"]
+
+
+class Footprint:
+    """Bytes of distinct storages added to it, leaving out those of ``shared`` tensors."""
+
+    def __init__(self, shared: Iterable[torch.Tensor] = ()) -> None:
+        self.nbytes = 0
+        self._seen: set[tuple[torch.device, int]] = set()
+        for tensor in shared:
+            self._key(tensor)
+
+    def add(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self._count(tensor)
+
+    @contextlib.contextmanager
+    def saved(self) -> Iterator[None]:
+        """Count every tensor autograd saves for backward inside the block."""
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            self._count(tensor)
+            return tensor  # kept as it is: only counted
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        key = self._key(tensor)
+        if key is not None:
+            self.nbytes += key[2]
+
+    def _key(self, tensor: torch.Tensor) -> tuple[torch.device, int, int] | None:
+        """Registers the tensor's storage; returns it (device, address, bytes) if new."""
+        try:
+            storage = tensor.untyped_storage()
+            key = (tensor.device, storage.data_ptr())
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            key, size = (tensor.device, id(tensor)), tensor.numel() * tensor.element_size()
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        return (*key, size)
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

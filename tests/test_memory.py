@@ -1,0 +1,150 @@
+"""Memory bounds that hold: ``max_context_bytes`` counts what a kept forward really holds
+(saved activations included), a cancelled or failed stream lets go of its buffer at once, and
+neither is logged as a server error. The RSS tests watch a real server in a child process."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import spawn_server
+from torch import nn
+
+from remote_autograd import ClientOptions, LimitExceeded, RemoteModule, ServerOptions
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stop(process) -> str:
+    process.kill()
+    _, err = process.communicate(timeout=30)
+    return err
+
+
+def test_a_kept_forward_counts_its_saved_activations(start_server):
+    # Linear saves its input (the leaf) and weight (the trunk's, not counted), GELU its input
+    # h1, the second Linear GELU's output h2: held = x + h1 + h2 + output.
+    batch, width = 6, 8
+    server = start_server(
+        nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)).double()
+    )
+    remote = RemoteModule(server.address)
+    x = torch.randn(batch, width, dtype=torch.float64, requires_grad=True)
+    out = remote(x)
+    expected = 8 * (batch * width + 2 * batch * 4 * width + batch * width)
+    assert server.stats()["context_bytes"] == expected
+    out.sum().backward()  # the counted context still works
+    assert x.grad is not None and server.stats()["context_bytes"] in (0, expected)
+
+
+def test_views_and_weights_are_not_counted_twice(start_server):
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(10, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # x[:5] and x[5:] are views of the input; both products save the parameter.
+            return torch.cat([x[:5] * self.scale, x[5:] * self.scale])
+
+    server = start_server(Views())
+    remote = RemoteModule(server.address)
+    x = torch.randn(10, 10, dtype=torch.float64, requires_grad=True)
+    out = remote(x)
+    assert server.stats()["context_bytes"] == 8 * (100 + 100)  # the input once, the output
+    out.sum().backward()
+
+
+def test_activations_push_a_context_over_the_limit(start_server):
+    # Inputs and outputs (2 x 2 KiB) fit in 5 KiB, their 8 KiB of activations do not.
+    server = start_server(
+        nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).double(),
+        ServerOptions(max_context_bytes=5 * 1024),
+    )
+    remote = RemoteModule(server.address)
+    with pytest.raises(LimitExceeded, match="max_context_bytes=5120"):
+        remote(torch.zeros(32, 8, dtype=torch.float64, requires_grad=True))
+    assert server.stats()["contexts"] == 0
+    small = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    remote(small).sum().backward()  # still serving
+    assert small.grad is not None
+
+
+def test_kept_forwards_stay_within_max_context_bytes_in_rss():
+    # Each forward of a 16 MiB input holds 96 MiB (input, GELU's input and output, output);
+    # counted as 32 MiB, four would be kept under 128 MiB (384 MiB held).
+    process, address = spawn_server("factories:wide_mlp", "--max-context-bytes", str(128 * MiB))
+    try:
+        remote = RemoteModule(address, options=ClientOptions(compression="none"))
+        remote(torch.zeros(4, 256, requires_grad=True)).sum().backward()  # warm up
+        before = _rss(process.pid)
+        kept = [remote(torch.randn(16384, 256, requires_grad=True)) for _ in range(6)]
+        growth = _rss(process.pid) - before
+        print(f"RSS growth {growth / MiB:.0f} MiB")
+        assert growth < 200 * MiB, f"the server grew by {growth // MiB} MiB"
+        kept[-1].sum().backward()  # the newest context is still there
+        remote.close()
+    finally:
+        err = _stop(process)
+    assert "Traceback" not in err and " ERROR " not in err, err[-2000:]
+
+
+def _stalled_stream(size: int, sent: int, overrun: bool):
+    chunk = b"\0" * MiB
+    yield pb.Frame(header=pb.Header(request_id="a" * 32, payload_bytes=size), payload=chunk)
+    for _ in range(sent // MiB - 1):
+        yield pb.Frame(payload=chunk)
+    if overrun:  # more than declared: refused by the server (CodecError)
+        for _ in range((size - sent) // MiB + 1):
+            yield pb.Frame(payload=chunk)
+    time.sleep(10)  # then stall until the deadline cancels the call
+
+
+def test_cancelled_and_failed_streams_free_their_buffers():
+    process, address = spawn_server(
+        "factories:dropout_trunk", "--max-inflight-bytes", str(100 * MiB)
+    )
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = pb_grpc.TrunkStub(channel)
+            codes = []
+            before = _rss(process.pid)
+            for index in range(6):
+                frames = _stalled_stream(64 * MiB, 16 * MiB, overrun=index % 2 == 1)
+                try:
+                    for _ in stub.ComputeStream(frames, timeout=1, metadata=(("ra-session", "s"),)):
+                        pass
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            growth = _rss(process.pid) - before
+            print(f"RSS growth {growth / MiB:.0f} MiB")
+            # One 64 MiB buffer stays pooled for reuse; six kept ones would be 384 MiB.
+            assert growth < 200 * MiB, f"the server grew by {growth // MiB} MiB"
+            assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+            assert grpc.StatusCode.INVALID_ARGUMENT in codes
+            assert set(codes) <= {
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            }
+            # Every byte of the in-flight budget came back: a full-size frame still fits.
+            remote = RemoteModule(address, options=ClientOptions(bulk=False, compression="none"))
+            x = torch.randn(9000, 8, dtype=torch.float64)
+            assert remote(x).shape == (9000, 8)
+            remote.close()
+    finally:
+        err = _stop(process)
+    # Cancellations and refusals are expected: no ERROR lines, no tracebacks.
+    assert "Traceback" not in err and " ERROR " not in err, err[-2000:]
