@@ -36,8 +36,17 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .errors import InvalidRequest, NotConfigured, StaleContext
+from .errors import InvalidRequest, NotConfigured, StaleContext, TrunkError
 from .footprint import Footprint
+from .guard import (
+    accumulate,
+    check_finite_weights,
+    check_grad_scale,
+    check_hyperparameters,
+    check_updates,
+    guarded_step,
+    pending_grads,
+)
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -231,6 +240,7 @@ class TrunkEngine:
         (``value``: {'grads': [tensor or None per output]}): parameter gradients accumulate in
         the session, input gradients are returned. A repeated ``seq`` is a retry: answered
         again, nothing accumulates twice."""
+        check_grad_scale(call.grad_scale, self.options, "Backward")
         context = self.contexts.get(session.key, call.request_id)
         with context.lock:
             if call.seq == context.backward_seq and context.last_reply is not None:
@@ -277,11 +287,12 @@ class TrunkEngine:
                     retain_graph=context.outputs is not None,
                 )
                 check_finite_grads(self.params, param_grads)
-                session.apply_pending(call.zero_grad, call.grad_scale)
-                for (name, _), grad in zip(self.params, param_grads, strict=True):
-                    if grad is not None:
-                        held = session.grads.get(name)
-                        session.grads[name] = grad if held is None else held.add_(grad)
+                named_grads = {
+                    name: grad
+                    for (name, _), grad in zip(self.params, param_grads, strict=True)
+                    if grad is not None
+                }
+                accumulate(session, named_grads, call.zero_grad, call.grad_scale)
                 computed = time.perf_counter()
             returned: list[torch.Tensor | None] = [None] * len(context.inputs)
             for i, grad in zip(wanted, input_grads, strict=True):
@@ -322,6 +333,7 @@ class TrunkEngine:
             optimizer = cls([p for _, p in self.params], **kwargs)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
+        check_hyperparameters(name, optimizer.param_groups, self.options)
         with session.lock:
             session.optimizer = optimizer
             session.optimizer_name = name
@@ -334,6 +346,7 @@ class TrunkEngine:
     ) -> tuple[list[float], torch.dtype]:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
         and the gradients' dtype."""
+        check_grad_scale(grad_scale, self.options, "GradNorm")
         with session.lock:
             session.apply_pending(zero_grad, grad_scale)
             grads = [session.grads[n] for n, _ in self.params if n in session.grads]
@@ -364,7 +377,9 @@ class TrunkEngine:
                     f"{call.server_id}, which is gone (this is {self.server_id}: a restart); "
                     "they are lost, so run this step's forward and backward again"
                 )
+            check_grad_scale(call.grad_scale, self.options, "Step")
             groups = step_groups(call.param_groups, optimizer)
+            check_updates(optimizer, groups, self.options)
             waiting = self.turns.others_holding(session.key)
             if waiting:
                 log.debug(
@@ -392,16 +407,12 @@ class TrunkEngine:
     ) -> int:
         """Apply the session's gradients (the caller holds the session lock and its turn)."""
         with self._lock:
-            session.apply_pending(call.zero_grad, call.grad_scale)
-            for group, update in zip(optimizer.param_groups, groups, strict=True):
-                group.update(update)
-            for name, param in self.params:
-                param.grad = session.grads.get(name)
-            try:
-                optimizer.step()
-            finally:
-                for _, param in self.params:
-                    param.grad = None
+            # Applied only if all it produces is finite and sane; else rolled back and refused
+            # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
+            grads = pending_grads(session, call.zero_grad, call.grad_scale)
+            guarded_step(optimizer, self.params, grads, groups, self.options)
+            session.grads.clear()
+            session.grads.update(grads)
             self.weights_version += 1
             session.last_step = call.step
             every = self.options.checkpoint_every
@@ -439,6 +450,9 @@ class TrunkEngine:
                         "RemoteOptimizer first"
                     )
                 check_finite_groups(optimizer_state)
+                check_hyperparameters(
+                    session.optimizer_name, optimizer_state["param_groups"], self.options
+                )
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
                 try:
                     with self._lock:
@@ -474,11 +488,15 @@ class TrunkEngine:
                         "options": session.optimizer_options,
                         "state": session.optimizer.state_dict(),
                     }
-            state = {
-                "weights_version": version,
-                "module": dict(self.module.state_dict()),
-                "sessions": sessions,
-            }
+            module_state = dict(self.module.state_dict())
+            state = {"weights_version": version, "module": module_state, "sessions": sessions}
+            try:
+                check_finite_weights(module_state)
+            except TrunkError as exc:
+                if on_error == "raise":
+                    raise
+                log.error("checkpoint of weights v%d to %s skipped: %s", version, path, exc)
+                return self.saved_version or 0
             try:
                 checkpoint_file.save_checkpoint(path, state)
             except OSError:

@@ -92,3 +92,7 @@ class ServerOptions:
     checkpoint_path: str | None = None  # trunk + optimizer checkpoint: loaded at start if present
     checkpoint_every: int = 0  # save after every this many optimizer steps (0: never by count)
     checkpoint_interval: float = 0.0  # also save every this many seconds when weights changed
+    max_lr: float = 100.0  # largest learning rate (and Rprop step size) a session may set
+    max_grad_scale: float = 1.0  # largest grad_scale of a call (clip_grad_norm_ scales down)
+    max_weight_growth: float = 100.0  # a Step may not make a parameter tensor's largest |w|
+    # more than this times max(1, its largest |w| before): refused, nothing changed (0: off)

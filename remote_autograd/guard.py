@@ -1,0 +1,398 @@
+"""What keeps one session from ruining the shared trunk: bounded hyperparameters and
+``grad_scale``, gradients that stay finite when accumulated, and optimizer steps that apply
+only when everything they produce is finite and of a sane size (otherwise rolled back exactly).
+
+Every refusal raises InvalidRequest naming the hyperparameter, option or parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequest, RemoteError, TrunkError
+from .options import ServerOptions
+from .sessions import Session, ZeroGrad
+from .validate import finite_flags
+
+__all__ = [
+    "IMMUTABLE_HYPERPARAMETERS",
+    "accumulate",
+    "check_finite_weights",
+    "check_grad_scale",
+    "check_hyperparameters",
+    "check_updates",
+    "guarded_step",
+    "pending_grads",
+]
+
+# Flags that change what the optimizer keeps in its state or how it runs: set them when
+# configuring the optimizer, not in a Step (amsgrad switched on mid-run finds no max_exp_avg_sq).
+IMMUTABLE_HYPERPARAMETERS = frozenset(
+    {"amsgrad", "capturable", "differentiable", "foreach", "fused"}
+)
+
+_BOOL_OR_NONE = frozenset({"foreach", "fused"})
+_BOOLS = frozenset(
+    {"amsgrad", "maximize", "nesterov", "centered", "decoupled_weight_decay", "capturable"}
+    | {"differentiable"}
+)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    def check(value: Any) -> bool:
+        if not _number(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return check, f"a number in {left}{low:g}, {high:g}{right}"
+
+
+def _pair(check: Callable[[Any], bool], text: str, length: int = 2):
+    def pair(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == length and all(map(check, value))
+
+    return pair, f"{length} numbers, each {text}"
+
+
+_UNIT, _UNIT_TEXT = _interval(0.0, 1.0)
+_NON_NEGATIVE, _NON_NEGATIVE_TEXT = _interval(0.0, math.inf)
+_BETA, _BETA_TEXT = _interval(0.0, 1.0, high_open=True)
+
+
+def _eps(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):  # Adafactor's (eps1 or None, eps2)
+        return len(value) == 2 and all(v is None or _UNIT(v) for v in value)
+    return _UNIT(value)
+
+
+def _etas(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(map(_number, value))
+        and 0.0 < value[0] < 1.0 < value[1] <= 10.0
+    )
+
+
+def _step_sizes_rule(max_lr: float):
+    def check(value: Any) -> bool:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(map(_number, value))
+            and 0.0 <= value[0] <= value[1] <= max_lr
+        )
+
+    return check, f"(min, max) with 0 <= min <= max <= max_lr={max_lr:g}"
+
+
+def _rules(optimizer: str, options: ServerOptions) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Each hyperparameter's allowed values, by its meaning in torch.optim."""
+    lr, lr_text = _interval(0.0, options.max_lr)
+    rules = {
+        "lr": (lr, f"{lr_text} (ServerOptions.max_lr, serve --max-lr)"),
+        "weight_decay": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "momentum": (_UNIT, _UNIT_TEXT),
+        "dampening": (_UNIT, _UNIT_TEXT),
+        "betas": _pair(_BETA, _BETA_TEXT),
+        "eps": (_eps, "a number in [0, 1] (Adafactor: a pair of these or None)"),
+        "alpha": (_UNIT, _UNIT_TEXT),  # RMSprop's smoothing constant
+        "rho": (_UNIT, _UNIT_TEXT),
+        "lr_decay": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "initial_accumulator_value": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "lambd": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "t0": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "momentum_decay": (_NON_NEGATIVE, _NON_NEGATIVE_TEXT),
+        "etas": (_etas, "(etaminus, etaplus) with 0 < etaminus < 1 < etaplus <= 10"),
+        "step_sizes": _step_sizes_rule(options.max_lr),
+        "beta2_decay": _interval(-math.inf, 0.0),
+        "d": _interval(0.0, math.inf, low_open=True),
+        "ns_steps": (
+            lambda v: type(v) is int and 1 <= v <= 100,
+            "a whole number of Newton-Schulz iterations in [1, 100]",
+        ),
+        "ns_coefficients": _pair(_number, "finite", 3),
+    }
+    if optimizer == "ASGD":
+        rules["alpha"] = (_NON_NEGATIVE, _NON_NEGATIVE_TEXT)  # a power of the eta decay here
+    return rules
+
+
+def check_hyperparameters(
+    optimizer: str,
+    groups: Sequence[dict[str, Any]],
+    options: ServerOptions,
+    *,
+    current: Sequence[dict[str, Any]] | None = None,
+) -> None:
+    """Refuse hyperparameters outside what their meaning allows. ``groups`` are the values the
+    optimizer would step with; ``current``, when given, the values it has now (a Step may not
+    change the flags in IMMUTABLE_HYPERPARAMETERS)."""
+    rules = _rules(optimizer, options)
+    for index, group in enumerate(groups):
+        where = f"{optimizer} param group {index}"
+        if not isinstance(group, dict):
+            raise InvalidRequest(f"{where}: expected a map of hyperparameters")
+        for key, value in group.items():
+            if key == "params" or value is None and key in _BOOL_OR_NONE | {"adjust_lr_fn"}:
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if key in _BOOLS or key in _BOOL_OR_NONE:
+                if not isinstance(value, bool):
+                    raise InvalidRequest(
+                        f"hyperparameter {key}={value!r} of {where}: expected a bool"
+                    )
+            elif key in rules:
+                check, text = rules[key]
+                if not check(value):
+                    raise InvalidRequest(
+                        f"hyperparameter {key}={value!r} of {where}: expected {text}"
+                    )
+            elif isinstance(value, (int, float)) and not math.isfinite(value):
+                raise InvalidRequest(f"hyperparameter {key}={value!r} of {where}: not finite")
+            if current is not None and key in IMMUTABLE_HYPERPARAMETERS:
+                before = current[index].get(key)
+                if value != before:
+                    raise InvalidRequest(
+                        f"hyperparameter {key} of {where} cannot change in a Step ({before!r} -> "
+                        f"{value!r}): configure a new RemoteOptimizer instead"
+                    )
+        lr, decay = group.get("lr"), group.get("weight_decay")
+        if _number(lr) and _number(decay) and float(lr) * float(decay) > 1.0:  # type: ignore[arg-type]
+            raise InvalidRequest(
+                f"hyperparameters lr={lr!r} and weight_decay={decay!r} of {where}: lr x "
+                "weight_decay must be at most 1 (beyond it, decay alone flips the weights' sign "
+                "and grows them every step)"
+            )
+
+
+def check_updates(
+    optimizer: torch.optim.Optimizer, updates: Sequence[dict[str, Any]], options: ServerOptions
+) -> None:
+    """Refuse a Step's hyperparameter updates that would leave a group out of bounds."""
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    merged = [{**group, **update} for group, update in zip(current, updates, strict=True)]
+    check_hyperparameters(type(optimizer).__name__, merged, options, current=current)
+
+
+def check_grad_scale(grad_scale: float, options: ServerOptions, method: str) -> None:
+    """``grad_scale`` of a Backward, GradNorm or Step: 0 (not set) or in (0, max_grad_scale]."""
+    if grad_scale == 0.0:
+        return
+    if not math.isfinite(grad_scale):
+        raise InvalidRequest(f"{method}: grad_scale must be finite, got {grad_scale!r}")
+    if not 0.0 < grad_scale <= options.max_grad_scale:
+        raise InvalidRequest(
+            f"{method}: grad_scale must be in (0, max_grad_scale={options.max_grad_scale:g}], "
+            f"got {grad_scale!r} (ServerOptions.max_grad_scale, serve --max-grad-scale; "
+            "clip_grad_norm_ only scales gradients down)"
+        )
+
+
+def _scaled(grads: Sequence[torch.Tensor], grad_scale: float) -> list[torch.Tensor]:
+    """``grad * grad_scale`` as new tensors, the same arithmetic as Session.apply_pending."""
+    if not grads or not grad_scale or grad_scale == 1.0:
+        return list(grads)
+    return list(torch._foreach_mul(list(grads), torch.tensor(grad_scale, dtype=grads[0].dtype)))
+
+
+def _refuse_non_finite(
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    message: str,
+    error: type[RemoteError] = InvalidRequest,
+) -> None:
+    flags = finite_flags(tensors)
+    if not all(flags):
+        bad = [name for name, ok in zip(names, flags, strict=True) if not ok]
+        raise error(message.format(", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")))
+
+
+def accumulate(
+    session: Session,
+    param_grads: dict[str, torch.Tensor],
+    zero_grad: int,
+    grad_scale: float,
+) -> None:
+    """Add one Backward's parameter gradients to the session's, after the zero_grad and scale
+    the client deferred to it. A sum that overflows to inf (each share finite, say two output
+    gradients of 2e38) refuses the Backward with nothing changed: the sums are built beside the
+    held gradients and swapped in only once all are finite."""
+    if zero_grad != ZeroGrad.KEEP:
+        # Nothing held survives in full: the new shares are checked already, no sum can overflow.
+        session.apply_pending(zero_grad, grad_scale)
+        for name, grad in param_grads.items():
+            held = session.grads.get(name)
+            session.grads[name] = grad if held is None else held.add_(grad)
+        return
+    both = [name for name in param_grads if name in session.grads]
+    sums = _scaled([session.grads[name] for name in both], grad_scale)
+    sums = [torch.add(held, param_grads[name]) for held, name in zip(sums, both, strict=True)]
+    _refuse_non_finite(
+        both,
+        sums,
+        "this Backward would make the session's accumulated gradients of trunk parameters {} "
+        "non-finite (the sum of several Backwards overflows): refused, nothing was accumulated; "
+        "call zero_grad() and go on",
+    )
+    others = [session.grads[name] for name in session.grads if name not in param_grads]
+    if others and grad_scale and grad_scale != 1.0:  # the check passed: scale them in place
+        torch._foreach_mul_(others, torch.tensor(grad_scale, dtype=others[0].dtype))
+    session.grads.update(zip(both, sums, strict=True))
+    for name, grad in param_grads.items():
+        session.grads.setdefault(name, grad)
+
+
+def pending_grads(session: Session, zero_grad: int, grad_scale: float) -> dict[str, torch.Tensor]:
+    """The gradients a Step applies: the session's after the deferred zero_grad and scale,
+    computed beside them (the session keeps its own until the Step succeeds)."""
+    if zero_grad == ZeroGrad.TO_NONE:
+        return {}
+    names = list(session.grads)
+    held = [session.grads[name] for name in names]
+    if zero_grad == ZeroGrad.TO_ZERO:
+        return {name: torch.zeros_like(grad) for name, grad in zip(names, held, strict=True)}
+    return dict(zip(names, _scaled(held, grad_scale), strict=True))
+
+
+def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Each tensor's largest magnitude (NaN where it holds NaN), one synchronisation per device."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, norm in enumerate(norms):
+        by_device.setdefault(norm.device, []).append(index)
+    for indices in by_device.values():
+        values = torch.stack([norms[i].double() for i in indices]).tolist()
+        for index, value in zip(indices, values, strict=True):
+            out[index] = value
+    return out
+
+
+def _state_snapshot(optimizer: torch.optim.Optimizer) -> dict[Any, dict[str, Any]]:
+    return {
+        param: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+        for param, entries in optimizer.state.items()
+    }
+
+
+def _restore_state(optimizer: torch.optim.Optimizer, snapshot: dict[Any, dict[str, Any]]) -> None:
+    for param in [p for p in optimizer.state if p not in snapshot]:
+        del optimizer.state[param]  # state the refused step created (its first step)
+    for param, entries in snapshot.items():
+        optimizer.state[param] = entries
+
+
+def guarded_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[tuple[str, torch.nn.Parameter]],
+    grads: dict[str, torch.Tensor],
+    updates: Sequence[dict[str, Any]],
+    options: ServerOptions,
+) -> None:
+    """``optimizer.step()`` with ``grads`` and the hyperparameter ``updates`` (checked already by
+    check_updates), kept only if every
+    parameter and optimizer-state value it produces is finite and no parameter tensor grows
+    past ``options.max_weight_growth``; otherwise the parameters, the optimizer state and its
+    hyperparameters are restored exactly and InvalidRequest names the parameter.
+
+    Costs one copy of the parameters and of the optimizer state per step (what a step changes),
+    and one fused max-magnitude pass with one synchronisation per device."""
+    names = [name for name, _ in params]
+    tensors = [param for _, param in params]
+    present = [name for name in names if name in grads]
+    _refuse_non_finite(
+        present,
+        [grads[name] for name in present],
+        "Step refused: the session's accumulated gradients of trunk parameters {} are not "
+        "finite (NaN or inf after its Backwards and grad_scale); nothing was changed, call "
+        "zero_grad() and go on",
+    )
+    saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    with torch.no_grad():
+        old_params = [t.detach().clone() for t in tensors]
+    old_state = _state_snapshot(optimizer)
+    old_max = _max_abs(old_params)
+
+    def roll_back() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in tensors], old_params)
+        _restore_state(optimizer, old_state)
+        for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+            group.update(saved)
+
+    for group, update in zip(optimizer.param_groups, updates, strict=True):
+        group.update(update)
+    for name, param in params:
+        param.grad = grads.get(name)
+    try:
+        optimizer.step()
+        problem = _problem(optimizer, names, tensors, old_max, options)
+    except BaseException:
+        roll_back()
+        raise
+    finally:
+        for param in tensors:
+            param.grad = None
+    if problem:
+        roll_back()
+        raise InvalidRequest(f"Step refused: {problem}; nothing was changed")
+
+
+def _problem(
+    optimizer: torch.optim.Optimizer,
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    old_max: Sequence[float],
+    options: ServerOptions,
+) -> str | None:
+    """Why the step just taken must not stand, or None."""
+    owner = {id(t): name for name, t in zip(names, tensors, strict=True)}
+    state_names, state_tensors = [], []
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                state_names.append(f"{key} of {owner.get(id(param), '?')}")
+                state_tensors.append(value)
+    maxima = _max_abs([*tensors, *state_tensors])
+    new_max, state_max = maxima[: len(tensors)], maxima[len(tensors) :]
+    bad = [name for name, m in zip(names, new_max, strict=True) if not math.isfinite(m)]
+    if bad:
+        return f"it would make trunk parameters {', '.join(bad[:5])} non-finite (NaN or inf)"
+    bad = [name for name, m in zip(state_names, state_max, strict=True) if not math.isfinite(m)]
+    if bad:
+        return f"it would make the optimizer state {', '.join(bad[:5])} non-finite (NaN or inf)"
+    growth = options.max_weight_growth
+    for name, before, after in zip(names, old_max, new_max, strict=True):
+        if growth and after > growth * max(before, 1.0):
+            return (
+                f"it would grow trunk parameter {name} from max |w| = {before:.3g} to "
+                f"{after:.3g}, more than max_weight_growth={growth:g} x max(1, {before:.3g}) "
+                "(ServerOptions.max_weight_growth): lower the learning rate or the gradients"
+            )
+    return None
+
+
+def check_finite_weights(state: dict[str, torch.Tensor]) -> None:
+    """Refuse (TrunkError) to save a module state with NaN or inf in a floating tensor."""
+    names = [n for n, t in state.items() if isinstance(t, torch.Tensor)]
+    _refuse_non_finite(
+        names,
+        [state[n] for n in names],
+        "the trunk's {} hold NaN or inf: no checkpoint is written from them (the last one is kept)",
+        TrunkError,
+    )
