@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .sessions import ZeroGrad
+from .turns import StepWait
 
 __all__ = [
     "BackwardCall",
@@ -76,6 +77,7 @@ class StepResult:
     step: int
     weights_version: int
     replayed: bool = False  # applied before: nothing changed
+    wait: StepWait = StepWait()  # how long it waited for other sessions' forwards
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -392,7 +393,26 @@ class TrunkClient:
             self._grads_server_id = ""
             self._steps_done = step
             self._forwards_since_zero_grad = 0
+        if reply.waited_forwards:
+            self._count_step_wait(step, reply)
         return reply
+
+    def _count_step_wait(self, step: int, reply: pb.StepReply) -> None:
+        """The Step waited for other sessions' kept forwards: counted; warned if it ran out
+        the server's budget (their Backward will be refused as stale; see docs/security.md)."""
+        self.stats.step_waits += 1
+        self.stats.step_wait_seconds += reply.wait_seconds
+        if not reply.wait_expired:
+            log.debug("Step #%d waited %.3f s for other sessions", step, reply.wait_seconds)
+            return
+        self.stats.step_waits_expired += 1
+        message = (
+            f"Step #{step} waited {reply.wait_seconds:.2f} s, the server's whole step_wait "
+            f"budget, for {reply.waited_forwards} forward(s) of other sessions that got no "
+            "Backward, then stepped anyway (another client between forward and backward, or "
+            "gone); counted in TrunkClient.stats.step_waits_expired"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def forget_gradients(self) -> None:
         """The step in progress is abandoned (its gradients were lost): stop checking them."""

@@ -1,9 +1,12 @@
 """Forward contexts awaiting their Backward, bounded by count, bytes and idle age.
 
-A context belongs to one session; looking it up from another session is the same as looking up
-an id that never existed. One session cannot hold more than ``max_session_contexts`` (its own
-oldest go first), so a client that never releases cannot push every other client's contexts
-out.
+Request ids live inside their session: the cache is keyed by (session, request id), so another
+session using the same id names a different context, and looking up an id that only exists in
+another session is answered exactly like an id that never existed (the recorded "why it went
+away" reasons are per session too). One session cannot hold more than ``max_session_contexts``
+and one authenticated identity not more than ``max_identity_contexts`` contexts and
+``max_identity_bytes`` bytes (their own oldest go first), so a client that never releases, or
+opens many sessions, cannot push every other client's contexts out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import ContextNotFound, LimitExceeded
+from .sessions import identity_of
 
 __all__ = ["ContextCache", "ForwardContext"]
 
@@ -51,7 +55,7 @@ class ForwardContext:
 
 
 class ContextCache:
-    """Forward contexts by request id, bounded by count, bytes and idle age (LRU eviction)."""
+    """Forward contexts by (session, request id), bounded by count, bytes and idle age (LRU)."""
 
     def __init__(
         self,
@@ -60,20 +64,25 @@ class ContextCache:
         max_bytes: int,
         ttl: float,
         max_per_session: int | None = None,
+        max_per_identity: int | None = None,
+        max_identity_bytes: int | None = None,
         on_drop: Callable[[ForwardContext], None] = lambda context: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_drop = on_drop
         self.max_contexts = max_contexts
         self.max_per_session = max_per_session or max_contexts
+        self.max_per_identity = max_per_identity or max_contexts
+        self.max_identity_bytes = max_identity_bytes or max_bytes
         self._per_session: dict[str, int] = {}
+        self._per_identity: dict[str, list[int]] = {}  # identity -> [contexts, bytes]
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._items: OrderedDict[str, ForwardContext] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], ForwardContext] = OrderedDict()
         self._nbytes = 0
-        self._gone: OrderedDict[str, str] = OrderedDict()
+        self._gone: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -88,18 +97,25 @@ class ContextCache:
                 f"forward context of {context.nbytes} bytes exceeds max_context_bytes="
                 f"{self.max_bytes}"
             )
+        identity = identity_of(context.session)
+        if identity is not None and context.nbytes > self.max_identity_bytes:
+            raise LimitExceeded(
+                f"forward context of {context.nbytes} bytes exceeds max_identity_context_bytes="
+                f"{self.max_identity_bytes}"
+            )
+        key = (context.session, context.request_id)
         with self._lock:
             self._expire_locked()
-            old = self._items.pop(context.request_id, None)
+            old = self._items.pop(key, None)
             if old is not None:
                 self._drop_locked(old, "replaced by a new forward with the same id")
             if self._per_session.get(context.session, 0) >= self.max_per_session:
                 oldest = next(c for c in self._items.values() if c.session == context.session)
-                del self._items[oldest.request_id]
-                self._drop_locked(
-                    oldest,
-                    f"evicted to stay under max_session_contexts={self.max_per_session}",
+                self._pop_locked(
+                    oldest, f"evicted to stay under max_session_contexts={self.max_per_session}"
                 )
+            if identity is not None:
+                self._make_room_for_identity_locked(identity, context.nbytes)
             while self._items and (
                 len(self._items) >= self.max_contexts
                 or self._nbytes + context.nbytes > self.max_bytes
@@ -111,40 +127,60 @@ class ContextCache:
                     f"max_context_bytes={self.max_bytes}",
                 )
             context.last_used = self._clock()
-            self._items[context.request_id] = context
+            self._items[key] = context
             self._nbytes += context.nbytes
             self._per_session[context.session] = self._per_session.get(context.session, 0) + 1
+            if identity is not None:
+                held = self._per_identity.setdefault(identity, [0, 0])
+                held[0] += 1
+                held[1] += context.nbytes
+
+    def _make_room_for_identity_locked(self, identity: str, nbytes: int) -> None:
+        """Evict the identity's own oldest contexts until one more of ``nbytes`` fits its share."""
+        held = self._per_identity.get(identity)
+        if held is None:
+            return
+        while held[0] and (
+            held[0] >= self.max_per_identity or held[1] + nbytes > self.max_identity_bytes
+        ):
+            oldest = next(c for c in self._items.values() if identity_of(c.session) == identity)
+            self._pop_locked(
+                oldest,
+                f"evicted to stay under max_identity_contexts={self.max_per_identity} / "
+                f"max_identity_context_bytes={self.max_identity_bytes}",
+            )
 
     def get(self, session: str, request_id: str, *, method: str = "Backward") -> ForwardContext:
+        key = (session, request_id)
         with self._lock:
             self._expire_locked()
-            context = self._items.get(request_id)
-            if context is None or context.session != session:
-                reason = self._gone.get(request_id) if context is None else None
+            context = self._items.get(key)
+            if context is None:
+                # Only this session's own history: nothing said about other sessions' ids.
+                reason = self._gone.get(key)
                 raise ContextNotFound(
                     f"{method} for request {request_id[:12]}: no forward context ("
                     + (reason or f"expired after {self.ttl:g} s idle, released, or never created")
                     + ")"
                 )
             context.last_used = self._clock()
-            self._items.move_to_end(request_id)
+            self._items.move_to_end(key)
             return context
 
     def release(self, session: str, request_ids: list[str]) -> int:
         released = 0
         with self._lock:
             for request_id in request_ids:
-                context = self._items.get(request_id)
-                if context is not None and context.session == session:
-                    del self._items[request_id]
+                context = self._items.pop((session, request_id), None)
+                if context is not None:
                     self._drop_locked(context, "released by the client")
                     released += 1
         return released
 
     def drop_session(self, session: str) -> None:
         with self._lock:
-            for request_id in [k for k, v in self._items.items() if v.session == session]:
-                self._drop_locked(self._items.pop(request_id), "its session ended")
+            for key in [k for k in self._items if k[0] == session]:
+                self._drop_locked(self._items.pop(key), "its session ended")
 
     def expire(self) -> int:
         with self._lock:
@@ -154,13 +190,17 @@ class ContextCache:
         deadline = self._clock() - self.ttl
         expired = 0
         while self._items:
-            request_id, context = next(iter(self._items.items()))
+            key, context = next(iter(self._items.items()))
             if context.last_used > deadline:
                 break
-            del self._items[request_id]
+            del self._items[key]
             self._drop_locked(context, f"expired after {self.ttl:g} s idle")
             expired += 1
         return expired
+
+    def _pop_locked(self, context: ForwardContext, reason: str) -> None:
+        del self._items[(context.session, context.request_id)]
+        self._drop_locked(context, reason)
 
     def _drop_locked(self, context: ForwardContext, reason: str) -> None:
         self._on_drop(context)
@@ -170,6 +210,15 @@ class ContextCache:
             self._per_session[context.session] = left
         else:
             self._per_session.pop(context.session, None)
-        self._gone[context.request_id] = reason
+        identity = identity_of(context.session)
+        held = self._per_identity.get(identity) if identity is not None else None
+        if held is not None:
+            held[0] -= 1
+            held[1] -= context.nbytes
+            if held[0] <= 0:
+                del self._per_identity[identity]  # type: ignore[arg-type]
+        key = (context.session, context.request_id)
+        self._gone[key] = reason
+        self._gone.move_to_end(key)
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)

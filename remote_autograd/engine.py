@@ -36,7 +36,7 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .errors import InvalidRequest, NotConfigured, StaleContext, TrunkError
+from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, TrunkError
 from .footprint import Footprint
 from .guard import (
     accumulate,
@@ -85,10 +85,15 @@ class TrunkEngine:
             max_bytes=options.max_context_bytes,
             ttl=options.context_ttl,
             max_per_session=options.max_session_contexts,
+            max_per_identity=options.max_identity_contexts,
+            max_identity_bytes=options.max_identity_context_bytes,
             on_drop=self.turns.end_context,
         )
         self.sessions = SessionTable(
-            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._end_session
+            max_sessions=options.max_sessions,
+            max_per_identity=options.max_sessions_per_identity,
+            ttl=options.session_ttl,
+            on_drop=self._end_session,
         )
         # Called with a session's key when it ends (the service drops its bulk connections).
         self.session_listeners: list[Callable[[str], None]] = []
@@ -96,6 +101,8 @@ class TrunkEngine:
         self.saved_version: int | None = None  # weights_version of the last checkpoint
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
         self._lock = threading.RLock()
+        self._checkpoint_asked = -float("inf")  # when the Checkpoint RPC last saved (monotonic)
+        self._checkpoint_pace = threading.Lock()
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 
@@ -119,6 +126,7 @@ class TrunkEngine:
 
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)
+        self.turns.forget(key)
         for listener in self.session_listeners:
             listener(key)
 
@@ -388,7 +396,7 @@ class TrunkEngine:
                     session.key,
                     waiting,
                 )
-            self.turns.begin_step(session.key)
+            wait = self.turns.begin_step(session.key)
             stepped = False
             try:
                 version = self._apply_step(session, optimizer, call, groups)
@@ -396,7 +404,7 @@ class TrunkEngine:
             finally:
                 self.turns.end_step(stepped=stepped)
             log.debug("Step #%d (session %s) applied: weights v%d", call.step, session.key, version)
-            return StepResult(call.step, version)
+            return StepResult(call.step, version, wait=wait)
 
     def _apply_step(
         self,
@@ -507,6 +515,23 @@ class TrunkEngine:
             self.saved_version = version
         log.debug("checkpoint of weights v%d saved to %s", version, path)
         return version
+
+    def requested_checkpoint(self) -> int:
+        """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
+        seconds for all clients together (each one fsyncs the whole trunk)."""
+        if not self.options.checkpoint_path:
+            return self.checkpoint()  # NotConfigured
+        with self._checkpoint_pace:  # not the trunk lock: a refusal does not wait for a save
+            now = time.monotonic()
+            wait = self._checkpoint_asked + self.options.min_checkpoint_interval - now
+            if wait > 0:
+                raise LimitExceeded(
+                    f"a checkpoint was asked for {now - self._checkpoint_asked:.1f} s ago; ask "
+                    f"again in {wait:.1f} s (min_checkpoint_interval="
+                    f"{self.options.min_checkpoint_interval:g})"
+                )
+            self._checkpoint_asked = now
+        return self.checkpoint()
 
     def save_if_changed(self) -> None:
         """A checkpoint when the weights moved since the last one (and a path is set)."""

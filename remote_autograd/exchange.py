@@ -47,6 +47,9 @@ class CallStats:
         self.bulk_calls = 0  # calls whose frames went over the bulk channel
         self.server_compute_seconds = 0.0
         self.server_codec_seconds = 0.0
+        self.step_waits = 0  # Steps that waited for other sessions' forwards (StepReply)
+        self.step_wait_seconds = 0.0  # seconds they waited, together
+        self.step_waits_expired = 0  # of them, those that ran out the server's step_wait budget
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))

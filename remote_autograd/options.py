@@ -68,9 +68,15 @@ class ServerOptions:
     context_ttl: float = 600.0  # a forward context expires this many seconds after its last use
     max_session_contexts: int = 1024  # cached forward contexts of one session (its oldest go)
     max_sessions: int = 64  # client sessions at once
+    max_sessions_per_identity: int = 16  # sessions of one authenticated identity (token or
+    # client certificate) at once, so one cannot lock the others out (no tokens/mTLS: unused)
+    max_identity_contexts: int = 2048  # cached forward contexts of one identity (its oldest go)
+    max_identity_context_bytes: int = 4 * GiB  # bytes of them (its oldest go)
     max_inflight_bytes: int = 2 * GiB  # bytes of streamed frames held by all calls at once
-    step_wait: float = 10.0  # a Step waits up to this long for other sessions' forwards to
-    # get their Backward (shared trunk: see docs/security.md), then steps anyway
+    max_identity_inflight_bytes: int = 1 * GiB  # bytes of them held by one identity's calls
+    step_wait: float = 10.0  # a Step's budget, seconds: it waits at most this long in all for
+    # other sessions' forwards to get their Backward, then steps anyway (those forwards go
+    # stale, and later Steps no longer wait for that session); docs/security.md says how to pick
     session_ttl: float = 3600.0  # an idle session (gradients, optimizer) is dropped after this
     unary_payload_bytes: int = 1 * MiB  # frames up to this travel in one message
     stream_chunk_bytes: int = 1 * MiB  # larger frames travel in chunks of this size
@@ -96,3 +102,5 @@ class ServerOptions:
     max_grad_scale: float = 1.0  # largest grad_scale of a call (clip_grad_norm_ scales down)
     max_weight_growth: float = 100.0  # a Step may not make a parameter tensor's largest |w|
     # more than this times max(1, its largest |w| before): refused, nothing changed (0: off)
+    min_checkpoint_interval: float = 10.0  # Checkpoint RPCs, all clients together, at most one
+    # per this many seconds (others: RESOURCE_EXHAUSTED with the wait); 0: no limit

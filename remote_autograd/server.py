@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .bulk import BulkListener
+from .drain import CallDrain
 from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
@@ -76,7 +77,10 @@ class TrunkServer:
             self.options = options = options or ServerOptions()
             self.engine = TrunkEngine(trunk, options)
         self.service = TrunkService(self.engine)
-        self._server, self.port = create_server(address, options, interceptors=interceptors)
+        self._drain = CallDrain(f"/{SERVICE_NAME}/")  # outermost: counts every Trunk call
+        self._server, self.port = create_server(
+            address, options, interceptors=(self._drain, *interceptors)
+        )
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         if options.bulk:  # TLS exactly when the gRPC port is
@@ -110,11 +114,17 @@ class TrunkServer:
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop taking calls, let calls in flight finish for ``grace`` seconds, then close
-        (saving a last checkpoint when the weights moved since the previous one)."""
+        (saving a last checkpoint when the weights moved since the previous one). During the
+        grace period health answers ``NOT_SERVING`` and new Trunk calls ``UNAVAILABLE``."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self._health.enter_graceful_shutdown()
+        if grace:  # health answers NOT_SERVING while the calls in flight drain
+            started = time.monotonic()
+            self._drain.close()
+            self._drain.wait(grace)
+            grace = max(0.5, grace - (time.monotonic() - started))
         self._server.stop(grace).wait()
         if self.service.bulk is not None:
             self.service.bulk.close()

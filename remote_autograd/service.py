@@ -36,7 +36,7 @@ from .errors import (
     RemoteAutogradError,
     TrunkError,
 )
-from .sessions import Session, ZeroGrad
+from .sessions import Session, ZeroGrad, identity_of
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
 from .validate import unpack
 
@@ -137,7 +137,9 @@ class TrunkService(pb_grpc.TrunkServicer):
         self.options = options = engine.options
         self.bulk: bulk.BulkListener | None = None  # TrunkServer opens it beside the gRPC port
         self.decoder = codec.Decoder(limits=options.limits)
-        self._inflight = _ByteBudget(options.max_inflight_bytes)
+        self._inflight = _ByteBudget(
+            options.max_inflight_bytes, options.max_identity_inflight_bytes
+        )
         self._tokens = {
             hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
         }
@@ -181,7 +183,7 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
-        self.session(context)
+        self.identity(context)  # authenticated, but no session: Info alone holds no slot
         limits = self.options.limits
         trunk = self.engine.info()
         return pb.InfoReply(
@@ -263,13 +265,18 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
         result = self.engine.step(self.session(context), call)
         return pb.StepReply(
-            step=result.step, weights_version=result.weights_version, replayed=result.replayed
+            step=result.step,
+            weights_version=result.weights_version,
+            replayed=result.replayed,
+            wait_seconds=result.wait.seconds,
+            waited_forwards=result.wait.forwards,
+            wait_expired=result.wait.expired,
         )
 
     @_rpc
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
         self.session(context)
-        version = self.engine.checkpoint()
+        version = self.engine.requested_checkpoint()
         return pb.CheckpointReply(path=self.options.checkpoint_path, weights_version=version)
 
     @_rpc
@@ -284,7 +291,7 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):
         session = self.session(context)
-        with self._receive(request_iterator, "LoadState") as received:
+        with self._receive(request_iterator, "LoadState", identity_of(session.key)) as received:
             state = received.decode(self.decoder)
         loaded, optimizer_loaded = self.engine.load_state(session, state)
         return pb.LoadStateReply(parameters_loaded=loaded, optimizer_loaded=optimizer_loaded)
@@ -373,7 +380,9 @@ class TrunkService(pb_grpc.TrunkServicer):
                 request.header,
                 self.options.limits,
                 context,
-                reserve=lambda nbytes: self._inflight.reserve(nbytes, method),
+                reserve=lambda nbytes: self._inflight.reserve(
+                    nbytes, method, identity_of(session.key)
+                ),
                 work=lambda received: work(session, received),
             )
         header, buffers = work(session, frames.receive_unary(request, self.options.limits))
@@ -383,7 +392,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         self, work: Callable, method: str, request_iterator: Any, context: grpc.ServicerContext
     ) -> Iterator[pb.Frame]:
         session = self.session(context)
-        with self._receive(request_iterator, method) as received:
+        with self._receive(request_iterator, method, identity_of(session.key)) as received:
             self._release_piggybacked(session, received.header)
             header, buffers = work(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
@@ -395,14 +404,16 @@ class TrunkService(pb_grpc.TrunkServicer):
             self.engine.release(session, list(header.release_ids))
 
     @contextmanager
-    def _receive(self, request_iterator: Any, method: str) -> Iterator[frames.Received]:
+    def _receive(
+        self, request_iterator: Any, method: str, owner: str | None = None
+    ) -> Iterator[frames.Received]:
         """Assemble a streamed frame within max_inflight_bytes (checked before allocating)."""
         messages = iter(request_iterator)
         first = next(messages, None)
         declared = first.header.payload_bytes if first is not None else 0
         # Over max_payload_bytes, frames.receive refuses it before allocating anything.
         reserve = declared if declared <= self.options.limits.max_payload_bytes else 0
-        with self._inflight.reserve(reserve, method):
+        with self._inflight.reserve(reserve, method, owner):
             yield frames.receive(
                 [] if first is None else _chain(first, messages), self.options.limits
             )
@@ -413,27 +424,43 @@ class TrunkService(pb_grpc.TrunkServicer):
 
 
 class _ByteBudget:
-    """Bytes of streamed frames held by calls in flight, at most ``limit`` together."""
+    """Bytes of streamed frames held by calls in flight, at most ``limit`` together and
+    ``owner_limit`` for one authenticated identity (``owner``; None: no share of its own)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, owner_limit: int | None = None) -> None:
         self.limit = limit
+        self.owner_limit = owner_limit or limit
         self.used = 0
+        self._owners: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @contextmanager
-    def reserve(self, nbytes: int, method: str) -> Iterator[None]:
+    def reserve(self, nbytes: int, method: str, owner: str | None = None) -> Iterator[None]:
         with self._lock:
             if self.used + nbytes > self.limit:
                 raise LimitExceeded(
                     f"{method}: a frame of {nbytes} bytes would exceed max_inflight_bytes="
                     f"{self.limit} ({self.used} held by calls in flight); retry later"
                 )
+            held = self._owners.get(owner, 0) if owner is not None else 0
+            if owner is not None and held + nbytes > self.owner_limit:
+                raise LimitExceeded(
+                    f"{method}: a frame of {nbytes} bytes would exceed "
+                    f"max_identity_inflight_bytes={self.owner_limit} ({held} held by this "
+                    "identity's calls in flight); retry later"
+                )
             self.used += nbytes
+            if owner is not None:
+                self._owners[owner] = held + nbytes
         try:
             yield
         finally:
             with self._lock:
                 self.used -= nbytes
+                if owner is not None:
+                    left = self._owners.pop(owner) - nbytes
+                    if left > 0:
+                        self._owners[owner] = left
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -2,7 +2,10 @@
 
 A session is keyed by the caller's authenticated identity and the session id it sends, so a
 session id copied by another identity names a different session. The table is bounded by
-``max_sessions``; sessions idle for ``session_ttl`` are dropped.
+``max_sessions``, and one authenticated identity holds at most ``max_sessions_per_identity`` of
+them, so a token holder opening sessions in a loop cannot lock the others out; sessions idle for
+``session_ttl`` are dropped. Without tokens or mutual TLS every caller is the one identity
+``anonymous``, so there is nothing to share between and only ``max_sessions`` applies.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ import torch
 
 from .errors import InvalidRequest, LimitExceeded
 
-__all__ = ["Session", "SessionTable", "ZeroGrad"]
+__all__ = ["ANONYMOUS", "Session", "SessionTable", "ZeroGrad", "identity_of"]
+
+ANONYMOUS = "anonymous"  # the identity of every caller of a server without tokens or mTLS
+
+
+def identity_of(key: str) -> str | None:
+    """The authenticated identity in a session key ``identity/session_id`` (the session id
+    has no ``/``); None for the unauthenticated identity, which has no share of its own."""
+    identity = key.rpartition("/")[0]
+    return None if identity in ("", ANONYMOUS) else identity
 
 
 class ZeroGrad(IntEnum):
@@ -77,10 +89,12 @@ class SessionTable:
         *,
         max_sessions: int,
         ttl: float,
+        max_per_identity: int | None = None,
         on_drop: Callable[[str], None] = lambda key: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_sessions = max_sessions
+        self.max_per_identity = max_per_identity or max_sessions
         self.ttl = ttl
         self._on_drop = on_drop
         self._clock = clock
@@ -95,6 +109,13 @@ class SessionTable:
             session = self._items.get(key)
             if session is None:
                 self._expire_locked()
+                identity = identity_of(key)
+                if identity is not None and self._count_locked(identity) >= self.max_per_identity:
+                    raise LimitExceeded(
+                        f"this identity already holds max_sessions_per_identity="
+                        f"{self.max_per_identity} sessions; idle ones are dropped after "
+                        f"{self.ttl:g} s (reuse one client per process, or raise the option)"
+                    )
                 if len(self._items) >= self.max_sessions:
                     raise LimitExceeded(
                         f"server already holds max_sessions={self.max_sessions} sessions; "
@@ -103,6 +124,9 @@ class SessionTable:
                 session = self._items[key] = Session(key)
             session.last_seen = self._clock()
             return session
+
+    def _count_locked(self, identity: str) -> int:
+        return sum(1 for key in self._items if identity_of(key) == identity)
 
     def values(self) -> list[Session]:
         with self._lock:

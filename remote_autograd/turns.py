@@ -5,12 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .contexts import ForwardContext
 
-__all__ = ["StepTurns"]
+__all__ = ["StepTurns", "StepWait"]
+
+
+@dataclass(frozen=True)
+class StepWait:
+    """How long one Step waited for other sessions' kept forwards (told to its client)."""
+
+    seconds: float = 0.0  # spent waiting
+    forwards: int = 0  # other sessions' kept forwards it found when it began
+    expired: bool = False  # the budget ran out: it stepped anyway, those forwards are stale
 
 
 class StepTurns:
@@ -18,9 +28,14 @@ class StepTurns:
 
     A forward kept for Backward takes a lease, which ends at its first Backward (or when the
     context goes away). A Step waits until no other session holds a lease, for at most
-    ``wait`` seconds; meanwhile, forwards of sessions holding no lease wait for that Step, so
-    the leases drain. After a Step, every lease is void: those forwards saw older weights, and
-    their Backward is refused as stale rather than giving a gradient of the wrong weights.
+    ``wait`` seconds in all (its budget, ServerOptions.step_wait); meanwhile, forwards of
+    sessions holding no lease wait for that Step, so the leases drain. After a Step, every lease
+    is void: those forwards saw older weights, and their Backward is refused as stale rather
+    than giving a gradient of the wrong weights.
+
+    A session whose lease outlived a Step's budget is *overdue*: later Steps do not wait for its
+    leases, until a Backward of it ends its last lease. So one forward that never gets its
+    Backward costs the other sessions one budget, not one per step.
     """
 
     def __init__(self, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -30,6 +45,7 @@ class StepTurns:
         self._leases: dict[str, int] = {}
         self._epoch = 0
         self._steps_waiting = 0
+        self._overdue: set[str] = set()  # sessions whose lease outlived a Step's budget
 
     def lease(self, session: str) -> int:
         """Take a lease for a forward of ``session``; returns its epoch for :meth:`end`."""
@@ -61,22 +77,38 @@ class StepTurns:
         self._leases[session] -= 1
         if not self._leases[session]:
             del self._leases[session]
+            self._overdue.discard(session)  # all its forwards got their Backward: forgiven
             self._cond.notify_all()
 
     def others_holding(self, session: str) -> int:
         with self._cond:
             return sum(n for key, n in self._leases.items() if key != session)
 
-    def begin_step(self, session: str) -> None:
-        """Wait until no other session holds a lease (or ``wait`` passed)."""
+    def _awaited_locked(self, session: str) -> list[str]:
+        return [key for key in self._leases if key != session and key not in self._overdue]
+
+    def begin_step(self, session: str) -> StepWait:
+        """Wait until no other session holds a lease (or the budget ``wait`` is spent)."""
         with self._cond:
             self._steps_waiting += 1
-            deadline = self._clock() + self.wait
-            while any(key != session for key in self._leases):
+            forwards = sum(self._leases[key] for key in self._awaited_locked(session))
+            started = self._clock()
+            deadline = started + self.wait
+            expired = False
+            while awaited := self._awaited_locked(session):
                 left = deadline - self._clock()
                 if left <= 0:
+                    self._overdue.update(awaited)
+                    expired = True
                     break
                 self._cond.wait(left)
+            waited = self._clock() - started if forwards else 0.0
+            return StepWait(seconds=waited, forwards=forwards, expired=expired)
+
+    def forget(self, session: str) -> None:
+        """The session ended: nothing more to remember of it."""
+        with self._cond:
+            self._overdue.discard(session)
 
     def end_step(self, *, stepped: bool) -> None:
         with self._cond:

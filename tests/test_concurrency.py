@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 import torch.nn.functional as F
 from factories import batch, dropout_trunk
@@ -133,7 +134,9 @@ def test_a_step_that_stopped_waiting_makes_the_old_forward_stale(start_server):
     x = torch.ones(2, 4, dtype=torch.float64)
     out_a = a(x)  # A wanders off before its backward
     b(x).sum().backward()
-    opt_b.step()  # gives up waiting for A after step_wait
+    with pytest.warns(RuntimeWarning, match="whole step_wait budget"):
+        opt_b.step()  # gives up waiting for A after step_wait
+    assert b.client.stats.step_waits_expired == 1
     moved = {k: v.clone() for k, v in server.engine.module.state_dict().items()}
     try:
         out_a.sum().backward()

@@ -163,14 +163,20 @@ class StepRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("step", "weights_version", "replayed")
+    __slots__ = ("step", "weights_version", "replayed", "wait_seconds", "waited_forwards", "wait_expired")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     step: int
     weights_version: int
     replayed: bool
-    def __init__(self, step: _Optional[int] = ..., weights_version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    wait_seconds: float
+    waited_forwards: int
+    wait_expired: bool
+    def __init__(self, step: _Optional[int] = ..., weights_version: _Optional[int] = ..., replayed: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., waited_forwards: _Optional[int] = ..., wait_expired: _Optional[bool] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("parameters", "optimizer")
