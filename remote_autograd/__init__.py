@@ -20,9 +20,12 @@ from .errors import (  # noqa: E402
     RemoteError,
     ServerUnavailable,
     StaleContext,
+    SteppedTrunkWarning,
     TransportError,
     TrunkError,
+    TrunkMismatch,
 )
+from .fingerprint import trunk_fingerprint  # noqa: E402
 from .module import RemoteModule  # noqa: E402
 from .optim import RemoteOptimizer, clip_grad_norm_  # noqa: E402
 from .options import ClientOptions, Limits, ServerOptions  # noqa: E402
@@ -47,11 +50,14 @@ __all__ = [
     "ServerOptions",
     "ServerUnavailable",
     "StaleContext",
+    "SteppedTrunkWarning",
     "TransportError",
     "TrunkError",
+    "TrunkMismatch",
     "TrunkServer",
     "clip_grad_norm_",
     "decode",
     "encode",
     "serve",
+    "trunk_fingerprint",
 ]

@@ -6,7 +6,7 @@ the reply's header; the engine (engine.py) never sees either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ class BackwardCall:
     needs_input_grad: list[bool]
     zero_grad: ZeroGrad = ZeroGrad.KEEP  # a deferred zero_grad(), applied first
     grad_scale: float = 0.0  # a deferred clip scale (0 or 1: none), applied after it
+    freeze_parameters: bool = False  # the client froze the trunk: input gradients only
 
 
 @dataclass
@@ -87,3 +88,6 @@ class TrunkInfo:
     device: str
     module_name: str
     server_id: str
+    fingerprint: str = ""  # trunk_fingerprint() of the module as given to the engine
+    weights_version: int = 0  # optimizer steps (and loads) applied so far
+    buffers: list[str] = field(default_factory=list)  # persistent buffers, state_dict order

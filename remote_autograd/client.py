@@ -23,8 +23,16 @@ from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .bulk import BulkBroken
-from .errors import ServerUnavailable, StaleContext, TransportError, from_rpc_error
+from .errors import (
+    ServerUnavailable,
+    StaleContext,
+    SteppedTrunkWarning,
+    TransportError,
+    TrunkMismatch,
+    from_rpc_error,
+)
 from .exchange import CallStats, FrameExchange
+from .fingerprint import fingerprint_differences, fingerprint_digest
 from .options import ClientOptions
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel
 
@@ -80,6 +88,11 @@ class TrunkClient:
         self._forwards_since_zero_grad = 0
         # The server process that holds the gradients of the step in progress ("" = none yet).
         self._grads_server_id = ""
+        # Whether this session has run a forward or loaded state: a trunk stepped by others
+        # before either is worth a warning (_check_fresh).
+        self._started = False
+        # RemoteModule.requires_grad_(False): Backward asks for input gradients only.
+        self.frozen = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -110,8 +123,48 @@ class TrunkClient:
                     f"{self.options.connect_timeout:g} s (ClientOptions.connect_timeout); "
                     "is it running?"
                 ) from exc
-            self._info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+            info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+            self._check_fingerprint(info)
+            self._info = info
         return self._info
+
+    def _check_fingerprint(self, info: pb.InfoReply) -> None:
+        """Refuse a server whose trunk is not the one ClientOptions.fingerprint describes."""
+        expected = self.options.fingerprint
+        if expected is None or expected == info.fingerprint:
+            return
+        if not info.fingerprint:
+            raise TrunkMismatch(
+                f"the server at {self.address} sends no trunk fingerprint (an older version?); "
+                "ClientOptions.fingerprint cannot be checked: leave it None to skip the check"
+            )
+        differences = fingerprint_differences(expected, info.fingerprint)
+        raise TrunkMismatch(
+            f"the trunk served at {self.address} ({info.module_repr}, fingerprint "
+            f"{fingerprint_digest(info.fingerprint)}) is not the expected one (fingerprint "
+            f"{fingerprint_digest(expected)}, ClientOptions.fingerprint): "
+            + ("; ".join(differences) or "they differ in layout only")
+            + ". Start the server with the same model, layers and adapters as this client."
+        )
+
+    def _check_fresh(self) -> None:
+        """Warn once, at this session's first training forward, when the trunk was stepped
+        before this session met it (another run trained it, or the server resumed from its
+        checkpoint) and the session loaded no state of its own (a resume) before."""
+        if self._started:
+            return
+        self._started = True
+        version = self.info().weights_version
+        if version:
+            warnings.warn(
+                f"the trunk at {self.address} is at weights version {version}: other sessions "
+                "have already changed it, so this run starts from their weights, not from the "
+                "module's initial ones. Load your checkpoint (model.load_state_dict) or restart "
+                "the server for a fresh trunk; when resuming on purpose, filter "
+                "remote_autograd.SteppedTrunkWarning",
+                SteppedTrunkWarning,
+                stacklevel=4,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -185,7 +238,9 @@ class TrunkClient:
 
     def _refresh_info(self) -> pb.InfoReply:
         stub = self._connect()
-        self._info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+        info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+        self._check_fingerprint(info)  # a restarted server may serve another trunk
+        self._info = info
         return self._info
 
     def compute(
@@ -198,6 +253,8 @@ class TrunkClient:
         keep_context: bool,
         training: bool,
     ) -> tuple[Any, pb.Header]:
+        if keep_context:  # a training forward (an inference client is not warned)
+            self._check_fresh()
         header = pb.Header(
             request_id=request_id,
             keep_context=keep_context,
@@ -262,6 +319,7 @@ class TrunkClient:
             reply_quantization=self.options.gradient_quantization,
             zero_grad=zero,
             grad_scale=scale,
+            freeze_parameters=self.frozen,
         )
         try:
             value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")
@@ -427,9 +485,11 @@ class TrunkClient:
             lambda: stub.Checkpoint(pb.CheckpointRequest(), **self._kw(_CONTROL_TIMEOUT)),
         )
 
-    def get_state(self, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
+    def get_state(
+        self, *, parameters: bool, optimizer: bool, buffers: bool = False
+    ) -> dict[str, Any]:
         stub = self._connect()
-        request = pb.GetStateRequest(parameters=parameters, optimizer=optimizer)
+        request = pb.GetStateRequest(parameters=parameters, optimizer=optimizer, buffers=buffers)
         received = self._call(
             "GetState",
             lambda: frames.receive(stub.GetState(request, **self._kw()), self.options.limits),
@@ -440,6 +500,7 @@ class TrunkClient:
         stub = self._connect()
         info = self.info()
         buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
+        self._started = True  # a resume: the weights are this session's own from here
         return self._call(
             "LoadState",
             lambda: stub.LoadState(

@@ -37,6 +37,7 @@ from .calls import (
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, TrunkError
+from .fingerprint import persistent_buffers, trunk_fingerprint
 from .footprint import Footprint
 from .guard import (
     accumulate,
@@ -53,6 +54,7 @@ from .sessions import Session, SessionTable
 from .tree import flatten, unflatten
 from .turns import StepTurns
 from .validate import (
+    check_buffers,
     check_finite_grads,
     check_finite_groups,
     check_finite_tree,
@@ -78,6 +80,7 @@ class TrunkEngine:
     def __init__(self, module: torch.nn.Module, options: ServerOptions | None = None) -> None:
         self.options = options = options or ServerOptions()
         dtype = DTYPES[options.dtype] if options.dtype else None
+        self.fingerprint = trunk_fingerprint(module)  # before ServerOptions.dtype casts it
         self.runner = TrunkRunner(module, torch.device(options.device), dtype)
         self.turns = StepTurns(options.step_wait)
         self.contexts = ContextCache(
@@ -137,6 +140,9 @@ class TrunkEngine:
             device=str(self.runner.device),
             module_name=type(self.module).__name__,
             server_id=self.server_id,
+            fingerprint=self.fingerprint,
+            weights_version=self.weights_version,
+            buffers=[name for name, _ in persistent_buffers(self.module)],
         )
 
     # -- Compute and Backward -----------------------------------------------------------------
@@ -284,16 +290,28 @@ class TrunkEngine:
                         f"{self.weights_version}) since its forward; run the forward again"
                     )
                 outputs = context.outputs
-                if outputs is None:
-                    _, outputs = self.runner.forward(
-                        context.template, context.inputs, context.training, context.seed, grad=True
+                # A recompute must not move the buffers again (BatchNorm statistics): the
+                # forward it repeats updated them already. Restored once the graph is used.
+                kept = self._buffer_snapshot() if outputs is None else None
+                try:
+                    if outputs is None:
+                        _, outputs = self.runner.forward(
+                            context.template,
+                            context.inputs,
+                            context.training,
+                            context.seed,
+                            grad=True,
+                        )
+                    input_grads, param_grads = self.runner.gradients(
+                        outputs,
+                        grads,
+                        [context.inputs[i] for i in wanted],
+                        retain_graph=context.outputs is not None,
+                        parameters=not call.freeze_parameters,
                     )
-                input_grads, param_grads = self.runner.gradients(
-                    outputs,
-                    grads,
-                    [context.inputs[i] for i in wanted],
-                    retain_graph=context.outputs is not None,
-                )
+                finally:
+                    if kept is not None:
+                        self._restore_buffers(kept)
                 check_finite_grads(self.params, param_grads)
                 named_grads = {
                     name: grad
@@ -321,6 +339,17 @@ class TrunkEngine:
                 session.key,
             )
             return result
+
+    def _buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the persistent buffers (the state a training forward updates, like
+        BatchNorm's running statistics), to put back after a recompute."""
+        return [(b, b.clone()) for _, b in persistent_buffers(self.module)]
+
+    @staticmethod
+    def _restore_buffers(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
 
     def release(self, session: Session, request_ids: list[str]) -> int:
         """Forget contexts the client no longer needs; returns how many were found."""
@@ -430,19 +459,25 @@ class TrunkEngine:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def get_state(self, session: Session, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
-        """Copies of the trainable parameters and/or the session's optimizer state."""
+    def get_state(
+        self, session: Session, *, parameters: bool, optimizer: bool, buffers: bool = False
+    ) -> dict[str, Any]:
+        """Copies of the trainable parameters, the persistent buffers and/or the session's
+        optimizer state."""
         state: dict[str, Any] = {"step": session.last_step, "parameters": None, "optimizer": None}
         with session.lock, self._lock:
             if parameters:
                 state["parameters"] = {n: p.detach().clone() for n, p in self.params}
+            if buffers:
+                state["buffers"] = {n: b.clone() for n, b in persistent_buffers(self.module)}
             if optimizer and session.optimizer is not None:
                 state["optimizer"] = clone_tree(session.optimizer.state_dict())
         return state
 
-    def load_state(self, session: Session, state: Any) -> tuple[int, bool]:
-        """Load trainable parameters and/or the session's optimizer state, all checked first;
-        returns (parameters loaded, whether optimizer state was loaded)."""
+    def load_state(self, session: Session, state: Any) -> tuple[int, bool, int]:
+        """Load trainable parameters, persistent buffers and/or the session's optimizer state,
+        all checked first; returns (parameters loaded, whether optimizer state was loaded,
+        buffers loaded)."""
         if not isinstance(state, dict):
             raise InvalidRequest("LoadState expects a map with 'parameters', 'optimizer', 'step'")
         parameters = state.get("parameters")
@@ -450,6 +485,10 @@ class TrunkEngine:
         step = state.get("step")
         if parameters is not None:
             check_parameters(parameters, dict(self.params))
+        buffers = state.get("buffers")
+        named_buffers = dict(persistent_buffers(self.module))
+        if buffers is not None:
+            check_buffers(buffers, named_buffers)
         with session.lock:
             if optimizer_state is not None:
                 if session.optimizer is None:
@@ -467,15 +506,17 @@ class TrunkEngine:
                         session.optimizer.load_state_dict(optimizer_state)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
-            if parameters is not None:
+            if parameters is not None or buffers:
                 with self._lock, torch.no_grad():
                     named = dict(self.params)
-                    for name, value in parameters.items():
+                    for name, value in (parameters or {}).items():
                         named[name].copy_(value)
+                    for name, value in (buffers or {}).items():
+                        named_buffers[name].copy_(value)
                     self.weights_version += 1
             if type(step) is int and step >= 0:
                 session.last_step = step
-        return len(parameters or {}), optimizer_state is not None
+        return len(parameters or {}), optimizer_state is not None, len(buffers or {})
 
     # -- checkpoints ------------------------------------------------------------------------------
 

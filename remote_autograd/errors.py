@@ -16,6 +16,11 @@ Every error the library raises derives from :class:`RemoteAutogradError`::
         │                         a checkpoint path)
         ├── AuthenticationError   UNAUTHENTICATED / PERMISSION_DENIED
         └── TrunkError            INTERNAL / UNKNOWN / UNIMPLEMENTED: the trunk raised
+    TrunkMismatch         the server's trunk is not the one the client was given the
+                          fingerprint of (ClientOptions.fingerprint); also ValueError
+
+One warning: :class:`SteppedTrunkWarning` (a UserWarning), when a client starts training a trunk
+that another session has already stepped.
 
 ``grpc.RpcError`` is translated in exactly one place, :func:`from_rpc_error`, which the client
 calls for every failed RPC. The server sends the class name in the ``ra-error`` trailing metadata
@@ -38,8 +43,10 @@ __all__ = [
     "RemoteError",
     "ServerUnavailable",
     "StaleContext",
+    "SteppedTrunkWarning",
     "TransportError",
     "TrunkError",
+    "TrunkMismatch",
     "from_rpc_error",
 ]
 
@@ -115,6 +122,17 @@ class AuthenticationError(RemoteError):
 
 class TrunkError(RemoteError):
     status = grpc.StatusCode.INTERNAL
+
+
+class TrunkMismatch(RemoteAutogradError, ValueError):
+    """The server's trunk differs from the one the client expects (ClientOptions.fingerprint):
+    another model, other layers, other adapters. Nothing was computed."""
+
+
+class SteppedTrunkWarning(UserWarning):
+    """A client starts from a trunk whose weights other sessions have already changed (a run
+    against a server that trained before); load a checkpoint or restart the server for a fresh
+    trunk, or filter this warning when resuming on purpose."""
 
 
 _BY_NAME: dict[str, type[RemoteAutogradError]] = {

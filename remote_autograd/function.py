@@ -124,6 +124,10 @@ class _RemoteFunction(torch.autograd.Function):
         call: RemoteCall = ctx.call
         if not call.keep_context:
             raise RuntimeError("this forward ran without grad mode; the server kept no context")
+        # Reading the marker raises PyTorch's own "Trying to backward through the graph a
+        # second time" once a backward without retain_graph has freed it: the trunk's
+        # gradients must not accumulate twice where a local layer would have refused.
+        ctx.saved_tensors  # noqa: B018
         return (None, None, *call.backward(grads, ctx.needs_input_grad[2:]))
 
 

@@ -11,6 +11,7 @@ from .client import TrunkClient
 from .function import RemoteCall, remote_apply
 from .options import ClientOptions
 from .tree import flatten, unflatten
+from .trunk_state import load_trunk_state, save_trunk_state, split_trunk_state
 
 __all__ = ["RemoteModule"]
 
@@ -23,7 +24,10 @@ class RemoteModule(nn.Module):
     It holds no parameters (the trunk's live on the server; train them with
     :class:`~remote_autograd.RemoteOptimizer`), so an optimizer over a whole ``nn.Sequential``
     holding it covers exactly the local parts. ``train()``/``eval()`` select the trunk's mode
-    per call. Outputs come back on the device of the first input tensor.
+    per call. Outputs come back on the device of the first input tensor. ``state_dict()`` and
+    ``load_state_dict()`` (its own or a parent's) carry the trunk's trainable parameters and
+    persistent buffers, fetched from and sent to the server (trunk_state.py).
+    ``requires_grad_(False)`` freezes the trunk for this client.
     """
 
     def __init__(
@@ -48,7 +52,8 @@ class RemoteModule(nn.Module):
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
-            any(t.requires_grad for t in tensors) or self.client.info().trainable_numel > 0
+            any(t.requires_grad for t in tensors)
+            or (not self.client.frozen and self.client.info().trainable_numel > 0)
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
@@ -59,12 +64,43 @@ class RemoteModule(nn.Module):
         return unflatten(call.output_template, outputs)
 
     def remote_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trunk's trainable parameters, fetched from the server (for checkpoints)."""
-        return self.client.get_state(parameters=True, optimizer=False)["parameters"]
+        """The trunk's trainable parameters and persistent buffers, fetched from the server
+        (what ``state_dict()`` holds of the trunk, without this module's prefix)."""
+        state: dict[str, torch.Tensor] = {}
+        save_trunk_state(self.client, state, "")
+        return state
 
     def load_remote_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite the trunk's trainable parameters on the server."""
-        self.client.load_state({"parameters": dict(state), "optimizer": None, "step": None})
+        """Overwrite the trunk's trainable parameters and/or buffers on the server (any subset
+        of ``remote_state_dict()``; an unknown name or shape is refused, nothing loaded)."""
+        self.client.load_state(split_trunk_state(self.client, dict(state)))
+
+    def requires_grad_(self, requires_grad: bool = True) -> RemoteModule:
+        """``requires_grad_(False)`` freezes the trunk for this client, as it would a local
+        layer: gradients still flow through it to the inputs, but the server accumulates none
+        for its parameters in this session, so the trunk's optimizer steps change nothing.
+        A parent's ``requires_grad_()`` does not reach it (it walks parameters, and this
+        module holds none): call it on the RemoteModule itself."""
+        self.client.frozen = not requires_grad
+        return self
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_trunk_state(self.client, destination, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Not super()'s: it would call every trunk key unexpected (this module holds none).
+        # PyTorch passes strict=True to every module and applies the caller's strict itself.
+        load_trunk_state(self.client, state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
 
     def remote_info(self) -> dict[str, Any]:
         """What the server says about itself: version, limits, device, trainable parameters."""

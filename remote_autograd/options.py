@@ -52,6 +52,8 @@ class ClientOptions:
     certificate_chain: bytes | None = None  # PEM client certificate (mutual TLS)
     private_key: bytes | None = None  # PEM key of the client certificate
     limits: Limits = field(default_factory=Limits)  # what the client accepts in replies
+    fingerprint: str | None = None  # remote_autograd.trunk_fingerprint() of the trunk this
+    # client expects; a server serving another one is refused (TrunkMismatch). None: no check
 
 
 @dataclass(frozen=True)

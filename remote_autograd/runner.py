@@ -93,11 +93,13 @@ class TrunkRunner:
         inputs: list[torch.Tensor],
         *,
         retain_graph: bool,
+        parameters: bool = True,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-        """Gradients of ``inputs`` and of the trainable parameters, given the gradients of
-        the outputs (one tensor or None each)."""
+        """Gradients of ``inputs`` and of the trainable parameters (all None without
+        ``parameters``: a frozen trunk), given the gradients of the outputs (one tensor or
+        None each)."""
         targets, grad_outputs = self._grad_pairs(outputs, grads)
-        wrt = [*inputs, *(p for _, p in self.params)]
+        wrt = [*inputs, *(p for _, p in self.params if parameters)]
         results: Sequence[torch.Tensor | None]
         if targets and wrt:
             results = torch.autograd.grad(
@@ -105,7 +107,8 @@ class TrunkRunner:
             )
         else:
             results = (None,) * len(wrt)
-        return list(results[: len(inputs)]), list(results[len(inputs) :])
+        param_grads = list(results[len(inputs) :]) or [None] * len(self.params)
+        return list(results[: len(inputs)]), param_grads
 
     def _grad_pairs(self, outputs: list[torch.Tensor], grads: list[Any]):
         if len(grads) != len(outputs):

@@ -203,6 +203,9 @@ class TrunkService(pb_grpc.TrunkServicer):
             context_ttl_seconds=self.options.context_ttl,
             server_id=trunk.server_id,
             bulk_port=self.bulk.port if self.bulk is not None else 0,
+            fingerprint=trunk.fingerprint,
+            weights_version=trunk.weights_version,
+            buffers=trunk.buffers,
         )
 
     @_rpc
@@ -283,7 +286,10 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_streams_reply
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext):
         state = self.engine.get_state(
-            self.session(context), parameters=request.parameters, optimizer=request.optimizer
+            self.session(context),
+            parameters=request.parameters,
+            optimizer=request.optimizer,
+            buffers=request.buffers,
         )
         buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
         yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
@@ -293,8 +299,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         session = self.session(context)
         with self._receive(request_iterator, "LoadState", identity_of(session.key)) as received:
             state = received.decode(self.decoder)
-        loaded, optimizer_loaded = self.engine.load_state(session, state)
-        return pb.LoadStateReply(parameters_loaded=loaded, optimizer_loaded=optimizer_loaded)
+        loaded, optimizer_loaded, buffers_loaded = self.engine.load_state(session, state)
+        return pb.LoadStateReply(
+            parameters_loaded=loaded,
+            optimizer_loaded=optimizer_loaded,
+            buffers_loaded=buffers_loaded,
+        )
 
     # -- Compute and Backward: header <-> call, frames <-> values ---------------------------------
 
@@ -337,6 +347,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             needs_input_grad=list(header.needs_input_grad),
             zero_grad=ZeroGrad.from_wire(header.zero_grad),
             grad_scale=header.grad_scale,
+            freeze_parameters=header.freeze_parameters,
         )
         decoded = time.perf_counter()
         result = self.engine.backward(session, call, value)

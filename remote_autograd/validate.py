@@ -14,6 +14,7 @@ import torch
 from .errors import InvalidRequest
 
 __all__ = [
+    "check_buffers",
     "check_finite_grads",
     "check_finite_groups",
     "check_finite_tree",
@@ -103,6 +104,28 @@ def check_parameters(parameters: Any, named: dict[str, torch.Tensor]) -> None:
             )
         if not finite_flags([value])[0]:
             raise InvalidRequest(f"parameter {name} holds NaN or inf; refused")
+
+
+def check_buffers(buffers: Any, named: dict[str, torch.Tensor]) -> None:
+    """Refuse buffers to load that the trunk does not have, of another shape or kind, or
+    non-finite (an integer counter may not become a float, and the other way round)."""
+    if not isinstance(buffers, dict):
+        raise InvalidRequest("'buffers' must map names to tensors")
+    for name, value in buffers.items():
+        if name not in named:
+            raise InvalidRequest(f"no persistent buffer named {name!r} in the trunk")
+        held = named[name]
+        if not isinstance(value, torch.Tensor) or value.shape != held.shape:
+            raise InvalidRequest(
+                f"buffer {name}: expected shape {list(held.shape)}, got {describe(value)}"
+            )
+        same_kind = value.is_floating_point() == held.is_floating_point() and (
+            (value.dtype == torch.bool) == (held.dtype == torch.bool)
+        )
+        if not same_kind:
+            raise InvalidRequest(f"buffer {name}: expected {held.dtype}, got {describe(value)}")
+        if not finite_flags([value])[0]:
+            raise InvalidRequest(f"buffer {name} holds NaN or inf; refused")
 
 
 # The base class; LBFGS needs a closure, which only the client could evaluate.

@@ -23,6 +23,7 @@ from remote_autograd import (
     ServerOptions,
     ServerUnavailable,
     StaleContext,
+    SteppedTrunkWarning,
     serve,
 )
 from remote_autograd.checkpoint_file import load_checkpoint
@@ -319,7 +320,9 @@ def test_checkpoint_on_request_on_schedule_and_at_shutdown(tmp_path, reference):
         # the trunk weights, which were restored exactly.
         trunk = run.remote.remote_state_dict()
         run.remote_optimizer = RemoteOptimizer(run.remote, "SGD", lr=0.1)
-        run.step(3)
+        # A new session training a trunk that earlier sessions stepped is told so.
+        with pytest.warns(SteppedTrunkWarning, match="weights version 2"):
+            run.step(3)
         deadline = time.monotonic() + 30
         while load_checkpoint(path)["weights_version"] != 3 and time.monotonic() < deadline:
             time.sleep(0.05)

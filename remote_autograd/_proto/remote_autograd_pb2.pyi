@@ -17,7 +17,7 @@ ZERO_GRAD_TO_NONE: ZeroGradMode
 ZERO_GRAD_TO_ZERO: ZeroGradMode
 
 class Header(_message.Message):
-    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection")
+    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection", "freeze_parameters")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEEP_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Header(_message.Message):
     RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     BULK_CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload_bytes: int
     keep_context: bool
@@ -54,7 +55,8 @@ class Header(_message.Message):
     recompute: bool
     server_id: str
     bulk_connection: str
-    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ...) -> None: ...
+    freeze_parameters: bool
+    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ..., freeze_parameters: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "payload")
@@ -69,7 +71,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port")
+    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port", "fingerprint", "weights_version", "buffers")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +88,9 @@ class InfoReply(_message.Message):
     CONTEXT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol_version: int
     quantizations: _containers.RepeatedScalarFieldContainer[str]
@@ -102,7 +107,10 @@ class InfoReply(_message.Message):
     context_ttl_seconds: float
     server_id: str
     bulk_port: int
-    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ...) -> None: ...
+    fingerprint: str
+    weights_version: int
+    buffers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_version: _Optional[int] = ..., buffers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)
@@ -179,20 +187,24 @@ class StepReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., weights_version: _Optional[int] = ..., replayed: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., waited_forwards: _Optional[int] = ..., wait_expired: _Optional[bool] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
-    __slots__ = ("parameters", "optimizer")
+    __slots__ = ("parameters", "optimizer", "buffers")
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     parameters: bool
     optimizer: bool
-    def __init__(self, parameters: _Optional[bool] = ..., optimizer: _Optional[bool] = ...) -> None: ...
+    buffers: bool
+    def __init__(self, parameters: _Optional[bool] = ..., optimizer: _Optional[bool] = ..., buffers: _Optional[bool] = ...) -> None: ...
 
 class LoadStateReply(_message.Message):
-    __slots__ = ("parameters_loaded", "optimizer_loaded")
+    __slots__ = ("parameters_loaded", "optimizer_loaded", "buffers_loaded")
     PARAMETERS_LOADED_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_LOADED_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_LOADED_FIELD_NUMBER: _ClassVar[int]
     parameters_loaded: int
     optimizer_loaded: bool
-    def __init__(self, parameters_loaded: _Optional[int] = ..., optimizer_loaded: _Optional[bool] = ...) -> None: ...
+    buffers_loaded: int
+    def __init__(self, parameters_loaded: _Optional[int] = ..., optimizer_loaded: _Optional[bool] = ..., buffers_loaded: _Optional[int] = ...) -> None: ...
 
 class OpenBulkRequest(_message.Message):
     __slots__ = ()

@@ -23,16 +23,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..fingerprint import trunk_fingerprint
 from ..module import RemoteModule
 from ..optim import RemoteOptimizer, clip_grad_norm_
 from ..options import ClientOptions
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import builtin_corpus, micro_batches, pack_samples
 from .lora import LoraOptions, lora_state
-from .models import ModelSpec, build_client_parts, build_tokenizer
+from .models import ModelSpec, build_client_parts, build_tokenizer, build_trunk
 from .split import causal_lm_loss
 
-__all__ = ["TrainConfig", "TrainResult", "lr_factor", "train", "unique_parameters"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "expected_fingerprint",
+    "lr_factor",
+    "train",
+    "unique_parameters",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +107,7 @@ def train(config: TrainConfig) -> TrainResult:
     log.info("%d samples of up to %d tokens", len(samples), config.seq_len)
 
     with contextlib.ExitStack() as stack:  # closes the bar and the trunk's channel
-        trunk = stack.enter_context(RemoteModule(config.server, options=config.client))
+        trunk = stack.enter_context(RemoteModule(config.server, options=_checked(config)))
         if trunk.client.info().trainable_numel == 0:
             raise ValueError(f"the trunk served at {config.server} has no trainable parameters")
         local = [p for p in unique_parameters(bottom, top) if p.requires_grad]
@@ -221,6 +229,23 @@ def train(config: TrainConfig) -> TrainResult:
     )
     write_report(out_dir, config, history, lora_change)
     return TrainResult(history, lora_change, frozen_unchanged, bottom, top, out_dir)
+
+
+def expected_fingerprint(spec: ModelSpec, lora: LoraOptions) -> str:
+    """The fingerprint of the trunk ``serve`` builds from ``spec`` and ``lora``: what this
+    trainer's server must serve (other layers, model or adapters are refused)."""
+    if spec.path is None:  # a random init: the layout alone, no memory for weights
+        with torch.device("meta"):
+            return trunk_fingerprint(build_trunk(spec, lora))
+    return trunk_fingerprint(build_trunk(spec, lora))
+
+
+def _checked(config: TrainConfig) -> ClientOptions:
+    """The client options, with the fingerprint of this run's trunk unless one was given."""
+    if config.client.fingerprint is not None:
+        return config.client
+    fingerprint = expected_fingerprint(config.model, config.lora)
+    return dataclasses.replace(config.client, fingerprint=fingerprint)
 
 
 def _adapters(bottom: nn.Module, top: nn.Module, trunk: RemoteModule) -> dict[str, dict]:
