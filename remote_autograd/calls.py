@@ -34,6 +34,7 @@ class ComputeCall:
     rng_seed: int = 0  # the forward's RNG seed; 0: the engine picks one
     weights_version: int = 0  # recompute only: the weights the lost forward ran on
     backward_seq: int = 0  # recompute only: backwards the lost context had answered
+    autocast: torch.dtype | None = None  # the client's torch.autocast dtype (None: off)
 
 
 @dataclass

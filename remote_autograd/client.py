@@ -196,6 +196,7 @@ class TrunkClient:
         needs_input_grad: list[bool],
         keep_context: bool,
         training: bool,
+        autocast: str = "",
     ) -> tuple[Any, pb.Header]:
         header = pb.Header(
             request_id=request_id,
@@ -204,6 +205,7 @@ class TrunkClient:
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
             rng_seed=self._next_seed(),
+            autocast_dtype=autocast,
         )
         return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
 
@@ -218,6 +220,7 @@ class TrunkClient:
         seed: int,
         weights_version: int,
         backward_seq: int,
+        autocast: str = "",
     ) -> pb.Header:
         """Re-create a forward context the server lost from the inputs kept here; the server
         runs the forward again (same seed, so dropout matches) when the Backward comes."""
@@ -229,6 +232,7 @@ class TrunkClient:
             rng_seed=seed,
             weights_version=weights_version,
             backward_seq=backward_seq,
+            autocast_dtype=autocast,
         )
         log.info(
             "forward context %s was lost on %s; resending its inputs to recompute it",

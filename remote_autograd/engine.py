@@ -198,7 +198,12 @@ class TrunkEngine:
                 )
             if not call.recompute:
                 out_template, outputs = self.runner.forward(
-                    template, leaves, call.training, seed if keep else None, grad=keep and not lazy
+                    template,
+                    leaves,
+                    call.training,
+                    seed if keep else None,
+                    grad=keep and not lazy,
+                    autocast=call.autocast,
                 )
         if keep:
             kept = None if lazy else outputs
@@ -215,6 +220,7 @@ class TrunkEngine:
                     seed=seed,
                     template=template,
                     training=call.training,
+                    autocast=call.autocast,
                     backward_seq=call.backward_seq if call.recompute else 0,
                     lease=lease,
                 )
@@ -263,7 +269,12 @@ class TrunkEngine:
                 outputs = context.outputs
                 if outputs is None:
                     _, outputs = self.runner.forward(
-                        context.template, context.inputs, context.training, context.seed, grad=True
+                        context.template,
+                        context.inputs,
+                        context.training,
+                        context.seed,
+                        grad=True,
+                        autocast=context.autocast,
                     )
                 input_grads, param_grads = self.runner.gradients(
                     outputs,

@@ -28,12 +28,14 @@ class RemoteCall:
         keep_context: bool,
         training: bool,
         device: torch.device,
+        autocast: str = "",
     ) -> None:
         self.client = client
         self.template = template
         self.keep_context = keep_context
         self.training = training
         self.device = device
+        self.autocast = autocast  # the caller's torch.autocast dtype ("" = off), for the server
         self.request_id = secrets.token_hex(16)  # 32 hex digits, like uuid4().hex but cheaper
         self.output_template: Any = None
         self.backwards = 0
@@ -53,6 +55,7 @@ class RemoteCall:
             needs_input_grad=self._needs,
             keep_context=self.keep_context,
             training=self.training,
+            autocast=self.autocast,
         )
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
@@ -70,6 +73,7 @@ class RemoteCall:
             seed=self.seed,
             weights_version=self.weights_version,
             backward_seq=self.backwards - 1,
+            autocast=self.autocast,
         )
 
     def backward(

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import codec
 from .client import TrunkClient
 from .function import RemoteCall, remote_apply
 from .options import ClientOptions
@@ -15,6 +16,14 @@ from .tree import flatten, unflatten
 __all__ = ["RemoteModule"]
 
 _CPU = torch.device("cpu")
+
+
+def _autocast_dtype(device_type: str) -> str:
+    """The dtype name of the torch.autocast region the caller is in ("" = none): the trunk
+    runs under autocast with it on the server, as it would here."""
+    if not torch.is_autocast_enabled(device_type):
+        return ""
+    return codec.dtype_name(torch.get_autocast_dtype(device_type))
 
 
 class RemoteModule(nn.Module):
@@ -44,6 +53,9 @@ class RemoteModule(nn.Module):
     def options(self) -> ClientOptions:
         return self.client.options
 
+    # Dynamo must not trace into the RPC (threads, finalizers, sockets): torch.compile of a
+    # model holding this module compiles the local parts and breaks the graph here.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
@@ -52,7 +64,12 @@ class RemoteModule(nn.Module):
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
-            self.client, template, keep_context=keep, training=self.training, device=device
+            self.client,
+            template,
+            keep_context=keep,
+            training=self.training,
+            device=device,
+            autocast=_autocast_dtype(tensors[0].device.type if tensors else "cpu"),
         )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)

@@ -38,7 +38,7 @@ from .errors import (
 )
 from .sessions import Session, ZeroGrad
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
-from .validate import unpack
+from .validate import autocast_dtype, unpack
 
 __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
 
@@ -299,6 +299,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             rng_seed=header.rng_seed,
             weights_version=header.weights_version,
             backward_seq=header.backward_seq,
+            autocast=autocast_dtype(header.autocast_dtype),
         )
         decoded = time.perf_counter()
         result = self.engine.compute(session, call, value)

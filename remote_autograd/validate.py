@@ -14,6 +14,7 @@ import torch
 from .errors import InvalidRequest
 
 __all__ = [
+    "autocast_dtype",
     "check_finite_grads",
     "check_finite_groups",
     "check_finite_tree",
@@ -31,6 +32,20 @@ __all__ = [
 ]
 
 _PLAIN = (bool, int, float)
+
+
+_AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The torch.autocast dtype a Compute header names ("" = no autocast)."""
+    if not name:
+        return None
+    if name not in _AUTOCAST_DTYPES:
+        raise InvalidRequest(
+            f"autocast dtype must be one of {sorted(_AUTOCAST_DTYPES)}, got {name[:40]!r}"
+        )
+    return _AUTOCAST_DTYPES[name]
 
 
 def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:

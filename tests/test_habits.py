@@ -1,0 +1,121 @@
+"""Everyday PyTorch habits around a model holding a RemoteModule: torch.compile, autocast,
+GradScaler, parameter groups, clipping and dtype casts. Each case runs the same computation
+locally and compares (exactly, where the dtype allows it)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions
+
+
+def _parts(seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    bottom = nn.Sequential(nn.Linear(6, 16), nn.GELU())
+    trunk = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16))
+    top = nn.Linear(16, 3)
+    return bottom.to(dtype), trunk.to(dtype), top.to(dtype)
+
+
+def _batches(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(8, 6, generator=generator, dtype=dtype) for _ in range(n)]
+
+
+class Split:
+    """bottom -> trunk -> top twice: served (split, trunk on a real server) and local."""
+
+    def __init__(self, start_server, *, dtype=torch.float32, options=None, **sgd) -> None:
+        bottom, trunk, top = _parts(dtype=dtype)
+        self.local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+        self.server = start_server(trunk, options)
+        self.remote = RemoteModule(self.server.address)
+        self.model = nn.Sequential(bottom, self.remote, top)
+        self.sgd = sgd or {"lr": 0.1}
+
+    def optimizers(self):
+        """(trunk, split local parts, local trunk, local rest): one optimizer per part, so
+        that a GradScaler decides per part on both sides alike."""
+        return (
+            RemoteOptimizer(self.remote, "SGD", **self.sgd),
+            torch.optim.SGD([*self.model[0].parameters(), *self.model[2].parameters()], **self.sgd),
+            torch.optim.SGD(self.local[1].parameters(), **self.sgd),
+            torch.optim.SGD([*self.local[0].parameters(), *self.local[2].parameters()], **self.sgd),
+        )
+
+    def assert_same_weights(self) -> None:
+        remote = self.remote.remote_state_dict()
+        for name, param in self.local[1].named_parameters():
+            assert torch.equal(remote[name], param.detach()), name
+        for index in (0, 2):
+            mine, theirs = self.model[index].parameters(), self.local[index].parameters()
+            for a, b in zip(mine, theirs, strict=True):
+                assert torch.equal(a, b)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+
+# Inductor's own imports use torch.jit APIs that torch deprecates (not this library's doing).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compile_of_the_whole_model_breaks_the_graph_at_the_remote_module(start_server, backend):
+    torch._dynamo.reset()
+    split = Split(start_server)
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    compiled = torch.compile(split.model, backend=backend)
+    for x in _batches(3):
+        out = compiled(x)
+        expected = split.local(x)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    if backend == "eager":  # the same kernels as the unsplit model: bit-exact
+        split.assert_same_weights()
+    else:
+        remote = split.remote.remote_state_dict()
+        for name, param in split.local[1].named_parameters():
+            torch.testing.assert_close(remote[name], param.detach(), rtol=1e-5, atol=1e-6)
+    split.close()
+
+
+# -- autocast -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["graph-kept", "recompute"])
+def test_autocast_reaches_the_trunk(start_server, recompute):
+    # float32 master weights everywhere, bfloat16 compute under CPU autocast on both sides.
+    split = Split(start_server, options=ServerOptions(recompute=recompute))
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = split.model(x)
+            expected = split.local(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, expected)
+        out.float().square().mean().backward()
+        expected.float().square().mean().backward()
+        for index in (0, 2):
+            mine, theirs = split.model[index].parameters(), split.local[index].parameters()
+            for a, b in zip(mine, theirs, strict=True):
+                assert torch.equal(a.grad, b.grad)
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    split.assert_same_weights()
+    assert all(p.dtype == torch.float32 for p in split.server.engine.module.parameters())
+    # Outside the region the trunk runs in float32 again.
+    with torch.no_grad():
+        x = _batches(1)[0]
+        assert torch.equal(split.model(x), split.local(x))
+    split.close()
