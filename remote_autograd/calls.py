@@ -86,3 +86,4 @@ class TrunkInfo:
     device: str
     module_name: str
     server_id: str
+    dtype: str = ""  # the floating parameters' dtype ("" when the trunk has none)

@@ -122,6 +122,9 @@ class TrunkEngine:
             device=str(self.runner.device),
             module_name=type(self.module).__name__,
             server_id=self.server_id,
+            dtype=next(
+                (str(p.dtype)[6:] for p in self.module.parameters() if p.is_floating_point()), ""
+            ),
         )
 
     # -- Compute and Backward -----------------------------------------------------------------

@@ -16,6 +16,7 @@ from .tree import flatten, unflatten
 __all__ = ["RemoteModule"]
 
 _CPU = torch.device("cpu")
+_NO_CAST = (torch.float32, torch.float64)  # what the probes of a cast-free _apply come back as
 
 
 def _autocast_dtype(device_type: str) -> str:
@@ -48,6 +49,7 @@ class RemoteModule(nn.Module):
         self.device = torch.device(device) if device is not None else None
         # Not a parameter: only there to make autograd call backward (see function.py).
         self._dummy = torch.empty(0, requires_grad=True)
+        self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
 
     @property
     def options(self) -> ClientOptions:
@@ -57,6 +59,8 @@ class RemoteModule(nn.Module):
     # model holding this module compiles the local parts and breaks the graph here.
     @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._cast_dtype is not None:
+            self._check_cast()
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
@@ -74,6 +78,34 @@ class RemoteModule(nn.Module):
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
         return unflatten(call.output_template, outputs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RemoteModule:
+        # nn.Module.to()/half()/double()/float() land here. A move to another device concerns
+        # only where outputs go (they follow the inputs); a cast cannot reach the trunk's
+        # weights (they live on the server, shared by every session). Refusing here would leave
+        # the parts before this module cast and the rest not, so the cast is remembered and
+        # the next forward says what to do unless the trunk is served in that dtype.
+        try:
+            probes = fn(torch.zeros(1)), fn(torch.zeros(1, dtype=torch.float64))
+        except (RuntimeError, AssertionError):  # .cuda() on a machine without one, etc.
+            probes = None
+        if probes is not None and (probes[0].dtype, probes[1].dtype) != _NO_CAST:
+            self._cast_dtype = probes[0].dtype
+        return super()._apply(fn, recurse)
+
+    def _check_cast(self) -> None:
+        wanted = self._cast_dtype
+        served = self.client.info().dtype
+        if wanted is None or str(wanted)[6:] == served:
+            return
+        name = str(wanted)[6:]
+        raise TypeError(
+            f"this model was cast to {wanted}, but the remote trunk at {self.address} is served "
+            f"in {served or 'no floating dtype'}: its weights live on the server, so a cast "
+            f"cannot reach them. Serve it in {wanted} (ServerOptions(dtype={name!r}), "
+            f"remote-autograd serve --dtype {name}), use torch.autocast for mixed precision, "
+            f"or cast the model back (.to({served and 'torch.' + served}))"
+        )
 
     def remote_state_dict(self) -> dict[str, torch.Tensor]:
         """The trunk's trainable parameters, fetched from the server (for checkpoints)."""

@@ -119,3 +119,50 @@ def test_autocast_reaches_the_trunk(start_server, recompute):
         x = _batches(1)[0]
         assert torch.equal(split.model(x), split.local(x))
     split.close()
+
+
+# -- dtype casts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "to-bfloat16"])
+def test_a_cast_the_trunk_is_not_served_in_is_refused_with_what_to_do(start_server, cast):
+    split = Split(start_server)
+    split.model.to("cpu").float()  # no dtype change: fine
+    x = _batches(1)[0]
+    assert torch.equal(split.model(x), split.local(x))
+    dtype = {"double": torch.float64, "half": torch.float16, "to-bfloat16": torch.bfloat16}[cast]
+    if cast == "double":
+        split.model.double()
+    elif cast == "half":
+        split.model.half()
+    else:
+        split.model.to(torch.bfloat16)
+    # The local parts are cast as asked; the trunk cannot be, which the forward says.
+    assert all(p.dtype == dtype for p in split.model.parameters())
+    with pytest.raises(TypeError, match=r"ServerOptions\(dtype=.*serve --dtype .*autocast"):
+        split.model(x.to(dtype))
+    # Cast back, the model runs again (the float32 copy of a float64 cast loses nothing).
+    split.model.float()
+    if cast == "double":
+        assert torch.equal(split.model(x), split.local(x))
+    else:
+        assert split.model(x).dtype == torch.float32
+    split.close()
+
+
+def test_double_works_when_the_trunk_is_served_in_float64(start_server):
+    split = Split(start_server, options=ServerOptions(dtype="float64"))
+    split.model.double()
+    split.local.double()
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(2, torch.float64):
+        out, expected = split.model(x), split.local(x)
+        assert out.dtype == torch.float64
+        assert torch.equal(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    split.assert_same_weights()
+    split.close()
