@@ -53,6 +53,7 @@ class BackwardCall:
     needs_input_grad: list[bool]
     zero_grad: ZeroGrad = ZeroGrad.KEEP  # a deferred zero_grad(), applied first
     grad_scale: float = 0.0  # a deferred clip scale (0 or 1: none), applied after it
+    report_nonfinite: bool = False  # non-finite gradients: accumulate nothing, say so
 
 
 @dataclass
@@ -61,6 +62,7 @@ class BackwardResult:
     weights_version: int
     recomputed: bool  # the forward was run again for this Backward
     compute_seconds: float
+    nonfinite: bool = False  # the gradients were not finite: nothing was accumulated
 
 
 @dataclass(frozen=True)

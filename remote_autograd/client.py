@@ -265,6 +265,7 @@ class TrunkClient:
             reply_quantization=self.options.gradient_quantization,
             zero_grad=zero,
             grad_scale=scale,
+            report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
         )
         try:
             value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")

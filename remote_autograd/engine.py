@@ -258,7 +258,7 @@ class TrunkEngine:
             for index, need in enumerate(needs):
                 if need and not context.inputs[index].requires_grad:
                     raise InvalidRequest(f"input {index} was not sent as requiring a gradient")
-            check_grad_outputs(grads)
+            check_grad_outputs(grads, finite=not call.report_nonfinite)
             started = time.perf_counter()
             wanted = [i for i, need in enumerate(needs) if need]
             with session.lock, self._lock:
@@ -285,10 +285,16 @@ class TrunkEngine:
                     [context.inputs[i] for i in wanted],
                     retain_graph=context.outputs is not None,
                 )
-                check_finite_grads(self.params, param_grads)
+                nonfinite = False
+                try:
+                    check_finite_grads(self.params, param_grads)
+                except InvalidRequest:
+                    if not call.report_nonfinite:
+                        raise
+                    nonfinite = True  # an overflowed GradScaler step: the client skips it
                 session.apply_pending(call.zero_grad, call.grad_scale)
                 for (name, _), grad in zip(self.params, param_grads, strict=True):
-                    if grad is not None:
+                    if grad is not None and not nonfinite:
                         held = session.grads.get(name)
                         session.grads[name] = grad if held is None else held.add_(grad)
                 computed = time.perf_counter()
@@ -300,6 +306,7 @@ class TrunkEngine:
                 weights_version=context.weights_version,
                 recomputed=context.outputs is None,
                 compute_seconds=computed - started,
+                nonfinite=nonfinite,
             )
             context.backward_seq = call.seq
             context.last_reply = result

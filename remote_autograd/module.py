@@ -47,8 +47,11 @@ class RemoteModule(nn.Module):
         self.address = address
         self.client = TrunkClient(address, options)
         self.device = torch.device(device) if device is not None else None
-        # Not a parameter: only there to make autograd call backward (see function.py).
-        self._dummy = torch.empty(0, requires_grad=True)
+        # Not a parameter: only there to make autograd call backward (see function.py). Its
+        # gradient is the trunk's inf check for GradScaler: 1, times what unscale_ multiplied
+        # it by, NaN after a backward whose trunk gradients were not finite (see optim.py).
+        self._dummy = torch.zeros(1, requires_grad=True)
+        self._dummy.grad = torch.ones(1)
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
 
     @property

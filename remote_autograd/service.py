@@ -327,6 +327,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             needs_input_grad=list(header.needs_input_grad),
             zero_grad=ZeroGrad.from_wire(header.zero_grad),
             grad_scale=header.grad_scale,
+            report_nonfinite=header.report_nonfinite,
         )
         decoded = time.perf_counter()
         result = self.engine.backward(session, call, value)
@@ -339,6 +340,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             server_id=self.engine.server_id,
             compute_seconds=result.compute_seconds,
             codec_seconds=(decoded - started) + (time.perf_counter() - computed),
+            nonfinite=result.nonfinite,
         )
         return reply, buffers
 

@@ -90,8 +90,9 @@ def check_finite_grads(
         )
 
 
-def check_grad_outputs(grads: Sequence[Any]) -> None:
-    """Refuse output gradients of a Backward that are not floating tensors, or not finite."""
+def check_grad_outputs(grads: Sequence[Any], *, finite: bool = True) -> None:
+    """Refuse output gradients of a Backward that are not floating tensors, or (``finite``)
+    not finite."""
     for index, grad in enumerate(grads):
         if grad is None:
             continue
@@ -99,7 +100,7 @@ def check_grad_outputs(grads: Sequence[Any]) -> None:
             raise InvalidRequest(
                 f"gradient {index}: expected a floating tensor, got {describe(grad)}"
             )
-        if not finite_flags([grad])[0]:
+        if finite and not finite_flags([grad])[0]:
             raise InvalidRequest(
                 f"gradient {index} is not finite (NaN or inf): refused before it reaches the trunk"
             )

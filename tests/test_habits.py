@@ -5,12 +5,13 @@ locally and compares (exactly, where the dtype allows it)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions
+from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
 
 
 def _parts(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -165,4 +166,75 @@ def test_double_works_when_the_trunk_is_served_in_float64(start_server):
             opt.step()
             opt.zero_grad()
     split.assert_same_weights()
+    split.close()
+
+
+# -- GradScaler ---------------------------------------------------------------------------------
+
+
+def _scaled_steps(split, scaler_split, scaler_local, batches, *, clip=None, overflow_at=-1):
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for index, x in enumerate(batches):
+        big = 1e38 if index == overflow_at else 1.0  # loss * scale overflows float32
+        scaler_split.scale(split.model(x).square().mean() * big).backward()
+        scaler_local.scale(split.local(x).square().mean() * big).backward()
+        if clip is not None:
+            # unscale_ first, then clip the unscaled gradients: the AMP recipe for clipping.
+            scaler_split.unscale_(trunk_opt)
+            scaler_split.unscale_(split_opt)
+            clip_split = clip_grad_norm_(
+                [*split.model[0].parameters(), split.remote, *split.model[2].parameters()], clip
+            )
+            scaler_local.unscale_(local_trunk_opt)
+            scaler_local.unscale_(local_opt)
+            clip_local = torch.nn.utils.clip_grad_norm_(
+                [
+                    *split.local[0].parameters(),
+                    *split.local[1].parameters(),
+                    *split.local[2].parameters(),
+                ],
+                clip,
+            )
+            torch.testing.assert_close(clip_split, clip_local, rtol=1e-6, atol=0, equal_nan=True)
+        for scaler, opts in (
+            (scaler_split, (trunk_opt, split_opt)),
+            (scaler_local, (local_trunk_opt, local_opt)),
+        ):
+            for opt in opts:
+                scaler.step(opt)
+            scaler.update()
+            for opt in opts:
+                opt.zero_grad()
+        assert scaler_split.get_scale() == scaler_local.get_scale()
+    return trunk_opt
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["plain", "unscale-then-clip"])
+def test_grad_scaler_steps_and_skips_the_trunk_like_local_training(start_server, clip):
+    split = Split(start_server)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    before = split.remote.remote_state_dict()
+    trunk_opt = _scaled_steps(split, *scalers, _batches(4), clip=clip, overflow_at=1)
+    assert scalers[0].get_scale() == 2.0**9  # one overflow: backed off once
+    assert trunk_opt._step_count == 3  # the overflowed step was skipped on the server too
+    split.assert_same_weights()
+    assert not torch.equal(before["0.weight"], split.remote.remote_state_dict()["0.weight"])
+    split.close()
+
+
+def test_a_non_finite_step_without_grad_scaler_is_refused_loudly(start_server):
+    split = Split(start_server)
+    trunk_opt = split.optimizers()[0]
+    before = split.remote.remote_state_dict()
+    x = _batches(1)[0]
+    (split.model(x).square().mean() * math.inf).backward()  # accepted, nothing accumulated
+    assert split.server.engine.sessions.values()[0].grads == {}
+    assert math.isnan(float(clip_grad_norm_([split.remote], 1.0)))
+    with pytest.raises(FloatingPointError, match="not finite.*zero_grad.*GradScaler"):
+        trunk_opt.step()
+    trunk_opt.zero_grad()
+    split.model(x).square().mean().backward()
+    trunk_opt.step()  # goes on from there
+    assert trunk_opt._step_count == 1
+    assert not torch.equal(before["0.weight"], split.remote.remote_state_dict()["0.weight"])
     split.close()
