@@ -35,6 +35,7 @@ class ComputeCall:
     rng_seed: int = 0  # the forward's RNG seed; 0: the engine picks one
     weights_version: int = 0  # recompute only: the weights the lost forward ran on
     backward_seq: int = 0  # recompute only: backwards the lost context had answered
+    autocast: torch.dtype | None = None  # the client's torch.autocast dtype (None: off)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class BackwardCall:
     zero_grad: ZeroGrad = ZeroGrad.KEEP  # a deferred zero_grad(), applied first
     grad_scale: float = 0.0  # a deferred clip scale (0 or 1: none), applied after it
     freeze_parameters: bool = False  # the client froze the trunk: input gradients only
+    report_nonfinite: bool = False  # non-finite gradients: accumulate nothing, say so
 
 
 @dataclass
@@ -62,6 +64,7 @@ class BackwardResult:
     weights_version: int
     recomputed: bool  # the forward was run again for this Backward
     compute_seconds: float
+    nonfinite: bool = False  # the gradients were not finite: nothing was accumulated
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,4 @@ class TrunkInfo:
     fingerprint: str = ""  # trunk_fingerprint() of the module as given to the engine
     weights_version: int = 0  # optimizer steps (and loads) applied so far
     buffers: list[str] = field(default_factory=list)  # persistent buffers, state_dict order
+    dtype: str = ""  # the floating parameters' dtype ("" when the trunk has none)

@@ -252,6 +252,7 @@ class TrunkClient:
         needs_input_grad: list[bool],
         keep_context: bool,
         training: bool,
+        autocast: str = "",
     ) -> tuple[Any, pb.Header]:
         if keep_context:  # a training forward (an inference client is not warned)
             self._check_fresh()
@@ -262,6 +263,7 @@ class TrunkClient:
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
             rng_seed=self._next_seed(),
+            autocast_dtype=autocast,
         )
         return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
 
@@ -276,6 +278,7 @@ class TrunkClient:
         seed: int,
         weights_version: int,
         backward_seq: int,
+        autocast: str = "",
     ) -> pb.Header:
         """Re-create a forward context the server lost from the inputs kept here; the server
         runs the forward again (same seed, so dropout matches) when the Backward comes."""
@@ -287,6 +290,7 @@ class TrunkClient:
             rng_seed=seed,
             weights_version=weights_version,
             backward_seq=backward_seq,
+            autocast_dtype=autocast,
         )
         log.info(
             "forward context %s was lost on %s; resending its inputs to recompute it",
@@ -320,6 +324,7 @@ class TrunkClient:
             zero_grad=zero,
             grad_scale=scale,
             freeze_parameters=self.frozen,
+            report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
         )
         try:
             value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")

@@ -47,6 +47,7 @@ class ForwardContext:
     seed: int = 0  # RNG seed of the forward (dropout), so a recompute matches it
     template: Any = None  # where the inputs go in (args, kwargs), for a recompute
     training: bool = True  # the trunk's mode during the forward, for a recompute
+    autocast: torch.dtype | None = None  # the forward's autocast dtype, for a recompute
     backward_seq: int = 0  # backwards answered so far
     last_reply: Any = None  # the last Backward's reply, for a retried call
     lease: int = -1  # StepTurns epoch of the lease this context holds (-1: none)

@@ -143,6 +143,9 @@ class TrunkEngine:
             fingerprint=self.fingerprint,
             weights_version=self.weights_version,
             buffers=[name for name, _ in persistent_buffers(self.module)],
+            dtype=next(
+                (str(p.dtype)[6:] for p in self.module.parameters() if p.is_floating_point()), ""
+            ),
         )
 
     # -- Compute and Backward -----------------------------------------------------------------
@@ -225,7 +228,12 @@ class TrunkEngine:
             if not call.recompute:
                 with footprint.saved() if graph else contextlib.nullcontext():
                     out_template, outputs = self.runner.forward(
-                        template, leaves, call.training, seed if keep else None, grad=graph
+                        template,
+                        leaves,
+                        call.training,
+                        seed if keep else None,
+                        grad=graph,
+                        autocast=call.autocast,
                     )
         if keep:
             kept = None if lazy else outputs
@@ -243,6 +251,7 @@ class TrunkEngine:
                     seed=seed,
                     template=template,
                     training=call.training,
+                    autocast=call.autocast,
                     backward_seq=call.backward_seq if call.recompute else 0,
                     lease=lease,
                 )
@@ -278,7 +287,7 @@ class TrunkEngine:
             for index, need in enumerate(needs):
                 if need and not context.inputs[index].requires_grad:
                     raise InvalidRequest(f"input {index} was not sent as requiring a gradient")
-            check_grad_outputs(grads)
+            check_grad_outputs(grads, finite=not call.report_nonfinite)
             started = time.perf_counter()
             wanted = [i for i, need in enumerate(needs) if need]
             with session.lock, self._lock:
@@ -301,6 +310,7 @@ class TrunkEngine:
                             context.training,
                             context.seed,
                             grad=True,
+                            autocast=context.autocast,
                         )
                     input_grads, param_grads = self.runner.gradients(
                         outputs,
@@ -312,11 +322,17 @@ class TrunkEngine:
                 finally:
                     if kept is not None:
                         self._restore_buffers(kept)
-                check_finite_grads(self.params, param_grads)
+                nonfinite = False
+                try:
+                    check_finite_grads(self.params, param_grads)
+                except InvalidRequest:
+                    if not call.report_nonfinite:
+                        raise
+                    nonfinite = True  # an overflowed GradScaler step: the client skips it
                 named_grads = {
                     name: grad
                     for (name, _), grad in zip(self.params, param_grads, strict=True)
-                    if grad is not None
+                    if grad is not None and not nonfinite
                 }
                 accumulate(session, named_grads, call.zero_grad, call.grad_scale)
                 computed = time.perf_counter()
@@ -328,6 +344,7 @@ class TrunkEngine:
                 weights_version=context.weights_version,
                 recomputed=context.outputs is None,
                 compute_seconds=computed - started,
+                nonfinite=nonfinite,
             )
             context.backward_seq = call.seq
             context.last_reply = result

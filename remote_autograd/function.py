@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import weakref
 from typing import Any
@@ -28,12 +29,14 @@ class RemoteCall:
         keep_context: bool,
         training: bool,
         device: torch.device,
+        autocast: str = "",
     ) -> None:
         self.client = client
         self.template = template
         self.keep_context = keep_context
         self.training = training
         self.device = device
+        self.autocast = autocast  # the caller's torch.autocast dtype ("" = off), for the server
         self.request_id = secrets.token_hex(16)  # 32 hex digits, like uuid4().hex but cheaper
         self.output_template: Any = None
         self.backwards = 0
@@ -41,6 +44,7 @@ class RemoteCall:
         self._needs: list[bool] = []
         self.seed = 0  # the server's RNG seed for this forward
         self.weights_version = 0  # the trunk's weights the forward ran on
+        self.nonfinite = False  # the last backward's trunk gradients were NaN/inf (not kept)
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         args, kwargs = unflatten(self.template, tensors)
@@ -53,6 +57,7 @@ class RemoteCall:
             needs_input_grad=self._needs,
             keep_context=self.keep_context,
             training=self.training,
+            autocast=self.autocast,
         )
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
@@ -70,6 +75,7 @@ class RemoteCall:
             seed=self.seed,
             weights_version=self.weights_version,
             backward_seq=self.backwards - 1,
+            autocast=self.autocast,
         )
 
     def backward(
@@ -81,14 +87,15 @@ class RemoteCall:
             for n, t in zip(needs_input_grad, self._inputs, strict=True)
         ]
         try:
-            value, _ = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+            value, reply = self.client.backward(self.request_id, self.backwards, list(grads), needs)
         except ContextNotFound:
             # Expired, evicted, or the server restarted: send the inputs again and let the
             # server recompute the forward (refused if the weights moved since).
             if not self.client.options.recover_contexts:
                 raise
             self._recompute()
-            value, _ = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+            value, reply = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+        self.nonfinite = reply.nonfinite
         out: list[torch.Tensor | None] = []
         pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)
         for grad, tensor, needed in pairs:
@@ -128,7 +135,12 @@ class _RemoteFunction(torch.autograd.Function):
         # second time" once a backward without retain_graph has freed it: the trunk's
         # gradients must not accumulate twice where a local layer would have refused.
         ctx.saved_tensors  # noqa: B018
-        return (None, None, *call.backward(grads, ctx.needs_input_grad[2:]))
+        input_grads = call.backward(grads, ctx.needs_input_grad[2:])
+        # The dummy's gradient is the trunk's inf check: NaN when this backward's trunk
+        # gradients were not finite (the server kept none), else 0. Summed into the module's
+        # flag, which RemoteOptimizer lists as its parameter, GradScaler sees it (see optim.py).
+        flag = torch.full((1,), math.nan if call.nonfinite else 0.0)
+        return (None, flag, *input_grads)
 
 
 def remote_apply(call: RemoteCall, dummy: torch.Tensor, tensors: list[torch.Tensor]):

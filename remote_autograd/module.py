@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import codec
 from .client import TrunkClient
 from .function import RemoteCall, remote_apply
 from .options import ClientOptions
@@ -16,6 +17,15 @@ from .trunk_state import load_trunk_state, save_trunk_state, split_trunk_state
 __all__ = ["RemoteModule"]
 
 _CPU = torch.device("cpu")
+_NO_CAST = (torch.float32, torch.float64)  # what the probes of a cast-free _apply come back as
+
+
+def _autocast_dtype(device_type: str) -> str:
+    """The dtype name of the torch.autocast region the caller is in ("" = none): the trunk
+    runs under autocast with it on the server, as it would here."""
+    if not torch.is_autocast_enabled(device_type):
+        return ""
+    return codec.dtype_name(torch.get_autocast_dtype(device_type))
 
 
 class RemoteModule(nn.Module):
@@ -41,14 +51,23 @@ class RemoteModule(nn.Module):
         self.address = address
         self.client = TrunkClient(address, options)
         self.device = torch.device(device) if device is not None else None
-        # Not a parameter: only there to make autograd call backward (see function.py).
-        self._dummy = torch.empty(0, requires_grad=True)
+        # Not a parameter: only there to make autograd call backward (see function.py). Its
+        # gradient is the trunk's inf check for GradScaler: 1, times what unscale_ multiplied
+        # it by, NaN after a backward whose trunk gradients were not finite (see optim.py).
+        self._dummy = torch.zeros(1, requires_grad=True)
+        self._dummy.grad = torch.ones(1)
+        self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
 
     @property
     def options(self) -> ClientOptions:
         return self.client.options
 
+    # Dynamo must not trace into the RPC (threads, finalizers, sockets): torch.compile of a
+    # model holding this module compiles the local parts and breaks the graph here.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._cast_dtype is not None:
+            self._check_cast()
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
@@ -57,11 +76,44 @@ class RemoteModule(nn.Module):
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
-            self.client, template, keep_context=keep, training=self.training, device=device
+            self.client,
+            template,
+            keep_context=keep,
+            training=self.training,
+            device=device,
+            autocast=_autocast_dtype(tensors[0].device.type if tensors else "cpu"),
         )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
         return unflatten(call.output_template, outputs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RemoteModule:
+        # nn.Module.to()/half()/double()/float() land here. A move to another device concerns
+        # only where outputs go (they follow the inputs); a cast cannot reach the trunk's
+        # weights (they live on the server, shared by every session). Refusing here would leave
+        # the parts before this module cast and the rest not, so the cast is remembered and
+        # the next forward says what to do unless the trunk is served in that dtype.
+        try:
+            probes = fn(torch.zeros(1)), fn(torch.zeros(1, dtype=torch.float64))
+        except (RuntimeError, AssertionError):  # .cuda() on a machine without one, etc.
+            probes = None
+        if probes is not None and (probes[0].dtype, probes[1].dtype) != _NO_CAST:
+            self._cast_dtype = probes[0].dtype
+        return super()._apply(fn, recurse)
+
+    def _check_cast(self) -> None:
+        wanted = self._cast_dtype
+        served = self.client.info().dtype
+        if wanted is None or str(wanted)[6:] == served:
+            return
+        name = str(wanted)[6:]
+        raise TypeError(
+            f"this model was cast to {wanted}, but the remote trunk at {self.address} is served "
+            f"in {served or 'no floating dtype'}: its weights live on the server, so a cast "
+            f"cannot reach them. Serve it in {wanted} (ServerOptions(dtype={name!r}), "
+            f"remote-autograd serve --dtype {name}), use torch.autocast for mixed precision, "
+            f"or cast the model back (.to({served and 'torch.' + served}))"
+        )
 
     def remote_state_dict(self) -> dict[str, torch.Tensor]:
         """The trunk's trainable parameters and persistent buffers, fetched from the server

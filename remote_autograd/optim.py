@@ -58,7 +58,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.optimizer_name = name
         resolved = self.client.configure_optimizer(name, kwargs)
         resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
-        super().__init__([{"params": []}], resolved)
+        # The module's flag is the one "parameter": GradScaler.unscale_ checks it for inf and
+        # multiplies it by 1/scale, which step() then applies to the trunk's gradients.
+        super().__init__([{"params": [module._dummy]}], resolved)
+        module._dummy.grad = torch.ones(1)
         self._step_count = 0
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -67,6 +70,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "RemoteOptimizer.step() takes no closure: the loss lives on the client, so "
                 "optimizers that re-evaluate it (LBFGS) cannot run on the server"
+            )
+        if not math.isfinite(_take_unscale(self.module)):
+            raise FloatingPointError(
+                "the trunk's gradients of this step are not finite (NaN or inf; the server kept "
+                "none of them): nothing was stepped. Call zero_grad() and go on, or let "
+                "torch.amp.GradScaler skip such steps (scaler.step(optimizer))"
             )
         self._step_count += 1
         try:
@@ -78,6 +87,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the session's trunk gradients (sent with the next Backward, GradNorm or Step)."""
         self.client.zero_grad_later(set_to_none)
+        self.module._dummy.grad = torch.ones(1)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The server-side optimizer state, with this side's current hyperparameters."""
@@ -125,6 +135,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return f"RemoteOptimizer({self.optimizer_name}, {self.module.address!r}, {hyper})"
 
 
+def _take_unscale(module: RemoteModule) -> float:
+    """Apply what ``GradScaler.unscale_`` did to the module's flag since the last call to the
+    trunk's gradients (it rides on the next call); returns the flag: 1.0 when nothing was
+    pending, NaN or inf when a backward gave non-finite trunk gradients."""
+    flag = module._dummy.grad
+    if flag is None:
+        return 1.0
+    value = float(flag.sum())
+    if math.isfinite(value) and value != 1.0:
+        module.client.scale_grads_later(value)
+        flag.fill_(1.0)
+    return value
+
+
 def _plain(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -158,6 +182,8 @@ def clip_grad_norm_(
     remotes: list[RemoteModule] = []
     for part in parts:
         if isinstance(part, RemoteModule):
+            if not math.isfinite(_take_unscale(part)):  # gradients the server did not keep
+                norms.append(torch.tensor(math.nan))
             remote_norms, dtype = part.client.grad_norms(norm_type)
             norms.extend(torch.tensor(n, dtype=codec.DTYPES[dtype]) for n in remote_norms)
             remotes.append(part)

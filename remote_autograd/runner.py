@@ -68,13 +68,15 @@ class TrunkRunner:
         seed: int | None,
         *,
         grad: bool,
+        autocast: torch.dtype | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         """Run the trunk (the caller holds the trunk lock), its RNG seeded by ``seed`` if
-        given; returns the outputs' template and tensors."""
+        given, under ``torch.autocast`` with ``autocast`` if given (the client's); returns the
+        outputs' template and tensors."""
         args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
         if self.module.training != training:  # train() walks every submodule: not per call
             self.module.train(training)
-        with _grad_mode(grad):
+        with _grad_mode(grad), self._autocast(autocast):
             if seed is None:  # nothing will recompute this forward: no need to pin its RNG
                 result = self.module(*args, **kwargs)
             else:
@@ -148,6 +150,11 @@ class TrunkRunner:
             with torch.cuda.device(devices[0]):
                 torch.cuda.manual_seed(seed)
             return self.module(*args, **kwargs)
+
+    def _autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return _UNCHANGED
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _cast_in(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None and tensor.is_floating_point():

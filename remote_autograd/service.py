@@ -38,7 +38,7 @@ from .errors import (
 )
 from .sessions import Session, ZeroGrad, identity_of
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
-from .validate import unpack
+from .validate import autocast_dtype, unpack
 
 __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
 
@@ -206,6 +206,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             fingerprint=trunk.fingerprint,
             weights_version=trunk.weights_version,
             buffers=trunk.buffers,
+            dtype=trunk.dtype,
         )
 
     @_rpc
@@ -321,6 +322,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             rng_seed=header.rng_seed,
             weights_version=header.weights_version,
             backward_seq=header.backward_seq,
+            autocast=autocast_dtype(header.autocast_dtype),
         )
         decoded = time.perf_counter()
         result = self.engine.compute(session, call, value)
@@ -348,6 +350,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             zero_grad=ZeroGrad.from_wire(header.zero_grad),
             grad_scale=header.grad_scale,
             freeze_parameters=header.freeze_parameters,
+            report_nonfinite=header.report_nonfinite,
         )
         decoded = time.perf_counter()
         result = self.engine.backward(session, call, value)
@@ -360,6 +363,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             server_id=self.engine.server_id,
             compute_seconds=result.compute_seconds,
             codec_seconds=(decoded - started) + (time.perf_counter() - computed),
+            nonfinite=result.nonfinite,
         )
         return reply, buffers
 

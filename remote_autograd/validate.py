@@ -15,6 +15,7 @@ from .errors import InvalidRequest
 
 __all__ = [
     "check_buffers",
+    "autocast_dtype",
     "check_finite_grads",
     "check_finite_groups",
     "check_finite_tree",
@@ -32,6 +33,20 @@ __all__ = [
 ]
 
 _PLAIN = (bool, int, float)
+
+
+_AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The torch.autocast dtype a Compute header names ("" = no autocast)."""
+    if not name:
+        return None
+    if name not in _AUTOCAST_DTYPES:
+        raise InvalidRequest(
+            f"autocast dtype must be one of {sorted(_AUTOCAST_DTYPES)}, got {name[:40]!r}"
+        )
+    return _AUTOCAST_DTYPES[name]
 
 
 def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
@@ -76,8 +91,9 @@ def check_finite_grads(
         )
 
 
-def check_grad_outputs(grads: Sequence[Any]) -> None:
-    """Refuse output gradients of a Backward that are not floating tensors, or not finite."""
+def check_grad_outputs(grads: Sequence[Any], *, finite: bool = True) -> None:
+    """Refuse output gradients of a Backward that are not floating tensors, or (``finite``)
+    not finite."""
     for index, grad in enumerate(grads):
         if grad is None:
             continue
@@ -85,7 +101,7 @@ def check_grad_outputs(grads: Sequence[Any]) -> None:
             raise InvalidRequest(
                 f"gradient {index}: expected a floating tensor, got {describe(grad)}"
             )
-        if not finite_flags([grad])[0]:
+        if finite and not finite_flags([grad])[0]:
             raise InvalidRequest(
                 f"gradient {index} is not finite (NaN or inf): refused before it reaches the trunk"
             )

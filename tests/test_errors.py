@@ -29,6 +29,7 @@ from remote_autograd import (
     TransportError,
     TrunkError,
 )
+from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.errors import ERROR_METADATA_KEY, from_rpc_error
 
 # Without it the client re-creates a lost context (see tests/test_faults.py).
@@ -182,8 +183,17 @@ def test_bad_gradients_are_refused_before_touching_the_trunk(start_server):
     server = start_server(trunk)
     remote = RemoteModule(server.address)
     y = remote(torch.randn(2, 3, requires_grad=True))
+    # A client that does not ask for a report (report_nonfinite) is refused outright.
+    value = {"grads": [torch.full((2, 3), float("nan"))]}
+    header = pb.Header(request_id="r" * 32, backward_seq=1, needs_input_grad=[False])
+    compute = pb.Header(request_id="r" * 32, keep_context=True, needs_input_grad=[False])
+    remote.client._exchange(
+        "Compute", compute, {"args": [torch.randn(2, 3)], "kwargs": {}}, "activation"
+    )
     with pytest.raises(InvalidRequest, match="not finite"):
-        y.backward(torch.full((2, 3), float("nan")))
+        remote.client._exchange("Backward", header, value, "gradient")
+    # RemoteModule asks for one: accepted, nothing accumulated (GradScaler skips the step).
+    y.backward(torch.full((2, 3), float("nan")))
     assert server.engine.sessions.values()[0].grads == {}
 
 

@@ -17,7 +17,7 @@ ZERO_GRAD_TO_NONE: ZeroGradMode
 ZERO_GRAD_TO_ZERO: ZeroGradMode
 
 class Header(_message.Message):
-    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection", "freeze_parameters")
+    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection", "freeze_parameters", "autocast_dtype", "report_nonfinite", "nonfinite")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEEP_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,9 @@ class Header(_message.Message):
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     BULK_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     FREEZE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOCAST_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload_bytes: int
     keep_context: bool
@@ -56,7 +59,10 @@ class Header(_message.Message):
     server_id: str
     bulk_connection: str
     freeze_parameters: bool
-    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ..., freeze_parameters: _Optional[bool] = ...) -> None: ...
+    autocast_dtype: str
+    report_nonfinite: bool
+    nonfinite: bool
+    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ..., freeze_parameters: _Optional[bool] = ..., autocast_dtype: _Optional[str] = ..., report_nonfinite: _Optional[bool] = ..., nonfinite: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "payload")
@@ -71,7 +77,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port", "fingerprint", "weights_version", "buffers")
+    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port", "fingerprint", "weights_version", "buffers", "dtype")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +97,7 @@ class InfoReply(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol_version: int
     quantizations: _containers.RepeatedScalarFieldContainer[str]
@@ -110,7 +117,8 @@ class InfoReply(_message.Message):
     fingerprint: str
     weights_version: int
     buffers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_version: _Optional[int] = ..., buffers: _Optional[_Iterable[str]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_version: _Optional[int] = ..., buffers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)

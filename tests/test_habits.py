@@ -1,0 +1,240 @@
+"""Everyday PyTorch habits around a model holding a RemoteModule: torch.compile, autocast,
+GradScaler, parameter groups, clipping and dtype casts. Each case runs the same computation
+locally and compares (exactly, where the dtype allows it)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
+
+
+def _parts(seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    bottom = nn.Sequential(nn.Linear(6, 16), nn.GELU())
+    trunk = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16))
+    top = nn.Linear(16, 3)
+    return bottom.to(dtype), trunk.to(dtype), top.to(dtype)
+
+
+def _batches(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(8, 6, generator=generator, dtype=dtype) for _ in range(n)]
+
+
+class Split:
+    """bottom -> trunk -> top twice: served (split, trunk on a real server) and local."""
+
+    def __init__(self, start_server, *, dtype=torch.float32, options=None, **sgd) -> None:
+        bottom, trunk, top = _parts(dtype=dtype)
+        self.local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+        self.server = start_server(trunk, options)
+        self.remote = RemoteModule(self.server.address)
+        self.model = nn.Sequential(bottom, self.remote, top)
+        self.sgd = sgd or {"lr": 0.1}
+
+    def optimizers(self):
+        """(trunk, split local parts, local trunk, local rest): one optimizer per part, so
+        that a GradScaler decides per part on both sides alike."""
+        return (
+            RemoteOptimizer(self.remote, "SGD", **self.sgd),
+            torch.optim.SGD([*self.model[0].parameters(), *self.model[2].parameters()], **self.sgd),
+            torch.optim.SGD(self.local[1].parameters(), **self.sgd),
+            torch.optim.SGD([*self.local[0].parameters(), *self.local[2].parameters()], **self.sgd),
+        )
+
+    def assert_same_weights(self) -> None:
+        remote = self.remote.remote_state_dict()
+        for name, param in self.local[1].named_parameters():
+            assert torch.equal(remote[name], param.detach()), name
+        for index in (0, 2):
+            mine, theirs = self.model[index].parameters(), self.local[index].parameters()
+            for a, b in zip(mine, theirs, strict=True):
+                assert torch.equal(a, b)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+
+# Inductor's own imports use torch.jit APIs that torch deprecates (not this library's doing).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compile_of_the_whole_model_breaks_the_graph_at_the_remote_module(start_server, backend):
+    torch._dynamo.reset()
+    split = Split(start_server)
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    compiled = torch.compile(split.model, backend=backend)
+    for x in _batches(3):
+        out = compiled(x)
+        expected = split.local(x)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    if backend == "eager":  # the same kernels as the unsplit model: bit-exact
+        split.assert_same_weights()
+    else:
+        remote = split.remote.remote_state_dict()
+        for name, param in split.local[1].named_parameters():
+            torch.testing.assert_close(remote[name], param.detach(), rtol=1e-5, atol=1e-6)
+    split.close()
+
+
+# -- autocast -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["graph-kept", "recompute"])
+def test_autocast_reaches_the_trunk(start_server, recompute):
+    # float32 master weights everywhere, bfloat16 compute under CPU autocast on both sides.
+    split = Split(start_server, options=ServerOptions(recompute=recompute))
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = split.model(x)
+            expected = split.local(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, expected)
+        out.float().square().mean().backward()
+        expected.float().square().mean().backward()
+        for index in (0, 2):
+            mine, theirs = split.model[index].parameters(), split.local[index].parameters()
+            for a, b in zip(mine, theirs, strict=True):
+                assert torch.equal(a.grad, b.grad)
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    split.assert_same_weights()
+    assert all(p.dtype == torch.float32 for p in split.server.engine.module.parameters())
+    # Outside the region the trunk runs in float32 again.
+    with torch.no_grad():
+        x = _batches(1)[0]
+        assert torch.equal(split.model(x), split.local(x))
+    split.close()
+
+
+# -- dtype casts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "to-bfloat16"])
+def test_a_cast_the_trunk_is_not_served_in_is_refused_with_what_to_do(start_server, cast):
+    split = Split(start_server)
+    split.model.to("cpu").float()  # no dtype change: fine
+    x = _batches(1)[0]
+    assert torch.equal(split.model(x), split.local(x))
+    dtype = {"double": torch.float64, "half": torch.float16, "to-bfloat16": torch.bfloat16}[cast]
+    if cast == "double":
+        split.model.double()
+    elif cast == "half":
+        split.model.half()
+    else:
+        split.model.to(torch.bfloat16)
+    # The local parts are cast as asked; the trunk cannot be, which the forward says.
+    assert all(p.dtype == dtype for p in split.model.parameters())
+    with pytest.raises(TypeError, match=r"ServerOptions\(dtype=.*serve --dtype .*autocast"):
+        split.model(x.to(dtype))
+    # Cast back, the model runs again (the float32 copy of a float64 cast loses nothing).
+    split.model.float()
+    if cast == "double":
+        assert torch.equal(split.model(x), split.local(x))
+    else:
+        assert split.model(x).dtype == torch.float32
+    split.close()
+
+
+def test_double_works_when_the_trunk_is_served_in_float64(start_server):
+    split = Split(start_server, options=ServerOptions(dtype="float64"))
+    split.model.double()
+    split.local.double()
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(2, torch.float64):
+        out, expected = split.model(x), split.local(x)
+        assert out.dtype == torch.float64
+        assert torch.equal(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    split.assert_same_weights()
+    split.close()
+
+
+# -- GradScaler ---------------------------------------------------------------------------------
+
+
+def _scaled_steps(split, scaler_split, scaler_local, batches, *, clip=None, overflow_at=-1):
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for index, x in enumerate(batches):
+        big = 1e38 if index == overflow_at else 1.0  # loss * scale overflows float32
+        scaler_split.scale(split.model(x).square().mean() * big).backward()
+        scaler_local.scale(split.local(x).square().mean() * big).backward()
+        if clip is not None:
+            # unscale_ first, then clip the unscaled gradients: the AMP recipe for clipping.
+            scaler_split.unscale_(trunk_opt)
+            scaler_split.unscale_(split_opt)
+            clip_split = clip_grad_norm_(
+                [*split.model[0].parameters(), split.remote, *split.model[2].parameters()], clip
+            )
+            scaler_local.unscale_(local_trunk_opt)
+            scaler_local.unscale_(local_opt)
+            clip_local = torch.nn.utils.clip_grad_norm_(
+                [
+                    *split.local[0].parameters(),
+                    *split.local[1].parameters(),
+                    *split.local[2].parameters(),
+                ],
+                clip,
+            )
+            torch.testing.assert_close(clip_split, clip_local, rtol=1e-6, atol=0, equal_nan=True)
+        for scaler, opts in (
+            (scaler_split, (trunk_opt, split_opt)),
+            (scaler_local, (local_trunk_opt, local_opt)),
+        ):
+            for opt in opts:
+                scaler.step(opt)
+            scaler.update()
+            for opt in opts:
+                opt.zero_grad()
+        assert scaler_split.get_scale() == scaler_local.get_scale()
+    return trunk_opt
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["plain", "unscale-then-clip"])
+def test_grad_scaler_steps_and_skips_the_trunk_like_local_training(start_server, clip):
+    split = Split(start_server)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    before = split.remote.remote_state_dict()
+    trunk_opt = _scaled_steps(split, *scalers, _batches(4), clip=clip, overflow_at=1)
+    assert scalers[0].get_scale() == 2.0**9  # one overflow: backed off once
+    assert trunk_opt._step_count == 3  # the overflowed step was skipped on the server too
+    split.assert_same_weights()
+    assert not torch.equal(before["0.weight"], split.remote.remote_state_dict()["0.weight"])
+    split.close()
+
+
+def test_a_non_finite_step_without_grad_scaler_is_refused_loudly(start_server):
+    split = Split(start_server)
+    trunk_opt = split.optimizers()[0]
+    before = split.remote.remote_state_dict()
+    x = _batches(1)[0]
+    (split.model(x).square().mean() * math.inf).backward()  # accepted, nothing accumulated
+    assert split.server.engine.sessions.values()[0].grads == {}
+    assert math.isnan(float(clip_grad_norm_([split.remote], 1.0)))
+    with pytest.raises(FloatingPointError, match="not finite.*zero_grad.*GradScaler"):
+        trunk_opt.step()
+    trunk_opt.zero_grad()
+    split.model(x).square().mean().backward()
+    trunk_opt.step()  # goes on from there
+    assert trunk_opt._step_count == 1
+    assert not torch.equal(before["0.weight"], split.remote.remote_state_dict()["0.weight"])
+    split.close()
