@@ -26,6 +26,7 @@ from .errors import (  # noqa: E402
 from .module import RemoteModule  # noqa: E402
 from .optim import RemoteOptimizer, clip_grad_norm_  # noqa: E402
 from .options import ClientOptions, Limits, ServerOptions  # noqa: E402
+from .pipeline import PipelinedStep, split_batch  # noqa: E402
 from .server import TrunkServer, serve  # noqa: E402
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "NotConfigured",
+    "PipelinedStep",
     "RemoteAutogradError",
     "RemoteError",
     "RemoteModule",
@@ -54,4 +56,5 @@ __all__ = [
     "decode",
     "encode",
     "serve",
+    "split_batch",
 ]
