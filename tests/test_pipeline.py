@@ -4,6 +4,7 @@ computes (float64 bit-for-bit, float32 within 1e-6), against real trunk servers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -235,3 +236,37 @@ def test_a_trunk_error_reaches_the_caller_and_the_next_step_works(start_server):
         loss = step(x, y)
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in bottom.parameters())
+
+
+def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(start_server, tmp_path):
+    """``remote-autograd train --micro-batches 2``: the pipelined trainer's losses and clipped
+    gradient norms are those of the unsplit model (token-mean weights over padded pieces)."""
+    from test_hf_train import RUN, SPEC, monolithic_losses
+
+    from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
+
+    spec = ModelSpec(**{**SPEC.__dict__, "dropout": 0.0})
+    lora = LoraOptions(rank=0)
+    server = start_server(build_trunk(spec, lora))
+    config = TrainConfig(
+        server=server.address,
+        model=spec,
+        lora=lora,
+        steps=3,
+        lr=1e-2,
+        max_grad_norm=0.5,
+        out_dir=str(tmp_path),
+        micro_batches=2,
+        **RUN,
+    )
+    result = train(config)
+    expected_losses, expected_norms, padded = monolithic_losses(config)
+    assert padded
+    torch.testing.assert_close(
+        [m["loss"] for m in result.history], expected_losses, rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        [m["grad_norm"] for m in result.history], expected_norms, rtol=1e-4, atol=0
+    )
+    with pytest.raises(ValueError, match="micro_batches must be between 1 and batch_size"):
+        train(dataclasses.replace(config, micro_batches=RUN["batch_size"] + 1))
