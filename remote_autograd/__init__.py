@@ -29,6 +29,7 @@ from .fingerprint import trunk_fingerprint  # noqa: E402
 from .module import RemoteModule  # noqa: E402
 from .optim import RemoteOptimizer, clip_grad_norm_  # noqa: E402
 from .options import ClientOptions, Limits, ServerOptions  # noqa: E402
+from .pipeline import PipelinedStep, split_batch  # noqa: E402
 from .server import TrunkServer, serve  # noqa: E402
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "NotConfigured",
+    "PipelinedStep",
     "RemoteAutogradError",
     "RemoteError",
     "RemoteModule",
@@ -60,4 +62,5 @@ __all__ = [
     "encode",
     "serve",
     "trunk_fingerprint",
+    "split_batch",
 ]

@@ -85,3 +85,16 @@ def test_transfer_over_shaped_link_smoke(tmp_path: Path) -> None:
     )
     assert data["link"] == "1gbit"
     assert data["remote_autograd"]["auto"]["65536"]["backward_s"] > 0
+
+
+def test_pipeline_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_pipeline", tmp_path)
+    assert data["benchmark"] == "pipeline"
+    for name in ("monolithic", "sequential", "pipelined"):
+        assert data[name]["step_s"] > 0
+        assert len(data[name]["losses"]) == data["preset"]["steps"]
+    for name in ("sequential", "pipelined"):
+        assert data[name]["trunk_busy_s"] > 0
+        assert data[name]["trunk_idle_fraction"] < 1
+    # The pipelined step computes what the sequential one does (float32 summation order).
+    assert data["ratios"]["max_loss_rel_diff_pipelined_vs_sequential"] < 1e-4

@@ -163,6 +163,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     group.add_argument("--steps", type=int, default=300, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch")
     group.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
+    group.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="pipeline each micro-batch in this many pieces (client and trunk overlap)",
+    )
     group.add_argument("--seq-len", type=int, default=128, help="tokens per sample, at most")
     group.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     group.add_argument("--weight-decay", type=float, default=0.0)
@@ -210,6 +216,7 @@ def run_train(args: argparse.Namespace) -> None:
             steps=args.steps,
             batch_size=args.batch_size,
             grad_accum=args.grad_accum,
+            micro_batches=args.micro_batches,
             seq_len=args.seq_len,
             lr=args.lr,
             weight_decay=args.weight_decay,

@@ -27,6 +27,7 @@ from ..fingerprint import trunk_fingerprint
 from ..module import RemoteModule
 from ..optim import RemoteOptimizer, clip_grad_norm_
 from ..options import ClientOptions
+from ..pipeline import PipelinedStep
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import builtin_corpus, micro_batches, pack_samples
 from .lora import LoraOptions, lora_state
@@ -55,6 +56,8 @@ class TrainConfig:
     steps: int = 300  # optimizer steps in all (a resumed run stops here too)
     batch_size: int = 8  # samples per micro-batch
     grad_accum: int = 2  # micro-batches per optimizer step
+    micro_batches: int = 1  # >1: each micro-batch runs as this many pipelined pieces, the
+    # client's bottom/top overlapping the trunk's work (remote_autograd.pipeline)
     seq_len: int = 128  # tokens per sample, at most
     lr: float = 3e-3  # peak learning rate of both optimizers
     weight_decay: float = 0.0  # AdamW weight decay of both optimizers
@@ -98,6 +101,11 @@ def unique_parameters(*modules: nn.Module) -> list[nn.Parameter]:
 
 
 def train(config: TrainConfig) -> TrainResult:
+    if not 1 <= config.micro_batches <= config.batch_size:
+        raise ValueError(
+            f"micro_batches must be between 1 and batch_size ({config.batch_size}), "
+            f"got {config.micro_batches}"
+        )
     out_dir = Path(config.out_dir)
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config.model)
@@ -162,6 +170,7 @@ def train(config: TrainConfig) -> TrainResult:
         top.train()
         trunk.train()
         stats = trunk.client.stats
+        pipelined = _pipelined_step(bottom, trunk, top, config.micro_batches, config.grad_accum)
         bar = stack.enter_context(
             tqdm(total=config.steps, initial=step, disable=not config.progress, unit="step")
         )
@@ -171,6 +180,13 @@ def train(config: TrainConfig) -> TrainResult:
             losses, tokens = [], 0
             for _ in range(config.grad_accum):
                 batch = next(batches)
+                tokens += int(batch["attention_mask"].sum())
+                if pipelined is not None:
+                    x = {k: batch[k] for k in ("input_ids", "attention_mask")}
+                    loss = pipelined(x, batch["labels"])
+                    # The token mean of the whole micro-batch (divided by grad_accum inside).
+                    losses.append(loss.item() * config.grad_accum)
+                    continue
                 # Seeds the trunk's dropout from this side's generator (see Trunk.forward).
                 dropout_seed = int(torch.randint(2**62, ()).item())
                 state = bottom(batch["input_ids"], batch["attention_mask"])  # hidden (B, T, d)
@@ -179,7 +195,6 @@ def train(config: TrainConfig) -> TrainResult:
                 loss = causal_lm_loss(logits, batch["labels"])
                 (loss / config.grad_accum).backward()
                 losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum())
             # With clipping off the norm is still measured (an infinite bound scales by 1).
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             grad_norm = float(clip_grad_norm_(clip_order, max_norm))
@@ -246,6 +261,43 @@ def _checked(config: TrainConfig) -> ClientOptions:
         return config.client
     fingerprint = expected_fingerprint(config.model, config.lora)
     return dataclasses.replace(config.client, fingerprint=fingerprint)
+
+
+def _pipelined_step(
+    bottom: nn.Module, trunk: RemoteModule, top: nn.Module, micro_batches: int, grad_accum: int
+) -> PipelinedStep | None:
+    """The loop body above as a pipelined step over ``micro_batches`` pieces (None for 1).
+    Each piece's token-mean loss is weighted by its count of predicted tokens, so the sum is
+    the token mean of the whole micro-batch."""
+    if micro_batches == 1:
+        return None
+
+    def bottom_part(x: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        dropout_seed = int(torch.randint(2**62, ()).item())  # drawn here: the caller's thread
+        return bottom(x["input_ids"], x["attention_mask"]), dropout_seed
+
+    def trunk_part(value: tuple[dict[str, torch.Tensor], int]) -> tuple[torch.Tensor, ...]:
+        state, dropout_seed = value
+        hidden = trunk(**state, dropout_seed=dropout_seed)
+        return hidden, state["attention_mask"], state["position_ids"]
+
+    def top_part(value: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return top(*value)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(logits, labels) / grad_accum
+
+    def predicted_tokens(labels: torch.Tensor) -> float:
+        return float((labels[:, 1:] != -100).sum())
+
+    return PipelinedStep(
+        bottom_part,
+        trunk_part,
+        top_part,
+        loss_fn,
+        micro_batches=micro_batches,
+        weight=predicted_tokens,
+    )
 
 
 def _adapters(bottom: nn.Module, top: nn.Module, trunk: RemoteModule) -> dict[str, dict]:

@@ -1,0 +1,302 @@
+"""Pipelined-step benchmark: GPT-2 split step, sequential vs pipelined, vs the monolithic step.
+
+Client and trunk server are separate processes with one torch thread each (two machines'
+worth of compute on a 2-core box). The client holds the embeddings, the first blocks, the
+final norm and the tied LM head; the server the middle blocks, chosen so that both sides do
+about the same work. Three runs in lockstep (step i of each back to back) from the same
+weights and batches, AdamW everywhere:
+
+- monolithic: the whole model in this process, one thread;
+- sequential: the ordinary split step (``loss.backward()`` through ``RemoteModule``);
+- pipelined: ``PipelinedStep`` with ``micro_batches`` pieces (remote_autograd.pipeline).
+
+Reports median step times, the ratios, and the fraction of each split step in which the trunk
+server sits idle: 1 - (compute + codec seconds from the reply headers + the Step RPC's wall
+time) / step time.
+
+    python -m benchmarks.bench_pipeline --preset full --json pipeline.json --doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from benchmarks.common import ServerProcess, machine, median, table, update_doc, write_json
+from remote_autograd.hf import SplitModel, causal_lm_loss, split_causal_lm, unique_parameters
+
+# ---- settings ---------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "model": "tiny",
+        "trunk": (1, 3),  # trunk blocks [start, end)
+        "batch": 4,
+        "seq": 16,
+        "micro_batches": 2,
+        "steps": 2,
+        "warmup": 1,
+    },
+    # GPT-2 small (124M): 3 blocks + the 50257-word head here (~120 MFLOP per token forward),
+    # 9 blocks on the server (~130 MFLOP per token)
+    "full": {
+        "model": "small",
+        "trunk": (3, 12),
+        "batch": 8,
+        "seq": 32,
+        "micro_batches": 4,
+        "steps": 5,
+        "warmup": 1,
+    },
+}
+# model -> (n_layer, n_embd, n_head, vocab)
+MODELS = {"small": (12, 768, 12, 50257), "tiny": (4, 64, 4, 1000)}
+SEED = 0  # the same weights in every process
+LR = 3e-4
+DATA_VOCAB = 512
+# -----------------------------------------------------------------------------------------
+
+
+def build_split(preset: dict[str, Any]) -> SplitModel:
+    n_layer, n_embd, n_head, vocab = MODELS[preset["model"]]
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=1024,
+        resid_pdrop=0.0,  # no dropout: the three runs compare step by step
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = GPT2LMHeadModel(config).train()
+    return split_causal_lm(model, *preset["trunk"])
+
+
+def batches(preset: dict[str, Any]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    shape = (preset["batch"], preset["seq"])
+    n = preset["warmup"] + preset["steps"]
+    return [torch.randint(0, DATA_VOCAB, shape, generator=generator) for _ in range(n)]
+
+
+class Monolithic:
+    def __init__(self, preset: dict[str, Any]) -> None:
+        bottom, trunk, top = build_split(preset)
+        self.parts = torch.nn.ModuleList([bottom, trunk, top])
+        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, trunk, top), lr=LR)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
+        bottom, trunk, top = self.parts
+        start = time.perf_counter()
+        loss = causal_lm_loss(top(trunk(bottom(ids)["hidden_states"])), ids)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+            self.losses.append(loss.item())
+
+    def result(self) -> dict[str, Any]:
+        return {"step_s": median(self.times), "times": self.times, "losses": self.losses}
+
+
+class Split:
+    """Bottom and top here, the middle blocks on a trunk server; sequential or pipelined."""
+
+    def __init__(self, preset: dict[str, Any], address: str, pipelined: bool) -> None:
+        from remote_autograd import PipelinedStep, RemoteModule, RemoteOptimizer
+
+        bottom, _, top = build_split(preset)
+        self.bottom, self.top = bottom, top
+        self.trunk = RemoteModule(address)
+        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, top), lr=LR)
+        self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
+        self.pipelined = (
+            PipelinedStep(
+                lambda ids: bottom(ids)["hidden_states"],  # [b, T, d]
+                self.trunk,
+                top,
+                causal_lm_loss,
+                micro_batches=preset["micro_batches"],
+            )
+            if pipelined
+            else None
+        )
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.trunk_busy: list[float] = []
+
+    def step(self, ids: torch.Tensor, timed: bool) -> None:  # ids: [B, T]
+        stats = self.trunk.client.stats
+        before = stats.server_compute_seconds + stats.server_codec_seconds
+        start = time.perf_counter()
+        if self.pipelined is not None:
+            loss = self.pipelined(ids, ids)
+        else:
+            hidden = self.bottom(ids)["hidden_states"]  # [B, T, d]
+            loss = causal_lm_loss(self.top(self.trunk(hidden)), ids)
+            loss.backward()
+        rpc_start = time.perf_counter()
+        self.remote_optimizer.step()
+        step_rpc = time.perf_counter() - rpc_start
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.remote_optimizer.zero_grad()
+        elapsed = time.perf_counter() - start
+        if timed:
+            self.times.append(elapsed)
+            self.losses.append(loss.item())
+            busy = stats.server_compute_seconds + stats.server_codec_seconds - before + step_rpc
+            self.trunk_busy.append(busy)
+
+    def result(self) -> dict[str, Any]:
+        self.trunk.close()
+        idle = [1 - busy / t for busy, t in zip(self.trunk_busy, self.times, strict=True)]
+        return {
+            "step_s": median(self.times),
+            "times": self.times,
+            "losses": self.losses,
+            "trunk_busy_s": median(self.trunk_busy),
+            "trunk_idle_fraction": median(idle),
+        }
+
+
+def serve_trunk(preset_name: str) -> None:
+    """The server process: the preset's trunk blocks, one torch thread."""
+    from benchmarks.servers import _wait_for_signal
+    from remote_autograd import ServerOptions, serve
+
+    torch.set_num_threads(1)
+    server = serve(build_split(PRESETS[preset_name]).trunk, "127.0.0.1:0", options=ServerOptions())
+    print(f"ready {server.address}", flush=True)
+    _wait_for_signal()
+    server.stop(grace=None)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    preset = dict(PRESETS[args.preset])
+    for key in ("steps", "micro_batches"):
+        if getattr(args, key):
+            preset[key] = getattr(args, key)
+    torch.set_num_threads(1)
+    data: dict[str, Any] = {
+        "benchmark": "pipeline",
+        "preset_name": args.preset,
+        "preset": preset,
+        "machine": machine(),
+        "load_before": os.getloadavg(),
+    }
+    runners: dict[str, Any] = {"monolithic": Monolithic(preset)}
+    with ExitStack() as stack:
+        for mode in ("sequential", "pipelined"):
+            server = stack.enter_context(
+                ServerProcess(
+                    "--serve-trunk",
+                    args.preset,
+                    module="benchmarks.bench_pipeline",
+                    env={"OMP_NUM_THREADS": "1"},
+                    timeout=180,
+                )
+            )
+            runners[mode] = Split(preset, server.address, pipelined=mode == "pipelined")
+        # Lockstep: a slow patch of a shared machine hits all three runs alike.
+        for i, ids in enumerate(batches(preset)):
+            for runner in runners.values():
+                runner.step(ids, timed=i >= preset["warmup"])
+        results = {name: runner.result() for name, runner in runners.items()}
+    data.update(results)
+    data["load_after"] = os.getloadavg()
+    mono, seq, pipe = (results[k] for k in ("monolithic", "sequential", "pipelined"))
+    data["ratios"] = {
+        "pipelined_vs_sequential": pipe["step_s"] / seq["step_s"],
+        "pipelined_vs_monolithic": pipe["step_s"] / mono["step_s"],
+        "sequential_vs_monolithic": seq["step_s"] / mono["step_s"],
+        "max_loss_rel_diff_pipelined_vs_sequential": max(
+            abs(a - b) / abs(b) for a, b in zip(pipe["losses"], seq["losses"], strict=True)
+        ),
+    }
+    for name, result in results.items():
+        idle = result.get("trunk_idle_fraction")
+        extra = f", trunk idle {idle:.0%}" if idle is not None else ""
+        print(f"{name}: {result['step_s'] * 1e3:.0f} ms{extra}", flush=True)
+    print(f"pipelined / sequential: {data['ratios']['pipelined_vs_sequential']:.2f}", flush=True)
+    return data
+
+
+def markdown(data: dict[str, Any]) -> str:
+    p, r = data["preset"], data["ratios"]
+    mono = data["monolithic"]
+    rows = [["monolithic (one process, one thread)", mono["step_s"] * 1e3, 1.0, "", "", ""]]
+    for name in ("sequential", "pipelined"):
+        res = data[name]
+        label = (
+            "split, sequential"
+            if name == "sequential"
+            else (f"split, pipelined ({p['micro_batches']} micro-batches)")
+        )
+        rows.append(
+            [
+                label,
+                res["step_s"] * 1e3,
+                res["step_s"] / mono["step_s"],
+                res["step_s"] / data["sequential"]["step_s"],
+                res["trunk_busy_s"] * 1e3,
+                f"{res['trunk_idle_fraction']:.0%}",
+            ]
+        )
+    header = [
+        "run",
+        "step ms",
+        "vs monolithic",
+        "vs sequential",
+        "trunk busy ms",
+        "trunk idle",
+    ]
+    load = data["load_before"][0], data["load_after"][0]
+    return (
+        f"### Pipelined step, preset {data['preset_name']}\n\n"
+        f"GPT-2 `{p['model']}` (random init), trunk = blocks [{p['trunk'][0]}, {p['trunk'][1]}) "
+        f"on a server process, the rest here; batch {p['batch']} x {p['seq']} tokens, AdamW, "
+        f"{p['steps']} timed steps after {p['warmup']} warm-up (medians); one torch thread "
+        f"per process; {data['machine']['cpus']} CPUs, load average {load[0]:.1f} before and "
+        f"{load[1]:.1f} after ({data['machine']['time_utc']} UTC). Losses of the pipelined "
+        f"run vs the sequential one: max rel. diff "
+        f"{r['max_loss_rel_diff_pipelined_vs_sequential']:.1e}.\n\n" + table(header, rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--steps", type=int, help="override the preset's timed steps")
+    parser.add_argument("--micro-batches", type=int, help="override the preset's pieces")
+    parser.add_argument("--json", help="write the results here (default: stdout)")
+    parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--serve-trunk", metavar="PRESET", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_trunk:
+        serve_trunk(args.serve_trunk)
+        return {}
+    data = run(args)
+    write_json(args.json, data)
+    if args.doc:
+        update_doc(f"pipeline_{args.preset}", markdown(data))
+    return data
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

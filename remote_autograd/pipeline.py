@@ -1,0 +1,208 @@
+"""Pipelined training: the client's bottom and top work on one micro-batch while the trunk
+server works on another.
+
+:class:`PipelinedStep` runs one batch as ``micro_batches`` micro-batches. The graph is cut at
+the trunk's boundary, so each part's backward is driven on its own: the trunk's Compute and
+Backward RPCs run on one worker thread (the *trunk lane*, FIFO, so the server sees them in a
+fixed order), the bottom and top on the caller's thread. The schedule is one-forward-one-
+backward (1F1B) with ``depth`` micro-batches in the trunk ahead of the top::
+
+    client: b0 b1 t0 b2 B0 t1 b3 B1 t2 ...      b = bottom forward, t = top forward + backward
+    trunk :    f0 f1 g0 f2 g1 f3 g2 ...          B = bottom backward, f/g = trunk fwd/bwd
+
+Every part's gradients accumulate in micro-batch order (top i, then bottom i, then top i+1,
+trunk i before trunk i+1) and the trunk's Computes go out in micro-batch order, so the
+gradients, and the trunk's dropout under ``ClientOptions(seed=...)``, are those of the plain
+loop over the same micro-batches. The client-side RNG (dropout in bottom or top) is drawn in the
+schedule's order: reproducible under ``torch.manual_seed``, but not the plain loop's masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .tree import flatten, unflatten
+
+__all__ = ["PipelinedStep", "split_batch"]
+
+log = logging.getLogger(__name__)
+
+
+def split_batch(value: Any, micro_batches: int) -> list[Any]:
+    """Split every tensor in ``value`` (a tensor, or lists, tuples and dicts of them) along
+    dimension 0 into ``micro_batches`` parts (sizes differ by at most one, like
+    ``torch.tensor_split``); values that are not tensors go to every part unchanged."""
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+    template, tensors = flatten(value)
+    if not tensors:
+        raise ValueError("the batch holds no tensor to split into micro-batches")
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if None in sizes or len(sizes) != 1:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(
+            f"every tensor of a batch needs the same size in dimension 0 (the batch); got {shapes}"
+        )
+    rows = sizes.pop()
+    assert rows is not None
+    if rows < micro_batches:
+        raise ValueError(
+            f"a batch of {rows} samples cannot be split into micro_batches={micro_batches}"
+        )
+    parts = [torch.tensor_split(t, micro_batches, dim=0) for t in tensors]
+    return [unflatten(template, [p[i] for p in parts]) for i in range(micro_batches)]
+
+
+class _Cut:
+    """A value whose grad-requiring tensors were detached into leaves: the graph's seam."""
+
+    def __init__(self, value: Any) -> None:
+        template, tensors = flatten(value)
+        self.sources: list[torch.Tensor] = []  # the tensors before the cut (still in the graph)
+        self.leaves: list[torch.Tensor] = []  # their detached stand-ins
+        cut = []
+        for tensor in tensors:
+            if tensor.requires_grad:
+                leaf = tensor.detach().requires_grad_()
+                self.sources.append(tensor)
+                self.leaves.append(leaf)
+                cut.append(leaf)
+            else:
+                cut.append(tensor)
+        self.value = unflatten(template, cut)
+
+    def backward(self) -> None:
+        """Carry the leaves' gradients on through the graph before the cut."""
+        pairs = [
+            (s, leaf.grad)
+            for s, leaf in zip(self.sources, self.leaves, strict=True)
+            if leaf.grad is not None
+        ]
+        self.sources, self.leaves = [], []  # drop the graph as soon as it has been used
+        if pairs:
+            torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+
+class PipelinedStep:
+    """``loss = step(x, y)``: forward and backward of one batch through ``bottom``, ``trunk``
+    and ``top`` in ``micro_batches`` pipelined micro-batches; the gradients are left in the
+    parameters (and the trunk server's session) for the usual ``opt.step()``.
+
+    ``h = bottom(x_i)``, ``z = trunk(h)``, ``out = top(z)``, ``loss_i = loss_fn(out, y_i)``: each
+    part is any callable (an ``nn.Module``; ``trunk`` usually holds a
+    :class:`~remote_autograd.RemoteModule`), their values tensors or lists, tuples and dicts
+    of tensors. ``x`` and ``y`` are split along dimension 0 (:func:`split_batch`).
+
+    ``reduction="mean"`` (for a loss that is a mean over the batch): micro-batch i's loss is
+    weighted by ``weight(y_i) / sum(weight(y_j))``, where ``weight`` defaults to the number of
+    samples; pass e.g. the count of non-ignored labels for a token-mean loss. ``"sum"``: the
+    losses are added. The returned loss is that weighted sum, detached (backward already ran).
+
+    Valid when the samples of a batch are independent in every part: no BatchNorm in training
+    mode, no loss that couples samples (see docs/pipeline.md).
+    """
+
+    def __init__(
+        self,
+        bottom: Callable[[Any], Any],
+        trunk: Callable[[Any], Any],
+        top: Callable[[Any], Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        micro_batches: int = 4,
+        depth: int = 2,
+        reduction: str = "mean",
+        weight: Callable[[Any], float] | None = None,
+    ) -> None:
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int):
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(
+                "depth (micro-batches in the trunk ahead of the top) must be an int >= 1, "
+                f"got {depth!r}"
+            )
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.bottom = bottom
+        self.trunk = trunk
+        self.top = top
+        self.loss_fn = loss_fn
+        self.micro_batches = micro_batches
+        self.depth = depth
+        self.reduction = reduction
+        self.weight = weight
+
+    def scales(self, ys: list[Any]) -> list[float]:
+        """What each micro-batch's loss is multiplied by (see the class docstring)."""
+        if self.reduction == "sum":
+            return [1.0] * len(ys)
+        weights = [float(self.weight(y)) if self.weight else float(_rows(y)) for y in ys]
+        total = sum(weights)
+        if not total > 0:
+            raise ValueError(f"the micro-batches' loss weights sum to {total}; nothing to average")
+        return [w / total for w in weights]
+
+    def __call__(self, x: Any, y: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            raise RuntimeError("PipelinedStep runs backward: call it with grad mode on")
+        xs = split_batch(x, self.micro_batches)
+        ys = split_batch(y, self.micro_batches)
+        scales = self.scales(ys)
+        m = self.micro_batches
+        bottoms: dict[int, _Cut] = {}
+        trunk_out: dict[int, Future] = {}
+        trunk_back: dict[int, Future] = {}
+        total: torch.Tensor | None = None
+        lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-trunk-lane")
+        try:
+
+            def forward_bottom(i: int) -> None:
+                bottoms[i] = _Cut(self.bottom(xs[i]))
+                trunk_out[i] = lane.submit(self._trunk_forward, bottoms[i].value)
+
+            for i in range(min(self.depth, m)):
+                forward_bottom(i)
+            for i in range(m):
+                # Top forward and backward of micro-batch i, on the trunk's output.
+                seam = _Cut(trunk_out.pop(i).result())
+                loss = self.loss_fn(self.top(seam.value), ys[i])
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(
+                        f"loss_fn must return a tensor with one element, got {_describe(loss)}"
+                    )
+                scaled = loss * scales[i] if self.reduction == "mean" else loss
+                scaled.backward()
+                total = scaled.detach() if total is None else total + scaled.detach()
+                del loss, scaled
+                trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
+                if i + self.depth < m:
+                    forward_bottom(i + self.depth)  # overlaps trunk backward i
+                trunk_back.pop(i).result()
+                bottoms.pop(i).backward()
+        finally:
+            # On an error the queued trunk calls are dropped; one in flight finishes first.
+            lane.shutdown(wait=True, cancel_futures=True)
+        assert total is not None
+        return total
+
+    def _trunk_forward(self, value: Any) -> Any:
+        with torch.enable_grad():  # grad mode is per thread
+            return self.trunk(value)
+
+
+def _rows(value: Any) -> int:
+    _, tensors = flatten(value)
+    return tensors[0].shape[0] if tensors and tensors[0].dim() else 1
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,272 @@
+"""PipelinedStep: the pipelined step computes what the plain loop over the same micro-batches
+computes (float64 bit-for-bit, float32 within 1e-6), against real trunk servers."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from models import block_parts, mlp_parts
+from torch import nn
+
+from remote_autograd import (
+    ClientOptions,
+    PipelinedStep,
+    RemoteError,
+    RemoteModule,
+    RemoteOptimizer,
+    clip_grad_norm_,
+    split_batch,
+)
+
+STEPS = 3
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 0, "atol": 0} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}
+
+
+def _stages(kind: str, bottom: nn.Module, trunk: nn.Module, top: nn.Module):
+    """bottom, trunk and top as PipelinedStep's one-argument callables, and the loss."""
+    if kind == "mlp":
+        return bottom, trunk, top, nn.functional.cross_entropy
+
+    def loss_fn(out, target):
+        logits, norms = out
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return loss + 1e-3 * norms.mean()  # the trunk's second output is used too
+
+    return (
+        lambda x: (bottom(x[0]), x[1]),  # (hidden, padding mask)
+        lambda h: trunk(*h),  # (hidden, per-token norm)
+        lambda z: (top(z[0]), z[1]),
+        loss_fn,
+    )
+
+
+def _batches(kind: str, dtype: torch.dtype, n: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        if kind == "mlp":
+            yield (
+                torch.randn(8, 6, generator=generator, dtype=dtype),
+                torch.randint(0, 3, (8,), generator=generator),
+            )
+        else:
+            tokens = torch.randint(0, 20, (4, 7), generator=generator)
+            padding = torch.zeros(4, 7, dtype=torch.bool)
+            padding[1, 5:] = True  # padded sequences
+            padding[3, 3:] = True
+            yield (tokens, padding), tokens
+
+
+def _run(kind, parts, trunk, batches, *, pipelined: bool, micro: int):
+    """STEPS optimizer steps of two accumulated batches each, clipped, with an LR schedule."""
+    bottom, _, top = parts
+    stage_b, stage_t, stage_top, loss_fn = _stages(kind, bottom, trunk, top)
+    opt = torch.optim.SGD([*bottom.parameters(), *top.parameters()], lr=0.05, momentum=0.9)
+    trunk_opt = RemoteOptimizer(trunk, torch.optim.SGD, lr=0.05, momentum=0.9)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in (opt, trunk_opt)]
+    step = PipelinedStep(stage_b, stage_t, stage_top, loss_fn, micro_batches=micro)
+    trace = []
+    for index in range(STEPS):
+        opt.zero_grad()
+        trunk_opt.zero_grad()
+        losses = []
+        for x, y in batches[2 * index : 2 * index + 2]:
+            if pipelined:
+                losses.append(step(x, y))
+            else:  # the plain loop over the same micro-batches, same loss weights
+                ys = split_batch(y, micro)
+                total = 0
+                for xi, yi, scale in zip(split_batch(x, micro), ys, step.scales(ys), strict=True):
+                    loss = loss_fn(stage_top(stage_t(stage_b(xi))), yi) * scale
+                    loss.backward()
+                    total = total + loss.detach()
+                losses.append(total)
+        norm = clip_grad_norm_([*bottom.parameters(), trunk, *top.parameters()], 0.3)
+        grads = [p.grad.clone() for p in (*bottom.parameters(), *top.parameters())]
+        trace.append((losses, norm, grads))
+        opt.step()
+        trunk_opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    return trace, trunk.remote_state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("kind", "micro"), [("mlp", 3), ("blocks", 2), ("blocks", 4)])
+def test_pipelined_training_matches_the_plain_loop(kind, micro, dtype, start_server):
+    parts = mlp_parts(dtype) if kind == "mlp" else block_parts(dtype)
+    twin = copy.deepcopy(parts)
+    batches = list(_batches(kind, dtype, 2 * STEPS))
+    servers = [start_server(parts[1]), start_server(twin[1])]
+    with RemoteModule(servers[0].address) as a, RemoteModule(servers[1].address) as b:
+        piped, piped_state = _run(kind, parts, a, batches, pipelined=True, micro=micro)
+        plain, plain_state = _run(kind, twin, b, batches, pipelined=False, micro=micro)
+    tol = _tolerance(dtype)
+    for (p_losses, p_norm, p_grads), (q_losses, q_norm, q_grads) in zip(piped, plain, strict=True):
+        torch.testing.assert_close(p_losses, q_losses, **tol)
+        torch.testing.assert_close(p_norm, q_norm, **tol)
+        assert p_norm > 0.3  # clipping scaled every step, on both sides of the wire
+        for p, q in zip(p_grads, q_grads, strict=True):
+            torch.testing.assert_close(p, q, **tol)
+    assert piped_state.keys() == plain_state.keys()
+    for name, value in piped_state.items():
+        torch.testing.assert_close(value, plain_state[name], **tol)
+    # And the trunk really trained (its weights moved from the initial ones).
+    initial = (mlp_parts(dtype) if kind == "mlp" else block_parts(dtype))[1].state_dict()
+    assert any(not torch.equal(initial[n], v) for n, v in piped_state.items())
+
+
+def test_the_mean_loss_is_the_whole_batch_mean_and_grads_match_local(start_server):
+    """Uneven micro-batches (3, 3, 2 samples) weighted by their share: loss and gradients are
+    those of one unsplit local batch (float64, up to summation order)."""
+    bottom, trunk, top = mlp_parts(torch.float64)
+    local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=3)
+        loss = step(x, y)
+        grads = dict(server.engine.sessions.values()[0].grads)
+    expected = nn.functional.cross_entropy(local(x), y)
+    expected.backward()
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-14)
+    for mine, theirs in zip(
+        [*bottom.parameters(), *top.parameters()],
+        [*local[0].parameters(), *local[2].parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-14)
+    for name, param in local[1].named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-12, atol=1e-14)
+
+
+class _DropoutTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 12, dtype=torch.float64)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.linear(x))
+
+
+def test_dropout_is_reproducible_with_a_seed(start_server):
+    """The trunk's dropout under ClientOptions(seed=...) is the plain loop's; the client's
+    dropout is drawn in the schedule's order, the same in every run under torch.manual_seed."""
+    results = []
+    for pipelined in (True, True, False):
+        torch.manual_seed(0)
+        bottom = nn.Sequential(nn.Linear(6, 12, dtype=torch.float64), nn.Dropout(0.3))
+        trunk = _DropoutTrunk()
+        top = nn.Linear(12, 3, dtype=torch.float64)
+        server = start_server(trunk)
+        x, y = next(_batches("mlp", torch.float64, 1))
+        with RemoteModule(server.address, options=ClientOptions(seed=7)) as remote:
+            step = PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=4)
+            if pipelined:
+                step(x, y)
+            else:
+                bottom.eval()  # no client-side dropout: the plain loop's masks would differ
+                ys = split_batch(y, 4)
+                for xi, yi, s in zip(split_batch(x, 4), ys, step.scales(ys), strict=True):
+                    (nn.functional.cross_entropy(top(remote(bottom(xi))), yi) * s).backward()
+            grads = dict(server.engine.sessions.values()[0].grads)
+        results.append((grads, bottom[0].weight.grad))
+    (first, first_bottom), (second, second_bottom), _ = results
+    for name in first:
+        assert torch.equal(first[name], second[name])
+    assert torch.equal(first_bottom, second_bottom)
+    # With the bottom's dropout off in both, the trunk's masks are the plain loop's; another
+    # seed draws other masks.
+    piped = {}
+    for seed in (7, 8):
+        torch.manual_seed(0)
+        bottom = nn.Linear(6, 12, dtype=torch.float64)
+        trunk, top = _DropoutTrunk(), nn.Linear(12, 3, dtype=torch.float64)
+        server = start_server(trunk)
+        with RemoteModule(server.address, options=ClientOptions(seed=seed)) as remote:
+            PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=4)(x, y)
+            piped[seed] = dict(server.engine.sessions.values()[0].grads)
+    plain = results[2][0]
+    for name in plain:
+        assert torch.equal(piped[7][name], plain[name])
+    assert not torch.equal(piped[8]["linear.weight"], plain["linear.weight"])
+
+
+def test_bad_arguments_are_refused_before_anything_runs(start_server):
+    bottom, trunk, top = mlp_parts(torch.float64)
+    with pytest.raises(ValueError, match="micro_batches"):
+        PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=0)
+    with pytest.raises(ValueError, match="reduction"):
+        PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, reduction="max")
+    step = PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=4)
+    with pytest.raises(ValueError, match="3 samples cannot be split into micro_batches=4"):
+        step(torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="same size in dimension 0"):
+        step((torch.randn(8, 6), torch.randn(7, 6)), torch.zeros(8, dtype=torch.long))
+    bad_loss = PipelinedStep(bottom, trunk, top, lambda out, y: out, micro_batches=2)
+    with pytest.raises(ValueError, match="one element"):
+        bad_loss(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="grad mode"):
+        step(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8, dtype=torch.long))
+    assert all(p.grad is None for p in trunk.parameters())
+
+
+def test_a_trunk_error_reaches_the_caller_and_the_next_step_works(start_server):
+    bottom, trunk, top = mlp_parts(torch.float64)
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    with RemoteModule(server.address) as remote:
+        wrong = PipelinedStep(
+            nn.Linear(6, 5, dtype=torch.float64),
+            remote,
+            top,
+            nn.functional.cross_entropy,
+            micro_batches=2,
+        )
+        with pytest.raises(RemoteError, match="5"):
+            wrong(x, y)  # the trunk expects 12 features
+        step = PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=2)
+        loss = step(x, y)
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in bottom.parameters())
+
+
+def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(start_server, tmp_path):
+    """``remote-autograd train --micro-batches 2``: the pipelined trainer's losses and clipped
+    gradient norms are those of the unsplit model (token-mean weights over padded pieces)."""
+    from test_hf_train import RUN, SPEC, monolithic_losses
+
+    from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
+
+    spec = ModelSpec(**{**SPEC.__dict__, "dropout": 0.0})
+    lora = LoraOptions(rank=0)
+    server = start_server(build_trunk(spec, lora))
+    config = TrainConfig(
+        server=server.address,
+        model=spec,
+        lora=lora,
+        steps=3,
+        lr=1e-2,
+        max_grad_norm=0.5,
+        out_dir=str(tmp_path),
+        micro_batches=2,
+        **RUN,
+    )
+    result = train(config)
+    expected_losses, expected_norms, padded = monolithic_losses(config)
+    assert padded
+    torch.testing.assert_close(
+        [m["loss"] for m in result.history], expected_losses, rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        [m["grad_norm"] for m in result.history], expected_norms, rtol=1e-4, atol=0
+    )
+    with pytest.raises(ValueError, match="micro_batches must be between 1 and batch_size"):
+        train(dataclasses.replace(config, micro_batches=RUN["batch_size"] + 1))
