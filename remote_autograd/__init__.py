@@ -61,6 +61,6 @@ __all__ = [
     "decode",
     "encode",
     "serve",
-    "trunk_fingerprint",
     "split_batch",
+    "trunk_fingerprint",
 ]
