@@ -35,3 +35,21 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     y = torch.randn(5, 2, generator=generator, dtype=torch.float64)
     return x, y
+
+
+class ShiftedTrunk(nn.Module):
+    """dropout_trunk without the dropout (a split batch gives the unsplit batch's results),
+    plus an optional ``shift`` added to the output (a tensor without the batch dimension)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = dropout_trunk()
+        del self.body[2]
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.body(x)
+        return out if shift is None else out * shift
+
+
+def shifted_trunk() -> nn.Module:
+    return ShiftedTrunk()
