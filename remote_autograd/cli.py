@@ -217,7 +217,14 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     """Serve ``module`` with the server flags of ``args`` until SIGTERM or SIGINT."""
     from .server import serve
 
-    server = serve(module, args.address, options=server_options(args))
+    if getattr(args, "parallel", None):  # under torchrun: rank 0 serves, the others follow
+        from .distributed import serve_distributed
+
+        server = serve_distributed(module, args.address, server_options(args), args.parallel)
+        if server is None:
+            return
+    else:
+        server = serve(module, args.address, options=server_options(args))
     print(f"remote-autograd: serving {type(module).__name__} on {server.address}", flush=True)
     done = threading.Event()
 
@@ -228,6 +235,9 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, stop)
     done.wait()
     server.stop(grace=5.0)
+    close = getattr(server.engine.runner, "close", None)
+    if close is not None:  # a distributed runner: the other ranks stop too
+        close()
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -265,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--module", help="package.module:callable returning the trunk nn.Module"
     )
     add_server_arguments(serve_parser)
+    serve_parser.add_argument(
+        "--parallel",
+        choices=("ddp",),
+        help="under torchrun: every rank serves a share of each batch (docs/scale-out.md)",
+    )
     serve_parser.set_defaults(run=_serve)
     if _hf_extra_installed():
         from .hf.cli import add_commands  # argparse definitions only; no transformers import

@@ -77,11 +77,17 @@ ID_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # request and session ids, matc
 class TrunkEngine:
     """Serves one ``nn.Module`` to any number of sessions."""
 
-    def __init__(self, module: torch.nn.Module, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        options: ServerOptions | None = None,
+        *,
+        runner: TrunkRunner | None = None,  # another runner (distributed.py) for ``module``
+    ) -> None:
         self.options = options = options or ServerOptions()
         dtype = DTYPES[options.dtype] if options.dtype else None
         self.fingerprint = trunk_fingerprint(module)  # before ServerOptions.dtype casts it
-        self.runner = TrunkRunner(module, torch.device(options.device), dtype)
+        self.runner = runner or TrunkRunner(module, torch.device(options.device), dtype)
         self.turns = StepTurns(options.step_wait)
         self.contexts = ContextCache(
             max_contexts=options.max_contexts,

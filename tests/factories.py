@@ -41,3 +41,21 @@ def wide_mlp() -> nn.Module:
     """A float32 MLP whose saved activations are three times its input (memory-bound tests)."""
     torch.manual_seed(7)
     return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+
+
+class ShiftedTrunk(nn.Module):
+    """dropout_trunk without the dropout (a split batch gives the unsplit batch's results),
+    plus an optional ``shift`` added to the output (a tensor without the batch dimension)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = dropout_trunk()
+        del self.body[2]
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.body(x)
+        return out if shift is None else out * shift
+
+
+def shifted_trunk() -> nn.Module:
+    return ShiftedTrunk()

@@ -1,0 +1,258 @@
+"""A trunk under torchrun (2 ranks, gloo on CPU, real child processes) gives the results of one
+process and of local training: each rank takes a share of the batch, rank 0 answers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from factories import local_parts, shifted_trunk
+from torch import nn
+
+from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_, serve
+from remote_autograd.distributed import shares
+from remote_autograd.errors import RemoteError
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = {"rtol": 0, "atol": 1e-12}  # float64: a sum over shards vs the unsplit sum
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def spawn_torchrun(factory: str, *extra: str, nproc: int = 2) -> tuple[subprocess.Popen[str], str]:
+    """``torchrun --nproc-per-node N -m remote_autograd serve --module factory`` in its own
+    process group; return it and rank 0's address once it serves."""
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), OMP_NUM_THREADS="1")
+    command = [
+        *TORCHRUN,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "remote_autograd",
+        "serve",
+        "--module",
+        factory,
+        "--address",
+        "127.0.0.1:0",
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "serving" in line:
+            return process, line.rsplit(" ", 1)[-1].strip()
+        if process.poll() is not None:
+            break
+    stop_torchrun(process)
+    raise RuntimeError("the torchrun server did not start")
+
+
+def stop_torchrun(process: subprocess.Popen[str]) -> None:
+    with_group = process.poll() is None
+    if with_group:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def ddp_address() -> Iterator[str]:
+    process, address = spawn_torchrun("factories:shifted_trunk", "--parallel", "ddp")
+    yield address
+    stop_torchrun(process)
+
+
+@pytest.fixture(scope="module")
+def single_address() -> Iterator[str]:
+    server = serve(shifted_trunk())
+    yield server.address
+    server.stop(grace=None)
+
+
+def _fresh(address: str) -> RemoteModule:
+    """A new session on the shared server, the trunk's weights reset to the factory's."""
+    remote = RemoteModule(address)
+    remote.load_remote_state_dict(dict(shifted_trunk().named_parameters()))
+    return remote
+
+
+def _micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(500 + step)
+    return [  # sizes that do not divide by 2 ranks (1: one rank sits out)
+        (
+            torch.randn(size, 4, generator=generator, dtype=torch.float64),
+            torch.randn(size, 2, generator=generator, dtype=torch.float64),
+        )
+        for size in (3, 1)
+    ]
+
+
+def _train(trunk: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """5 AdamW steps, 2 micro-batches each, clipping and a StepLR; returns the losses and the
+    final parameters of bottom, trunk and top."""
+    bottom, top = local_parts()
+    client_params = [*bottom.parameters(), *top.parameters()]
+    optimizers: list = [torch.optim.AdamW(client_params, lr=0.02, weight_decay=0.1)]
+    if isinstance(trunk, RemoteModule):
+        optimizers.append(RemoteOptimizer(trunk, "AdamW", lr=0.02, weight_decay=0.1))
+        clip = [*client_params, trunk]
+    else:
+        optimizers.append(torch.optim.AdamW(trunk.parameters(), lr=0.02, weight_decay=0.1))
+        clip = [*client_params, *trunk.parameters()]
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in optimizers]
+    losses = []
+    for step in range(5):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        for x, y in _micro_batches(step):
+            loss = nn.functional.mse_loss(top(trunk(bottom(x))), y) / 2
+            loss.backward()
+            losses.append(float(loss.detach()))
+        clip_grad_norm_(clip, 0.05)  # below every step's norm: every step clips
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    trunk_state = (
+        trunk.remote_state_dict()
+        if isinstance(trunk, RemoteModule)
+        else {n: p.detach() for n, p in trunk.named_parameters()}
+    )
+    params = {f"trunk.{n}": p for n, p in trunk_state.items()}
+    params.update({f"bottom.{n}": p.detach() for n, p in bottom.named_parameters()})
+    params.update({f"top.{n}": p.detach() for n, p in top.named_parameters()})
+    return losses, params
+
+
+def test_shares_are_contiguous_uneven_and_may_be_empty():
+    assert shares(5, 2) == [3, 2]
+    assert shares(1, 2) == [1, 0]
+    assert shares(0, 3) == [0, 0, 0]
+    assert shares(7, 3) == [3, 2, 2]
+
+
+def test_training_through_two_ddp_ranks_equals_one_process_and_local(ddp_address, single_address):
+    local_losses, local_params = _train(shifted_trunk())
+    results = {}
+    for name, address in (("ddp", ddp_address), ("single", single_address)):
+        with _fresh(address) as remote:
+            results[name] = _train(remote)
+    for name, (losses, params) in results.items():
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(local_losses), **TOL, msg=name
+        )
+        assert params.keys() == local_params.keys()
+        for key, value in local_params.items():
+            torch.testing.assert_close(params[key], value, **TOL, msg=f"{name} {key}")
+            assert not torch.equal(
+                value,
+                dict(shifted_trunk().named_parameters()).get(
+                    key.removeprefix("trunk."), torch.zeros(0)
+                ),
+            ), key  # the trunk really trained
+    ddp, single = results["ddp"][1], results["single"][1]
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], **TOL, msg=key)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2, 5])
+def test_inputs_without_a_batch_dimension_go_to_every_rank_whole(ddp_address, batch):
+    """``shift`` (shape 1x8 or 8) is not split; its gradient is the sum over the ranks."""
+    local = shifted_trunk()
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    for shape in ((1, 8), (8,)):
+        shift = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+        with _fresh(ddp_address) as remote:
+            out = remote(x, shift=shift)
+            expected = local(x, shift=shift)
+            torch.testing.assert_close(out, expected, **TOL)
+            weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+            grads = torch.autograd.grad((out * weights).sum(), (x, shift))
+            local_grads = torch.autograd.grad((expected * weights).sum(), (x, shift))
+            for grad, local_grad in zip(grads, local_grads, strict=True):
+                torch.testing.assert_close(grad, local_grad, **TOL)
+
+
+def test_several_sessions_keep_their_own_gradients(ddp_address):
+    """Two sessions' forwards and backwards interleave; each Step applies its own gradients."""
+    local = shifted_trunk()
+    generator = torch.Generator().manual_seed(7)
+    xa = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    xb = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+    with _fresh(ddp_address) as a, RemoteModule(ddp_address) as b:
+        opt_a, opt_b = RemoteOptimizer(a, "SGD", lr=0.5), RemoteOptimizer(b, "SGD", lr=0.25)
+        out_a, out_b = a(xa), b(xb)
+        out_a.pow(2).sum().backward()
+        out_b.sum().backward()
+        opt_a.step()
+        opt_b.step()
+        state = a.remote_state_dict()
+    grads_a = torch.autograd.grad(local(xa).pow(2).sum(), list(local.parameters()))
+    grads_b = torch.autograd.grad(local(xb).sum(), list(local.parameters()))
+    with torch.no_grad():
+        for param, ga, gb in zip(local.parameters(), grads_a, grads_b, strict=True):
+            param -= 0.5 * ga
+            param -= 0.25 * gb
+    for name, param in local.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), **TOL, msg=name)
+
+
+def test_concurrent_sessions_get_their_own_outputs(ddp_address):
+    local = copy.deepcopy(shifted_trunk())
+    with _fresh(ddp_address):
+        pass
+    failures: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            with RemoteModule(ddp_address) as remote:
+                for size in (1, 4, 3, 2):
+                    x = torch.randn(size, 8, generator=generator, dtype=torch.float64)
+                    with torch.no_grad():
+                        torch.testing.assert_close(remote(x), local(x), **TOL)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+
+
+def test_a_bad_input_is_refused_and_the_ranks_go_on(ddp_address):
+    local = shifted_trunk()
+    with _fresh(ddp_address) as remote:
+        with pytest.raises(RemoteError, match="mat1 and mat2|shape"):
+            remote(torch.randn(4, 5, dtype=torch.float64))  # 5 features, the trunk takes 8
+        x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+        out = remote(x)
+        torch.testing.assert_close(out, local(x), **TOL)
+        grad = torch.autograd.grad(out.sum(), x)[0]
+        torch.testing.assert_close(grad, torch.autograd.grad(local(x).sum(), x)[0], **TOL)
