@@ -217,7 +217,13 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     """Serve ``module`` with the server flags of ``args`` until SIGTERM or SIGINT."""
     from .server import serve
 
-    server = serve(module, args.address, options=server_options(args))
+    options = server_options(args)
+    build_engine = getattr(args, "build_engine", None)  # per-client adapters (hf extra)
+    server = serve(
+        build_engine(module, options, args) if build_engine else module,
+        args.address,
+        options=options,
+    )
     print(f"remote-autograd: serving {type(module).__name__} on {server.address}", flush=True)
     done = threading.Event()
 

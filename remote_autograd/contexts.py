@@ -141,6 +141,11 @@ class ContextCache:
                     released += 1
         return released
 
+    def snapshot(self) -> list[ForwardContext]:
+        """The contexts held now (for an engine deciding what is idle)."""
+        with self._lock:
+            return list(self._items.values())
+
     def drop_session(self, session: str) -> None:
         with self._lock:
             for request_id in [k for k, v in self._items.items() if v.session == session]:

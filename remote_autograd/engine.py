@@ -68,10 +68,16 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class TrunkEngine:
     """Serves one ``nn.Module`` to any number of sessions."""
 
-    def __init__(self, module: torch.nn.Module, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        options: ServerOptions | None = None,
+        *,
+        runner: TrunkRunner | None = None,  # one built by the caller (adapters.py), or None
+    ) -> None:
         self.options = options = options or ServerOptions()
         dtype = DTYPES[options.dtype] if options.dtype else None
-        self.runner = TrunkRunner(module, torch.device(options.device), dtype)
+        self.runner = runner or TrunkRunner(module, torch.device(options.device), dtype)
         self.turns = StepTurns(options.step_wait)
         self.contexts = ContextCache(
             max_contexts=options.max_contexts,

@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands", "add_model_arguments", "build_hf_trunk", "model_options"]
+__all__ = [
+    "add_commands",
+    "add_model_arguments",
+    "build_engine",
+    "build_hf_trunk",
+    "model_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +142,8 @@ def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
     """``train`` and ``demo``, and the model flags of ``serve`` (which builds the trunk with
     :func:`build_hf_trunk` when --model-type or --model-path is given)."""
     add_model_arguments(serve_parser)
-    serve_parser.set_defaults(build_hf_trunk=build_hf_trunk)
+    _add_adapter_arguments(serve_parser)
+    serve_parser.set_defaults(build_hf_trunk=build_hf_trunk, build_engine=build_engine)
     train_parser = commands.add_parser(
         "train", help="train bottom + remote trunk + top (LoRA) on a text corpus"
     )
@@ -151,6 +158,64 @@ def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
     # machine spinning OpenMP threads of one slow the other down (measured on 2 busy cores: 30
     # steps in 28-34 s with 1 thread, 64-231 s with 2; on idle cores 2 threads were 20% faster).
     demo_parser.set_defaults(threads=1)
+
+
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "per-client adapters (docs/adapters.md; their shape: --lora-rank/-alpha/-dropout/-targets)"
+    )
+    group.add_argument(
+        "--adapters",
+        choices=("shared", "per-client"),
+        default="shared",
+        help="shared: every client trains the trunk's one set of weights; per-client: the base "
+        "trunk is frozen and each client identity (token, mTLS name) trains its own LoRA adapter",
+    )
+    group.add_argument(
+        "--max-adapters", type=int, default=64, help="client adapters at most (default: 64)"
+    )
+    group.add_argument(
+        "--max-resident-adapters",
+        type=int,
+        default=0,
+        help="adapters on the device at once; idle ones beyond move to the CPU (0: no limit)",
+    )
+    group.add_argument(
+        "--adapter-offload-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="an adapter idle this long moves to the CPU with its optimizer state (0: never)",
+    )
+
+
+def build_engine(module: Any, options: Any, args: argparse.Namespace) -> Any:
+    """What ``serve`` serves: ``module`` itself, or with ``--adapters per-client`` an
+    :class:`~remote_autograd.adapters.AdapterEngine` over it."""
+    if getattr(args, "adapters", "shared") != "per-client":
+        return module
+    from ..adapters import AdapterEngine, AdapterOptions
+
+    targets = _targets(args.lora_targets)
+    family = getattr(module, "family", None)  # an LM's trunk: the family's defaults
+    if targets is None and family is not None:
+        targets = tuple(family.lora_targets)
+    adapters = AdapterOptions(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=targets or (),
+        # build_trunk's seed for the trunk's adapters: a client's adapter starts where a
+        # single-tenant trunk's would
+        seed=args.seed + 2,
+        max_adapters=args.max_adapters,
+        max_resident_adapters=args.max_resident_adapters,
+        offload_after=args.adapter_offload_after,
+    )
+    try:
+        return AdapterEngine(module, options, adapters)
+    except ValueError as exc:
+        raise SystemExit(f"serve --adapters per-client: {exc}") from exc
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -306,9 +371,12 @@ def _wait_for_address(process: subprocess.Popen, log_path: Path) -> str:
 
 def build_hf_trunk(args: argparse.Namespace) -> Any:
     """The trunk ``remote-autograd serve --model-type/--model-path`` serves."""
+    from .lora import LoraOptions
     from .models import build_trunk
 
     spec, lora = model_options(args)
+    if getattr(args, "adapters", "shared") == "per-client":
+        lora = LoraOptions(rank=0)  # the base trunk: each client's adapter is added per client
     try:
         trunk = build_trunk(spec, lora)
     except ValueError as exc:  # an unknown family, a split that does not fit...
