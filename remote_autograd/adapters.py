@@ -230,6 +230,11 @@ class AdapterEngine:
         self._random_lock = threading.Lock()  # forwards drawing from the global generator
         self._checkpoint_lock = threading.Lock()
         self._steps = 0  # Steps applied, all adapters together (for checkpoint_every)
+        if not options.tokens and not options.client_ca:
+            log.warning(
+                "per-client adapters without tokens or mutual TLS: every client is "
+                "'anonymous' and all of them train one adapter (serve --token-file)"
+            )
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 

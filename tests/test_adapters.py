@@ -363,3 +363,33 @@ def test_downloaded_adapter_loads_into_a_local_peft_model(start_server, tmp_path
     with torch.no_grad():
         assert torch.equal(trunk(hidden), local(hidden))
     trunk.close()
+
+
+def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, capsys):
+    """``remote-autograd demo --clients 3``: the unchanged GPT-2 trainer, three at once
+    against one ``serve --adapters per-client`` child process, one loss curve each."""
+    import json
+
+    from remote_autograd.cli import main
+
+    tiny = ["--n-layer=4", "--n-embd=32", "--n-head=2", "--n-positions=64", "--trunk-layers=1:3"]
+    run = ["--steps=2", "--batch-size=2", "--grad-accum=1", "--seq-len=32", "--lora-rank=2"]
+    main(["demo", *tiny, *run, "--clients=3", f"--out-dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "with one adapter per client" in out
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "adapter created for client" in (tmp_path / "server.log").read_text()
+    adapters = []
+    for index in range(3):
+        assert f"client {index}: loss" in out
+        metrics = json.loads((tmp_path / f"client-{index}" / "metrics.json").read_text())
+        assert len(metrics["steps"]) == 2
+        assert metrics["lora_change"]["trunk"] > 0
+        saved = torch.load(
+            tmp_path / f"client-{index}" / "checkpoints" / "step_000002.pt", weights_only=True
+        )
+        adapters.append(saved["trunk"])
+    # Three different adapters: each client trained its own.
+    name = next(n for n in adapters[0] if "lora_B" in n)
+    assert not torch.equal(adapters[0][name], adapters[1][name])
+    assert not torch.equal(adapters[1][name], adapters[2][name])
