@@ -57,33 +57,41 @@ def _model_flags(p: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _server(flags: list[str], threads: int) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``remote-autograd serve`` in a child process; yields it and its address."""
+def _servers(flags: list[list[str]], threads: int) -> Iterator[list[tuple[int, str]]]:
+    """``remote-autograd serve`` child processes, started at once; yields (pid, address) each."""
     env = dict(os.environ, PYTHONPATH=python_path(), OMP_NUM_THREADS=str(threads))
     argv = [sys.executable, "-m", "remote_autograd.cli", "serve", "--address=127.0.0.1:0"]
-    process = subprocess.Popen(
-        [*argv, *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    processes = [
+        subprocess.Popen(
+            [*argv, *f],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for f in flags
+    ]
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if " serving " in line:
-                yield process, line.rsplit(" ", 1)[-1].strip()
-                break
-        else:
-            raise RuntimeError(f"server exited with {process.wait()} before serving: {flags}")
+        started = []
+        for process in processes:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if " serving " in line:
+                    started.append((process.pid, line.rsplit(" ", 1)[-1].strip()))
+                    break
+            else:
+                raise RuntimeError(f"a server exited with {process.wait()} before serving")
+        yield started
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _rss_bytes(pid: int) -> int:
@@ -161,10 +169,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         token_file = Path(folder) / "tokens"
         token_file.write_text("\n".join(tokens) + "\n")
         flags = [*_model_flags(p), "--adapters=per-client", f"--token-file={token_file}"]
-        with _server(flags, threads) as (process, address):
-            idle = _rss_bytes(process.pid)
+        with _servers([flags], threads) as [(pid, address)]:
+            idle = _rss_bytes(pid)
             shared = _clients_run(p, [address] * n, list(tokens), serialise=False)
-            rss = _rss_bytes(process.pid)
+            rss = _rss_bytes(pid)
             serialised = _clients_run(p, [address] * n, list(tokens), serialise=True)
         data["per_client_server"] = {
             "rss_idle_bytes": idle,
@@ -173,10 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_s": shared,
             "tokens_per_s_one_client_at_a_time": serialised,
         }
-    with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(_server(_model_flags(p), threads)) for _ in range(n)]
+    with _servers([_model_flags(p)] * n, threads) as servers:
         alone = _clients_run(p, [a for _, a in servers], [None] * n, serialise=False)
-        rss = sum(_rss_bytes(process.pid) for process, _ in servers)
+        rss = sum(_rss_bytes(pid) for pid, _ in servers)
     data["separate_servers"] = {
         "rss_bytes": rss,
         "rss_per_client_bytes": rss / n,

@@ -21,6 +21,7 @@ from torch import nn
 
 from remote_autograd import (
     ClientOptions,
+    InvalidRequest,
     LimitExceeded,
     RemoteModule,
     RemoteOptimizer,
@@ -228,6 +229,9 @@ def test_a_client_cannot_read_load_or_release_anothers_adapter(start_server):
     b.load_adapter_state_dict({k: v + 1 for k, v in fresh.items()})
     assert_same_state(a.adapter_state_dict(), trained)
     assert_same_state(b.adapter_state_dict(), {k: v + 1 for k, v in fresh.items()})
+    # Nobody can write the frozen base: its weights are no trainable parameter.
+    with pytest.raises(InvalidRequest, match="no trainable parameter named"):
+        b.load_remote_state_dict({"0.base_layer.weight": torch.zeros(16, 8, dtype=torch.float64)})
     # b cannot release a's forward context: a's Backward still finds it.
     header, _ = a.client.compute(
         "a-forward",
