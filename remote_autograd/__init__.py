@@ -7,6 +7,7 @@ loss_fn(model(x), y).backward()                # top -> trunk (Backward RPC) -> 
 
 __version__ = "0.1.0"
 
+from .adapters import AdapterEngine, AdapterOptions  # noqa: E402
 from .codec import Decoder, Encoder, decode, encode  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
@@ -33,6 +34,8 @@ from .pipeline import PipelinedStep, split_batch  # noqa: E402
 from .server import TrunkServer, serve  # noqa: E402
 
 __all__ = [
+    "AdapterEngine",
+    "AdapterOptions",
     "AuthenticationError",
     "ClientOptions",
     "CodecError",

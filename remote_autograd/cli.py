@@ -217,14 +217,20 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     """Serve ``module`` with the server flags of ``args`` until SIGTERM or SIGINT."""
     from .server import serve
 
+    options = server_options(args)
     if getattr(args, "parallel", None):  # under torchrun: rank 0 serves, the others follow
         from .distributed import serve_distributed
 
-        server = serve_distributed(module, args.address, server_options(args), args.parallel)
+        server = serve_distributed(module, args.address, options, args.parallel)
         if server is None:
             return
     else:
-        server = serve(module, args.address, options=server_options(args))
+        build_engine = getattr(args, "build_engine", None)  # per-client adapters (hf extra)
+        server = serve(
+            build_engine(module, options, args) if build_engine else module,
+            args.address,
+            options=options,
+        )
     print(f"remote-autograd: serving {type(module).__name__} on {server.address}", flush=True)
     done = threading.Event()
 

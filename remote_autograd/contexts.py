@@ -178,6 +178,11 @@ class ContextCache:
                     released += 1
         return released
 
+    def snapshot(self) -> list[ForwardContext]:
+        """The contexts held now (for an engine deciding what is idle)."""
+        with self._lock:
+            return list(self._items.values())
+
     def drop_session(self, session: str) -> None:
         with self._lock:
             for key in [k for k in self._items if k[0] == session]:

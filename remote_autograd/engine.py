@@ -82,7 +82,7 @@ class TrunkEngine:
         module: torch.nn.Module,
         options: ServerOptions | None = None,
         *,
-        runner: TrunkRunner | None = None,  # another runner (distributed.py) for ``module``
+        runner: TrunkRunner | None = None,  # another one (distributed.py, adapters.py), or None
     ) -> None:
         self.options = options = options or ServerOptions()
         dtype = DTYPES[options.dtype] if options.dtype else None

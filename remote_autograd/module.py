@@ -154,6 +154,40 @@ class RemoteModule(nn.Module):
         # PyTorch passes strict=True to every module and applies the caller's strict itself.
         load_trunk_state(self.client, state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trunk's LoRA adapter (on a ``--adapters per-client`` server: this identity's
+        own) under peft's saved names (``...lora_A.weight``), ready for peft's
+        ``set_peft_model_state_dict`` on a local copy of the trunk (docs/adapters.md)."""
+        from .adapters import to_peft_names
+
+        state = to_peft_names(self.remote_state_dict())
+        if not state:
+            raise ValueError(
+                f"the trunk at {self.address} has no LoRA adapter (no trainable lora_* "
+                "parameter): serve it with LoRA, or use remote_state_dict()"
+            )
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Upload an adapter (peft's saved names, as :meth:`adapter_state_dict` gives) to
+        resume from it; every tensor is checked against the server's before any is loaded."""
+        from .adapters import from_peft_names
+
+        self.load_remote_state_dict(from_peft_names(dict(state)))
+
+    def save_adapter(self, path: str) -> None:
+        """Download the adapter into a safetensors file (peft's saved names)."""
+        from safetensors.torch import save_file
+
+        state = {n: t.detach().cpu().contiguous() for n, t in self.adapter_state_dict().items()}
+        save_file(state, path, metadata={"format": "pt"})
+
+    def load_adapter(self, path: str) -> None:
+        """Upload the adapter saved at ``path`` (safetensors, peft's saved names)."""
+        from safetensors.torch import load_file
+
+        self.load_adapter_state_dict(load_file(path))
+
     def remote_info(self) -> dict[str, Any]:
         """What the server says about itself: version, limits, device, trainable parameters."""
         info = self.client.info()

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .adapters import AdapterEngine
 from .bulk import BulkListener
 from .drain import CallDrain
 from .engine import TrunkEngine
@@ -64,13 +65,13 @@ class TrunkServer:
 
     def __init__(
         self,
-        trunk: torch.nn.Module | TrunkEngine,
+        trunk: torch.nn.Module | TrunkEngine | AdapterEngine,
         address: str,
         options: ServerOptions | None = None,
         *,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
-        if isinstance(trunk, TrunkEngine):
+        if isinstance(trunk, (TrunkEngine, AdapterEngine)):
             self.engine = trunk
             self.options = options = trunk.options
         else:
@@ -160,13 +161,16 @@ class TrunkServer:
 
 
 def serve(
-    module: torch.nn.Module,
+    module: torch.nn.Module | TrunkEngine | AdapterEngine,
     address: str = "127.0.0.1:0",
     *,
     options: ServerOptions | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> TrunkServer:
     """Serve ``module`` at ``address`` (port 0 picks a free port) and return the running server.
+
+    ``module`` may also be an engine (a :class:`~remote_autograd.adapters.AdapterEngine` for
+    per-client adapters), which brings its own options.
 
     ``interceptors`` are standard ``grpc.ServerInterceptor`` objects (logging, auditing...)."""
     return TrunkServer(module, address, options, interceptors=interceptors).start()

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import msgpack
@@ -28,6 +28,9 @@ from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .calls import BackwardCall, ComputeCall, StepCall
 from .engine import TrunkEngine
+
+if TYPE_CHECKING:
+    from .adapters import AdapterEngine
 from .errors import (
     ERROR_METADATA_KEY,
     AuthenticationError,
@@ -132,7 +135,7 @@ def _streams_reply(method: Callable) -> Callable:
 class TrunkService(pb_grpc.TrunkServicer):
     """The Trunk service over one :class:`~remote_autograd.engine.TrunkEngine`."""
 
-    def __init__(self, engine: TrunkEngine) -> None:
+    def __init__(self, engine: TrunkEngine | AdapterEngine) -> None:
         self.engine = engine
         self.options = options = engine.options
         self.bulk: bulk.BulkListener | None = None  # TrunkServer opens it beside the gRPC port

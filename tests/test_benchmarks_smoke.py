@@ -68,6 +68,20 @@ def test_step_smoke(tmp_path: Path) -> None:
     assert data["ratios"]
 
 
+def test_adapters_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_adapters", tmp_path)
+    assert data["benchmark"] == "adapters"
+    shared, separate = data["per_client_server"], data["separate_servers"]
+    for result in (shared, separate):
+        assert result["rss_per_client_bytes"] > 0 and result["tokens_per_s"] > 0
+    assert shared["tokens_per_s_one_client_at_a_time"] > 0
+    assert set(data["ratios"]) == {
+        "memory_per_client_separate_over_shared",
+        "tokens_per_s_shared_over_separate",
+        "tokens_per_s_concurrent_over_serialised",
+    }
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
     reason="the rate-limited link needs root, ip and tc",

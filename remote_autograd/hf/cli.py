@@ -15,11 +15,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands", "add_model_arguments", "build_hf_trunk", "model_options"]
+__all__ = [
+    "add_commands",
+    "add_model_arguments",
+    "build_engine",
+    "build_hf_trunk",
+    "model_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +142,8 @@ def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
     """``train`` and ``demo``, and the model flags of ``serve`` (which builds the trunk with
     :func:`build_hf_trunk` when --model-type or --model-path is given)."""
     add_model_arguments(serve_parser)
-    serve_parser.set_defaults(build_hf_trunk=build_hf_trunk)
+    _add_adapter_arguments(serve_parser)
+    serve_parser.set_defaults(build_hf_trunk=build_hf_trunk, build_engine=build_engine)
     train_parser = commands.add_parser(
         "train", help="train bottom + remote trunk + top (LoRA) on a text corpus"
     )
@@ -151,6 +158,71 @@ def add_commands(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
     # machine spinning OpenMP threads of one slow the other down (measured on 2 busy cores: 30
     # steps in 28-34 s with 1 thread, 64-231 s with 2; on idle cores 2 threads were 20% faster).
     demo_parser.set_defaults(threads=1)
+    demo_parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="this many clients at once, each training its own LoRA adapter of one trunk "
+        "(the server runs --adapters per-client; one loss curve each in loss.png)",
+    )
+
+
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "per-client adapters (docs/adapters.md; their shape: --lora-rank/-alpha/-dropout/-targets)"
+    )
+    group.add_argument(
+        "--adapters",
+        choices=("shared", "per-client"),
+        default="shared",
+        help="shared: every client trains the trunk's one set of weights; per-client: the base "
+        "trunk is frozen and each client identity (token, mTLS name) trains its own LoRA adapter",
+    )
+    group.add_argument(
+        "--max-adapters", type=int, default=64, help="client adapters at most (default: 64)"
+    )
+    group.add_argument(
+        "--max-resident-adapters",
+        type=int,
+        default=0,
+        help="adapters on the device at once; idle ones beyond move to the CPU (0: no limit)",
+    )
+    group.add_argument(
+        "--adapter-offload-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="an adapter idle this long moves to the CPU with its optimizer state (0: never)",
+    )
+
+
+def build_engine(module: Any, options: Any, args: argparse.Namespace) -> Any:
+    """What ``serve`` serves: ``module`` itself, or with ``--adapters per-client`` an
+    :class:`~remote_autograd.adapters.AdapterEngine` over it."""
+    if getattr(args, "adapters", "shared") != "per-client":
+        return module
+    from ..adapters import AdapterEngine, AdapterOptions
+
+    targets = _targets(args.lora_targets)
+    family = getattr(module, "family", None)  # an LM's trunk: the family's defaults
+    if targets is None and family is not None:
+        targets = tuple(family.lora_targets)
+    adapters = AdapterOptions(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=targets or (),
+        # build_trunk's seed for the trunk's adapters: a client's adapter starts where a
+        # single-tenant trunk's would
+        seed=args.seed + 2,
+        max_adapters=args.max_adapters,
+        max_resident_adapters=args.max_resident_adapters,
+        offload_after=args.adapter_offload_after,
+    )
+    try:
+        return AdapterEngine(module, options, adapters)
+    except ValueError as exc:
+        raise SystemExit(f"serve --adapters per-client: {exc}") from exc
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -204,6 +276,9 @@ def run_train(args: argparse.Namespace) -> None:
         token = Path(args.token_file).read_text().splitlines()[0].strip()
     root = Path(args.root_cert).read_bytes() if args.root_cert else None
     started = time.perf_counter()
+    if getattr(args, "clients", 1) != 1:
+        _run_clients(args, spec, lora)
+        return
     with contextlib.ExitStack() as stack:
         server = args.server
         if server is None:
@@ -268,8 +343,92 @@ def _print_summary(result: Any, seconds: float) -> None:
         print(f"LoRA weights did NOT all change (L2 norm of the change: {parts})")
 
 
+def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
+    """``demo --clients N``: one per-client adapter server, N trainers at once (threads),
+    each with its own token (so its own adapter), data order and output folder."""
+    import secrets
+    import threading
+
+    from ..options import ClientOptions
+    from .training import TrainConfig, TrainResult, train
+
+    if args.clients < 1 or args.server:
+        raise SystemExit("demo --clients N needs N >= 1 and no --server (it starts its own)")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = [secrets.token_hex(16) for _ in range(args.clients)]
+    token_file = out_dir / "server.tokens"
+    token_file.touch(mode=0o600)
+    token_file.write_text("".join(t + "\n" for t in tokens))
+    extra = ["--adapters=per-client", f"--token-file={token_file}"]
+    results: dict[int, TrainResult] = {}
+    errors: list[BaseException] = []
+    started = time.perf_counter()
+    with _loopback_server(args, extra) as server:
+        print(f"trunk server started on {server} with one adapter per client", flush=True)
+
+        def run(index: int) -> None:
+            config = TrainConfig(
+                server=server,
+                model=spec,
+                lora=lora,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                seq_len=args.seq_len,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                warmup_steps=args.warmup_steps,
+                max_grad_norm=args.max_grad_norm,
+                corpus=args.corpus,
+                seed=args.seed + 1 + index,  # its own data order and dropout
+                out_dir=str(out_dir / f"client-{index}"),
+                checkpoint_every=args.checkpoint_every,
+                client=ClientOptions(token=tokens[index]),
+            )
+            try:
+                results[index] = train(config)
+            except BaseException as exc:  # noqa: BLE001 - reported after the others finish
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    seconds = time.perf_counter() - started
+    _plot_clients(out_dir, [results[i].history for i in range(args.clients)])
+    for index in range(args.clients):
+        history, change = results[index].history, results[index].lora_change
+        print(
+            f"client {index}: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
+            f"its trunk adapter changed by {change['trunk']:.3g} (L2)"
+        )
+    print(
+        f"{args.clients} clients, one trunk, {seconds:.0f} s; loss curves: {out_dir / 'loss.png'}"
+    )
+
+
+def _plot_clients(out_dir: Path, histories: list[list[dict[str, float]]]) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), layout="tight")
+    axes = figure.add_subplot()
+    for index, history in enumerate(histories):
+        steps = [m["step"] for m in history]
+        axes.plot(steps, [m["loss"] for m in history], linewidth=1, label=f"client {index}")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("training loss")
+    axes.set_title(f"{len(histories)} clients, each its own LoRA adapter of one trunk")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(out_dir / "loss.png", dpi=120)
+
+
 @contextlib.contextmanager
-def _loopback_server(args: argparse.Namespace) -> Iterator[str]:
+def _loopback_server(args: argparse.Namespace, extra: Sequence[str] = ()) -> Iterator[str]:
     """``remote-autograd serve`` in a child process on 127.0.0.1, stopped on exit.
 
     A child process rather than a thread: it is exactly the two-terminal setup (the trunk is
@@ -279,7 +438,7 @@ def _loopback_server(args: argparse.Namespace) -> Iterator[str]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "remote_autograd.cli", "serve", "--address", "127.0.0.1:0"]
-    argv += _model_argv(args)
+    argv += [*_model_argv(args), *extra]
     log_file = (out_dir / "server.log").open("w")
     env = None
     if args.threads:
@@ -313,9 +472,12 @@ def _wait_for_address(process: subprocess.Popen, log_path: Path) -> str:
 
 def build_hf_trunk(args: argparse.Namespace) -> Any:
     """The trunk ``remote-autograd serve --model-type/--model-path`` serves."""
+    from .lora import LoraOptions
     from .models import build_trunk
 
     spec, lora = model_options(args)
+    if getattr(args, "adapters", "shared") == "per-client":
+        lora = LoraOptions(rank=0)  # the base trunk: each client's adapter is added per client
     try:
         trunk = build_trunk(spec, lora)
     except ValueError as exc:  # an unknown family, a split that does not fit...

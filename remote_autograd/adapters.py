@@ -1,0 +1,579 @@
+"""Many clients, one frozen trunk: every client identity trains its own LoRA adapter.
+
+:class:`AdapterEngine` is another engine behind the same service (service.py): it keeps one
+copy of the base trunk's weights, frozen, and gives every authenticated identity (a bearer
+token's fingerprint and, under mutual TLS, the certificate's name) an adapter of its own,
+created on the identity's first call that needs it.
+
+An adapter is a replica of the trunk's module tree that *shares* the base's parameter and
+buffer tensors (no copy) and holds its own peft LoRA layers, served by its own
+:class:`~remote_autograd.engine.TrunkEngine`: its own lock, weights version, step turns,
+and its sessions' gradients, optimizers and step counters. So one client's Backward and Step
+never touch another's adapter, a kept graph references only its own adapter's parameters,
+and calls of different clients do not wait for one another's lock. Each identity's adapter
+behaves exactly as a single-tenant server whose only client is that identity (every adapter
+starts from the same initial weights, those a ``build_trunk`` with the same LoRA options and
+seed draws).
+
+What is shared, and bounded server-wide: the session table (``max_sessions``), the forward
+contexts (``max_contexts``, ``max_context_bytes``), the number of adapters
+(``AdapterOptions.max_adapters``). An adapter idle for ``offload_after`` seconds (or beyond
+``max_resident_adapters``) moves with its gradients and optimizer state to
+``offload_device`` and comes back on its next call; every adapter goes to disk with the
+server's checkpoint.
+
+Dropout draws from the process-wide generator: forwards in training mode of a trunk with
+dropout take one lock (``_random_lock``) so that each client's seeded masks stay its own;
+without dropout, or in eval mode, forwards of different clients run at the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint_file
+from .calls import (
+    BackwardCall,
+    BackwardResult,
+    ComputeCall,
+    ComputeResult,
+    StepCall,
+    StepResult,
+    TrunkInfo,
+)
+from .codec import DTYPES
+from .contexts import ContextCache, ForwardContext
+from .engine import ID_PATTERN, TrunkEngine
+from .errors import InvalidRequest, LimitExceeded, NotConfigured
+from .options import ServerOptions
+from .runner import TrunkRunner
+from .sessions import Session, SessionTable
+from .validate import clone_tree
+
+__all__ = [
+    "ADAPTER_NAME",
+    "AdapterEngine",
+    "AdapterOptions",
+    "from_peft_names",
+    "to_peft_names",
+]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"  # peft's adapter name on the server; downloads leave it out
+_ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+)\." + ADAPTER_NAME + r"\.")
+_PEFT_KEY = re.compile(r"\.(lora_[A-Za-z_]+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """The adapters of a per-client server (``serve --adapters per-client``)."""
+
+    rank: int = 8  # r of every client's LoRA adapters
+    alpha: int = 16  # scaling numerator: updates are scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: tuple[str, ...] = ()  # names of the modules to adapt (required)
+    seed: int = 0  # seed of the adapters' initial weights, the same for every client
+    max_adapters: int = 64  # adapters (client identities) this server holds at most
+    max_resident_adapters: int = 0  # adapters on the trunk's device at once (0: no limit);
+    # idle ones beyond it move to offload_device
+    offload_after: float = 300.0  # an adapter idle this many seconds moves to offload_device
+    # with its gradients and optimizer state (0: never)
+    offload_device: str = "cpu"  # where idle adapters wait
+
+    def check(self) -> None:
+        """Refuse options that cannot work, naming the option."""
+        if self.rank < 1:
+            raise ValueError(f"AdapterOptions.rank (--lora-rank) must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"AdapterOptions.alpha (--lora-alpha) must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"AdapterOptions.dropout (--lora-dropout) must be in [0, 1), got {self.dropout}"
+            )
+        if not self.target_modules:
+            raise ValueError(
+                "AdapterOptions.target_modules (--lora-targets) must name the modules to adapt"
+            )
+        if self.max_adapters < 1:
+            raise ValueError(f"AdapterOptions.max_adapters must be >= 1, got {self.max_adapters}")
+        if self.max_resident_adapters < 0 or self.offload_after < 0:
+            raise ValueError(
+                "AdapterOptions.max_resident_adapters and offload_after must be >= 0 "
+                f"(0 turns them off), got {self.max_resident_adapters}, {self.offload_after}"
+            )
+
+
+def to_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trunk's LoRA parameters under peft's saved names (the adapter name left out), as
+    ``get_peft_model_state_dict`` writes them and ``set_peft_model_state_dict`` reads them."""
+    return {_ADAPTER_KEY.sub(r".\1.", name): t for name, t in state.items() if "lora_" in name}
+
+
+def from_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's saved names back to the trunk's parameter names (the server's adapter name)."""
+    renamed = {}
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not _PEFT_KEY.search(name):
+            raise InvalidRequest(
+                f"an adapter state dict holds LoRA weights named like '...lora_A.weight' "
+                f"(peft's saved names), got {str(name)[:80]!r}"
+            )
+        renamed[_PEFT_KEY.sub(rf".\1.{ADAPTER_NAME}.\2", name)] = tensor
+    return renamed
+
+
+class _AdapterRunner(TrunkRunner):
+    """A runner over a replica whose base tensors are already on the device (they are the
+    shared ones: moving them per replica would copy them), taking the process-wide random
+    lock around forwards that draw dropout masks."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        random_lock: threading.Lock,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.module = module
+        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._random_lock = random_lock
+        self._random = any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()
+        )
+
+    def forward(
+        self, template: Any, leaves: list[torch.Tensor], training: bool, seed: int | None, *, grad
+    ) -> tuple[Any, list[torch.Tensor]]:
+        if training and self._random:
+            with self._random_lock:
+                return super().forward(template, leaves, training, seed, grad=grad)
+        return super().forward(template, leaves, training, seed, grad=grad)
+
+
+@dataclass(eq=False)
+class _Adapter:
+    """One identity's adapter: its engine, calls in flight, where its tensors are."""
+
+    identity: str
+    engine: TrunkEngine
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    calls: int = 0  # calls using it right now (it cannot move meanwhile)
+    resident: bool = True  # on the trunk's device (False: on offload_device)
+
+
+def _identity(session: Session) -> str:
+    # A session key is "identity/session id", and a session id holds no "/".
+    return session.key.rpartition("/")[0]
+
+
+class AdapterEngine:
+    """Serves one frozen ``nn.Module`` with a LoRA adapter per client identity.
+
+    Speaks the same plain calls as :class:`~remote_autograd.engine.TrunkEngine`, so
+    :class:`~remote_autograd.server.TrunkServer` and the service take either.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        options: ServerOptions | None = None,
+        adapters: AdapterOptions | None = None,
+    ) -> None:
+        self.options = options = options or ServerOptions()
+        self.adapter_options = adapters = adapters or AdapterOptions()
+        adapters.check()
+        self._device = torch.device(options.device)
+        self._dtype = DTYPES[options.dtype] if options.dtype else None
+        module.requires_grad_(False)
+        # Drawn before the base is cast, as a single-tenant trunk's adapters are: every client
+        # starts from these values (in the trunk's dtype), whatever the server's dtype.
+        self._initial = self._initial_adapter(module)
+        # The base, moved and cast once; replicas share its tensors from then on.
+        self.runner = TrunkRunner(module, self._device, self._dtype)
+        self.base = self.runner.module
+        self._offload_device = torch.device(adapters.offload_device)
+        self._sub_options = dataclasses.replace(
+            options, checkpoint_path=None, checkpoint_every=0, checkpoint_interval=0.0
+        )
+        self.contexts = ContextCache(
+            max_contexts=options.max_contexts,
+            max_bytes=options.max_context_bytes,
+            ttl=options.context_ttl,
+            max_per_session=options.max_session_contexts,
+            on_drop=self._context_dropped,
+        )
+        self.sessions = SessionTable(
+            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._end_session
+        )
+        self.session_listeners: list[Callable[[str], None]] = []
+        self.server_id = uuid.uuid4().hex[:16]
+        self.saved_version: int | None = None
+        self._adapters: dict[str, _Adapter] = {}
+        self._lock = threading.Lock()  # the adapter table and residency
+        self._random_lock = threading.Lock()  # forwards drawing from the global generator
+        self._checkpoint_lock = threading.Lock()
+        self._steps = 0  # Steps applied, all adapters together (for checkpoint_every)
+        if not options.tokens and not options.client_ca:
+            log.warning(
+                "per-client adapters without tokens or mutual TLS: every client is "
+                "'anonymous' and all of them train one adapter (serve --token-file)"
+            )
+        if options.checkpoint_path:
+            self._restore(options.checkpoint_path)
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def _replica(self, base: nn.Module) -> nn.Module:
+        """The module tree of ``base`` again, sharing every parameter and buffer tensor."""
+        shared: dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        return copy.deepcopy(base, shared)
+
+    def _inject(self, module: nn.Module) -> nn.Module:
+        from peft import LoraConfig, inject_adapter_in_model  # the hf extra
+
+        options = self.adapter_options
+        targets = set(options.target_modules)
+        # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to know.
+        conv1d: tuple[type, ...] = ()
+        if "transformers" in sys.modules:  # a Conv1D can only exist when it was imported
+            from transformers.pytorch_utils import Conv1D
+
+            conv1d = (Conv1D,)
+        fan_in_fan_out = any(
+            isinstance(m, conv1d)
+            for name, m in module.named_modules()
+            if name.rsplit(".", 1)[-1] in targets
+        )
+        config = LoraConfig(
+            r=options.rank,
+            lora_alpha=options.alpha,
+            lora_dropout=options.dropout,
+            target_modules=sorted(targets),
+            fan_in_fan_out=fan_in_fan_out,
+        )
+        try:
+            return inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+        except ValueError as exc:
+            raise ValueError(
+                f"per-client adapters: none of the target modules {sorted(targets)} is in the "
+                f"trunk ({exc}); change AdapterOptions.target_modules (--lora-targets)"
+            ) from exc
+
+    def _initial_adapter(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.adapter_options.seed)
+            replica = self._inject(self._replica(base))
+        return {n: p.detach().clone() for n, p in replica.named_parameters() if p.requires_grad}
+
+    def _new_adapter(self, identity: str) -> _Adapter:
+        module = self._inject(self._replica(self.base))
+        named = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in self._initial.items():
+                param = named[name]
+                param.data = value.to(self._device, self._dtype or value.dtype).clone()
+        runner = _AdapterRunner(module, self._device, self._dtype, self._random_lock)
+        engine = TrunkEngine(module, self._sub_options, runner=runner)
+        engine.contexts = self.contexts  # one cache, bounded server-wide
+        engine.server_id = self.server_id  # what clients see in every reply
+        log.info("adapter created for client %s (%d adapters)", identity, len(self._adapters) + 1)
+        return _Adapter(identity, engine)
+
+    # -- sessions and routing -------------------------------------------------------------------
+
+    def session(self, identity: str, session_id: str) -> Session:
+        """The session ``session_id`` of ``identity`` (its adapter is made on first need)."""
+        if not ID_PATTERN.fullmatch(session_id):
+            raise InvalidRequest(
+                f"a session id must be 1-64 characters of [0-9A-Za-z_-], got {session_id[:80]!r}"
+            )
+        return self.sessions.get(f"{identity}/{session_id}")
+
+    def _end_session(self, key: str) -> None:
+        self.contexts.drop_session(key)
+        for listener in self.session_listeners:
+            listener(key)
+
+    def _context_dropped(self, context: ForwardContext) -> None:
+        adapter = self._adapters.get(context.session.rpartition("/")[0])
+        if adapter is not None:
+            adapter.engine.turns.end_context(context)
+
+    @contextmanager
+    def _use(self, session: Session) -> Iterator[TrunkEngine]:
+        """The engine of the session's identity, created or brought back to the device."""
+        identity = _identity(session)
+        with self._lock:
+            adapter = self._adapters.get(identity)
+            if adapter is None:
+                limit = self.adapter_options.max_adapters
+                if len(self._adapters) >= limit:
+                    raise LimitExceeded(
+                        f"server already holds max_adapters={limit} client adapters "
+                        "(AdapterOptions.max_adapters, serve --max-adapters)"
+                    )
+                adapter = self._adapters[identity] = self._new_adapter(identity)
+            adapter.calls += 1
+            adapter.last_used = time.monotonic()
+            if not adapter.resident:
+                self._move(adapter, self._device, resident=True)
+            self._offload_beyond_limit()
+        try:
+            yield adapter.engine
+        finally:
+            with self._lock:
+                adapter.calls -= 1
+                adapter.last_used = time.monotonic()
+
+    def _sessions_of(self, identity: str) -> list[Session]:
+        return [s for s in self.sessions.values() if s.key.rpartition("/")[0] == identity]
+
+    # -- residency ------------------------------------------------------------------------------
+
+    def _move(self, adapter: _Adapter, device: torch.device, *, resident: bool) -> None:
+        """Move an adapter with its sessions' gradients and optimizer state (caller: _lock,
+        and no call of the adapter in flight but the caller's own)."""
+        with torch.no_grad():
+            for _, param in adapter.engine.params:
+                param.data = param.data.to(device)
+        for session in self._sessions_of(adapter.identity):
+            with session.lock:
+                for name, grad in session.grads.items():
+                    session.grads[name] = grad.to(device)
+                if session.optimizer is not None:
+                    for state in session.optimizer.state.values():
+                        for key, value in state.items():
+                            # Scalars (Adam's step) stay where the optimizer keeps them.
+                            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                                state[key] = value.to(device)
+        adapter.resident = resident
+        log.debug("adapter of %s moved to %s", adapter.identity, device)
+
+    def _idle(self, adapter: _Adapter, busy: set[str]) -> bool:
+        return adapter.resident and adapter.calls == 0 and adapter.identity not in busy
+
+    def _busy_identities(self) -> set[str]:
+        """Identities with a forward still waiting for its first Backward."""
+        return {
+            c.session.rpartition("/")[0] for c in self.contexts.snapshot() if c.backward_seq == 0
+        }
+
+    def _offload(self, adapter: _Adapter) -> None:
+        # Contexts already answered still hold graphs on the device: drop them (a later
+        # Backward on one is recomputed by the client, see ClientOptions.recover_contexts).
+        for session in self._sessions_of(adapter.identity):
+            self.contexts.drop_session(session.key)
+        self._move(adapter, self._offload_device, resident=False)
+
+    def _offload_beyond_limit(self) -> None:
+        limit = self.adapter_options.max_resident_adapters
+        resident = [a for a in self._adapters.values() if a.resident]
+        if not limit or len(resident) <= limit:
+            return
+        busy = self._busy_identities()
+        for adapter in sorted(resident, key=lambda a: a.last_used):
+            if len(resident) <= limit:
+                break
+            if self._idle(adapter, busy):
+                self._offload(adapter)
+                resident.remove(adapter)
+
+    def offload_idle(self, *, older_than: float | None = None) -> int:
+        """Move adapters idle for ``older_than`` seconds (default ``offload_after``) off the
+        device; returns how many moved. The sweeper calls this through :meth:`expire`."""
+        after = self.adapter_options.offload_after if older_than is None else older_than
+        moved = 0
+        with self._lock:
+            busy = self._busy_identities()
+            deadline = time.monotonic() - after
+            for adapter in list(self._adapters.values()):
+                if self._idle(adapter, busy) and adapter.last_used <= deadline:
+                    self._offload(adapter)
+                    moved += 1
+        return moved
+
+    # -- the calls of TrunkEngine ------------------------------------------------------------------
+
+    def info(self) -> TrunkInfo:
+        return TrunkInfo(
+            trainable_parameters=list(self._initial),
+            trainable_numel=sum(t.numel() for t in self._initial.values()),
+            device=str(self._device),
+            module_name=type(self.base).__name__,
+            server_id=self.server_id,
+        )
+
+    def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:
+        with self._use(session) as engine:
+            return engine.compute(session, call, value)
+
+    def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:
+        with self._use(session) as engine:
+            return engine.backward(session, call, value)
+
+    def release(self, session: Session, request_ids: list[str]) -> int:
+        return self.contexts.release(session.key, request_ids) if request_ids else 0
+
+    def configure_optimizer(
+        self, session: Session, name: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        with self._use(session) as engine:
+            return engine.configure_optimizer(session, name, options)
+
+    def grad_norms(
+        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+    ) -> tuple[list[float], torch.dtype]:
+        with self._use(session) as engine:
+            return engine.grad_norms(session, norm_type, zero_grad, grad_scale)
+
+    def step(self, session: Session, call: StepCall) -> StepResult:
+        with self._use(session) as engine:
+            result = engine.step(session, call)
+        if not result.replayed:
+            with self._lock:
+                self._steps += 1
+                every = self.options.checkpoint_every
+                due = every and self.options.checkpoint_path and self._steps % every == 0
+            if due:
+                self.checkpoint(on_error="log")
+        return result
+
+    def get_state(self, session: Session, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
+        with self._use(session) as engine:
+            return engine.get_state(session, parameters=parameters, optimizer=optimizer)
+
+    def load_state(self, session: Session, state: Any) -> tuple[int, bool]:
+        with self._use(session) as engine:
+            return engine.load_state(session, state)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def weights_version(self) -> int:
+        """Steps and loads applied, all adapters together (only ever grows)."""
+        return sum(a.engine.weights_version for a in list(self._adapters.values()))
+
+    def checkpoint(self, *, on_error: str = "raise") -> int:
+        """Save every adapter with its sessions' optimizers to ``checkpoint_path``; each
+        adapter is a consistent snapshot (no Step of it runs while it is copied)."""
+        path = self.options.checkpoint_path
+        if not path:
+            raise NotConfigured("this server has no checkpoint path (serve --checkpoint FILE)")
+        with self._checkpoint_lock:
+            with self._lock:
+                adapters = list(self._adapters.values())
+            saved: dict[str, Any] = {}
+            version = 0
+            for adapter in adapters:
+                engine = adapter.engine
+                with engine._lock:  # no Step of this adapter between its tensors
+                    sessions = {}
+                    for session in self._sessions_of(adapter.identity):
+                        if session.optimizer is not None:
+                            sessions[session.key] = {
+                                "step": session.last_step,
+                                "optimizer": session.optimizer_name,
+                                "options": session.optimizer_options,
+                                "state": clone_tree(session.optimizer.state_dict()),
+                            }
+                    saved[adapter.identity] = {
+                        "weights_version": engine.weights_version,
+                        "parameters": {n: p.detach().cpu().clone() for n, p in engine.params},
+                        "sessions": sessions,
+                    }
+                    version += engine.weights_version
+            state = {"kind": "adapters", "weights_version": version, "adapters": saved}
+            try:
+                checkpoint_file.save_checkpoint(path, state)
+            except OSError:
+                if on_error == "raise":
+                    raise
+                log.exception("could not save the checkpoint to %s; training goes on", path)
+                return self.saved_version or 0
+            self.saved_version = version
+        log.debug("checkpoint of %d adapters saved to %s", len(saved), path)
+        return version
+
+    def save_if_changed(self) -> None:
+        """A checkpoint when some adapter moved since the last one (and a path is set)."""
+        if self.options.checkpoint_path and self.saved_version != self.weights_version:
+            self.checkpoint(on_error="log")
+
+    def _restore(self, path: str) -> None:
+        state = checkpoint_file.load_checkpoint(path)
+        if state is None:
+            log.info("no checkpoint at %s yet: every client starts a new adapter", path)
+            return
+        if state.get("kind") != "adapters":
+            raise ValueError(
+                f"{path} is a single-trunk checkpoint, not one of per-client adapters; point "
+                "--checkpoint elsewhere"
+            )
+        saved_adapters = state["adapters"]
+        if len(saved_adapters) > self.adapter_options.max_adapters:
+            raise ValueError(
+                f"{path} holds {len(saved_adapters)} adapters, more than max_adapters="
+                f"{self.adapter_options.max_adapters}: raise --max-adapters"
+            )
+        for identity, saved in saved_adapters.items():
+            adapter = self._new_adapter(identity)
+            named = dict(adapter.engine.params)
+            if set(saved["parameters"]) != set(named):
+                raise ValueError(
+                    f"{path}: the adapter of {identity} does not fit these LoRA options "
+                    "(other rank or target modules); start with the options it was saved with"
+                )
+            with torch.no_grad():
+                for name, value in saved["parameters"].items():
+                    named[name].copy_(value)
+            adapter.engine.weights_version = int(saved["weights_version"])
+            for key, entry in saved["sessions"].items():
+                session = self.sessions.get(key)
+                cls = getattr(torch.optim, entry["optimizer"])
+                session.optimizer = cls([p for _, p in adapter.engine.params], **entry["options"])
+                session.optimizer.load_state_dict(entry["state"])
+                session.optimizer_name = entry["optimizer"]
+                session.optimizer_options = entry["options"]
+                session.last_step = int(entry["step"])
+            self._adapters[identity] = adapter
+        self.saved_version = self.weights_version
+        log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)
+
+    # -- housekeeping -----------------------------------------------------------------------------
+
+    def expire(self) -> None:
+        """Drop idle contexts and sessions, move idle adapters off the device (the sweeper)."""
+        self.contexts.expire()
+        self.sessions.expire()
+        if self.adapter_options.offload_after > 0:
+            self.offload_idle()
+
+    def stats(self) -> dict[str, int]:
+        """Counts for tests and operators: contexts, sessions, adapters (and resident ones)."""
+        with self._lock:
+            adapters = list(self._adapters.values())
+        return {
+            "contexts": len(self.contexts),
+            "context_bytes": self.contexts.nbytes,
+            "sessions": len(self.sessions),
+            "weights_version": self.weights_version,
+            "adapters": len(adapters),
+            "resident_adapters": sum(a.resident for a in adapters),
+        }

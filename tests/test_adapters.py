@@ -1,0 +1,399 @@
+"""Per-client LoRA adapters on one frozen trunk (``serve --adapters per-client``).
+
+Every client identity (bearer token here) trains its own adapter; each must end exactly
+(float64, bit for bit) where the same client ends training alone against a single-tenant
+server, however the clients' calls interleave, and no client can see or change another's.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+import grpc
+import pytest
+import torch
+from conftest import spawn_server
+from factories import batch, dropout_trunk, local_parts
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from torch import nn
+
+from remote_autograd import (
+    ClientOptions,
+    InvalidRequest,
+    LimitExceeded,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+)
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd.adapters import AdapterEngine, AdapterOptions
+
+RANK, ALPHA, TARGETS, LORA_SEED = 4, 8, ("0", "3"), 5
+TOKENS = tuple(f"token-{i}" for i in range(4))
+
+
+def adapter_options(**changes) -> AdapterOptions:
+    base = dict(rank=RANK, alpha=ALPHA, target_modules=TARGETS, seed=LORA_SEED, offload_after=0.0)
+    return AdapterOptions(**{**base, **changes})
+
+
+def single_tenant_trunk() -> nn.Module:
+    """What a one-client server would serve: the trunk with peft's LoRA, same seed."""
+    trunk = dropout_trunk()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LORA_SEED)
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))
+        return inject_adapter_in_model(config, trunk)
+
+
+def client_options(index: int, **changes) -> ClientOptions:
+    # A seed per client: its dropout masks are a function of its own steps only.
+    return ClientOptions(token=TOKENS[index], seed=100 + index, **changes)
+
+
+class Learner:
+    """One client: its own bottom and top here, its trunk adapter remote."""
+
+    def __init__(self, address: str, index: int) -> None:
+        self.index = index
+        self.bottom, self.top = local_parts()
+        with torch.no_grad():  # clients differ in their local parts too
+            for param in self.top.parameters():
+                param.add_(0.1 * index)
+        self.trunk = RemoteModule(address, options=client_options(index))
+        self.optimizer = torch.optim.SGD(
+            [*self.bottom.parameters(), *self.top.parameters()], lr=0.1
+        )
+        self.trunk_optimizer = RemoteOptimizer(self.trunk, torch.optim.Adam, lr=0.05)
+        self.losses: list[float] = []
+        self._loss: torch.Tensor | None = None
+
+    def forward(self, step: int) -> None:
+        x, y = batch(10 * step + self.index)
+        out = self.top(self.trunk(self.bottom(x)))
+        self._loss = (out - y).pow(2).mean()
+
+    def backward(self) -> None:
+        assert self._loss is not None
+        self._loss.backward()
+        self.losses.append(self._loss.item())
+        self._loss = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.trunk_optimizer.step()
+        self.optimizer.zero_grad()
+        self.trunk_optimizer.zero_grad()
+
+    def train_alone(self, steps: int) -> None:
+        for step in range(steps):
+            self.forward(step)
+            self.backward()
+            self.step()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"remote.{k}": v for k, v in self.trunk.remote_state_dict().items()},
+            **{f"bottom.{k}": v.detach().clone() for k, v in self.bottom.state_dict().items()},
+            **{f"top.{k}": v.detach().clone() for k, v in self.top.state_dict().items()},
+        }
+
+
+def per_client_server(start_server: Callable, **changes):
+    options = ServerOptions(tokens=TOKENS)
+    engine = AdapterEngine(dropout_trunk(), options, adapter_options(**changes))
+    return start_server(engine)
+
+
+def alone(start_server: Callable, index: int, steps: int) -> tuple[list[float], dict]:
+    server = start_server(single_tenant_trunk(), ServerOptions(tokens=TOKENS))
+    learner = Learner(server.address, index)
+    learner.train_alone(steps)
+    result = learner.losses, learner.state()
+    learner.trunk.close()
+    server.stop(grace=None)
+    return result
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("resident", [0, 1], ids=["all-resident", "one-resident"])
+def test_interleaved_clients_equal_each_client_alone(start_server, resident):
+    """4 clients, calls interleaved phase by phase (every forward, then every backward, then
+    every step), each bit-exact with itself trained alone; with one adapter resident at a
+    time the others move off the device and back between their calls."""
+    steps = 3
+    server = per_client_server(start_server, max_resident_adapters=resident)
+    learners = [Learner(server.address, i) for i in range(4)]
+    for step in range(steps):
+        for phase in ("forward", "backward", "step"):
+            for learner in learners:
+                getattr(learner, phase)(*((step,) if phase == "forward" else ()))
+    stats = server.stats()
+    assert stats["adapters"] == 4
+    if resident:
+        assert stats["resident_adapters"] == 1  # the last client's; the rest were moved
+    got = [(learner.losses, learner.state()) for learner in learners]
+    for learner in learners:
+        learner.trunk.close()
+    for index, (losses, state) in enumerate(got):
+        want_losses, want_state = alone(start_server, index, steps)
+        assert losses == want_losses
+        assert_same_state(state, want_state)
+    # Every client's adapter moved away from its (shared) initial weights, differently.
+    adapters = [{k: v for k, v in s.items() if k.startswith("remote.")} for _, s in got]
+    assert not torch.equal(adapters[0]["remote.0.lora_B.default.weight"], torch.zeros(8, RANK))
+    assert not torch.equal(
+        adapters[0]["remote.0.lora_B.default.weight"], adapters[1]["remote.0.lora_B.default.weight"]
+    )
+
+
+def test_concurrent_clients_in_threads_equal_each_alone(start_server):
+    """The same, the clients in threads of their own (calls truly at the same time)."""
+    steps = 2
+    server = per_client_server(start_server)
+    learners = [Learner(server.address, i) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def run(learner: Learner) -> None:
+        try:
+            learner.train_alone(steps)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(learner,)) for learner in learners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    got = [(learner.losses, learner.state()) for learner in learners]
+    for learner in learners:
+        learner.trunk.close()
+    for index in (0, 3):  # two of them against their lone runs keeps the test short
+        want_losses, want_state = alone(start_server, index, steps)
+        assert got[index][0] == want_losses
+        assert_same_state(got[index][1], want_state)
+
+
+def _eval_output(trunk: RemoteModule) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(3, 8)
+    trunk.eval()
+    with torch.no_grad():
+        out = trunk(x)
+    trunk.train()
+    return out
+
+
+def test_one_clients_backward_and_step_never_touch_anothers(start_server):
+    server = per_client_server(start_server)
+    a, b = Learner(server.address, 0), Learner(server.address, 1)
+    b.train_alone(1)
+    b.forward(5)
+    b.backward()  # b holds gradients now, not yet stepped
+    b_params = b.trunk.remote_state_dict()
+    b_norms = b.trunk.client.grad_norms(2.0)
+    b_out = _eval_output(b.trunk)
+    a.train_alone(2)
+    a.forward(7)
+    a.backward()
+    assert_same_state(b.trunk.remote_state_dict(), b_params)
+    assert b.trunk.client.grad_norms(2.0) == b_norms
+    assert torch.equal(_eval_output(b.trunk), b_out)
+    a_params = a.trunk.remote_state_dict()
+    assert not torch.equal(a_params["0.lora_B.default.weight"], b_params["0.lora_B.default.weight"])
+    for learner in (a, b):
+        learner.trunk.close()
+
+
+def test_a_client_cannot_read_load_or_release_anothers_adapter(start_server):
+    server = per_client_server(start_server)
+    a = RemoteModule(server.address, options=client_options(0))
+    b = RemoteModule(server.address, options=client_options(1))
+    fresh = a.adapter_state_dict()
+    a_optimizer = RemoteOptimizer(a, torch.optim.SGD, lr=0.5)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    a(x).pow(2).sum().backward()
+    a_optimizer.step()
+    trained = a.adapter_state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)
+    # b reads its own adapter, still the initial one: a's weights are out of its reach.
+    assert_same_state(b.adapter_state_dict(), fresh)
+    # b loads an adapter: only b's changes.
+    b.load_adapter_state_dict({k: v + 1 for k, v in fresh.items()})
+    assert_same_state(a.adapter_state_dict(), trained)
+    assert_same_state(b.adapter_state_dict(), {k: v + 1 for k, v in fresh.items()})
+    # Nobody can write the frozen base: its weights are no trainable parameter.
+    with pytest.raises(InvalidRequest, match="no trainable parameter named"):
+        b.load_remote_state_dict({"0.base_layer.weight": torch.zeros(16, 8, dtype=torch.float64)})
+    # b cannot release a's forward context: a's Backward still finds it.
+    header, _ = a.client.compute(
+        "a-forward",
+        [x.requires_grad_()],
+        {},
+        needs_input_grad=[True],
+        keep_context=True,
+        training=True,
+    )
+    stub = b.client._connect()
+    released = stub.Release(pb.ReleaseRequest(request_ids=["a-forward"]), **b.client._kw(30))
+    assert released.released == 0
+    grads, _ = a.client.backward("a-forward", 1, [torch.ones(3, 8, dtype=torch.float64)], [True])
+    assert grads["grads"][0].shape == (3, 8)
+    # The same identity on a new connection (another session) gets its adapter back.
+    again = RemoteModule(server.address, options=client_options(0))
+    assert_same_state(again.adapter_state_dict(), trained)
+    for trunk in (a, b, again):
+        trunk.close()
+
+
+def test_max_adapters_refuses_with_resource_exhausted(start_server):
+    server = per_client_server(start_server, max_adapters=2)
+    trunks = [RemoteModule(server.address, options=client_options(i)) for i in range(3)]
+    x = torch.randn(2, 8, dtype=torch.float64)
+    trunks[0](x)
+    trunks[1](x)
+    assert trunks[2].remote_info()["trainable_numel"] > 0  # Info makes no adapter
+    with pytest.raises(LimitExceeded, match="max_adapters=2") as caught:
+        trunks[2](x)
+    assert caught.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trunks[0](x)  # the two existing ones go on
+    assert server.stats()["adapters"] == 2
+    for trunk in trunks:
+        trunk.close()
+
+
+def test_bad_adapter_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="target_modules"):
+        AdapterEngine(dropout_trunk(), ServerOptions(), AdapterOptions(target_modules=()))
+    with pytest.raises(ValueError, match="rank"):
+        AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(rank=0))
+    with pytest.raises(ValueError, match="--lora-targets"):
+        AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(target_modules=("nope",)))
+
+
+def test_idle_adapters_move_off_the_device_and_come_back(start_server):
+    """The offload path (here cpu -> cpu: the same code moves cuda -> cpu on a GPU server)."""
+    server = per_client_server(start_server)
+    engine: AdapterEngine = server.engine
+    learner = Learner(server.address, 0)
+    learner.train_alone(1)
+    before = learner.trunk.remote_state_dict()
+    assert engine.offload_idle(older_than=0.0) == 1
+    assert server.stats()["resident_adapters"] == 0
+    learner.train_alone(1)  # comes back and trains on
+    assert server.stats()["resident_adapters"] == 1
+    assert not torch.equal(
+        learner.trunk.remote_state_dict()["0.lora_B.default.weight"],
+        before["0.lora_B.default.weight"],
+    )
+    learner.trunk.close()
+
+
+def test_restart_from_checkpoint_keeps_every_adapter(tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(TOKENS[:2]) + "\n")
+    path = tmp_path / "adapters.ckpt"
+    args = (
+        "--adapters=per-client",
+        f"--lora-rank={RANK}",
+        f"--lora-alpha={ALPHA}",
+        "--lora-targets=0,3",
+        f"--checkpoint={path}",
+        f"--token-file={tokens}",
+    )
+    process, address = spawn_server("factories:dropout_trunk", *args)
+    try:
+        learners = [Learner(address, i) for i in range(2)]
+        for index, learner in enumerate(learners):
+            learner.train_alone(1 + index)
+        saved = [learner.trunk.adapter_state_dict() for learner in learners]
+        for learner in learners:
+            learner.trunk.close()
+    finally:
+        process.send_signal(signal.SIGTERM)  # a graceful stop saves the checkpoint
+        process.communicate(timeout=60)
+    assert path.exists()
+    process, address = spawn_server("factories:dropout_trunk", *args)
+    try:
+        for index in range(2):
+            trunk = RemoteModule(address, options=client_options(index))
+            assert_same_state(trunk.adapter_state_dict(), saved[index])
+            trunk.close()
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+
+
+def test_downloaded_adapter_loads_into_a_local_peft_model(start_server, tmp_path):
+    """A GPT-2 trunk: the adapter trained remotely, saved as safetensors, loaded with peft's
+    set_peft_model_state_dict into a local trunk, gives the remote trunk's outputs."""
+    from safetensors.torch import load_file
+
+    from remote_autograd.hf import LoraOptions, ModelSpec, build_trunk
+
+    spec = ModelSpec(n_layer=3, n_embd=32, n_head=2, n_positions=32, trunk_start=1, trunk_end=2)
+    targets = ("c_attn", "c_proj", "c_fc")
+    base = build_trunk(spec, LoraOptions(rank=0))
+    options = AdapterOptions(rank=4, alpha=8, target_modules=targets, seed=spec.seed + 2)
+    server = start_server(AdapterEngine(base, ServerOptions(), options))
+    trunk = RemoteModule(server.address, options=ClientOptions(seed=3))
+    local = build_trunk(spec, LoraOptions(rank=4, alpha=8, target_modules=targets))
+    # The adapter starts where a single-tenant trunk's does.
+    fresh = {n: p for n, p in local.named_parameters() if "lora_" in n}
+    assert_same_state(trunk.remote_state_dict(), {n: p.detach() for n, p in fresh.items()})
+    optimizer = RemoteOptimizer(trunk, torch.optim.Adam, lr=0.05)
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        trunk(hidden).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path / "adapter.safetensors"
+    trunk.save_adapter(str(path))
+    result = set_peft_model_state_dict(local, load_file(str(path)))
+    assert not result.unexpected_keys
+    local.eval()
+    trunk.eval()
+    with torch.no_grad():
+        assert torch.equal(trunk(hidden), local(hidden))
+    # Uploading it again (resume) is accepted and changes nothing.
+    trunk.load_adapter(str(path))
+    with torch.no_grad():
+        assert torch.equal(trunk(hidden), local(hidden))
+    trunk.close()
+
+
+def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, capsys):
+    """``remote-autograd demo --clients 3``: the unchanged GPT-2 trainer, three at once
+    against one ``serve --adapters per-client`` child process, one loss curve each."""
+    import json
+
+    from remote_autograd.cli import main
+
+    tiny = ["--n-layer=4", "--n-embd=32", "--n-head=2", "--n-positions=64", "--trunk-layers=1:3"]
+    run = ["--steps=2", "--batch-size=2", "--grad-accum=1", "--seq-len=32", "--lora-rank=2"]
+    main(["demo", *tiny, *run, "--clients=3", f"--out-dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "with one adapter per client" in out
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "adapter created for client" in (tmp_path / "server.log").read_text()
+    adapters = []
+    for index in range(3):
+        assert f"client {index}: loss" in out
+        metrics = json.loads((tmp_path / f"client-{index}" / "metrics.json").read_text())
+        assert len(metrics["steps"]) == 2
+        assert metrics["lora_change"]["trunk"] > 0
+        saved = torch.load(
+            tmp_path / f"client-{index}" / "checkpoints" / "step_000002.pt", weights_only=True
+        )
+        adapters.append(saved["trunk"])
+    # Three different adapters: each client trained its own.
+    name = next(n for n in adapters[0] if "lora_B" in n)
+    assert not torch.equal(adapters[0][name], adapters[1][name])
+    assert not torch.equal(adapters[1][name], adapters[2][name])
