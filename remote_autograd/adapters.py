@@ -57,7 +57,7 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .engine import ID_PATTERN, TrunkEngine
+from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
 from .errors import InvalidRequest, LimitExceeded, NotConfigured
 from .options import ServerOptions
 from .runner import TrunkRunner
@@ -159,12 +159,21 @@ class _AdapterRunner(TrunkRunner):
         )
 
     def forward(
-        self, template: Any, leaves: list[torch.Tensor], training: bool, seed: int | None, *, grad
+        self,
+        template: Any,
+        leaves: list[torch.Tensor],
+        training: bool,
+        seed: int | None,
+        *,
+        grad: bool,
+        autocast: torch.dtype | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         if training and self._random:
             with self._random_lock:
-                return super().forward(template, leaves, training, seed, grad=grad)
-        return super().forward(template, leaves, training, seed, grad=grad)
+                return super().forward(
+                    template, leaves, training, seed, grad=grad, autocast=autocast
+                )
+        return super().forward(template, leaves, training, seed, grad=grad, autocast=autocast)
 
 
 @dataclass(eq=False)
@@ -229,6 +238,7 @@ class AdapterEngine:
         self._lock = threading.Lock()  # the adapter table and residency
         self._random_lock = threading.Lock()  # forwards drawing from the global generator
         self._checkpoint_lock = threading.Lock()
+        self.checkpoint_pace = CheckpointPace(options.min_checkpoint_interval)
         self._steps = 0  # Steps applied, all adapters together (for checkpoint_every)
         if not options.tokens and not options.client_ca:
             log.warning(
@@ -455,11 +465,15 @@ class AdapterEngine:
                 self.checkpoint(on_error="log")
         return result
 
-    def get_state(self, session: Session, *, parameters: bool, optimizer: bool) -> dict[str, Any]:
+    def get_state(
+        self, session: Session, *, parameters: bool, optimizer: bool, buffers: bool = False
+    ) -> dict[str, Any]:
         with self._use(session) as engine:
-            return engine.get_state(session, parameters=parameters, optimizer=optimizer)
+            return engine.get_state(
+                session, parameters=parameters, optimizer=optimizer, buffers=buffers
+            )
 
-    def load_state(self, session: Session, state: Any) -> tuple[int, bool]:
+    def load_state(self, session: Session, state: Any) -> tuple[int, bool, int]:
         with self._use(session) as engine:
             return engine.load_state(session, state)
 
@@ -510,6 +524,12 @@ class AdapterEngine:
             self.saved_version = version
         log.debug("checkpoint of %d adapters saved to %s", len(saved), path)
         return version
+
+    def requested_checkpoint(self) -> int:
+        """The Checkpoint RPC: :meth:`checkpoint`, paced like the single-trunk engine's."""
+        if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
+            self.checkpoint_pace.ask()
+        return self.checkpoint()
 
     def save_if_changed(self) -> None:
         """A checkpoint when some adapter moved since the last one (and a path is set)."""

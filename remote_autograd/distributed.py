@@ -53,6 +53,7 @@ from .errors import InvalidRequest, ServerUnavailable
 from .options import Limits, ServerOptions
 from .runner import TrunkRunner
 from .tree import flatten, unflatten
+from .validate import autocast_dtype
 
 __all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed", "shares"]
 
@@ -193,6 +194,7 @@ class DistributedRunner(TrunkRunner):
         seed: int | None,
         *,
         grad: bool,
+        autocast: torch.dtype | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         plan = _Plan(leaves, self.world)
         token = -1
@@ -216,6 +218,7 @@ class DistributedRunner(TrunkRunner):
                     "seed": None if seed is None else (seed + rank) % (1 << 63),
                     "grad": grad,
                     "token": token,
+                    "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
                 }
             else:
                 commands[rank] = {"op": "idle"}
@@ -230,7 +233,7 @@ class DistributedRunner(TrunkRunner):
             lambda: (
                 None
                 if mine is None
-                else self._forward_share(template, mine, training, seed, grad, token)
+                else self._forward_share(template, mine, training, seed, grad, token, autocast)
             ),
         )
         if error is not None:
@@ -294,6 +297,7 @@ class DistributedRunner(TrunkRunner):
         inputs: list[torch.Tensor],
         *,
         retain_graph: bool,
+        parameters: bool = True,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         if not isinstance(outputs, ShardedOutputs):
             raise TypeError("DistributedRunner.gradients needs the outputs of its own forward")
@@ -313,6 +317,7 @@ class DistributedRunner(TrunkRunner):
                     "grads": self._grad_shares(outputs, grads, rank),
                     "wanted": wanted,
                     "retain": retain_graph,
+                    "parameters": parameters,
                 }
             else:
                 commands[rank] = {"op": "idle_backward"}
@@ -321,7 +326,7 @@ class DistributedRunner(TrunkRunner):
         def local() -> Any:
             if local_grads is None:
                 return None, [None] * len(self.params)
-            return self._backward_share(token, local_grads, wanted, retain_graph)
+            return self._backward_share(token, local_grads, wanted, retain_graph, parameters)
 
         replies, mine, error = self._exchange(commands, local, reduce_grads=True)
         if not retain_graph:
@@ -474,15 +479,15 @@ class DistributedRunner(TrunkRunner):
         # detach(): a leaf of its own, not part of rank 0's input's graph.
         return tensor.to(self.device).detach().requires_grad_(need)
 
-    def _forward_share(self, template, leaves, training, seed, grad, token):
+    def _forward_share(self, template, leaves, training, seed, grad, token, autocast=None):
         out_template, outputs = TrunkRunner.forward(
-            self, template, leaves, training, seed, grad=grad
+            self, template, leaves, training, seed, grad=grad, autocast=autocast
         )
         if grad:
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
 
-    def _backward_share(self, token, grads, wanted, retain):
+    def _backward_share(self, token, grads, wanted, retain, parameters=True):
         entry = self.graphs.get(token)
         if entry is None:
             raise InvalidRequest(f"no kept forward {token} on rank {self.rank}")
@@ -490,7 +495,12 @@ class DistributedRunner(TrunkRunner):
         if not retain:
             del self.graphs[token]
         return TrunkRunner.gradients(
-            self, outputs, grads, [leaves[i] for i in wanted], retain_graph=retain
+            self,
+            outputs,
+            grads,
+            [leaves[i] for i in wanted],
+            retain_graph=retain,
+            parameters=parameters,
         )
 
     # -- ranks 1..N-1 ------------------------------------------------------------------------------
@@ -520,6 +530,7 @@ class DistributedRunner(TrunkRunner):
                         command["seed"],
                         command["grad"],
                         command["token"],
+                        autocast_dtype(command["autocast"] or ""),
                     )
                     reply = {"outputs": [o.detach() for o in outputs], "template": None}
                 elif op == "backward":
@@ -527,7 +538,11 @@ class DistributedRunner(TrunkRunner):
                     error = None
                     try:
                         result = self._backward_share(
-                            command["token"], command["grads"], command["wanted"], command["retain"]
+                            command["token"],
+                            command["grads"],
+                            command["wanted"],
+                            command["retain"],
+                            command["parameters"],
                         )
                     except Exception as exc:  # noqa: BLE001 - reported to rank 0
                         error = exc

@@ -67,11 +67,33 @@ from .validate import (
     step_groups,
 )
 
-__all__ = ["ID_PATTERN", "TrunkEngine"]
+__all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine"]
 
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # request and session ids, matched whole
+
+
+class CheckpointPace:
+    """The Checkpoint RPC's pace: at most one save per ``interval`` seconds, all clients
+    together; a refusal (``LimitExceeded``) says how long to wait. Its own lock, not the trunk
+    lock: a refusal does not wait for a save in progress."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._asked = -float("inf")  # when a checkpoint was last granted (monotonic)
+        self._lock = threading.Lock()
+
+    def ask(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            wait = self._asked + self.interval - now
+            if wait > 0:
+                raise LimitExceeded(
+                    f"a checkpoint was asked for {now - self._asked:.1f} s ago; ask again in "
+                    f"{wait:.1f} s (min_checkpoint_interval={self.interval:g})"
+                )
+            self._asked = now
 
 
 class TrunkEngine:
@@ -110,8 +132,7 @@ class TrunkEngine:
         self.saved_version: int | None = None  # weights_version of the last checkpoint
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
         self._lock = threading.RLock()
-        self._checkpoint_asked = -float("inf")  # when the Checkpoint RPC last saved (monotonic)
-        self._checkpoint_pace = threading.Lock()
+        self.checkpoint_pace = CheckpointPace(options.min_checkpoint_interval)
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 
@@ -583,18 +604,8 @@ class TrunkEngine:
     def requested_checkpoint(self) -> int:
         """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
         seconds for all clients together (each one fsyncs the whole trunk)."""
-        if not self.options.checkpoint_path:
-            return self.checkpoint()  # NotConfigured
-        with self._checkpoint_pace:  # not the trunk lock: a refusal does not wait for a save
-            now = time.monotonic()
-            wait = self._checkpoint_asked + self.options.min_checkpoint_interval - now
-            if wait > 0:
-                raise LimitExceeded(
-                    f"a checkpoint was asked for {now - self._checkpoint_asked:.1f} s ago; ask "
-                    f"again in {wait:.1f} s (min_checkpoint_interval="
-                    f"{self.options.min_checkpoint_interval:g})"
-                )
-            self._checkpoint_asked = now
+        if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
+            self.checkpoint_pace.ask()
         return self.checkpoint()
 
     def save_if_changed(self) -> None:
