@@ -59,6 +59,7 @@ from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
 from .errors import InvalidRequest, LimitExceeded, NotConfigured
+from .fingerprint import trunk_fingerprint
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -290,6 +291,8 @@ class AdapterEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.adapter_options.seed)
             replica = self._inject(self._replica(base))
+        # What every client trains: the base with one adapter (the trainer's own trunk).
+        self.fingerprint = trunk_fingerprint(replica)
         return {n: p.detach().clone() for n, p in replica.named_parameters() if p.requires_grad}
 
     def _new_adapter(self, identity: str) -> _Adapter:
@@ -428,6 +431,8 @@ class AdapterEngine:
             device=str(self._device),
             module_name=type(self.base).__name__,
             server_id=self.server_id,
+            fingerprint=self.fingerprint,
+            weights_version=0,  # each client's adapter starts fresh: no SteppedTrunkWarning
         )
 
     def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:
