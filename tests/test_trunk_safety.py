@@ -8,15 +8,20 @@ correct step of another session equal to the same step computed here.
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import subprocess
+from collections import Counter
 
+import grpc
+import msgpack
 import pytest
 import torch
 from conftest import spawn_server
 from factories import batchnorm_trunk, linear32_trunk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._pytree import tree_map
 
 from remote_autograd import (
     ClientOptions,
@@ -25,7 +30,11 @@ from remote_autograd import (
     RemoteOptimizer,
     ServerOptions,
     TrunkError,
+    clip_grad_norm_,
+    codec,
 )
+from remote_autograd import client as client_module
+from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.checkpoint_file import load_checkpoint
 from remote_autograd.validate import clone_tree
 
@@ -167,7 +176,6 @@ def test_grad_scale_out_of_bounds_is_refused_by_backward_gradnorm_and_step(start
         snapshot.assert_unchanged(server, remote)
         remote.client.zero_grad_later(True)  # the refused scale pends: drop it
         remote.client._take_grad_ops()
-        gc.collect()  # the refused Backward's graph: its context is released, its lease ends
     assert optimizer._step_count == 1
     _goes_on(server, remote, optimizer, snapshot)
     _another_session_trains(server)
@@ -209,7 +217,6 @@ def test_gradients_that_sum_past_the_dtype_range_are_refused(start_server):
     with pytest.raises(InvalidRequest, match="accumulated gradients of trunk parameters weight"):
         out.backward(torch.full_like(out, 2e38))
     del out
-    gc.collect()  # the refused Backward's graph: its context is released, its lease ends
     snapshot.assert_unchanged(server, remote)
     with pytest.raises(InvalidRequest, match="max_weight_growth=100"):
         optimizer.step()
@@ -319,9 +326,7 @@ def test_a_step_with_a_non_finite_result_is_rolled_back_exactly(start_server, na
         optimizer.step()
     snapshot.assert_unchanged(server, remote)
     assert not _session(server, remote).optimizer.state
-    optimizer.param_groups[0].update(lr=0.01, eps=1e-8) if name != "SGD" else None
-    if name == "SGD":
-        optimizer.param_groups[0]["lr"] = 0.01
+    optimizer.param_groups[0].update({"lr": 0.01} if name == "SGD" else {"eps": 1e-8})
     _goes_on(server, remote, optimizer, snapshot)
     _another_session_trains(server, name)
 
@@ -365,7 +370,6 @@ def test_refused_attacks_never_reach_the_checkpoint_and_a_restart_brings_finite_
                 else:
                     out.backward(torch.full_like(out, 2e38))
             del out
-            gc.collect()  # the refused Backward's graph: its context is released
             optimizer.zero_grad()
             with pytest.raises(InvalidRequest, match="lr=1e"):
                 RemoteOptimizer(remote, "Adam", lr=1e30)
@@ -419,3 +423,221 @@ def test_no_checkpoint_is_written_from_non_finite_weights(start_server, tmp_path
     assert restarted.stats()["weights_version"] == 1
     assert _same(dict(restarted.engine.module.state_dict()), saved)
     _another_session_trains(restarted, factory=batchnorm_trunk)
+
+
+# -- fuzz: recorded requests of a whole training step, mutated and replayed ------------------------
+
+TRUNK = "/remote_autograd.v1.Trunk/"
+# Finite numbers no sane client sends, and a few it might.
+NUMBERS = [1e38, 3.4e38, 1e300, -1e30, -1.0, 1e-300, 5e-324, 0.0, 2.0, 1e10, 65504.0, 0.5]
+
+
+class _Recorder(grpc.UnaryUnaryClientInterceptor):
+    """Keeps every unary request a real client sends: method, serialized message, metadata."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes, tuple]] = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        metadata = tuple(client_call_details.metadata or ())
+        self.calls.append((client_call_details.method, request.SerializeToString(), metadata))
+        return continuation(client_call_details, request)
+
+
+def _record_training_step(address: str, monkeypatch) -> list[tuple[str, bytes, tuple]]:
+    """ConfigureOptimizer, Compute, Backward, GradNorm (clip_grad_norm_) and Step, as sent."""
+    recorder = _Recorder()
+    real = client_module.create_channel
+    monkeypatch.setattr(
+        client_module, "create_channel", lambda *a: grpc.intercept_channel(real(*a), recorder)
+    )
+    with RemoteModule(address, options=ClientOptions(bulk=False, retries=0)) as remote:
+        optimizer = RemoteOptimizer(remote, "Adam", lr=0.01, weight_decay=0.01)
+        remote(_x(5)).square().sum().backward()
+        clip_grad_norm_([remote], 0.5)
+        optimizer.step()
+    monkeypatch.undo()
+    step = ["ConfigureOptimizer", "Compute", "Backward", "GradNorm", "Step"]
+    calls = [call for call in recorder.calls if call[0].rsplit("/", 1)[-1] in step]
+    assert [call[0].rsplit("/", 1)[-1] for call in calls] == step
+    assert pb.StepRequest.FromString(calls[-1][1]).grad_scale < 1.0  # the clip rides on it
+    return calls
+
+
+def _scale_numbers(value, factor: float):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * factor if factor else factor
+    if isinstance(value, list):
+        return [_scale_numbers(v, factor) for v in value]
+    if isinstance(value, dict):
+        return {k: _scale_numbers(v, factor) for k, v in value.items()}
+    return value
+
+
+def _mutate_frame(message: bytes, draw) -> bytes:
+    frame = pb.Frame.FromString(message)
+    kind = draw(st.sampled_from(["tensors", "header", "truncate", "flip"]))
+    if kind == "tensors":  # the payload's numbers made absurd (finite: scaled in float64)
+        factor = draw(st.sampled_from(NUMBERS))
+        value = codec.decode(frame.payload)
+
+        def scaled(tensor):
+            big = tensor.double() * factor
+            return big.clamp(-torch.finfo(tensor.dtype).max, torch.finfo(tensor.dtype).max).to(
+                tensor.dtype
+            )
+
+        value = tree_map(lambda t: scaled(t) if isinstance(t, torch.Tensor) else t, value)
+        frame.payload = codec.encode(value, compression="none")
+        frame.header.payload_bytes = len(frame.payload)
+    elif kind == "header":
+        field = draw(st.sampled_from(["grad_scale", "backward_seq", "zero_grad", "flags", "id"]))
+        header = frame.header
+        if field == "grad_scale":
+            header.grad_scale = draw(st.sampled_from(NUMBERS))
+        elif field == "backward_seq":
+            header.backward_seq = draw(st.integers(0, 3))
+        elif field == "zero_grad":
+            header.zero_grad = draw(st.integers(0, 5))
+        elif field == "flags":
+            header.training = not header.training
+            header.keep_context = not header.keep_context
+            flags = [not flag for flag in header.needs_input_grad] or [True]
+            del header.needs_input_grad[:]
+            header.needs_input_grad.extend(flags)
+        else:
+            header.request_id = draw(st.sampled_from(["", "x", header.request_id[::-1]]))
+    elif kind == "truncate":
+        frame.payload = frame.payload[: draw(st.integers(0, max(0, len(frame.payload) - 1)))]
+    else:
+        index = draw(st.integers(0, len(frame.payload) - 1))
+        data = bytearray(frame.payload)
+        data[index] ^= draw(st.integers(1, 255))
+        frame.payload = bytes(data)
+    return frame.SerializeToString()
+
+
+def _mutate_control(method: str, message: bytes, draw) -> bytes:
+    factor = draw(st.sampled_from(NUMBERS))
+    if method == "ConfigureOptimizer":
+        request = pb.ConfigureOptimizerRequest.FromString(message)
+        options = msgpack.unpackb(request.options)
+        if draw(st.booleans()):
+            options = _scale_numbers(options, factor)
+        else:
+            request.name = draw(st.sampled_from(["SGD", "AdamW", "RMSprop", "Rprop", "Adagrad"]))
+        request.options = msgpack.packb(options)
+    elif method == "GradNorm":
+        request = pb.GradNormRequest.FromString(message)
+        setattr(request, draw(st.sampled_from(["norm_type", "grad_scale"])), factor)
+        request.zero_grad = draw(st.sampled_from([request.zero_grad, 1, 2, 7]))
+    else:
+        request = pb.StepRequest.FromString(message)
+        field = draw(st.sampled_from(["param_groups", "grad_scale", "zero_grad", "truncate"]))
+        if field == "param_groups":
+            groups = msgpack.unpackb(request.param_groups)
+            key = draw(st.sampled_from([None, *sorted(groups[0])]))
+            if key is None:
+                groups = _scale_numbers(groups, factor)
+            else:
+                groups[0][key] = _scale_numbers(groups[0][key], factor)
+            request.param_groups = msgpack.packb(groups)
+        elif field == "grad_scale":
+            request.grad_scale = factor
+        elif field == "zero_grad":
+            request.zero_grad = draw(st.integers(0, 5))
+        else:
+            request.param_groups = request.param_groups[: draw(st.integers(0, 8))]
+    return request.SerializeToString()
+
+
+def test_mutated_replays_of_a_training_step_never_ruin_the_trunk(start_server, monkeypatch):
+    """A real client's ConfigureOptimizer, Compute, Backward, GradNorm and Step are recorded
+    (a gRPC interceptor on its channel), then replayed with the same session's metadata, one or
+    two of them mutated each time (absurd numbers in tensors, hyperparameters and grad_scale,
+    flipped header fields, truncated and corrupted payloads). After each replay the weights are
+    finite and grew at most max_weight_growth-fold; then the weights are reset (LoadState) and,
+    at the end, another session's step equals the same step computed here."""
+    server = start_server(linear32_trunk(), ServerOptions(bulk=False, step_wait=0.5))
+    calls = _record_training_step(server.address, monkeypatch)
+    metadata = calls[0][2]
+    baseline = _weights(server)
+    admin = RemoteModule(server.address, options=ClientOptions(retries=0))
+    admin.load_remote_state_dict(baseline)
+    channel = grpc.insecure_channel(server.address)
+    stubs = {m: channel.unary_unary(m) for m, _, _ in calls}
+    codes: Counter[str] = Counter()
+    unexpected = []
+    session_id = dict(metadata)["ra-session"]
+    (session_key,) = [
+        s.key for s in server.engine.sessions.values() if s.key.endswith("/" + session_id)
+    ]
+
+    @settings(
+        max_examples=80,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def replay(data):
+        mutated = set(data.draw(st.sets(st.integers(0, len(calls) - 1), min_size=1, max_size=2)))
+        before = _weights(server)
+        for index, (method, message, _) in enumerate(calls):
+            name = method.rsplit("/", 1)[-1]
+            if name == "Step":  # the number this session expects next, so the Step is real
+                request = pb.StepRequest.FromString(message)
+                request.step = server.engine.sessions.get(session_key).last_step + 1
+                message = request.SerializeToString()
+            if index in mutated:
+                if name in ("Compute", "Backward"):
+                    message = _mutate_frame(message, data.draw)
+                else:
+                    message = _mutate_control(name, message, data.draw)
+            try:
+                stubs[method](message, timeout=60, metadata=metadata)
+                codes[f"{name} OK"] += 1
+            except grpc.RpcError as exc:
+                codes[f"{name} {exc.code().name}"] += 1
+                if exc.code() not in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ) and not (name == "Compute" and exc.code() == grpc.StatusCode.INTERNAL):
+                    unexpected.append((name, exc.code().name, exc.details()))
+        after = _weights(server)
+        for key, weight in after.items():
+            assert torch.isfinite(weight).all(), key
+            largest = before[key].abs().max().item()
+            assert weight.abs().max().item() <= 100.0 * max(1.0, largest), key
+        if not _same(after, baseline):
+            admin.load_remote_state_dict(baseline)
+
+    replay()
+    print(dict(codes))
+    assert not unexpected, unexpected[:5]
+    assert codes["Step OK"] > 5 and codes["Step INVALID_ARGUMENT"] > 5  # both ways exercised
+    admin.close()
+    channel.close()
+    assert _same(_weights(server), baseline)
+    _another_session_trains(server, "Adam")
+
+
+def test_loaded_optimizer_state_is_held_to_the_same_bounds(start_server):
+    """LoadState sets hyperparameters too (optimizer.load_state_dict): the same bounds apply."""
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+    _good_step(remote, optimizer, _x(1))
+    state = optimizer.state_dict()
+    snapshot = _Snapshot(server, remote)
+    state["param_groups"][0]["lr"] = 1e30
+    with pytest.raises(InvalidRequest, match=r"hyperparameter lr=1e\+30 of Adam"):
+        optimizer.load_state_dict(state)
+    snapshot.assert_unchanged(server, remote)
+    optimizer.param_groups[0]["lr"] = 0.01
+    _goes_on(server, remote, optimizer, snapshot)
+    _another_session_trains(server, "Adam")
