@@ -59,3 +59,19 @@ class ShiftedTrunk(nn.Module):
 
 def shifted_trunk() -> nn.Module:
     return ShiftedTrunk()
+
+
+def linear32_trunk() -> nn.Module:
+    """A seeded float32 ``Linear(4, 2)``: float32 is where finite gradients can overflow."""
+    generator = torch.Generator().manual_seed(4321)
+    trunk = nn.Linear(4, 2)
+    with torch.no_grad():
+        for param in trunk.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return trunk
+
+
+def batchnorm_trunk() -> nn.Module:
+    """``Linear(4, 4)`` then ``BatchNorm1d(4)``, float64: training forwards move its buffers."""
+    torch.manual_seed(77)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
