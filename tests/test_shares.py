@@ -8,7 +8,6 @@ computation done locally in float64.
 
 from __future__ import annotations
 
-import argparse
 import threading
 
 import grpc
@@ -317,19 +316,3 @@ def test_the_checkpoint_rpc_is_rate_limited(start_server, tmp_path):
     assert path.stat().st_mtime_ns == written
     _train_and_check(server, None)  # refusals change nothing else
     client.close()
-
-
-def test_the_new_options_have_flags():
-    from remote_autograd.cli import add_server_arguments, server_options
-
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    flags = [
-        "--max-sessions-per-identity", "3", "--max-identity-contexts", "4",
-        "--max-identity-context-bytes", "5", "--max-identity-inflight-bytes", "6",
-        "--step-wait", "0.5", "--min-checkpoint-interval", "2.5",
-    ]  # fmt: skip
-    options = server_options(parser.parse_args(flags))
-    assert (options.max_sessions_per_identity, options.max_identity_contexts) == (3, 4)
-    assert (options.max_identity_context_bytes, options.max_identity_inflight_bytes) == (5, 6)
-    assert (options.step_wait, options.min_checkpoint_interval) == (0.5, 2.5)
