@@ -299,6 +299,7 @@ def test_health_says_not_serving_while_calls_drain():
     stopping.join(60)
     assert torch.equal(results[0], torch.ones(2))  # the call in flight finished
     assert not stopping.is_alive()
+    assert server._drain.inflight == 0  # every call counted in was counted out
     channel.close()
 
 
