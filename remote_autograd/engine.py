@@ -552,4 +552,5 @@ class TrunkEngine:
             "context_bytes": self.contexts.nbytes,
             "sessions": len(self.sessions),
             "weights_version": self.weights_version,
+            "step_waits_expired": self.turns.expired_steps,
         }

@@ -228,6 +228,7 @@ def test_a_forward_that_never_gets_its_backward_costs_one_budget(start_server):
         local_optimizer.step()
     stats = worker.client.stats
     assert (stats.step_waits, stats.step_waits_expired) == (1, 1)
+    assert server.stats()["step_waits_expired"] == 1  # the operator sees it too
     assert stats.step_wait_seconds > 0
     for name, value in server.engine.module.state_dict().items():
         assert torch.equal(value, local.state_dict()[name]), name
