@@ -117,6 +117,10 @@ class TrunkEngine:
             )
         return self.sessions.get(f"{identity}/{session_id}")
 
+    def end_session(self, identity: str, session_id: str) -> bool:
+        """The client closed: drop its session now (False if it had none)."""
+        return self.sessions.drop(f"{identity}/{session_id}")
+
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)
         self.turns.forget(key)

@@ -354,6 +354,14 @@ MUTATIONS: list[Mutation] = [
         "Info calls hold no session slot",
     ),
     M(
+        "closed_client_keeps_its_session",
+        "remote_autograd/service.py",
+        "self.engine.end_session(self.identity(context), session_id)",
+        "pass",
+        ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
+        "a closed client ends its session at once",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",

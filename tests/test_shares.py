@@ -144,6 +144,26 @@ def test_info_calls_hold_no_session(start_server):
     _train_and_check(server, TOKENS[1])
 
 
+def test_a_closed_client_gives_its_session_back(start_server):
+    options = ServerOptions(tokens=TOKENS, max_sessions_per_identity=2)
+    server = start_server(_linear(), options)
+    for _ in range(5):  # a sweep of runs in one process: each closes, none is refused
+        remote = RemoteModule(server.address, options=ClientOptions(token=TOKENS[0]))
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        kept = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+        kept.sum().backward()
+        optimizer.step()
+        kept = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+        assert server.stats()["sessions"] == 1 and server.stats()["contexts"] >= 1
+        remote.close()
+        assert server.stats()["sessions"] == 0  # with its contexts, gradients and optimizer
+        assert server.stats()["contexts"] == 0
+    prober = _client(server, TOKENS[1])
+    prober.info()
+    prober.close()  # only Info: nothing to end, and no session is made to end it
+    assert server.stats()["sessions"] == 0
+
+
 def test_without_authentication_there_is_one_identity_and_no_share(start_server):
     server = start_server(_linear(), ServerOptions(max_sessions=3, max_sessions_per_identity=1))
     clients = [_client(server, None) for _ in range(3)]
