@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CONTROL_TIMEOUT = 30.0
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
+_END_TIMEOUT = 5.0  # close() waits this long at most for the server to end the session
 
 
 class TrunkClient:
@@ -176,9 +177,18 @@ class TrunkClient:
             thread.join(timeout=_CONTROL_TIMEOUT)  # a Release in flight finishes first
         self._frames.close()
         if channel is not None:
-            if self._pending_releases:
-                self._flush_releases(pb_grpc.TrunkStub(channel))
+            self._take_releases()  # ending the session releases every context
+            self._end_session(pb_grpc.TrunkStub(channel))
             channel.close()
+
+    def _end_session(self, stub: pb_grpc.TrunkStub) -> None:
+        """Tell the server this session is over, so it frees the session's slot, gradients and
+        optimizer now rather than after ServerOptions.session_ttl."""
+        try:
+            stub.Release(pb.ReleaseRequest(end_session=True), **self._kw(_END_TIMEOUT))
+        except grpc.RpcError as exc:
+            # Not fatal: the server drops idle sessions on its own (session_ttl).
+            log.debug("ending session %s failed: %s", self.session_id[:12], exc)
 
     def _kw(self, timeout: float | None = None) -> dict[str, Any]:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}

@@ -28,6 +28,11 @@ __all__ = ["ContextCache", "ForwardContext"]
 _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error messages
 
 
+def _key(session: str, request_id: str) -> tuple[str, str]:
+    """Where a context is cached: request ids are scoped by their session."""
+    return (session, request_id)
+
+
 @dataclass(eq=False)
 class ForwardContext:
     """A cached forward: the leaves it started from and the outputs it reached.
@@ -104,7 +109,7 @@ class ContextCache:
                 f"forward context of {context.nbytes} bytes exceeds max_identity_context_bytes="
                 f"{self.max_identity_bytes}"
             )
-        key = (context.session, context.request_id)
+        key = _key(context.session, context.request_id)
         with self._lock:
             self._expire_locked()
             old = self._items.pop(key, None)
@@ -152,7 +157,7 @@ class ContextCache:
             )
 
     def get(self, session: str, request_id: str, *, method: str = "Backward") -> ForwardContext:
-        key = (session, request_id)
+        key = _key(session, request_id)
         with self._lock:
             self._expire_locked()
             context = self._items.get(key)
@@ -172,7 +177,7 @@ class ContextCache:
         released = 0
         with self._lock:
             for request_id in request_ids:
-                context = self._items.pop((session, request_id), None)
+                context = self._items.pop(_key(session, request_id), None)
                 if context is not None:
                     self._drop_locked(context, "released by the client")
                     released += 1
@@ -205,7 +210,7 @@ class ContextCache:
         return expired
 
     def _pop_locked(self, context: ForwardContext, reason: str) -> None:
-        del self._items[(context.session, context.request_id)]
+        del self._items[_key(context.session, context.request_id)]
         self._drop_locked(context, reason)
 
     def _drop_locked(self, context: ForwardContext, reason: str) -> None:
@@ -223,7 +228,7 @@ class ContextCache:
             held[1] -= context.nbytes
             if held[0] <= 0:
                 del self._per_identity[identity]  # type: ignore[arg-type]
-        key = (context.session, context.request_id)
+        key = _key(context.session, context.request_id)
         self._gone[key] = reason
         self._gone.move_to_end(key)
         while len(self._gone) > _FORGET_REASONS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -76,26 +76,15 @@ class CallDrain(grpc.ServerInterceptor):
         kind = ("stream" if handler.request_streaming else "unary") + (
             "_stream" if handler.response_streaming else "_unary"
         )
-        behavior = getattr(handler, kind)
-        counted = self._counted_stream if handler.response_streaming else self._counted
-        return handler._replace(**{kind: counted(behavior)})  # type: ignore[attr-defined]
+        return handler._replace(**{kind: self._counted(getattr(handler, kind))})  # type: ignore[attr-defined]
 
     def _counted(self, behavior: Callable) -> Callable:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             self._enter(context)
-            try:
-                return behavior(request, context)
-            finally:
+            # Ends when gRPC has sent the status (a streamed reply included), or the call was
+            # cancelled: not when a reply generator happens to be collected.
+            if not context.add_callback(self._exit):
                 self._exit()
-
-        return call
-
-    def _counted_stream(self, behavior: Callable) -> Callable:
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._enter(context)
-            try:
-                yield from behavior(request, context)
-            finally:
-                self._exit()
+            return behavior(request, context)
 
         return call

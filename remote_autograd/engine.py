@@ -154,6 +154,10 @@ class TrunkEngine:
             )
         return self.sessions.get(f"{identity}/{session_id}")
 
+    def end_session(self, identity: str, session_id: str) -> bool:
+        """The client closed: drop its session now (False if it had none)."""
+        return self.sessions.drop(f"{identity}/{session_id}")
+
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)
         self.turns.forget(key)
@@ -650,4 +654,5 @@ class TrunkEngine:
             "context_bytes": self.contexts.nbytes,
             "sessions": len(self.sessions),
             "weights_version": self.weights_version,
+            "step_waits_expired": self.turns.expired_steps,
         }

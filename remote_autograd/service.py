@@ -242,6 +242,10 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        if request.end_session:  # no session is created just to end it
+            session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+            self.engine.end_session(self.identity(context), session_id)
+            return pb.ReleaseReply(released=0)
         released = self.engine.release(self.session(context), list(request.request_ids))
         return pb.ReleaseReply(released=released)
 

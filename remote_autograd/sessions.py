@@ -128,6 +128,14 @@ class SessionTable:
     def _count_locked(self, identity: str) -> int:
         return sum(1 for key in self._items if identity_of(key) == identity)
 
+    def drop(self, key: str) -> bool:
+        """End a session now (its client closed); False if there was none."""
+        with self._lock:
+            if self._items.pop(key, None) is None:
+                return False
+            self._on_drop(key)
+            return True
+
     def values(self) -> list[Session]:
         with self._lock:
             return list(self._items.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from .contexts import ForwardContext
 
 __all__ = ["StepTurns", "StepWait"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class StepTurns:
         self._epoch = 0
         self._steps_waiting = 0
         self._overdue: set[str] = set()  # sessions whose lease outlived a Step's budget
+        self.expired_steps = 0  # Steps that ran out their budget (for operators: stats())
 
     def lease(self, session: str) -> int:
         """Take a lease for a forward of ``session``; returns its epoch for :meth:`end`."""
@@ -99,7 +103,16 @@ class StepTurns:
                 left = deadline - self._clock()
                 if left <= 0:
                     self._overdue.update(awaited)
+                    self.expired_steps += 1
                     expired = True
+                    # Once per stray session (it is overdue now): cannot flood the log.
+                    log.info(
+                        "a Step of session %s waited its whole step_wait budget (%g s) for "
+                        "forwards of %s and went ahead; their Backward will be stale",
+                        session,
+                        self.wait,
+                        ", ".join(sorted(awaited)),
+                    )
                     break
                 self._cond.wait(left)
             waited = self._clock() - started if forwards else 0.0

@@ -8,7 +8,6 @@ computation done locally in float64.
 
 from __future__ import annotations
 
-import argparse
 import threading
 
 import grpc
@@ -145,6 +144,26 @@ def test_info_calls_hold_no_session(start_server):
     _train_and_check(server, TOKENS[1])
 
 
+def test_a_closed_client_gives_its_session_back(start_server):
+    options = ServerOptions(tokens=TOKENS, max_sessions_per_identity=2)
+    server = start_server(_linear(), options)
+    for _ in range(5):  # a sweep of runs in one process: each closes, none is refused
+        remote = RemoteModule(server.address, options=ClientOptions(token=TOKENS[0]))
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        kept = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+        kept.sum().backward()
+        optimizer.step()
+        kept = remote(torch.ones(2, 4, dtype=torch.float64, requires_grad=True))
+        assert server.stats()["sessions"] == 1 and server.stats()["contexts"] >= 1
+        remote.close()
+        assert server.stats()["sessions"] == 0  # with its contexts, gradients and optimizer
+        assert server.stats()["contexts"] == 0
+    prober = _client(server, TOKENS[1])
+    prober.info()
+    prober.close()  # only Info: nothing to end, and no session is made to end it
+    assert server.stats()["sessions"] == 0
+
+
 def test_without_authentication_there_is_one_identity_and_no_share(start_server):
     server = start_server(_linear(), ServerOptions(max_sessions=3, max_sessions_per_identity=1))
     clients = [_client(server, None) for _ in range(3)]
@@ -229,6 +248,7 @@ def test_a_forward_that_never_gets_its_backward_costs_one_budget(start_server):
         local_optimizer.step()
     stats = worker.client.stats
     assert (stats.step_waits, stats.step_waits_expired) == (1, 1)
+    assert server.stats()["step_waits_expired"] == 1  # the operator sees it too
     assert stats.step_wait_seconds > 0
     for name, value in server.engine.module.state_dict().items():
         assert torch.equal(value, local.state_dict()[name]), name
@@ -300,6 +320,7 @@ def test_health_says_not_serving_while_calls_drain():
     stopping.join(60)
     assert torch.equal(results[0], torch.ones(2))  # the call in flight finished
     assert not stopping.is_alive()
+    assert server._drain.inflight == 0  # every call counted in was counted out
     channel.close()
 
 
@@ -317,19 +338,3 @@ def test_the_checkpoint_rpc_is_rate_limited(start_server, tmp_path):
     assert path.stat().st_mtime_ns == written
     _train_and_check(server, None)  # refusals change nothing else
     client.close()
-
-
-def test_the_new_options_have_flags():
-    from remote_autograd.cli import add_server_arguments, server_options
-
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    flags = [
-        "--max-sessions-per-identity", "3", "--max-identity-contexts", "4",
-        "--max-identity-context-bytes", "5", "--max-identity-inflight-bytes", "6",
-        "--step-wait", "0.5", "--min-checkpoint-interval", "2.5",
-    ]  # fmt: skip
-    options = server_options(parser.parse_args(flags))
-    assert (options.max_sessions_per_identity, options.max_identity_contexts) == (3, 4)
-    assert (options.max_identity_context_bytes, options.max_identity_inflight_bytes) == (5, 6)
-    assert (options.step_wait, options.min_checkpoint_interval) == (0.5, 2.5)
