@@ -91,8 +91,6 @@ class TrunkClient:
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
-        # RemoteModule.requires_grad_(False): Backward asks for input gradients only.
-        self.frozen = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -309,7 +307,13 @@ class TrunkClient:
         return (int.from_bytes(digest, "big") >> 1) or 1
 
     def backward(
-        self, request_id: str, seq: int, grads: list[Any], needs_input_grad: list[bool]
+        self,
+        request_id: str,
+        seq: int,
+        grads: list[Any],
+        needs_input_grad: list[bool],
+        *,
+        freeze_parameters: bool = False,
     ) -> tuple[Any, pb.Header]:
         zero, scale = self._take_grad_ops()
         header = pb.Header(
@@ -319,7 +323,7 @@ class TrunkClient:
             reply_quantization=self.options.gradient_quantization,
             zero_grad=zero,
             grad_scale=scale,
-            freeze_parameters=self.frozen,
+            freeze_parameters=freeze_parameters,
         )
         try:
             value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")

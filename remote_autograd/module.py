@@ -43,6 +43,7 @@ class RemoteModule(nn.Module):
         self.device = torch.device(device) if device is not None else None
         # Not a parameter: only there to make autograd call backward (see function.py).
         self._dummy = torch.empty(0, requires_grad=True)
+        self.trunk_requires_grad = True  # requires_grad_(False) freezes the trunk (below)
 
     @property
     def options(self) -> ClientOptions:
@@ -53,11 +54,16 @@ class RemoteModule(nn.Module):
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
             any(t.requires_grad for t in tensors)
-            or (not self.client.frozen and self.client.info().trainable_numel > 0)
+            or (self.trunk_requires_grad and self.client.info().trainable_numel > 0)
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
-            self.client, template, keep_context=keep, training=self.training, device=device
+            self.client,
+            template,
+            keep_context=keep,
+            training=self.training,
+            device=device,
+            frozen=lambda: not self.trunk_requires_grad,
         )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
@@ -81,7 +87,7 @@ class RemoteModule(nn.Module):
         for its parameters in this session, so the trunk's optimizer steps change nothing.
         A parent's ``requires_grad_()`` does not reach it (it walks parameters, and this
         module holds none): call it on the RemoteModule itself."""
-        self.client.frozen = not requires_grad
+        self.trunk_requires_grad = bool(requires_grad)
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

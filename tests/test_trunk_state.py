@@ -240,6 +240,14 @@ def test_requires_grad_false_freezes_the_trunk_for_this_client(start_server):
     remote(hidden)
     assert server.stats()["contexts"] == 0
     # Unfrozen, it trains again.
+    assert remote.trunk_requires_grad is False
     remote.requires_grad_(True)
     remote(hidden).sum().backward()
     assert set(server.engine.sessions.values()[0].grads) == {n for n, _ in trunk.named_parameters()}
+    # Frozen between forward and backward: no gradient, as for a local parameter (autograd
+    # looks at requires_grad when the backward reaches it).
+    trunk_opt.zero_grad()
+    out = remote(hidden)
+    remote.requires_grad_(False)
+    out.sum().backward()
+    assert server.engine.sessions.values()[0].grads == {}
