@@ -225,6 +225,9 @@ class TrunkClient:
         invoke = self._frames.invoker(stub, info, method, header, buffers)
         received = self._call(method, invoke)
         self._frames.received(method, info, sum(map(len, buffers)), received.header)
+        server_id = received.header.server_id
+        if self.options.fingerprint and server_id and server_id != self.info().server_id:
+            self._refresh_info()  # another server process answered: is it the same trunk?
         return received.decode(self._decoder), received.header
 
     def _open_bulk_ticket(self) -> tuple[bytes, str]:

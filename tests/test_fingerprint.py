@@ -20,6 +20,7 @@ from remote_autograd import (
     ServerOptions,
     SteppedTrunkWarning,
     TrunkMismatch,
+    serve,
     trunk_fingerprint,
 )
 from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
@@ -123,3 +124,22 @@ def test_the_trainer_refuses_a_server_with_other_trunk_layers(start_server, tmp_
     assert "blocks [1, 5) of a gpt2' expected, 'blocks [2, 4) of a gpt2' served" in message
     assert "parameters expected but not served: blocks.2." in message
     assert server.stats()["sessions"] == 1 and server.stats()["weights_version"] == 0
+
+
+def test_a_restarted_server_with_another_trunk_is_refused(start_server):
+    _, trunk, _ = mlp_parts(torch.float64)
+    expected = copy.deepcopy(trunk)
+    first = start_server(trunk)
+    options = ClientOptions(fingerprint=trunk_fingerprint(expected), retries=20)
+    remote = RemoteModule(first.address, options=options)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(remote(x), expected(x))
+        first.stop(grace=None)
+        other = nn.Sequential(nn.Linear(12, 12), nn.Tanh()).double()  # takes the same inputs
+        second = serve(other, first.address)  # what answers at that address now
+        try:
+            with pytest.raises(TrunkMismatch, match=r"parameters expected but not served: 2\."):
+                remote(x)
+        finally:
+            second.stop(grace=None)
