@@ -23,9 +23,9 @@ from remote_autograd import (
     serve,
     trunk_fingerprint,
 )
-from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
-
-SPEC = ModelSpec(n_layer=6, n_embd=32, n_head=2, n_positions=64, trunk_start=2, trunk_end=4)
+from remote_autograd.cli import build_parser, main
+from remote_autograd.hf import build_trunk
+from remote_autograd.hf.cli import model_options
 
 
 def _client(address: str, expected: nn.Module) -> RemoteModule:
@@ -104,26 +104,19 @@ def test_a_run_from_a_trunk_stepped_by_another_session_warns(start_server):
 
 
 def test_the_trainer_refuses_a_server_with_other_trunk_layers(start_server, tmp_path):
-    lora = LoraOptions(rank=2)
-    server = start_server(build_trunk(SPEC, lora))  # blocks [2, 4)
-    other = ModelSpec(**{**SPEC.__dict__, "trunk_start": 1, "trunk_end": 5})
-    config = TrainConfig(
-        server=server.address,
-        model=other,
-        lora=lora,
-        steps=1,
-        batch_size=2,
-        grad_accum=1,
-        seq_len=16,
-        max_samples=4,
-        out_dir=str(tmp_path),
-    )
-    with pytest.raises(TrunkMismatch) as raised:
-        train(config)
+    """`remote-autograd train --trunk-layers 1:5` against a server started with 2:4."""
+    flags = ["--n-layer=6", "--n-embd=32", "--n-head=2", "--n-positions=64", "--lora-rank=2"]
+    served = build_parser().parse_args(["train", *flags, "--trunk-layers=2:4"])
+    server = start_server(build_trunk(*model_options(served)))
+    argv = ["train", *flags, "--trunk-layers=1:5", "--server", server.address]
+    argv += ["--steps=1", "--batch-size=2", "--seq-len=16", f"--out-dir={tmp_path}"]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
     message = str(raised.value)
+    assert message.startswith("train: the trunk served at " + server.address)
     assert "blocks [1, 5) of a gpt2' expected, 'blocks [2, 4) of a gpt2' served" in message
     assert "parameters expected but not served: blocks.2." in message
-    assert server.stats()["sessions"] == 1 and server.stats()["weights_version"] == 0
+    assert server.stats()["weights_version"] == 0  # nothing trained
 
 
 def test_a_restarted_server_with_another_trunk_is_refused(start_server):
