@@ -109,7 +109,8 @@ class RemoteModule(nn.Module):
         load_trunk_state(self.client, state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
 
     def remote_info(self) -> dict[str, Any]:
-        """What the server says about itself: version, limits, device, trainable parameters."""
+        """What the server says about itself: version, limits, device, trainable parameters,
+        persistent buffers, the trunk's fingerprint."""
         info = self.client.info()
         return {
             "server_version": info.server_version,
@@ -117,6 +118,8 @@ class RemoteModule(nn.Module):
             "module": info.module_repr,
             "trainable_parameters": list(info.trainable_parameters),
             "trainable_numel": info.trainable_numel,
+            "buffers": list(info.buffers),
+            "fingerprint": info.fingerprint,  # see remote_autograd.trunk_fingerprint
             "max_payload_bytes": info.max_payload_bytes,
         }
 

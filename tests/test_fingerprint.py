@@ -50,7 +50,9 @@ def test_a_matching_trunk_is_served_and_a_different_one_refused_by_name(start_se
     expected = copy.deepcopy(trunk)
     server = start_server(trunk)
     x = torch.randn(2, 12, dtype=torch.float64)
-    assert torch.equal(_client(server.address, expected)(x), expected(x))
+    matching = _client(server.address, expected)
+    assert torch.equal(matching(x), expected(x))
+    assert matching.remote_info()["fingerprint"] == trunk_fingerprint(expected)
 
     wider = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh()).double()
     refused = _client(server.address, wider)

@@ -79,6 +79,14 @@ def test_state_dict_is_a_complete_checkpoint(start_server):
     assert {"1.1.running_mean", "1.1.running_var", "1.4.num_batches_tracked"} <= set(state)
     _assert_states_equal(state, local.state_dict())  # float64, bit for bit
     assert int(state["1.1.num_batches_tracked"]) == STEPS
+    assert split[1].remote_info()["buffers"] == [
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "4.running_mean",
+        "4.running_var",
+        "4.num_batches_tracked",
+    ]
     trunk_state = split[1].remote_state_dict()
     _assert_states_equal(trunk_state, local[1].state_dict())
     x = _batch(100)
