@@ -319,8 +319,15 @@ class AdapterEngine:
             )
         return self.sessions.get(f"{identity}/{session_id}")
 
+    def end_session(self, identity: str, session_id: str) -> bool:
+        """The client closed: drop its session now (False if it had none); its adapter stays."""
+        return self.sessions.drop(f"{identity}/{session_id}")
+
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)
+        adapter = self._adapters.get(key.rpartition("/")[0])
+        if adapter is not None:
+            adapter.engine.turns.forget(key)
         for listener in self.session_listeners:
             listener(key)
 

@@ -92,8 +92,6 @@ class TrunkClient:
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
-        # RemoteModule.requires_grad_(False): Backward asks for input gradients only.
-        self.frozen = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -237,6 +235,9 @@ class TrunkClient:
         invoke = self._frames.invoker(stub, info, method, header, buffers)
         received = self._call(method, invoke)
         self._frames.received(method, info, sum(map(len, buffers)), received.header)
+        server_id = received.header.server_id
+        if self.options.fingerprint and server_id and server_id != self.info().server_id:
+            self._refresh_info()  # another server process answered: is it the same trunk?
         return received.decode(self._decoder), received.header
 
     def _open_bulk_ticket(self) -> tuple[bytes, str]:
@@ -323,7 +324,13 @@ class TrunkClient:
         return (int.from_bytes(digest, "big") >> 1) or 1
 
     def backward(
-        self, request_id: str, seq: int, grads: list[Any], needs_input_grad: list[bool]
+        self,
+        request_id: str,
+        seq: int,
+        grads: list[Any],
+        needs_input_grad: list[bool],
+        *,
+        freeze_parameters: bool = False,
     ) -> tuple[Any, pb.Header]:
         zero, scale = self._take_grad_ops()
         header = pb.Header(
@@ -333,7 +340,7 @@ class TrunkClient:
             reply_quantization=self.options.gradient_quantization,
             zero_grad=zero,
             grad_scale=scale,
-            freeze_parameters=self.frozen,
+            freeze_parameters=freeze_parameters,
             report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
         )
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class RemoteCall:
         training: bool,
         device: torch.device,
         autocast: str = "",
+        frozen: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
         self.template = template
@@ -37,6 +39,9 @@ class RemoteCall:
         self.training = training
         self.device = device
         self.autocast = autocast  # the caller's torch.autocast dtype ("" = off), for the server
+        # Whether the trunk is frozen (requires_grad_(False)), asked when the backward runs:
+        # a local parameter frozen between forward and backward gets no gradient either.
+        self.frozen = frozen
         self.request_id = secrets.token_hex(16)  # 32 hex digits, like uuid4().hex but cheaper
         self.output_template: Any = None
         self.backwards = 0
@@ -82,19 +87,21 @@ class RemoteCall:
         self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
     ) -> list[torch.Tensor | None]:
         self.backwards += 1  # one number per backward pass, reused by retries of that pass
+        frozen = self.frozen()
         needs = [
             bool(n) and t.is_floating_point()
             for n, t in zip(needs_input_grad, self._inputs, strict=True)
         ]
+        args = (self.request_id, self.backwards, list(grads), needs)
         try:
-            value, reply = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+            value, reply = self.client.backward(*args, freeze_parameters=frozen)
         except ContextNotFound:
             # Expired, evicted, or the server restarted: send the inputs again and let the
             # server recompute the forward (refused if the weights moved since).
             if not self.client.options.recover_contexts:
                 raise
             self._recompute()
-            value, reply = self.client.backward(self.request_id, self.backwards, list(grads), needs)
+            value, reply = self.client.backward(*args, freeze_parameters=frozen)
         self.nonfinite = reply.nonfinite
         out: list[torch.Tensor | None] = []
         pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)

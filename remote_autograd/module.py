@@ -57,6 +57,7 @@ class RemoteModule(nn.Module):
         self._dummy = torch.zeros(1, requires_grad=True)
         self._dummy.grad = torch.ones(1)
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
+        self.trunk_requires_grad = True  # requires_grad_(False) freezes the trunk (below)
 
     @property
     def options(self) -> ClientOptions:
@@ -72,7 +73,7 @@ class RemoteModule(nn.Module):
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
             any(t.requires_grad for t in tensors)
-            or (not self.client.frozen and self.client.info().trainable_numel > 0)
+            or (self.trunk_requires_grad and self.client.info().trainable_numel > 0)
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
         call = RemoteCall(
@@ -82,6 +83,7 @@ class RemoteModule(nn.Module):
             training=self.training,
             device=device,
             autocast=_autocast_dtype(tensors[0].device.type if tensors else "cpu"),
+            frozen=lambda: not self.trunk_requires_grad,
         )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
@@ -133,7 +135,7 @@ class RemoteModule(nn.Module):
         for its parameters in this session, so the trunk's optimizer steps change nothing.
         A parent's ``requires_grad_()`` does not reach it (it walks parameters, and this
         module holds none): call it on the RemoteModule itself."""
-        self.client.frozen = not requires_grad
+        self.trunk_requires_grad = bool(requires_grad)
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -189,7 +191,8 @@ class RemoteModule(nn.Module):
         self.load_adapter_state_dict(load_file(path))
 
     def remote_info(self) -> dict[str, Any]:
-        """What the server says about itself: version, limits, device, trainable parameters."""
+        """What the server says about itself: version, limits, device, trainable parameters,
+        persistent buffers, the trunk's fingerprint."""
         info = self.client.info()
         return {
             "server_version": info.server_version,
@@ -197,6 +200,8 @@ class RemoteModule(nn.Module):
             "module": info.module_repr,
             "trainable_parameters": list(info.trainable_parameters),
             "trainable_numel": info.trainable_numel,
+            "buffers": list(info.buffers),
+            "fingerprint": info.fingerprint,  # see remote_autograd.trunk_fingerprint
             "max_payload_bytes": info.max_payload_bytes,
         }
 

@@ -3,7 +3,7 @@
 A model holding a :class:`~remote_autograd.RemoteModule` then checkpoints like any other:
 ``torch.save(model.state_dict(), f)`` holds the trunk's trainable parameters and persistent
 buffers (BatchNorm statistics...) under the RemoteModule's prefix, with the trunk's own names,
-and ``model.load_state_dict(torch.load(f))`` puts them back on the server. The trunk's frozen
+and ``model.load_state_dict()`` of that file puts them back on the server. The trunk's frozen
 parameters (a LoRA trunk's base weights) are left out: the server builds them itself, and
 they never change.
 """

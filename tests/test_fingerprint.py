@@ -20,11 +20,12 @@ from remote_autograd import (
     ServerOptions,
     SteppedTrunkWarning,
     TrunkMismatch,
+    serve,
     trunk_fingerprint,
 )
-from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
-
-SPEC = ModelSpec(n_layer=6, n_embd=32, n_head=2, n_positions=64, trunk_start=2, trunk_end=4)
+from remote_autograd.cli import build_parser, main
+from remote_autograd.hf import build_trunk
+from remote_autograd.hf.cli import model_options
 
 
 def _client(address: str, expected: nn.Module) -> RemoteModule:
@@ -49,7 +50,9 @@ def test_a_matching_trunk_is_served_and_a_different_one_refused_by_name(start_se
     expected = copy.deepcopy(trunk)
     server = start_server(trunk)
     x = torch.randn(2, 12, dtype=torch.float64)
-    assert torch.equal(_client(server.address, expected)(x), expected(x))
+    matching = _client(server.address, expected)
+    assert torch.equal(matching(x), expected(x))
+    assert matching.remote_info()["fingerprint"] == trunk_fingerprint(expected)
 
     wider = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh()).double()
     refused = _client(server.address, wider)
@@ -103,24 +106,36 @@ def test_a_run_from_a_trunk_stepped_by_another_session_warns(start_server):
 
 
 def test_the_trainer_refuses_a_server_with_other_trunk_layers(start_server, tmp_path):
-    lora = LoraOptions(rank=2)
-    server = start_server(build_trunk(SPEC, lora))  # blocks [2, 4)
-    other = ModelSpec(**{**SPEC.__dict__, "trunk_start": 1, "trunk_end": 5})
-    config = TrainConfig(
-        server=server.address,
-        model=other,
-        lora=lora,
-        steps=1,
-        batch_size=2,
-        grad_accum=1,
-        seq_len=16,
-        max_samples=4,
-        out_dir=str(tmp_path),
-    )
-    with pytest.raises(TrunkMismatch) as raised:
-        train(config)
+    """`remote-autograd train --trunk-layers 1:5` against a server started with 2:4."""
+    flags = ["--n-layer=6", "--n-embd=32", "--n-head=2", "--n-positions=64", "--lora-rank=2"]
+    served = build_parser().parse_args(["train", *flags, "--trunk-layers=2:4"])
+    server = start_server(build_trunk(*model_options(served)))
+    argv = ["train", *flags, "--trunk-layers=1:5", "--server", server.address]
+    argv += ["--steps=1", "--batch-size=2", "--seq-len=16", f"--out-dir={tmp_path}"]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
     message = str(raised.value)
+    assert message.startswith("train: the trunk served at " + server.address)
     assert "blocks [1, 5) of a gpt2' expected, 'blocks [2, 4) of a gpt2' served" in message
     assert "parameters expected but not served: blocks.2." in message
     # Refused at the handshake: nothing trained (an Info call holds no session).
     assert server.stats()["sessions"] == 0 and server.stats()["weights_version"] == 0
+
+
+def test_a_restarted_server_with_another_trunk_is_refused(start_server):
+    _, trunk, _ = mlp_parts(torch.float64)
+    expected = copy.deepcopy(trunk)
+    first = start_server(trunk)
+    options = ClientOptions(fingerprint=trunk_fingerprint(expected), retries=20)
+    remote = RemoteModule(first.address, options=options)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(remote(x), expected(x))
+        first.stop(grace=None)
+        other = nn.Sequential(nn.Linear(12, 12), nn.Tanh()).double()  # takes the same inputs
+        second = serve(other, first.address)  # what answers at that address now
+        try:
+            with pytest.raises(TrunkMismatch, match=r"parameters expected but not served: 2\."):
+                remote(x)
+        finally:
+            second.stop(grace=None)

@@ -125,6 +125,8 @@ def test_large_frames_over_tls_take_the_tls_bulk_channel(start_server, pki, mutu
         assert ("/cn=client-1/" in key) == mutual
 
 
+# Two tokens train one trunk in turn: the second is told the first stepped it.
+@pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")
 def test_tokens_are_required_and_checked(start_server):
     server = start_server(_linear(), ServerOptions(tokens=("alpha-token", "beta-token")))
     for token in (None, "", "wrong", "alpha-token2", "alpha"):

@@ -79,6 +79,14 @@ def test_state_dict_is_a_complete_checkpoint(start_server):
     assert {"1.1.running_mean", "1.1.running_var", "1.4.num_batches_tracked"} <= set(state)
     _assert_states_equal(state, local.state_dict())  # float64, bit for bit
     assert int(state["1.1.num_batches_tracked"]) == STEPS
+    assert split[1].remote_info()["buffers"] == [
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "4.running_mean",
+        "4.running_var",
+        "4.num_batches_tracked",
+    ]
     trunk_state = split[1].remote_state_dict()
     _assert_states_equal(trunk_state, local[1].state_dict())
     x = _batch(100)
@@ -138,8 +146,13 @@ def test_load_state_dict_reports_trunk_keys_like_pytorch(start_server):
     before = split[1].remote_state_dict()
     bad = local.state_dict()
     bad["1.3.weight"] = torch.zeros(8, 9, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"1\.3\.weight|3\.weight: expected shape \[8, 8\]"):
+    with pytest.raises(RuntimeError, match=r"3\.weight: expected shape \[8, 8\]"):
         split.load_state_dict(bad, strict=False)
+    _assert_states_equal(split[1].remote_state_dict(), before)
+    bad = local.state_dict()
+    bad["1.1.num_batches_tracked"] = torch.tensor(1.5)  # a float for an integer counter
+    with pytest.raises(RuntimeError, match=r"1\.num_batches_tracked: expected torch\.int64"):
+        split.load_state_dict(bad)
     _assert_states_equal(split[1].remote_state_dict(), before)
 
 
@@ -240,6 +253,14 @@ def test_requires_grad_false_freezes_the_trunk_for_this_client(start_server):
     remote(hidden)
     assert server.stats()["contexts"] == 0
     # Unfrozen, it trains again.
+    assert remote.trunk_requires_grad is False
     remote.requires_grad_(True)
     remote(hidden).sum().backward()
     assert set(server.engine.sessions.values()[0].grads) == {n for n, _ in trunk.named_parameters()}
+    # Frozen between forward and backward: no gradient, as for a local parameter (autograd
+    # looks at requires_grad when the backward reaches it).
+    trunk_opt.zero_grad()
+    out = remote(hidden)
+    remote.requires_grad_(False)
+    out.sum().backward()
+    assert server.engine.sessions.values()[0].grads == {}

@@ -260,6 +260,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
 def run_train(args: argparse.Namespace) -> None:
     import torch
 
+    from ..errors import TrunkMismatch
     from ..options import ClientOptions
     from .models import build_config
     from .training import TrainConfig, train
@@ -305,7 +306,10 @@ def run_train(args: argparse.Namespace) -> None:
             progress=True,
             client=ClientOptions(token=token, root_certificates=root),
         )
-        result = train(config)
+        try:
+            result = train(config)
+        except TrunkMismatch as exc:  # the server was started with another model or layers
+            raise SystemExit(f"{args.command}: {exc}") from exc
     _print_summary(result, time.perf_counter() - started)
 
 
