@@ -3,8 +3,9 @@ clip_grad_norm_ over local and remote parameters together."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .module import RemoteModule
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
 
-_CLIENT_ONLY_KEYS = {"params", "initial_lr"}
+_CLIENT_ONLY_KEYS = {"params", "initial_lr", "trunk_params"}
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -25,12 +26,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
     hyperparameters a stock ``torch.optim.lr_scheduler`` may change (sent with every step), and
     ``state_dict()``/``load_state_dict()``. ``optimizer_class`` is a class of ``torch.optim``
     (or its name); keyword arguments must be plain numbers, bools or tuples of numbers.
+
+    ``param_groups`` gives groups by trunk parameter name, like torch's per-group options:
+    ``[{"params": "blocks.0.*", "lr": 1e-4}, {"params": ["head.weight"], "weight_decay": 0}]``
+    (``fnmatch`` patterns or lists of them). The groups come in that order, and the trainable
+    parameters that no group names form one last group with the keyword arguments alone.
+    Each local group lists its parameter names under ``"trunk_params"``.
     """
 
     def __init__(
         self,
         module: RemoteModule,
         optimizer_class: type[torch.optim.Optimizer] | str,
+        *,
+        param_groups: Sequence[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(module, RemoteModule):
@@ -56,11 +65,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.module = module
         self.client = module.client
         self.optimizer_name = name
-        resolved = self.client.configure_optimizer(name, kwargs)
-        resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
-        # The module's flag is the one "parameter": GradScaler.unscale_ checks it for inf and
-        # multiplies it by 1/scale, which step() then applies to the trunk's gradients.
-        super().__init__([{"params": [module._dummy]}], resolved)
+        groups = _named_groups(param_groups, list(module.client.info().trainable_parameters))
+        resolved = self.client.configure_optimizer(name, kwargs, groups)
+        local = []
+        for index, group in enumerate(resolved):
+            hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+            # The module's flag is the one "parameter": GradScaler.unscale_ checks it for inf
+            # and multiplies it by 1/scale, which step() then applies to the trunk's gradients.
+            hyper["trunk_params"] = list(group["params"])
+            hyper["params"] = [module._dummy] if index == 0 else []
+            local.append(hyper)
+        defaults = {k: v for k, v in local[-1].items() if k not in ("params", "trunk_params")}
+        super().__init__(local, defaults)
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
 
@@ -104,7 +120,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         server_state = {
             "state": state["state"],
             "param_groups": [
-                {k: v for k, v in g.items() if k != "initial_lr"} for g in state["param_groups"]
+                {k: v for k, v in g.items() if k not in ("initial_lr", "trunk_params")}
+                for g in state["param_groups"]
             ],
         }
         self.client.load_state({"parameters": None, "optimizer": server_state, "step": step})
@@ -133,6 +150,42 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self._hyperparameters()[0].items())
         return f"RemoteOptimizer({self.optimizer_name}, {self.module.address!r}, {hyper})"
+
+
+def _named_groups(
+    groups: Sequence[dict[str, Any]] | None, names: list[str]
+) -> list[dict[str, Any]] | None:
+    """Param groups with their name patterns expanded to the trunk's parameter names."""
+    if groups is None:
+        return None
+    named = []
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param group {index} must be a dict with 'params' (names or patterns)")
+        patterns = group["params"]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        members: list[str] = []
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"param group {index}: 'params' are trunk parameter names or patterns "
+                    f"(str), got {type(pattern).__name__}: the trunk's tensors live on the server"
+                )
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n not in members]
+            if not matched:
+                raise ValueError(
+                    f"param group {index}: {pattern!r} matches no trainable parameter of the "
+                    f"trunk (it has {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})"
+                )
+            members.extend(matched)
+        for key, value in group.items():
+            if key != "params" and not _plain(value):
+                raise TypeError(
+                    f"param group {index}: {key}={value!r}: remote optimizer options must be "
+                    "plain numbers, bools or tuples of numbers"
+                )
+        named.append({**group, "params": sorted(members, key=names.index)})
+    return named
 
 
 def _take_unscale(module: RemoteModule) -> float:
