@@ -152,6 +152,30 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return f"RemoteOptimizer({self.optimizer_name}, {self.module.address!r}, {hyper})"
 
 
+def _model_parts(model: torch.nn.Module) -> list[torch.Tensor | RemoteModule]:
+    """The model's parameters in ``model.parameters()`` order (modules pre-order, each one's own
+    parameters first), with each RemoteModule in its trunk's place."""
+    parts: list[torch.Tensor | RemoteModule] = []
+    seen: set[int] = set()  # ids of modules and parameters already taken
+
+    def walk(module: torch.nn.Module) -> None:
+        if id(module) in seen:  # a shared module counts once, as in parameters()
+            return
+        seen.add(id(module))
+        if isinstance(module, RemoteModule):
+            parts.append(module)
+            return
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:  # shared parameters count once, as in parameters()
+                seen.add(id(param))
+                parts.append(param)
+        for child in module.children():
+            walk(child)
+
+    walk(model)
+    return parts
+
+
 def _named_groups(
     groups: Sequence[dict[str, Any]] | None, names: list[str]
 ) -> list[dict[str, Any]] | None:
@@ -215,21 +239,28 @@ def _plain(value: Any) -> bool:
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor | RemoteModule],
+    parameters: torch.nn.Module | Iterable[torch.Tensor | RemoteModule],
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over local parameters and remote trunks together.
 
-    List the parts in the order of the unsplit model, e.g.
+    Pass the whole model (``clip_grad_norm_(model, 1.0)``): its parameters are taken in the
+    order of ``model.parameters()``, each RemoteModule standing for its trunk's parameters where
+    the unsplit model would have them. ``torch.nn.utils.clip_grad_norm_(model.parameters())``
+    cannot do this: a RemoteModule holds no parameters here, so torch's function would clip
+    the local parts by their norm alone. Or list the parts in the order of the unsplit model,
+    e.g.
     ``[*bottom.parameters(), trunk, *top.parameters()]``: each RemoteModule stands for its
     trunk's parameters. The norms are stacked in that order, as torch does for the unsplit
     model, and the remote gradients are scaled by the same coefficient on the server (it rides
     on the next Backward, GradNorm or Step). Returns the total norm.
     """
     norm_type = float(norm_type)
-    parts = list(parameters)
+    parts = (
+        _model_parts(parameters) if isinstance(parameters, torch.nn.Module) else list(parameters)
+    )
     norms: list[torch.Tensor] = []
     local: list[torch.Tensor] = []
     remotes: list[RemoteModule] = []

@@ -322,3 +322,27 @@ def test_param_groups_that_name_nothing_or_twice_are_refused(start_server):
     with pytest.raises(TypeError, match="trunk parameter names or patterns"):
         RemoteOptimizer(split.remote, "SGD", lr=0.1, param_groups=[{"params": [torch.ones(1)]}])
     split.close()
+
+
+# -- clipping -----------------------------------------------------------------------------------
+
+
+def test_clip_grad_norm_of_the_whole_model_includes_the_trunk(start_server):
+    split = Split(start_server)
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(2):
+        split.model(x).square().sum().backward()
+        split.local(x).square().sum().backward()
+        # torch's own function cannot see the trunk (no parameters here): a smaller norm.
+        local_only = torch.nn.utils.get_total_norm([p.grad for p in split.model.parameters()])
+        total = clip_grad_norm_(split.model, 0.5)
+        expected = torch.nn.utils.clip_grad_norm_(split.local.parameters(), 0.5)
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+        assert local_only < total
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    remote = split.remote.remote_state_dict()
+    for name, param in split.local[1].named_parameters():
+        torch.testing.assert_close(remote[name], param.detach(), rtol=1e-6, atol=1e-7)
+    split.close()
