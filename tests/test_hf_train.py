@@ -203,11 +203,11 @@ def test_train_command_starts_its_own_server(tmp_path: Path, capsys) -> None:
 def test_resume_with_more_steps_keeps_the_original_lr_schedule(
     start_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = {**RUN, "steps": 3, "warmup_steps": 1, "max_samples": 32}
+    run = {**RUN, "steps": 2, "warmup_steps": 1, "max_samples": 16, "grad_accum": 1}
     server = start_server(build_trunk(SPEC, LoraOptions()))
     train(TrainConfig(server=server.address, model=SPEC, out_dir=str(tmp_path / "a"), **run))
     server = start_server(build_trunk(SPEC, LoraOptions()))
-    checkpoint = tmp_path / "a" / "checkpoints" / "step_000003.pt"
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_000002.pt"
     with caplog.at_level("WARNING", logger="remote_autograd.hf.checkpoint"):
         resumed = train(
             TrainConfig(
@@ -215,13 +215,14 @@ def test_resume_with_more_steps_keeps_the_original_lr_schedule(
                 model=SPEC,
                 out_dir=str(tmp_path / "b"),
                 resume=str(checkpoint),
-                **{**run, "steps": 5},
+                **{**run, "steps": 4},
             )
         )
     assert "keeping the original schedule" in caplog.text
     lr = TrainConfig.lr
-    # Steps 4 and 5 run past the original end (3 steps): the floor, not a stretched cosine.
-    assert [m["step"] for m in resumed.history] == [1, 2, 3, 4, 5]
-    for m in resumed.history[3:]:
-        assert m["lr"] == pytest.approx(lr * lr_factor(m["step"] - 1, warmup=1, total=3))
+    # Steps 3 and 4 run past the original end (2 steps): the floor, not a cosine stretched
+    # to 4 steps (step 4's lr would be 0.325 * lr; step 3's comes from the checkpoint).
+    assert [m["step"] for m in resumed.history] == [1, 2, 3, 4]
+    for m in resumed.history[2:]:
+        assert m["lr"] == pytest.approx(lr * lr_factor(m["step"] - 1, warmup=1, total=2))
         assert m["lr"] == pytest.approx(0.1 * lr)
