@@ -95,10 +95,10 @@ def test_compile_of_the_whole_model_breaks_the_graph_at_the_remote_module(start_
 # -- autocast -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["graph-kept", "recompute"])
-def test_autocast_reaches_the_trunk(start_server, recompute):
+@pytest.mark.parametrize("context", ["graph-kept", "recompute", "lost"])
+def test_autocast_reaches_the_trunk(start_server, context):
     # float32 master weights everywhere, bfloat16 compute under CPU autocast on both sides.
-    split = Split(start_server, options=ServerOptions(recompute=recompute))
+    split = Split(start_server, options=ServerOptions(recompute=context == "recompute"))
     trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
     for x in _batches(3):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -106,6 +106,9 @@ def test_autocast_reaches_the_trunk(start_server, recompute):
             expected = split.local(x)
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, expected)
+        if context == "lost":  # the client re-creates it, under the same autocast
+            for session in split.server.engine.sessions.values():
+                split.server.engine.contexts.drop_session(session.key)
         out.float().square().mean().backward()
         expected.float().square().mean().backward()
         for index in (0, 2):
