@@ -454,10 +454,14 @@ class AdapterEngine:
         return self.contexts.release(session.key, request_ids) if request_ids else 0
 
     def configure_optimizer(
-        self, session: Session, name: str, options: dict[str, Any]
-    ) -> dict[str, Any]:
+        self,
+        session: Session,
+        name: str,
+        options: dict[str, Any],
+        groups: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
         with self._use(session) as engine:
-            return engine.configure_optimizer(session, name, options)
+            return engine.configure_optimizer(session, name, options, groups)
 
     def grad_norms(
         self, session: Session, norm_type: float, zero_grad: int, grad_scale: float

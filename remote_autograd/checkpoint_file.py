@@ -4,6 +4,7 @@ A checkpoint is one codec frame (``codec.encode``; msgpack, no pickle) holding::
 
     {"format": 1, "weights_version": int, "module": {name: tensor},
      "sessions": {key: {"step": int, "optimizer": name, "options": {plain kwargs},
+                        "groups": [{"params": [names], kwargs}] or None,
                         "state": optimizer.state_dict()}}}
 
 It is written to a temporary file in the same directory, flushed to disk, then renamed over the

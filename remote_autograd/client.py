@@ -427,15 +427,26 @@ class TrunkClient:
                 self._pending_zero = zero
                 self._pending_scale *= scale
 
-    def configure_optimizer(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def configure_optimizer(
+        self, name: str, kwargs: dict[str, Any], groups: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Create the session's optimizer; returns its param groups' resolved
+        hyperparameters, each with "params": its trunk parameter names."""
         stub = self._connect()
         self.info()
-        request = pb.ConfigureOptimizerRequest(name=name, options=msgpack.packb(kwargs))
+        request = pb.ConfigureOptimizerRequest(
+            name=name,
+            options=msgpack.packb(kwargs),
+            param_groups=msgpack.packb(groups) if groups else b"",
+        )
         reply = self._call(
             "ConfigureOptimizer",
             lambda: stub.ConfigureOptimizer(request, **self._kw(_CONTROL_TIMEOUT)),
         )
-        return msgpack.unpackb(reply.param_group, raw=False)
+        if not reply.param_groups:  # a server from before param groups: one group of all
+            group = msgpack.unpackb(reply.param_group, raw=False)
+            return [{**group, "params": list(self.info().trainable_parameters)}]
+        return msgpack.unpackb(reply.param_groups, raw=False)
 
     def grad_norms(self, norm_type: float) -> tuple[list[float], str]:
         stub = self._connect()

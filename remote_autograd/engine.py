@@ -48,6 +48,7 @@ from .guard import (
     guarded_step,
     pending_grads,
 )
+from .optimizer_groups import resolve_groups, torch_groups
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -406,16 +407,22 @@ class TrunkEngine:
     # -- the session's optimizer ----------------------------------------------------------------
 
     def configure_optimizer(
-        self, session: Session, name: str, options: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Give the session its optimizer: a class of torch.optim by name, plain kwargs;
-        returns the resolved hyperparameters."""
+        self,
+        session: Session,
+        name: str,
+        options: dict[str, Any],
+        groups: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Give the session its optimizer: a class of torch.optim by name, plain kwargs, and
+        parameter groups by parameter name (optimizer_groups.py); returns each group's
+        resolved hyperparameters with "params": its parameter names."""
         cls = optimizer_class(name)
         kwargs = plain_map(options, "optimizer options")
         if not self.params:
             raise InvalidRequest("the trunk has no trainable parameters to optimize")
+        named = resolve_groups(groups, self.params)
         try:
-            optimizer = cls([p for _, p in self.params], **kwargs)
+            optimizer = cls(torch_groups(named, self.params), **kwargs)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
         check_hyperparameters(name, optimizer.param_groups, self.options)
@@ -423,8 +430,15 @@ class TrunkEngine:
             session.optimizer = optimizer
             session.optimizer_name = name
             session.optimizer_options = kwargs
+            session.optimizer_groups = named if groups else None
             session.last_step = 0
-        return plain_group({k: v for k, v in optimizer.param_groups[0].items() if k != "params"})
+        return [
+            {
+                **plain_group({k: v for k, v in group.items() if k != "params"}),
+                "params": spec["params"],
+            }
+            for group, spec in zip(optimizer.param_groups, named, strict=True)
+        ]
 
     def grad_norms(
         self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
@@ -583,6 +597,7 @@ class TrunkEngine:
                         "step": session.last_step,
                         "optimizer": session.optimizer_name,
                         "options": session.optimizer_options,
+                        "groups": session.optimizer_groups,
                         "state": session.optimizer.state_dict(),
                     }
             module_state = dict(self.module.state_dict())
@@ -628,7 +643,12 @@ class TrunkEngine:
         for key, saved in state["sessions"].items():
             session = self.sessions.get(key)
             cls = getattr(torch.optim, saved["optimizer"])
-            session.optimizer = cls([p for _, p in self.params], **saved["options"])
+            groups = saved.get("groups")
+            session.optimizer = cls(
+                torch_groups(groups, self.params) if groups else [p for _, p in self.params],
+                **saved["options"],
+            )
+            session.optimizer_groups = groups
             session.optimizer.load_state_dict(saved["state"])
             session.optimizer_name = saved["optimizer"]
             session.optimizer_options = saved["options"]

@@ -3,8 +3,9 @@ clip_grad_norm_ over local and remote parameters together."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .module import RemoteModule
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
 
-_CLIENT_ONLY_KEYS = {"params", "initial_lr"}
+_CLIENT_ONLY_KEYS = {"params", "initial_lr", "trunk_params"}
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -25,12 +26,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
     hyperparameters a stock ``torch.optim.lr_scheduler`` may change (sent with every step), and
     ``state_dict()``/``load_state_dict()``. ``optimizer_class`` is a class of ``torch.optim``
     (or its name); keyword arguments must be plain numbers, bools or tuples of numbers.
+
+    ``param_groups`` gives groups by trunk parameter name, like torch's per-group options:
+    ``[{"params": "blocks.0.*", "lr": 1e-4}, {"params": ["head.weight"], "weight_decay": 0}]``
+    (``fnmatch`` patterns or lists of them). The groups come in that order, and the trainable
+    parameters that no group names form one last group with the keyword arguments alone.
+    Each local group lists its parameter names under ``"trunk_params"``.
     """
 
     def __init__(
         self,
         module: RemoteModule,
         optimizer_class: type[torch.optim.Optimizer] | str,
+        *,
+        param_groups: Sequence[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(module, RemoteModule):
@@ -56,11 +65,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.module = module
         self.client = module.client
         self.optimizer_name = name
-        resolved = self.client.configure_optimizer(name, kwargs)
-        resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
-        # The module's flag is the one "parameter": GradScaler.unscale_ checks it for inf and
-        # multiplies it by 1/scale, which step() then applies to the trunk's gradients.
-        super().__init__([{"params": [module._dummy]}], resolved)
+        groups = _named_groups(param_groups, list(module.client.info().trainable_parameters))
+        resolved = self.client.configure_optimizer(name, kwargs, groups)
+        local = []
+        for index, group in enumerate(resolved):
+            hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+            # The module's flag is the one "parameter": GradScaler.unscale_ checks it for inf
+            # and multiplies it by 1/scale, which step() then applies to the trunk's gradients.
+            hyper["trunk_params"] = list(group["params"])
+            hyper["params"] = [module._dummy] if index == 0 else []
+            local.append(hyper)
+        defaults = {k: v for k, v in local[-1].items() if k not in ("params", "trunk_params")}
+        super().__init__(local, defaults)
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
 
@@ -104,7 +120,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         server_state = {
             "state": state["state"],
             "param_groups": [
-                {k: v for k, v in g.items() if k != "initial_lr"} for g in state["param_groups"]
+                {k: v for k, v in g.items() if k not in ("initial_lr", "trunk_params")}
+                for g in state["param_groups"]
             ],
         }
         self.client.load_state({"parameters": None, "optimizer": server_state, "step": step})
@@ -135,6 +152,66 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return f"RemoteOptimizer({self.optimizer_name}, {self.module.address!r}, {hyper})"
 
 
+def _model_parts(model: torch.nn.Module) -> list[torch.Tensor | RemoteModule]:
+    """The model's parameters in ``model.parameters()`` order (modules pre-order, each one's own
+    parameters first), with each RemoteModule in its trunk's place."""
+    parts: list[torch.Tensor | RemoteModule] = []
+    seen: set[int] = set()  # ids of modules and parameters already taken
+
+    def walk(module: torch.nn.Module) -> None:
+        if id(module) in seen:  # a shared module counts once, as in parameters()
+            return
+        seen.add(id(module))
+        if isinstance(module, RemoteModule):
+            parts.append(module)
+            return
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:  # shared parameters count once, as in parameters()
+                seen.add(id(param))
+                parts.append(param)
+        for child in module.children():
+            walk(child)
+
+    walk(model)
+    return parts
+
+
+def _named_groups(
+    groups: Sequence[dict[str, Any]] | None, names: list[str]
+) -> list[dict[str, Any]] | None:
+    """Param groups with their name patterns expanded to the trunk's parameter names."""
+    if groups is None:
+        return None
+    named = []
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param group {index} must be a dict with 'params' (names or patterns)")
+        patterns = group["params"]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        members: list[str] = []
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"param group {index}: 'params' are trunk parameter names or patterns "
+                    f"(str), got {type(pattern).__name__}: the trunk's tensors live on the server"
+                )
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n not in members]
+            if not matched:
+                raise ValueError(
+                    f"param group {index}: {pattern!r} matches no trainable parameter of the "
+                    f"trunk (it has {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})"
+                )
+            members.extend(matched)
+        for key, value in group.items():
+            if key != "params" and not _plain(value):
+                raise TypeError(
+                    f"param group {index}: {key}={value!r}: remote optimizer options must be "
+                    "plain numbers, bools or tuples of numbers"
+                )
+        named.append({**group, "params": sorted(members, key=names.index)})
+    return named
+
+
 def _take_unscale(module: RemoteModule) -> float:
     """Apply what ``GradScaler.unscale_`` did to the module's flag since the last call to the
     trunk's gradients (it rides on the next call); returns the flag: 1.0 when nothing was
@@ -162,21 +239,28 @@ def _plain(value: Any) -> bool:
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor | RemoteModule],
+    parameters: torch.nn.Module | Iterable[torch.Tensor | RemoteModule],
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over local parameters and remote trunks together.
 
-    List the parts in the order of the unsplit model, e.g.
+    Pass the whole model (``clip_grad_norm_(model, 1.0)``): its parameters are taken in the
+    order of ``model.parameters()``, each RemoteModule standing for its trunk's parameters where
+    the unsplit model would have them. ``torch.nn.utils.clip_grad_norm_(model.parameters())``
+    cannot do this: a RemoteModule holds no parameters here, so torch's function would clip
+    the local parts by their norm alone. Or list the parts in the order of the unsplit model,
+    e.g.
     ``[*bottom.parameters(), trunk, *top.parameters()]``: each RemoteModule stands for its
     trunk's parameters. The norms are stacked in that order, as torch does for the unsplit
     model, and the remote gradients are scaled by the same coefficient on the server (it rides
     on the next Backward, GradNorm or Step). Returns the total norm.
     """
     norm_type = float(norm_type)
-    parts = list(parameters)
+    parts = (
+        _model_parts(parameters) if isinstance(parameters, torch.nn.Module) else list(parameters)
+    )
     norms: list[torch.Tensor] = []
     local: list[torch.Tensor] = []
     remotes: list[RemoteModule] = []

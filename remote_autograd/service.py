@@ -252,8 +252,14 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
         options = unpack(request.options, "optimizer options")
-        group = self.engine.configure_optimizer(self.session(context), request.name, options)
-        return pb.ConfigureOptimizerReply(param_group=msgpack.packb(group))
+        groups = unpack(request.param_groups, "param_groups") if request.param_groups else None
+        resolved = self.engine.configure_optimizer(
+            self.session(context), request.name, options, groups
+        )
+        return pb.ConfigureOptimizerReply(
+            param_group=msgpack.packb({k: v for k, v in resolved[0].items() if k != "params"}),
+            param_groups=msgpack.packb(resolved),
+        )
 
     @_rpc
     def GradNorm(self, request: pb.GradNormRequest, context: grpc.ServicerContext):

@@ -62,6 +62,7 @@ class Session:
     optimizer: torch.optim.Optimizer | None = None
     optimizer_name: str = ""  # the torch.optim class, for checkpoints
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # its plain kwargs
+    optimizer_groups: list[dict[str, Any]] | None = None  # its param groups (names), if given
     last_step: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)

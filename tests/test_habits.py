@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
+from remote_autograd.engine import TrunkEngine
+from remote_autograd.errors import InvalidRequest
 
 
 def _parts(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -93,10 +95,10 @@ def test_compile_of_the_whole_model_breaks_the_graph_at_the_remote_module(start_
 # -- autocast -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["graph-kept", "recompute"])
-def test_autocast_reaches_the_trunk(start_server, recompute):
+@pytest.mark.parametrize("context", ["graph-kept", "recompute", "lost"])
+def test_autocast_reaches_the_trunk(start_server, context):
     # float32 master weights everywhere, bfloat16 compute under CPU autocast on both sides.
-    split = Split(start_server, options=ServerOptions(recompute=recompute))
+    split = Split(start_server, options=ServerOptions(recompute=context == "recompute"))
     trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
     for x in _batches(3):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -104,6 +106,9 @@ def test_autocast_reaches_the_trunk(start_server, recompute):
             expected = split.local(x)
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, expected)
+        if context == "lost":  # the client re-creates it, under the same autocast
+            for session in split.server.engine.sessions.values():
+                split.server.engine.contexts.drop_session(session.key)
         out.float().square().mean().backward()
         expected.float().square().mean().backward()
         for index in (0, 2):
@@ -237,4 +242,110 @@ def test_a_non_finite_step_without_grad_scaler_is_refused_loudly(start_server):
     trunk_opt.step()  # goes on from there
     assert trunk_opt._step_count == 1
     assert not torch.equal(before["0.weight"], split.remote.remote_state_dict()["0.weight"])
+    split.close()
+
+
+# -- parameter groups ---------------------------------------------------------------------------
+
+
+def test_param_groups_by_name_with_schedulers_equal_local(start_server, tmp_path):
+    path = str(tmp_path / "trunk.ckpt")
+    split = Split(start_server, options=ServerOptions(checkpoint_path=path))
+    trunk_opt = RemoteOptimizer(
+        split.remote,
+        "AdamW",
+        lr=1e-2,
+        weight_decay=0.1,
+        param_groups=[
+            {"params": "0.*", "lr": 1e-3},  # the first Linear
+            {"params": ["3.weight"], "lr": 5e-2, "betas": (0.8, 0.9), "weight_decay": 0.0},
+        ],
+    )
+    assert [g["trunk_params"] for g in trunk_opt.param_groups] == [
+        ["0.weight", "0.bias"],
+        ["3.weight"],
+        ["1.weight", "1.bias", "3.bias"],  # named by no group: the defaults
+    ]
+    assert trunk_opt.param_groups[1]["betas"] == (0.8, 0.9)
+    t = split.local[1]
+    local_trunk_opt = torch.optim.AdamW(
+        [
+            {"params": [t[0].weight, t[0].bias], "lr": 1e-3},
+            {"params": [t[3].weight], "lr": 5e-2, "betas": (0.8, 0.9), "weight_decay": 0.0},
+            {"params": [t[1].weight, t[1].bias, t[3].bias]},
+        ],
+        lr=1e-2,
+        weight_decay=0.1,
+    )
+    rest = [*split.model[0].parameters(), *split.model[2].parameters()]
+    split_opt = torch.optim.AdamW(rest, lr=1e-2)
+    local_opt = torch.optim.AdamW(
+        [*split.local[0].parameters(), *split.local[2].parameters()], lr=1e-2
+    )
+    lambdas = [lambda s: 0.5**s, lambda s: 1.0 / (1 + s), lambda s: 1.0]
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(trunk_opt, lambdas),
+        torch.optim.lr_scheduler.LambdaLR(local_trunk_opt, lambdas),
+    ]
+    for x in _batches(3):
+        split.model(x).square().mean().backward()
+        split.local(x).square().mean().backward()
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+        used = [g["lr"] for g in trunk_opt.param_groups]  # what the server's last step used
+        for scheduler in schedulers:
+            scheduler.step()
+        lrs = [g["lr"] for g in trunk_opt.param_groups]
+        assert lrs == [g["lr"] for g in local_trunk_opt.param_groups]
+    split.assert_same_weights()
+    state = trunk_opt.state_dict()
+    assert [g["lr"] for g in state["param_groups"]] == lrs
+    assert len(state["param_groups"]) == 3
+    # The server's checkpoint keeps the groups: a restarted server rebuilds them.
+    split.remote.client.checkpoint()
+    restored = TrunkEngine(_parts()[1], ServerOptions(checkpoint_path=path))
+    optimizer = restored.sessions.values()[0].optimizer
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2, 1, 3]
+    assert [g["lr"] for g in optimizer.param_groups] == used
+    split.close()
+
+
+def test_param_groups_that_name_nothing_or_twice_are_refused(start_server):
+    split = Split(start_server)
+    with pytest.raises(ValueError, match=r"'blocks\.\*' matches no trainable parameter.*0\.weight"):
+        RemoteOptimizer(split.remote, "SGD", lr=0.1, param_groups=[{"params": "blocks.*"}])
+    with pytest.raises(InvalidRequest, match="'0.bias' is in param groups 0 and 1"):
+        RemoteOptimizer(
+            split.remote,
+            "SGD",
+            lr=0.1,
+            param_groups=[{"params": "0.*"}, {"params": ["0.bias"], "lr": 0.5}],
+        )
+    with pytest.raises(TypeError, match="trunk parameter names or patterns"):
+        RemoteOptimizer(split.remote, "SGD", lr=0.1, param_groups=[{"params": [torch.ones(1)]}])
+    split.close()
+
+
+# -- clipping -----------------------------------------------------------------------------------
+
+
+def test_clip_grad_norm_of_the_whole_model_includes_the_trunk(start_server):
+    split = Split(start_server)
+    trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
+    for x in _batches(2):
+        split.model(x).square().sum().backward()
+        split.local(x).square().sum().backward()
+        # torch's own function cannot see the trunk (no parameters here): a smaller norm.
+        local_only = torch.nn.utils.get_total_norm([p.grad for p in split.model.parameters()])
+        total = clip_grad_norm_(split.model, 0.5)
+        expected = torch.nn.utils.clip_grad_norm_(split.local.parameters(), 0.5)
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+        assert local_only < total
+        for opt in (trunk_opt, split_opt, local_trunk_opt, local_opt):
+            opt.step()
+            opt.zero_grad()
+    remote = split.remote.remote_state_dict()
+    for name, param in split.local[1].named_parameters():
+        torch.testing.assert_close(remote[name], param.detach(), rtol=1e-6, atol=1e-7)
     split.close()

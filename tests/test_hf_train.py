@@ -198,3 +198,31 @@ def test_train_command_starts_its_own_server(tmp_path: Path, capsys) -> None:
     assert "frozen base weights here unchanged" in out
     assert (tmp_path / "checkpoints" / "step_000002.pt").exists()
     assert len(json.loads((tmp_path / "metrics.json").read_text())["steps"]) == 2
+
+
+def test_resume_with_more_steps_keeps_the_original_lr_schedule(
+    start_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = {**RUN, "steps": 2, "warmup_steps": 1, "max_samples": 16, "grad_accum": 1}
+    server = start_server(build_trunk(SPEC, LoraOptions()))
+    train(TrainConfig(server=server.address, model=SPEC, out_dir=str(tmp_path / "a"), **run))
+    server = start_server(build_trunk(SPEC, LoraOptions()))
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_000002.pt"
+    with caplog.at_level("WARNING", logger="remote_autograd.hf.checkpoint"):
+        resumed = train(
+            TrainConfig(
+                server=server.address,
+                model=SPEC,
+                out_dir=str(tmp_path / "b"),
+                resume=str(checkpoint),
+                **{**run, "steps": 4},
+            )
+        )
+    assert "keeping the original schedule" in caplog.text
+    lr = TrainConfig.lr
+    # Steps 3 and 4 run past the original end (2 steps): the floor, not a cosine stretched
+    # to 4 steps (step 4's lr would be 0.325 * lr; step 3's comes from the checkpoint).
+    assert [m["step"] for m in resumed.history] == [1, 2, 3, 4]
+    for m in resumed.history[2:]:
+        assert m["lr"] == pytest.approx(lr * lr_factor(m["step"] - 1, warmup=1, total=2))
+        assert m["lr"] == pytest.approx(0.1 * lr)

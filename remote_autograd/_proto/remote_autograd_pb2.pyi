@@ -135,18 +135,22 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class ConfigureOptimizerRequest(_message.Message):
-    __slots__ = ("name", "options")
+    __slots__ = ("name", "options", "param_groups")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     options: bytes
-    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ...) -> None: ...
+    param_groups: bytes
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ...) -> None: ...
 
 class ConfigureOptimizerReply(_message.Message):
-    __slots__ = ("param_group",)
+    __slots__ = ("param_group", "param_groups")
     PARAM_GROUP_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     param_group: bytes
-    def __init__(self, param_group: _Optional[bytes] = ...) -> None: ...
+    param_groups: bytes
+    def __init__(self, param_group: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ...) -> None: ...
 
 class GradNormRequest(_message.Message):
     __slots__ = ("norm_type", "zero_grad", "grad_scale")

@@ -38,6 +38,7 @@ def save_checkpoint(
     trunk_optimizer: RemoteOptimizer,
     schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler],
     history: list[dict[str, float]],
+    schedule: dict[str, int] | None = None,
 ) -> Path:
     state = {
         "step": step,
@@ -49,6 +50,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "trunk_optimizer": trunk_optimizer.state_dict(),
         "schedulers": [s.state_dict() for s in schedulers],
+        "schedule": dict(schedule or {}),  # the LR schedule's shape (steps, warmup_steps)
         "rng": torch.random.get_rng_state(),  # dropout here, and the trunk's dropout seeds
         "history": history,
     }
@@ -84,9 +86,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     trunk_optimizer: RemoteOptimizer,
     schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler],
+    schedule: dict[str, int] | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore all three parts, both optimizers, the schedules and the RNG; return the step
-    reached and the metrics history so far."""
+    reached and the metrics history so far.
+
+    ``schedule`` (the LR schedule's shape: steps, warmup_steps) takes the checkpoint's values:
+    a run resumed with more ``--steps`` keeps the schedule it was started with (past its end
+    the lr stays at its floor) instead of silently stretching it, and says so."""
     path = find_checkpoint(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     for what, current in (("model", dataclasses.asdict(spec)), ("lora", dataclasses.asdict(lora))):
@@ -104,6 +111,18 @@ def load_checkpoint(
     trunk_optimizer.load_state_dict(state["trunk_optimizer"])
     for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
         scheduler.load_state_dict(saved)
+    original = state.get("schedule") or {}
+    if schedule is not None and original and original != schedule:
+        log.warning(
+            "resuming %s with an LR schedule of %s, but the run was started with %s: keeping "
+            "the original schedule (its lr stays at the floor past step %d); start a new run "
+            "(without --resume) for another schedule",
+            path,
+            schedule,
+            original,
+            original.get("steps", 0),
+        )
+        schedule.update(original)
     torch.random.set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), list(state["history"])

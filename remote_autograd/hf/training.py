@@ -131,8 +131,11 @@ def train(config: TrainConfig) -> TrainResult:
             trunk, torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay
         )
 
+        # The LR schedule's shape; a resumed run keeps its checkpoint's (see load_checkpoint).
+        shape = {"steps": config.steps, "warmup_steps": config.warmup_steps}
+
         def schedule(step: int) -> float:
-            return lr_factor(step, warmup=config.warmup_steps, total=config.steps)
+            return lr_factor(step, warmup=shape["warmup_steps"], total=shape["steps"])
 
         schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (optimizer, trunk_optimizer)
@@ -146,6 +149,7 @@ def train(config: TrainConfig) -> TrainResult:
             optimizer=optimizer,
             trunk_optimizer=trunk_optimizer,
             schedulers=schedulers,
+            schedule=shape,
             **parts,
         )
         step, history = 0, list[dict[str, float]]()
