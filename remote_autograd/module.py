@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .chunks import ChunkedCall
 from .client import TrunkClient
 from .function import RemoteCall, remote_apply
 from .options import ClientOptions
@@ -32,8 +33,16 @@ class RemoteModule(nn.Module):
         *,
         options: ClientOptions | None = None,
         device: torch.device | str | None = None,
+        micro_batches: int | None = None,
     ) -> None:
         super().__init__()
+        if micro_batches is not None and (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 1
+        ):
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches  # None: ClientOptions.micro_batches (see chunks.py)
         self.address = address
         self.client = TrunkClient(address, options)
         self.device = torch.device(device) if device is not None else None
@@ -51,9 +60,21 @@ class RemoteModule(nn.Module):
             any(t.requires_grad for t in tensors) or self.client.info().trainable_numel > 0
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
-        call = RemoteCall(
-            self.client, template, keep_context=keep, training=self.training, device=device
-        )
+        slices = self.micro_batches or self.client.options.micro_batches
+        call: RemoteCall | ChunkedCall
+        if slices > 1:
+            call = ChunkedCall(
+                self.client,
+                template,
+                keep_context=keep,
+                training=self.training,
+                device=device,
+                micro_batches=slices,
+            )
+        else:
+            call = RemoteCall(
+                self.client, template, keep_context=keep, training=self.training, device=device
+            )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
         return unflatten(call.output_template, outputs)
