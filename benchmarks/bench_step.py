@@ -170,7 +170,11 @@ class Split:
         self.preset, self.codec, self.device = preset, codec, device
         bottom, _, top = build_split(preset["model"])
         self.bottom, self.top = bottom.to(device), top.to(device)
-        options = ClientOptions(activation_quantization=codec, gradient_quantization=codec)
+        options = ClientOptions(
+            activation_quantization=codec,
+            gradient_quantization=codec,
+            micro_batches=preset.get("micro_batches", 1),  # slices of each call (chunks.py)
+        )
         self.trunk = RemoteModule(address, options=options)
         self.optimizer = torch.optim.AdamW(unique_parameters(self.bottom, self.top), lr=LR)
         self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
     parser.add_argument("--steps", type=int, help="override the preset's timed steps")
+    parser.add_argument("--micro-batches", type=int, help="slices per Compute/Backward call")
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
     parser.add_argument("--trunk-device", default="cpu", help="the server's blocks: cpu, cuda...")
     parser.add_argument(
@@ -386,11 +391,15 @@ def document(data: dict[str, Any]) -> None:
     on_gpu = data.get("gpu") is not None
     name = data.get("preset_name", "full")
     suffix = (f"_{link}" if link else "") + ("" if name == "full" else f"_{name}")
+    slices = data["preset"].get("micro_batches", 1)
+    suffix += f"_mb{slices}" if slices > 1 else ""
     if on_gpu:
         suffix += "_gpu" + ("" if data["devices"]["client"] != "cpu" else "_client_cpu")
     title = f"Training step over {link or 'loopback'}"
     if name != "full":
         title += f", preset {name}"
+    if slices > 1:
+        title += f", micro_batches={slices}"
     if on_gpu:
         title += f", {data['gpu']} (trunk on {data['devices']['trunk']}, client on "
         title += f"{data['devices']['client']})"
@@ -404,6 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         preset["codecs"] = args.codecs
     if args.steps:
         preset["steps"] = args.steps
+    if args.micro_batches:
+        preset["micro_batches"] = args.micro_batches
     client_device = torch.device(args.client_device)
     data: dict[str, Any] = {
         "benchmark": "step",

@@ -264,6 +264,7 @@ class TrunkClient:
         keep_context: bool,
         training: bool,
         autocast: str = "",
+        rng_seed: int | None = None,
     ) -> tuple[Any, pb.Header]:
         if keep_context:  # a training forward (an inference client is not warned)
             self._check_fresh()
@@ -273,7 +274,7 @@ class TrunkClient:
             training=training,
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
-            rng_seed=self._next_seed(),
+            rng_seed=self._next_seed() if rng_seed is None else rng_seed,
             autocast_dtype=autocast,
         )
         return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
@@ -426,6 +427,14 @@ class TrunkClient:
             if self._pending_zero == pb.ZERO_GRAD_NONE:
                 self._pending_zero = zero
                 self._pending_scale *= scale
+
+    def apply_grad_ops(self) -> None:
+        """Send a deferred zero_grad()/clip scale now (on a GradNorm), before Backwards that
+        may arrive in any order (concurrent micro-batches)."""
+        with self._lock:
+            pending = self._pending_zero != pb.ZERO_GRAD_NONE or self._pending_scale != 1.0
+        if pending:
+            self.grad_norms(2.0)
 
     def configure_optimizer(
         self, name: str, kwargs: dict[str, Any], groups: list[dict[str, Any]] | None = None

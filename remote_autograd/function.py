@@ -63,11 +63,16 @@ class RemoteCall:
             keep_context=self.keep_context,
             training=self.training,
             autocast=self.autocast,
+            rng_seed=self.seed or None,  # set before forward by a ChunkedCall (chunks.py)
         )
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
         self.output_template, outputs = flatten(value)
         return outputs  # on the CPU: remote_apply moves them (see there)
+
+    def release(self) -> None:
+        """The client's graph no longer needs this forward's context on the server."""
+        self.client.schedule_release(self.request_id)
 
     def _recompute(self) -> None:
         args, kwargs = unflatten(self.template, self._inputs)
@@ -115,7 +120,7 @@ class RemoteCall:
 
 class _RemoteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, call: RemoteCall, dummy: torch.Tensor, *tensors: torch.Tensor):
+    def forward(ctx: Any, call: Any, dummy: torch.Tensor, *tensors: torch.Tensor):
         # `dummy` requires grad whenever grad mode is on, so autograd records this node and calls
         # backward even when no input needs a gradient (a frozen bottom, or raw token ids in):
         # the trunk's own parameters still need their gradients.
@@ -128,14 +133,14 @@ class _RemoteFunction(torch.autograd.Function):
             # A marker saved for backward: autograd frees it when the graph is freed, or right
             # after a backward without retain_graph. Either way the server may drop the context.
             marker = torch.empty(0)
-            weakref.finalize(marker, call.client.schedule_release, call.request_id)
+            weakref.finalize(marker, call.release)
             ctx.save_for_backward(marker)
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        call: RemoteCall = ctx.call
+        call = ctx.call  # a RemoteCall or a ChunkedCall (chunks.py)
         if not call.keep_context:
             raise RuntimeError("this forward ran without grad mode; the server kept no context")
         # Reading the marker raises PyTorch's own "Trying to backward through the graph a
@@ -150,7 +155,7 @@ class _RemoteFunction(torch.autograd.Function):
         return (None, flag, *input_grads)
 
 
-def remote_apply(call: RemoteCall, dummy: torch.Tensor, tensors: list[torch.Tensor]):
+def remote_apply(call: Any, dummy: torch.Tensor, tensors: list[torch.Tensor]):
     outputs = _RemoteFunction.apply(call, dummy, *tensors)
     # The outputs leave the Function on the CPU and reach the caller's device by an ordinary
     # differentiable copy. So the gradients coming back are CPU tensors, and autograd runs the

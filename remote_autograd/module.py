@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import codec
+from .chunks import ChunkedCall
 from .client import TrunkClient
 from .function import RemoteCall, remote_apply
 from .options import ClientOptions
@@ -46,8 +47,16 @@ class RemoteModule(nn.Module):
         *,
         options: ClientOptions | None = None,
         device: torch.device | str | None = None,
+        micro_batches: int | None = None,
     ) -> None:
         super().__init__()
+        if micro_batches is not None and (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 1
+        ):
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches  # None: ClientOptions.micro_batches (see chunks.py)
         self.address = address
         self.client = TrunkClient(address, options)
         self.device = torch.device(device) if device is not None else None
@@ -76,15 +85,31 @@ class RemoteModule(nn.Module):
             or (self.trunk_requires_grad and self.client.info().trainable_numel > 0)
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
-        call = RemoteCall(
-            self.client,
-            template,
-            keep_context=keep,
-            training=self.training,
-            device=device,
-            autocast=_autocast_dtype(tensors[0].device.type if tensors else "cpu"),
-            frozen=lambda: not self.trunk_requires_grad,
-        )
+        autocast = _autocast_dtype(tensors[0].device.type if tensors else "cpu")
+        frozen = self._trunk_frozen
+        slices = self.micro_batches or self.client.options.micro_batches
+        call: RemoteCall | ChunkedCall
+        if slices > 1:
+            call = ChunkedCall(
+                self.client,
+                template,
+                keep_context=keep,
+                training=self.training,
+                device=device,
+                micro_batches=slices,
+                autocast=autocast,
+                frozen=frozen,
+            )
+        else:
+            call = RemoteCall(
+                self.client,
+                template,
+                keep_context=keep,
+                training=self.training,
+                device=device,
+                autocast=autocast,
+                frozen=frozen,
+            )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
         return unflatten(call.output_template, outputs)
@@ -128,6 +153,9 @@ class RemoteModule(nn.Module):
         """Overwrite the trunk's trainable parameters and/or buffers on the server (any subset
         of ``remote_state_dict()``; an unknown name or shape is refused, nothing loaded)."""
         self.client.load_state(split_trunk_state(self.client, dict(state)))
+
+    def _trunk_frozen(self) -> bool:
+        return not self.trunk_requires_grad
 
     def requires_grad_(self, requires_grad: bool = True) -> RemoteModule:
         """``requires_grad_(False)`` freezes the trunk for this client, as it would a local

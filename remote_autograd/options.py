@@ -31,6 +31,14 @@ class Limits:
 class ClientOptions:
     """How a RemoteModule talks to its server."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int):
+            raise ValueError(
+                f"ClientOptions.micro_batches must be an int, got {self.micro_batches!r}"
+            )
+        if self.micro_batches < 1:
+            raise ValueError(f"ClientOptions.micro_batches must be >= 1, got {self.micro_batches}")
+
     timeout: float = 300.0  # deadline of a Compute/Backward/Step call, seconds
     connect_timeout: float = 30.0  # wait this long for the server to come up on first use
     retries: int = 3  # extra attempts of a call that is safe to repeat (UNAVAILABLE only)
@@ -43,6 +51,8 @@ class ClientOptions:
     compression: str = "auto"  # "auto" (LZ4 where a sample says it pays), "lz4" or "none"
     activation_quantization: str = "none"  # wire codec of forward tensors: none|bf16|fp16|int8
     gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
+    micro_batches: int = 1  # >1: each Compute/Backward goes as this many slices of the batch
+    # in flight at once, so wire and trunk overlap (only for trunks treating samples apart)
     bulk: bool = True  # send large frames over the server's bulk channel when it offers one
     bulk_min_bytes: int = 512 * KiB  # frames (either way) from this size use the bulk channel
     bulk_retry_interval: float = 30.0  # after the bulk channel could not be reached, large

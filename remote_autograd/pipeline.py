@@ -7,14 +7,16 @@ Backward RPCs run on one worker thread (the *trunk lane*, FIFO, so the server se
 fixed order), the bottom and top on the caller's thread. The schedule is one-forward-one-
 backward (1F1B) with ``depth`` micro-batches in the trunk ahead of the top::
 
-    client: b0 b1 t0 b2 B0 t1 b3 B1 t2 ...      b = bottom forward, t = top forward + backward
-    trunk :    f0 f1 g0 f2 g1 f3 g2 ...          B = bottom backward, f/g = trunk fwd/bwd
+    client: b0 b1 t0 b2 t1 b3 B0 t2 B1 t3 B2 B3   b = bottom forward, t = top fwd + bwd
+    trunk :    f0 f1 g0 f2 g1 f3 g2 g3             B = bottom backward, f/g = trunk fwd/bwd
 
-Every part's gradients accumulate in micro-batch order (top i, then bottom i, then top i+1,
-trunk i before trunk i+1) and the trunk's Computes go out in micro-batch order, so the
-gradients, and the trunk's dropout under ``ClientOptions(seed=...)``, are those of the plain
-loop over the same micro-batches. The client-side RNG (dropout in bottom or top) is drawn in the
-schedule's order: reproducible under ``torch.manual_seed``, but not the plain loop's masks.
+Each part's gradients accumulate in micro-batch order (top 0, 1, ...; trunk 0, 1, ...; bottom
+0, 1, ...) and the trunk's Computes go out in micro-batch order, so the gradients, and the
+trunk's dropout under ``ClientOptions(seed=...)``, are those of the plain loop over the same
+micro-batches. (A parameter shared by bottom and top, such as GPT-2's tied embedding and LM
+head, gets its two contributions summed in another order: equal up to float rounding.) The
+client-side RNG (dropout in bottom or top) is drawn in the schedule's order: reproducible
+under ``torch.manual_seed``, but not the plain loop's masks.
 """
 
 from __future__ import annotations
@@ -184,8 +186,12 @@ class PipelinedStep:
                 trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
                 if i + self.depth < m:
                     forward_bottom(i + self.depth)  # overlaps trunk backward i
-                trunk_back.pop(i).result()
-                bottoms.pop(i).backward()
+                if i > 0:  # the bottom's backward of the micro-batch before, whose trunk
+                    # backward ran while this one's top did
+                    trunk_back.pop(i - 1).result()
+                    bottoms.pop(i - 1).backward()
+            trunk_back.pop(m - 1).result()
+            bottoms.pop(m - 1).backward()
         finally:
             # On an error the queued trunk calls are dropped; one in flight finishes first.
             lane.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,164 @@
+"""Overlap inside one call: a Compute (and its Backward) in micro-batches, all in flight at once.
+
+With ``micro_batches=k`` (``ClientOptions.micro_batches`` or ``RemoteModule(...,
+micro_batches=k)``) a forward through the trunk is k Compute calls on k slices of the batch,
+sent at once from k threads: the server computes slice i while slice i+1 is still arriving and
+sends slice i's output back while it computes slice i+1; the Backward likewise. Each slice is
+an ordinary :class:`~remote_autograd.function.RemoteCall` (its own context, retries, recovery);
+:class:`ChunkedCall` stands for them in front of the autograd Function.
+
+Valid only for trunks that treat the samples of a batch independently (no BatchNorm in
+training mode): the trunk's outputs are then the slices' outputs concatenated. Input tensors
+whose dimension 0 is the batch are sliced; others (a ``(1, T)`` position tensor) go whole to
+every slice, and their gradient is the sum of the slices'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .function import RemoteCall
+
+__all__: list[str] = []
+
+
+class ChunkedCall:
+    """One forward through the trunk as ``micro_batches`` concurrent RemoteCalls."""
+
+    def __init__(
+        self,
+        client: Any,
+        template: Any,
+        *,
+        keep_context: bool,
+        training: bool,
+        device: torch.device,
+        micro_batches: int,
+        autocast: str = "",
+        frozen: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.client = client
+        self.autocast = autocast  # given to every slice's RemoteCall (see there)
+        self.frozen = frozen
+        self.template = template
+        self.keep_context = keep_context
+        self.training = training
+        self.device = device
+        self.micro_batches = micro_batches
+        self.output_template: Any = None
+        self.calls: list[RemoteCall] = []
+        self._inputs: tuple[torch.Tensor, ...] = ()  # set by the autograd Function
+        self._sliced: list[bool] = []  # per input: sliced along dimension 0, or sent whole
+        self._output_rows: list[list[int]] = []  # per output: its rows in each slice
+
+    def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
+        k = min(self.micro_batches, rows)
+        if k <= 1:  # nothing to slice: one ordinary call
+            call = self._new_call(tuple(t.detach() for t in tensors))
+            outputs = call.forward(tensors)
+            self.calls, self.output_template = [call], call.output_template
+            return outputs
+        self._sliced = [t.dim() > 0 and t.shape[0] == rows for t in tensors]
+        pieces = [
+            torch.tensor_split(t.detach(), k) if sliced else (t.detach(),) * k
+            for t, sliced in zip(tensors, self._sliced, strict=True)
+        ]
+        # What each slice's forward is given: its pieces, requiring grad as the inputs do.
+        sent = [
+            tuple(
+                p[i].requires_grad_(t.requires_grad) for p, t in zip(pieces, tensors, strict=True)
+            )
+            for i in range(k)
+        ]
+        self.calls = [self._new_call(tuple(p[i] for p in pieces)) for i in range(k)]
+        for call in self.calls:
+            # The slices' dropout seeds in slice order, whatever order the threads run in.
+            call.seed = self.client._next_seed()
+        results = _run_all(
+            [lambda c=call, s=s: c.forward(s) for call, s in zip(self.calls, sent, strict=True)]
+        )
+        for call in self.calls:
+            call._inputs = tuple(t.detach() for t in call._inputs)
+        self.output_template = self.calls[0].output_template
+        outputs = []
+        for index, parts in enumerate(zip(*results, strict=True)):
+            if any(p.dim() == 0 for p in parts) or sum(p.shape[0] for p in parts) != rows:
+                raise ValueError(
+                    f"micro_batches={self.micro_batches} needs every trunk output to hold the "
+                    f"batch ({rows} samples) in dimension 0; output {index} has shape "
+                    f"{tuple(parts[0].shape)} per micro-batch. Use micro_batches=1 for this trunk"
+                )
+            self._output_rows.append([p.shape[0] for p in parts])
+            outputs.append(torch.cat(parts))
+        return outputs
+
+    def _new_call(self, inputs: tuple[torch.Tensor, ...]) -> RemoteCall:
+        call = RemoteCall(
+            self.client,
+            self.template,
+            keep_context=self.keep_context,
+            training=self.training,
+            device=self.device,
+            autocast=self.autocast,
+            frozen=self.frozen,
+        )
+        call._inputs = inputs
+        return call
+
+    @property
+    def nonfinite(self) -> bool:
+        """Some slice's trunk gradients were NaN/inf (and not kept): GradScaler's inf check."""
+        return any(call.nonfinite for call in self.calls)
+
+    def backward(
+        self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
+    ) -> list[torch.Tensor | None]:
+        if len(self.calls) == 1:
+            return self.calls[0].backward(grads, needs_input_grad)
+        # A deferred zero_grad() or clip scale must reach the server before any slice's
+        # gradients do: the slices' Backwards arrive in no fixed order.
+        self.client.apply_grad_ops()
+        split = [
+            (None,) * len(self.calls) if g is None else torch.split(g, rows)
+            for g, rows in zip(grads, self._output_rows, strict=True)
+        ]
+        results = _run_all(
+            [
+                lambda c=call, i=i: c.backward(tuple(s[i] for s in split), needs_input_grad)
+                for i, call in enumerate(self.calls)
+            ]
+        )
+        out: list[torch.Tensor | None] = []
+        for index, parts in enumerate(zip(*results, strict=True)):
+            present = [p for p in parts if p is not None]
+            if not present:
+                out.append(None)
+            elif self._sliced[index]:
+                slices = zip(parts, self.calls, strict=True)
+                out.append(torch.cat([_zeros_if_none(p, c._inputs[index]) for p, c in slices]))
+            else:
+                total = present[0]
+                for part in present[1:]:
+                    total = total + part
+                out.append(total)
+        return out
+
+    def release(self) -> None:
+        for call in self.calls:
+            call.release()
+
+
+def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _run_all(jobs: list[Any]) -> list[Any]:
+    """Run the calls at once, one thread each; the first error is raised after all ended."""
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ra-slice") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [future.result() for future in futures]

@@ -1,0 +1,139 @@
+"""micro_batches inside one call: a Compute and its Backward as concurrent slices of the batch
+compute what the unsliced call computes (float64 within 1e-12, float32 within 1e-6)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import Blocks
+from torch import nn
+
+from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}
+
+
+def _inputs(dtype: torch.dtype, rows: int = 5):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(rows, 7, 16, generator=generator, dtype=dtype, requires_grad=True)
+    padding = torch.zeros(rows, 7, dtype=torch.bool)
+    padding[1, 5:] = True  # padded sequences
+    padding[3, 2:] = True
+    return hidden, padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(  # 8 > 5 rows: one row per slice
+    ("micro", "where"), [(2, "argument"), (3, "options"), (8, "argument")]
+)
+def test_sliced_call_matches_the_unsliced_call_and_local(dtype, micro, where, start_server):
+    torch.manual_seed(0)
+    trunk = Blocks(depth=2, width=16).to(dtype)
+    local = copy.deepcopy(trunk)
+    sliced_server, whole_server = start_server(trunk), start_server(copy.deepcopy(trunk))
+    hidden, padding = _inputs(dtype)
+    kwargs = (
+        {"micro_batches": micro}
+        if where == "argument"
+        else {"options": ClientOptions(micro_batches=micro)}
+    )
+    # Gradients of order 1: float32 rounding (~1e-7 relative) then stays below 1e-6 absolute.
+    grad_out = 0.05 * torch.randn(5, 7, 16, dtype=dtype)
+    results = {}
+    with (
+        RemoteModule(sliced_server.address, **kwargs) as sliced,
+        RemoteModule(whole_server.address) as whole,
+    ):
+        for name, module in (("sliced", sliced), ("whole", whole), ("local", local)):
+            x = hidden.detach().clone().requires_grad_()
+            out, norms = module(x, padding)
+            (out * grad_out).sum().add(0.05 * norms.sum()).backward()
+            results[name] = (out.detach(), norms.detach(), x.grad)
+        server_grads = {
+            "sliced": dict(sliced_server.engine.sessions.values()[0].grads),
+            "whole": dict(whole_server.engine.sessions.values()[0].grads),
+        }
+    tol = _tolerance(dtype)
+    for other in ("whole", "local"):
+        for mine, theirs in zip(results["sliced"], results[other], strict=True):
+            torch.testing.assert_close(mine, theirs, **tol)
+    local_grads = {n: p.grad for n, p in local.named_parameters()}
+    for name, grad in local_grads.items():
+        torch.testing.assert_close(server_grads["sliced"][name], grad, **tol)
+        torch.testing.assert_close(server_grads["sliced"][name], server_grads["whole"][name], **tol)
+
+
+def test_sliced_training_with_zero_grad_matches_unsliced_training(start_server):
+    """Steps with a deferred zero_grad(): it reaches the server before any slice's gradients."""
+    torch.manual_seed(0)
+    trunk = Blocks(depth=1, width=16).double()
+    initial = copy.deepcopy(trunk.state_dict())
+    servers = [start_server(trunk), start_server(copy.deepcopy(trunk))]
+    hidden, padding = _inputs(torch.float64, rows=6)
+    states = []
+    for server, micro in zip(servers, (3, 1), strict=True):
+        with RemoteModule(server.address, micro_batches=micro) as remote:
+            opt = RemoteOptimizer(remote, torch.optim.SGD, lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                out, norms = remote(hidden.detach(), padding)
+                (out.pow(2).mean() + norms.mean()).backward()
+                opt.step()
+            states.append(remote.remote_state_dict())
+    for name, value in states[0].items():
+        torch.testing.assert_close(value, states[1][name], rtol=0, atol=1e-12)
+    assert not torch.equal(states[0]["blocks.0.mlp.0.weight"], initial["blocks.0.mlp.0.weight"])
+
+
+class _Broadcast(nn.Module):
+    """A (1, d) input shared by every sample, and dropout: its gradient is the slices' sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4, dtype=torch.float64)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, bias):
+        return self.drop(self.linear(x) + bias)
+
+
+def test_unsliced_inputs_get_summed_gradients_and_seeded_dropout_repeats(start_server):
+    x = torch.randn(6, 4, dtype=torch.float64)
+    bias = torch.randn(1, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    trunk = _Broadcast()
+    runs = []
+    for _ in range(2):
+        server = start_server(copy.deepcopy(trunk))
+        with RemoteModule(server.address, options=ClientOptions(seed=5, micro_batches=3)) as r:
+            xs, b = x.clone().requires_grad_(), bias.clone().requires_grad_()
+            out = r(xs, b)
+            out.sum().backward()
+            runs.append((out.detach(), xs.grad, b.grad))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)  # seeded dropout: the same masks in every run
+    out, x_grad, b_grad = runs[0]
+    kept = (out != 0).double()
+    torch.testing.assert_close(b_grad, (2 * kept).sum(0, keepdim=True), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_grad, (2 * kept) @ trunk.linear.weight, rtol=0, atol=1e-12)
+
+
+class _Total(nn.Module):
+    def forward(self, x):
+        return x.sum()
+
+
+def test_an_output_without_the_batch_is_refused_with_what_to_do(start_server):
+    server = start_server(_Total())
+    with RemoteModule(server.address, micro_batches=2) as remote:
+        with pytest.raises(ValueError, match="micro_batches=1"):
+            remote(torch.randn(4, 3))
+        assert torch.equal(remote(torch.ones(1, 3)), torch.tensor(3.0))  # 1 row: not sliced
+    with pytest.raises(ValueError, match="micro_batches"):
+        ClientOptions(micro_batches=0)
+    with pytest.raises(ValueError, match="micro_batches"):
+        RemoteModule(server.address, micro_batches=0)
