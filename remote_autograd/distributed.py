@@ -384,7 +384,7 @@ class DistributedRunner(TrunkRunner):
                 try:
                     self.wire.send({"op": "stop"}, rank)
                 except RuntimeError as exc:  # that rank is gone already
-                    log.warning("could not stop rank %d: %s", rank, exc)
+                    log.info("rank %d is gone already: %s", rank, exc)
         self.broken = "the server stopped"
 
     # -- the exchange ------------------------------------------------------------------------------
