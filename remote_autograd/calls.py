@@ -85,3 +85,5 @@ class TrunkInfo:
     device: str
     module_name: str
     server_id: str
+    world_size: int = 1  # processes computing the trunk (distributed.py)
+    parallel: str = ""  # "ddp", or "" for one process

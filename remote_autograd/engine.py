@@ -128,6 +128,8 @@ class TrunkEngine:
             device=str(self.runner.device),
             module_name=type(self.module).__name__,
             server_id=self.server_id,
+            world_size=getattr(self.runner, "world", 1),
+            parallel=getattr(self.runner, "mode", ""),
         )
 
     # -- Compute and Backward -----------------------------------------------------------------

@@ -196,6 +196,8 @@ class TrunkService(pb_grpc.TrunkServicer):
             context_ttl_seconds=self.options.context_ttl,
             server_id=trunk.server_id,
             bulk_port=self.bulk.port if self.bulk is not None else 0,
+            world_size=trunk.world_size,
+            parallel=trunk.parallel,
         )
 
     @_rpc

@@ -85,3 +85,13 @@ def test_transfer_over_shaped_link_smoke(tmp_path: Path) -> None:
     )
     assert data["link"] == "1gbit"
     assert data["remote_autograd"]["auto"]["65536"]["backward_s"] > 0
+
+
+def test_distributed_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_distributed", tmp_path)
+    assert data["benchmark"] == "distributed"
+    assert set(data["servers"]) == {"plain", "1 rank (ddp)", "2 ranks (ddp)"}
+    for result in data["servers"].values():
+        assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["tiny_call_s"] > 0
+    assert data["speedup_2_vs_1"] > 0
+    assert set(data["front_door_overhead_s"]) == {"1 rank", "2 ranks"}

@@ -166,6 +166,15 @@ def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(7, 3) == [3, 2, 2]
 
 
+def test_info_says_how_many_ranks_compute(ddp_address, single_address):
+    with RemoteModule(ddp_address) as remote:
+        info = remote.client.info()
+        assert (info.world_size, info.parallel, info.device) == (2, "ddp", "cpu")
+    with RemoteModule(single_address) as remote:
+        info = remote.client.info()
+        assert (info.world_size, info.parallel) == (1, "")
+
+
 def test_training_through_two_ddp_ranks_equals_one_process_and_local(ddp_address, single_address):
     local_losses, local_params = _train(shifted_trunk())
     results = {}

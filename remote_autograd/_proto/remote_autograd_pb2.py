@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remote_autograd.proto\x12\x12remote_autograd.v1\"\xb3\x03\n\x06Header\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckeep_context\x18\x03 \x01(\x08\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x14\n\x0c\x62\x61\x63kward_seq\x18\x05 \x01(\r\x12\x18\n\x10needs_input_grad\x18\x06 \x03(\x08\x12\x1a\n\x12reply_quantization\x18\x07 \x01(\t\x12\x13\n\x0brelease_ids\x18\x08 \x03(\t\x12\x33\n\tzero_grad\x18\t \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x17\n\x0fweights_version\x18\n \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rcodec_seconds\x18\x0c \x01(\x01\x12\x12\n\nrecomputed\x18\r \x01(\x08\x12\x12\n\ngrad_scale\x18\x0e \x01(\x01\x12\x10\n\x08rng_seed\x18\x0f \x01(\x04\x12\x11\n\trecompute\x18\x10 \x01(\x08\x12\x11\n\tserver_id\x18\x11 \x01(\t\x12\x17\n\x0f\x62ulk_connection\x18\x12 \x01(\t\"D\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.remote_autograd.v1.Header\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\r\n\x0bInfoRequest\"\x8c\x03\n\tInfoReply\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x14\n\x0c\x63ompressions\x18\x04 \x03(\t\x12\x19\n\x11max_payload_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x07 \x01(\r\x12\x1b\n\x13unary_payload_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12stream_chunk_bytes\x18\t \x01(\x04\x12\x1c\n\x14trainable_parameters\x18\n \x03(\t\x12\x17\n\x0ftrainable_numel\x18\x0b \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x13\n\x0bmodule_repr\x18\r \x01(\t\x12\x1b\n\x13\x63ontext_ttl_seconds\x18\x0e \x01(\x01\x12\x11\n\tserver_id\x18\x0f \x01(\t\x12\x11\n\tbulk_port\x18\x10 \x01(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\":\n\x19\x43onfigureOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x01(\x0c\".\n\x17\x43onfigureOptimizerReply\x12\x13\n\x0bparam_group\x18\x01 \x01(\x0c\"m\n\x0fGradNormRequest\x12\x11\n\tnorm_type\x18\x01 \x01(\x01\x12\x33\n\tzero_grad\x18\x02 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\"-\n\rGradNormReply\x12\r\n\x05norms\x18\x01 \x03(\x01\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\x8d\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparam_groups\x18\x02 \x01(\x0c\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x33\n\tzero_grad\x18\x04 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x11\n\tserver_id\x18\x05 \x01(\t\"D\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"8\n\x0fGetStateRequest\x12\x12\n\nparameters\x18\x01 \x01(\x08\x12\x11\n\toptimizer\x18\x02 \x01(\x08\"E\n\x0eLoadStateReply\x12\x19\n\x11parameters_loaded\x18\x01 \x01(\r\x12\x18\n\x10optimizer_loaded\x18\x02 \x01(\x08\"\x11\n\x0fOpenBulkRequest\"R\n\rOpenBulkReply\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1a\n\x12ticket_ttl_seconds\x18\x03 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"8\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04*P\n\x0cZeroGradMode\x12\x12\n\x0eZERO_GRAD_NONE\x10\x00\x12\x15\n\x11ZERO_GRAD_TO_NONE\x10\x01\x12\x15\n\x11ZERO_GRAD_TO_ZERO\x10\x02\x32\x92\x08\n\x05Trunk\x12\x46\n\x04Info\x12\x1f.remote_autograd.v1.InfoRequest\x1a\x1d.remote_autograd.v1.InfoReply\x12?\n\x07\x43ompute\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12I\n\rComputeStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12@\n\x08\x42\x61\x63kward\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12O\n\x07Release\x12\".remote_autograd.v1.ReleaseRequest\x1a .remote_autograd.v1.ReleaseReply\x12p\n\x12\x43onfigureOptimizer\x12-.remote_autograd.v1.ConfigureOptimizerRequest\x1a+.remote_autograd.v1.ConfigureOptimizerReply\x12R\n\x08GradNorm\x12#.remote_autograd.v1.GradNormRequest\x1a!.remote_autograd.v1.GradNormReply\x12\x46\n\x04Step\x12\x1f.remote_autograd.v1.StepRequest\x1a\x1d.remote_autograd.v1.StepReply\x12L\n\x08GetState\x12#.remote_autograd.v1.GetStateRequest\x1a\x19.remote_autograd.v1.Frame0\x01\x12L\n\tLoadState\x12\x19.remote_autograd.v1.Frame\x1a\".remote_autograd.v1.LoadStateReply(\x01\x12X\n\nCheckpoint\x12%.remote_autograd.v1.CheckpointRequest\x1a#.remote_autograd.v1.CheckpointReply\x12R\n\x08OpenBulk\x12#.remote_autograd.v1.OpenBulkRequest\x1a!.remote_autograd.v1.OpenBulkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remote_autograd.proto\x12\x12remote_autograd.v1\"\xb3\x03\n\x06Header\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckeep_context\x18\x03 \x01(\x08\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x14\n\x0c\x62\x61\x63kward_seq\x18\x05 \x01(\r\x12\x18\n\x10needs_input_grad\x18\x06 \x03(\x08\x12\x1a\n\x12reply_quantization\x18\x07 \x01(\t\x12\x13\n\x0brelease_ids\x18\x08 \x03(\t\x12\x33\n\tzero_grad\x18\t \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x17\n\x0fweights_version\x18\n \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rcodec_seconds\x18\x0c \x01(\x01\x12\x12\n\nrecomputed\x18\r \x01(\x08\x12\x12\n\ngrad_scale\x18\x0e \x01(\x01\x12\x10\n\x08rng_seed\x18\x0f \x01(\x04\x12\x11\n\trecompute\x18\x10 \x01(\x08\x12\x11\n\tserver_id\x18\x11 \x01(\t\x12\x17\n\x0f\x62ulk_connection\x18\x12 \x01(\t\"D\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.remote_autograd.v1.Header\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\r\n\x0bInfoRequest\"\xb2\x03\n\tInfoReply\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x14\n\x0c\x63ompressions\x18\x04 \x03(\t\x12\x19\n\x11max_payload_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x07 \x01(\r\x12\x1b\n\x13unary_payload_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12stream_chunk_bytes\x18\t \x01(\x04\x12\x1c\n\x14trainable_parameters\x18\n \x03(\t\x12\x17\n\x0ftrainable_numel\x18\x0b \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x13\n\x0bmodule_repr\x18\r \x01(\t\x12\x1b\n\x13\x63ontext_ttl_seconds\x18\x0e \x01(\x01\x12\x11\n\tserver_id\x18\x0f \x01(\t\x12\x11\n\tbulk_port\x18\x10 \x01(\r\x12\x12\n\nworld_size\x18) \x01(\r\x12\x10\n\x08parallel\x18* \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\":\n\x19\x43onfigureOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x01(\x0c\".\n\x17\x43onfigureOptimizerReply\x12\x13\n\x0bparam_group\x18\x01 \x01(\x0c\"m\n\x0fGradNormRequest\x12\x11\n\tnorm_type\x18\x01 \x01(\x01\x12\x33\n\tzero_grad\x18\x02 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\"-\n\rGradNormReply\x12\r\n\x05norms\x18\x01 \x03(\x01\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\x8d\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparam_groups\x18\x02 \x01(\x0c\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x33\n\tzero_grad\x18\x04 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x11\n\tserver_id\x18\x05 \x01(\t\"D\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"8\n\x0fGetStateRequest\x12\x12\n\nparameters\x18\x01 \x01(\x08\x12\x11\n\toptimizer\x18\x02 \x01(\x08\"E\n\x0eLoadStateReply\x12\x19\n\x11parameters_loaded\x18\x01 \x01(\r\x12\x18\n\x10optimizer_loaded\x18\x02 \x01(\x08\"\x11\n\x0fOpenBulkRequest\"R\n\rOpenBulkReply\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1a\n\x12ticket_ttl_seconds\x18\x03 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"8\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04*P\n\x0cZeroGradMode\x12\x12\n\x0eZERO_GRAD_NONE\x10\x00\x12\x15\n\x11ZERO_GRAD_TO_NONE\x10\x01\x12\x15\n\x11ZERO_GRAD_TO_ZERO\x10\x02\x32\x92\x08\n\x05Trunk\x12\x46\n\x04Info\x12\x1f.remote_autograd.v1.InfoRequest\x1a\x1d.remote_autograd.v1.InfoReply\x12?\n\x07\x43ompute\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12I\n\rComputeStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12@\n\x08\x42\x61\x63kward\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12O\n\x07Release\x12\".remote_autograd.v1.ReleaseRequest\x1a .remote_autograd.v1.ReleaseReply\x12p\n\x12\x43onfigureOptimizer\x12-.remote_autograd.v1.ConfigureOptimizerRequest\x1a+.remote_autograd.v1.ConfigureOptimizerReply\x12R\n\x08GradNorm\x12#.remote_autograd.v1.GradNormRequest\x1a!.remote_autograd.v1.GradNormReply\x12\x46\n\x04Step\x12\x1f.remote_autograd.v1.StepRequest\x1a\x1d.remote_autograd.v1.StepReply\x12L\n\x08GetState\x12#.remote_autograd.v1.GetStateRequest\x1a\x19.remote_autograd.v1.Frame0\x01\x12L\n\tLoadState\x12\x19.remote_autograd.v1.Frame\x1a\".remote_autograd.v1.LoadStateReply(\x01\x12X\n\nCheckpoint\x12%.remote_autograd.v1.CheckpointRequest\x1a#.remote_autograd.v1.CheckpointReply\x12R\n\x08OpenBulk\x12#.remote_autograd.v1.OpenBulkRequest\x1a!.remote_autograd.v1.OpenBulkReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'remote_autograd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ZEROGRADMODE']._serialized_start=1831
-  _globals['_ZEROGRADMODE']._serialized_end=1911
+  _globals['_ZEROGRADMODE']._serialized_start=1869
+  _globals['_ZEROGRADMODE']._serialized_end=1949
   _globals['_HEADER']._serialized_start=46
   _globals['_HEADER']._serialized_end=481
   _globals['_FRAME']._serialized_start=483
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=553
   _globals['_INFOREQUEST']._serialized_end=566
   _globals['_INFOREPLY']._serialized_start=569
-  _globals['_INFOREPLY']._serialized_end=965
-  _globals['_RELEASEREQUEST']._serialized_start=967
-  _globals['_RELEASEREQUEST']._serialized_end=1004
-  _globals['_RELEASEREPLY']._serialized_start=1006
-  _globals['_RELEASEREPLY']._serialized_end=1038
-  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_start=1040
-  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_end=1098
-  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_start=1100
-  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_end=1146
-  _globals['_GRADNORMREQUEST']._serialized_start=1148
-  _globals['_GRADNORMREQUEST']._serialized_end=1257
-  _globals['_GRADNORMREPLY']._serialized_start=1259
-  _globals['_GRADNORMREPLY']._serialized_end=1304
-  _globals['_STEPREQUEST']._serialized_start=1307
-  _globals['_STEPREQUEST']._serialized_end=1448
-  _globals['_STEPREPLY']._serialized_start=1450
-  _globals['_STEPREPLY']._serialized_end=1518
-  _globals['_GETSTATEREQUEST']._serialized_start=1520
-  _globals['_GETSTATEREQUEST']._serialized_end=1576
-  _globals['_LOADSTATEREPLY']._serialized_start=1578
-  _globals['_LOADSTATEREPLY']._serialized_end=1647
-  _globals['_OPENBULKREQUEST']._serialized_start=1649
-  _globals['_OPENBULKREQUEST']._serialized_end=1666
-  _globals['_OPENBULKREPLY']._serialized_start=1668
-  _globals['_OPENBULKREPLY']._serialized_end=1750
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1752
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1771
-  _globals['_CHECKPOINTREPLY']._serialized_start=1773
-  _globals['_CHECKPOINTREPLY']._serialized_end=1829
-  _globals['_TRUNK']._serialized_start=1914
-  _globals['_TRUNK']._serialized_end=2956
+  _globals['_INFOREPLY']._serialized_end=1003
+  _globals['_RELEASEREQUEST']._serialized_start=1005
+  _globals['_RELEASEREQUEST']._serialized_end=1042
+  _globals['_RELEASEREPLY']._serialized_start=1044
+  _globals['_RELEASEREPLY']._serialized_end=1076
+  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_start=1078
+  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_end=1136
+  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_start=1138
+  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_end=1184
+  _globals['_GRADNORMREQUEST']._serialized_start=1186
+  _globals['_GRADNORMREQUEST']._serialized_end=1295
+  _globals['_GRADNORMREPLY']._serialized_start=1297
+  _globals['_GRADNORMREPLY']._serialized_end=1342
+  _globals['_STEPREQUEST']._serialized_start=1345
+  _globals['_STEPREQUEST']._serialized_end=1486
+  _globals['_STEPREPLY']._serialized_start=1488
+  _globals['_STEPREPLY']._serialized_end=1556
+  _globals['_GETSTATEREQUEST']._serialized_start=1558
+  _globals['_GETSTATEREQUEST']._serialized_end=1614
+  _globals['_LOADSTATEREPLY']._serialized_start=1616
+  _globals['_LOADSTATEREPLY']._serialized_end=1685
+  _globals['_OPENBULKREQUEST']._serialized_start=1687
+  _globals['_OPENBULKREQUEST']._serialized_end=1704
+  _globals['_OPENBULKREPLY']._serialized_start=1706
+  _globals['_OPENBULKREPLY']._serialized_end=1788
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1790
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1809
+  _globals['_CHECKPOINTREPLY']._serialized_start=1811
+  _globals['_CHECKPOINTREPLY']._serialized_end=1867
+  _globals['_TRUNK']._serialized_start=1952
+  _globals['_TRUNK']._serialized_end=2994
 # @@protoc_insertion_point(module_scope)
