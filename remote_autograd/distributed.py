@@ -59,7 +59,7 @@ __all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed", "shares"]
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp",)
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)  # a collective that waits longer fails
+DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait (serve --dist-timeout)
 
 # Frames between our own ranks: trusted, so only generous sanity limits.
 _INTERNAL_LIMITS = Limits(
@@ -498,7 +498,11 @@ class DistributedRunner(TrunkRunner):
     def follow(self) -> None:
         """Serve rank 0's commands until it says stop (or the group breaks)."""
         while True:
-            command = self.wire.recv(0)
+            try:
+                command = self.wire.recv(0)
+            except RuntimeError as exc:  # rank 0 is gone: torchrun stops the group
+                log.error("rank %d: rank 0 is gone (%s); leaving", self.rank, exc)
+                raise SystemExit(1) from exc
             op = command["op"]
             if op == "stop":
                 return
@@ -556,7 +560,7 @@ def serve_distributed(
     options: ServerOptions,
     mode: str,
     *,
-    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Any:
     """Under torchrun: join the process group; rank 0 starts and returns the trunk server,
     the other ranks follow its commands and return None once it stops."""
@@ -574,8 +578,11 @@ def serve_distributed(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timeout)
-    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    if not timeout > 0:
+        raise SystemExit(f"--dist-timeout must be a positive number of seconds, got {timeout}")
+    delta = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(backend, timeout=delta)
+    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=delta)
     dtype = DTYPES[options.dtype] if options.dtype else None
     runner = DistributedRunner(module, device, dtype, mode=mode, control=control)
     if runner.rank != 0:

@@ -29,7 +29,7 @@ from remote_autograd import (
     serve,
 )
 from remote_autograd.distributed import shares
-from remote_autograd.errors import RemoteError
+from remote_autograd.errors import InvalidRequest, RemoteError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {"rtol": 0, "atol": 1e-12}  # float64: a sum over shards vs the unsplit sum
@@ -159,6 +159,17 @@ def _train(trunk: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, params
 
 
+def test_parallel_outside_torchrun_says_how_to_launch():
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    command = [sys.executable, "-m", "remote_autograd", "serve"]
+    command += ["--module", "factories:shifted_trunk", "--parallel", "ddp"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "--parallel needs torchrun: torchrun --nproc-per-node N" in completed.stderr
+
+
 def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(5, 2) == [3, 2]
     assert shares(1, 2) == [1, 0]
@@ -265,6 +276,17 @@ def test_concurrent_sessions_get_their_own_outputs(ddp_address):
     for thread in threads:
         thread.join(timeout=120)
     assert not failures, failures
+
+
+def test_an_output_without_the_batch_dimension_is_refused_with_a_reason(ddp_address):
+    local = shifted_trunk()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with _fresh(ddp_address) as remote:
+        with pytest.raises(InvalidRequest, match="no batch dimension first.*--parallel"):
+            remote(x, pooled=True)
+        # One rank ran (a batch of 1): nothing to join, the output is returned as it is.
+        torch.testing.assert_close(remote(x[:1], pooled=True), local(x[:1], pooled=True), **TOL)
+        torch.testing.assert_close(remote(x), local(x), **TOL)  # and the ranks go on
 
 
 def test_a_bad_input_is_refused_and_the_ranks_go_on(ddp_address):
