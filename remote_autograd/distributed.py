@@ -118,17 +118,31 @@ class _Wire:
         self.encoder = Encoder(compression="none")
         self.decoder = Decoder(limits=_INTERNAL_LIMITS)
 
+    # A frame goes as one message of HEAD bytes (its length, then its start) and, when longer,
+    # a second with the rest: a small command costs one message, not a length and a payload.
+    HEAD = 8192
+
     def send(self, value: Any, dst: int) -> None:
         data = self.encoder.encode(value)
-        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst, group=self.group)
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst, group=self.group)
+        head = bytearray(self.HEAD)
+        head[:8] = len(data).to_bytes(8, "little")
+        first = data[: self.HEAD - 8]
+        head[8 : 8 + len(first)] = first
+        dist.send(torch.frombuffer(head, dtype=torch.uint8), dst, group=self.group)
+        if len(data) > len(first):
+            rest = bytearray(data[len(first) :])
+            dist.send(torch.frombuffer(rest, dtype=torch.uint8), dst, group=self.group)
 
     def recv(self, src: int) -> Any:
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.recv(size, src, group=self.group)
-        data = torch.empty(int(size[0]), dtype=torch.uint8)
-        dist.recv(data, src, group=self.group)
-        return self.decoder.decode(data.numpy())
+        head = torch.empty(self.HEAD, dtype=torch.uint8)
+        dist.recv(head, src, group=self.group)
+        raw = head.numpy()
+        size = int.from_bytes(raw[:8].tobytes(), "little")
+        if size <= self.HEAD - 8:
+            return self.decoder.decode(raw[8 : 8 + size])
+        rest = torch.empty(size - (self.HEAD - 8), dtype=torch.uint8)
+        dist.recv(rest, src, group=self.group)
+        return self.decoder.decode(raw[8:].tobytes() + rest.numpy().tobytes())
 
 
 class DistributedRunner(TrunkRunner):
