@@ -95,3 +95,5 @@ class TrunkInfo:
     weights_version: int = 0  # optimizer steps (and loads) applied so far
     buffers: list[str] = field(default_factory=list)  # persistent buffers, state_dict order
     dtype: str = ""  # the floating parameters' dtype ("" when the trunk has none)
+    world_size: int = 1  # processes computing the trunk (distributed.py)
+    parallel: str = ""  # "ddp", or "" for one process

@@ -221,7 +221,9 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     if getattr(args, "parallel", None):  # under torchrun: rank 0 serves, the others follow
         from .distributed import serve_distributed
 
-        server = serve_distributed(module, args.address, options, args.parallel)
+        server = serve_distributed(
+            module, args.address, options, args.parallel, timeout=args.dist_timeout
+        )
         if server is None:
             return
     else:
@@ -285,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel",
         choices=("ddp",),
         help="under torchrun: every rank serves a share of each batch (docs/scale-out.md)",
+    )
+    serve_parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with --parallel: a collective between the ranks that waits longer fails, and "
+        "the server answers UNAVAILABLE (default: %(default)s)",
     )
     serve_parser.set_defaults(run=_serve)
     if _hf_extra_installed():

@@ -60,7 +60,7 @@ __all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed", "shares"]
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp",)
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)  # a collective that waits longer fails
+DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait (serve --dist-timeout)
 
 # Frames between our own ranks: trusted, so only generous sanity limits.
 _INTERNAL_LIMITS = Limits(
@@ -119,17 +119,31 @@ class _Wire:
         self.encoder = Encoder(compression="none")
         self.decoder = Decoder(limits=_INTERNAL_LIMITS)
 
+    # A frame goes as one message of HEAD bytes (its length, then its start) and, when longer,
+    # a second with the rest: a small command costs one message, not a length and a payload.
+    HEAD = 8192
+
     def send(self, value: Any, dst: int) -> None:
         data = self.encoder.encode(value)
-        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst, group=self.group)
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst, group=self.group)
+        head = bytearray(self.HEAD)
+        head[:8] = len(data).to_bytes(8, "little")
+        first = data[: self.HEAD - 8]
+        head[8 : 8 + len(first)] = first
+        dist.send(torch.frombuffer(head, dtype=torch.uint8), dst, group=self.group)
+        if len(data) > len(first):
+            rest = bytearray(data[len(first) :])
+            dist.send(torch.frombuffer(rest, dtype=torch.uint8), dst, group=self.group)
 
     def recv(self, src: int) -> Any:
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.recv(size, src, group=self.group)
-        data = torch.empty(int(size[0]), dtype=torch.uint8)
-        dist.recv(data, src, group=self.group)
-        return self.decoder.decode(data.numpy())
+        head = torch.empty(self.HEAD, dtype=torch.uint8)
+        dist.recv(head, src, group=self.group)
+        raw = head.numpy()
+        size = int.from_bytes(raw[:8].tobytes(), "little")
+        if size <= self.HEAD - 8:
+            return self.decoder.decode(raw[8 : 8 + size])
+        rest = torch.empty(size - (self.HEAD - 8), dtype=torch.uint8)
+        dist.recv(rest, src, group=self.group)
+        return self.decoder.decode(raw[8:].tobytes() + rest.numpy().tobytes())
 
 
 class DistributedRunner(TrunkRunner):
@@ -389,7 +403,7 @@ class DistributedRunner(TrunkRunner):
                 try:
                     self.wire.send({"op": "stop"}, rank)
                 except RuntimeError as exc:  # that rank is gone already
-                    log.warning("could not stop rank %d: %s", rank, exc)
+                    log.info("rank %d is gone already: %s", rank, exc)
         self.broken = "the server stopped"
 
     # -- the exchange ------------------------------------------------------------------------------
@@ -508,7 +522,11 @@ class DistributedRunner(TrunkRunner):
     def follow(self) -> None:
         """Serve rank 0's commands until it says stop (or the group breaks)."""
         while True:
-            command = self.wire.recv(0)
+            try:
+                command = self.wire.recv(0)
+            except RuntimeError as exc:  # rank 0 is gone: torchrun stops the group
+                log.error("rank %d: rank 0 is gone (%s); leaving", self.rank, exc)
+                raise SystemExit(1) from exc
             op = command["op"]
             if op == "stop":
                 return
@@ -571,7 +589,7 @@ def serve_distributed(
     options: ServerOptions,
     mode: str,
     *,
-    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Any:
     """Under torchrun: join the process group; rank 0 starts and returns the trunk server,
     the other ranks follow its commands and return None once it stops."""
@@ -589,8 +607,11 @@ def serve_distributed(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timeout)
-    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    if not timeout > 0:
+        raise SystemExit(f"--dist-timeout must be a positive number of seconds, got {timeout}")
+    delta = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(backend, timeout=delta)
+    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=delta)
     dtype = DTYPES[options.dtype] if options.dtype else None
     runner = DistributedRunner(module, device, dtype, mode=mode, control=control)
     if runner.rank != 0:

@@ -210,6 +210,8 @@ class TrunkService(pb_grpc.TrunkServicer):
             weights_version=trunk.weights_version,
             buffers=trunk.buffers,
             dtype=trunk.dtype,
+            world_size=trunk.world_size,
+            parallel=trunk.parallel,
         )
 
     @_rpc

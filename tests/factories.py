@@ -52,9 +52,12 @@ class ShiftedTrunk(nn.Module):
         self.body = dropout_trunk()
         del self.body[2]
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, pooled: bool = False
+    ) -> torch.Tensor:
         out = self.body(x)
-        return out if shift is None else out * shift
+        out = out if shift is None else out * shift
+        return out.mean(0) if pooled else out  # pooled: an output without the batch dimension
 
 
 def shifted_trunk() -> nn.Module:

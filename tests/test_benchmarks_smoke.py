@@ -112,3 +112,13 @@ def test_pipeline_smoke(tmp_path: Path) -> None:
         assert data[name]["trunk_idle_fraction"] < 1
     # The pipelined step computes what the sequential one does (float32 summation order).
     assert data["ratios"]["max_loss_rel_diff_pipelined_vs_sequential"] < 1e-4
+
+
+def test_distributed_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_distributed", tmp_path)
+    assert data["benchmark"] == "distributed"
+    assert set(data["servers"]) == {"plain", "1 rank (ddp)", "2 ranks (ddp)"}
+    for result in data["servers"].values():
+        assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["tiny_call_s"] > 0
+    assert data["speedup_2_vs_1"] > 0
+    assert set(data["front_door_overhead_s"]) == {"1 rank", "2 ranks"}

@@ -6,21 +6,30 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from factories import local_parts, shifted_trunk
+from factories import batch, local_parts, shifted_trunk
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_, serve
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerUnavailable,
+    clip_grad_norm_,
+    serve,
+)
 from remote_autograd.distributed import shares
-from remote_autograd.errors import RemoteError
+from remote_autograd.errors import InvalidRequest, RemoteError
 
 # One server serves the tests of this module in turn: each starts from the weights the last
 # one left, on purpose (its local reference starts there too).
@@ -31,7 +40,9 @@ TOL = {"rtol": 0, "atol": 1e-12}  # float64: a sum over shards vs the unsplit su
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def spawn_torchrun(factory: str, *extra: str, nproc: int = 2) -> tuple[subprocess.Popen[str], str]:
+def spawn_torchrun(
+    factory: str, *extra: str, nproc: int = 2, torchrun: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], str]:
     """``torchrun --nproc-per-node N -m remote_autograd serve --module factory`` in its own
     process group; return it and rank 0's address once it serves."""
     paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
@@ -40,6 +51,7 @@ def spawn_torchrun(factory: str, *extra: str, nproc: int = 2) -> tuple[subproces
         *TORCHRUN,
         "--standalone",
         f"--nproc-per-node={nproc}",
+        *torchrun,
         "-m",
         "remote_autograd",
         "serve",
@@ -151,11 +163,31 @@ def _train(trunk: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, params
 
 
+def test_parallel_outside_torchrun_says_how_to_launch():
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    command = [sys.executable, "-m", "remote_autograd", "serve"]
+    command += ["--module", "factories:shifted_trunk", "--parallel", "ddp"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "--parallel needs torchrun: torchrun --nproc-per-node N" in completed.stderr
+
+
 def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(5, 2) == [3, 2]
     assert shares(1, 2) == [1, 0]
     assert shares(0, 3) == [0, 0, 0]
     assert shares(7, 3) == [3, 2, 2]
+
+
+def test_info_says_how_many_ranks_compute(ddp_address, single_address):
+    with RemoteModule(ddp_address) as remote:
+        info = remote.client.info()
+        assert (info.world_size, info.parallel, info.device) == (2, "ddp", "cpu")
+    with RemoteModule(single_address) as remote:
+        info = remote.client.info()
+        assert (info.world_size, info.parallel) == (1, "")
 
 
 def test_training_through_two_ddp_ranks_equals_one_process_and_local(ddp_address, single_address):
@@ -235,7 +267,7 @@ def test_concurrent_sessions_get_their_own_outputs(ddp_address):
         try:
             generator = torch.Generator().manual_seed(seed)
             with RemoteModule(ddp_address) as remote:
-                for size in (1, 4, 3, 2):
+                for size in (1, 4, 3, 2, 601):  # 601 x 8 float64: frames over _Wire.HEAD
                     x = torch.randn(size, 8, generator=generator, dtype=torch.float64)
                     with torch.no_grad():
                         torch.testing.assert_close(remote(x), local(x), **TOL)
@@ -250,6 +282,17 @@ def test_concurrent_sessions_get_their_own_outputs(ddp_address):
     assert not failures, failures
 
 
+def test_an_output_without_the_batch_dimension_is_refused_with_a_reason(ddp_address):
+    local = shifted_trunk()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with _fresh(ddp_address) as remote:
+        with pytest.raises(InvalidRequest, match="no batch dimension first.*--parallel"):
+            remote(x, pooled=True)
+        # One rank ran (a batch of 1): nothing to join, the output is returned as it is.
+        torch.testing.assert_close(remote(x[:1], pooled=True), local(x[:1], pooled=True), **TOL)
+        torch.testing.assert_close(remote(x), local(x), **TOL)  # and the ranks go on
+
+
 def test_a_bad_input_is_refused_and_the_ranks_go_on(ddp_address):
     local = shifted_trunk()
     with _fresh(ddp_address) as remote:
@@ -260,3 +303,103 @@ def test_a_bad_input_is_refused_and_the_ranks_go_on(ddp_address):
         torch.testing.assert_close(out, local(x), **TOL)
         grad = torch.autograd.grad(out.sum(), x)[0]
         torch.testing.assert_close(grad, torch.autograd.grad(local(x).sum(), x)[0], **TOL)
+
+
+def _rank_pid(torchrun: subprocess.Popen[str], rank: int) -> int:
+    """The process id of one rank: a child of the torchrun agent with RANK in its environment."""
+    children = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+    for child in children:
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise LookupError(f"no rank {rank} among {children}")
+
+
+def _server_id(address: str) -> str:
+    with RemoteModule(address) as remote:
+        return remote.client.info().server_id
+
+
+def _parts(trunk: nn.Module) -> tuple:
+    """Bottom, top and the two optimizers (SGD with momentum) around ``trunk``."""
+    bottom, top = local_parts()
+    client_opt = torch.optim.SGD([*bottom.parameters(), *top.parameters()], lr=0.1, momentum=0.9)
+    if isinstance(trunk, RemoteModule):
+        trunk_opt: Any = RemoteOptimizer(trunk, "SGD", lr=0.1, momentum=0.9)
+    else:
+        trunk_opt = torch.optim.SGD(trunk.parameters(), lr=0.1, momentum=0.9)
+    return bottom, top, client_opt, trunk_opt
+
+
+def _sgd_steps(trunk: nn.Module, steps: range, parts: tuple) -> None:
+    bottom, top, client_opt, trunk_opt = parts
+    for step in steps:
+        x, y = batch(step)  # a batch of 5: shares of 3 and 2
+        client_opt.zero_grad()
+        trunk_opt.zero_grad()
+        nn.functional.mse_loss(top(trunk(bottom(x))), y).backward()
+        client_opt.step()
+        trunk_opt.step()
+
+
+def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(tmp_path):
+    """SIGKILL rank 1 between a forward and its backward: the next call fails UNAVAILABLE and
+    torchrun stops the group; a new torchrun on the same port loads the checkpoint, the client's
+    retries and context recovery finish the step, and training ends where a fault-free run
+    does."""
+    local = shifted_trunk()
+    reference = _parts(local)
+    _sgd_steps(local, range(1, 6), reference)
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    checkpoint = str(tmp_path / "trunk.ckpt")
+    args = (
+        "factories:shifted_trunk",
+        "--parallel",
+        "ddp",
+        "--checkpoint",
+        checkpoint,
+        "--checkpoint-every",
+        "1",
+        "--address",
+        f"127.0.0.1:{port}",
+    )
+    process, address = spawn_torchrun(*args)
+    processes = [process]
+    try:
+        options = ClientOptions(retries=200, retry_backoff=0.2, retry_backoff_max=0.5)
+        with RemoteModule(address, options=options) as remote:
+            first_server = _server_id(address)
+            run = _parts(remote)
+            _sgd_steps(remote, range(1, 3), run)
+            bottom, top, client_opt, trunk_opt = run
+            x, y = batch(3)
+            client_opt.zero_grad()
+            trunk_opt.zero_grad()
+            loss = nn.functional.mse_loss(top(remote(bottom(x))), y)
+            os.kill(_rank_pid(process, 1), signal.SIGKILL)
+            no_retries = ClientOptions(retries=0, connect_timeout=1.0)
+            probe = RemoteModule(address, options=no_retries)
+            with pytest.raises(ServerUnavailable):
+                for _ in range(200):  # until the failure shows (the old rank 0, or nobody)
+                    probe(torch.zeros(2, 8, dtype=torch.float64))
+                    time.sleep(0.05)
+            probe.close()
+            assert process.wait(timeout=120) != 0  # torchrun stopped the group: a failure
+            processes.append(spawn_torchrun(*args)[0])
+            loss.backward()  # retried until the restarted group answers; forward recomputed
+            client_opt.step()
+            trunk_opt.step()
+            assert _server_id(address) != first_server  # really a new group
+            _sgd_steps(remote, range(4, 6), run)
+            trunk_state = remote.remote_state_dict()
+        for name, param in local.named_parameters():
+            torch.testing.assert_close(trunk_state[name], param.detach(), **TOL, msg=name)
+        for mine, theirs in zip(run[:2], reference[:2], strict=True):
+            for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+                torch.testing.assert_close(a, b, **TOL)
+    finally:
+        for started in processes:
+            stop_torchrun(started)
