@@ -397,3 +397,53 @@ def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, ca
     name = next(n for n in adapters[0] if "lora_B" in n)
     assert not torch.equal(adapters[0][name], adapters[1][name])
     assert not torch.equal(adapters[1][name], adapters[2][name])
+
+
+class _MeetingTrunk(nn.Module):
+    """A trunk whose forward waits at ``meeting`` (a class attribute: replicas share it)."""
+
+    meeting: threading.Barrier | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _MeetingTrunk.meeting is not None:
+            _MeetingTrunk.meeting.wait(timeout=120)
+        return self.layer(x)
+
+
+def test_forwards_of_different_clients_run_at_the_same_time(start_server):
+    """Two clients' training forwards meet inside the trunk: neither waits for the other's
+    to finish (were they serialised behind one lock, the barrier would break)."""
+    options = AdapterOptions(rank=2, target_modules=("layer",), offload_after=0.0)
+    server = start_server(AdapterEngine(_MeetingTrunk(), ServerOptions(tokens=TOKENS), options))
+    trunks = [RemoteModule(server.address, options=client_options(i)) for i in range(2)]
+    x = torch.randn(2, 8, dtype=torch.float64)
+    for trunk in trunks:
+        trunk(x)  # each client's adapter exists before they meet
+    _MeetingTrunk.meeting = threading.Barrier(2)
+    outputs: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def forward_and_backward(trunk: RemoteModule) -> None:
+        try:
+            out = trunk(x.clone().requires_grad_())
+            out.sum().backward()
+            outputs.append(out)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=forward_and_backward, args=(t,)) for t in trunks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        _MeetingTrunk.meeting = None
+    assert not errors, errors
+    assert len(outputs) == 2
+    for trunk in trunks:
+        trunk.close()
