@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -246,10 +247,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--render", help="no run: write the doc section of a results JSON")
     args = parser.parse_args(argv)
-    data = run(args)
-    write_json(args.json, data)
-    if args.doc:
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+    else:
+        data = run(args)
+        write_json(args.json, data)
+    if args.doc or args.render:
         update_doc(
             "adapters", "### Per-client adapters vs single-tenant servers\n\n" + markdown(data)
         )
