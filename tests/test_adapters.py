@@ -447,3 +447,38 @@ def test_forwards_of_different_clients_run_at_the_same_time(start_server):
     assert len(outputs) == 2
     for trunk in trunks:
         trunk.close()
+
+
+def test_under_mutual_tls_each_certificate_name_has_its_own_adapter(start_server, tmp_path):
+    from pki import _issue, make_pki
+
+    pki = make_pki(tmp_path)
+    _issue(tmp_path, "client2", "ca", "client-2", "extendedKeyUsage=clientAuth")
+    pem = {name: (tmp_path / name).read_bytes() for name in ("client2.pem", "client2.key")}
+    options = ServerOptions(
+        certificate_chain=pki["server.pem"], private_key=pki["server.key"], client_ca=pki["ca.pem"]
+    )
+    server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
+
+    def connect(chain: bytes, key: bytes) -> RemoteModule:
+        client = ClientOptions(
+            root_certificates=pki["ca.pem"], certificate_chain=chain, private_key=key, seed=1
+        )
+        return RemoteModule(server.address, options=client)
+
+    first = connect(pki["client.pem"], pki["client.key"])
+    second = connect(pem["client2.pem"], pem["client2.key"])
+    fresh = second.adapter_state_dict()
+    optimizer = RemoteOptimizer(first, torch.optim.SGD, lr=0.5)
+    first(torch.randn(3, 8, dtype=torch.float64)).pow(2).sum().backward()
+    optimizer.step()
+    trained = first.adapter_state_dict()
+    assert_same_state(second.adapter_state_dict(), fresh)
+    again = connect(pki["client.pem"], pki["client.key"])  # the same name, a new connection
+    assert_same_state(again.adapter_state_dict(), trained)
+    assert sorted(a.identity for a in server.engine._adapters.values()) == [
+        "anonymous/cn=client-1",
+        "anonymous/cn=client-2",
+    ]
+    for trunk in (first, second, again):
+        trunk.close()
