@@ -231,10 +231,22 @@ def markdown(data: dict[str, Any]) -> str:
             many["tokens_per_s"],
         ],
     ]
+    r = data["ratios"]
+    note = (
+        f"An idle per-client server holds {one['rss_idle_bytes'] / mib:.0f} MiB (interpreter, "
+        "torch, transformers, the frozen base), paid once instead of once per client: "
+        f"{r['memory_per_client_separate_over_shared']:.2f}x less memory per client. "
+        f"Concurrent clients on the one server reach "
+        f"{r['tokens_per_s_concurrent_over_serialised']:.2f}x the tokens/s of the same clients "
+        f"taking turns (their calls overlap), and {r['tokens_per_s_shared_over_separate']:.2f}x "
+        "the tokens/s of separate servers (one process per client, no GIL shared)."
+    )
     return (
         head
         + "\n\n"
         + table(["setup", "server RSS MiB", "MiB per client", "tokens/s (all clients)"], rows)
+        + "\n\n"
+        + note
     )
 
 
