@@ -482,3 +482,38 @@ def test_under_mutual_tls_each_certificate_name_has_its_own_adapter(start_server
     ]
     for trunk in (first, second, again):
         trunk.close()
+
+
+def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_server, tmp_path):
+    """In process: checkpoint_every counts the Steps of all adapters; a new engine on the file
+    holds every adapter and every session's optimizer state; other LoRA options are refused."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path, checkpoint_every=2)
+    engine = AdapterEngine(dropout_trunk(), options, adapter_options())
+    server = start_server(engine)
+    learners = [Learner(server.address, i) for i in range(2)]
+    learners[0].train_alone(1)
+    assert not (tmp_path / "adapters.ckpt").exists()  # one Step so far
+    learners[1].train_alone(1)  # the second Step, of another adapter: due
+    assert (tmp_path / "adapters.ckpt").exists()
+    states = [learner.trunk.adapter_state_dict() for learner in learners]
+    optimizer_states = {
+        s.key: s.optimizer.state_dict()["state"] for s in engine.sessions.values() if s.optimizer
+    }
+    for learner in learners:
+        learner.trunk.close()
+    restored = AdapterEngine(dropout_trunk(), options, adapter_options())
+    assert restored.stats()["adapters"] == 2
+    for key, state in optimizer_states.items():
+        session = next(s for s in restored.sessions.values() if s.key == key)
+        assert session.last_step == 1
+        for index, moments in state.items():
+            got = session.optimizer.state_dict()["state"][index]
+            assert all(torch.equal(got[k], v) for k, v in moments.items())
+    server = start_server(restored)
+    for index in range(2):
+        trunk = RemoteModule(server.address, options=client_options(index))
+        assert_same_state(trunk.adapter_state_dict(), states[index])
+        trunk.close()
+    with pytest.raises(ValueError, match="does not fit these LoRA options"):
+        AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
