@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -230,10 +231,22 @@ def markdown(data: dict[str, Any]) -> str:
             many["tokens_per_s"],
         ],
     ]
+    r = data["ratios"]
+    note = (
+        f"An idle per-client server holds {one['rss_idle_bytes'] / mib:.0f} MiB (interpreter, "
+        "torch, transformers, the frozen base), paid once instead of once per client: "
+        f"{r['memory_per_client_separate_over_shared']:.2f}x less memory per client. "
+        f"Concurrent clients on the one server reach "
+        f"{r['tokens_per_s_concurrent_over_serialised']:.2f}x the tokens/s of the same clients "
+        f"taking turns (their calls overlap), and {r['tokens_per_s_shared_over_separate']:.2f}x "
+        "the tokens/s of separate servers (one process per client, no GIL shared)."
+    )
     return (
         head
         + "\n\n"
         + table(["setup", "server RSS MiB", "MiB per client", "tokens/s (all clients)"], rows)
+        + "\n\n"
+        + note
     )
 
 
@@ -246,10 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--render", help="no run: write the doc section of a results JSON")
     args = parser.parse_args(argv)
-    data = run(args)
-    write_json(args.json, data)
-    if args.doc:
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+    else:
+        data = run(args)
+        write_json(args.json, data)
+    if args.doc or args.render:
         update_doc(
             "adapters", "### Per-client adapters vs single-tenant servers\n\n" + markdown(data)
         )

@@ -20,6 +20,7 @@ def runs(preset: str, links: bool) -> list[tuple[str, list[str]]]:
     out = [
         ("transfer", ["benchmarks.bench_transfer", "--preset", preset, *doc]),
         ("step", ["benchmarks.bench_step", "--preset", preset, *doc]),
+        ("adapters", ["benchmarks.bench_adapters", "--preset", preset, *doc]),
     ]
     if links:
         link_preset = "link" if preset == "full" else "smoke"

@@ -571,7 +571,9 @@ class AdapterEngine:
         for identity, saved in saved_adapters.items():
             adapter = self._new_adapter(identity)
             named = dict(adapter.engine.params)
-            if set(saved["parameters"]) != set(named):
+            if set(saved["parameters"]) != set(named) or any(
+                value.shape != named[name].shape for name, value in saved["parameters"].items()
+            ):
                 raise ValueError(
                     f"{path}: the adapter of {identity} does not fit these LoRA options "
                     "(other rank or target modules); start with the options it was saved with"

@@ -397,3 +397,123 @@ def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, ca
     name = next(n for n in adapters[0] if "lora_B" in n)
     assert not torch.equal(adapters[0][name], adapters[1][name])
     assert not torch.equal(adapters[1][name], adapters[2][name])
+
+
+class _MeetingTrunk(nn.Module):
+    """A trunk whose forward waits at ``meeting`` (a class attribute: replicas share it)."""
+
+    meeting: threading.Barrier | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _MeetingTrunk.meeting is not None:
+            _MeetingTrunk.meeting.wait(timeout=120)
+        return self.layer(x)
+
+
+def test_forwards_of_different_clients_run_at_the_same_time(start_server):
+    """Two clients' training forwards meet inside the trunk: neither waits for the other's
+    to finish (were they serialised behind one lock, the barrier would break)."""
+    options = AdapterOptions(rank=2, target_modules=("layer",), offload_after=0.0)
+    server = start_server(AdapterEngine(_MeetingTrunk(), ServerOptions(tokens=TOKENS), options))
+    trunks = [RemoteModule(server.address, options=client_options(i)) for i in range(2)]
+    x = torch.randn(2, 8, dtype=torch.float64)
+    for trunk in trunks:
+        trunk(x)  # each client's adapter exists before they meet
+    _MeetingTrunk.meeting = threading.Barrier(2)
+    outputs: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def forward_and_backward(trunk: RemoteModule) -> None:
+        try:
+            out = trunk(x.clone().requires_grad_())
+            out.sum().backward()
+            outputs.append(out)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=forward_and_backward, args=(t,)) for t in trunks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        _MeetingTrunk.meeting = None
+    assert not errors, errors
+    assert len(outputs) == 2
+    for trunk in trunks:
+        trunk.close()
+
+
+def test_under_mutual_tls_each_certificate_name_has_its_own_adapter(start_server, tmp_path):
+    from pki import _issue, make_pki
+
+    pki = make_pki(tmp_path)
+    _issue(tmp_path, "client2", "ca", "client-2", "extendedKeyUsage=clientAuth")
+    pem = {name: (tmp_path / name).read_bytes() for name in ("client2.pem", "client2.key")}
+    options = ServerOptions(
+        certificate_chain=pki["server.pem"], private_key=pki["server.key"], client_ca=pki["ca.pem"]
+    )
+    server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
+
+    def connect(chain: bytes, key: bytes) -> RemoteModule:
+        client = ClientOptions(
+            root_certificates=pki["ca.pem"], certificate_chain=chain, private_key=key, seed=1
+        )
+        return RemoteModule(server.address, options=client)
+
+    first = connect(pki["client.pem"], pki["client.key"])
+    second = connect(pem["client2.pem"], pem["client2.key"])
+    fresh = second.adapter_state_dict()
+    optimizer = RemoteOptimizer(first, torch.optim.SGD, lr=0.5)
+    first(torch.randn(3, 8, dtype=torch.float64)).pow(2).sum().backward()
+    optimizer.step()
+    trained = first.adapter_state_dict()
+    assert_same_state(second.adapter_state_dict(), fresh)
+    again = connect(pki["client.pem"], pki["client.key"])  # the same name, a new connection
+    assert_same_state(again.adapter_state_dict(), trained)
+    assert sorted(a.identity for a in server.engine._adapters.values()) == [
+        "anonymous/cn=client-1",
+        "anonymous/cn=client-2",
+    ]
+    for trunk in (first, second, again):
+        trunk.close()
+
+
+def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_server, tmp_path):
+    """In process: checkpoint_every counts the Steps of all adapters; a new engine on the file
+    holds every adapter and every session's optimizer state; other LoRA options are refused."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path, checkpoint_every=2)
+    engine = AdapterEngine(dropout_trunk(), options, adapter_options())
+    server = start_server(engine)
+    learners = [Learner(server.address, i) for i in range(2)]
+    learners[0].train_alone(1)
+    assert not (tmp_path / "adapters.ckpt").exists()  # one Step so far
+    learners[1].train_alone(1)  # the second Step, of another adapter: due
+    assert (tmp_path / "adapters.ckpt").exists()
+    states = [learner.trunk.adapter_state_dict() for learner in learners]
+    optimizer_states = {
+        s.key: s.optimizer.state_dict()["state"] for s in engine.sessions.values() if s.optimizer
+    }
+    for learner in learners:
+        learner.trunk.close()
+    restored = AdapterEngine(dropout_trunk(), options, adapter_options())
+    assert restored.stats()["adapters"] == 2
+    for key, state in optimizer_states.items():
+        session = next(s for s in restored.sessions.values() if s.key == key)
+        assert session.last_step == 1
+        for index, moments in state.items():
+            got = session.optimizer.state_dict()["state"][index]
+            assert all(torch.equal(got[k], v) for k, v in moments.items())
+    server = start_server(restored)
+    for index in range(2):
+        trunk = RemoteModule(server.address, options=client_options(index))
+        assert_same_state(trunk.adapter_state_dict(), states[index])
+        trunk.close()
+    with pytest.raises(ValueError, match="does not fit these LoRA options"):
+        AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
