@@ -39,7 +39,7 @@ from .errors import (
     RemoteAutogradError,
     TrunkError,
 )
-from .sessions import Session, ZeroGrad, identity_of
+from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of
 from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
 from .validate import autocast_dtype, unpack
 
@@ -154,7 +154,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         """The caller's authenticated identity: a token's fingerprint ("anonymous" on a
         server without tokens) and, under mutual TLS, the client certificate's name."""
         metadata = dict(context.invocation_metadata())
-        identity = "anonymous"
+        identity = ANONYMOUS
         if self._tokens:
             offered = str(metadata.get(AUTH_METADATA_KEY, ""))
             scheme, _, token = offered.partition(" ")
