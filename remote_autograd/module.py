@@ -225,6 +225,7 @@ class RemoteModule(nn.Module):
         return {
             "server_version": info.server_version,
             "device": info.device,
+            "dtype": info.dtype,
             "module": info.module_repr,
             "trainable_parameters": list(info.trainable_parameters),
             "trainable_numel": info.trainable_numel,

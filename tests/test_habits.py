@@ -158,6 +158,7 @@ def test_a_cast_the_trunk_is_not_served_in_is_refused_with_what_to_do(start_serv
 
 def test_double_works_when_the_trunk_is_served_in_float64(start_server):
     split = Split(start_server, options=ServerOptions(dtype="float64"))
+    assert split.remote.remote_info()["dtype"] == "float64"
     split.model.double()
     split.local.double()
     trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
