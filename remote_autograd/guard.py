@@ -268,16 +268,22 @@ def pending_grads(session: Session, zero_grad: int, grad_scale: float) -> dict[s
 
 
 def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
-    """Each tensor's largest magnitude (NaN where it holds NaN), one synchronisation per device."""
-    if not tensors:
-        return []
-    norms = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    """Each tensor's largest magnitude (NaN where it holds NaN), with one synchronisation per
+    (device, dtype) group: on a GPU one fused ``_foreach_norm(inf)`` kernel per group, on the
+    CPU ``aminmax`` per tensor (one pass, about twice as fast as the norm there; see
+    validate.finite_flags)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     out = [0.0] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for index, norm in enumerate(norms):
-        by_device.setdefault(norm.device, []).append(index)
-    for indices in by_device.values():
-        values = torch.stack([norms[i].double() for i in indices]).tolist()
+    for (device, _), indices in groups.items():
+        group = [tensors[i].detach() for i in indices]
+        if device.type == "cpu":
+            ends = [torch.aminmax(t) for t in group]
+            norms = [torch.maximum(low.abs(), high.abs()) for low, high in ends]
+        else:
+            norms = list(torch._foreach_norm(group, math.inf))
+        values = torch.stack(norms).double().tolist()
         for index, value in zip(indices, values, strict=True):
             out[index] = value
     return out
