@@ -289,18 +289,27 @@ def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
     return out
 
 
-def _state_snapshot(optimizer: torch.optim.Optimizer) -> dict[Any, dict[str, Any]]:
+def _state_snapshot(
+    optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]
+) -> dict[Any, dict[str, Any]]:
+    """Copies of the optimizer state of ``tensors`` (the parameters a step will move)."""
     return {
         param: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
-        for param, entries in optimizer.state.items()
+        for param in tensors
+        if (entries := optimizer.state.get(param)) is not None
     }
 
 
-def _restore_state(optimizer: torch.optim.Optimizer, snapshot: dict[Any, dict[str, Any]]) -> None:
-    for param in [p for p in optimizer.state if p not in snapshot]:
-        del optimizer.state[param]  # state the refused step created (its first step)
-    for param, entries in snapshot.items():
-        optimizer.state[param] = entries
+def _restore_state(
+    optimizer: torch.optim.Optimizer,
+    tensors: Sequence[torch.Tensor],
+    snapshot: dict[Any, dict[str, Any]],
+) -> None:
+    for param in tensors:
+        if param in snapshot:
+            optimizer.state[param] = snapshot[param]
+        else:
+            optimizer.state.pop(param, None)  # state the refused step created (its first step)
 
 
 def guarded_step(
@@ -311,19 +320,20 @@ def guarded_step(
     options: ServerOptions,
 ) -> None:
     """``optimizer.step()`` with ``grads`` and the hyperparameter ``updates`` (checked already by
-    check_updates), kept only if every
-    parameter and optimizer-state value it produces is finite and no parameter tensor grows
-    past ``options.max_weight_growth``; otherwise the parameters, the optimizer state and its
-    hyperparameters are restored exactly and InvalidRequest names the parameter.
+    check_updates), kept only if every parameter and optimizer-state value it produces is
+    finite and no parameter tensor grows past ``options.max_weight_growth``; otherwise the
+    parameters, the optimizer state and its hyperparameters are restored exactly and
+    InvalidRequest names the parameter.
 
-    Costs one copy of the parameters and of the optimizer state per step (what a step changes),
-    and one fused max-magnitude pass with one synchronisation per device."""
-    names = [name for name, _ in params]
-    tensors = [param for _, param in params]
-    present = [name for name in names if name in grads]
+    Costs a copy of what the step changes (the parameters that have a gradient, as torch's
+    optimizers skip the others, and their optimizer state) and one max-magnitude pass over them
+    with one synchronisation per device and dtype."""
+    moving = [(name, param) for name, param in params if name in grads]
+    names = [name for name, _ in moving]
+    tensors = [param for _, param in moving]
     _refuse_non_finite(
-        present,
-        [grads[name] for name in present],
+        names,
+        [grads[name] for name in names],
         "Step refused: the session's accumulated gradients of trunk parameters {} are not "
         "finite (NaN or inf after its Backwards and grad_scale); nothing was changed, call "
         "zero_grad() and go on",
@@ -331,20 +341,20 @@ def guarded_step(
     saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     with torch.no_grad():
         old_params = [t.detach().clone() for t in tensors]
-    old_state = _state_snapshot(optimizer)
+    old_state = _state_snapshot(optimizer, tensors)
     old_max = _max_abs(old_params)
 
     def roll_back() -> None:
         with torch.no_grad():
             torch._foreach_copy_([t.detach() for t in tensors], old_params)
-        _restore_state(optimizer, old_state)
+        _restore_state(optimizer, tensors, old_state)
         for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
             group.update(saved)
 
     for group, update in zip(optimizer.param_groups, updates, strict=True):
         group.update(update)
-    for name, param in params:
-        param.grad = grads.get(name)
+    for name, param in moving:
+        param.grad = grads[name]
     try:
         optimizer.step()
         problem = _problem(optimizer, names, tensors, old_max, options)
@@ -367,12 +377,11 @@ def _problem(
     options: ServerOptions,
 ) -> str | None:
     """Why the step just taken must not stand, or None."""
-    owner = {id(t): name for name, t in zip(names, tensors, strict=True)}
     state_names, state_tensors = [], []
-    for param, entries in optimizer.state.items():
-        for key, value in entries.items():
+    for name, param in zip(names, tensors, strict=True):
+        for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-                state_names.append(f"{key} of {owner.get(id(param), '?')}")
+                state_names.append(f"{key} of {name}")
                 state_tensors.append(value)
     maxima = _max_abs([*tensors, *state_tensors])
     new_max, state_max = maxima[: len(tensors)], maxima[len(tensors) :]
