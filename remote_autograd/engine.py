@@ -37,6 +37,7 @@ from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .errors import InvalidRequest, NotConfigured, StaleContext, TrunkError
 from .guard import (
+    StepBackup,
     accumulate,
     check_finite_weights,
     check_grad_scale,
@@ -98,6 +99,7 @@ class TrunkEngine:
         self.saved_version: int | None = None  # weights_version of the last checkpoint
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
         self._lock = threading.RLock()
+        self.step_backup = StepBackup()  # what a Step changes is copied here (guard.py)
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 
@@ -405,7 +407,7 @@ class TrunkEngine:
             # Applied only if all it produces is finite and sane; else rolled back and refused
             # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
             grads = pending_grads(session, call.zero_grad, call.grad_scale)
-            guarded_step(optimizer, self.params, grads, groups, self.options)
+            guarded_step(optimizer, self.params, grads, groups, self.options, self.step_backup)
             session.grads.clear()
             session.grads.update(grads)
             self.weights_version += 1
