@@ -36,7 +36,7 @@ from remote_autograd import (
 from remote_autograd import client as client_module
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.checkpoint_file import load_checkpoint
-from remote_autograd.guard import StepBackup
+from remote_autograd.guard import StepBackup, check_hyperparameters
 from remote_autograd.validate import clone_tree
 
 OPTIMIZERS = {
@@ -658,3 +658,19 @@ def test_the_step_backup_reuses_its_buffers_and_forgets_a_changed_tensors_maximu
     again = backup.copy([weight])
     assert again[0] is first[0] and backup.nbytes() == 8
     assert backup.max_abs([weight], again) == [30.0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type)
+        and issubclass(c, torch.optim.Optimizer)
+        and n not in ("Optimizer", "LBFGS")
+    ),
+)
+def test_every_optimizers_defaults_are_within_the_bounds(name):
+    """The bounds refuse absurd values, never torch's own defaults (Muon: 2-D parameters)."""
+    optimizer = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(2, 2))])
+    check_hyperparameters(name, optimizer.param_groups, ServerOptions())
