@@ -229,16 +229,28 @@ def accumulate(
 ) -> None:
     """Add one Backward's parameter gradients to the session's, after the zero_grad and scale
     the client deferred to it. A sum that overflows to inf (each share finite, say two output
-    gradients of 2e38) refuses the Backward with nothing changed: the sums are built beside the
-    held gradients and swapped in only once all are finite."""
-    if zero_grad != ZeroGrad.KEEP:
-        # Nothing held survives in full: the new shares are checked already, no sum can overflow.
+    gradients of 2e38) refuses the Backward with nothing changed.
+
+    In place when the largest magnitudes show no sum can come near the dtype's range (one read
+    of the held and new gradients); otherwise the sums are built beside the held gradients and
+    swapped in only once all are finite."""
+    both = [name for name in param_grads if name in session.grads]
+    if zero_grad == ZeroGrad.KEEP and both:
+        scale = grad_scale if grad_scale else 1.0
+        maxima = _max_abs([*(session.grads[n] for n in both), *(param_grads[n] for n in both)])
+        held_max, new_max = maxima[: len(both)], maxima[len(both) :]
+        in_place = all(
+            held * scale + new <= 0.5 * torch.finfo(session.grads[name].dtype).max
+            for name, held, new in zip(both, held_max, new_max, strict=True)
+        )
+    else:
+        in_place = True  # nothing held survives in full: no sum can overflow
+    if in_place:
         session.apply_pending(zero_grad, grad_scale)
         for name, grad in param_grads.items():
             held = session.grads.get(name)
             session.grads[name] = grad if held is None else held.add_(grad)
         return
-    both = [name for name in param_grads if name in session.grads]
     sums = _scaled([session.grads[name] for name in both], grad_scale)
     sums = [torch.add(held, param_grads[name]) for held, name in zip(sums, both, strict=True)]
     _refuse_non_finite(
