@@ -296,7 +296,8 @@ def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
     validate.finite_flags)."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+        if tensor.numel():  # an empty tensor's largest magnitude is 0
+            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     out = [0.0] * len(tensors)
     for (device, _), indices in groups.items():
         group = [tensors[i].detach() for i in indices]

@@ -577,7 +577,7 @@ def test_mutated_replays_of_a_training_step_never_ruin_the_trunk(start_server, m
     ]
 
     @settings(
-        max_examples=80,
+        max_examples=200,
         deadline=None,
         derandomize=True,
         database=None,
