@@ -40,6 +40,7 @@ from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, 
 from .fingerprint import persistent_buffers, trunk_fingerprint
 from .footprint import Footprint
 from .guard import (
+    StepBackup,
     accumulate,
     check_finite_weights,
     check_grad_scale,
@@ -134,6 +135,7 @@ class TrunkEngine:
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
         self._lock = threading.RLock()
         self.checkpoint_pace = CheckpointPace(options.min_checkpoint_interval)
+        self.step_backup = StepBackup()  # what a Step changes is copied here (guard.py)
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 
@@ -511,7 +513,7 @@ class TrunkEngine:
             # Applied only if all it produces is finite and sane; else rolled back and refused
             # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
             grads = pending_grads(session, call.zero_grad, call.grad_scale)
-            guarded_step(optimizer, self.params, grads, groups, self.options)
+            guarded_step(optimizer, self.params, grads, groups, self.options, self.step_backup)
             session.grads.clear()
             session.grads.update(grads)
             self.weights_version += 1

@@ -20,6 +20,7 @@ from .validate import finite_flags
 
 __all__ = [
     "IMMUTABLE_HYPERPARAMETERS",
+    "StepBackup",
     "accumulate",
     "check_finite_weights",
     "check_grad_scale",
@@ -228,16 +229,28 @@ def accumulate(
 ) -> None:
     """Add one Backward's parameter gradients to the session's, after the zero_grad and scale
     the client deferred to it. A sum that overflows to inf (each share finite, say two output
-    gradients of 2e38) refuses the Backward with nothing changed: the sums are built beside the
-    held gradients and swapped in only once all are finite."""
-    if zero_grad != ZeroGrad.KEEP:
-        # Nothing held survives in full: the new shares are checked already, no sum can overflow.
+    gradients of 2e38) refuses the Backward with nothing changed.
+
+    In place when the largest magnitudes show no sum can come near the dtype's range (one read
+    of the held and new gradients); otherwise the sums are built beside the held gradients and
+    swapped in only once all are finite."""
+    both = [name for name in param_grads if name in session.grads]
+    if zero_grad == ZeroGrad.KEEP and both:
+        scale = grad_scale if grad_scale else 1.0
+        maxima = _max_abs([*(session.grads[n] for n in both), *(param_grads[n] for n in both)])
+        held_max, new_max = maxima[: len(both)], maxima[len(both) :]
+        in_place = all(
+            held * scale + new <= 0.5 * torch.finfo(session.grads[name].dtype).max
+            for name, held, new in zip(both, held_max, new_max, strict=True)
+        )
+    else:
+        in_place = True  # nothing held survives in full: no sum can overflow
+    if in_place:
         session.apply_pending(zero_grad, grad_scale)
         for name, grad in param_grads.items():
             held = session.grads.get(name)
             session.grads[name] = grad if held is None else held.add_(grad)
         return
-    both = [name for name in param_grads if name in session.grads]
     sums = _scaled([session.grads[name] for name in both], grad_scale)
     sums = [torch.add(held, param_grads[name]) for held, name in zip(sums, both, strict=True)]
     _refuse_non_finite(
@@ -264,37 +277,120 @@ def pending_grads(session: Session, zero_grad: int, grad_scale: float) -> dict[s
     held = [session.grads[name] for name in names]
     if zero_grad == ZeroGrad.TO_ZERO:
         return {name: torch.zeros_like(grad) for name, grad in zip(names, held, strict=True)}
-    return dict(zip(names, _scaled(held, grad_scale), strict=True))
+    scaled = _scaled(held, grad_scale)
+    if grad_scale > 1.0:  # Backward checked the sums; only scaling up can overflow them
+        _refuse_non_finite(
+            names,
+            scaled,
+            "Step refused: the session's accumulated gradients of trunk parameters {} times "
+            f"grad_scale={grad_scale!r} are not finite; nothing was changed, call zero_grad() "
+            "and go on",
+        )
+    return dict(zip(names, scaled, strict=True))
 
 
 def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
-    """Each tensor's largest magnitude (NaN where it holds NaN), one synchronisation per device."""
-    if not tensors:
-        return []
-    norms = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    """Each tensor's largest magnitude (NaN where it holds NaN), with one synchronisation per
+    (device, dtype) group: on a GPU one fused ``_foreach_norm(inf)`` kernel per group, on the
+    CPU ``aminmax`` per tensor (one pass, about twice as fast as the norm there; see
+    validate.finite_flags)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.numel():  # an empty tensor's largest magnitude is 0
+            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     out = [0.0] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for index, norm in enumerate(norms):
-        by_device.setdefault(norm.device, []).append(index)
-    for indices in by_device.values():
-        values = torch.stack([norms[i].double() for i in indices]).tolist()
+    for (device, _), indices in groups.items():
+        group = [tensors[i].detach() for i in indices]
+        if device.type == "cpu":
+            ends = [torch.aminmax(t) for t in group]
+            norms = [torch.maximum(low.abs(), high.abs()) for low, high in ends]
+        else:
+            norms = list(torch._foreach_norm(group, math.inf))
+        values = torch.stack(norms).double().tolist()
         for index, value in zip(indices, values, strict=True):
             out[index] = value
     return out
 
 
-def _state_snapshot(optimizer: torch.optim.Optimizer) -> dict[Any, dict[str, Any]]:
-    return {
-        param: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
-        for param, entries in optimizer.state.items()
-    }
+class StepBackup:
+    """Buffers a guarded step copies what it changes into, kept from one step to the next.
+
+    One step runs at a time (under the trunk lock), so one set serves every session: as many
+    buffers of each shape as one step needs (the parameters and one optimizer's state). Fresh
+    allocations for every step cost page faults on the CPU, 30x the copy itself (measured).
+    """
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        # Each parameter's largest |value| after the last step, with the tensor's version
+        # counter then (any later in-place change, a LoadState or a rollback, bumps it).
+        self._max: dict[int, tuple[int, float]] = {}
+
+    def max_abs(
+        self, tensors: Sequence[torch.Tensor], copies: Sequence[torch.Tensor]
+    ) -> list[float]:
+        """Each tensor's largest magnitude: remembered if it did not change since, else
+        measured on its copy."""
+        values: list[float | None] = []
+        for tensor in tensors:
+            known = self._max.get(id(tensor))
+            values.append(known[1] if known and known[0] == tensor._version else None)
+        missing = [i for i, value in enumerate(values) if value is None]
+        for index, value in zip(missing, _max_abs([copies[i] for i in missing]), strict=True):
+            values[index] = value
+        return [float(value) for value in values]  # type: ignore[arg-type]
+
+    def remember(self, tensors: Sequence[torch.Tensor], maxima: Sequence[float]) -> None:
+        for tensor, value in zip(tensors, maxima, strict=True):
+            self._max[id(tensor)] = (tensor._version, value)
+
+    def copy(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of ``tensors`` in the kept buffers (valid until the next call)."""
+        taken: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
+        buffers = []
+        for tensor in tensors:
+            key = (tensor.shape, tensor.dtype, tensor.device)
+            pool = self._pool.setdefault(key, [])
+            index = taken[key] = taken.get(key, -1) + 1
+            if index == len(pool):
+                pool.append(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
+            buffers.append(pool[index])
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, [t.detach() for t in tensors])
+        return buffers
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)
 
 
-def _restore_state(optimizer: torch.optim.Optimizer, snapshot: dict[Any, dict[str, Any]]) -> None:
-    for param in [p for p in optimizer.state if p not in snapshot]:
-        del optimizer.state[param]  # state the refused step created (its first step)
-    for param, entries in snapshot.items():
-        optimizer.state[param] = entries
+def _state_snapshot(
+    optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor], backup: StepBackup
+) -> tuple[dict[Any, dict[str, Any]], list[torch.Tensor]]:
+    """The optimizer state of ``tensors`` (the parameters a step moves), its tensors copied
+    into ``backup``; and the parameters' copies."""
+    state = {p: dict(entries) for p in tensors if (entries := optimizer.state.get(p)) is not None}
+    slots = [(p, k) for p, entries in state.items() for k, v in entries.items()]
+    slots = [(p, k) for p, k in slots if isinstance(state[p][k], torch.Tensor)]
+    copies = backup.copy([*tensors, *(state[p][k] for p, k in slots)])
+    for (param, key), copy in zip(slots, copies[len(tensors) :], strict=True):
+        state[param][key] = copy
+    return state, copies[: len(tensors)]
+
+
+def _restore_state(
+    optimizer: torch.optim.Optimizer,
+    tensors: Sequence[torch.Tensor],
+    snapshot: dict[Any, dict[str, Any]],
+) -> None:
+    for param in tensors:
+        if param in snapshot:  # own tensors: the backup's buffers serve the next step
+            optimizer.state[param] = {
+                k: v.clone() if isinstance(v, torch.Tensor) else v
+                for k, v in snapshot[param].items()
+            }
+        else:
+            optimizer.state.pop(param, None)  # state the refused step created (its first step)
 
 
 def guarded_step(
@@ -303,45 +399,39 @@ def guarded_step(
     grads: dict[str, torch.Tensor],
     updates: Sequence[dict[str, Any]],
     options: ServerOptions,
+    backup: StepBackup | None = None,
 ) -> None:
     """``optimizer.step()`` with ``grads`` and the hyperparameter ``updates`` (checked already by
-    check_updates), kept only if every
-    parameter and optimizer-state value it produces is finite and no parameter tensor grows
-    past ``options.max_weight_growth``; otherwise the parameters, the optimizer state and its
-    hyperparameters are restored exactly and InvalidRequest names the parameter.
+    check_updates), kept only if every parameter and optimizer-state value it produces is
+    finite and no parameter tensor grows past ``options.max_weight_growth``; otherwise the
+    parameters, the optimizer state and its hyperparameters are restored exactly and
+    InvalidRequest names the parameter.
 
-    Costs one copy of the parameters and of the optimizer state per step (what a step changes),
-    and one fused max-magnitude pass with one synchronisation per device."""
-    names = [name for name, _ in params]
-    tensors = [param for _, param in params]
-    present = [name for name in names if name in grads]
-    _refuse_non_finite(
-        present,
-        [grads[name] for name in present],
-        "Step refused: the session's accumulated gradients of trunk parameters {} are not "
-        "finite (NaN or inf after its Backwards and grad_scale); nothing was changed, call "
-        "zero_grad() and go on",
-    )
+    Costs a copy of what the step changes (the parameters that have a gradient, as torch's
+    optimizers skip the others, and their optimizer state) into ``backup``'s kept buffers, and
+    one max-magnitude pass over them with one synchronisation per device and dtype."""
+    moving = [(name, param) for name, param in params if name in grads]
+    names = [name for name, _ in moving]
+    tensors = [param for _, param in moving]
+    backup = backup or StepBackup()
     saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    with torch.no_grad():
-        old_params = [t.detach().clone() for t in tensors]
-    old_state = _state_snapshot(optimizer)
-    old_max = _max_abs(old_params)
+    old_state, old_params = _state_snapshot(optimizer, tensors, backup)
+    old_max = backup.max_abs(tensors, old_params)
 
     def roll_back() -> None:
         with torch.no_grad():
             torch._foreach_copy_([t.detach() for t in tensors], old_params)
-        _restore_state(optimizer, old_state)
+        _restore_state(optimizer, tensors, old_state)
         for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
             group.update(saved)
 
     for group, update in zip(optimizer.param_groups, updates, strict=True):
         group.update(update)
-    for name, param in params:
-        param.grad = grads.get(name)
+    for name, param in moving:
+        param.grad = grads[name]
     try:
         optimizer.step()
-        problem = _problem(optimizer, names, tensors, old_max, options)
+        problem, new_max = _problem(optimizer, names, tensors, old_max, options)
     except BaseException:
         roll_back()
         raise
@@ -351,6 +441,7 @@ def guarded_step(
     if problem:
         roll_back()
         raise InvalidRequest(f"Step refused: {problem}; nothing was changed")
+    backup.remember(tensors, new_max)
 
 
 def _problem(
@@ -359,23 +450,22 @@ def _problem(
     tensors: Sequence[torch.Tensor],
     old_max: Sequence[float],
     options: ServerOptions,
-) -> str | None:
-    """Why the step just taken must not stand, or None."""
-    owner = {id(t): name for name, t in zip(names, tensors, strict=True)}
+) -> tuple[str | None, list[float]]:
+    """Why the step just taken must not stand (or None), and the parameters' new maxima."""
     state_names, state_tensors = [], []
-    for param, entries in optimizer.state.items():
-        for key, value in entries.items():
+    for name, param in zip(names, tensors, strict=True):
+        for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-                state_names.append(f"{key} of {owner.get(id(param), '?')}")
+                state_names.append(f"{key} of {name}")
                 state_tensors.append(value)
     maxima = _max_abs([*tensors, *state_tensors])
     new_max, state_max = maxima[: len(tensors)], maxima[len(tensors) :]
     bad = [name for name, m in zip(names, new_max, strict=True) if not math.isfinite(m)]
     if bad:
-        return f"it would make trunk parameters {', '.join(bad[:5])} non-finite (NaN or inf)"
+        return f"it would make trunk parameters {', '.join(bad[:5])} non-finite", new_max
     bad = [name for name, m in zip(state_names, state_max, strict=True) if not math.isfinite(m)]
     if bad:
-        return f"it would make the optimizer state {', '.join(bad[:5])} non-finite (NaN or inf)"
+        return f"it would make the optimizer state {', '.join(bad[:5])} non-finite", new_max
     growth = options.max_weight_growth
     for name, before, after in zip(names, old_max, new_max, strict=True):
         if growth and after > growth * max(before, 1.0):
@@ -383,8 +473,8 @@ def _problem(
                 f"it would grow trunk parameter {name} from max |w| = {before:.3g} to "
                 f"{after:.3g}, more than max_weight_growth={growth:g} x max(1, {before:.3g}) "
                 "(ServerOptions.max_weight_growth): lower the learning rate or the gradients"
-            )
-    return None
+            ), new_max
+    return None, new_max
 
 
 def check_finite_weights(state: dict[str, torch.Tensor]) -> None:

@@ -36,6 +36,7 @@ from remote_autograd import (
 from remote_autograd import client as client_module
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.checkpoint_file import load_checkpoint
+from remote_autograd.guard import StepBackup, check_hyperparameters
 from remote_autograd.validate import clone_tree
 
 OPTIMIZERS = {
@@ -576,7 +577,7 @@ def test_mutated_replays_of_a_training_step_never_ruin_the_trunk(start_server, m
     ]
 
     @settings(
-        max_examples=80,
+        max_examples=200,
         deadline=None,
         derandomize=True,
         database=None,
@@ -641,3 +642,35 @@ def test_loaded_optimizer_state_is_held_to_the_same_bounds(start_server):
     optimizer.param_groups[0]["lr"] = 0.01
     _goes_on(server, remote, optimizer, snapshot)
     _another_session_trains(server, "Adam")
+
+
+def test_the_step_backup_reuses_its_buffers_and_forgets_a_changed_tensors_maximum():
+    """The kept buffers serve every step; a remembered max |w| is used only while the tensor's
+    version counter says it did not change (a LoadState or a rollback changes it)."""
+    backup = StepBackup()
+    weight = torch.nn.Parameter(torch.tensor([1.0, -3.0]))
+    first = backup.copy([weight])
+    assert torch.equal(first[0], weight.detach())
+    assert backup.max_abs([weight], first) == [3.0]
+    backup.remember([weight], [3.0])
+    with torch.no_grad():
+        weight.mul_(10.0)
+    again = backup.copy([weight])
+    assert again[0] is first[0] and backup.nbytes() == 8
+    assert backup.max_abs([weight], again) == [30.0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type)
+        and issubclass(c, torch.optim.Optimizer)
+        and n not in ("Optimizer", "LBFGS")
+    ),
+)
+def test_every_optimizers_defaults_are_within_the_bounds(name):
+    """The bounds refuse absurd values, never torch's own defaults (Muon: 2-D parameters)."""
+    optimizer = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(2, 2))])
+    check_hyperparameters(name, optimizer.param_groups, ServerOptions())
