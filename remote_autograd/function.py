@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import weakref
 from typing import Any
@@ -114,7 +115,7 @@ class _RemoteFunction(torch.autograd.Function):
             # A marker saved for backward: autograd frees it when the graph is freed, or right
             # after a backward without retain_graph. Either way the server may drop the context.
             marker = torch.empty(0)
-            weakref.finalize(marker, call.client.schedule_release, call.request_id)
+            weakref.finalize(marker, call.client.schedule_release, call.request_id, os.getpid())
             ctx.save_for_backward(marker)
         return tuple(outputs)
 

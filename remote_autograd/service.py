@@ -232,6 +232,11 @@ class TrunkService(pb_grpc.TrunkServicer):
         return pb.ReleaseReply(released=released)
 
     @_rpc
+    def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext):
+        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+        return pb.EndSessionReply(ended=self.engine.end_session(self.identity(context), session_id))
+
+    @_rpc
     def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
         options = unpack(request.options, "optimizer options")
         group = self.engine.configure_optimizer(self.session(context), request.name, options)

@@ -104,6 +104,14 @@ class SessionTable:
             session.last_seen = self._clock()
             return session
 
+    def drop(self, key: str) -> bool:
+        """End one session now; False when there is none of that key."""
+        with self._lock:
+            if self._items.pop(key, None) is None:
+                return False
+            self._on_drop(key)
+        return True
+
     def values(self) -> list[Session]:
         with self._lock:
             return list(self._items.values())
