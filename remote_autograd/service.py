@@ -23,7 +23,7 @@ import grpc
 import msgpack
 from google.protobuf.message import Message
 
-from . import __version__, bulk, codec, frames
+from . import __version__, bulk, cancellation, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .calls import BackwardCall, ComputeCall, StepCall
@@ -137,6 +137,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
         }
         engine.session_listeners.append(self._drop_bulk)
+        cancellation.install(engine.module)  # an abandoned call stops between layers
 
     # -- who is calling -------------------------------------------------------------------------
 
@@ -332,6 +333,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             grad_scale=header.grad_scale,
         )
         decoded = time.perf_counter()
+        cancellation.check("Backward")  # the forward's layers check again if it is recomputed
         result = self.engine.backward(session, call, value)
         computed = time.perf_counter()
         buffers = self._encode_reply({"grads": result.grads}, header.reply_quantization, "Backward")
@@ -362,6 +364,10 @@ class TrunkService(pb_grpc.TrunkServicer):
     # -- moving frames --------------------------------------------------------------------------
 
     def _unary(self, work: Callable, method: str, request: pb.Frame, context: grpc.ServicerContext):
+        with cancellation.watching(context):
+            return self._unary_watched(work, method, request, context)
+
+    def _unary_watched(self, work: Callable, method: str, request: pb.Frame, context):
         session = self.session(context)
         self._release_piggybacked(session, request.header)
         if request.header.bulk_connection:
@@ -383,8 +389,9 @@ class TrunkService(pb_grpc.TrunkServicer):
         self, work: Callable, method: str, request_iterator: Any, context: grpc.ServicerContext
     ) -> Iterator[pb.Frame]:
         session = self.session(context)
-        with self._receive(request_iterator, method) as received:
+        with self._receive(request_iterator, method) as received, cancellation.watching(context):
             self._release_piggybacked(session, received.header)
+            cancellation.check(method)
             header, buffers = work(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
 

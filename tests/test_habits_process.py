@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,7 @@ from conftest import ROOT
 from models import mlp_parts
 from polling import wait_for
 
-from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions
+from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, ServerOptions
 
 
 def _train_once(module: RemoteModule) -> None:
@@ -61,3 +63,49 @@ def test_process_exit_ends_the_session(start_server):
     child.stdout.close()
     wait_for(lambda: server.stats()["sessions"] == 0)
     assert server.stats()["contexts"] == 0
+
+
+def test_deepcopy_opens_a_new_session_on_the_same_server(start_server):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    copied = copy.deepcopy(model)
+    assert copied[1].client.session_id != model[1].client.session_id
+    assert copied[1].address == model[1].address
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    copied(x).sum().backward()  # the copy trains: its own graph, its own session
+    assert copied[0][0].weight.grad is not None and model[0][0].weight.grad is None
+    assert server.stats()["sessions"] == 2
+    copied[1].close()
+    model[1].close()
+
+
+def test_torch_save_and_load_a_model_holding_a_remote_module(start_server, tmp_path):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    options = ClientOptions(timeout=42.0, seed=7)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address, options=options), top)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded[1].options == options
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    for m in (model, loaded, restored):
+        m[1].close()
+
+
+def test_averaged_model_of_a_model_holding_a_remote_module(start_server):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(averaged(x), model(x), rtol=0, atol=0)
+    averaged.update_parameters(model)  # the local parts average; the trunk is the server's
+    torch.testing.assert_close(averaged(x), model(x), rtol=0, atol=0)
+    averaged.module[1].close()
+    model[1].close()

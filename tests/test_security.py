@@ -78,15 +78,15 @@ def test_mutual_tls(start_server, pki):
     )
     server = start_server(_linear(), options)
     trusted = ClientOptions(root_certificates=pki["ca.pem"])
-    _one_step(
-        server.address,
-        ClientOptions(
-            root_certificates=pki["ca.pem"],
-            certificate_chain=pki["client.pem"],
-            private_key=pki["client.key"],
-        ),
+    certified = ClientOptions(
+        root_certificates=pki["ca.pem"],
+        certificate_chain=pki["client.pem"],
+        private_key=pki["client.key"],
     )
-    key = server.engine.sessions.values()[0].key
+    _one_step(server.address, certified)
+    with RemoteModule(server.address, options=certified) as remote:
+        remote(torch.ones(1, 4, dtype=torch.float64))
+        key = server.engine.sessions.values()[0].key
     assert "/cn=client-1/" in key  # the session is bound to the certificate's identity
     for options in (
         trusted,  # no client certificate
