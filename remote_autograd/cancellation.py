@@ -60,7 +60,10 @@ def check(where: str = "the trunk") -> None:
 def install(module: torch.nn.Module) -> None:
     """Make ``module`` stop between layers when the call running it has been abandoned."""
     for name, submodule in module.named_modules():
-        submodule.register_forward_pre_hook(_hook(name or type(module).__name__))
+        try:
+            submodule.register_forward_pre_hook(_hook(name or type(module).__name__))
+        except RuntimeError:  # a TorchScript module takes no hooks: it runs to its end
+            continue
 
 
 def _hook(name: str) -> Any:
