@@ -31,7 +31,7 @@ def test_dataloader_fork_workers_train_like_local(mlp_server):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     command = [sys.executable, str(ROOT / "scripts" / "fork_check.py"), "--address", mlp_server]
     done = subprocess.run(
-        [*command, "--epochs", str(EPOCHS), "--workers", "2"],
+        [*command, "--epochs", str(EPOCHS), "--workers", "2", "--batches", "2"],
         capture_output=True,
         text=True,
         env=env,
