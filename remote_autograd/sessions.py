@@ -105,12 +105,12 @@ class SessionTable:
             return session
 
     def drop(self, key: str) -> bool:
-        """End one session now; False when there is none of that key."""
+        """End a session now (its client closed); False if there was none."""
         with self._lock:
             if self._items.pop(key, None) is None:
                 return False
             self._on_drop(key)
-        return True
+            return True
 
     def values(self) -> list[Session]:
         with self._lock:
