@@ -319,6 +319,11 @@ class AdapterEngine:
             )
         return self.sessions.get(f"{identity}/{session_id}")
 
+    @property
+    def module(self) -> nn.Module:
+        """The frozen base; every adapter's replica is a copy of its module tree (hooks too)."""
+        return self.base
+
     def end_session(self, identity: str, session_id: str) -> bool:
         """The client closed: drop its session now (False if it had none); its adapter stays."""
         return self.sessions.drop(f"{identity}/{session_id}")

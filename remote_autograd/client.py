@@ -7,21 +7,25 @@ travel (unary, stream, bulk) is exchange.py's; how values become frames is codec
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 import msgpack
 
-from . import codec, frames
+from . import codec, forking, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .addresses import check_address, unreachable_reason
 from .bulk import BulkBroken
 from .errors import (
     ServerUnavailable,
@@ -42,20 +46,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CONTROL_TIMEOUT = 30.0
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
-_END_TIMEOUT = 5.0  # close() waits this long at most for the server to end the session
+_UNREACHABLE_GRACE = 1.0  # seconds a refused connection / unknown host is retried (a restart)
+_END_SESSION_TIMEOUT = 2.0  # close() and exit end the session best effort, this long at most
 
 
 class TrunkClient:
     """A session with one trunk server. Thread-safe; cheap until the first call."""
 
     def __init__(self, address: str, options: ClientOptions | None = None) -> None:
-        self.address = address
+        self.address = address = check_address(address)
         self.options = options = options or ClientOptions()
-        self.session_id = uuid.uuid4().hex
         self.stats = CallStats()
-        self._metadata: tuple[tuple[str, str], ...] = ((SESSION_METADATA_KEY, self.session_id),)
-        if options.token:
-            self._metadata += ((AUTH_METADATA_KEY, f"Bearer {options.token}"),)
+        self._new_session()
         self._encoders = {
             "activation": codec.Encoder(
                 compression=options.compression, quantization=options.activation_quantization
@@ -69,14 +71,7 @@ class TrunkClient:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.TrunkStub | None = None
         self._info: pb.InfoReply | None = None
-        self._frames = FrameExchange(
-            address,
-            options,
-            self.stats,
-            kw=self._kw,
-            open_ticket=self._open_bulk_ticket,
-            refresh_info=self._refresh_info,
-        )
+        self._frames = self._frame_exchange()
         # Deferred work that rides on the next call instead of costing a round trip.
         self._pending_releases: list[str] = []
         self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
@@ -92,6 +87,42 @@ class TrunkClient:
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
+        self._pid = os.getpid()  # the process that opened the session (see forking.py)
+        forking.on_fork_in_child(self, TrunkClient._after_fork_in_child)
+        _LIVE.add(self)
+
+    def _new_session(self) -> None:
+        self.session_id = uuid.uuid4().hex
+        self._metadata: tuple[tuple[str, str], ...] = ((SESSION_METADATA_KEY, self.session_id),)
+        if self.options.token:
+            self._metadata += ((AUTH_METADATA_KEY, f"Bearer {self.options.token}"),)
+
+    def _frame_exchange(self) -> FrameExchange:
+        return FrameExchange(
+            self.address,
+            self.options,
+            self.stats,
+            kw=self._kw,
+            open_ticket=self._open_bulk_ticket,
+            refresh_info=self._refresh_info,
+        )
+
+    def _after_fork_in_child(self) -> None:
+        """This process is a fork of the one that opened the session (forking.py): the
+        channel, bulk connections and contexts are the parent's; a new session opens lazily
+        if this process uses the trunk."""
+        forking.keep_inherited(self._channel, self._stub, self._frames)
+        self._lock = threading.Lock()
+        self._channel, self._stub = None, None
+        self._new_session()
+        self._frames = self._frame_exchange()
+        self._pending_releases = []
+        self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
+        self._release_wakeup = threading.Event()
+        self._release_thread = None
+        self._steps_done = self._forwards_since_zero_grad = 0
+        self._grads_server_id = ""
+        self._pid = os.getpid()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -110,22 +141,46 @@ class TrunkClient:
     def info(self) -> pb.InfoReply:
         """The server's handshake reply (fetched once, waiting up to ``connect_timeout``)."""
         if self._info is None:
-            stub = self._connect()
-            assert self._channel is not None
-            try:
-                grpc.channel_ready_future(self._channel).result(
-                    timeout=self.options.connect_timeout
-                )
-            except grpc.FutureTimeoutError as exc:
-                raise ServerUnavailable(
-                    f"no trunk server answered at {self.address} within "
-                    f"{self.options.connect_timeout:g} s (ClientOptions.connect_timeout); "
-                    "is it running?"
-                ) from exc
-            info = self._call("Info", lambda: stub.Info(pb.InfoRequest(), **self._kw(30)))
+            info = self._handshake(self._connect())
             self._check_fingerprint(info)
             self._info = info
         return self._info
+
+    def _handshake(self, stub: pb_grpc.TrunkStub) -> pb.InfoReply:
+        """The first Info call, repeated while the server is not up for ``connect_timeout``;
+        a refused connection or a host name that does not resolve fails within about a
+        second. One plain call: no connectivity-polling thread (see forking.py)."""
+        started = time.monotonic()
+        deadline = started + self.options.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                with forking.calls_in_flight(self.options.connect_timeout):
+                    reply = stub.Info(
+                        pb.InfoRequest(), **self._kw(max(deadline - time.monotonic(), 0.01))
+                    )
+                self.stats.calls += 1
+                return reply
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(exc, method="Info", address=self.address) from exc
+                details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+                reason = unreachable_reason(details)
+                now = time.monotonic()
+                if reason and now - started >= _UNREACHABLE_GRACE:
+                    raise ServerUnavailable(
+                        f"cannot reach a trunk server at {self.address}: {reason}. Is the "
+                        f"server running, and is the address right? (gRPC: {details})"
+                    ) from exc
+                if now + delay >= deadline:
+                    raise ServerUnavailable(
+                        f"no trunk server answered at {self.address} within "
+                        f"{self.options.connect_timeout:g} s (ClientOptions.connect_timeout); "
+                        f"is it running? (gRPC: {details})"
+                    ) from exc
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
     def _check_fingerprint(self, info: pb.InfoReply) -> None:
         """Refuse a server whose trunk is not the one ClientOptions.fingerprint describes."""
@@ -166,6 +221,7 @@ class TrunkClient:
             )
 
     def close(self) -> None:
+        """End the server session (best effort) and close the channel."""
         with self._lock:
             self._closed = True
             channel, self._channel, self._stub = self._channel, None, None
@@ -175,18 +231,21 @@ class TrunkClient:
             thread.join(timeout=_CONTROL_TIMEOUT)  # a Release in flight finishes first
         self._frames.close()
         if channel is not None:
-            self._take_releases()  # ending the session releases every context
+            # The session's contexts, gradients and optimizer go with it: no Release needed.
             self._end_session(pb_grpc.TrunkStub(channel))
             channel.close()
 
     def _end_session(self, stub: pb_grpc.TrunkStub) -> None:
-        """Tell the server this session is over, so it frees the session's slot, gradients and
-        optimizer now rather than after ServerOptions.session_ttl."""
+        if self._pid != os.getpid():
+            return  # a fork's copy: the session is the parent's
         try:
-            stub.Release(pb.ReleaseRequest(end_session=True), **self._kw(_END_TIMEOUT))
+            with forking.calls_in_flight(_END_SESSION_TIMEOUT):
+                stub.EndSession(pb.EndSessionRequest(), **self._kw(_END_SESSION_TIMEOUT))
         except grpc.RpcError as exc:
-            # Not fatal: the server drops idle sessions on its own (session_ttl).
-            log.debug("ending session %s failed: %s", self.session_id[:12], exc)
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._flush_releases(stub)  # an older server: release the contexts at least
+            # Not fatal: the server drops idle sessions on its own (ServerOptions.session_ttl).
+            log.debug("EndSession on %s failed: %s", self.address, exc)
 
     def _kw(self, timeout: float | None = None) -> dict[str, Any]:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}
@@ -204,7 +263,8 @@ class TrunkClient:
         attempt = 1
         while True:
             try:
-                result = invoke()
+                with forking.calls_in_flight(self.options.timeout):
+                    result = invoke()
                 self.stats.calls += 1
                 return result
             except BulkBroken as exc:
@@ -356,9 +416,10 @@ class TrunkClient:
 
     # -- contexts ---------------------------------------------------------------------------
 
-    def schedule_release(self, request_id: str) -> None:
-        """The client's graph no longer needs this context. Safe from any thread or finalizer."""
-        if self._closed:
+    def schedule_release(self, request_id: str, pid: int | None = None) -> None:
+        """The client's graph no longer needs this context. Safe from any thread or finalizer.
+        ``pid``: the process that created it; only that one releases it (not a fork of it)."""
+        if self._closed or (pid is not None and pid != os.getpid()):
             return
         self._pending_releases.append(request_id)  # list.append is atomic
         if self._release_thread is None:
@@ -396,7 +457,8 @@ class TrunkClient:
         if not ids:
             return
         try:
-            stub.Release(pb.ReleaseRequest(request_ids=ids), **self._kw(_CONTROL_TIMEOUT))
+            with forking.calls_in_flight(_CONTROL_TIMEOUT):
+                stub.Release(pb.ReleaseRequest(request_ids=ids), **self._kw(_CONTROL_TIMEOUT))
         except grpc.RpcError as exc:
             # Not fatal: the server expires contexts on its own (ServerOptions.context_ttl).
             log.debug("Release of %d contexts failed: %s", len(ids), exc)
@@ -549,3 +611,18 @@ class TrunkClient:
                 frames.frame_messages(pb.Header(), buffers, info.stream_chunk_bytes), **self._kw()
             ),
         )
+
+
+# Clients alive in this process: at exit each ends its server session (close()), so short
+# scripts do not hold sessions until the server's session_ttl.
+_LIVE: weakref.WeakSet[TrunkClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients() -> None:
+    for client in list(_LIVE):
+        if not client._closed:
+            try:
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - exit goes on
+                log.debug("closing the client of %s at exit failed: %s", client.address, exc)

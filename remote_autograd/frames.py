@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -93,6 +94,12 @@ class _BufferPool:
                 buffers.pop(0)  # least recently used; if in use, its tensors keep it alive
             return memoryview(fresh)[:size]
 
+    def after_fork_in_child(self) -> None:
+        # Another thread may have held the lock at the fork; the buffers may be the parent's
+        # pinned memory, which a forked child cannot use (CUDA does not survive fork).
+        self._lock = threading.Lock()
+        self._buffers = []
+
     @staticmethod
     def _pinned(size: int) -> Any:
         # A numpy array: it exports the buffer protocol (a tensor does not) and keeps the
@@ -107,6 +114,8 @@ def _pin_receive_buffers() -> bool:
 
 
 _POOL = _BufferPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.after_fork_in_child)
 
 
 def receive_buffer(size: int) -> memoryview:

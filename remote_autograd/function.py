@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import weakref
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class RemoteCall:
         # Whether the trunk is frozen (requires_grad_(False)), asked when the backward runs:
         # a local parameter frozen between forward and backward gets no gradient either.
         self.frozen = frozen
+        self._pid = os.getpid()  # the process whose session holds the context
         self.request_id = secrets.token_hex(16)  # 32 hex digits, like uuid4().hex but cheaper
         self.output_template: Any = None
         self.backwards = 0
@@ -71,8 +73,9 @@ class RemoteCall:
         return outputs  # on the CPU: remote_apply moves them (see there)
 
     def release(self) -> None:
-        """The client's graph no longer needs this forward's context on the server."""
-        self.client.schedule_release(self.request_id)
+        """The client's graph no longer needs this forward's context on the server (released
+        only by the process that made it, not by a fork holding a copy of the graph)."""
+        self.client.schedule_release(self.request_id, self._pid)
 
     def _recompute(self) -> None:
         args, kwargs = unflatten(self.template, self._inputs)

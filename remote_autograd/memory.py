@@ -7,6 +7,7 @@ pinned staging, non-blocking copies, and holding a copy's source until the copy 
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -72,6 +73,11 @@ class _CopiesInFlight:
             self._held = [(e, t) for e, t in self._held if not e.query()]
             self._held.append((event, source))
 
+    def after_fork_in_child(self) -> None:
+        # The parent's CUDA events mean nothing here, and its lock may have been held.
+        self._held = []
+        self._lock = threading.Lock()
+
     def reap(self) -> None:
         with self._lock:
             if self._held:
@@ -79,3 +85,5 @@ class _CopiesInFlight:
 
 
 _COPIES = _CopiesInFlight()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_COPIES.after_fork_in_child)

@@ -238,6 +238,21 @@ class RemoteModule(nn.Module):
         """Release the server-side session's contexts and close the channel."""
         self.client.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle, copy.deepcopy, torch.save(model), AveragedModel: the address and options
+        # travel, the connection does not; a copy opens a new session on the same server.
+        # (Local only: nothing pickled is ever sent over the network.)
+        state = super().__getstate__()  # type: ignore[misc]
+        state = dict(state)
+        state["client"] = self.client.options
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        options = state.pop("client")
+        super().__setstate__(state)
+        self.client = TrunkClient(self.address, options)
+
     def extra_repr(self) -> str:
         return f"{self.address!r}"
 

@@ -23,7 +23,7 @@ import grpc
 import msgpack
 from google.protobuf.message import Message
 
-from . import __version__, bulk, codec, frames
+from . import __version__, bulk, cancellation, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .calls import BackwardCall, ComputeCall, StepCall
@@ -147,6 +147,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
         }
         engine.session_listeners.append(self._drop_bulk)
+        cancellation.install(engine.module)  # an abandoned call stops between layers
 
     # -- who is calling -------------------------------------------------------------------------
 
@@ -244,12 +245,14 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
-        if request.end_session:  # no session is created just to end it
-            session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
-            self.engine.end_session(self.identity(context), session_id)
-            return pb.ReleaseReply(released=0)
         released = self.engine.release(self.session(context), list(request.request_ids))
         return pb.ReleaseReply(released=released)
+
+    @_rpc
+    def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext):
+        # No session is created just to end it.
+        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+        return pb.EndSessionReply(ended=self.engine.end_session(self.identity(context), session_id))
 
     @_rpc
     def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):
@@ -368,6 +371,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             report_nonfinite=header.report_nonfinite,
         )
         decoded = time.perf_counter()
+        cancellation.check("Backward")  # the forward's layers check again if it is recomputed
         result = self.engine.backward(session, call, value)
         computed = time.perf_counter()
         buffers = self._encode_reply({"grads": result.grads}, header.reply_quantization, "Backward")
@@ -399,6 +403,10 @@ class TrunkService(pb_grpc.TrunkServicer):
     # -- moving frames --------------------------------------------------------------------------
 
     def _unary(self, work: Callable, method: str, request: pb.Frame, context: grpc.ServicerContext):
+        with cancellation.watching(context):
+            return self._unary_watched(work, method, request, context)
+
+    def _unary_watched(self, work: Callable, method: str, request: pb.Frame, context):
         session = self.session(context)
         self._release_piggybacked(session, request.header)
         if request.header.bulk_connection:
@@ -422,8 +430,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         self, work: Callable, method: str, request_iterator: Any, context: grpc.ServicerContext
     ) -> Iterator[pb.Frame]:
         session = self.session(context)
-        with self._receive(request_iterator, method, identity_of(session.key)) as received:
+        with (
+            self._receive(request_iterator, method, identity_of(session.key)) as received,
+            cancellation.watching(context),
+        ):
             self._release_piggybacked(session, received.header)
+            cancellation.check(method)
             header, buffers = work(session, received)
         yield from frames.frame_messages(header, buffers, self.options.stream_chunk_bytes)
 

@@ -100,7 +100,7 @@ def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server,
             assert remote.client.stats.bulk_calls == (6 if bulk else 0)
             if bulk:
                 assert len(server.service.bulk) == 1  # one connection, reused by every call
-        assert len(server.service.bulk) == 0  # the closed client's session took it along
+        assert len(server.service.bulk) == 0  # close() ended the session, and its connections
     assert torch.equal(results[True][0], x * 1.5)
     assert torch.equal(results[True][1], grad * 1.5)
     for a, b in zip(results[True], results[False], strict=True):

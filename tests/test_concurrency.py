@@ -36,6 +36,7 @@ def test_eight_clients_fifty_steps_each(start_server):
     peak_contexts = [0]
     last_steps: list[int] = []
     stale = [0]
+    last_steps: list[int] = []
 
     def train(index: int) -> None:
         try:
@@ -71,7 +72,7 @@ def test_eight_clients_fifty_steps_each(start_server):
     stats = server.stats()
     assert stats["weights_version"] == CLIENTS * STEPS  # every step applied, none twice
     assert sorted(last_steps) == [STEPS] * CLIENTS
-    assert stats["sessions"] == 0  # each client ended its session as it closed
+    assert stats["sessions"] == 0  # each client's close() ended its session
     assert stats["contexts"] == 0 and stats["context_bytes"] == 0  # nothing leaked
     assert stats["inflight_bytes"] == 0
     assert server.engine.turns.others_holding("") == 0  # no forward left waiting

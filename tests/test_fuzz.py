@@ -314,10 +314,10 @@ def test_ten_thousand_malformed_messages(tmp_path):
         # Limits: 2 MiB of contexts, 1 MiB frames; allocator slack on top, nothing per message
         # (40,000 messages plateau at the same size as 10,000).
         assert growth < 80 << 20, f"server memory grew by {growth >> 20} MiB"
-        release = channel.unary_unary(TRUNK + "Release")
+        end_session = channel.unary_unary(TRUNK + "EndSession")
         for session in sessions:  # the fuzzer hangs up: its kept forwards go with its sessions
-            end = pb.ReleaseRequest(end_session=True).SerializeToString()
-            release(end, metadata=(("ra-session", session),), timeout=30)
+            end = pb.EndSessionRequest().SerializeToString()
+            end_session(end, metadata=(("ra-session", session),), timeout=30)
         _train_one_step_and_compare(address)
         channel.close()
     finally:

@@ -99,6 +99,11 @@ class TrunkStub:
                 request_serializer=remote__autograd__pb2.OpenBulkRequest.SerializeToString,
                 response_deserializer=remote__autograd__pb2.OpenBulkReply.FromString,
                 _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/remote_autograd.v1.Trunk/EndSession',
+                request_serializer=remote__autograd__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=remote__autograd__pb2.EndSessionReply.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer:
@@ -194,6 +199,14 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSession(self, request, context):
+        """Drop the caller's session now: its gradients, optimizer and forward contexts (the client
+        closed or its process exits), so it no longer counts against max_sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +274,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.OpenBulk,
                     request_deserializer=remote__autograd__pb2.OpenBulkRequest.FromString,
                     response_serializer=remote__autograd__pb2.OpenBulkReply.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=remote__autograd__pb2.EndSessionRequest.FromString,
+                    response_serializer=remote__autograd__pb2.EndSessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,6 +632,33 @@ class Trunk:
             '/remote_autograd.v1.Trunk/OpenBulk',
             remote__autograd__pb2.OpenBulkRequest.SerializeToString,
             remote__autograd__pb2.OpenBulkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remote_autograd.v1.Trunk/EndSession',
+            remote__autograd__pb2.EndSessionRequest.SerializeToString,
+            remote__autograd__pb2.EndSessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,69 @@
+"""What a trunk server's address may be, and what a failure to reach one means.
+
+An address is what ``grpc.insecure_channel`` takes: ``host:port``, ``[ipv6]:port``, or a gRPC
+target URI (``dns:///host:port``, ``ipv4:...``, ``ipv6:...``, ``unix:path``,
+``unix-abstract:name``). A malformed one is refused when the client is created, not after the
+first call has waited out its ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_address", "unreachable_reason"]
+
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://", "tcp://")
+
+
+def check_address(address: object) -> str:
+    """``address`` if it is a usable trunk address; a ValueError that says why otherwise."""
+    if not isinstance(address, str):
+        raise ValueError(f"a trunk address is a 'host:port' string, got {type(address).__name__}")
+    text = address.strip()
+    if not text:
+        raise ValueError("the trunk address is empty: give 'host:port', e.g. '127.0.0.1:50051'")
+    lowered = text.lower()
+    for scheme in _URL_SCHEMES:
+        if lowered.startswith(scheme):
+            rest = text[len(scheme) :].rstrip("/")
+            raise ValueError(
+                f"trunk address {address!r}: gRPC takes 'host:port', not a URL; "
+                f"drop the {scheme!r} (e.g. {rest!r}); TLS is chosen by "
+                "ClientOptions.root_certificates"
+            )
+    if lowered.startswith(_GRPC_SCHEMES):
+        if lowered.startswith("dns:"):
+            _check_host_port(text.split(":", 1)[1].lstrip("/").split("/", 1)[-1], address)
+        return text
+    _check_host_port(text, address)
+    return text
+
+
+def _check_host_port(text: str, address: str) -> None:
+    if text.startswith("["):  # [ipv6]:port
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"trunk address {address!r}: an IPv6 address goes in brackets: '[{host}]:{port}'"
+            )
+    if not sep or not host:
+        raise ValueError(
+            f"trunk address {address!r} names no port: give 'host:port', "
+            f"e.g. '{text.strip('[]') or '127.0.0.1'}:50051'"
+        )
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"trunk address {address!r}: the port must be a number from 1 to 65535, got {port!r}"
+        )
+
+
+def unreachable_reason(details: str) -> str | None:
+    """Why a server cannot be reached, when gRPC's error says it for certain (nobody listens
+    on the port, the host name does not resolve): such a failure is not waited out."""
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "the connection was refused: nothing listens on that port"
+    if "errors resolving" in lowered or "dns resolution failed" in lowered:
+        return "the host name does not resolve"
+    return None

@@ -1,0 +1,78 @@
+"""Connecting: malformed addresses fail at construction, unreachable servers fail fast, each
+with a message that names the problem."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from remote_autograd import ClientOptions, RemoteModule, ServerUnavailable
+
+PATIENT = ClientOptions(connect_timeout=60.0)  # longer than the guard below: a hang fails
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("localhost", "names no port"),
+        ("http://127.0.0.1:5000", "drop the 'http://'"),
+        ("https://example.org:443", "drop the 'https://'"),
+        ("127.0.0.1:99999", "port must be a number from 1 to 65535, got '99999'"),
+        ("127.0.0.1:0", "port must be a number from 1 to 65535, got '0'"),
+        ("127.0.0.1:http", "port must be a number"),
+        ("::1:5000", "IPv6 address goes in brackets"),
+        ("dns:///localhost", "names no port"),
+    ],
+)
+def test_a_malformed_address_is_refused_at_construction(address, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        RemoteModule(address, options=PATIENT)
+    assert repr(address) in str(caught.value) or "empty" in message
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:5000", "[::1]:5000", "localhost:1", "unix:/x"])
+def test_well_formed_addresses_are_accepted(address):
+    RemoteModule(address).close()  # nothing is contacted before the first call
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_call_error(address: str) -> BaseException:
+    """The error of the first call, run in a thread that must end well before
+    connect_timeout: waiting the timeout out fails the test instead of passing it."""
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            RemoteModule(address, options=PATIENT)(torch.ones(1))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"the call to {address} waited out connect_timeout"
+    assert len(errors) == 1
+    return errors[0]
+
+
+def test_a_refused_connection_fails_fast_and_says_so():
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    error = _first_call_error(address)
+    assert isinstance(error, ServerUnavailable)
+    assert address in str(error) and "connection was refused" in str(error)
+
+
+def test_a_host_name_that_does_not_resolve_fails_fast_and_says_so():
+    error = _first_call_error("no-such-host.invalid:50051")
+    assert isinstance(error, ServerUnavailable)
+    assert "does not resolve" in str(error)

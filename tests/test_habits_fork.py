@@ -1,0 +1,80 @@
+"""DataLoader workers (fork) beside a connected RemoteModule, and forked children that use it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, spawn_server
+
+from remote_autograd import RemoteModule
+
+EPOCHS = 40
+
+
+@pytest.fixture(scope="module")
+def mlp_server():
+    process, address = spawn_server("models:make_mlp_trunk")
+    yield address
+    process.kill()
+    process.communicate(timeout=60)  # closes its pipes
+
+
+def test_dataloader_fork_workers_train_like_local(mlp_server):
+    """40 epochs, each through DataLoader(num_workers=2) forked beside the client: no worker
+    crashes, no gRPC fork warning, and the result equals local training bit for bit."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "scripts" / "fork_check.py"), "--address", mlp_server]
+    done = subprocess.run(
+        [*command, "--epochs", str(EPOCHS), "--workers", "2", "--batches", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == EPOCHS
+    assert result["crashes"] == []
+    assert result["max_abs_diff"] == 0.0  # float64: split training equals local exactly
+    fork_lines = [line for line in done.stderr.splitlines() if "fork" in line.lower()]
+    assert fork_lines == []
+
+
+def _child_forward(module: RemoteModule, x: torch.Tensor, queue) -> None:
+    try:
+        with torch.no_grad():
+            queue.put((module.client.session_id, module(x).tolist()))  # not shared memory
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", repr(exc)))
+
+
+def test_forked_child_opens_its_own_session(mlp_server):
+    """A child forked after the parent trained uses the trunk on a new channel and session;
+    the parent's connection and contexts are untouched (the child closes none of them)."""
+    module = RemoteModule(mlp_server)
+    x = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = module(x.requires_grad_())
+    y.sum().backward()  # a context created, used and released by the parent
+    with torch.no_grad():
+        expected = module(x)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_forward, args=(module, x.detach(), queue))
+    child.start()
+    session_id, got = queue.get(timeout=120)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert session_id != module.client.session_id
+    assert got == expected.tolist()
+    # The parent goes on training on its own channel.
+    y = module(x)
+    y.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+    module.close()

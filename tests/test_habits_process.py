@@ -1,0 +1,111 @@
+"""A client's life on the server: close() and process exit end its session."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import ROOT
+from models import mlp_parts
+from polling import wait_for
+
+from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, ServerOptions
+
+
+def _train_once(module: RemoteModule) -> None:
+    x = torch.randn(2, 12, dtype=torch.float64)
+    module(x).sum().backward()
+
+
+def test_closed_clients_do_not_exhaust_max_sessions(start_server):
+    server = start_server(mlp_parts(torch.float64)[1], ServerOptions(max_sessions=4))
+    for _ in range(100):
+        module = RemoteModule(server.address)
+        optimizer = RemoteOptimizer(module, torch.optim.SGD, lr=0.1)
+        _train_once(module)
+        optimizer.step()
+        assert server.stats()["sessions"] == 1
+        module.close()
+        assert server.stats()["sessions"] == 0
+    assert server.stats()["contexts"] == 0
+
+
+def test_process_exit_ends_the_session(start_server):
+    server = start_server(mlp_parts(torch.float64)[1], ServerOptions(max_sessions=4))
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from remote_autograd import RemoteModule
+        module = RemoteModule({server.address!r})
+        module(torch.randn(2, 12, dtype=torch.float64, requires_grad=True))  # a context kept
+        print("ready", flush=True)
+        sys.stdin.readline()  # exits normally, without close()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    assert server.stats()["sessions"] == 1
+    assert server.stats()["contexts"] == 1
+    child.stdin.write("\n")
+    child.stdin.close()
+    assert child.wait(timeout=120) == 0
+    child.stdout.close()
+    wait_for(lambda: server.stats()["sessions"] == 0)
+    assert server.stats()["contexts"] == 0
+
+
+def test_deepcopy_opens_a_new_session_on_the_same_server(start_server):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    copied = copy.deepcopy(model)
+    assert copied[1].client.session_id != model[1].client.session_id
+    assert copied[1].address == model[1].address
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    copied(x).sum().backward()  # the copy trains: its own graph, its own session
+    assert copied[0][0].weight.grad is not None and model[0][0].weight.grad is None
+    assert server.stats()["sessions"] == 2
+    copied[1].close()
+    model[1].close()
+
+
+def test_torch_save_and_load_a_model_holding_a_remote_module(start_server, tmp_path):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    options = ClientOptions(timeout=42.0, seed=7)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address, options=options), top)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded[1].options == options
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    for m in (model, loaded, restored):
+        m[1].close()
+
+
+def test_averaged_model_of_a_model_holding_a_remote_module(start_server):
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    model = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(averaged(x), model(x), rtol=0, atol=0)
+    averaged.update_parameters(model)  # the local parts average; the trunk is the server's
+    torch.testing.assert_close(averaged(x), model(x), rtol=0, atol=0)
+    averaged.module[1].close()
+    model[1].close()
