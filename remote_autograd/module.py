@@ -85,31 +85,19 @@ class RemoteModule(nn.Module):
             or (self.trunk_requires_grad and self.client.info().trainable_numel > 0)
         )
         device = self.device or (tensors[0].device if tensors else _CPU)
-        autocast = _autocast_dtype(tensors[0].device.type if tensors else "cpu")
-        frozen = self._trunk_frozen
+        kwargs = {
+            "keep_context": keep,
+            "training": self.training,
+            "device": device,
+            "autocast": _autocast_dtype(tensors[0].device.type if tensors else "cpu"),
+            "frozen": self._trunk_frozen,
+        }
         slices = self.micro_batches or self.client.options.micro_batches
-        call: RemoteCall | ChunkedCall
-        if slices > 1:
-            call = ChunkedCall(
-                self.client,
-                template,
-                keep_context=keep,
-                training=self.training,
-                device=device,
-                micro_batches=slices,
-                autocast=autocast,
-                frozen=frozen,
-            )
-        else:
-            call = RemoteCall(
-                self.client,
-                template,
-                keep_context=keep,
-                training=self.training,
-                device=device,
-                autocast=autocast,
-                frozen=frozen,
-            )
+        call: RemoteCall | ChunkedCall = (
+            ChunkedCall(self.client, template, micro_batches=slices, **kwargs)
+            if slices > 1
+            else RemoteCall(self.client, template, **kwargs)
+        )
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
         return unflatten(call.output_template, outputs)

@@ -65,3 +65,12 @@ def spawn_server(factory: str, *extra: str, port: int = 0) -> tuple[subprocess.P
             break
     process.kill()
     raise RuntimeError(f"server did not start: {process.stderr.read() if process.stderr else ''}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (a server under test), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

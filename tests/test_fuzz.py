@@ -17,7 +17,7 @@ import lz4.block
 import msgpack
 import pytest
 import torch
-from conftest import spawn_server
+from conftest import rss_bytes, spawn_server
 from factories import dropout_trunk
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -237,14 +237,6 @@ def _message(rng: random.Random, live: list[str]) -> tuple[str, bytes, bool]:
     return method, pb.Frame(header=header, payload=payload).SerializeToString(), True
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _train_one_step_and_compare(address: str) -> None:
     """A correct step after the storm: outputs and gradients match the same trunk run here."""
     local = dropout_trunk().eval()
@@ -285,7 +277,7 @@ def test_ten_thousand_malformed_messages(tmp_path):
         # Eight calls in flight at a time: the server's workers see concurrent garbage too.
         while sent_malformed < MESSAGES:
             if index == 3000:  # after the cache filled and the allocator warmed up
-                rss_after_warmup = _rss_bytes(process.pid)
+                rss_after_warmup = rss_bytes(process.pid)
             batch = []
             for index in range(index, index + 8):  # noqa: B020 - continues the count
                 method, request, malformed = _message(rng, live)
@@ -310,7 +302,7 @@ def test_ten_thousand_malformed_messages(tmp_path):
         assert not unexpected, unexpected[:10]
         assert process.poll() is None, "the server died"
         assert codes["OK"] > 100  # the valid forwards went through, so the cache was exercised
-        growth = _rss_bytes(process.pid) - rss_after_warmup
+        growth = rss_bytes(process.pid) - rss_after_warmup
         # Limits: 2 MiB of contexts, 1 MiB frames; allocator slack on top, nothing per message
         # (40,000 messages plateau at the same size as 10,000).
         assert growth < 80 << 20, f"server memory grew by {growth >> 20} MiB"

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import spawn_server
+from conftest import rss_bytes, spawn_server
 from torch import nn
 
 from remote_autograd import ClientOptions, LimitExceeded, RemoteModule, ServerOptions
@@ -17,14 +17,6 @@ from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _stop(process) -> str:
@@ -82,16 +74,16 @@ def test_activations_push_a_context_over_the_limit(start_server):
     assert small.grad is not None
 
 
-def test_kept_forwards_stay_within_max_context_bytes_in_rss():
+def test_kept_forwards_stay_within_max_context_bytes_inrss_bytes():
     # Each forward of a 16 MiB input holds 96 MiB (input, GELU's input and output, output);
     # counted as 32 MiB, four would be kept under 128 MiB (384 MiB held).
     process, address = spawn_server("factories:wide_mlp", "--max-context-bytes", str(128 * MiB))
     try:
         remote = RemoteModule(address, options=ClientOptions(compression="none"))
         remote(torch.zeros(4, 256, requires_grad=True)).sum().backward()  # warm up
-        before = _rss(process.pid)
+        before = rss_bytes(process.pid)
         kept = [remote(torch.randn(16384, 256, requires_grad=True)) for _ in range(6)]
-        growth = _rss(process.pid) - before
+        growth = rss_bytes(process.pid) - before
         print(f"RSS growth {growth / MiB:.0f} MiB")
         assert growth < 200 * MiB, f"the server grew by {growth // MiB} MiB"
         kept[-1].sum().backward()  # the newest context is still there
@@ -121,7 +113,7 @@ def test_cancelled_and_failed_streams_free_their_buffers():
             grpc.channel_ready_future(channel).result(timeout=30)
             stub = pb_grpc.TrunkStub(channel)
             codes = []
-            before = _rss(process.pid)
+            before = rss_bytes(process.pid)
             for index in range(6):
                 frames = _stalled_stream(64 * MiB, 16 * MiB, overrun=index % 2 == 1)
                 try:
@@ -129,7 +121,7 @@ def test_cancelled_and_failed_streams_free_their_buffers():
                         pass
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
-            growth = _rss(process.pid) - before
+            growth = rss_bytes(process.pid) - before
             print(f"RSS growth {growth / MiB:.0f} MiB")
             # One 64 MiB buffer stays pooled for reuse; six kept ones would be 384 MiB.
             assert growth < 200 * MiB, f"the server grew by {growth // MiB} MiB"
