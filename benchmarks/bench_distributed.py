@@ -2,13 +2,13 @@
 
 Every server is a child process with one torch thread per rank (OMP_NUM_THREADS=1): a plain
 one-process server, ``torchrun --nproc-per-node 1 ... --parallel ddp`` and the same with 2
-ranks. The client trains the trunk alone (a forward and a backward of one batch, the input
-requiring its gradient) and reports samples per second, the ratio 2 ranks / 1 rank, and the
-front door's overhead per call: the time of a tiny call (batch 1) through each server, whose
-difference to the plain server is what handing a call to the ranks costs. It also reads the
-CPU seconds of every server process (/proc) during the timed steps: the busiest process's CPU
-time per step is what a step would take with a free core per rank, a ratio that holds even on
-a machine busy with other work, where wall-clock times do not.
+ranks. The client trains the trunk alone (a forward, a backward of one batch with the input
+requiring its gradient, and an SGD Step) and reports samples per second, the ratio 2 ranks /
+1 rank, and the front door's overhead per call: the time of a tiny call (batch 1) through
+each server, whose difference to the plain server is what handing a call to the ranks costs.
+It also reads the CPU seconds of every server process (/proc) during the timed steps: the
+busiest process's CPU time per step is what a step would take with a free core per rank, a
+ratio that holds even on a machine busy with other work, where wall-clock times do not.
 
     python -m benchmarks.bench_distributed --preset full --json dist.json --doc
 """
@@ -126,16 +126,19 @@ class Server:
 
 
 def measure_server(server: Server, settings: dict[str, Any]) -> dict[str, Any]:
-    from remote_autograd import ClientOptions, RemoteModule
+    from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
 
     width, batch = settings["width"], settings["batch"]
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, width, generator=generator, requires_grad=True)
     tiny = torch.randn(1, width, generator=generator)
     with RemoteModule(server.address, options=ClientOptions(compression="none")) as remote:
+        optimizer = RemoteOptimizer(remote, "SGD", lr=1e-6)
 
         def train_step() -> None:
+            optimizer.zero_grad()
             torch.autograd.grad(remote(x).sum(), x)
+            optimizer.step()  # under ddp: the new weights are broadcast before the next call
 
         def tiny_call() -> None:
             with torch.no_grad():
@@ -166,8 +169,13 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--batch", type=int, help="samples per step (default: the preset's)")
     args = parser.parse_args()
-    settings = PRESETS[args.preset]
+    settings = dict(PRESETS[args.preset])
+    if args.batch is not None:
+        if args.batch < 1:
+            parser.error(f"--batch must be at least 1, got {args.batch}")
+        settings["batch"] = args.batch
     torch.set_num_threads(1)
     servers = {ranks: Server(ranks, settings) for ranks in (0, 1, 2)}  # start side by side
     results: dict[str, Any] = {}
