@@ -31,7 +31,7 @@ from benchmarks.common import write_json as write_json_file
 # ---- settings ---------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"width": 64, "layers": 2, "batch": 8, "warmup": 1, "reps": 3, "tiny_reps": 5},
-    "full": {"width": 1024, "layers": 4, "batch": 256, "warmup": 3, "reps": 15, "tiny_reps": 50},
+    "full": {"width": 1024, "layers": 4, "batch": 1024, "warmup": 3, "reps": 15, "tiny_reps": 50},
 }
 # -----------------------------------------------------------------------------------------
 
