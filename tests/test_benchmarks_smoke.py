@@ -120,5 +120,6 @@ def test_distributed_smoke(tmp_path: Path) -> None:
     assert set(data["servers"]) == {"plain", "1 rank (ddp)", "2 ranks (ddp)"}
     for result in data["servers"].values():
         assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["tiny_call_s"] > 0
-    assert data["speedup_2_vs_1"] > 0
+        assert result["busiest_rank_cpu_s_per_step"] > 0
+    assert data["speedup_2_vs_1"] > 0 and data["cpu_speedup_2_vs_1"] > 0
     assert set(data["front_door_overhead_s"]) == {"1 rank", "2 ranks"}
