@@ -42,6 +42,7 @@ from .footprint import Footprint
 from .guard import (
     StepBackup,
     accumulate,
+    check_finite_buffers,
     check_finite_weights,
     check_grad_scale,
     check_hyperparameters,
@@ -262,6 +263,10 @@ class TrunkEngine:
             shared = [*self.module.parameters(), *self.module.buffers()] if graph else []
             footprint = Footprint(shared)
             if not call.recompute:
+                # A training forward moves the trunk's buffers (BatchNorm statistics), which
+                # every session shares: they must stay finite, or come back as they were.
+                moved = self._floating_buffers() if call.training else []
+                before = self._buffer_snapshot() if moved else []  # counters too
                 with footprint.saved() if graph else contextlib.nullcontext():
                     out_template, outputs = self.runner.forward(
                         template,
@@ -271,6 +276,11 @@ class TrunkEngine:
                         grad=graph,
                         autocast=call.autocast,
                     )
+                try:
+                    check_finite_buffers(moved)
+                except InvalidRequest:
+                    self._restore_buffers(before)
+                    raise
         if keep:
             kept = None if lazy else outputs
             footprint.add([*leaves, *(kept or ())])
@@ -392,6 +402,9 @@ class TrunkEngine:
                 session.key,
             )
             return result
+
+    def _floating_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
 
     def _buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the persistent buffers (the state a training forward updates, like

@@ -477,6 +477,18 @@ def _problem(
     return None, new_max
 
 
+def check_finite_buffers(buffers: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a training forward that left the trunk's floating buffers (BatchNorm's running
+    statistics) with NaN or inf: finite inputs out of range (1e200) can do it, and every
+    session's eval outputs would then be ruined. The caller puts the buffers back."""
+    _refuse_non_finite(
+        [name for name, _ in buffers],
+        [buffer for _, buffer in buffers],
+        "this training forward would make the trunk's {} non-finite (inputs out of the range "
+        "the trunk can take): refused, the buffers are as they were",
+    )
+
+
 def check_finite_weights(state: dict[str, torch.Tensor]) -> None:
     """Refuse (TrunkError) to save a module state with NaN or inf in a floating tensor."""
     names = [n for n, t in state.items() if isinstance(t, torch.Tensor)]

@@ -405,11 +405,28 @@ def test_refused_attacks_never_reach_the_checkpoint_and_a_restart_brings_finite_
             process.communicate()
 
 
+def test_a_training_forward_cannot_make_the_trunks_buffers_non_finite(start_server):
+    """A finite input of 1e200 through BatchNorm would make its running_var inf, and every
+    session's eval outputs with it: the forward is refused, the buffers are put back."""
+    server = start_server(batchnorm_trunk())
+    remote = RemoteModule(server.address, options=ClientOptions(retries=0))
+    before = {n: t.clone() for n, t in server.engine.module.state_dict().items()}
+    for grad in (False, True):  # a forward kept for Backward, and one that is not
+        x = torch.tensor([[1e200] * 4, [-1e200] * 4, [0.0] * 4], dtype=torch.float64)
+        x.requires_grad_(grad)
+        with pytest.raises(InvalidRequest, match=r"1\.running_var non-finite"):
+            remote(x)
+        assert _same(dict(server.engine.module.state_dict()), before)
+    assert server.stats()["contexts"] == 0
+    _another_session_trains(server, factory=batchnorm_trunk)
+
+
 def test_no_checkpoint_is_written_from_non_finite_weights(start_server, tmp_path, caplog):
-    """A trunk's own buffers follow its training forwards: a finite input of 1e200 makes a
-    BatchNorm's running_var inf. The Checkpoint RPC then refuses (INTERNAL, naming the buffer),
-    the scheduled checkpoint after a Step and the one at stop are skipped with an ERROR log, and
-    a server started from the file gets the last finite weights."""
+    """The last line of defence: weights that are not finite however they got so (poisoned
+    here directly, since no message can do it) are never saved. The Checkpoint RPC refuses
+    (INTERNAL, naming the buffer), the scheduled checkpoint after a Step and the one at stop
+    are skipped with an ERROR log, and a server started from the file gets the last finite
+    weights."""
     path = tmp_path / "trunk.ckpt"
     options = ServerOptions(checkpoint_path=str(path), checkpoint_every=1)
     server = start_server(batchnorm_trunk(), options)
@@ -419,10 +436,10 @@ def test_no_checkpoint_is_written_from_non_finite_weights(start_server, tmp_path
     good = path.read_bytes()
     saved = load_checkpoint(str(path))["module"]
     with torch.no_grad():
-        remote(torch.full((3, 4), 1e200, dtype=torch.float64))
-    assert not torch.isfinite(server.engine.module[1].running_var).all()
+        server.engine.module[1].running_var[0] = float("inf")
     with pytest.raises(TrunkError, match=r"trunk's 1\.running_var hold NaN or inf"):
         remote.client.checkpoint()
+    remote.eval()  # a training forward would be refused now: the buffers are not finite
     with caplog.at_level(logging.ERROR, logger="remote_autograd.engine"):
         _good_step(remote, optimizer, _x(2, torch.float64))  # weights v2: a scheduled save
         server.stop(grace=None)
