@@ -14,8 +14,9 @@ Each part's gradients accumulate in micro-batch order (top 0, 1, ...; trunk 0, 1
 0, 1, ...) and the trunk's Computes go out in micro-batch order, so the gradients, and the
 trunk's dropout under ``ClientOptions(seed=...)``, are those of the plain loop over the same
 micro-batches. (A parameter shared by bottom and top, such as GPT-2's tied embedding and LM
-head, gets its two contributions summed in another order: equal up to float rounding.) The client-side RNG (dropout in bottom or top) is drawn in the
-schedule's order: reproducible under ``torch.manual_seed``, but not the plain loop's masks.
+head, gets its two contributions summed in another order: equal up to float rounding.) The
+client-side RNG (dropout in bottom or top) is drawn in the schedule's order: reproducible
+under ``torch.manual_seed``, but not the plain loop's masks.
 """
 
 from __future__ import annotations
