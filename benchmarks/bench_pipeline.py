@@ -20,6 +20,7 @@ time) / step time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from contextlib import ExitStack
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "micro_batches": 2,
         "steps": 2,
         "warmup": 1,
+        "probe_s": 0,  # seconds of each parallel-capacity probe (0: none)
     },
     # GPT-2 small (124M): 3 blocks + the 50257-word head here (~120 MFLOP per token forward),
     # 9 blocks on the server (~130 MFLOP per token)
@@ -52,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "micro_batches": 4,
         "steps": 5,
         "warmup": 1,
+        "probe_s": 4.0,
     },
 }
 # model -> (n_layer, n_embd, n_head, vocab)
@@ -174,6 +177,41 @@ class Split:
         }
 
 
+_PROBE = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, w = torch.randn(128, 768), torch.randn(768, 768)
+start, n = time.perf_counter(), 0
+while time.perf_counter() - start < float(sys.argv[1]):
+    a @ w
+    n += 1
+print(n / (time.perf_counter() - start))
+"""
+
+
+def parallel_capacity(seconds: float) -> float | None:
+    """How many cores two single-thread processes get together, in units of one process
+    alone: 2.0 on two idle cores, ~1.0 where other load leaves the equivalent of one. Overlap
+    can only shorten a step by what this allows."""
+    import subprocess
+    import sys
+
+    if seconds <= 0:
+        return None  # not probed (the smoke preset)
+
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, "-c", _PROBE, str(seconds)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def rate(process: subprocess.Popen) -> float:
+        out, _ = process.communicate()
+        return float(out)
+
+    alone = rate(start())
+    pair = [start(), start()]
+    return sum(rate(p) for p in pair) / alone
+
+
 def serve_trunk(preset_name: str) -> None:
     """The server process: the preset's trunk blocks, one torch thread."""
     from benchmarks.servers import _wait_for_signal
@@ -198,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preset": preset,
         "machine": machine(),
         "load_before": os.getloadavg(),
+        "parallel_capacity_before": parallel_capacity(preset["probe_s"]),
     }
     runners: dict[str, Any] = {"monolithic": Monolithic(preset)}
     with ExitStack() as stack:
@@ -219,6 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = {name: runner.result() for name, runner in runners.items()}
     data.update(results)
     data["load_after"] = os.getloadavg()
+    data["parallel_capacity_after"] = parallel_capacity(preset["probe_s"])
     mono, seq, pipe = (results[k] for k in ("monolithic", "sequential", "pipelined"))
     data["ratios"] = {
         "pipelined_vs_sequential": pipe["step_s"] / seq["step_s"],
@@ -266,13 +306,16 @@ def markdown(data: dict[str, Any]) -> str:
         "trunk idle",
     ]
     load = data["load_before"][0], data["load_after"][0]
+    capacity = data["parallel_capacity_before"], data["parallel_capacity_after"]
     return (
         f"### Pipelined step, preset {data['preset_name']}\n\n"
         f"GPT-2 `{p['model']}` (random init), trunk = blocks [{p['trunk'][0]}, {p['trunk'][1]}) "
         f"on a server process, the rest here; batch {p['batch']} x {p['seq']} tokens, AdamW, "
         f"{p['steps']} timed steps after {p['warmup']} warm-up (medians); one torch thread "
         f"per process; {data['machine']['cpus']} CPUs, load average {load[0]:.1f} before and "
-        f"{load[1]:.1f} after ({data['machine']['time_utc']} UTC). Losses of the pipelined "
+        f"{load[1]:.1f} after ({data['machine']['time_utc']} UTC); two single-thread processes "
+        f"got {capacity[0] or 0:.2f}x / {capacity[1] or 0:.2f}x the throughput of one alone, "
+        f"before / after (2.0 on two idle cores). Losses of the pipelined "
         f"run vs the sequential one: max rel. diff "
         f"{r['max_loss_rel_diff_pipelined_vs_sequential']:.1e}.\n\n" + table(header, rows)
     )
@@ -285,8 +328,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--micro-batches", type=int, help="override the preset's pieces")
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--render", help="no run: write the doc section of a results JSON")
     parser.add_argument("--serve-trunk", metavar="PRESET", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            data = json.load(f)
+        update_doc(f"pipeline_{data['preset_name']}", markdown(data))
+        return data
     if args.serve_trunk:
         serve_trunk(args.serve_trunk)
         return {}

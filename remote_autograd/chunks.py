@@ -76,6 +76,9 @@ class ChunkedCall:
             for i in range(k)
         ]
         self.calls = [self._new_call(tuple(p[i] for p in pieces)) for i in range(k)]
+        # The handshake once, here: concurrent first calls would each wait for the channel
+        # (grpc.channel_ready_future), leaving polling threads behind.
+        self.client.info()
         for call in self.calls:
             # The slices' dropout seeds in slice order, whatever order the threads run in.
             call.seed = self.client._next_seed()

@@ -112,6 +112,7 @@ def test_pipeline_smoke(tmp_path: Path) -> None:
         assert data[name]["trunk_idle_fraction"] < 1
     # The pipelined step computes what the sequential one does (float32 summation order).
     assert data["ratios"]["max_loss_rel_diff_pipelined_vs_sequential"] < 1e-4
+    assert data["parallel_capacity_before"] is None  # the probe is off in the smoke preset
 
 
 def test_distributed_smoke(tmp_path: Path) -> None:
