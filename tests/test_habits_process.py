@@ -8,12 +8,17 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import ROOT
 from models import mlp_parts
 from polling import wait_for
 
 from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, ServerOptions
+
+# Clients here train one server's trunk in turn: starting from the weights an earlier client
+# left is the point, not a mistake (SteppedTrunkWarning).
+pytestmark = pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")
 
 
 def _train_once(module: RemoteModule) -> None:
