@@ -28,6 +28,7 @@ from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .addresses import check_address, unreachable_reason
 from .bulk import BulkBroken
 from .errors import (
+    ERROR_METADATA_KEY,
     ServerUnavailable,
     StaleContext,
     SteppedTrunkWarning,
@@ -163,7 +164,15 @@ class TrunkClient:
                 return reply
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # A trunk server answered (its error class rides along): one shutting down,
+                # say. Waiting out connect_timeout would only hide that answer.
+                answered = isinstance(exc, grpc.Call) and any(
+                    key == ERROR_METADATA_KEY for key, _ in exc.trailing_metadata() or ()
+                )
+                if answered or code not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
                     raise from_rpc_error(exc, method="Info", address=self.address) from exc
                 details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
                 reason = unreachable_reason(details)
