@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
@@ -257,27 +256,14 @@ class AdapterEngine:
         return copy.deepcopy(base, shared)
 
     def _inject(self, module: nn.Module) -> nn.Module:
-        from peft import LoraConfig, inject_adapter_in_model  # the hf extra
+        from peft import inject_adapter_in_model  # the hf extra
+
+        from .hf.lora import lora_config
 
         options = self.adapter_options
         targets = set(options.target_modules)
-        # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to know.
-        conv1d: tuple[type, ...] = ()
-        if "transformers" in sys.modules:  # a Conv1D can only exist when it was imported
-            from transformers.pytorch_utils import Conv1D
-
-            conv1d = (Conv1D,)
-        fan_in_fan_out = any(
-            isinstance(m, conv1d)
-            for name, m in module.named_modules()
-            if name.rsplit(".", 1)[-1] in targets
-        )
-        config = LoraConfig(
-            r=options.rank,
-            lora_alpha=options.alpha,
-            lora_dropout=options.dropout,
-            target_modules=sorted(targets),
-            fan_in_fan_out=fan_in_fan_out,
+        config = lora_config(
+            module, targets, rank=options.rank, alpha=options.alpha, dropout=options.dropout
         )
         try:
             return inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)

@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["LoraOptions", "add_lora", "lora_state"]
+__all__ = ["LoraOptions", "add_lora", "lora_config", "lora_state"]
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,8 @@ def add_lora(
             "(build_trunk and build_client_parts fill in the model family's defaults)"
         )
     targets = set(options.target_modules)
-    # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to be told.
-    fan_in_fan_out = any(
-        isinstance(m, Conv1D)
-        for name, m in module.named_modules()
-        if name.rsplit(".", 1)[-1] in targets
-    )
-    config = LoraConfig(
-        r=options.rank,
-        lora_alpha=options.alpha,
-        lora_dropout=options.dropout,
-        target_modules=sorted(targets),
-        fan_in_fan_out=fan_in_fan_out,
+    config = lora_config(
+        module, targets, rank=options.rank, alpha=options.alpha, dropout=options.dropout
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -65,6 +55,26 @@ def add_lora(
                 f"({exc}); move the split points so every part holds at least one block, or "
                 "change --lora-targets"
             ) from exc
+
+
+def lora_config(
+    module: nn.Module, targets: set[str], *, rank: int, alpha: int, dropout: float
+) -> LoraConfig:
+    """peft's configuration of adapters on the ``targets`` of ``module`` (a part here, or the
+    trunk of a per-client adapter server)."""
+    # GPT-2 stores its linear layers transposed (transformers' Conv1D); peft wants to be told.
+    fan_in_fan_out = any(
+        isinstance(m, Conv1D)
+        for name, m in module.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+    )
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted(targets),
+        fan_in_fan_out=fan_in_fan_out,
+    )
 
 
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
