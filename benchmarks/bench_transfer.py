@@ -78,6 +78,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reps": 5,
         "warmup": 1,
     },
+    # the 64 MiB Compute + Backward against torch.distributed.rpc over TCP and a raw socket
+    "rpc": {
+        "sizes": [64 << 20],
+        "codecs": ["none"],
+        "baselines": ["tcp", "torch_rpc"],
+        "reps": 10,
+        "warmup": 2,
+    },
     "full": {
         "sizes": [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20],
         "codecs": ["none", "grpc", "auto", "lz4", "bf16", "fp16", "int8"],
@@ -174,11 +182,14 @@ class GrpcEcho:
 def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dict[str, Any]:
     """The torch.distributed.rpc echo for every size, in two processes of its own."""
     port = _free_port(host) if link is None else 29517
-    common = ["--address", f"{host}:{port}", *(["--uv-only"] if link else [])]
+    # TensorPipe's TCP transport ("uv") as between two machines: on one host it would otherwise
+    # pick shared memory, which no network offers.
+    common = ["--address", f"{host}:{port}", "--uv-only"]
     server = ServerProcess(
         "server",
         *common,
-        *(["--ifname", link.server_if] if link else []),
+        "--ifname",
+        link.server_if if link else "lo",
         netns=link.netns if link else None,
         module="benchmarks.rpc_baseline",
     )
@@ -190,7 +201,8 @@ def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dic
                 "benchmarks.rpc_baseline",
                 "client",
                 *common,
-                *(["--ifname", link.client_if] if link else []),
+                "--ifname",
+                link.client_if if link else "lo",
                 "--sizes",
                 ",".join(map(str, preset["sizes"])),
                 "--reps",

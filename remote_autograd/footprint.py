@@ -36,7 +36,9 @@ class Footprint:
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             self._count(tensor)
-            return tensor  # kept as it is: only counted
+            # The same memory, without the autograd history: an output saved as itself would
+            # hold its own grad_fn, a cycle no collector frees (the whole graph leaked).
+            return tensor.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield

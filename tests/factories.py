@@ -78,3 +78,10 @@ def batchnorm_trunk() -> nn.Module:
     """``Linear(4, 4)`` then ``BatchNorm1d(4)``, float64: training forwards move its buffers."""
     torch.manual_seed(77)
     return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+
+
+def softmax_mlp() -> nn.Module:
+    """A float32 MLP with a softmax: autograd saves the softmax's output for its own backward
+    (the case where a saved tensor's history leads back to the node saving it)."""
+    torch.manual_seed(8)
+    return nn.Sequential(nn.Linear(256, 512), nn.Softmax(dim=-1), nn.Linear(512, 256))

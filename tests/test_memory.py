@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 from conftest import rss_bytes, spawn_server
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import ClientOptions, LimitExceeded, RemoteModule, ServerOptions
@@ -91,6 +92,29 @@ def test_kept_forwards_stay_within_max_context_bytes_inrss_bytes():
     finally:
         err = _stop(process)
     assert "Traceback" not in err and " ERROR " not in err, err[-2000:]
+
+
+def test_used_forwards_leave_nothing_behind_in_rss():
+    # Each training step keeps a 32 MiB softmax output for Backward. Counting it must not keep
+    # it: eight steps once grew the server by the graph of every step (~100 MiB each).
+    process, address = spawn_server("factories:softmax_mlp")
+    try:
+        remote = RemoteModule(address, options=ClientOptions(compression="none"))
+        x = torch.randn(16384, 256)
+
+        def step() -> None:
+            remote(x.clone().requires_grad_()).sum().backward()
+
+        step()
+        step()  # the allocator and the receive pool warmed up
+        before = rss_bytes(process.pid)
+        for _ in range(8):
+            step()
+        wait_for(lambda: rss_bytes(process.pid) - before < 100 * MiB, timeout=30)
+        remote.close()
+    finally:
+        err = _stop(process)
+    assert "Traceback" not in err, err[-2000:]
 
 
 def _stalled_stream(size: int, sent: int, overrun: bool):
