@@ -57,8 +57,9 @@ from .calls import (
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
-from .errors import InvalidRequest, LimitExceeded, NotConfigured
+from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
 from .fingerprint import trunk_fingerprint
+from .guard import check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -505,22 +506,22 @@ class AdapterEngine:
             for adapter in adapters:
                 engine = adapter.engine
                 with engine._lock:  # no Step of this adapter between its tensors
-                    sessions = {}
-                    for session in self._sessions_of(adapter.identity):
-                        if session.optimizer is not None:
-                            sessions[session.key] = {
-                                "step": session.last_step,
-                                "optimizer": session.optimizer_name,
-                                "options": session.optimizer_options,
-                                "state": clone_tree(session.optimizer.state_dict()),
-                            }
+                    sessions = engine.saved_sessions(self._sessions_of(adapter.identity))
                     saved[adapter.identity] = {
                         "weights_version": engine.weights_version,
                         "parameters": {n: p.detach().cpu().clone() for n, p in engine.params},
-                        "sessions": sessions,
+                        "sessions": clone_tree(sessions),
                     }
                     version += engine.weights_version
             state = {"kind": "adapters", "weights_version": version, "adapters": saved}
+            try:
+                for entry in saved.values():
+                    check_finite_weights(entry["parameters"])
+            except TrunkError as exc:
+                if on_error == "raise":
+                    raise
+                log.error("checkpoint of the adapters to %s skipped: %s", path, exc)
+                return self.saved_version or 0
             try:
                 checkpoint_file.save_checkpoint(path, state)
             except OSError:
@@ -574,13 +575,7 @@ class AdapterEngine:
                     named[name].copy_(value)
             adapter.engine.weights_version = int(saved["weights_version"])
             for key, entry in saved["sessions"].items():
-                session = self.sessions.get(key)
-                cls = getattr(torch.optim, entry["optimizer"])
-                session.optimizer = cls([p for _, p in adapter.engine.params], **entry["options"])
-                session.optimizer.load_state_dict(entry["state"])
-                session.optimizer_name = entry["optimizer"]
-                session.optimizer_options = entry["options"]
-                session.last_step = int(entry["step"])
+                adapter.engine.restore_session(self.sessions.get(key), entry)
             self._adapters[identity] = adapter
         self.saved_version = self.weights_version
         log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)

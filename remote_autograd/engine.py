@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -607,16 +607,7 @@ class TrunkEngine:
             raise NotConfigured("this server has no checkpoint path (serve --checkpoint FILE)")
         with self._lock:
             version = self.weights_version
-            sessions = {}
-            for session in self.sessions.values():
-                if session.optimizer is not None:
-                    sessions[session.key] = {
-                        "step": session.last_step,
-                        "optimizer": session.optimizer_name,
-                        "options": session.optimizer_options,
-                        "groups": session.optimizer_groups,
-                        "state": session.optimizer.state_dict(),
-                    }
+            sessions = self.saved_sessions(self.sessions.values())
             module_state = dict(self.module.state_dict())
             state = {"weights_version": version, "module": module_state, "sessions": sessions}
             try:
@@ -636,6 +627,36 @@ class TrunkEngine:
             self.saved_version = version
         log.debug("checkpoint of weights v%d saved to %s", version, path)
         return version
+
+    @staticmethod
+    def saved_sessions(sessions: Iterable[Session]) -> dict[str, Any]:
+        """What a checkpoint keeps of each session with an optimizer (the caller holds the
+        trunk lock: no Step moves the state while it is read)."""
+        return {
+            session.key: {
+                "step": session.last_step,
+                "optimizer": session.optimizer_name,
+                "options": session.optimizer_options,
+                "groups": session.optimizer_groups,
+                "state": session.optimizer.state_dict(),
+            }
+            for session in sessions
+            if session.optimizer is not None
+        }
+
+    def restore_session(self, session: Session, saved: dict[str, Any]) -> None:
+        """Give ``session`` back the optimizer (and step) a checkpoint kept of it."""
+        cls = getattr(torch.optim, saved["optimizer"])
+        groups = saved.get("groups")
+        session.optimizer = cls(
+            torch_groups(groups, self.params) if groups else [p for _, p in self.params],
+            **saved["options"],
+        )
+        session.optimizer_groups = groups
+        session.optimizer.load_state_dict(saved["state"])
+        session.optimizer_name = saved["optimizer"]
+        session.optimizer_options = saved["options"]
+        session.last_step = int(saved["step"])
 
     def requested_checkpoint(self) -> int:
         """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
@@ -658,18 +679,7 @@ class TrunkEngine:
             self.module.load_state_dict(state["module"])
         self.weights_version = self.saved_version = int(state["weights_version"])
         for key, saved in state["sessions"].items():
-            session = self.sessions.get(key)
-            cls = getattr(torch.optim, saved["optimizer"])
-            groups = saved.get("groups")
-            session.optimizer = cls(
-                torch_groups(groups, self.params) if groups else [p for _, p in self.params],
-                **saved["options"],
-            )
-            session.optimizer_groups = groups
-            session.optimizer.load_state_dict(saved["state"])
-            session.optimizer_name = saved["optimizer"]
-            session.optimizer_options = saved["options"]
-            session.last_step = int(saved["step"])
+            self.restore_session(self.sessions.get(key), saved)
         log.info(
             "resumed from checkpoint %s: weights v%d, %d sessions",
             path,
