@@ -396,10 +396,38 @@ MUTATIONS: list[Mutation] = [
     M(
         "checkpoint_rpc_not_paced",
         "remote_autograd/engine.py",
-        "wait = self._checkpoint_asked + self.options.min_checkpoint_interval - now",
+        "wait = self._asked + self.interval - now",
         "wait = 0.0",
         ("tests/test_shares.py::test_the_checkpoint_rpc_is_rate_limited",),
         "Checkpoint RPCs at most one per min_checkpoint_interval",
+    ),
+    # -- memory bounds and the trunk's buffers (issue #10) ------------------------------------
+    M(
+        "saved_activations_not_counted",
+        "remote_autograd/engine.py",
+        "with footprint.saved() if graph else contextlib.nullcontext():",
+        "with contextlib.nullcontext():",
+        ("tests/test_memory.py::test_a_kept_forward_counts_its_saved_activations",),
+        "max_context_bytes counts the activations a kept forward saved",
+    ),
+    M(
+        "saved_tensors_kept_with_their_history",
+        "remote_autograd/footprint.py",
+        "return tensor.detach()",
+        "return tensor",
+        ("tests/test_memory.py::test_used_forwards_leave_nothing_behind_in_rss",),
+        "counting saved tensors leaks nothing (no reference cycle through grad_fn)",
+    ),
+    M(
+        "training_forward_buffers_unchecked",
+        "remote_autograd/engine.py",
+        "check_finite_buffers(moved)",
+        "moved.clear()",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_a_training_forward_cannot_make_the_trunks_buffers_non_finite",
+        ),
+        "a training forward cannot make the trunk's buffers non-finite",
     ),
 ]
 
