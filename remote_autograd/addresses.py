@@ -8,7 +8,9 @@ first call has waited out its ``connect_timeout``.
 
 from __future__ import annotations
 
-__all__ = ["check_address", "unreachable_reason"]
+import socket
+
+__all__ = ["accepts_connections", "check_address", "unreachable_reason"]
 
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://", "tcp://")
@@ -67,3 +69,18 @@ def unreachable_reason(details: str) -> str | None:
     if "errors resolving" in lowered or "dns resolution failed" in lowered:
         return "the host name does not resolve"
     return None
+
+
+def accepts_connections(address: str, timeout: float = 1.0) -> bool | None:
+    """Whether something accepts TCP connections at a ``host:port`` address right now (None
+    for the other gRPC target forms). gRPC reports the last failure of a connection that it
+    shares between channels and retries with backoff, so a server started on a port that
+    refused a moment ago can still read as refused: the operating system has the last word."""
+    if address.startswith(_GRPC_SCHEMES):
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False

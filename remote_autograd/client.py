@@ -25,7 +25,7 @@ import msgpack
 from . import codec, forking, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .addresses import check_address, unreachable_reason
+from .addresses import accepts_connections, check_address, unreachable_reason
 from .bulk import BulkBroken
 from .errors import (
     ERROR_METADATA_KEY,
@@ -177,7 +177,11 @@ class TrunkClient:
                 details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
                 reason = unreachable_reason(details)
                 now = time.monotonic()
-                if reason and now - started >= _UNREACHABLE_GRACE:
+                if (
+                    reason
+                    and now - started >= _UNREACHABLE_GRACE
+                    and not accepts_connections(self.address)
+                ):
                     raise ServerUnavailable(
                         f"cannot reach a trunk server at {self.address}: {reason}. Is the "
                         f"server running, and is the address right? (gRPC: {details})"

@@ -68,6 +68,10 @@ def create_channel(address: str, options: ClientOptions) -> grpc.Channel:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
         ("grpc.enable_retries", 0),  # the client retries where it is safe, not gRPC
+        # Connections of this channel alone: gRPC otherwise shares them between channels to
+        # one address, and a refused attempt of an earlier channel (a server since restarted
+        # on that port) would make this one's handshake fail fast while in reconnect backoff.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if options.root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(
