@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from remote_autograd import ClientOptions, RemoteModule, ServerUnavailable
+from remote_autograd.addresses import accepts_connections
 
 PATIENT = ClientOptions(connect_timeout=60.0)  # longer than the guard below: a hang fails
 
@@ -76,3 +77,13 @@ def test_a_host_name_that_does_not_resolve_fails_fast_and_says_so():
     error = _first_call_error("no-such-host.invalid:50051")
     assert isinstance(error, ServerUnavailable)
     assert "does not resolve" in str(error)
+
+
+def test_the_operating_system_has_the_last_word_on_a_refusal(start_server):
+    """gRPC can report a refusal it saw earlier on a shared connection; before failing fast,
+    the handshake asks whether the port accepts connections now."""
+    server = start_server(torch.nn.Identity())
+    assert accepts_connections(server.address) is True
+    assert accepts_connections(f"127.0.0.1:{_free_port()}") is False
+    assert accepts_connections("no-such-host.invalid:50051") is False
+    assert accepts_connections("unix:/tmp/no-such-socket") is None  # not a TCP address
