@@ -21,12 +21,12 @@ from typing import Any
 from . import codec
 from .options import Limits
 
-__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FILE_LIMITS", "FORMAT", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = 1
 # The server reads only files it wrote itself, but a checkpoint is as large as the trunk and its
 # optimizer state, far beyond the limits of one network call.
-_FILE_LIMITS = Limits(
+FILE_LIMITS = Limits(
     max_payload_bytes=1 << 62,
     max_tensor_bytes=1 << 62,
     max_tensor_elements=1 << 62,
@@ -65,7 +65,7 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
             data = bytearray(f.read())
     except FileNotFoundError:
         return None
-    state = codec.Decoder(limits=_FILE_LIMITS).decode(data)
+    state = codec.Decoder(limits=FILE_LIMITS).decode(data)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not a remote_autograd checkpoint of format {FORMAT}; move it away or "

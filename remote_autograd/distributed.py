@@ -1,33 +1,33 @@
 """A trunk on several processes under ``torchrun``: one front door, every rank computing.
 
-Rank 0 runs the usual gRPC server (service.py) around the usual engine (engine.py); only its
-runner differs. :class:`DistributedRunner` hands every forward and backward to every rank
-through torch.distributed, each rank processing its share of the batch, and gathers outputs
-and input gradients back in order. Ranks other than 0 run :meth:`DistributedRunner.follow`:
-they never see the network, only commands from rank 0.
+Every rank runs the usual engine (engine.py) around a :class:`DistributedRunner`; rank 0 also
+runs the gRPC server (service.py) and drives, the other ranks follow its commands
+(:meth:`DistributedRunner.follow`) and never see the network.
 
-What rank 0 keeps, as for one process: sessions, per-session gradients, forward contexts,
-exactly-once Backward and Step, recompute, limits, authentication, the optimizers and the
-checkpoints. What every rank keeps: a replica of the trunk (``ddp``) and the autograd graph of
-its share of each kept forward, freed when rank 0's context goes away.
-
-- **The batch.** The batch size is the first dimension of the first input tensor that has one;
-  every input tensor whose first dimension equals it is split into contiguous shares (uneven
-  when the batch does not divide by the ranks; a rank whose share is empty sits the call out).
-  Other tensors (position ids of batch 1, masks without a batch dimension) and plain values go
-  to every rank whole. Every tensor output must carry the batch as its first dimension when
-  more than one rank ran: the shares are concatenated back in rank order.
-- **Gradients.** Each Backward sums the ranks' parameter gradients onto rank 0 (one
-  ``reduce`` of one flat buffer): the loss is the client's, so the sum over the shares is the
-  unsplit gradient. Rank 0's engine accumulates them in the session as usual, so deferred
-  ``zero_grad``, clipping (GradNorm) and Step need no collective at all.
-- **Weights.** Rank 0's session optimizer steps its replica; before the next command rank 0
-  broadcasts the trainable parameters (detected by their version counters), so every replica
-  runs the next forward on the same weights. A LoadState or a restored checkpoint travels the
-  same way; at start rank 0 broadcasts its whole ``state_dict``.
-- **Wire between ranks.** Commands and replies are codec frames (codec.py: msgpack and raw
-  tensor bytes, never pickle) sent point to point over a gloo group; parameter gradients and
-  weights use the default group (NCCL on GPUs, gloo on CPUs).
+- **The batch** is cut into one share per rank (shares.py); rank 0 hands each rank its share of
+  every forward and backward and gathers outputs and input gradients back in order. Every
+  tensor output must carry the batch as its first dimension when more than one rank ran.
+- **``ddp``**: every rank holds the whole trunk. After each Backward the ranks' parameter
+  gradients are summed on every rank (one ``all_reduce`` of one flat buffer, as
+  ``DistributedDataParallel`` does after each backward): the loss is the client's, so the sum
+  over the shares is the unsplit gradient.
+- **``fsdp``**: the trunk is sharded with FSDP2 (``fully_shard`` on each layer of every
+  ``nn.ModuleList`` / ``nn.Sequential``, then on the whole): each rank holds a shard of every
+  parameter, gradient and optimizer state (``DTensor``), FSDP gathers the weights for each
+  layer's forward and backward and reduce-scatters the gradients (summed, not averaged). Every
+  rank takes part in every call, with an empty share if the batch is smaller than the world.
+- **Session state on every rank.** Each rank's engine keeps every session's gradients and
+  optimizer (whole in ``ddp``, its shards in ``fsdp``): rank 0 runs each engine operation that
+  changes them (accumulating a Backward, GradNorm, ConfigureOptimizer, Step, LoadState, a
+  checkpoint) on every rank at once (:meth:`DistributedRunner.mirrored`), so all replicas take
+  the same step and no weights travel. The guard's verdicts (finite, max_weight_growth) and the
+  norms are combined over the ranks (rank_wire.GroupRanks), so every rank keeps or refuses a
+  step alike. Rank 0 alone keeps forward contexts, request ids, limits and authentication.
+- **Checkpoints** are written by every rank with torch.distributed.checkpoint
+  (sharded_checkpoint.py) and loaded by every rank at start.
+- **Wire between ranks.** Commands and replies are codec frames over a gloo group
+  (rank_wire.py); gradients, FSDP's gathers and the weights at start use the default group
+  (NCCL on GPUs, gloo on CPUs).
 - **Dropout.** Rank ``r`` seeds its share's forward with ``seed + r``: a recompute on the same
   rank draws the same masks; the masks differ from an unsplit run's.
 - **Failures.** A rank that dies makes the next collective fail on rank 0, which answers that
@@ -38,67 +38,41 @@ its share of each kept forward, freed when rank 0's context goes away.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import datetime
 import logging
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .codec import Decoder, Encoder
+from . import sharded_checkpoint
+from .calls import StepCall
 from .errors import InvalidRequest, ServerUnavailable
-from .options import Limits, ServerOptions
+from .fingerprint import persistent_buffers, trunk_fingerprint
+from .guard import check_finite_buffers
+from .options import ServerOptions
+from .rank_wire import GroupRanks, RankWire
+from .ranks import local
 from .runner import TrunkRunner
+from .sessions import ZeroGrad
+from .shares import Plan
 from .tree import flatten, unflatten
 from .validate import autocast_dtype
 
-__all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed", "shares"]
+__all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed"]
 
 log = logging.getLogger(__name__)
 
-PARALLEL_MODES = ("ddp",)
+PARALLEL_MODES = ("ddp", "fsdp")
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait (serve --dist-timeout)
-
-# Frames between our own ranks: trusted, so only generous sanity limits.
-_INTERNAL_LIMITS = Limits(
-    max_payload_bytes=1 << 40,
-    max_tensor_bytes=1 << 40,
-    max_tensor_elements=1 << 40,
-    max_tensors=1 << 20,
-    max_header_bytes=1 << 30,
-)
-
-
-def shares(batch: int, world: int) -> list[int]:
-    """Contiguous share sizes of a batch over ``world`` ranks, the first ranks one larger."""
-    base, extra = divmod(batch, world)
-    return [base + (1 if rank < extra else 0) for rank in range(world)]
-
-
-def _batch_size(tensors: Sequence[torch.Tensor]) -> int | None:
-    return next((int(t.shape[0]) for t in tensors if t.dim() >= 1), None)
-
-
-class _Plan:
-    """How one call's inputs are split: per input batched or whole, the share sizes, the ranks
-    that run."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor], world: int) -> None:
-        batch = _batch_size(tensors)
-        self.batched = [batch is not None and t.dim() >= 1 and t.shape[0] == batch for t in tensors]
-        # No batch dimension at all: rank 0 runs the call whole.
-        self.sizes = shares(batch, world) if batch is not None else [1] + [0] * (world - 1)
-        self.active = [rank for rank, size in enumerate(self.sizes) if size > 0] or [0]
-        self.offsets = [sum(self.sizes[:rank]) for rank in range(world)]
-
-    def share(self, tensor: torch.Tensor, batched: bool, rank: int) -> torch.Tensor:
-        if not batched:
-            return tensor
-        start = self.offsets[rank]
-        return tensor[start : start + self.sizes[rank]]
+_READS = {"get_state"}  # operations that change nothing: mirrored only where they gather (fsdp)
+_UNLIMITED = 1 << 40  # a following rank's session limits: rank 0 enforces the real ones
 
 
 class ShardedOutputs(list):
@@ -106,53 +80,38 @@ class ShardedOutputs(list):
     the engine drops it (its context released or expired), every rank frees its graph."""
 
     token: int
-    plan: _Plan
+    plan: Plan
     leaves: list[torch.Tensor]
     batched_outputs: list[bool]
 
 
-class _Wire:
-    """Frames between rank 0 and the others over the control group (gloo)."""
+def _shard(module: nn.Module) -> None:
+    """FSDP2 on each layer (a child of an ``nn.ModuleList`` or ``nn.Sequential``) that has
+    parameters, then on the whole trunk; gradients summed over the ranks, not averaged."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    def __init__(self, group: Any) -> None:
-        self.group = group
-        self.encoder = Encoder(compression="none")
-        self.decoder = Decoder(limits=_INTERNAL_LIMITS)
-
-    # A frame goes as one message of HEAD bytes (its length, then its start) and, when longer,
-    # a second with the rest: a small command costs one message, not a length and a payload.
-    HEAD = 8192
-
-    def send(self, value: Any, dst: int) -> None:
-        data = self.encoder.encode(value)
-        head = bytearray(self.HEAD)
-        head[:8] = len(data).to_bytes(8, "little")
-        first = data[: self.HEAD - 8]
-        head[8 : 8 + len(first)] = first
-        dist.send(torch.frombuffer(head, dtype=torch.uint8), dst, group=self.group)
-        if len(data) > len(first):
-            rest = bytearray(data[len(first) :])
-            dist.send(torch.frombuffer(rest, dtype=torch.uint8), dst, group=self.group)
-
-    def recv(self, src: int) -> Any:
-        head = torch.empty(self.HEAD, dtype=torch.uint8)
-        dist.recv(head, src, group=self.group)
-        raw = head.numpy()
-        size = int.from_bytes(raw[:8].tobytes(), "little")
-        if size <= self.HEAD - 8:
-            return self.decoder.decode(raw[8 : 8 + size])
-        rest = torch.empty(size - (self.HEAD - 8), dtype=torch.uint8)
-        dist.recv(rest, src, group=self.group)
-        return self.decoder.decode(raw[8:].tobytes() + rest.numpy().tobytes())
+    layers = [
+        child
+        for parent in module.modules()
+        if isinstance(parent, (nn.ModuleList, nn.Sequential))
+        for child in parent.children()
+        if any(True for _ in child.parameters())
+    ]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.set_gradient_divide_factor(1.0)
 
 
 class DistributedRunner(TrunkRunner):
     """A :class:`TrunkRunner` whose forwards and gradients run on every rank of the default
-    process group; rank 0 drives it (the engine calls it), the others :meth:`follow`."""
+    process group; rank 0's engine drives it, the other ranks :meth:`follow`."""
 
     def __init__(
         self,
-        module: torch.nn.Module,
+        module: nn.Module,
         device: torch.device,
         dtype: torch.dtype | None,
         *,
@@ -161,42 +120,29 @@ class DistributedRunner(TrunkRunner):
     ) -> None:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+        self.fingerprint = trunk_fingerprint(module)  # before the cast and the sharding
         super().__init__(module, device, dtype)
         self.mode = mode
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.wire = _Wire(control)
+        self.wire = RankWire(control)
+        self.ranks = GroupRanks(control, sharded=mode == "fsdp")
+        self._broadcast_state()  # every rank starts from rank 0's weights
+        if mode == "fsdp":
+            _shard(self.module)
+            self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.engine: Any = None  # this rank's engine (serve_distributed sets it)
         self.graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.last_param_grads: list[torch.Tensor | None] = []  # a follower's last Backward
         self._next_token = 0
         self._to_free: collections.deque[int] = collections.deque()
-        self._synced: tuple[int, ...] = ()
+        self._forgotten: collections.deque[str] = collections.deque()
         self.broken: str | None = None
 
-    # -- weights -----------------------------------------------------------------------------------
-
-    def broadcast_state(self) -> None:
-        """Every rank takes rank 0's whole state_dict (at start, after a checkpoint restore)."""
+    def _broadcast_state(self) -> None:
         with torch.no_grad():
             for tensor in self.module.state_dict().values():
                 dist.broadcast(tensor, 0)
-        self._synced = self._versions()
-
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for _, p in self.params)
-
-    def _broadcast_params(self) -> None:
-        params = [p for _, p in self.params]
-        if not params:
-            return
-        with torch.no_grad():
-            flat = torch._utils._flatten_dense_tensors([p.detach() for p in params])
-            dist.broadcast(flat, 0)
-            if self.rank != 0:
-                for param, value in zip(
-                    params, torch._utils._unflatten_dense_tensors(flat, params), strict=True
-                ):
-                    param.copy_(value)
-        self._synced = self._versions()
 
     # -- rank 0: the engine's calls ----------------------------------------------------------------
 
@@ -210,50 +156,44 @@ class DistributedRunner(TrunkRunner):
         grad: bool,
         autocast: torch.dtype | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
-        plan = _Plan(leaves, self.world)
+        plan = Plan(leaves, self.world, everyone=self.mode == "fsdp")
         token = -1
         if grad:
             token = self._next_token = self._next_token + 1
-        commands = {}
+        commands: dict[int, dict[str, Any]] = {}
         for rank in range(1, self.world):
-            if rank in plan.active:
-                value = unflatten(
-                    template,
-                    [
-                        plan.share(t.detach(), b, rank)
-                        for t, b in zip(leaves, plan.batched, strict=True)
-                    ],
-                )
-                commands[rank] = {
-                    "op": "forward",
-                    "value": value,
-                    "needs": [t.requires_grad for t in leaves],
-                    "training": training,
-                    "seed": None if seed is None else (seed + rank) % (1 << 63),
-                    "grad": grad,
-                    "token": token,
-                    "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
-                }
-            else:
+            if rank not in plan.running:
                 commands[rank] = {"op": "idle"}
-        mine = None
-        if 0 in plan.active:
-            mine = [
-                self._share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
-                for t, b in zip(leaves, plan.batched, strict=True)
+                continue
+            shares = [
+                plan.share(t.detach(), b, rank) for t, b in zip(leaves, plan.batched, strict=True)
             ]
-        replies, local, error = self._exchange(
+            commands[rank] = {
+                "op": "forward",
+                "value": unflatten(template, shares),
+                "needs": [t.requires_grad for t in leaves],
+                "training": training,
+                "seed": None if seed is None else (seed + rank) % (1 << 63),
+                "grad": grad,
+                "token": token,
+                "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+            }
+        mine = [
+            self._share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
+            for t, b in zip(leaves, plan.batched, strict=True)
+        ]
+        replies, local_result, error = self._exchange(
             commands,
-            lambda: (
-                None
-                if mine is None
-                else self._forward_share(template, mine, training, seed, grad, token, autocast)
-            ),
+            lambda: self._forward_share(template, mine, training, seed, grad, token, autocast),
         )
         if error is not None:
             self._release(token)
             raise error
-        out_template, per_rank = self._outputs(plan, local, replies)
+        out_template = local_result[0]
+        per_rank = {0: local_result[1]}
+        for rank in plan.active:
+            if rank != 0:
+                per_rank[rank] = replies[rank]["outputs"]
         try:
             batched_outputs, outputs = self._gather_outputs(plan, per_rank)
         except InvalidRequest:
@@ -267,28 +207,16 @@ class DistributedRunner(TrunkRunner):
         weakref.finalize(result, self._to_free.append, token)
         return out_template, result
 
-    def _outputs(self, plan: _Plan, local: Any, replies: dict[int, Any]):
-        out_template = local[0] if local is not None else None
-        per_rank: dict[int, list[torch.Tensor]] = {}
-        if local is not None:
-            per_rank[0] = local[1]
-        for rank, reply in replies.items():
-            if rank in plan.active:
-                per_rank[rank] = reply["outputs"]
-                if out_template is None:
-                    out_template = flatten(reply["template"])[0]
-        return out_template, per_rank
-
-    def _gather_outputs(self, plan: _Plan, per_rank: dict[int, list[torch.Tensor]]):
-        ranks = sorted(per_rank)
-        counts = {len(outputs) for outputs in per_rank.values()}
+    def _gather_outputs(self, plan: Plan, per_rank: dict[int, list[torch.Tensor]]):
+        ranks = plan.active
+        counts = {len(per_rank[rank]) for rank in ranks}
         if len(counts) != 1:
             raise InvalidRequest(f"the ranks' shares gave different numbers of outputs: {counts}")
         batched, outputs = [], []
         for index in range(counts.pop()):
             parts = [per_rank[rank][index].to(self.device) for rank in ranks]
             if len(parts) == 1:
-                batched.append(parts[0].dim() >= 1)
+                batched.append(parts[0].dim() >= 1 and plan.batch is not None)
                 outputs.append(parts[0])
                 continue
             if not all(
@@ -321,39 +249,42 @@ class DistributedRunner(TrunkRunner):
             )
         plan, token = outputs.plan, outputs.token
         wanted = [next(i for i, leaf in enumerate(outputs.leaves) if leaf is x) for x in inputs]
-        ranks = sorted(plan.active)
         commands: dict[int, Any] = {}
         for rank in range(1, self.world):
-            if rank in ranks:
-                commands[rank] = {
-                    "op": "backward",
-                    "token": token,
-                    "grads": self._grad_shares(outputs, grads, rank),
-                    "wanted": wanted,
-                    "retain": retain_graph,
-                    "parameters": parameters,
-                }
-            else:
+            if rank not in plan.running:
                 commands[rank] = {"op": "idle_backward"}
-        local_grads = self._grad_shares(outputs, grads, 0) if 0 in ranks else None
-
-        def local() -> Any:
-            if local_grads is None:
-                return None, [None] * len(self.params)
-            return self._backward_share(token, local_grads, wanted, retain_graph, parameters)
-
-        replies, mine, error = self._exchange(commands, local, reduce_grads=True)
+                continue
+            commands[rank] = {
+                "op": "backward",
+                "token": token,
+                # A rank that ran only for FSDP's collectives back-propagates zeros.
+                "grads": self._grad_shares(outputs, grads, rank) if rank in plan.active else None,
+                "wanted": wanted,
+                "retain": retain_graph,
+                "parameters": parameters,
+            }
+        mine = self._grad_shares(outputs, grads, 0)
+        replies, result, error = self._exchange(
+            commands,
+            lambda: self._backward_share(token, mine, wanted, retain_graph, parameters),
+            reduce_grads=True,
+        )
         if not retain_graph:
             self._release(token)
         if error is not None:
             raise error
-        input_grads_per_rank = {0: mine[0]} if 0 in ranks else {}
-        for rank in ranks:
+        per_rank = {0: result[0]}
+        for rank in plan.active:
             if rank != 0:
-                input_grads_per_rank[rank] = replies[rank]["grads"]
+                per_rank[rank] = replies[rank]["grads"]
+        return self._input_grads(outputs, wanted, per_rank), result[1]
+
+    def _input_grads(self, outputs: ShardedOutputs, wanted: list[int], per_rank: dict[int, Any]):
+        plan = outputs.plan
+        ranks = plan.active
         input_grads: list[torch.Tensor | None] = []
         for position, index in enumerate(wanted):
-            parts = [(r, input_grads_per_rank[r][position]) for r in ranks]
+            parts = [(r, per_rank[r][position]) for r in ranks]
             if all(g is None for _, g in parts):
                 input_grads.append(None)
             elif plan.batched[index]:
@@ -375,7 +306,7 @@ class DistributedRunner(TrunkRunner):
                         g = g.to(self.device)
                         total = g if total is None else total + g
                 input_grads.append(total)
-        return input_grads, mine[1]
+        return input_grads
 
     def _grad_shares(self, outputs: ShardedOutputs, grads: list[Any], rank: int) -> list[Any]:
         plan = outputs.plan
@@ -396,6 +327,100 @@ class DistributedRunner(TrunkRunner):
             result.append(grad)
         return result
 
+    # -- the trunk's state on every rank -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mirrored(self, op: str, key: str, **args: Any) -> Iterator[None]:
+        """Rank 0: have every other rank run engine operation ``op`` on its copy of session
+        ``key`` while this rank runs it, then check that all ended alike (a rank that failed
+        where rank 0 did not, or the reverse, has parted ways: the trunk goes out of service)."""
+        if self.rank != 0 or self.world == 1 or (op in _READS and self.mode != "fsdp"):
+            yield
+            return
+        command = {"op": "mirror", "name": op, "key": key, "args": args}
+        self._send_all({rank: command for rank in range(1, self.world)})
+        failed: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            replies = self._receive_all(range(1, self.world), raise_now=failed is None)
+            for rank, reply in sorted(replies.items()):
+                if (reply.get("error") is None) != (failed is None):
+                    self.broken = (
+                        f"rank {rank} and rank 0 parted ways on {op}: rank {rank} said "
+                        f"{reply.get('error')!r}, rank 0 {failed!r}"
+                    )
+                    log.error("the distributed trunk is out of service: %s", self.broken)
+            if failed is None and self.broken is not None:
+                raise ServerUnavailable(self._out_of_service())
+
+    def forget_session(self, key: str) -> None:
+        if self.rank == 0:
+            self._forgotten.append(key)
+
+    def assign(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        if local(param) is param:
+            param.copy_(value)
+            return
+        local(param).copy_(self._distribute(value.to(param.dtype), param).to_local())
+
+    def full(self, tree: Any) -> Any:
+        if self.mode != "fsdp":
+            return tree
+        if isinstance(tree, dict):
+            return {key: self.full(value) for key, value in tree.items()}
+        if isinstance(tree, list):
+            return [self.full(value) for value in tree]
+        if isinstance(tree, torch.Tensor) and local(tree) is not tree:
+            return tree.full_tensor()  # type: ignore[attr-defined]
+        return tree
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        if self.mode == "fsdp" and isinstance(state, dict) and isinstance(state.get("state"), dict):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            placed = {}
+            for index, entries in state["state"].items():
+                param = params[index] if isinstance(index, int) and index < len(params) else None
+                placed[index] = {
+                    key: self._distribute(value, param)
+                    if isinstance(value, torch.Tensor)
+                    and param is not None
+                    and local(param) is not param
+                    and value.shape == param.shape
+                    else value
+                    for key, value in entries.items()
+                }
+            state = {**state, "state": placed}
+        optimizer.load_state_dict(state)
+
+    @staticmethod
+    def _distribute(value: torch.Tensor, like: Any) -> Any:
+        """This rank's shard of a whole ``value``, laid out as the sharded tensor ``like`` (no
+        communication: every rank holds the whole value)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(
+            value.to(local(like).device), like.device_mesh, like.placements, src_data_rank=None
+        )
+
+    def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
+        sharded_checkpoint.save(path, state, self.wire.group)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any] | None:
+        live = {f"/module/{name}": t for name, t in self.module.state_dict().items()}
+        return sharded_checkpoint.load(path, live, self._allocate)
+
+    def _allocate(self, shape: list[int], dtype: torch.dtype, sharded: bool) -> torch.Tensor:
+        if not sharded:
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        from torch.distributed.tensor import zeros
+
+        like: Any = next(p for _, p in self.module.named_parameters() if local(p) is not p)
+        return zeros(shape, dtype=dtype, device_mesh=like.device_mesh, placements=like.placements)
+
     def close(self) -> None:
         """Let the other ranks leave :meth:`follow` (rank 0, when the server stops)."""
         if self.broken is None:
@@ -408,38 +433,58 @@ class DistributedRunner(TrunkRunner):
 
     # -- the exchange ------------------------------------------------------------------------------
 
-    def _exchange(self, commands: dict[int, Any], local, *, reduce_grads: bool = False):
-        """Send each rank its command, run rank 0's share, (sum the parameter gradients,) and
-        collect the replies; returns (replies, rank 0's result, the first error or None)."""
+    def _out_of_service(self) -> str:
+        return (
+            f"the distributed trunk is out of service ({self.broken}): restart the torchrun "
+            "server (with --checkpoint it resumes from its last checkpoint)"
+        )
+
+    def _lost(self, exc: RuntimeError) -> ServerUnavailable:
+        self.broken = f"a rank failed: {exc}"
+        log.error("the distributed trunk lost a rank: %s", exc)
+        return ServerUnavailable(
+            f"a rank of the distributed trunk failed ({exc}); restart the torchrun server "
+            "(with --checkpoint it resumes from its last checkpoint)"
+        )
+
+    def _send_all(self, commands: dict[int, Any]) -> None:
         if self.broken is not None:
-            raise ServerUnavailable(
-                f"the distributed trunk is out of service ({self.broken}): restart the torchrun "
-                "server (with --checkpoint it resumes from its last checkpoint)"
-            )
-        free = list(self._drain_frees())
-        sync = self._versions() != self._synced
+            raise ServerUnavailable(self._out_of_service())
+        # What rank 0 dropped since the last command travels with the next one.
+        free = list(self._drain(self._to_free))
+        forget = list(self._drain(self._forgotten))
         try:
             for rank, command in commands.items():
-                self.wire.send({**command, "free": free, "sync": sync}, rank)
-            self._free(free)
-            if sync:
-                self._broadcast_params()
-            error: BaseException | None = None
-            try:
-                result = local()
-            except Exception as exc:  # noqa: BLE001 - the other ranks still wait for the reduce
-                error, result = exc, None
-            failed = False
+                self.wire.send({**command, "free": free, "forget": forget}, rank)
+        except RuntimeError as exc:
+            raise self._lost(exc) from exc
+        self._free(free)
+
+    def _receive_all(self, ranks: Sequence[int], *, raise_now: bool = True) -> dict[int, Any]:
+        try:
+            return {rank: self.wire.recv(rank) for rank in ranks}
+        except RuntimeError as exc:
+            error = self._lost(exc)
+            if raise_now:
+                raise error from exc
+            return {}
+
+    def _exchange(self, commands: dict[int, Any], run_local, *, reduce_grads: bool = False):
+        """Send each rank its command, run rank 0's share, (sum the parameter gradients,) and
+        collect the replies; returns (replies, rank 0's result, the first error or None)."""
+        self._send_all(commands)
+        error: BaseException | None = None
+        try:
+            result = run_local()
+        except Exception as exc:  # noqa: BLE001 - the other ranks still wait for the reduce
+            error, result = exc, None
+        failed = False
+        try:
             if reduce_grads:
                 failed = self._reduce(result[1] if result is not None else None, error is not None)
-            replies = {rank: self.wire.recv(rank) for rank in commands}
         except RuntimeError as exc:
-            self.broken = f"a rank failed: {exc}"
-            log.error("the distributed trunk lost a rank: %s", exc)
-            raise ServerUnavailable(
-                f"a rank of the distributed trunk failed ({exc}); restart the torchrun server "
-                "(with --checkpoint it resumes from its last checkpoint)"
-            ) from exc
+            raise self._lost(exc) from exc
+        replies = self._receive_all(list(commands))
         for rank in sorted(replies):
             message = replies[rank].get("error")
             if message is not None and error is None:
@@ -449,8 +494,8 @@ class DistributedRunner(TrunkRunner):
         return replies, result, error
 
     def _reduce(self, param_grads: list[torch.Tensor | None] | None, failed: bool) -> bool:
-        """Sum every rank's parameter gradients onto rank 0, in place in ``param_grads``;
-        returns whether some rank failed (then nothing is summed)."""
+        """After a Backward on every rank: whether some rank failed (then nothing is summed);
+        with ``ddp``, each rank's parameter gradients replaced by the sum over the ranks."""
         present = (
             [g is not None for g in param_grads] if param_grads else [False] * len(self.params)
         )
@@ -458,20 +503,20 @@ class DistributedRunner(TrunkRunner):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.wire.group)
         if flags[0] > 0:
             return True
+        if self.mode == "fsdp":  # FSDP reduce-scattered them during the backward
+            return False
         needed = [i for i, flag in enumerate(flags[1:].tolist()) if flag > 0]
         if not needed:
             return False
         parts = []
         for i in needed:
             grad = param_grads[i] if param_grads else None
-            param = self.params[i][1]
-            parts.append(torch.zeros_like(param) if grad is None else grad)
+            parts.append(torch.zeros_like(self.params[i][1]) if grad is None else grad)
         flat = torch._utils._flatten_dense_tensors(parts)
-        dist.reduce(flat, 0, op=dist.ReduceOp.SUM)
-        if self.rank == 0 and param_grads is not None:
-            for i, value in zip(
-                needed, torch._utils._unflatten_dense_tensors(flat, parts), strict=True
-            ):
+        dist.all_reduce(flat)
+        if param_grads is not None:
+            values = torch._utils._unflatten_dense_tensors(flat, parts)
+            for i, value in zip(needed, values, strict=True):
                 param_grads[i] = value
         return False
 
@@ -479,9 +524,10 @@ class DistributedRunner(TrunkRunner):
         if token >= 0:
             self._to_free.append(token)
 
-    def _drain_frees(self):
-        while self._to_free:
-            yield self._to_free.popleft()
+    @staticmethod
+    def _drain(queue: collections.deque) -> Iterator[Any]:
+        while queue:
+            yield queue.popleft()
 
     def _free(self, tokens: Sequence[int]) -> None:
         for token in tokens:
@@ -494,12 +540,27 @@ class DistributedRunner(TrunkRunner):
         return tensor.to(self.device).detach().requires_grad_(need)
 
     def _forward_share(self, template, leaves, training, seed, grad, token, autocast=None):
+        moved = self._floating_buffers() if training else []
+        before = [(b, b.clone()) for _, b in moved]
         out_template, outputs = TrunkRunner.forward(
             self, template, leaves, training, seed, grad=grad, autocast=autocast
         )
+        if self.rank != 0 and moved:  # rank 0's engine guards its own buffers
+            try:
+                check_finite_buffers(moved)
+            except InvalidRequest:
+                with torch.no_grad():
+                    for buffer, value in before:
+                        buffer.copy_(value)
+                raise
         if grad:
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
+
+    def _floating_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        if self.rank == 0:
+            return []
+        return [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
 
     def _backward_share(self, token, grads, wanted, retain, parameters=True):
         entry = self.graphs.get(token)
@@ -508,14 +569,26 @@ class DistributedRunner(TrunkRunner):
         outputs, leaves = entry
         if not retain:
             del self.graphs[token]
-        return TrunkRunner.gradients(
-            self,
-            outputs,
-            grads,
-            [leaves[i] for i in wanted],
-            retain_graph=retain,
-            parameters=parameters,
-        )
+        if grads is None:  # FSDP: this rank ran only for the collectives
+            grads = [torch.zeros_like(o) if o.requires_grad else None for o in outputs]
+        inputs = [leaves[i] for i in wanted]
+        if self.mode != "fsdp":
+            return TrunkRunner.gradients(
+                self, outputs, grads, inputs, retain_graph=retain, parameters=parameters
+            )
+        # FSDP gathers each layer's weights for its backward and reduce-scatters the gradients
+        # of those gathered weights into the sharded parameters' .grad: only backward() (not
+        # autograd.grad) accumulates them.
+        targets, grad_outputs = self._grad_pairs(outputs, grads)
+        if targets:
+            torch.autograd.backward(targets, grad_outputs, retain_graph=retain)
+        input_grads = [leaf.grad for leaf in inputs]
+        for leaf in leaves:
+            leaf.grad = None
+        param_grads = [p.grad if parameters else None for _, p in self.params]
+        for _, param in self.params:
+            param.grad = None
+        return input_grads, param_grads
 
     # -- ranks 1..N-1 ------------------------------------------------------------------------------
 
@@ -531,49 +604,85 @@ class DistributedRunner(TrunkRunner):
             if op == "stop":
                 return
             self._free(command["free"])
-            if command["sync"]:
-                self._broadcast_params()
+            for key in command["forget"]:
+                self.engine.sessions.drop(key)
             reply: dict[str, Any] = {}
             try:
                 if op == "forward":
-                    template, tensors = flatten(command["value"])
-                    leaves = [
-                        self._share_leaf(t, need)
-                        for t, need in zip(tensors, command["needs"], strict=True)
-                    ]
-                    _, outputs = self._forward_share(
-                        template,
-                        leaves,
-                        command["training"],
-                        command["seed"],
-                        command["grad"],
-                        command["token"],
-                        autocast_dtype(command["autocast"] or ""),
-                    )
-                    reply = {"outputs": [o.detach() for o in outputs], "template": None}
+                    reply = self._follow_forward(command)
                 elif op == "backward":
-                    result = None
-                    error = None
-                    try:
-                        result = self._backward_share(
-                            command["token"],
-                            command["grads"],
-                            command["wanted"],
-                            command["retain"],
-                            command["parameters"],
-                        )
-                    except Exception as exc:  # noqa: BLE001 - reported to rank 0
-                        error = exc
-                    self._reduce(result[1] if result else None, error is not None)
-                    if error is not None:
-                        raise error
-                    assert result is not None
-                    reply = {"grads": result[0]}
-                elif op == "idle_backward":
-                    self._reduce(None, False)
+                    reply = self._follow_backward(command)
+                elif op == "idle_backward":  # ddp: this rank's share was empty
+                    grads: list[torch.Tensor | None] = [None] * len(self.params)
+                    self._reduce(grads, False)
+                    self.last_param_grads = grads
+                elif op == "mirror":
+                    self._follow_mirror(command)
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             self.wire.send(reply, 0)
+
+    def _follow_forward(self, command: dict[str, Any]) -> dict[str, Any]:
+        template, tensors = flatten(command["value"])
+        leaves = [
+            self._share_leaf(t, need) for t, need in zip(tensors, command["needs"], strict=True)
+        ]
+        _, outputs = self._forward_share(
+            template,
+            leaves,
+            command["training"],
+            command["seed"],
+            command["grad"],
+            command["token"],
+            autocast_dtype(command["autocast"] or ""),
+        )
+        return {"outputs": [o.detach() for o in outputs]}
+
+    def _follow_backward(self, command: dict[str, Any]) -> dict[str, Any]:
+        result = None
+        error = None
+        try:
+            result = self._backward_share(
+                command["token"],
+                command["grads"],
+                command["wanted"],
+                command["retain"],
+                command["parameters"],
+            )
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it in the reduce
+            error = exc
+        self._reduce(result[1] if result else None, error is not None)
+        if error is not None:
+            raise error
+        assert result is not None
+        self.last_param_grads = result[1]
+        return {"grads": result[0]}
+
+    def _follow_mirror(self, command: dict[str, Any]) -> None:
+        engine, name, args = self.engine, command["name"], command["args"]
+        session: Any = engine.sessions.get(command["key"]) if command["key"] else None
+        if name == "account":
+            grads, self.last_param_grads = self.last_param_grads, []
+            engine.account(session, grads, **args)
+        elif name == "grad_norms":
+            engine.norms(session, **args)
+        elif name == "configure":
+            engine.configure_optimizer(session, **args)
+        elif name == "step":
+            call = StepCall(
+                step=args["step"],
+                zero_grad=ZeroGrad(args["zero_grad"]),
+                grad_scale=args["grad_scale"],
+            )
+            engine._apply_step(session, session.optimizer, call, args["groups"])
+        elif name == "load_state":
+            engine.load_state(session, args["state"])
+        elif name == "get_state":
+            engine.get_state(session, **args)
+        elif name == "checkpoint":
+            engine._checkpoint(args["on_error"])
+        else:
+            raise InvalidRequest(f"unknown engine operation {name!r}")
 
 
 def _device(options: ServerOptions) -> torch.device:
@@ -584,7 +693,7 @@ def _device(options: ServerOptions) -> torch.device:
 
 
 def serve_distributed(
-    module: torch.nn.Module,
+    module: nn.Module,
     address: str,
     options: ServerOptions,
     mode: str,
@@ -611,19 +720,25 @@ def serve_distributed(
         raise SystemExit(f"--dist-timeout must be a positive number of seconds, got {timeout}")
     delta = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend, timeout=delta)
-    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=delta)
+    control = dist.new_group(backend="gloo", timeout=delta) if backend != "gloo" else None
     dtype = DTYPES[options.dtype] if options.dtype else None
     runner = DistributedRunner(module, device, dtype, mode=mode, control=control)
     if runner.rank != 0:
-        runner.broadcast_state()
+        # Rank 0 enforces the limits and drops sessions; this rank keeps what it is told to.
+        options = dataclasses.replace(
+            options,
+            max_sessions=_UNLIMITED,
+            max_sessions_per_identity=_UNLIMITED,
+            session_ttl=float(_UNLIMITED),
+        )
+    runner.engine = engine = TrunkEngine(module, options, runner=runner)  # loads the checkpoint
+    if runner.rank != 0:
         log.info("rank %d of %d following rank 0", runner.rank, runner.world)
         try:
             runner.follow()
         finally:
             dist.destroy_process_group()
         return None
-    engine = TrunkEngine(module, options, runner=runner)
-    runner.broadcast_state()
     server = TrunkServer(engine, address).start()
     log.info("rank 0 of %d serves the trunk (%s, %s)", runner.world, mode, backend)
     return server

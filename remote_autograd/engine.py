@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from . import checkpoint_file
 from .calls import (
     BackwardCall,
     BackwardResult,
@@ -52,6 +51,7 @@ from .guard import (
 )
 from .optimizer_groups import resolve_groups, torch_groups
 from .options import ServerOptions
+from .ranks import local
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
 from .tree import flatten, unflatten
@@ -111,7 +111,8 @@ class TrunkEngine:
     ) -> None:
         self.options = options = options or ServerOptions()
         dtype = DTYPES[options.dtype] if options.dtype else None
-        self.fingerprint = trunk_fingerprint(module)  # before ServerOptions.dtype casts it
+        # Before ServerOptions.dtype casts it (a sharding runner computed it before sharding).
+        self.fingerprint = getattr(runner, "fingerprint", None) or trunk_fingerprint(module)
         self.runner = runner or TrunkRunner(module, torch.device(options.device), dtype)
         self.turns = StepTurns(options.step_wait)
         self.contexts = ContextCache(
@@ -165,6 +166,7 @@ class TrunkEngine:
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)
         self.turns.forget(key)
+        self.runner.forget_session(key)
         for listener in self.session_listeners:
             listener(key)
 
@@ -368,19 +370,13 @@ class TrunkEngine:
                 finally:
                     if kept is not None:
                         self._restore_buffers(kept)
-                nonfinite = False
-                try:
-                    check_finite_grads(self.params, param_grads)
-                except InvalidRequest:
-                    if not call.report_nonfinite:
-                        raise
-                    nonfinite = True  # an overflowed GradScaler step: the client skips it
-                named_grads = {
-                    name: grad
-                    for (name, _), grad in zip(self.params, param_grads, strict=True)
-                    if grad is not None and not nonfinite
+                pending: dict[str, Any] = {
+                    "zero_grad": int(call.zero_grad),
+                    "grad_scale": call.grad_scale,
+                    "report_nonfinite": call.report_nonfinite,
                 }
-                accumulate(session, named_grads, call.zero_grad, call.grad_scale)
+                with self.runner.mirrored("account", session.key, **pending):
+                    nonfinite = self.account(session, param_grads, **pending)
                 computed = time.perf_counter()
             returned: list[torch.Tensor | None] = [None] * len(context.inputs)
             for i, grad in zip(wanted, input_grads, strict=True):
@@ -402,6 +398,33 @@ class TrunkEngine:
                 session.key,
             )
             return result
+
+    def account(
+        self,
+        session: Session,
+        param_grads: list[torch.Tensor | None],
+        zero_grad: int,
+        grad_scale: float,
+        report_nonfinite: bool,
+    ) -> bool:
+        """Accumulate one Backward's parameter gradients in the session, after its deferred
+        zero_grad and scale; returns True when they were not finite and ``report_nonfinite``
+        asked to skip them (an overflowed GradScaler step) rather than to refuse."""
+        ranks = self.runner.ranks
+        nonfinite = False
+        try:
+            check_finite_grads(self.params, param_grads, ranks)
+        except InvalidRequest:
+            if not report_nonfinite:
+                raise
+            nonfinite = True  # the client's GradScaler skips this step
+        named_grads = {
+            name: grad
+            for (name, _), grad in zip(self.params, param_grads, strict=True)
+            if grad is not None and not nonfinite
+        }
+        accumulate(session, named_grads, zero_grad, grad_scale, ranks)
+        return nonfinite
 
     def _floating_buffers(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
@@ -438,12 +461,18 @@ class TrunkEngine:
         if not self.params:
             raise InvalidRequest("the trunk has no trainable parameters to optimize")
         named = resolve_groups(groups, self.params)
-        try:
-            optimizer = cls(torch_groups(named, self.params), **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
-        check_hyperparameters(name, optimizer.param_groups, self.options)
-        with session.lock:
+        with (
+            session.lock,
+            self._lock,
+            self.runner.mirrored(
+                "configure", session.key, name=name, options=options, groups=groups
+            ),
+        ):
+            try:
+                optimizer = cls(torch_groups(named, self.params), **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
+            check_hyperparameters(name, optimizer.param_groups, self.options)
             session.optimizer = optimizer
             session.optimizer_name = name
             session.optimizer_options = kwargs
@@ -463,13 +492,25 @@ class TrunkEngine:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
         and the gradients' dtype."""
         check_grad_scale(grad_scale, self.options, "GradNorm")
-        with session.lock:
-            session.apply_pending(zero_grad, grad_scale)
-            grads = [session.grads[n] for n, _ in self.params if n in session.grads]
-            if not grads:
-                return [], torch.float32
-            norms = torch._foreach_norm(grads, norm_type)
-            return [float(n) for n in norms], norms[0].dtype
+        args: dict[str, Any] = {
+            "norm_type": norm_type,
+            "zero_grad": int(zero_grad),
+            "grad_scale": grad_scale,
+        }
+        with session.lock, self._lock, self.runner.mirrored("grad_norms", session.key, **args):
+            return self.norms(session, **args)
+
+    def norms(
+        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+    ) -> tuple[list[float], torch.dtype]:
+        """:meth:`grad_norms` once checked (the caller holds the locks)."""
+        session.apply_pending(zero_grad, grad_scale)
+        grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
+        if not grads:
+            return [], torch.float32
+        norms = torch._foreach_norm(grads, norm_type)
+        values = self.runner.ranks.norms([float(n) for n in norms], norm_type)
+        return values, norms[0].dtype
 
     def step(self, session: Session, call: StepCall) -> StepResult:
         """Apply the session's optimizer once per step number (a repeat is a replay)."""
@@ -522,18 +563,27 @@ class TrunkEngine:
         groups: list[dict[str, Any]],
     ) -> int:
         """Apply the session's gradients (the caller holds the session lock and its turn)."""
-        with self._lock:
+        mirror = {
+            "step": call.step,
+            "zero_grad": int(call.zero_grad),
+            "grad_scale": call.grad_scale,
+            "groups": groups,
+        }
+        ranks = self.runner.ranks
+        with self._lock, self.runner.mirrored("step", session.key, **mirror):
             # Applied only if all it produces is finite and sane; else rolled back and refused
             # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
-            grads = pending_grads(session, call.zero_grad, call.grad_scale)
-            guarded_step(optimizer, self.params, grads, groups, self.options, self.step_backup)
+            grads = pending_grads(session, call.zero_grad, call.grad_scale, ranks)
+            guarded_step(
+                optimizer, self.params, grads, groups, self.options, self.step_backup, ranks
+            )
             session.grads.clear()
             session.grads.update(grads)
             self.weights_version += 1
             session.last_step = call.step
             every = self.options.checkpoint_every
             if every and self.options.checkpoint_path and self.weights_version % every == 0:
-                self.checkpoint(on_error="log")
+                self._checkpoint(on_error="log")  # every rank is here: no mirror of its own
             return self.weights_version
 
     # -- state ----------------------------------------------------------------------------------
@@ -544,13 +594,15 @@ class TrunkEngine:
         """Copies of the trainable parameters, the persistent buffers and/or the session's
         optimizer state."""
         state: dict[str, Any] = {"step": session.last_step, "parameters": None, "optimizer": None}
-        with session.lock, self._lock:
+        asked = {"parameters": parameters, "optimizer": optimizer, "buffers": buffers}
+        full = self.runner.full
+        with session.lock, self._lock, self.runner.mirrored("get_state", session.key, **asked):
             if parameters:
-                state["parameters"] = {n: p.detach().clone() for n, p in self.params}
+                state["parameters"] = clone_tree(full({n: p.detach() for n, p in self.params}))
             if buffers:
                 state["buffers"] = {n: b.clone() for n, b in persistent_buffers(self.module)}
             if optimizer and session.optimizer is not None:
-                state["optimizer"] = clone_tree(session.optimizer.state_dict())
+                state["optimizer"] = clone_tree(full(session.optimizer.state_dict()))
         return state
 
     def load_state(self, session: Session, state: Any) -> tuple[int, bool, int]:
@@ -559,6 +611,10 @@ class TrunkEngine:
         buffers loaded)."""
         if not isinstance(state, dict):
             raise InvalidRequest("LoadState expects a map with 'parameters', 'optimizer', 'step'")
+        with session.lock, self._lock, self.runner.mirrored("load_state", session.key, state=state):
+            return self._load_state(session, state)
+
+    def _load_state(self, session: Session, state: dict[str, Any]) -> tuple[int, bool, int]:
         parameters = state.get("parameters")
         optimizer_state = state.get("optimizer")
         step = state.get("step")
@@ -582,14 +638,14 @@ class TrunkEngine:
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
                 try:
                     with self._lock:
-                        session.optimizer.load_state_dict(optimizer_state)
+                        self.runner.load_optimizer_state(session.optimizer, optimizer_state)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
             if parameters is not None or buffers:
                 with self._lock, torch.no_grad():
                     named = dict(self.params)
                     for name, value in (parameters or {}).items():
-                        named[name].copy_(value)
+                        self.runner.assign(named[name], value)
                     for name, value in (buffers or {}).items():
                         named_buffers[name].copy_(value)
                     self.weights_version += 1
@@ -602,23 +658,28 @@ class TrunkEngine:
     def checkpoint(self, *, on_error: str = "raise") -> int:
         """Save the trunk and every session's optimizer to ``checkpoint_path``; return the
         weights version saved. A consistent snapshot: no Step runs while it is written."""
-        path = self.options.checkpoint_path
-        if not path:
+        if not self.options.checkpoint_path:
             raise NotConfigured("this server has no checkpoint path (serve --checkpoint FILE)")
+        with self._lock, self.runner.mirrored("checkpoint", "", on_error=on_error):
+            return self._checkpoint(on_error)
+
+    def _checkpoint(self, on_error: str) -> int:
+        path = self.options.checkpoint_path
+        assert path, "the caller checked checkpoint_path"
         with self._lock:
             version = self.weights_version
             sessions = self.saved_sessions(self.sessions.values())
             module_state = dict(self.module.state_dict())
             state = {"weights_version": version, "module": module_state, "sessions": sessions}
             try:
-                check_finite_weights(module_state)
+                check_finite_weights(module_state, self.runner.ranks)
             except TrunkError as exc:
                 if on_error == "raise":
                     raise
                 log.error("checkpoint of weights v%d to %s skipped: %s", version, path, exc)
                 return self.saved_version or 0
             try:
-                checkpoint_file.save_checkpoint(path, state)
+                self.runner.save_checkpoint(path, state)
             except OSError:
                 if on_error == "raise":
                     raise
@@ -671,7 +732,7 @@ class TrunkEngine:
             self.checkpoint(on_error="log")
 
     def _restore(self, path: str) -> None:
-        state = checkpoint_file.load_checkpoint(path)
+        state = self.runner.load_checkpoint(path)
         if state is None:
             log.info("no checkpoint at %s yet: starting from the module's weights", path)
             return

@@ -15,6 +15,7 @@ import torch
 
 from .errors import InvalidRequest, RemoteError, TrunkError
 from .options import ServerOptions
+from .ranks import ONE, Ranks, local
 from .sessions import Session, ZeroGrad
 from .validate import finite_flags
 
@@ -214,11 +215,13 @@ def _refuse_non_finite(
     tensors: Sequence[torch.Tensor],
     message: str,
     error: type[RemoteError] = InvalidRequest,
+    ranks: Ranks = ONE,
 ) -> None:
     flags = finite_flags(tensors)
-    if not all(flags):
+    if ranks.any(not all(flags)):
         bad = [name for name, ok in zip(names, flags, strict=True) if not ok]
-        raise error(message.format(", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")))
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise error(message.format(shown or "(on another rank)"))
 
 
 def accumulate(
@@ -226,6 +229,7 @@ def accumulate(
     param_grads: dict[str, torch.Tensor],
     zero_grad: int,
     grad_scale: float,
+    ranks: Ranks = ONE,
 ) -> None:
     """Add one Backward's parameter gradients to the session's, after the zero_grad and scale
     the client deferred to it. A sum that overflows to inf (each share finite, say two output
@@ -245,6 +249,8 @@ def accumulate(
         )
     else:
         in_place = True  # nothing held survives in full: no sum can overflow
+    # Every rank of a sharded trunk takes the same way: the other one checks with the others.
+    in_place = not ranks.any(not in_place)
     if in_place:
         session.apply_pending(zero_grad, grad_scale)
         for name, grad in param_grads.items():
@@ -259,6 +265,7 @@ def accumulate(
         "this Backward would make the session's accumulated gradients of trunk parameters {} "
         "non-finite (the sum of several Backwards overflows): refused, nothing was accumulated; "
         "call zero_grad() and go on",
+        ranks=ranks,
     )
     others = [session.grads[name] for name in session.grads if name not in param_grads]
     if others and grad_scale and grad_scale != 1.0:  # the check passed: scale them in place
@@ -268,7 +275,9 @@ def accumulate(
         session.grads.setdefault(name, grad)
 
 
-def pending_grads(session: Session, zero_grad: int, grad_scale: float) -> dict[str, torch.Tensor]:
+def pending_grads(
+    session: Session, zero_grad: int, grad_scale: float, ranks: Ranks = ONE
+) -> dict[str, torch.Tensor]:
     """The gradients a Step applies: the session's after the deferred zero_grad and scale,
     computed beside them (the session keeps its own until the Step succeeds)."""
     if zero_grad == ZeroGrad.TO_NONE:
@@ -285,6 +294,7 @@ def pending_grads(session: Session, zero_grad: int, grad_scale: float) -> dict[s
             "Step refused: the session's accumulated gradients of trunk parameters {} times "
             f"grad_scale={grad_scale!r} are not finite; nothing was changed, call zero_grad() "
             "and go on",
+            ranks=ranks,
         )
     return dict(zip(names, scaled, strict=True))
 
@@ -294,6 +304,7 @@ def _max_abs(tensors: Sequence[torch.Tensor]) -> list[float]:
     (device, dtype) group: on a GPU one fused ``_foreach_norm(inf)`` kernel per group, on the
     CPU ``aminmax`` per tensor (one pass, about twice as fast as the norm there; see
     validate.finite_flags)."""
+    tensors = [local(t) for t in tensors]  # a DTensor: this rank's shard (ranks.max combines)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
         if tensor.numel():  # an empty tensor's largest magnitude is 0
@@ -334,7 +345,8 @@ class StepBackup:
         values: list[float | None] = []
         for tensor in tensors:
             known = self._max.get(id(tensor))
-            values.append(known[1] if known and known[0] == tensor._version else None)
+            version = local(tensor)._version  # a DTensor's own counter misses its shard's steps
+            values.append(known[1] if known and known[0] == version else None)
         missing = [i for i, value in enumerate(values) if value is None]
         for index, value in zip(missing, _max_abs([copies[i] for i in missing]), strict=True):
             values[index] = value
@@ -342,10 +354,12 @@ class StepBackup:
 
     def remember(self, tensors: Sequence[torch.Tensor], maxima: Sequence[float]) -> None:
         for tensor, value in zip(tensors, maxima, strict=True):
-            self._max[id(tensor)] = (tensor._version, value)
+            self._max[id(tensor)] = (local(tensor)._version, value)
 
     def copy(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies of ``tensors`` in the kept buffers (valid until the next call)."""
+        """Copies of ``tensors`` (of a DTensor: its shard) in the kept buffers (valid until the
+        next call)."""
+        tensors = [local(t) for t in tensors]
         taken: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         buffers = []
         for tensor in tensors:
@@ -385,10 +399,17 @@ def _restore_state(
 ) -> None:
     for param in tensors:
         if param in snapshot:  # own tensors: the backup's buffers serve the next step
-            optimizer.state[param] = {
-                k: v.clone() if isinstance(v, torch.Tensor) else v
-                for k, v in snapshot[param].items()
-            }
+            now = optimizer.state.get(param, {})
+            restored = {}
+            for key, value in snapshot[param].items():
+                held = now.get(key)
+                if isinstance(held, torch.Tensor) and local(held) is not held:
+                    with torch.no_grad():  # a DTensor (FSDP): its shard back in place
+                        local(held).copy_(value)
+                    restored[key] = held
+                else:
+                    restored[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            optimizer.state[param] = restored
         else:
             optimizer.state.pop(param, None)  # state the refused step created (its first step)
 
@@ -400,6 +421,7 @@ def guarded_step(
     updates: Sequence[dict[str, Any]],
     options: ServerOptions,
     backup: StepBackup | None = None,
+    ranks: Ranks = ONE,
 ) -> None:
     """``optimizer.step()`` with ``grads`` and the hyperparameter ``updates`` (checked already by
     check_updates), kept only if every parameter and optimizer-state value it produces is
@@ -416,11 +438,11 @@ def guarded_step(
     backup = backup or StepBackup()
     saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     old_state, old_params = _state_snapshot(optimizer, tensors, backup)
-    old_max = backup.max_abs(tensors, old_params)
+    old_max = ranks.max(backup.max_abs(tensors, old_params))
 
     def roll_back() -> None:
         with torch.no_grad():
-            torch._foreach_copy_([t.detach() for t in tensors], old_params)
+            torch._foreach_copy_([local(t).detach() for t in tensors], old_params)
         _restore_state(optimizer, tensors, old_state)
         for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
             group.update(saved)
@@ -431,7 +453,7 @@ def guarded_step(
         param.grad = grads[name]
     try:
         optimizer.step()
-        problem, new_max = _problem(optimizer, names, tensors, old_max, options)
+        problem, new_max = _problem(optimizer, names, tensors, old_max, options, ranks)
     except BaseException:
         roll_back()
         raise
@@ -450,6 +472,7 @@ def _problem(
     tensors: Sequence[torch.Tensor],
     old_max: Sequence[float],
     options: ServerOptions,
+    ranks: Ranks = ONE,
 ) -> tuple[str | None, list[float]]:
     """Why the step just taken must not stand (or None), and the parameters' new maxima."""
     state_names, state_tensors = [], []
@@ -458,7 +481,8 @@ def _problem(
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
                 state_names.append(f"{key} of {name}")
                 state_tensors.append(value)
-    maxima = _max_abs([*tensors, *state_tensors])
+    # Over every rank: a sharded trunk's ranks all reach this verdict and keep or roll back.
+    maxima = ranks.max(_max_abs([*tensors, *state_tensors]))
     new_max, state_max = maxima[: len(tensors)], maxima[len(tensors) :]
     bad = [name for name, m in zip(names, new_max, strict=True) if not math.isfinite(m)]
     if bad:
@@ -477,7 +501,7 @@ def _problem(
     return None, new_max
 
 
-def check_finite_buffers(buffers: Sequence[tuple[str, torch.Tensor]]) -> None:
+def check_finite_buffers(buffers: Sequence[tuple[str, torch.Tensor]], ranks: Ranks = ONE) -> None:
     """Refuse a training forward that left the trunk's floating buffers (BatchNorm's running
     statistics) with NaN or inf: finite inputs out of range (1e200) can do it, and every
     session's eval outputs would then be ruined. The caller puts the buffers back."""
@@ -486,10 +510,11 @@ def check_finite_buffers(buffers: Sequence[tuple[str, torch.Tensor]]) -> None:
         [buffer for _, buffer in buffers],
         "this training forward would make the trunk's {} non-finite (inputs out of the range "
         "the trunk can take): refused, the buffers are as they were",
+        ranks=ranks,
     )
 
 
-def check_finite_weights(state: dict[str, torch.Tensor]) -> None:
+def check_finite_weights(state: dict[str, torch.Tensor], ranks: Ranks = ONE) -> None:
     """Refuse (TrunkError) to save a module state with NaN or inf in a floating tensor."""
     names = [n for n, t in state.items() if isinstance(t, torch.Tensor)]
     _refuse_non_finite(
@@ -497,4 +522,5 @@ def check_finite_weights(state: dict[str, torch.Tensor]) -> None:
         [state[n] for n in names],
         "the trunk's {} hold NaN or inf: no checkpoint is written from them (the last one is kept)",
         TrunkError,
+        ranks,
     )

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from . import memory
+from . import checkpoint_file, memory
 from .errors import InvalidRequest
+from .ranks import ONE, Ranks
 from .tree import flatten, unflatten
 from .validate import describe
 
@@ -33,7 +34,15 @@ def _grad_mode(enabled: bool) -> contextlib.AbstractContextManager:
 
 class TrunkRunner:
     """Runs one module on one device, optionally cast to ``dtype`` (inputs cast in, floating
-    outputs cast back to the inputs' dtype)."""
+    outputs cast back to the inputs' dtype).
+
+    Besides forwards and gradients, a runner says how the trunk's state is spread over
+    processes: :attr:`ranks`, :meth:`mirrored`, :meth:`assign`, :meth:`full` and the checkpoint
+    methods. Here there is one process, and each of them is the plain local operation; a trunk
+    on several processes (distributed.py) overrides them.
+    """
+
+    ranks: Ranks = ONE  # how the engine's checks combine over the trunk's processes
 
     def __init__(
         self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
@@ -130,6 +139,37 @@ class TrunkRunner:
                 targets.append(output)
                 grad_outputs.append(memory.to_device(grad, self.device, output.dtype))
         return targets, grad_outputs
+
+    # -- the trunk's state, for an engine that may be one of several processes -------------------
+
+    def mirrored(self, op: str, key: str, **args: Any) -> contextlib.AbstractContextManager:
+        """Around an engine operation ``op`` that changes session ``key``'s state or the weights
+        (the caller holds the trunk lock): a trunk on several processes has every rank run it
+        too, with ``args``. One process: nothing to do."""
+        return _UNCHANGED
+
+    def forget_session(self, key: str) -> None:
+        """Session ``key`` ended (the other ranks of a trunk drop their copy of it)."""
+
+    def assign(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set a trainable parameter to a whole value (LoadState), in place."""
+        param.copy_(value)
+
+    def full(self, tree: Any) -> Any:
+        """``tree`` with every tensor whole (a sharded trunk gathers its shards)."""
+        return tree
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        """``optimizer.load_state_dict(state)``, ``state`` holding whole tensors."""
+        optimizer.load_state_dict(state)
+
+    def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
+        """Write a checkpoint (the engine's state: weights, sessions) to ``path``."""
+        checkpoint_file.save_checkpoint(path, state)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any] | None:
+        """The checkpoint at ``path``, or None if there is none yet."""
+        return checkpoint_file.load_checkpoint(path)
 
     def _seeded(self, seed: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
         # A seed per forward makes dropout reproducible for a recompute, on any server process;

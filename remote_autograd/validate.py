@@ -12,6 +12,7 @@ import msgpack
 import torch
 
 from .errors import InvalidRequest
+from .ranks import ONE, Ranks, local
 
 __all__ = [
     "check_buffers",
@@ -55,6 +56,7 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
     magnitude (``_foreach_norm`` with ord=inf: NaN and inf propagate), instead of a few kernel
     launches per tensor; on the CPU, ``aminmax`` per tensor (``isfinite().all()`` would first
     build a boolean tensor as large as the input, several times slower)."""
+    tensors = [local(t) for t in tensors]  # a DTensor: this rank's shard
     flags = [True] * len(tensors)
     checked = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.numel()]
     fused = [i for i in checked if tensors[i].device.type == "cuda"]
@@ -75,19 +77,20 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
 
 
 def check_finite_grads(
-    params: Sequence[tuple[str, torch.Tensor]], grads: Sequence[torch.Tensor | None]
+    params: Sequence[tuple[str, torch.Tensor]],
+    grads: Sequence[torch.Tensor | None],
+    ranks: Ranks = ONE,
 ) -> None:
-    """Refuse a Backward whose parameter gradients hold NaN or inf, before accumulating."""
+    """Refuse a Backward whose parameter gradients hold NaN or inf (on any rank), before
+    accumulating."""
     present = [(name, g) for (name, _), g in zip(params, grads, strict=True) if g is not None]
-    if not present:
-        return
     finite = finite_flags([g for _, g in present])
-    if not all(finite):
+    if ranks.any(not all(finite)):
         bad = [name for (name, _), ok in zip(present, finite, strict=True) if not ok]
         raise InvalidRequest(
             f"this Backward gives non-finite (NaN or inf) gradients for trunk parameters "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: refused, nothing was "
-            "accumulated (check the inputs and the loss)"
+            f"{', '.join(bad[:5]) or '(on another rank)'}{' ...' if len(bad) > 5 else ''}: "
+            "refused, nothing was accumulated (check the inputs and the loss)"
         )
 
 

@@ -28,8 +28,8 @@ from remote_autograd import (
     clip_grad_norm_,
     serve,
 )
-from remote_autograd.distributed import shares
 from remote_autograd.errors import InvalidRequest, RemoteError
+from remote_autograd.shares import shares
 
 # One server serves the tests of this module in turn: each starts from the weights the last
 # one left, on purpose (its local reference starts there too).
