@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_arguments(serve_parser)
     serve_parser.add_argument(
         "--parallel",
-        choices=("ddp",),
-        help="under torchrun: every rank serves a share of each batch (docs/scale-out.md)",
+        choices=("ddp", "fsdp"),
+        help="under torchrun: every rank serves a share of each batch; ddp: each rank holds "
+        "the whole trunk, fsdp: the trunk is sharded with FSDP2 (docs/scale-out.md)",
     )
     serve_parser.add_argument(
         "--dist-timeout",

@@ -103,6 +103,8 @@ def _shard(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.set_gradient_divide_factor(1.0)
+            # A plain SUM: a factor of 1 would otherwise be a PREMUL_SUM, which gloo lacks.
+            sub.set_force_sum_reduction_for_comms(True)
 
 
 class DistributedRunner(TrunkRunner):

@@ -64,6 +64,11 @@ def shifted_trunk() -> nn.Module:
     return ShiftedTrunk()
 
 
+def shifted_trunk32() -> nn.Module:
+    """shifted_trunk in float32."""
+    return ShiftedTrunk().float()
+
+
 def linear32_trunk() -> nn.Module:
     """A seeded float32 ``Linear(4, 2)``: float32 is where finite gradients can overflow."""
     generator = torch.Generator().manual_seed(4321)

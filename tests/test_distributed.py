@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from factories import batch, local_parts, shifted_trunk
+from factories import batch, local_parts, shifted_trunk, shifted_trunk32
 from torch import nn
 
+import remote_autograd
 from remote_autograd import (
     ClientOptions,
     RemoteModule,
@@ -94,11 +95,27 @@ def stop_torchrun(process: subprocess.Popen[str]) -> None:
         process.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def ddp_address() -> Iterator[str]:
-    process, address = spawn_torchrun("factories:shifted_trunk", "--parallel", "ddp")
-    yield address
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def parallel(request) -> Iterator[tuple[str, str]]:
+    """(mode, address) of a 2-rank server of shifted_trunk in each mode."""
+    process, address = spawn_torchrun("factories:shifted_trunk", "--parallel", request.param)
+    yield request.param, address
     stop_torchrun(process)
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def parallel32(request) -> Iterator[tuple[str, str]]:
+    """The same in float32."""
+    process, address = spawn_torchrun("factories:shifted_trunk32", "--parallel", request.param)
+    yield request.param, address
+    stop_torchrun(process)
+
+
+@pytest.fixture(scope="module")
+def single32_address() -> Iterator[str]:
+    server = serve(shifted_trunk32())
+    yield server.address
+    server.stop(grace=None)
 
 
 @pytest.fixture(scope="module")
@@ -108,28 +125,30 @@ def single_address() -> Iterator[str]:
     server.stop(grace=None)
 
 
-def _fresh(address: str) -> RemoteModule:
+def _fresh(address: str, factory=shifted_trunk) -> RemoteModule:
     """A new session on the shared server, the trunk's weights reset to the factory's."""
     remote = RemoteModule(address)
-    remote.load_remote_state_dict(dict(shifted_trunk().named_parameters()))
+    remote.load_remote_state_dict(dict(factory().named_parameters()))
     return remote
 
 
-def _micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _micro_batches(step: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(500 + step)
-    return [  # sizes that do not divide by 2 ranks (1: one rank sits out)
+    return [  # sizes that do not divide by 2 ranks (1: one rank's share is empty)
         (
-            torch.randn(size, 4, generator=generator, dtype=torch.float64),
-            torch.randn(size, 2, generator=generator, dtype=torch.float64),
+            torch.randn(size, 4, generator=generator, dtype=dtype),
+            torch.randn(size, 2, generator=generator, dtype=dtype),
         )
         for size in (3, 1)
     ]
 
 
-def _train(trunk: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(
+    trunk: nn.Module, dtype: torch.dtype = torch.float64
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """5 AdamW steps, 2 micro-batches each, clipping and a StepLR; returns the losses and the
     final parameters of bottom, trunk and top."""
-    bottom, top = local_parts()
+    bottom, top = (part.to(dtype) for part in local_parts())
     client_params = [*bottom.parameters(), *top.parameters()]
     optimizers: list = [torch.optim.AdamW(client_params, lr=0.02, weight_decay=0.1)]
     if isinstance(trunk, RemoteModule):
@@ -143,7 +162,7 @@ def _train(trunk: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
     for step in range(5):
         for optimizer in optimizers:
             optimizer.zero_grad()
-        for x, y in _micro_batches(step):
+        for x, y in _micro_batches(step, dtype):
             loss = nn.functional.mse_loss(top(trunk(bottom(x))), y) / 2
             loss.backward()
             losses.append(float(loss.detach()))
@@ -181,48 +200,61 @@ def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(7, 3) == [3, 2, 2]
 
 
-def test_info_says_how_many_ranks_compute(ddp_address, single_address):
-    with RemoteModule(ddp_address) as remote:
+def test_info_says_how_many_ranks_compute(parallel, single_address):
+    mode, address = parallel
+    with RemoteModule(address) as remote:
         info = remote.client.info()
-        assert (info.world_size, info.parallel, info.device) == (2, "ddp", "cpu")
+        assert (info.world_size, info.parallel, info.device) == (2, mode, "cpu")
+        # The trunk as built, before sharding: what a client's fingerprint names.
+        assert info.fingerprint == remote_autograd.trunk_fingerprint(shifted_trunk())
+        assert info.trainable_numel == sum(p.numel() for p in shifted_trunk().parameters())
     with RemoteModule(single_address) as remote:
         info = remote.client.info()
         assert (info.world_size, info.parallel) == (1, "")
 
 
-def test_training_through_two_ddp_ranks_equals_one_process_and_local(ddp_address, single_address):
-    local_losses, local_params = _train(shifted_trunk())
+def _check_training(parallel, single_address, factory, dtype, tol):
+    mode, address = parallel
+    local_losses, local_params = _train(factory(), dtype)
     results = {}
-    for name, address in (("ddp", ddp_address), ("single", single_address)):
-        with _fresh(address) as remote:
-            results[name] = _train(remote)
+    for name, served in ((mode, address), ("single", single_address)):
+        with _fresh(served, factory) as remote:
+            results[name] = _train(remote, dtype)
     for name, (losses, params) in results.items():
         torch.testing.assert_close(
-            torch.tensor(losses), torch.tensor(local_losses), **TOL, msg=name
+            torch.tensor(losses), torch.tensor(local_losses), **tol, msg=name
         )
         assert params.keys() == local_params.keys()
         for key, value in local_params.items():
-            torch.testing.assert_close(params[key], value, **TOL, msg=f"{name} {key}")
+            torch.testing.assert_close(params[key], value, **tol, msg=f"{name} {key}")
+            assert params[key].dtype == dtype
             assert not torch.equal(
                 value,
-                dict(shifted_trunk().named_parameters()).get(
-                    key.removeprefix("trunk."), torch.zeros(0)
-                ),
+                dict(factory().named_parameters()).get(key.removeprefix("trunk."), torch.zeros(0)),
             ), key  # the trunk really trained
-    ddp, single = results["ddp"][1], results["single"][1]
-    for key in ddp:
-        torch.testing.assert_close(ddp[key], single[key], **TOL, msg=key)
+    distributed, single = results[mode][1], results["single"][1]
+    for key in distributed:
+        torch.testing.assert_close(distributed[key], single[key], **tol, msg=key)
+
+
+def test_training_through_two_ranks_equals_one_process_and_local(parallel, single_address):
+    _check_training(parallel, single_address, shifted_trunk, torch.float64, TOL)
+
+
+def test_float32_training_through_two_ranks_is_within_1e6(parallel32, single32_address):
+    tol = {"rtol": 0, "atol": 1e-6}  # float32: sums over shards in another order
+    _check_training(parallel32, single32_address, shifted_trunk32, torch.float32, tol)
 
 
 @pytest.mark.parametrize("batch", [0, 1, 2, 5])
-def test_inputs_without_a_batch_dimension_go_to_every_rank_whole(ddp_address, batch):
+def test_inputs_without_a_batch_dimension_go_to_every_rank_whole(parallel, batch):
     """``shift`` (shape 1x8 or 8) is not split; its gradient is the sum over the ranks."""
     local = shifted_trunk()
     generator = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     for shape in ((1, 8), (8,)):
         shift = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
-        with _fresh(ddp_address) as remote:
+        with _fresh(parallel[1]) as remote:
             out = remote(x, shift=shift)
             expected = local(x, shift=shift)
             torch.testing.assert_close(out, expected, **TOL)
@@ -233,13 +265,13 @@ def test_inputs_without_a_batch_dimension_go_to_every_rank_whole(ddp_address, ba
                 torch.testing.assert_close(grad, local_grad, **TOL)
 
 
-def test_several_sessions_keep_their_own_gradients(ddp_address):
+def test_several_sessions_keep_their_own_gradients(parallel):
     """Two sessions' forwards and backwards interleave; each Step applies its own gradients."""
     local = shifted_trunk()
     generator = torch.Generator().manual_seed(7)
     xa = torch.randn(3, 8, generator=generator, dtype=torch.float64)
     xb = torch.randn(2, 8, generator=generator, dtype=torch.float64)
-    with _fresh(ddp_address) as a, RemoteModule(ddp_address) as b:
+    with _fresh(parallel[1]) as a, RemoteModule(parallel[1]) as b:
         opt_a, opt_b = RemoteOptimizer(a, "SGD", lr=0.5), RemoteOptimizer(b, "SGD", lr=0.25)
         out_a, out_b = a(xa), b(xb)
         out_a.pow(2).sum().backward()
@@ -257,16 +289,16 @@ def test_several_sessions_keep_their_own_gradients(ddp_address):
         torch.testing.assert_close(state[name], param.detach(), **TOL, msg=name)
 
 
-def test_concurrent_sessions_get_their_own_outputs(ddp_address):
+def test_concurrent_sessions_get_their_own_outputs(parallel):
     local = copy.deepcopy(shifted_trunk())
-    with _fresh(ddp_address):
+    with _fresh(parallel[1]):
         pass
     failures: list[BaseException] = []
 
     def work(seed: int) -> None:
         try:
             generator = torch.Generator().manual_seed(seed)
-            with RemoteModule(ddp_address) as remote:
+            with RemoteModule(parallel[1]) as remote:
                 for size in (1, 4, 3, 2, 601):  # 601 x 8 float64: frames over _Wire.HEAD
                     x = torch.randn(size, 8, generator=generator, dtype=torch.float64)
                     with torch.no_grad():
@@ -282,10 +314,10 @@ def test_concurrent_sessions_get_their_own_outputs(ddp_address):
     assert not failures, failures
 
 
-def test_an_output_without_the_batch_dimension_is_refused_with_a_reason(ddp_address):
+def test_an_output_without_the_batch_dimension_is_refused_with_a_reason(parallel):
     local = shifted_trunk()
     x = torch.randn(4, 8, dtype=torch.float64)
-    with _fresh(ddp_address) as remote:
+    with _fresh(parallel[1]) as remote:
         with pytest.raises(InvalidRequest, match="no batch dimension first.*--parallel"):
             remote(x, pooled=True)
         # One rank ran (a batch of 1): nothing to join, the output is returned as it is.
@@ -293,9 +325,9 @@ def test_an_output_without_the_batch_dimension_is_refused_with_a_reason(ddp_addr
         torch.testing.assert_close(remote(x), local(x), **TOL)  # and the ranks go on
 
 
-def test_a_bad_input_is_refused_and_the_ranks_go_on(ddp_address):
+def test_a_bad_input_is_refused_and_the_ranks_go_on(parallel):
     local = shifted_trunk()
-    with _fresh(ddp_address) as remote:
+    with _fresh(parallel[1]) as remote:
         with pytest.raises(RemoteError, match="mat1 and mat2|shape"):
             remote(torch.randn(4, 5, dtype=torch.float64))  # 5 features, the trunk takes 8
         x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
@@ -342,7 +374,8 @@ def _sgd_steps(trunk: nn.Module, steps: range, parts: tuple) -> None:
         trunk_opt.step()
 
 
-def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(tmp_path, mode):
     """SIGKILL rank 1 between a forward and its backward: the next call fails UNAVAILABLE and
     torchrun stops the group; a new torchrun on the same port loads the checkpoint, the client's
     retries and context recovery finish the step, and training ends where a fault-free run
@@ -358,7 +391,7 @@ def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(t
     args = (
         "factories:shifted_trunk",
         "--parallel",
-        "ddp",
+        mode,
         "--checkpoint",
         checkpoint,
         "--checkpoint-every",
@@ -393,6 +426,9 @@ def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(t
             client_opt.step()
             trunk_opt.step()
             assert _server_id(address) != first_server  # really a new group
+            # torch.distributed.checkpoint's layout: the newest complete one named by "latest"
+            latest = (Path(checkpoint) / "latest").read_text()
+            assert (Path(checkpoint) / latest / ".metadata").is_file()
             _sgd_steps(remote, range(4, 6), run)
             trunk_state = remote.remote_state_dict()
         for name, param in local.named_parameters():
@@ -403,3 +439,30 @@ def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(t
     finally:
         for started in processes:
             stop_torchrun(started)
+
+
+def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
+    """The guard's verdict (max_weight_growth) is taken over every rank's shard: the Step is
+    refused with the reason, every rank rolls back, and the session trains on as locally."""
+    mode, address = parallel
+    local = shifted_trunk()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with _fresh(address) as remote:
+        before = remote.remote_state_dict()
+        optimizer = RemoteOptimizer(remote, "SGD", lr=1.0)
+        (remote(x).sum() * 1e6).backward()  # finite, but a step would grow weights 1e5-fold
+        with pytest.raises(InvalidRequest, match="max_weight_growth"):
+            optimizer.step()
+        after = remote.remote_state_dict()
+        for name, value in before.items():
+            assert torch.equal(after[name], value), name  # every shard rolled back
+        optimizer.zero_grad()
+        remote(x).sum().backward()
+        optimizer.step()
+        state = remote.remote_state_dict()
+    grads = torch.autograd.grad(local(x).sum(), list(local.parameters()))
+    with torch.no_grad():
+        for param, grad in zip(local.parameters(), grads, strict=True):
+            param -= grad
+    for name, param in local.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
