@@ -1,8 +1,8 @@
-"""Scale-out benchmark: one compute-bound trunk served by 2 CPU ranks vs 1 (torchrun, ddp).
+"""Scale-out benchmark: one compute-bound trunk served by 2 CPU ranks vs 1 (torchrun).
 
 Every server is a child process with one torch thread per rank (OMP_NUM_THREADS=1): a plain
-one-process server, ``torchrun --nproc-per-node 1 ... --parallel ddp`` and the same with 2
-ranks. The client trains the trunk alone (a forward, a backward of one batch with the input
+one-process server, ``torchrun --nproc-per-node 1 ... --parallel MODE`` (``--parallel``, ddp
+by default, or fsdp) and the same with 2 ranks. The client trains the trunk alone (a forward, a backward of one batch with the input
 requiring its gradient, and an SGD Step) and reports samples per second, the ratio 2 ranks /
 1 rank, and the front door's overhead per call: the time of a tiny call (batch 1) through
 each server, whose difference to the plain server is what handing a call to the ranks costs.
@@ -51,7 +51,7 @@ def trunk() -> nn.Module:
 class Server:
     """A trunk server child: plain (``ranks=0``) or under torchrun with ``ranks`` processes."""
 
-    def __init__(self, ranks: int, settings: dict[str, Any]) -> None:
+    def __init__(self, ranks: int, settings: dict[str, Any], mode: str) -> None:
         env = dict(
             os.environ,
             PYTHONPATH=python_path(),
@@ -64,10 +64,10 @@ class Server:
         if ranks:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             launch += [f"--nproc-per-node={ranks}", "-m", "remote_autograd"]
-            serve += ["--parallel", "ddp"]
+            serve += ["--parallel", mode]
         else:
             launch = [sys.executable, "-m", "remote_autograd"]
-        self.name = f"{ranks} rank{'s' if ranks > 1 else ''} (ddp)" if ranks else "plain"
+        self.name = f"{ranks} rank{'s' if ranks > 1 else ''}" if ranks else "plain"
         self.process = subprocess.Popen(
             [*launch, *serve],
             stdout=subprocess.PIPE,
@@ -138,7 +138,7 @@ def measure_server(server: Server, settings: dict[str, Any]) -> dict[str, Any]:
         def train_step() -> None:
             optimizer.zero_grad()
             torch.autograd.grad(remote(x).sum(), x)
-            optimizer.step()  # under ddp: the new weights are broadcast before the next call
+            optimizer.step()  # every rank steps its replica (ddp) or its shards (fsdp)
 
         def tiny_call() -> None:
             with torch.no_grad():
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--batch", type=int, help="samples per step (default: the preset's)")
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="the mode")
     args = parser.parse_args()
     settings = dict(PRESETS[args.preset])
     if args.batch is not None:
@@ -177,7 +178,7 @@ def main() -> None:
             parser.error(f"--batch must be at least 1, got {args.batch}")
         settings["batch"] = args.batch
     torch.set_num_threads(1)
-    servers = {ranks: Server(ranks, settings) for ranks in (0, 1, 2)}  # start side by side
+    servers = {ranks: Server(ranks, settings, args.parallel) for ranks in (0, 1, 2)}  # start side by side
     results: dict[str, Any] = {}
     try:
         for server in servers.values():
@@ -191,9 +192,10 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
-    one, two, plain = results["1 rank (ddp)"], results["2 ranks (ddp)"], results["plain"]
+    one, two, plain = results["1 rank"], results["2 ranks"], results["plain"]
     data = {
         "benchmark": "distributed",
+        "parallel": args.parallel,
         "preset": args.preset,
         "settings": settings,
         "machine": machine(),
@@ -220,7 +222,7 @@ def main() -> None:
     header = ["server", "train step (ms)", "samples/s", "busiest rank CPU/step (ms)"]
     text = table([*header, "tiny call (ms)"], rows)
     summary = (
-        f"2 ranks / 1 rank: **{data['speedup_2_vs_1']:.2f}x** samples/s "
+        f"{args.parallel}, 2 ranks / 1 rank: **{data['speedup_2_vs_1']:.2f}x** samples/s "
         f"({data['cpu_speedup_2_vs_1']:.2f}x by the busiest rank's CPU time); front door "
         "overhead "
         f"per call vs the plain server: "
@@ -229,7 +231,7 @@ def main() -> None:
     )
     print(text + "\n\n" + summary, file=sys.stderr)
     if args.doc:
-        update_doc("distributed", f"{text}\n\n{summary}\n")
+        update_doc(f"distributed_{args.parallel}", f"{text}\n\n{summary}\n")
 
 
 if __name__ == "__main__":

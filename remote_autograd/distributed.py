@@ -7,10 +7,11 @@ runs the gRPC server (service.py) and drives, the other ranks follow its command
 - **The batch** is cut into one share per rank (shares.py); rank 0 hands each rank its share of
   every forward and backward and gathers outputs and input gradients back in order. Every
   tensor output must carry the batch as its first dimension when more than one rank ran.
-- **``ddp``**: every rank holds the whole trunk. After each Backward the ranks' parameter
-  gradients are summed on every rank (one ``all_reduce`` of one flat buffer, as
-  ``DistributedDataParallel`` does after each backward): the loss is the client's, so the sum
-  over the shares is the unsplit gradient.
+- **``ddp``**: every rank holds the whole trunk and accumulates the gradients of its shares;
+  at the session's next GradNorm or Step they are summed on every rank (one ``all_reduce`` of
+  one flat buffer, :meth:`DistributedRunner.combine`): the loss is the client's, so the sum
+  over the shares is the unsplit gradient, and accumulating k micro-batches costs one
+  all-reduce, not k.
 - **``fsdp``**: the trunk is sharded with FSDP2 (``fully_shard`` on each layer of every
   ``nn.ModuleList`` / ``nn.Sequential``, then on the whole): each rank holds a shard of every
   parameter, gradient and optimizer state (``DTensor``), FSDP gathers the weights for each
@@ -139,6 +140,7 @@ class DistributedRunner(TrunkRunner):
         self._next_token = 0
         self._to_free: collections.deque[int] = collections.deque()
         self._forgotten: collections.deque[str] = collections.deque()
+        self._combined: set[str] = set()  # ddp: sessions whose gradients are whole everywhere
         self.broken: str | None = None
 
     def _broadcast_state(self) -> None:
@@ -269,7 +271,7 @@ class DistributedRunner(TrunkRunner):
         replies, result, error = self._exchange(
             commands,
             lambda: self._backward_share(token, mine, wanted, retain_graph, parameters),
-            reduce_grads=True,
+            after_backward=True,
         )
         if not retain_graph:
             self._release(token)
@@ -360,6 +362,7 @@ class DistributedRunner(TrunkRunner):
                 raise ServerUnavailable(self._out_of_service())
 
     def forget_session(self, key: str) -> None:
+        self._combined.discard(key)
         if self.rank == 0:
             self._forgotten.append(key)
 
@@ -471,7 +474,7 @@ class DistributedRunner(TrunkRunner):
                 raise error from exc
             return {}
 
-    def _exchange(self, commands: dict[int, Any], run_local, *, reduce_grads: bool = False):
+    def _exchange(self, commands: dict[int, Any], run_local, *, after_backward: bool = False):
         """Send each rank its command, run rank 0's share, (sum the parameter gradients,) and
         collect the replies; returns (replies, rank 0's result, the first error or None)."""
         self._send_all(commands)
@@ -482,8 +485,8 @@ class DistributedRunner(TrunkRunner):
             error, result = exc, None
         failed = False
         try:
-            if reduce_grads:
-                failed = self._reduce(result[1] if result is not None else None, error is not None)
+            if after_backward:
+                failed = self._failed_somewhere(error is not None)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
         replies = self._receive_all(list(commands))
@@ -495,32 +498,42 @@ class DistributedRunner(TrunkRunner):
             error = InvalidRequest("the backward failed on another rank")
         return replies, result, error
 
-    def _reduce(self, param_grads: list[torch.Tensor | None] | None, failed: bool) -> bool:
-        """After a Backward on every rank: whether some rank failed (then nothing is summed);
-        with ``ddp``, each rank's parameter gradients replaced by the sum over the ranks."""
-        present = (
-            [g is not None for g in param_grads] if param_grads else [False] * len(self.params)
-        )
-        flags = torch.tensor([float(failed), *map(float, present)], dtype=torch.float64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.wire.group)
-        if flags[0] > 0:
-            return True
-        if self.mode == "fsdp":  # FSDP reduce-scattered them during the backward
-            return False
-        needed = [i for i, flag in enumerate(flags[1:].tolist()) if flag > 0]
-        if not needed:
-            return False
+    def _failed_somewhere(self, failed: bool) -> bool:
+        """After a Backward on every rank: whether it failed on some rank (then no rank
+        accumulates anything)."""
+        return self.ranks.any(failed)
+
+    def combine(self, session: Any) -> None:
+        # ddp: each rank holds the gradients of its shares since the last combine; one
+        # all-reduce of one flat buffer makes them the whole batch's on every rank, which then
+        # all take the same step. fsdp: FSDP reduce-scattered them in each backward already.
+        if self.mode != "ddp" or session.key in self._combined:
+            return
+        present = [float(name in session.grads) for name, _ in self.params]
+        union = self.ranks.max(present) if present else []
+        needed = [i for i, flag in enumerate(union) if flag > 0]
         parts = []
         for i in needed:
-            grad = param_grads[i] if param_grads else None
-            parts.append(torch.zeros_like(self.params[i][1]) if grad is None else grad)
-        flat = torch._utils._flatten_dense_tensors(parts)
-        dist.all_reduce(flat)
-        if param_grads is not None:
+            name, param = self.params[i]
+            held = session.grads.get(name)
+            parts.append(torch.zeros_like(param) if held is None else held)
+        if parts:
+            flat = torch._utils._flatten_dense_tensors(parts)
+            dist.all_reduce(flat)
             values = torch._utils._unflatten_dense_tensors(flat, parts)
             for i, value in zip(needed, values, strict=True):
-                param_grads[i] = value
-        return False
+                session.grads[self.params[i][0]] = value
+        self._combined.add(session.key)
+
+    def split(self, session: Any) -> None:
+        # After a combine every rank holds the whole sum; rank 0 keeps it as its part and the
+        # others start again from zero, so the next combine adds each part once.
+        if session.key not in self._combined:
+            return
+        self._combined.discard(session.key)
+        if self.rank != 0:
+            for grad in session.grads.values():
+                grad.zero_()
 
     def _release(self, token: int) -> None:
         if token >= 0:
@@ -615,9 +628,8 @@ class DistributedRunner(TrunkRunner):
                 elif op == "backward":
                     reply = self._follow_backward(command)
                 elif op == "idle_backward":  # ddp: this rank's share was empty
-                    grads: list[torch.Tensor | None] = [None] * len(self.params)
-                    self._reduce(grads, False)
-                    self.last_param_grads = grads
+                    self._failed_somewhere(False)
+                    self.last_param_grads = [None] * len(self.params)
                 elif op == "mirror":
                     self._follow_mirror(command)
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
@@ -653,7 +665,7 @@ class DistributedRunner(TrunkRunner):
             )
         except Exception as exc:  # noqa: BLE001 - every rank learns of it in the reduce
             error = exc
-        self._reduce(result[1] if result else None, error is not None)
+        self._failed_somewhere(error is not None)
         if error is not None:
             raise error
         assert result is not None

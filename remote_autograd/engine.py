@@ -411,6 +411,7 @@ class TrunkEngine:
         zero_grad and scale; returns True when they were not finite and ``report_nonfinite``
         asked to skip them (an overflowed GradScaler step) rather than to refuse."""
         ranks = self.runner.ranks
+        self.runner.split(session)
         nonfinite = False
         try:
             check_finite_grads(self.params, param_grads, ranks)
@@ -504,6 +505,7 @@ class TrunkEngine:
         self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
     ) -> tuple[list[float], torch.dtype]:
         """:meth:`grad_norms` once checked (the caller holds the locks)."""
+        self.runner.combine(session)
         session.apply_pending(zero_grad, grad_scale)
         grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
         if not grads:
@@ -573,6 +575,7 @@ class TrunkEngine:
         with self._lock, self.runner.mirrored("step", session.key, **mirror):
             # Applied only if all it produces is finite and sane; else rolled back and refused
             # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
+            self.runner.combine(session)
             grads = pending_grads(session, call.zero_grad, call.grad_scale, ranks)
             guarded_step(
                 optimizer, self.params, grads, groups, self.options, self.step_backup, ranks

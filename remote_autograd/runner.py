@@ -148,6 +148,14 @@ class TrunkRunner:
         too, with ``args``. One process: nothing to do."""
         return _UNCHANGED
 
+    def combine(self, session: Any) -> None:
+        """Before the session's gradients are read (GradNorm, Step): make them whole on this
+        process (a replicated trunk sums each rank's part)."""
+
+    def split(self, session: Any) -> None:
+        """Before a Backward's gradients are added to the session's (undoes what
+        :meth:`combine` left on the other ranks of a replicated trunk)."""
+
     def forget_session(self, key: str) -> None:
         """Session ``key`` ended (the other ranks of a trunk drop their copy of it)."""
 

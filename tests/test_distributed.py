@@ -466,3 +466,29 @@ def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
             param -= grad
     for name, param in local.named_parameters():
         torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
+
+
+def test_gradients_keep_accumulating_across_a_grad_norm_and_a_step(parallel):
+    """No zero_grad between: backward, clip, backward, step, backward, step. Each rank's part
+    of the sum must count once after the ranks combined it for the clip and for the step."""
+    mode, address = parallel
+    local = shifted_trunk()
+    generator = torch.Generator().manual_seed(11)
+    xs = [torch.randn(size, 8, generator=generator, dtype=torch.float64) for size in (5, 3, 1)]
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.5)
+    with _fresh(address) as remote:
+        remote_opt = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.5)
+        for trunk, optimizer, clip in (
+            (remote, remote_opt, [remote]),
+            (local, local_opt, list(local.parameters())),
+        ):
+            optimizer.zero_grad()
+            trunk(xs[0]).pow(2).sum().backward()
+            clip_grad_norm_(clip, 0.5)
+            trunk(xs[1]).sum().backward()
+            optimizer.step()
+            trunk(xs[2]).pow(3).sum().backward()
+            optimizer.step()
+        state = remote.remote_state_dict()
+    for name, param in local.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
