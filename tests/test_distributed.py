@@ -41,28 +41,16 @@ TOL = {"rtol": 0, "atol": 1e-12}  # float64: a sum over shards vs the unsplit su
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def spawn_torchrun(
-    factory: str, *extra: str, nproc: int = 2, torchrun: tuple[str, ...] = ()
-) -> tuple[subprocess.Popen[str], str]:
-    """``torchrun --nproc-per-node N -m remote_autograd serve --module factory`` in its own
-    process group; return it and rank 0's address once it serves."""
+def start_torchrun(
+    factory: str, *extra: str, nproc: int = 2, launch: tuple[str, ...] = ("--standalone",)
+) -> subprocess.Popen[str]:
+    """``torchrun [launch] --nproc-per-node N -m remote_autograd serve --module factory ...``
+    in its own process group."""
     paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), OMP_NUM_THREADS="1")
-    command = [
-        *TORCHRUN,
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *torchrun,
-        "-m",
-        "remote_autograd",
-        "serve",
-        "--module",
-        factory,
-        "--address",
-        "127.0.0.1:0",
-        *extra,
-    ]
-    process = subprocess.Popen(
+    command = [*TORCHRUN, *launch, f"--nproc-per-node={nproc}", "-m", "remote_autograd"]
+    command += ["serve", "--module", factory, "--address", "127.0.0.1:0", *extra]
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -70,6 +58,13 @@ def spawn_torchrun(
         env=env,
         start_new_session=True,
     )
+
+
+def spawn_torchrun(
+    factory: str, *extra: str, nproc: int = 2, launch: tuple[str, ...] = ("--standalone",)
+) -> tuple[subprocess.Popen[str], str]:
+    """:func:`start_torchrun`; return it and rank 0's address once it serves."""
+    process = start_torchrun(factory, *extra, nproc=nproc, launch=launch)
     deadline = time.monotonic() + 180
     assert process.stdout is not None
     while time.monotonic() < deadline:
@@ -492,3 +487,24 @@ def test_gradients_keep_accumulating_across_a_grad_norm_and_a_step(parallel):
         state = remote.remote_state_dict()
     for name, param in local.named_parameters():
         torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
+
+
+def test_two_nodes_serve_one_trunk(single_address):
+    """``--nnodes 2`` with a static rendezvous, both "nodes" on this host (one rank each):
+    rank 0's node is the front door, and training through it equals local training."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = ("--nnodes=2", "--master-addr=127.0.0.1", f"--master-port={port}")
+    args = ("factories:shifted_trunk", "--parallel", "fsdp")
+    second = start_torchrun(*args, nproc=1, launch=(*launch, "--node-rank=1"))
+    processes = [second]
+    try:
+        first, address = spawn_torchrun(*args, nproc=1, launch=(*launch, "--node-rank=0"))
+        processes.append(first)
+        with RemoteModule(address) as remote:
+            assert remote.client.info().world_size == 2
+        _check_training(("fsdp", address), single_address, shifted_trunk, torch.float64, TOL)
+    finally:
+        for process in processes:
+            stop_torchrun(process)
