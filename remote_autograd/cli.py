@@ -221,6 +221,12 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
     if getattr(args, "parallel", None):  # under torchrun: rank 0 serves, the others follow
         from .distributed import serve_distributed
 
+        if getattr(args, "adapters", "shared") == "per-client":
+            raise SystemExit(
+                "--adapters per-client runs in one process: serve it without --parallel "
+                "(a distributed trunk serves shared weights)"
+            )
+
         server = serve_distributed(
             module, args.address, options, args.parallel, timeout=args.dist_timeout
         )

@@ -188,6 +188,17 @@ def test_parallel_outside_torchrun_says_how_to_launch():
     assert "--parallel needs torchrun: torchrun --nproc-per-node N" in completed.stderr
 
 
+def test_per_client_adapters_under_parallel_are_refused_with_a_reason():
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, RANK="0", PYTHONPATH=os.pathsep.join(filter(None, paths)))
+    command = [sys.executable, "-m", "remote_autograd", "serve", "--parallel", "fsdp"]
+    command += ["--module", "factories:dropout_trunk", "--adapters=per-client"]
+    command += ["--lora-targets=0,3"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "--adapters per-client runs in one process" in completed.stderr
+
+
 def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(5, 2) == [3, 2]
     assert shares(1, 2) == [1, 0]
