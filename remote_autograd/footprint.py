@@ -35,7 +35,13 @@ class Footprint:
         """Count every tensor autograd saves for backward inside the block."""
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            self._count(tensor)
+            # A Parameter (or a view of one, as linear saves weight.t()) is a weight of the
+            # trunk whatever its storage: FSDP gathers a layer's weights into fresh memory for
+            # each forward and frees it after.
+            if not isinstance(tensor, torch.nn.Parameter) and not isinstance(
+                tensor._base, torch.nn.Parameter
+            ):
+                self._count(tensor)
             # The same memory, without the autograd history: an output saved as itself would
             # hold its own grad_fn, a cycle no collector frees (the whole graph leaked).
             return tensor.detach()

@@ -60,6 +60,26 @@ def test_views_and_weights_are_not_counted_twice(start_server):
     out.sum().backward()
 
 
+def test_weights_gathered_into_fresh_memory_are_not_counted(start_server):
+    """As FSDP does for each forward: the weight used is a new Parameter (saved as a view of
+    it, ``weight.t()``), not the one the module holds, yet a weight all the same."""
+
+    class Gathered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 64, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gathered = nn.Parameter(self.weight.detach().clone())  # fresh storage
+            return nn.functional.linear(x, gathered)
+
+    server = start_server(Gathered())
+    remote = RemoteModule(server.address)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    remote(x)
+    assert server.stats()["context_bytes"] == 8 * (3 * 64 + 3 * 64)  # the input, the output
+
+
 def test_activations_push_a_context_over_the_limit(start_server):
     # Inputs and outputs (2 x 2 KiB) fit in 5 KiB, their 8 KiB of activations do not.
     server = start_server(
