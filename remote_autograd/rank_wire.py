@@ -6,6 +6,7 @@ Both run over one gloo group, so they work the same beside NCCL."""
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +30,16 @@ _INTERNAL_LIMITS = Limits(
 
 
 class RankWire:
-    """Frames between rank 0 and the others, point to point."""
+    """Frames between rank 0 and the others, point to point, without copying tensor bytes.
 
-    # A frame goes as one message of HEAD bytes (its length, then its start) and, when longer,
-    # a second with the rest: a small command costs one message, not a length and a payload.
+    A frame goes as one message of HEAD bytes and, when it is longer, the rest in pieces: a
+    small command is one message; a large one is its total size and piece sizes in the head,
+    then each tensor's bytes sent from the tensor's own memory and received into one buffer
+    that the decoded tensors alias."""
+
     HEAD = 8192
+    _SMALL = 64 << 10  # pieces below this (msgpack headers) are joined into one message
+    _WORD = struct.Struct("<Q")
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -41,26 +47,56 @@ class RankWire:
         self.decoder = Decoder(limits=_INTERNAL_LIMITS)
 
     def send(self, value: Any, dst: int) -> None:
-        data = self.encoder.encode(value)
+        buffers = self.encoder.encode_buffers(value)
+        total = sum(len(b) for b in buffers)
         head = bytearray(self.HEAD)
-        head[:8] = len(data).to_bytes(8, "little")
-        first = data[: self.HEAD - 8]
-        head[8 : 8 + len(first)] = first
-        dist.send(torch.frombuffer(head, dtype=torch.uint8), dst, group=self.group)
-        if len(data) > len(first):
-            rest = bytearray(data[len(first) :])
-            dist.send(torch.frombuffer(rest, dtype=torch.uint8), dst, group=self.group)
+        if total <= self.HEAD - 8:
+            head[:8] = self._WORD.pack(total)
+            head[8 : 8 + total] = b"".join(buffers)
+            self._send(head, dst)
+            return
+        pieces = self._pieces(buffers)
+        words = [total, len(pieces), *(len(p) for p in pieces)]
+        if 8 * len(words) > self.HEAD:  # more tensors than the head can list: join them
+            pieces, words = [bytearray(b"".join(buffers))], [total, 1, total]
+        head[: 8 * len(words)] = b"".join(self._WORD.pack(w) for w in words)
+        self._send(head, dst)
+        for piece in pieces:
+            self._send(piece, dst)
+
+    def _pieces(self, buffers: list[bytes | memoryview]) -> list[Any]:
+        pieces: list[Any] = []
+        small = bytearray()
+        for buffer in buffers:
+            if len(buffer) < self._SMALL or memoryview(buffer).readonly:
+                small += buffer
+                continue
+            if small:
+                pieces.append(small)
+                small = bytearray()
+            pieces.append(buffer)
+        if small:
+            pieces.append(small)
+        return pieces
+
+    def _send(self, buffer: Any, dst: int) -> None:
+        dist.send(torch.frombuffer(buffer, dtype=torch.uint8), dst, group=self.group)
 
     def recv(self, src: int) -> Any:
         head = torch.empty(self.HEAD, dtype=torch.uint8)
         dist.recv(head, src, group=self.group)
-        raw = head.numpy()
-        size = int.from_bytes(raw[:8].tobytes(), "little")
-        if size <= self.HEAD - 8:
-            return self.decoder.decode(raw[8 : 8 + size])
-        rest = torch.empty(size - (self.HEAD - 8), dtype=torch.uint8)
-        dist.recv(rest, src, group=self.group)
-        return self.decoder.decode(raw[8:].tobytes() + rest.numpy().tobytes())
+        raw: Any = head.numpy()  # a buffer; numpy's stubs do not say so
+        (total,) = self._WORD.unpack_from(raw, 0)
+        if total <= self.HEAD - 8:
+            return self.decoder.decode(raw[8 : 8 + total])
+        (count,) = self._WORD.unpack_from(raw, 8)
+        buffer = torch.empty(total, dtype=torch.uint8)
+        offset = 0
+        for index in range(count):
+            (size,) = self._WORD.unpack_from(raw, 16 + 8 * index)
+            dist.recv(buffer[offset : offset + size], src, group=self.group)
+            offset += size
+        return self.decoder.decode(buffer.numpy())  # the tensors alias ``buffer``
 
 
 class GroupRanks(Ranks):
