@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import signal
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -419,11 +420,16 @@ class DistributedRunner(TrunkRunner):
         return sharded_checkpoint.load(path, live, self._allocate)
 
     def _allocate(self, shape: list[int], dtype: torch.dtype, sharded: bool) -> torch.Tensor:
-        if not sharded:
+        """Room for a saved tensor in this trunk's layout: sharded like the parameters under
+        fsdp (whatever the layout it was saved in: DCP reshards), whole under ddp."""
+        like: Any = next((p for _, p in self.params if local(p) is not p), None)
+        if like is None:
             return torch.zeros(shape, dtype=dtype, device=self.device)
         from torch.distributed.tensor import zeros
 
-        like: Any = next(p for _, p in self.module.named_parameters() if local(p) is not p)
+        # Saved whole (under ddp, or a step count): sharded here only if shaped like a weight.
+        if not sharded and not any(list(p.shape) == shape for _, p in self.params):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
         return zeros(shape, dtype=dtype, device_mesh=like.device_mesh, placements=like.placements)
 
     def close(self) -> None:
@@ -748,6 +754,10 @@ def serve_distributed(
     runner.engine = engine = TrunkEngine(module, options, runner=runner)  # loads the checkpoint
     if runner.rank != 0:
         log.info("rank %d of %d following rank 0", runner.rank, runner.world)
+        # torchrun passes a stop to every rank at once; rank 0 ends the group itself (after a
+        # last checkpoint, which needs every rank), so the others wait for its word.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, signal.SIG_IGN)
         try:
             runner.follow()
         finally:

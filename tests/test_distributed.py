@@ -519,3 +519,46 @@ def test_two_nodes_serve_one_trunk(single_address):
     finally:
         for process in processes:
             stop_torchrun(process)
+
+
+def test_a_graceful_stop_saves_a_checkpoint_that_other_layouts_load(tmp_path):
+    """SIGTERM to torchrun: rank 0 saves a last checkpoint with every rank (they wait for its
+    word). Saved by 2 fsdp ranks, it loads into 1 fsdp rank, and that one's into 2 ddp ranks
+    (DCP reshards): the weights and the session's Adam state go on as in one process."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    checkpoint = str(tmp_path / "ckpt")
+    generator = torch.Generator().manual_seed(21)
+    xs = [torch.randn(5, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
+    local = shifted_trunk()
+    local_opt = torch.optim.Adam(local.parameters(), lr=0.01)
+
+    def step(trunk: nn.Module, optimizer: Any, x: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        trunk(x).pow(2).sum().backward()
+        optimizer.step()
+
+    remote = optimizer = None
+    for x, (mode, nproc) in zip(xs, (("fsdp", 2), ("fsdp", 1), ("ddp", 2)), strict=True):
+        process, address = spawn_torchrun(
+            "factories:shifted_trunk",
+            *("--parallel", mode, "--checkpoint", checkpoint, "--address", f"127.0.0.1:{port}"),
+            nproc=nproc,
+        )
+        try:
+            if remote is None:  # one client and one session throughout
+                remote = RemoteModule(address, options=ClientOptions(retries=20))
+                optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+            with RemoteModule(address) as probe:
+                assert probe.client.info().parallel == mode
+            step(remote, optimizer, x)
+            state = remote.remote_state_dict()
+        finally:
+            stop_torchrun(process)  # a graceful stop: the checkpoint is written now
+        assert (Path(checkpoint) / "latest").is_file()
+        step(local, local_opt, x)
+        for name, param in local.named_parameters():
+            torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
+    assert remote is not None
+    remote.close()
