@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import struct
 
 import hypothesis.strategies as st
@@ -278,3 +280,89 @@ def test_limits_are_named_in_the_message():
         Decoder(limits=Limits(max_tensors=4)).decode(frame)
     with pytest.raises(CodecError, match="max_payload_bytes=100"):
         Decoder(limits=Limits(max_payload_bytes=100)).decode(frame)
+
+
+# -- frames are the same bytes wherever the tensor was (the CPU half; GPU: test_cuda.py) -------
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_POWERS = torch.tensor([2.0**k for k in range(-10, 6)], dtype=torch.float64)
+
+
+def exact_values(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Mixed signs and magnitudes (|x| < 32032) from integer arithmetic and exact powers of
+    two only: no generator or libm, so every machine and device makes the same values."""
+    i = torch.arange(math.prod(shape), dtype=torch.int64) + seed * 7777
+    mantissa = (i * 7919 % 2003 - 1001).to(torch.float64)
+    return (mantissa * _POWERS[i * 13 % len(_POWERS)]).reshape(shape).to(dtype)
+
+
+def codec_cases(dtype: torch.dtype, device: str = "cpu") -> list[tuple[str, torch.Tensor, str]]:
+    """(id, tensor on ``device``, compression): every shape, non-contiguous views (made on the
+    device), special values, and a compressible tensor (a power of two repeated) for LZ4."""
+    base = exact_values(dtype, (6, 300), seed=1).to(device)
+    views = {
+        "t": base.t(),
+        "step3": base[:, ::3],
+        "slice-T": base[1:4, 2:].T,
+        "expand": base[0].expand(6, 300),
+        "one-strided": base[1:2, 3],
+        "one-2d": base[2:3, 4:5],
+    }
+    cases = [(f"shape{list(s)}", exact_values(dtype, s).to(device), "none") for s in SHAPES]
+    cases += [(name, view, "none") for name, view in views.items()]
+    special = torch.tensor([1.5, float("nan"), -2.0, float("inf"), -0.0], dtype=dtype)
+    cases.append(("nan-inf", special.to(device), "none"))
+    cases.append(("lz4", torch.full((20_000,), 0.25, dtype=dtype, device=device), "auto"))
+    return cases
+
+
+def case_frame(tensor: torch.Tensor, compression: str, quantization: str) -> bytes:
+    """A frame of two tensors (the second a slice of the first) in a dict and a tuple."""
+    value = {"x": tensor, "pair": (tensor.reshape(-1)[:3],)}
+    return encode(value, compression=compression, quantization=quantization)
+
+
+def frames_digest(quantization: str, dtype: torch.dtype) -> str:
+    digest = hashlib.sha256()
+    for _, tensor, compression in codec_cases(dtype):
+        digest.update(case_frame(tensor, compression, quantization))
+    return digest.hexdigest()[:16]
+
+
+# sha256 of the frames of codec_cases, as written by the CPU codec before tensors were
+# quantized on their own device (main at 6e6774c): the CPU's frames must not change.
+CPU_FRAME_DIGESTS = {
+    ("none", "torch.float32"): "d80e500cf5c7edda",
+    ("none", "torch.float64"): "59aa89ef3fcf0f4f",
+    ("none", "torch.float16"): "0971c2de8cfbed9f",
+    ("none", "torch.bfloat16"): "82e39d29bc8f7fb7",
+    ("bf16", "torch.float32"): "65b9ba7d9536562d",
+    ("bf16", "torch.float64"): "6b5dffc0b378347f",
+    ("bf16", "torch.float16"): "f9fb9742b53b3285",
+    ("bf16", "torch.bfloat16"): "82e39d29bc8f7fb7",
+    ("fp16", "torch.float32"): "df6801d6e2555198",
+    ("fp16", "torch.float64"): "a06691790b74424c",
+    ("fp16", "torch.float16"): "45cadd9694a7f602",
+    ("fp16", "torch.bfloat16"): "33b0c41d7dbbed9a",
+    ("int8", "torch.float32"): "b2cb1b19ff5e821a",
+    ("int8", "torch.float64"): "41b490d45a0385f1",
+    ("int8", "torch.float16"): "bec088c4e7e0ea16",
+    ("int8", "torch.bfloat16"): "71b02f91e9aaf86c",
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
+def test_cpu_frames_are_byte_for_byte_unchanged(quantization, dtype):
+    assert frames_digest(quantization, dtype) == CPU_FRAME_DIGESTS[quantization, str(dtype)]
+
+
+@pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
+def test_decoding_for_the_cpu_device_is_the_plain_decode(quantization):
+    for name, tensor, compression in codec_cases(torch.float32):
+        frame = encode([tensor], compression=compression, quantization=quantization)
+        (plain,) = decode(frame)
+        for device in ("cpu", torch.device("cpu")):
+            (out,) = decode(frame, device=device)
+            assert out.device.type == "cpu", name
+            assert torch.equal(out.view(torch.int32), plain.view(torch.int32)), name
