@@ -103,7 +103,8 @@ class Encoder:
     """Encodes a value holding tensors into a frame. Reusable; not thread-safe.
 
     ``quantization`` applies to floating tensors only and is lossy; ``compression="auto"``
-    compresses a tensor with LZ4 only when a sample of it shrinks by at least 10%.
+    compresses a tensor with LZ4 only when a sample of it shrinks by at least 10%. A tensor on
+    a GPU is quantized there, and only its wire form is copied to the host.
     """
 
     def __init__(self, *, compression: str = "auto", quantization: str = "none") -> None:
@@ -123,7 +124,7 @@ class Encoder:
         forms = [self._wire_form(tensor) for tensor in tensors]
         metas = [meta for meta, _ in forms]
         wires = [wire for _, wire in forms]
-        if any(wire.device.type != "cpu" for wire in wires):
+        if not all(wire.is_cpu for wire in wires):
             wires = to_host(wires)
         datas = [self._wire_bytes(meta, wire) for meta, wire in zip(metas, wires, strict=True)]
         meta_bytes = msgpack.packb({"v": VERSION, "tree": tree, "tensors": metas})

@@ -136,7 +136,7 @@ class _Int8:
         # On CUDA, dividing by a Python number multiplies by its reciprocal (one bit less
         # exact); a 0-dim tensor on the device divides as the CPU does, for the same bytes.
         levels: float | torch.Tensor = 127.0
-        if flat.device.type != "cpu":
+        if not flat.is_cpu:
             levels = torch.full((), 127.0, device=flat.device)
         for values, out, block_scales in parts:
             for row in range(0, values.shape[0], step):  # cache-sized: temporaries stay hot
@@ -169,14 +169,14 @@ class _Int8:
 def _amax(tensor: torch.Tensor) -> float:
     """The largest magnitude (NaN if any value is NaN): the finiteness check and fp16's scale."""
     low, high = torch.aminmax(tensor)  # one pass, no |x| temporary
-    if tensor.device.type == "cpu":
+    if tensor.is_cpu:
         return max(-float(low), float(high))
     # On a GPU: one synchronisation, and only this one number crosses to the host.
     return float(torch.maximum(low.neg(), high))
 
 
 def _chunk(flat: torch.Tensor) -> int:
-    return _CHUNK if flat.device.type == "cpu" else _DEVICE_CHUNK
+    return _CHUNK if flat.is_cpu else _DEVICE_CHUNK
 
 
 WIRE_CODECS: dict[str, WireCodec] = {
