@@ -14,8 +14,8 @@ import copy
 
 import pytest
 import torch
+from codec_cases import FLOATS, case_frame, codec_cases, exact_values
 from models import Scale, Split, block_parts, mlp_parts
-from test_codec import FLOATS, case_frame, codec_cases, exact_values
 from torch import nn
 
 from remote_autograd import (
