@@ -257,7 +257,7 @@ def _client_codec_seconds(preset: dict[str, Any], codec: str, device: torch.devi
         start = time.perf_counter()
         for _ in range(2):  # Compute and Backward: one frame out, one in each
             encoder.encode_buffers({"t": tensor})
-            to_device(decoder.decode(bytearray(frame))["t"], device)
+            to_device(decoder.decode(bytearray(frame), device=device)["t"], device)
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return median(samples)

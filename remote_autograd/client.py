@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import msgpack
+import torch
 
 from . import codec, forking, frames
 from ._proto import remote_autograd_pb2 as pb
@@ -298,9 +299,15 @@ class TrunkClient:
     # -- tensors ----------------------------------------------------------------------------
 
     def _exchange(
-        self, method: str, header: pb.Header, value: Any, kind: str
+        self,
+        method: str,
+        header: pb.Header,
+        value: Any,
+        kind: str,
+        device: torch.device | None = None,
     ) -> tuple[Any, pb.Header]:
-        """Send one frame, receive one frame (the exchange picks unary, stream or bulk)."""
+        """Send one frame, receive one frame (the exchange picks unary, stream or bulk); a
+        quantized reply is dequantized on ``device`` if it is a GPU (codec.Decoder.decode)."""
         info = self.info()
         stub = self._stub or self._connect()  # _connect() takes the lock: only when needed
         buffers = self._encoders[kind].encode_buffers(value)
@@ -311,7 +318,7 @@ class TrunkClient:
         server_id = received.header.server_id
         if self.options.fingerprint and server_id and server_id != self.info().server_id:
             self._refresh_info()  # another server process answered: is it the same trunk?
-        return received.decode(self._decoder), received.header
+        return received.decode(self._decoder, device=device), received.header
 
     def _open_bulk_ticket(self) -> tuple[bytes, str]:
         stub = self._connect()
@@ -405,6 +412,7 @@ class TrunkClient:
         needs_input_grad: list[bool],
         *,
         freeze_parameters: bool = False,
+        device: torch.device | None = None,  # where the input gradients are wanted
     ) -> tuple[Any, pb.Header]:
         zero, scale = self._take_grad_ops()
         header = pb.Header(
@@ -418,7 +426,7 @@ class TrunkClient:
             report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
         )
         try:
-            value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient")
+            value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient", device)
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise

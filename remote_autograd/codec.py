@@ -24,6 +24,10 @@ The decoder checks every meta against :class:`~remote_autograd.options.Limits` a
 frame's real length before it allocates anything, so a lying header or an LZ4 bomb is refused
 with :class:`~remote_autograd.errors.CodecError`. Raw tensors are decoded without a copy
 (``torch.frombuffer`` over the received buffer).
+
+Tensors on a GPU are quantized there (quantize.py): only their wire form is copied to the host,
+and the frame's bytes are those the CPU would write. Given a GPU ``device``, the decoder copies
+quantized wire bytes there and dequantizes them there; raw tensors stay on the host.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import msgpack
 import torch
 
 from .errors import CodecError
-from .memory import to_host
+from .memory import to_device, to_host
 from .options import Limits
 from .quantize import QUANTIZATIONS, WIRE_CODECS
 
@@ -99,7 +103,8 @@ class Encoder:
     """Encodes a value holding tensors into a frame. Reusable; not thread-safe.
 
     ``quantization`` applies to floating tensors only and is lossy; ``compression="auto"``
-    compresses a tensor with LZ4 only when a sample of it shrinks by at least 10%.
+    compresses a tensor with LZ4 only when a sample of it shrinks by at least 10%. A tensor on
+    a GPU is quantized there, and only its wire form is copied to the host.
     """
 
     def __init__(self, *, compression: str = "auto", quantization: str = "none") -> None:
@@ -114,13 +119,14 @@ class Encoder:
         """The frame as a list of buffers, without copying raw tensor bytes."""
         tensors: list[torch.Tensor] = []
         tree = _pack_tree(obj, tensors)
-        cpu = to_host(tensors)
-        metas: list[dict[str, Any]] = []
-        datas: list[bytes | memoryview] = []
-        for tensor in cpu:
-            meta, data = self._encode_tensor(tensor)
-            metas.append(meta)
-            datas.append(data)
+        # Quantize where each tensor lies, then copy: on a GPU the arithmetic runs there and
+        # only the smaller wire form crosses to the host (one synchronisation per device).
+        forms = [self._wire_form(tensor) for tensor in tensors]
+        metas = [meta for meta, _ in forms]
+        wires = [wire for _, wire in forms]
+        if not all(wire.is_cpu for wire in wires):
+            wires = to_host(wires)
+        datas = [self._wire_bytes(meta, wire) for meta, wire in zip(metas, wires, strict=True)]
         meta_bytes = msgpack.packb({"v": VERSION, "tree": tree, "tensors": metas})
         buffers: list[bytes | memoryview] = [b"\xce" + _U32.pack(len(meta_bytes)), meta_bytes]
         offset = 5 + len(meta_bytes)
@@ -131,19 +137,24 @@ class Encoder:
             offset += pad + 5 + len(data)
         return buffers
 
-    def _encode_tensor(self, tensor: torch.Tensor) -> tuple[dict[str, Any], bytes | memoryview]:
+    def _wire_form(self, tensor: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """A tensor's meta so far and its wire form, on the tensor's device."""
         name = _DTYPE_NAMES.get(tensor.dtype)
         if name is None:
             raise CodecError(
                 f"cannot send a tensor of dtype {tensor.dtype}; supported: {', '.join(DTYPES)}"
             )
         meta: dict[str, Any] = {"dtype": name, "shape": list(tensor.shape), "q": "none"}
-        wire = tensor
-        if self.quantization != "none" and tensor.is_floating_point() and tensor.numel():
-            wire, extra = WIRE_CODECS[self.quantization].quantize(tensor)
+        wire = tensor.detach()
+        if self.quantization != "none" and wire.is_floating_point() and wire.numel():
+            wire, extra = WIRE_CODECS[self.quantization].quantize(wire)
             if extra is not None:
                 meta["q"] = self.quantization
                 meta.update(extra)
+        return meta, wire
+
+    def _wire_bytes(self, meta: dict[str, Any], wire: torch.Tensor) -> bytes | memoryview:
+        """The bytes of a wire form in host memory, compressed if it pays (completes meta)."""
         raw = _as_bytes(wire)
         meta["n"] = len(raw)
         meta["z"] = "none"
@@ -153,7 +164,7 @@ class Encoder:
                 meta["z"] = "lz4"
                 raw = packed
         meta["s"] = len(raw)
-        return meta, raw
+        return raw
 
     def _should_compress(self, raw: memoryview | bytes) -> bool:
         if self.compression == "none" or len(raw) < _MIN_COMPRESS_BYTES:
@@ -203,9 +214,14 @@ class Decoder:
         self.limits = limits or Limits()
         self._layouts: dict[bytes, _Layout] = {}
 
-    def decode(self, buf: Any) -> Any:
+    def decode(self, buf: Any, *, device: torch.device | str | None = None) -> Any:
         """Decode a frame from any buffer. Raw tensors alias ``buf`` when it is writable;
-        otherwise they are copied."""
+        otherwise they are copied.
+
+        With a non-CPU ``device`` (where the tensors are wanted), quantized tensors travel there
+        in their wire form and are dequantized there: fewer bytes cross to the GPU, and the GPU
+        does the arithmetic. Raw tensors stay on the host for the caller to move.
+        """
         view = memoryview(buf).cast("B")
         if view.readonly:
             view = memoryview(bytearray(view))
@@ -227,8 +243,12 @@ class Decoder:
                 if len(self._layouts) >= _LAYOUTS:
                     self._layouts.clear()  # atomic from any thread, unlike evicting one
                 self._layouts[key] = layout
+        if isinstance(device, str):
+            device = torch.device(device)
+        if device is not None and device.type == "cpu":
+            device = None
         tensors = [
-            _decode_tensor(view, start, size, meta, numel)
+            _decode_tensor(view, start, size, meta, numel, device)
             for meta, numel, start, size, _ in layout.tensors
         ]
         return _unpack(layout.tree, "frame values", tensors)
@@ -336,6 +356,7 @@ def _decode_tensor(
     size: int,
     meta: dict[str, Any],
     numel: int,
+    device: torch.device | None,
 ) -> torch.Tensor:
     dtype = DTYPES[meta["dtype"]]
     shape = meta["shape"]
@@ -353,6 +374,8 @@ def _decode_tensor(
         data = torch.frombuffer(raw, dtype=torch.uint8)
     else:
         data = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start)
+    if device is not None and meta["q"] != "none":
+        data = to_device(data, device)  # the wire bytes, held until the copy has read them
     values = WIRE_CODECS[meta["q"]].dequantize(data, meta, dtype, numel)  # 1-D, numel elements
     return values if len(shape) == 1 else values.reshape(shape)
 
@@ -464,6 +487,8 @@ def encode(obj: Any, *, compression: str = "auto", quantization: str = "none") -
     return Encoder(compression=compression, quantization=quantization).encode(obj)
 
 
-def decode(buf: Any, *, limits: Limits | None = None) -> Any:
+def decode(
+    buf: Any, *, limits: Limits | None = None, device: torch.device | str | None = None
+) -> Any:
     """Decode one frame from any buffer (see :class:`Decoder`)."""
-    return Decoder(limits=limits).decode(buf)
+    return Decoder(limits=limits).decode(buf, device=device)

@@ -34,7 +34,7 @@ class Received:
         self.header = header
         self.buffer = buffer
 
-    def decode(self, decoder: codec.Decoder) -> Any:
+    def decode(self, decoder: codec.Decoder, *, device: torch.device | None = None) -> Any:
         buffer = self.buffer
         if isinstance(buffer, bytes) and len(buffer) >= _POOL_MIN_BYTES:
             # The decoder needs writable memory to alias; copy into a warm pooled buffer
@@ -42,7 +42,7 @@ class Received:
             view = _POOL.take(len(buffer))
             view[:] = buffer
             buffer = view
-        return decoder.decode(buffer)
+        return decoder.decode(buffer, device=device)
 
 
 _POOL_MIN_BYTES = 256 << 10  # below this, faulting in fresh memory costs next to nothing

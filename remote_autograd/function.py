@@ -101,15 +101,17 @@ class RemoteCall:
             for n, t in zip(needs_input_grad, self._inputs, strict=True)
         ]
         args = (self.request_id, self.backwards, list(grads), needs)
+        # Quantized input gradients are dequantized where they are wanted (one GPU, if so).
+        device = _one_device(self._inputs, needs)
         try:
-            value, reply = self.client.backward(*args, freeze_parameters=frozen)
+            value, reply = self.client.backward(*args, freeze_parameters=frozen, device=device)
         except ContextNotFound:
             # Expired, evicted, or the server restarted: send the inputs again and let the
             # server recompute the forward (refused if the weights moved since).
             if not self.client.options.recover_contexts:
                 raise
             self._recompute()
-            value, reply = self.client.backward(*args, freeze_parameters=frozen)
+            value, reply = self.client.backward(*args, freeze_parameters=frozen, device=device)
         self.nonfinite = reply.nonfinite
         out: list[torch.Tensor | None] = []
         pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)
@@ -119,6 +121,12 @@ class RemoteCall:
             else:
                 out.append(memory.to_device(grad, tensor.device, tensor.dtype))
         return out
+
+
+def _one_device(tensors: tuple[torch.Tensor, ...], needs: list[bool]) -> torch.device | None:
+    """The device of the tensors that need a gradient, if they share one (else None)."""
+    devices = {t.device for t, need in zip(tensors, needs, strict=True) if need}
+    return devices.pop() if len(devices) == 1 else None
 
 
 class _RemoteFunction(torch.autograd.Function):

@@ -1,8 +1,9 @@
 """Tensors between host and device memory around the wire: the host copies a frame is encoded
 from, and decoded tensors moved to the device that wants them.
 
-The wire format (codec.py) works on host memory only; this module is where CUDA enters:
-pinned staging, non-blocking copies, and holding a copy's source until the copy has run.
+The wire format (codec.py) reads and writes host memory; it quantizes and dequantizes on the
+tensors' device and calls this module to cross: pinned staging, non-blocking copies, and
+holding a copy's source until the copy has run.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ Wire forms (``n`` is the meta's byte count before compression)::
     fp16   float16 of x * scale (scale: a power of two)      n = numel * 2, meta "scale"
     int8   per block of ``block`` elements: float32 scales,  n = blocks * 4 + numel, meta "block"
            then int8 round(x / scale), scale = absmax / 127
+
+Every codec is plain torch arithmetic on the tensor's own device: a CUDA tensor is quantized
+(and checked for finiteness) on its GPU before its smaller wire form is copied to the host, and
+a CUDA destination dequantizes there (codec.py). The GPU's wire bytes are those the CPU writes
+for the same values (tests/test_cuda.py), except that bf16 may spell NaN with another payload.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from .errors import CodecError
 
 __all__ = ["QUANTIZATIONS", "WIRE_CODECS", "WireCodec"]
 
-_CHUNK = 1 << 18  # elements quantized at a time: the temporaries stay in cache
+_CHUNK = 1 << 18  # elements quantized at a time on the CPU: the temporaries stay in cache
+# On a GPU a piece costs a few kernel launches, not cache misses: large pieces, few launches.
+_DEVICE_CHUNK = 1 << 24
 _FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
 _INT8_BLOCK = 256
 
@@ -85,9 +92,10 @@ class _Float16:
         # small gradients are not flushed to zero by fp16's narrow range.
         scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
         out = torch.empty(numel, dtype=torch.float16, device=flat.device)
-        work = torch.empty(min(numel, _CHUNK), dtype=flat.dtype, device=flat.device)
-        for start in range(0, numel, _CHUNK):  # cache-sized pieces: no full-size temporary
-            piece = flat[start : start + _CHUNK]
+        chunk = _chunk(flat)
+        work = torch.empty(min(numel, chunk), dtype=flat.dtype, device=flat.device)
+        for start in range(0, numel, chunk):  # cache-sized pieces: no full-size temporary
+            piece = flat[start : start + chunk]
             torch.mul(piece, scale, out=work[: piece.numel()])
             out[start : start + piece.numel()].copy_(work[: piece.numel()])
         return out, {"scale": float(scale)}
@@ -124,12 +132,17 @@ class _Int8:
                     scales[full:],
                 )
             )
-        step = max(1, _CHUNK // _INT8_BLOCK)
+        step = max(1, _chunk(flat) // _INT8_BLOCK)
+        # On CUDA, dividing by a Python number multiplies by its reciprocal (one bit less
+        # exact); a 0-dim tensor on the device divides as the CPU does, for the same bytes.
+        levels: float | torch.Tensor = 127.0
+        if not flat.is_cpu:
+            levels = torch.full((), 127.0, device=flat.device)
         for values, out, block_scales in parts:
             for row in range(0, values.shape[0], step):  # cache-sized: temporaries stay hot
                 piece = values[row : row + step].float()
                 absmax = piece.abs().amax(dim=1)
-                piece_scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+                piece_scales = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
                 block_scales[row : row + step].copy_(piece_scales)
                 scaled = piece / piece_scales[:, None]  # a new chunk: the input is untouched
                 out[row : row + step].copy_(scaled.round_().clamp_(-127, 127))
@@ -154,8 +167,16 @@ class _Int8:
 
 
 def _amax(tensor: torch.Tensor) -> float:
+    """The largest magnitude (NaN if any value is NaN): the finiteness check and fp16's scale."""
     low, high = torch.aminmax(tensor)  # one pass, no |x| temporary
-    return max(-float(low), float(high))
+    if tensor.is_cpu:
+        return max(-float(low), float(high))
+    # On a GPU: one synchronisation, and only this one number crosses to the host.
+    return float(torch.maximum(low.neg(), high))
+
+
+def _chunk(flat: torch.Tensor) -> int:
+    return _CHUNK if flat.is_cpu else _DEVICE_CHUNK
 
 
 WIRE_CODECS: dict[str, WireCodec] = {

@@ -140,6 +140,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         self.options = options = engine.options
         self.bulk: bulk.BulkListener | None = None  # TrunkServer opens it beside the gRPC port
         self.decoder = codec.Decoder(limits=options.limits)
+        self.trunk_device = engine.runner.device  # where quantized call tensors dequantize
         self._inflight = _ByteBudget(
             options.max_inflight_bytes, options.max_identity_inflight_bytes
         )
@@ -330,7 +331,7 @@ class TrunkService(pb_grpc.TrunkServicer):
     def _compute(self, session: Session, received: frames.Received):
         header = received.header
         started = time.perf_counter()
-        value = received.decode(self.decoder)
+        value = received.decode(self.decoder, device=self.trunk_device)
         call = ComputeCall(
             request_id=header.request_id,
             training=header.training,
@@ -360,7 +361,7 @@ class TrunkService(pb_grpc.TrunkServicer):
     def _backward(self, session: Session, received: frames.Received):
         header = received.header
         started = time.perf_counter()
-        value = received.decode(self.decoder)
+        value = received.decode(self.decoder, device=self.trunk_device)
         call = BackwardCall(
             request_id=header.request_id,
             seq=header.backward_seq,

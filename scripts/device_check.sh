@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: the CUDA tests, a CPU subset proving the install, and the GPT-2 training-step
-# benchmark with the trunk on CUDA (loopback, then a 100 Mbit/s link where the machine allows).
+# benchmark with the trunk on CUDA (loopback, every codec at 8 x 512 to check that a lossy codec,
+# quantized on the GPU, is no slower than float32, then a 100 Mbit/s link where the machine
+# allows, then a client on the CPU).
 #
 # On the GPU machine, from the repository root, with the wheels of setup.cfg's pins in .whl/
 # (carried: lz4, msgpack, grpcio, grpcio-health-checking, grpcio-reflection, protobuf,
@@ -8,7 +10,7 @@
 #
 #     bash scripts/device_check.sh
 #
-# Everything lands in $OUT (log.txt, summary.txt, env.txt, step_*.json: 6 files), written as it
+# Everything lands in $OUT (log.txt, summary.txt, env.txt, step_*.json: 7 files), written as it
 # goes, so a run cut short still brings back what it did. Each stage is bounded by `timeout`,
 # and all of them together by BUDGET seconds. Without CUDA (here) the same script runs as a CPU
 # fallback that skips the GPU-only parts:
@@ -109,11 +111,11 @@ read -r -d '' NO_HOLD <<'EOF'
 import sys
 sys.path.insert(0, "tests")
 from test_cuda import Scale, corrupted_replies
-from remote_autograd import RemoteModule, ServerOptions, codec, serve
+from remote_autograd import RemoteModule, ServerOptions, memory, serve
 server = serve(Scale(), "127.0.0.1:0", options=ServerOptions(device="cpu"))
 remote = RemoteModule(server.address, device="cuda")
 held = corrupted_replies(remote, 50, 20_000_000)
-codec._COPIES.hold = lambda source, device: None  # the pool as it would be without the holds
+memory._COPIES.hold = lambda source, device: None  # the pool as it would be without the holds
 unheld = corrupted_replies(remote, 50, 20_000_000)
 print(f"no-hold check: corrupted outputs {len(held)}/50 with the holds, "
       f"{len(unheld)}/50 without (expected: 0, and some)")
@@ -132,6 +134,17 @@ stage test_cpu_subset 150 "$PY" -m pytest -q -p no:cacheprovider -rfE \
 BENCH=("$PY" -m benchmarks.bench_step --preset "$BENCH_PRESET" --codecs "$CODECS")
 stage step_loopback 200 "${BENCH[@]}" --trunk-device "$DEV" --client-device "$DEV" \
     --json "$OUT/step_loopback.json"
+
+# Every codec at 8 x 512 (the "large" preset, 12.6 MB of float32 per crossing), client and trunk
+# on the GPU: the lossy codecs quantize on the GPU and must not be slower than float32
+# (step_vs_split_float32 <= 1.0 in the summary).
+if [ "$DEV" = cuda ]; then
+    stage step_codecs_large 150 "$PY" -m benchmarks.bench_step --preset large \
+        --codecs none,bf16,fp16,int8 --steps 6 --trunk-device cuda --client-device cuda \
+        --json "$OUT/step_codecs_large.json"
+else
+    skip step_codecs_large "no CUDA"
+fi
 
 # The shaped link needs root, ip, tc, network namespaces, veth and tbf: try each first.
 link_ok() {
@@ -177,6 +190,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("step_*.json")):
         ratios, parts = data["ratios"][codec], result["breakdown"]
         print(f"  split {codec:5s} {result['step_s'] * 1e3:7.1f} ms  "
               f"x{ratios['step_vs_monolithic']:.2f} of monolithic  "
+              f"x{ratios['step_vs_split_float32'] or 0:.2f} of split float32  "
               f"wire+gRPC {parts['wire_and_rest_s'] * 1e3:.1f} ms  "
               f"server compute {parts['server_compute_s'] * 1e3:.1f} ms  "
               f"max loss rel diff {ratios['max_loss_rel_diff_vs_monolithic']:.1e}")

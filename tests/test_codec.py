@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import hypothesis.strategies as st
@@ -9,12 +10,11 @@ import lz4.block
 import msgpack
 import pytest
 import torch
+from codec_cases import FLOATS, SHAPES, case_frame, codec_cases
 from hypothesis import given, settings
 
 from remote_autograd import CodecError, Decoder, Encoder, Limits, decode, encode
 from remote_autograd.codec import DTYPES, iter_chunks
-
-SHAPES = [(), (0,), (1,), (3, 4), (2, 0, 5), (2, 3, 4, 5), (70_000,)]
 
 
 def _example(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -278,3 +278,52 @@ def test_limits_are_named_in_the_message():
         Decoder(limits=Limits(max_tensors=4)).decode(frame)
     with pytest.raises(CodecError, match="max_payload_bytes=100"):
         Decoder(limits=Limits(max_payload_bytes=100)).decode(frame)
+
+
+# -- frames are the same bytes wherever the tensor was (the CPU half; GPU: test_cuda.py) -------
+
+
+def frames_digest(quantization: str, dtype: torch.dtype) -> str:
+    digest = hashlib.sha256()
+    for _, tensor, compression in codec_cases(dtype):
+        digest.update(case_frame(tensor, compression, quantization))
+    return digest.hexdigest()[:16]
+
+
+# sha256 of the frames of codec_cases, as written by the CPU codec before tensors were
+# quantized on their own device (main at 6e6774c): the CPU's frames must not change.
+CPU_FRAME_DIGESTS = {
+    ("none", "torch.float32"): "d80e500cf5c7edda",
+    ("none", "torch.float64"): "59aa89ef3fcf0f4f",
+    ("none", "torch.float16"): "0971c2de8cfbed9f",
+    ("none", "torch.bfloat16"): "82e39d29bc8f7fb7",
+    ("bf16", "torch.float32"): "65b9ba7d9536562d",
+    ("bf16", "torch.float64"): "6b5dffc0b378347f",
+    ("bf16", "torch.float16"): "f9fb9742b53b3285",
+    ("bf16", "torch.bfloat16"): "82e39d29bc8f7fb7",
+    ("fp16", "torch.float32"): "df6801d6e2555198",
+    ("fp16", "torch.float64"): "a06691790b74424c",
+    ("fp16", "torch.float16"): "45cadd9694a7f602",
+    ("fp16", "torch.bfloat16"): "33b0c41d7dbbed9a",
+    ("int8", "torch.float32"): "b2cb1b19ff5e821a",
+    ("int8", "torch.float64"): "41b490d45a0385f1",
+    ("int8", "torch.float16"): "bec088c4e7e0ea16",
+    ("int8", "torch.bfloat16"): "71b02f91e9aaf86c",
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
+def test_cpu_frames_are_byte_for_byte_unchanged(quantization, dtype):
+    assert frames_digest(quantization, dtype) == CPU_FRAME_DIGESTS[quantization, str(dtype)]
+
+
+@pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
+def test_decoding_for_the_cpu_device_is_the_plain_decode(quantization):
+    for name, tensor, compression in codec_cases(torch.float32):
+        frame = encode([tensor], compression=compression, quantization=quantization)
+        (plain,) = decode(frame)
+        for device in ("cpu", torch.device("cpu")):
+            (out,) = decode(frame, device=device)
+            assert out.device.type == "cpu", name
+            assert torch.equal(out.view(torch.int32), plain.view(torch.int32)), name

@@ -3,8 +3,9 @@
 Runs only where CUDA is available: CI has no GPU and skips the whole module; the GPU machine
 runs it through ``scripts/device_check.sh``. Checked here: outputs and input gradients come back
 on the caller's device and dtype, split training equals local training with each part on the
-same device as in the split, received tensors are decoded into pinned (page-locked) buffers, and
-a pooled buffer is never refilled while an asynchronous copy to the GPU may still read it.
+same device as in the split, received tensors are decoded into pinned (page-locked) buffers,
+a pooled buffer is never refilled while an asynchronous copy to the GPU may still read it, and
+the lossy codecs quantize and dequantize on the GPU into the very bytes and values the CPU makes.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import copy
 
 import pytest
 import torch
+from codec_cases import FLOATS, case_frame, codec_cases, exact_values
 from models import Scale, Split, block_parts, mlp_parts
 from torch import nn
 
 from remote_autograd import (
+    ClientOptions,
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
     clip_grad_norm_,
+    decode,
+    encode,
     frames,
     memory,
 )
@@ -273,3 +278,126 @@ def test_pooled_buffers_are_not_refilled_while_copies_read_them(trunk_device, st
     server = start_server(Scale(), ServerOptions(device=trunk_device))
     remote = RemoteModule(server.address, device="cuda")
     assert corrupted_replies(remote, calls=50, sleep_cycles=20_000_000) == []
+
+
+# -- codecs on the device -----------------------------------------------------------------------
+
+LOSSY = ["bf16", "fp16", "int8"]
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same_values(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bit for bit, except that any NaN equals any NaN (the GPU's bf16 NaN has another payload)."""
+    got, expected = got.detach().cpu(), expected.detach().cpu()
+    if got.dtype != expected.dtype or got.shape != expected.shape:
+        return False
+    if got.is_floating_point():
+        nan = torch.isnan(got)
+        if not torch.equal(nan, torch.isnan(expected)):
+            return False
+        got, expected = got.masked_fill(nan, 0), expected.masked_fill(nan, 0)
+    return torch.equal(_bits(got), _bits(expected))
+
+
+def _same_frame_values(got: bytes, expected: bytes) -> bool:
+    a, b = decode(got), decode(expected)  # frames of case_frame
+    return _same_values(a["x"], b["x"]) and _same_values(a["pair"][0], b["pair"][0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("quantization", ["none", *LOSSY])
+def test_gpu_tensors_make_the_cpu_frames(quantization, dtype):
+    """Quantized (and checked for finiteness) on the GPU, the frame is the CPU's byte for byte:
+    every shape, empty ones, views the GPU holds non-contiguous, NaN and inf (which fp16 and
+    int8 refuse to quantize there as on the CPU), LZ4."""
+    pairs = zip(codec_cases(dtype, "cuda"), codec_cases(dtype, "cpu"), strict=True)
+    for (name, on_gpu, compression), (_, on_cpu, _) in pairs:
+        assert on_gpu.is_cuda and on_gpu.is_contiguous() == on_cpu.is_contiguous(), name
+        got = case_frame(on_gpu, compression, quantization)
+        expected = case_frame(on_cpu, compression, quantization)
+        if quantization == "bf16" and torch.isnan(on_cpu).any():
+            # bf16 casts NaN like any value; the GPU may spell it 0x7FFF, the CPU 0x7FC0.
+            assert _same_frame_values(got, expected), name
+        else:
+            assert got == expected, name
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("quantization", ["none", *LOSSY])
+def test_decoding_onto_the_gpu_is_decoding_then_copying(quantization, dtype):
+    """Given a GPU, quantized tensors are dequantized there into the values the CPU decodes;
+    raw ones (q none, or left raw: empty, non-finite for fp16/int8) stay on the host."""
+    for name, tensor, compression in codec_cases(dtype):
+        frame = encode([tensor], compression=compression, quantization=quantization)
+        (expected,) = decode(frame)
+        (got,) = decode(frame, device=torch.device("cuda"))
+        lossy = (
+            quantization != "none"
+            and tensor.numel() > 0
+            and not (quantization == "bf16" and dtype == torch.bfloat16)
+            and (quantization == "bf16" or bool(torch.isfinite(tensor).all()))
+        )
+        assert got.device.type == ("cuda" if lossy else "cpu"), name
+        assert _same_values(got, expected), name
+
+
+def _exact_input(seed: int = 1) -> torch.Tensor:
+    return exact_values(torch.float32, (64, 300), seed=seed)
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+@pytest.mark.parametrize("quantization", LOSSY)
+def test_lossy_split_on_the_gpu_equals_the_same_split_on_the_cpu(
+    quantization, trunk_device, client_device, start_server
+):
+    """x * 1.5 is exact on any device: with the same wire bytes on every side, outputs and
+    input gradients equal those of an all-CPU split bit for bit."""
+    options = ClientOptions(
+        activation_quantization=quantization, gradient_quantization=quantization
+    )
+    results = []
+    for trunk_on, client_on in [("cpu", "cpu"), (trunk_device, client_device)]:
+        server = start_server(Scale(), ServerOptions(device=trunk_on))
+        remote = RemoteModule(server.address, options=options)
+        x = _exact_input().to(client_on).requires_grad_()
+        y = remote(x)
+        y.backward(_exact_input(seed=2).to(client_on) / 64)
+        assert y.device == x.grad.device == x.device
+        grads = server.engine.sessions.values()[0].grads
+        assert grads["weight"].device.type == trunk_on
+        results.append((y, x.grad, grads["weight"]))
+    (y, x_grad, w_grad), (cpu_y, cpu_x_grad, cpu_w_grad) = results[1], results[0]
+    assert _same_values(y, cpu_y) and _same_values(x_grad, cpu_x_grad)
+    # A sum of 19,200 products: the GPU adds them in another order.
+    torch.testing.assert_close(w_grad.cpu(), cpu_w_grad, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("trunk_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("quantization", LOSSY)
+def test_non_finite_gradients_are_refused_through_gpu_codecs(
+    quantization, trunk_device, start_server
+):
+    """NaN or inf gradients from the client's GPU (bf16 casts them there; fp16 and int8 find
+    them there and send them raw) never reach the trunk's gradients or weights."""
+    server = start_server(Scale(), ServerOptions(device=trunk_device))
+    options = ClientOptions(
+        activation_quantization=quantization, gradient_quantization=quantization
+    )
+    remote = RemoteModule(server.address, options=options)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = remote(torch.ones(2, 300, device="cuda", requires_grad=True))
+        grad = torch.ones_like(y)
+        grad[1, 7] = bad
+        y.backward(grad)
+        assert server.engine.sessions.values()[0].grads == {}
+        with pytest.raises(FloatingPointError, match="not finite"):
+            optimizer.step()
+        optimizer.zero_grad()
+    y = remote(torch.ones(2, 300, device="cuda", requires_grad=True))
+    y.backward(torch.ones_like(y))
+    optimizer.step()  # 600 ones times ones, each within int8's step of 1
+    assert server.engine.module.weight.item() == pytest.approx(1.5 - 0.1 * 600, rel=1e-4)
