@@ -115,10 +115,11 @@ def test_pipeline_smoke(tmp_path: Path) -> None:
     assert data["parallel_capacity_before"] is None  # the probe is off in the smoke preset
 
 
-def test_distributed_smoke(tmp_path: Path) -> None:
-    data = run_script("benchmarks.bench_distributed", tmp_path)
-    assert data["benchmark"] == "distributed"
-    assert set(data["servers"]) == {"plain", "1 rank (ddp)", "2 ranks (ddp)"}
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distributed_smoke(tmp_path: Path, parallel: str) -> None:
+    data = run_script("benchmarks.bench_distributed", tmp_path, "--parallel", parallel)
+    assert (data["benchmark"], data["parallel"]) == ("distributed", parallel)
+    assert set(data["servers"]) == {"plain", "1 rank", "2 ranks"}
     for result in data["servers"].values():
         assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["tiny_call_s"] > 0
         assert result["busiest_rank_cpu_s_per_step"] > 0
