@@ -127,6 +127,33 @@ else
     skip no_hold_check "no CUDA"
 fi
 
+# The distributed trunk's NCCL path, one rank (issue 14): torchrun ... --parallel ddp|fsdp
+# --device cuda, trained by a client as in tests/test_distributed.py, equal to local training.
+read -r -d '' NCCL <<'EOF'
+import sys
+sys.path[:0] = ["tests"]
+import torch
+from factories import shifted_trunk
+from test_distributed import TOL, _check_training, spawn_torchrun, stop_torchrun
+from remote_autograd import serve
+single = serve(shifted_trunk())
+for mode in ("ddp", "fsdp"):
+    process, address = spawn_torchrun(
+        "factories:shifted_trunk", "--parallel", mode, "--device", "cuda", nproc=1
+    )
+    try:
+        _check_training((mode, address), single.address, shifted_trunk, torch.float64, TOL)
+        print(f"nccl check: 1 rank {mode} on cuda trains as locally")
+    finally:
+        stop_torchrun(process)
+single.stop(None)
+EOF
+if [ "$DEV" = cuda ]; then
+    stage dist_nccl 120 "$PY" -c "$NCCL"
+else
+    skip dist_nccl "no CUDA"
+fi
+
 stage test_cpu_subset 150 "$PY" -m pytest -q -p no:cacheprovider -rfE \
     tests/test_split_training.py tests/test_codec.py tests/test_hf_split.py
 
@@ -178,7 +205,7 @@ fi
     echo
     echo "== summary ($((SECONDS - START))s; device: $DEV)"
     cat "$SUMMARY"
-    grep -h "no-hold check" "$LOG"
+    grep -h "no-hold check\|nccl check" "$LOG"
     "$PY" - "$OUT" <<'EOF' 2>&1
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("step_*.json")):

@@ -64,6 +64,26 @@ def shifted_trunk() -> nn.Module:
     return ShiftedTrunk()
 
 
+class DropoutLinear(nn.Module):
+    """``Linear(12, 12)`` then ``Dropout(0.5)``, float64, seeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(12)
+        self.linear = nn.Linear(12, 12, dtype=torch.float64)
+        self.drop = nn.Dropout(0.5)
+        with torch.no_grad():
+            for param in self.linear.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.linear(x))
+
+
+def dropout_linear() -> nn.Module:
+    return DropoutLinear()
+
+
 def shifted_trunk32() -> nn.Module:
     """shifted_trunk in float32."""
     return ShiftedTrunk().float()

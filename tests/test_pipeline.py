@@ -8,6 +8,8 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import spawn_server
+from factories import dropout_linear
 from models import block_parts, mlp_parts
 from torch import nn
 
@@ -146,38 +148,51 @@ def test_the_mean_loss_is_the_whole_batch_mean_and_grads_match_local(start_serve
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-12, atol=1e-14)
 
 
-class _DropoutTrunk(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(12, 12, dtype=torch.float64)
-        self.drop = nn.Dropout(0.5)
+@pytest.fixture(scope="module")
+def dropout_server():
+    """A trunk with dropout in a child process: an in-process server would reseed this
+    process's one CPU generator while the client's own dropout draws from it, in an order
+    that depends on thread timing."""
+    process, address = spawn_server("factories:dropout_linear")
+    yield address
+    process.kill()
+    process.communicate(timeout=30)  # closes its pipes
 
-    def forward(self, x):
-        return self.drop(self.linear(x))
+
+def _trunk_grads(address: str, run, seed: int = 7) -> dict[str, torch.Tensor]:
+    """The trunk gradients ``run(remote)`` leaves in a fresh session, read back as what an
+    SGD step of lr 1 takes off the weights (loaded afresh by each session)."""
+    initial = dict(dropout_linear().named_parameters())
+    with RemoteModule(address, options=ClientOptions(seed=seed)) as remote:
+        remote.load_remote_state_dict(initial)
+        optimizer = RemoteOptimizer(remote, "SGD", lr=1.0)
+        run(remote)
+        optimizer.step()
+        after = remote.remote_state_dict()
+    return {name: initial[name].detach() - after[name] for name in after}
 
 
-def test_dropout_is_reproducible_with_a_seed(start_server):
+def test_dropout_is_reproducible_with_a_seed(dropout_server):
     """The trunk's dropout under ClientOptions(seed=...) is the plain loop's; the client's
     dropout is drawn in the schedule's order, the same in every run under torch.manual_seed."""
+    x, y = next(_batches("mlp", torch.float64, 1))
     results = []
     for pipelined in (True, True, False):
         torch.manual_seed(0)
         bottom = nn.Sequential(nn.Linear(6, 12, dtype=torch.float64), nn.Dropout(0.3))
-        trunk = _DropoutTrunk()
         top = nn.Linear(12, 3, dtype=torch.float64)
-        server = start_server(trunk)
-        x, y = next(_batches("mlp", torch.float64, 1))
-        with RemoteModule(server.address, options=ClientOptions(seed=7)) as remote:
+
+        def run(remote, bottom=bottom, top=top, pipelined=pipelined):
             step = PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=4)
             if pipelined:
                 step(x, y)
-            else:
-                bottom.eval()  # no client-side dropout: the plain loop's masks would differ
-                ys = split_batch(y, 4)
-                for xi, yi, s in zip(split_batch(x, 4), ys, step.scales(ys), strict=True):
-                    (nn.functional.cross_entropy(top(remote(bottom(xi))), yi) * s).backward()
-            grads = dict(server.engine.sessions.values()[0].grads)
-        results.append((grads, bottom[0].weight.grad))
+                return
+            bottom.eval()  # no client-side dropout: the plain loop's masks would differ
+            ys = split_batch(y, 4)
+            for xi, yi, s in zip(split_batch(x, 4), ys, step.scales(ys), strict=True):
+                (nn.functional.cross_entropy(top(remote(bottom(xi))), yi) * s).backward()
+
+        results.append((_trunk_grads(dropout_server, run), bottom[0].weight.grad))
     (first, first_bottom), (second, second_bottom), _ = results
     for name in first:
         assert torch.equal(first[name], second[name])
@@ -188,11 +203,12 @@ def test_dropout_is_reproducible_with_a_seed(start_server):
     for seed in (7, 8):
         torch.manual_seed(0)
         bottom = nn.Linear(6, 12, dtype=torch.float64)
-        trunk, top = _DropoutTrunk(), nn.Linear(12, 3, dtype=torch.float64)
-        server = start_server(trunk)
-        with RemoteModule(server.address, options=ClientOptions(seed=seed)) as remote:
+        top = nn.Linear(12, 3, dtype=torch.float64)
+
+        def run(remote, bottom=bottom, top=top):
             PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=4)(x, y)
-            piped[seed] = dict(server.engine.sessions.values()[0].grads)
+
+        piped[seed] = _trunk_grads(dropout_server, run, seed)
     plain = results[2][0]
     for name in plain:
         assert torch.equal(piped[7][name], plain[name])
