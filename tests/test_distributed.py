@@ -517,7 +517,7 @@ def test_two_nodes_serve_one_trunk(single_address):
             assert remote.client.info().world_size == 2
         _check_training(("fsdp", address), single_address, shifted_trunk, torch.float64, TOL)
     finally:
-        for process in processes:
+        for process in reversed(processes):  # rank 0's node first: it tells rank 1 to stop
             stop_torchrun(process)
 
 
