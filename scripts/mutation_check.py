@@ -429,6 +429,51 @@ MUTATIONS: list[Mutation] = [
         ),
         "a training forward cannot make the trunk's buffers non-finite",
     ),
+    # -- the distributed trunk (issue #14) ---------------------------------------------------
+    M(
+        "ddp_parts_counted_again_after_a_combine",
+        "remote_autograd/distributed.py",
+        "                grad.zero_()",
+        "                pass",
+        (
+            "tests/test_distributed.py::"
+            "test_gradients_keep_accumulating_across_a_grad_norm_and_a_step[ddp]",
+        ),
+        "ddp: each rank's part of a session's gradients counts once after a GradNorm or Step",
+    ),
+    M(
+        "fsdp_gradients_averaged",
+        "remote_autograd/distributed.py",
+        "sub.set_gradient_divide_factor(1.0)",
+        "sub.set_gradient_divide_factor(2.0)",
+        (
+            "tests/test_distributed.py::"
+            "test_training_through_two_ranks_equals_one_process_and_local[fsdp]",
+        ),
+        "fsdp sums the shares' gradients (the client's loss), it does not average them",
+    ),
+    M(
+        "guard_verdict_of_rank_0_alone",
+        "remote_autograd/rank_wire.py",
+        "        return self._all_reduce(super().max(values), dist.ReduceOp.MAX)",
+        "        return super().max(values)",
+        (
+            "tests/test_distributed.py::"
+            "test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank[fsdp]",
+        ),
+        "fsdp: the guard's verdict is taken over every rank's shard",
+    ),
+    M(
+        "followers_die_with_torchrun_sigterm",
+        "remote_autograd/distributed.py",
+        "            signal.signal(stop, signal.SIG_IGN)",
+        "            pass",
+        (
+            "tests/test_distributed.py::"
+            "test_a_graceful_stop_saves_a_checkpoint_that_other_layouts_load",
+        ),
+        "a graceful stop of a distributed trunk saves a last checkpoint with every rank",
+    ),
 ]
 
 

@@ -448,15 +448,19 @@ def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(t
 
 
 def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
-    """The guard's verdict (max_weight_growth) is taken over every rank's shard: the Step is
-    refused with the reason, every rank rolls back, and the session trains on as locally."""
+    """The guard's verdict (max_weight_growth) is taken over every rank's shard. Only output
+    features 4-7 get a gradient, and only the last layer may move: under fsdp that is rank 1's
+    half of it alone, so rank 0 would accept the step on its own shard. Every rank refuses it
+    with the reason and rolls back, and the session trains on as locally."""
     mode, address = parallel
     local = shifted_trunk()
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    last = ["body.2.weight", "body.2.bias"]
+    groups = [{"params": last, "lr": 1.0}, {"params": ["body.0.weight", "body.0.bias"], "lr": 0}]
     with _fresh(address) as remote:
         before = remote.remote_state_dict()
-        optimizer = RemoteOptimizer(remote, "SGD", lr=1.0)
-        (remote(x).sum() * 1e6).backward()  # finite, but a step would grow weights 1e5-fold
+        optimizer = RemoteOptimizer(remote, "SGD", lr=1.0, param_groups=groups)
+        (remote(x)[:, 4:].sum() * 1e6).backward()  # finite, but a 1e5-fold growth
         with pytest.raises(InvalidRequest, match="max_weight_growth"):
             optimizer.step()
         after = remote.remote_state_dict()
@@ -466,10 +470,16 @@ def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
         remote(x).sum().backward()
         optimizer.step()
         state = remote.remote_state_dict()
-    grads = torch.autograd.grad(local(x).sum(), list(local.parameters()))
+    grads = dict(
+        zip(
+            dict(local.named_parameters()),
+            torch.autograd.grad(local(x).sum(), list(local.parameters())),
+            strict=True,
+        )
+    )
     with torch.no_grad():
-        for param, grad in zip(local.parameters(), grads, strict=True):
-            param -= grad
+        for name in last:
+            dict(local.named_parameters())[name] -= grads[name]
     for name, param in local.named_parameters():
         torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
 
