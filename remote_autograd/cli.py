@@ -239,7 +239,9 @@ def run_server(module: Any, args: argparse.Namespace) -> None:
             args.address,
             options=options,
         )
-    print(f"remote-autograd: serving {type(module).__name__} on {server.address}", flush=True)
+    runner = getattr(server.engine, "runner", None)  # the per-client adapters' engine has none
+    name = runner.module_name if runner is not None else type(module).__name__
+    print(f"remote-autograd: serving {name} on {server.address}", flush=True)
     done = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:

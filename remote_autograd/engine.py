@@ -175,7 +175,7 @@ class TrunkEngine:
             trainable_parameters=[name for name, _ in self.params],
             trainable_numel=sum(p.numel() for _, p in self.params),
             device=str(self.runner.device),
-            module_name=type(self.module).__name__,
+            module_name=self.runner.module_name,
             server_id=self.server_id,
             fingerprint=self.fingerprint,
             weights_version=self.weights_version,

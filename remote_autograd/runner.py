@@ -51,6 +51,7 @@ class TrunkRunner:
             raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
         self.device = device
         self.dtype = dtype
+        self.module_name = type(module).__name__  # FSDP2 renames the class it shards
         self.module = module.to(device)
         if dtype is not None:
             self.module = self.module.to(dtype)

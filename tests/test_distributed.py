@@ -211,6 +211,7 @@ def test_info_says_how_many_ranks_compute(parallel, single_address):
     with RemoteModule(address) as remote:
         info = remote.client.info()
         assert (info.world_size, info.parallel, info.device) == (2, mode, "cpu")
+        assert info.module_repr == "ShiftedTrunk"  # not FSDP2's renamed class
         # The trunk as built, before sharding: what a client's fingerprint names.
         assert info.fingerprint == remote_autograd.trunk_fingerprint(shifted_trunk())
         assert info.trainable_numel == sum(p.numel() for p in shifted_trunk().parameters())
