@@ -153,6 +153,7 @@ class _AdapterRunner(TrunkRunner):
         self.device = device
         self.dtype = dtype
         self.module = module
+        self.module_name = type(module).__name__
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._random_lock = random_lock
         self._random = any(
@@ -168,6 +169,7 @@ class _AdapterRunner(TrunkRunner):
         *,
         grad: bool,
         autocast: torch.dtype | None = None,
+        recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         if training and self._random:
             with self._random_lock:

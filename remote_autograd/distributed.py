@@ -142,6 +142,8 @@ class DistributedRunner(TrunkRunner):
         self._to_free: collections.deque[int] = collections.deque()
         self._forgotten: collections.deque[str] = collections.deque()
         self._combined: set[str] = set()  # ddp: sessions whose gradients are whole everywhere
+        # A recomputed forward's buffers as they were before it, until its backward ran.
+        self._recomputed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.broken: str | None = None
 
     def _broadcast_state(self) -> None:
@@ -160,6 +162,7 @@ class DistributedRunner(TrunkRunner):
         *,
         grad: bool,
         autocast: torch.dtype | None = None,
+        recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         plan = Plan(leaves, self.world, everyone=self.mode == "fsdp")
         token = -1
@@ -171,7 +174,8 @@ class DistributedRunner(TrunkRunner):
                 commands[rank] = {"op": "idle"}
                 continue
             shares = [
-                plan.share(t.detach(), b, rank) for t, b in zip(leaves, plan.batched, strict=True)
+                plan.stand_in(t.detach(), b, rank)
+                for t, b in zip(leaves, plan.batched, strict=True)
             ]
             commands[rank] = {
                 "op": "forward",
@@ -182,6 +186,7 @@ class DistributedRunner(TrunkRunner):
                 "grad": grad,
                 "token": token,
                 "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+                "recompute": recompute,  # its buffer updates are undone, as rank 0's engine does
             }
         mine = [
             self._share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
@@ -189,7 +194,9 @@ class DistributedRunner(TrunkRunner):
         ]
         replies, local_result, error = self._exchange(
             commands,
-            lambda: self._forward_share(template, mine, training, seed, grad, token, autocast),
+            lambda: self._forward_share(
+                template, mine, training, seed, grad, token, autocast, recompute
+            ),
         )
         if error is not None:
             self._release(token)
@@ -262,8 +269,10 @@ class DistributedRunner(TrunkRunner):
             commands[rank] = {
                 "op": "backward",
                 "token": token,
-                # A rank that ran only for FSDP's collectives back-propagates zeros.
                 "grads": self._grad_shares(outputs, grads, rank) if rank in plan.active else None,
+                # A rank that ran only for FSDP's collectives back-propagates zeros, from the
+                # outputs rank 0 back-propagates from, so that all reach the same layers.
+                "zeros_for": [i for i, g in enumerate(grads) if g is not None],
                 "wanted": wanted,
                 "retain": retain_graph,
                 "parameters": parameters,
@@ -271,7 +280,7 @@ class DistributedRunner(TrunkRunner):
         mine = self._grad_shares(outputs, grads, 0)
         replies, result, error = self._exchange(
             commands,
-            lambda: self._backward_share(token, mine, wanted, retain_graph, parameters),
+            lambda: self._backward_share(token, mine, wanted, retain_graph, parameters, []),
             after_backward=True,
         )
         if not retain_graph:
@@ -335,18 +344,25 @@ class DistributedRunner(TrunkRunner):
     # -- the trunk's state on every rank -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def mirrored(self, op: str, key: str, **args: Any) -> Iterator[None]:
-        """Rank 0: have every other rank run engine operation ``op`` on its copy of session
-        ``key`` while this rank runs it, then check that all ended alike (a rank that failed
-        where rank 0 did not, or the reverse, has parted ways: the trunk goes out of service)."""
+    def mirrored(self, op: str, session: Any, **args: Any) -> Iterator[None]:
+        """Rank 0: have every other rank run engine operation ``op`` on its copy of ``session``
+        while this rank runs it, then check that all ended alike (a rank that failed where rank
+        0 did not, or the reverse, has parted ways: the trunk goes out of service)."""
         if self.rank != 0 or self.world == 1 or (op in _READS and self.mode != "fsdp"):
             yield
             return
+        key = session.key if session is not None else ""
         command = {"op": "mirror", "name": op, "key": key, "args": args}
         self._send_all({rank: command for rank in range(1, self.world)})
         failed: BaseException | None = None
         try:
+            # A session that ended while this call waited (EndSession, expiry) fails here on
+            # every rank, before anything changes or any collective of the operation runs.
+            self._agree_on_session(op, key, session is None or self.engine.sessions.holds(session))
             yield
+        except dist.DistBackendError as exc:  # a collective of the operation failed
+            failed = self._lost(exc)
+            raise failed from exc
         except BaseException as exc:
             failed = exc
             raise
@@ -362,10 +378,21 @@ class DistributedRunner(TrunkRunner):
             if failed is None and self.broken is not None:
                 raise ServerUnavailable(self._out_of_service())
 
+    def _agree_on_session(self, op: str, key: str, here: bool) -> None:
+        """Every rank says whether it holds the session as the operation needs it; unless all
+        do, all refuse alike."""
+        if self.ranks.any(not here):
+            raise InvalidRequest(
+                f"{op}: session {key.rpartition('/')[2]!r} ended while this call waited (its "
+                "client closed, or it was idle past session_ttl): nothing was done; open a new "
+                "session and start the step again"
+            )
+
     def forget_session(self, key: str) -> None:
-        self._combined.discard(key)
-        if self.rank == 0:
+        if self.rank == 0:  # any thread (the sweeper too): applied with the next command
             self._forgotten.append(key)
+        else:
+            self._combined.discard(key)
 
     def assign(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if local(param) is param:
@@ -433,7 +460,17 @@ class DistributedRunner(TrunkRunner):
         return zeros(shape, dtype=dtype, device_mesh=like.device_mesh, placements=like.placements)
 
     def close(self) -> None:
-        """Let the other ranks leave :meth:`follow` (rank 0, when the server stops)."""
+        """Let the other ranks leave :meth:`follow` (rank 0, when the server stops), once no
+        call is in an exchange with them (waiting at most 30 s for one that still is)."""
+        lock = self.engine.lock if self.engine is not None else None
+        held = lock.acquire(timeout=30) if lock is not None else False
+        try:
+            self._stop_followers()
+        finally:
+            if held and lock is not None:
+                lock.release()
+
+    def _stop_followers(self) -> None:
         if self.broken is None:
             for rank in range(1, self.world):
                 try:
@@ -464,6 +501,7 @@ class DistributedRunner(TrunkRunner):
         # What rank 0 dropped since the last command travels with the next one.
         free = list(self._drain(self._to_free))
         forget = list(self._drain(self._forgotten))
+        self._combined.difference_update(forget)
         try:
             for rank, command in commands.items():
                 self.wire.send({**command, "free": free, "forget": forget}, rank)
@@ -523,12 +561,16 @@ class DistributedRunner(TrunkRunner):
             name, param = self.params[i]
             held = session.grads.get(name)
             parts.append(torch.zeros_like(param) if held is None else held)
-        if parts:
-            flat = torch._utils._flatten_dense_tensors(parts)
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for position, part in enumerate(parts):  # one flat buffer per dtype and device
+            groups.setdefault((part.dtype, part.device), []).append(position)
+        for positions in groups.values():
+            group = [parts[p] for p in positions]
+            flat = torch._utils._flatten_dense_tensors(group)
             dist.all_reduce(flat)
-            values = torch._utils._unflatten_dense_tensors(flat, parts)
-            for i, value in zip(needed, values, strict=True):
-                session.grads[self.params[i][0]] = value
+            values = torch._utils._unflatten_dense_tensors(flat, group)
+            for position, value in zip(positions, values, strict=True):
+                session.grads[self.params[needed[position]][0]] = value
         self._combined.add(session.key)
 
     def split(self, session: Any) -> None:
@@ -553,6 +595,7 @@ class DistributedRunner(TrunkRunner):
     def _free(self, tokens: Sequence[int]) -> None:
         for token in tokens:
             self.graphs.pop(token, None)
+            self._put_back(self._recomputed.pop(token, []))
 
     # -- every rank: its share ---------------------------------------------------------------------
 
@@ -560,30 +603,42 @@ class DistributedRunner(TrunkRunner):
         # detach(): a leaf of its own, not part of rank 0's input's graph.
         return tensor.to(self.device).detach().requires_grad_(need)
 
-    def _forward_share(self, template, leaves, training, seed, grad, token, autocast=None):
-        moved = self._floating_buffers() if training else []
-        before = [(b, b.clone()) for _, b in moved]
-        out_template, outputs = TrunkRunner.forward(
-            self, template, leaves, training, seed, grad=grad, autocast=autocast
-        )
-        if self.rank != 0 and moved:  # rank 0's engine guards its own buffers
-            try:
-                check_finite_buffers(moved)
-            except InvalidRequest:
-                with torch.no_grad():
-                    for buffer, value in before:
-                        buffer.copy_(value)
-                raise
+    def _forward_share(self, template, leaves, training, seed, grad, token, autocast, recompute):
+        # Rank 0's engine guards its own buffers (BatchNorm statistics) and puts them back
+        # after a recompute; the other ranks do the same for theirs here.
+        guarded = self.rank != 0 and (training or recompute)
+        kept = [(b, b.clone()) for _, b in persistent_buffers(self.module)] if guarded else []
+        try:
+            out_template, outputs = TrunkRunner.forward(
+                self, template, leaves, training, seed, grad=grad, autocast=autocast
+            )
+            if guarded and not recompute:
+                check_finite_buffers(
+                    [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
+                )
+        except Exception:
+            self._put_back(kept)
+            raise
+        if recompute:  # put back once its backward ran: the graph may have saved them
+            self._recomputed[token] = kept
         if grad:
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
 
-    def _floating_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        if self.rank == 0:
-            return []
-        return [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
+    @staticmethod
+    def _put_back(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
 
-    def _backward_share(self, token, grads, wanted, retain, parameters=True):
+    def _backward_share(self, token, grads, wanted, retain, parameters, zeros_for):
+        try:
+            return self._backward_of(token, grads, wanted, retain, parameters, zeros_for)
+        finally:
+            if not retain:
+                self._put_back(self._recomputed.pop(token, []))
+
+    def _backward_of(self, token, grads, wanted, retain, parameters, zeros_for):
         entry = self.graphs.get(token)
         if entry is None:
             raise InvalidRequest(f"no kept forward {token} on rank {self.rank}")
@@ -591,7 +646,9 @@ class DistributedRunner(TrunkRunner):
         if not retain:
             del self.graphs[token]
         if grads is None:  # FSDP: this rank ran only for the collectives
-            grads = [torch.zeros_like(o) if o.requires_grad else None for o in outputs]
+            grads = [None] * len(outputs)
+            for index in zeros_for:
+                grads[index] = torch.zeros_like(outputs[index])
         inputs = [leaves[i] for i in wanted]
         if self.mode != "fsdp":
             return TrunkRunner.gradients(
@@ -655,6 +712,7 @@ class DistributedRunner(TrunkRunner):
             command["grad"],
             command["token"],
             autocast_dtype(command["autocast"] or ""),
+            command["recompute"],
         )
         return {"outputs": [o.detach() for o in outputs]}
 
@@ -668,6 +726,7 @@ class DistributedRunner(TrunkRunner):
                 command["wanted"],
                 command["retain"],
                 command["parameters"],
+                command["zeros_for"],
             )
         except Exception as exc:  # noqa: BLE001 - every rank learns of it in the reduce
             error = exc
@@ -681,6 +740,10 @@ class DistributedRunner(TrunkRunner):
     def _follow_mirror(self, command: dict[str, Any]) -> None:
         engine, name, args = self.engine, command["name"], command["args"]
         session: Any = engine.sessions.get(command["key"]) if command["key"] else None
+        # A Step needs the optimizer this rank was given (ConfigureOptimizer or a checkpoint).
+        self._agree_on_session(
+            name, command["key"], name != "step" or session.optimizer is not None
+        )
         if name == "account":
             grads, self.last_param_grads = self.last_param_grads, []
             engine.account(session, grads, **args)
@@ -694,13 +757,13 @@ class DistributedRunner(TrunkRunner):
                 zero_grad=ZeroGrad(args["zero_grad"]),
                 grad_scale=args["grad_scale"],
             )
-            engine._apply_step(session, session.optimizer, call, args["groups"])
+            engine.apply_step(session, session.optimizer, call, args["groups"])
         elif name == "load_state":
             engine.load_state(session, args["state"])
         elif name == "get_state":
             engine.get_state(session, **args)
         elif name == "checkpoint":
-            engine._checkpoint(args["on_error"])
+            engine.write_checkpoint(args["on_error"])
         else:
             raise InvalidRequest(f"unknown engine operation {name!r}")
 

@@ -142,6 +142,11 @@ class TrunkEngine:
             self._restore(options.checkpoint_path)
 
     @property
+    def lock(self) -> threading.RLock:
+        """The trunk lock: held while the module runs or its weights change."""
+        return self._lock
+
+    @property
     def module(self) -> torch.nn.Module:
         return self.runner.module
 
@@ -269,18 +274,19 @@ class TrunkEngine:
                 # every session shares: they must stay finite, or come back as they were.
                 moved = self._floating_buffers() if call.training else []
                 before = self._buffer_snapshot() if moved else []  # counters too
-                with footprint.saved() if graph else contextlib.nullcontext():
-                    out_template, outputs = self.runner.forward(
-                        template,
-                        leaves,
-                        call.training,
-                        seed if keep else None,
-                        grad=graph,
-                        autocast=call.autocast,
-                    )
                 try:
+                    with footprint.saved() if graph else contextlib.nullcontext():
+                        out_template, outputs = self.runner.forward(
+                            template,
+                            leaves,
+                            call.training,
+                            seed if keep else None,
+                            grad=graph,
+                            autocast=call.autocast,
+                        )
                     check_finite_buffers(moved)
-                except InvalidRequest:
+                except Exception:
+                    # Refused here or by another rank of a distributed trunk: as they were.
                     self._restore_buffers(before)
                     raise
         if keep:
@@ -359,6 +365,7 @@ class TrunkEngine:
                             context.seed,
                             grad=True,
                             autocast=context.autocast,
+                            recompute=True,
                         )
                     input_grads, param_grads = self.runner.gradients(
                         outputs,
@@ -375,7 +382,7 @@ class TrunkEngine:
                     "grad_scale": call.grad_scale,
                     "report_nonfinite": call.report_nonfinite,
                 }
-                with self.runner.mirrored("account", session.key, **pending):
+                with self.runner.mirrored("account", session, **pending):
                     nonfinite = self.account(session, param_grads, **pending)
                 computed = time.perf_counter()
             returned: list[torch.Tensor | None] = [None] * len(context.inputs)
@@ -465,9 +472,7 @@ class TrunkEngine:
         with (
             session.lock,
             self._lock,
-            self.runner.mirrored(
-                "configure", session.key, name=name, options=options, groups=groups
-            ),
+            self.runner.mirrored("configure", session, name=name, options=options, groups=groups),
         ):
             try:
                 optimizer = cls(torch_groups(named, self.params), **kwargs)
@@ -498,7 +503,7 @@ class TrunkEngine:
             "zero_grad": int(zero_grad),
             "grad_scale": grad_scale,
         }
-        with session.lock, self._lock, self.runner.mirrored("grad_norms", session.key, **args):
+        with session.lock, self._lock, self.runner.mirrored("grad_norms", session, **args):
             return self.norms(session, **args)
 
     def norms(
@@ -550,14 +555,14 @@ class TrunkEngine:
             wait = self.turns.begin_step(session.key)
             stepped = False
             try:
-                version = self._apply_step(session, optimizer, call, groups)
+                version = self.apply_step(session, optimizer, call, groups)
                 stepped = True
             finally:
                 self.turns.end_step(stepped=stepped)
             log.debug("Step #%d (session %s) applied: weights v%d", call.step, session.key, version)
             return StepResult(call.step, version, wait=wait)
 
-    def _apply_step(
+    def apply_step(
         self,
         session: Session,
         optimizer: torch.optim.Optimizer,
@@ -572,7 +577,7 @@ class TrunkEngine:
             "groups": groups,
         }
         ranks = self.runner.ranks
-        with self._lock, self.runner.mirrored("step", session.key, **mirror):
+        with self._lock, self.runner.mirrored("step", session, **mirror):
             # Applied only if all it produces is finite and sane; else rolled back and refused
             # with the session's gradients and deferred zero_grad/scale untouched (guard.py).
             self.runner.combine(session)
@@ -586,7 +591,7 @@ class TrunkEngine:
             session.last_step = call.step
             every = self.options.checkpoint_every
             if every and self.options.checkpoint_path and self.weights_version % every == 0:
-                self._checkpoint(on_error="log")  # every rank is here: no mirror of its own
+                self.write_checkpoint(on_error="log")  # every rank is here: no mirror of its own
             return self.weights_version
 
     # -- state ----------------------------------------------------------------------------------
@@ -599,7 +604,7 @@ class TrunkEngine:
         state: dict[str, Any] = {"step": session.last_step, "parameters": None, "optimizer": None}
         asked = {"parameters": parameters, "optimizer": optimizer, "buffers": buffers}
         full = self.runner.full
-        with session.lock, self._lock, self.runner.mirrored("get_state", session.key, **asked):
+        with session.lock, self._lock, self.runner.mirrored("get_state", session, **asked):
             if parameters:
                 state["parameters"] = clone_tree(full({n: p.detach() for n, p in self.params}))
             if buffers:
@@ -614,7 +619,7 @@ class TrunkEngine:
         buffers loaded)."""
         if not isinstance(state, dict):
             raise InvalidRequest("LoadState expects a map with 'parameters', 'optimizer', 'step'")
-        with session.lock, self._lock, self.runner.mirrored("load_state", session.key, state=state):
+        with session.lock, self._lock, self.runner.mirrored("load_state", session, state=state):
             return self._load_state(session, state)
 
     def _load_state(self, session: Session, state: dict[str, Any]) -> tuple[int, bool, int]:
@@ -663,10 +668,10 @@ class TrunkEngine:
         weights version saved. A consistent snapshot: no Step runs while it is written."""
         if not self.options.checkpoint_path:
             raise NotConfigured("this server has no checkpoint path (serve --checkpoint FILE)")
-        with self._lock, self.runner.mirrored("checkpoint", "", on_error=on_error):
-            return self._checkpoint(on_error)
+        with self._lock, self.runner.mirrored("checkpoint", None, on_error=on_error):
+            return self.write_checkpoint(on_error)
 
-    def _checkpoint(self, on_error: str) -> int:
+    def write_checkpoint(self, on_error: str) -> int:
         path = self.options.checkpoint_path
         assert path, "the caller checked checkpoint_path"
         with self._lock:

@@ -129,8 +129,10 @@ class GroupRanks(Ranks):
             return self.max(values) if norm_type > 0 else self._min(values)
         if norm_type == 0:  # the count of non-zeros adds up
             return self._all_reduce(values, dist.ReduceOp.SUM)
-        powered = self._all_reduce([v**norm_type for v in values], dist.ReduceOp.SUM)
-        return [v ** (1.0 / norm_type) for v in powered]
+        # In float64 tensors: an overflow is inf on every rank, not an error on one of them.
+        powered = torch.tensor(list(values), dtype=torch.float64) ** norm_type
+        dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=self.group)
+        return (powered ** (1.0 / norm_type)).tolist()
 
     def _min(self, values: Sequence[float]) -> list[float]:
         return self._all_reduce(values, dist.ReduceOp.MIN)

@@ -79,10 +79,12 @@ class TrunkRunner:
         *,
         grad: bool,
         autocast: torch.dtype | None = None,
+        recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         """Run the trunk (the caller holds the trunk lock), its RNG seeded by ``seed`` if
         given, under ``torch.autocast`` with ``autocast`` if given (the client's); returns the
-        outputs' template and tensors."""
+        outputs' template and tensors. ``recompute``: a forward run again for its Backward,
+        whose buffer updates the caller undoes (as other processes of the trunk must)."""
         args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
         if self.module.training != training:  # train() walks every submodule: not per call
             self.module.train(training)
@@ -143,10 +145,10 @@ class TrunkRunner:
 
     # -- the trunk's state, for an engine that may be one of several processes -------------------
 
-    def mirrored(self, op: str, key: str, **args: Any) -> contextlib.AbstractContextManager:
-        """Around an engine operation ``op`` that changes session ``key``'s state or the weights
-        (the caller holds the trunk lock): a trunk on several processes has every rank run it
-        too, with ``args``. One process: nothing to do."""
+    def mirrored(self, op: str, session: Any, **args: Any) -> contextlib.AbstractContextManager:
+        """Around an engine operation ``op`` that changes ``session``'s state (a Session, or
+        None) or the weights (the caller holds the trunk lock): a trunk on several processes
+        has every rank run it too, with ``args``. One process: nothing to do."""
         return _UNCHANGED
 
     def combine(self, session: Any) -> None:

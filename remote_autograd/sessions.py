@@ -137,6 +137,11 @@ class SessionTable:
             self._on_drop(key)
             return True
 
+    def holds(self, session: Session) -> bool:
+        """Whether ``session`` is still in the table (not ended or expired meanwhile)."""
+        with self._lock:
+            return self._items.get(session.key) is session
+
     def values(self) -> list[Session]:
         with self._lock:
             return list(self._items.values())

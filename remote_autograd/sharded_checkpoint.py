@@ -103,7 +103,8 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def save(path: str, state: dict[str, Any], group: Any = None) -> None:
-    """Write ``state`` under directory ``path`` (every rank, together)."""
+    """Write ``state`` under directory ``path`` (every rank, together). A failure to write on
+    any rank (a full disk) raises OSError on every rank, which all go on serving."""
     rank = dist.get_rank()
     # One fresh name for all ranks: a save never writes into the directory ``latest`` names.
     token = torch.tensor([secrets.randbits(48)], dtype=torch.int64)
@@ -112,17 +113,38 @@ def save(path: str, state: dict[str, Any], group: Any = None) -> None:
     target = os.path.join(path, name)
     tensors: dict[str, torch.Tensor] = {}
     meta = _split(state, "", tensors)
-    if rank == 0:
-        os.makedirs(target, exist_ok=True)
-    dist.barrier(group=group)
-    dcp.save(tensors, checkpoint_id=target)  # ends with every rank done (DCP's own collective)
-    if rank == 0:
+    _together(lambda: os.makedirs(target, exist_ok=True) if rank == 0 else None, group)
+    try:
+        dcp.save(tensors, checkpoint_id=target)  # DCP tells every rank of a failure
+    except dcp.CheckpointException as exc:  # a BaseException: made an OSError, like the others
+        raise OSError(f"torch.distributed.checkpoint could not write {target}: {exc}") from exc
+
+    def publish() -> None:
+        if rank != 0:
+            return
         _write_atomically(os.path.join(target, _META), codec.encode(meta, compression="none"))
         _write_atomically(os.path.join(path, _LATEST), name.encode())
         for old in os.listdir(path):
             if old.startswith("v") and old != name:
                 shutil.rmtree(os.path.join(path, old), ignore_errors=True)
-    dist.barrier(group=group)
+
+    _together(publish, group)
+
+
+def _together(write: Callable[[], None], group: Any) -> None:
+    """Run ``write`` (file work of rank 0 only) and agree on its outcome: every rank raises if
+    it failed, instead of rank 0 alone leaving the others waiting in the next collective."""
+    error: OSError | None = None
+    try:
+        write()
+    except OSError as exc:
+        error = exc
+    flag = torch.tensor([float(error is not None)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise OSError("rank 0 could not write the checkpoint (see its log)")
 
 
 def load(

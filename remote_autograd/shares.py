@@ -48,3 +48,10 @@ class Plan:
             return tensor
         start = self.offsets[rank]
         return tensor[start : start + self.sizes[rank]]
+
+    def stand_in(self, tensor: torch.Tensor, batched: bool, rank: int) -> torch.Tensor:
+        """What a running rank computes on: its share, or, when that is empty, the batch's
+        first sample, whose results are left out (a trunk need not take a batch of 0)."""
+        if batched and self.batch and not self.sizes[rank]:
+            return tensor[:1]
+        return self.share(tensor, batched, rank)

@@ -80,6 +80,28 @@ class DropoutLinear(nn.Module):
         return self.drop(self.linear(x))
 
 
+class Awkward(nn.Module):
+    """Two outputs (the second from a layer of its own), a view by the batch size, BatchNorm:
+    what a rank with an empty share, or with an output nobody back-propagates, trips over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.layers = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 3)]).double()
+        self.norm = nn.BatchNorm1d(6).double()
+        with torch.no_grad():
+            for param in self.layers.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(self.layers[0](x)).view(x.shape[0], -1) * 1.0  # an output, not a view
+        return h, self.layers[1](h)
+
+
+def awkward_trunk() -> nn.Module:
+    return Awkward()
+
+
 def dropout_linear() -> nn.Module:
     return DropoutLinear()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from factories import batch, local_parts, shifted_trunk, shifted_trunk32
+from factories import awkward_trunk, batch, local_parts, shifted_trunk, shifted_trunk32
 from torch import nn
 
 import remote_autograd
@@ -573,3 +573,56 @@ def test_a_graceful_stop_saves_a_checkpoint_that_other_layouts_load(tmp_path):
             torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
     assert remote is not None
     remote.close()
+
+
+@pytest.fixture(scope="module")
+def awkward_fsdp() -> Iterator[str]:
+    """2 fsdp ranks serving awkward_trunk, every kept forward recomputed at its Backward."""
+    process, address = spawn_torchrun(
+        "factories:awkward_trunk", "--parallel", "fsdp", "--recompute"
+    )
+    yield address
+    stop_torchrun(process)
+
+
+def test_a_batch_smaller_than_the_world_and_an_output_left_out(awkward_fsdp):
+    """A batch of 1 on 2 fsdp ranks: rank 1 computes on a stand-in sample (the trunk's
+    ``view(batch, -1)`` cannot take a batch of 0) and back-propagates zeros from the outputs
+    rank 0 back-propagates from, here the first alone."""
+    local = awkward_trunk().eval()
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x.requires_grad_(True)
+    with RemoteModule(awkward_fsdp) as remote:
+        remote.eval()
+        h, y = remote(x)
+        expected_h, expected_y = local(x)
+        torch.testing.assert_close(h, expected_h, **TOL)
+        torch.testing.assert_close(y, expected_y, **TOL)
+        (grad,) = torch.autograd.grad(h.pow(2).sum(), x)
+        (expected,) = torch.autograd.grad(expected_h.pow(2).sum(), x)
+        torch.testing.assert_close(grad, expected, **TOL)
+        with torch.no_grad():  # and the ranks go on
+            torch.testing.assert_close(remote(x)[1], local(x)[1], **TOL)
+
+
+def test_every_rank_keeps_its_buffers_through_refusals_and_recomputes(awkward_fsdp):
+    """BatchNorm's running statistics, each rank's from its share: a training forward that
+    would make them infinite is refused with every rank's put back, and a recomputed forward
+    (--recompute) moves them once, as a local run of each share does."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 4, generator=generator, dtype=torch.float64)  # shares of 2 and 2
+    probe = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    with RemoteModule(awkward_fsdp) as remote:
+        with pytest.raises(InvalidRequest, match="non-finite"):
+            remote(x * 1e200)
+        h, y = remote(x)  # a training forward, recomputed at its Backward
+        (h.sum() + y.sum()).backward()
+        remote.eval()
+        with torch.no_grad():
+            served = remote(probe)[1]
+    ranks = [awkward_trunk(), awkward_trunk()]  # each rank's trunk, trained on its share
+    for trunk, share in zip(ranks, (x[:2], x[2:]), strict=True):
+        trunk(share)
+        trunk.eval()
+    expected = torch.cat([ranks[0](probe[:2])[1], ranks[1](probe[2:])[1]]).detach()
+    torch.testing.assert_close(served, expected, **TOL)
