@@ -124,17 +124,25 @@ class DistributedRunner(TrunkRunner):
     ) -> None:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
         self.fingerprint = trunk_fingerprint(module)  # before the cast and the sharding
-        super().__init__(module, device, dtype)
+        name = type(module).__name__  # FSDP2 renames the class it shards
         self.mode = mode
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.wire = RankWire(control)
         self.ranks = GroupRanks(control, sharded=mode == "fsdp")
-        self._broadcast_state()  # every rank starts from rank 0's weights
+        if dtype is not None:
+            module = module.to(dtype)
+        # Every rank starts from rank 0's weights, sent on the host before anything moves to
+        # the device; fsdp then shards layer by layer onto it, so no rank's device ever holds
+        # the whole trunk.
+        self._broadcast_state(module)
         if mode == "fsdp":
-            _shard(self.module)
-            self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+            _shard(module)
+        super().__init__(module, device, dtype)
+        self.module_name = name
         self.engine: Any = None  # this rank's engine (serve_distributed sets it)
         self.graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.last_param_grads: list[torch.Tensor | None] = []  # a follower's last Backward
@@ -146,10 +154,10 @@ class DistributedRunner(TrunkRunner):
         self._recomputed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.broken: str | None = None
 
-    def _broadcast_state(self) -> None:
+    def _broadcast_state(self, module: nn.Module) -> None:
         with torch.no_grad():
-            for tensor in self.module.state_dict().values():
-                dist.broadcast(tensor, 0)
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0, group=self.wire.group)
 
     # -- rank 0: the engine's calls ----------------------------------------------------------------
 
