@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from . import codec
 from .options import Limits
 
-__all__ = ["FILE_LIMITS", "FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FILE_LIMITS", "FORMAT", "load_checkpoint", "save_checkpoint", "write_atomically"]
 
 FORMAT = 1
 # The server reads only files it wrote itself, but a checkpoint is as large as the trunk and its
@@ -37,7 +38,15 @@ FILE_LIMITS = Limits(
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync the dir)."""
-    buffers = codec.Encoder(compression="none").encode_buffers({"format": FORMAT, **state})
+    write_atomically(
+        path, codec.Encoder(compression="none").encode_buffers({"format": FORMAT, **state})
+    )
+
+
+def write_atomically(path: str, buffers: Sequence[bytes | memoryview]) -> None:
+    """Write ``buffers`` to ``path`` so that a crash leaves the old file or the new one whole:
+    a temporary file in the same directory, flushed to disk, renamed over it, the directory
+    flushed too."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=directory)
     try:

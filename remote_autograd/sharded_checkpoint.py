@@ -22,11 +22,9 @@ directory every host sees (a shared file system).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from . import codec
-from .checkpoint_file import FILE_LIMITS
+from .checkpoint_file import FILE_LIMITS, write_atomically
 
 __all__ = ["load", "save"]
 
@@ -87,21 +85,6 @@ def _placeholders(tree: Any) -> list[dict[str, Any]]:
     return []
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save(path: str, state: dict[str, Any], group: Any = None) -> None:
     """Write ``state`` under directory ``path`` (every rank, together). A failure to write on
     any rank (a full disk) raises OSError on every rank, which all go on serving."""
@@ -122,8 +105,8 @@ def save(path: str, state: dict[str, Any], group: Any = None) -> None:
     def publish() -> None:
         if rank != 0:
             return
-        _write_atomically(os.path.join(target, _META), codec.encode(meta, compression="none"))
-        _write_atomically(os.path.join(path, _LATEST), name.encode())
+        write_atomically(os.path.join(target, _META), [codec.encode(meta, compression="none")])
+        write_atomically(os.path.join(path, _LATEST), [name.encode()])
         for old in os.listdir(path):
             if old.startswith("v") and old != name:
                 shutil.rmtree(os.path.join(path, old), ignore_errors=True)
