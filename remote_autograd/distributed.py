@@ -60,8 +60,8 @@ from .fingerprint import persistent_buffers, trunk_fingerprint
 from .guard import check_finite_buffers
 from .options import ServerOptions
 from .rank_wire import GroupRanks, RankWire
-from .ranks import local
-from .runner import TrunkRunner
+from .ranks import is_sharded, local
+from .runner import TrunkRunner, check_dtype
 from .sessions import ZeroGrad
 from .shares import Plan
 from .tree import flatten, unflatten
@@ -124,8 +124,7 @@ class DistributedRunner(TrunkRunner):
     ) -> None:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
+        check_dtype(dtype)  # before the cast below
         self.fingerprint = trunk_fingerprint(module)  # before the cast and the sharding
         name = type(module).__name__  # FSDP2 renames the class it shards
         self.mode = mode
@@ -403,7 +402,7 @@ class DistributedRunner(TrunkRunner):
             self._combined.discard(key)
 
     def assign(self, param: torch.Tensor, value: torch.Tensor) -> None:
-        if local(param) is param:
+        if not is_sharded(param):
             param.copy_(value)
             return
         local(param).copy_(self._distribute(value.to(param.dtype), param).to_local())
@@ -415,7 +414,7 @@ class DistributedRunner(TrunkRunner):
             return {key: self.full(value) for key, value in tree.items()}
         if isinstance(tree, list):
             return [self.full(value) for value in tree]
-        if isinstance(tree, torch.Tensor) and local(tree) is not tree:
+        if is_sharded(tree):
             return tree.full_tensor()  # type: ignore[attr-defined]
         return tree
 
@@ -429,7 +428,7 @@ class DistributedRunner(TrunkRunner):
                     key: self._distribute(value, param)
                     if isinstance(value, torch.Tensor)
                     and param is not None
-                    and local(param) is not param
+                    and is_sharded(param)
                     and value.shape == param.shape
                     else value
                     for key, value in entries.items()
@@ -457,7 +456,7 @@ class DistributedRunner(TrunkRunner):
     def _allocate(self, shape: list[int], dtype: torch.dtype, sharded: bool) -> torch.Tensor:
         """Room for a saved tensor in this trunk's layout: sharded like the parameters under
         fsdp (whatever the layout it was saved in: DCP reshards), whole under ddp."""
-        like: Any = next((p for _, p in self.params if local(p) is not p), None)
+        like: Any = next((p for _, p in self.params if is_sharded(p)), None)
         if like is None:
             return torch.zeros(shape, dtype=dtype, device=self.device)
         from torch.distributed.tensor import zeros

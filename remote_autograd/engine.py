@@ -188,8 +188,8 @@ class TrunkEngine:
             dtype=next(
                 (str(p.dtype)[6:] for p in self.module.parameters() if p.is_floating_point()), ""
             ),
-            world_size=getattr(self.runner, "world", 1),
-            parallel=getattr(self.runner, "mode", ""),
+            world_size=self.runner.world,
+            parallel=self.runner.mode,
         )
 
     # -- Compute and Backward -----------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from .errors import InvalidRequest, RemoteError, TrunkError
 from .options import ServerOptions
-from .ranks import ONE, Ranks, local
+from .ranks import ONE, Ranks, is_sharded, local
 from .sessions import Session, ZeroGrad
 from .validate import finite_flags
 
@@ -403,7 +403,7 @@ def _restore_state(
             restored = {}
             for key, value in snapshot[param].items():
                 held = now.get(key)
-                if isinstance(held, torch.Tensor) and local(held) is not held:
+                if is_sharded(held):
                     with torch.no_grad():  # a DTensor (FSDP): its shard back in place
                         local(held).copy_(value)
                     restored[key] = held

@@ -17,16 +17,19 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ONE", "Ranks", "local"]
+__all__ = ["ONE", "Ranks", "is_sharded", "local"]
+
+
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor: each rank holds a part of it."""
+    # No DTensor can exist unless torch.distributed.tensor was imported: no import cost here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
-    # No DTensor can exist unless torch.distributed.tensor was imported: no import cost here.
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is not None and isinstance(tensor, module.DTensor):
-        return tensor.to_local()
-    return tensor
+    return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
 
 
 class Ranks:

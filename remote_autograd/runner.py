@@ -19,7 +19,7 @@ from .ranks import ONE, Ranks
 from .tree import flatten, unflatten
 from .validate import describe
 
-__all__ = ["TrunkRunner"]
+__all__ = ["TrunkRunner", "check_dtype"]
 
 _UNCHANGED = contextlib.nullcontext()
 
@@ -30,6 +30,12 @@ def _grad_mode(enabled: bool) -> contextlib.AbstractContextManager:
     if torch.is_grad_enabled() == enabled:
         return _UNCHANGED
     return torch.set_grad_enabled(enabled)
+
+
+def check_dtype(dtype: torch.dtype | None) -> None:
+    """Refuse a ServerOptions.dtype the trunk cannot be cast to."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
 
 
 class TrunkRunner:
@@ -43,12 +49,13 @@ class TrunkRunner:
     """
 
     ranks: Ranks = ONE  # how the engine's checks combine over the trunk's processes
+    world = 1  # processes computing the trunk
+    mode = ""  # how they share it ("ddp", "fsdp"; "" for one process)
 
     def __init__(
         self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
     ) -> None:
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"ServerOptions.dtype must be floating, got {dtype}")
+        check_dtype(dtype)
         self.device = device
         self.dtype = dtype
         self.module_name = type(module).__name__  # FSDP2 renames the class it shards

@@ -34,18 +34,13 @@ import torch.distributed.checkpoint as dcp
 
 from . import codec
 from .checkpoint_file import FILE_LIMITS, write_atomically
+from .ranks import is_sharded
 
 __all__ = ["load", "save"]
 
 _LATEST = "latest"
 _META = "meta"
 _TENSOR = "__tensor__"  # the key that marks a tensor's place in the meta tree
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _split(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -56,7 +51,7 @@ def _split(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
             _TENSOR: prefix,
             "shape": list(tree.shape),
             "dtype": codec.dtype_name(tree.dtype),
-            "sharded": _is_dtensor(tree),
+            "sharded": is_sharded(tree),
         }
     if isinstance(tree, dict):
         return {key: _split(value, f"{prefix}/{key}", tensors) for key, value in tree.items()}
