@@ -32,12 +32,30 @@ def start_server() -> Iterator[Callable[..., TrunkServer]]:
         server.stop(grace=None)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child server: this repository and tests/ importable."""
+    # The caller's PYTHONPATH last: it may hold the dependencies (--target installs).
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), **extra)
+
+
+def serving_address(process: subprocess.Popen, timeout: float) -> str | None:
+    """The address a child server prints once it serves, or None if it exits or ``timeout``
+    seconds pass first."""
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "serving" in line:
+            return line.rsplit(" ", 1)[-1].strip()
+        if process.poll() is not None:
+            break
+    return None
+
+
 def spawn_server(factory: str, *extra: str, port: int = 0) -> tuple[subprocess.Popen, str]:
     """Run ``remote-autograd serve --module factory`` in a child process; return it and its
     address once it prints that it is serving."""
-    # The caller's PYTHONPATH last: it may hold the dependencies (--target installs).
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     process = subprocess.Popen(
         [
             sys.executable,
@@ -53,16 +71,11 @@ def spawn_server(factory: str, *extra: str, port: int = 0) -> tuple[subprocess.P
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=child_env(),
     )
-    deadline = time.monotonic() + 60
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "serving" in line:
-            return process, line.rsplit(" ", 1)[-1].strip()
-        if process.poll() is not None:
-            break
+    address = serving_address(process, 60)
+    if address is not None:
+        return process, address
     process.kill()
     raise RuntimeError(f"server did not start: {process.stderr.read() if process.stderr else ''}")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import child_env, serving_address
 from factories import awkward_trunk, batch, local_parts, shifted_trunk, shifted_trunk32
 from torch import nn
 
@@ -36,7 +37,6 @@ from remote_autograd.shares import shares
 # one left, on purpose (its local reference starts there too).
 pytestmark = pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = {"rtol": 0, "atol": 1e-12}  # float64: a sum over shards vs the unsplit sum
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -46,8 +46,6 @@ def start_torchrun(
 ) -> subprocess.Popen[str]:
     """``torchrun [launch] --nproc-per-node N -m remote_autograd serve --module factory ...``
     in its own process group."""
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), OMP_NUM_THREADS="1")
     command = [*TORCHRUN, *launch, f"--nproc-per-node={nproc}", "-m", "remote_autograd"]
     command += ["serve", "--module", factory, "--address", "127.0.0.1:0", *extra]
     return subprocess.Popen(
@@ -55,7 +53,7 @@ def start_torchrun(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=child_env(OMP_NUM_THREADS="1"),
         start_new_session=True,
     )
 
@@ -65,14 +63,9 @@ def spawn_torchrun(
 ) -> tuple[subprocess.Popen[str], str]:
     """:func:`start_torchrun`; return it and rank 0's address once it serves."""
     process = start_torchrun(factory, *extra, nproc=nproc, launch=launch)
-    deadline = time.monotonic() + 180
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "serving" in line:
-            return process, line.rsplit(" ", 1)[-1].strip()
-        if process.poll() is not None:
-            break
+    address = serving_address(process, 180)
+    if address is not None:
+        return process, address
     stop_torchrun(process)
     raise RuntimeError("the torchrun server did not start")
 
@@ -178,9 +171,7 @@ def _train(
 
 
 def test_parallel_outside_torchrun_says_how_to_launch():
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    env = {k: v for k, v in child_env().items() if k not in ("RANK", "WORLD_SIZE")}
     command = [sys.executable, "-m", "remote_autograd", "serve"]
     command += ["--module", "factories:shifted_trunk", "--parallel", "ddp"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -189,8 +180,7 @@ def test_parallel_outside_torchrun_says_how_to_launch():
 
 
 def test_per_client_adapters_under_parallel_are_refused_with_a_reason():
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, RANK="0", PYTHONPATH=os.pathsep.join(filter(None, paths)))
+    env = child_env(RANK="0")
     command = [sys.executable, "-m", "remote_autograd", "serve", "--parallel", "fsdp"]
     command += ["--module", "factories:dropout_trunk", "--adapters=per-client"]
     command += ["--lora-targets=0,3"]
