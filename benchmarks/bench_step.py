@@ -15,6 +15,14 @@ to the monolithic float32 one.
 ``--trunk-device`` places the server's blocks, ``--client-device`` the embeddings, the head and
 the monolithic model; on a GPU each timed step ends with a synchronize, so it counts the work
 it queued.
+
+``--micro-batches k`` adds, for every codec, a run whose Compute and Backward calls go in k
+slices (``ClientOptions.micro_batches``), in the same lockstep, against its own server; its
+ratio to the ordinary split step is in ``ratios``. ``--threads n`` gives every process (this
+one, each server) n torch threads; one each emulates client and trunk on machines of their
+own on this 2-core VM, as bench_pipeline does.
+
+    python -m benchmarks.bench_step --preset wire --link 100mbit --micro-batches 4 --threads 1
 """
 
 from __future__ import annotations
@@ -163,7 +171,12 @@ class Split:
     """Bottom and top here (on ``device``), the blocks on a trunk server; one codec both ways."""
 
     def __init__(
-        self, preset: dict[str, Any], address: str, codec: str, device: torch.device
+        self,
+        preset: dict[str, Any],
+        address: str,
+        codec: str,
+        device: torch.device,
+        micro_batches: int = 1,
     ) -> None:
         from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
 
@@ -173,7 +186,7 @@ class Split:
         options = ClientOptions(
             activation_quantization=codec,
             gradient_quantization=codec,
-            micro_batches=preset.get("micro_batches", 1),  # slices of each call (chunks.py)
+            micro_batches=micro_batches,  # slices of each call (chunks.py)
         )
         self.trunk = RemoteModule(address, options=options)
         self.optimizer = torch.optim.AdamW(unique_parameters(self.bottom, self.top), lr=LR)
@@ -268,14 +281,34 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     raw = data["split"].get("none")
     for codec, result in data["split"].items():
-        deltas = [abs(a - b) / b for a, b in zip(result["losses"], mono["losses"], strict=True)]
-        out[codec] = {
-            "step_vs_monolithic": result["step_s"] / mono["step_s"],
-            "step_vs_split_float32": result["step_s"] / raw["step_s"] if raw else None,
-            "max_loss_rel_diff_vs_monolithic": max(deltas),
-            "final_loss_rel_diff_vs_monolithic": deltas[-1],
+        out[codec] = _ratios(result, mono, raw)
+    for codec, result in data.get("sliced", {}).items():
+        out[f"{codec}, sliced"] = {
+            **_ratios(result, mono, raw),
+            "step_vs_sequential": result["step_s"] / data["split"][codec]["step_s"],
         }
     return out
+
+
+def _ratios(result: dict[str, Any], mono: dict[str, Any], raw: dict[str, Any] | None):
+    deltas = [abs(a - b) / b for a, b in zip(result["losses"], mono["losses"], strict=True)]
+    return {
+        "step_vs_monolithic": result["step_s"] / mono["step_s"],
+        "step_vs_split_float32": result["step_s"] / raw["step_s"] if raw else None,
+        "max_loss_rel_diff_vs_monolithic": max(deltas),
+        "final_loss_rel_diff_vs_monolithic": deltas[-1],
+    }
+
+
+def _runs(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, ratios key, result) of every split run, sliced ones after the sequential."""
+    k = data["preset"].get("micro_batches", 1)
+    runs = [(f"split, wire {c}", c, r) for c, r in data["split"].items()]
+    runs += [
+        (f"split, wire {c}, micro_batches={k}", f"{c}, sliced", r)
+        for c, r in data.get("sliced", {}).items()
+    ]
+    return runs
 
 
 def markdown(data: dict[str, Any], title: str) -> str:
@@ -296,11 +329,11 @@ def markdown(data: dict[str, Any], title: str) -> str:
             0.0,
         ]
     ]
-    for codec, r in data["split"].items():
-        b, s = r["breakdown"], data["ratios"][codec]
+    for label, key, r in _runs(data):
+        b, s = r["breakdown"], data["ratios"][key]
         rows.append(
             [
-                f"split, wire {codec}",
+                label,
                 r["step_s"] * 1e3,
                 s["step_vs_monolithic"],
                 s["step_vs_split_float32"],
@@ -347,8 +380,8 @@ def plot(data: dict[str, Any], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(data["monolithic"]["losses"], "k-", lw=3, alpha=0.4, label="monolithic float32")
-    for codec, result in data["split"].items():
-        ax.plot(result["losses"], "-o", ms=3, label=f"split, wire {codec}")
+    for label, _, result in _runs(data):
+        ax.plot(result["losses"], "-o", ms=3, label=label)
     ax.set_xlabel("timed step")
     ax.set_ylabel("training loss")
     save_plot(fig, ax, path, title=title, legend_size=8)
@@ -359,7 +392,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--codecs", type=lambda s: s.split(","), help="override the codecs")
     parser.add_argument("--steps", type=int, help="override the preset's timed steps")
-    parser.add_argument("--micro-batches", type=int, help="slices per Compute/Backward call")
+    parser.add_argument(
+        "--micro-batches", type=int, help="also run each codec with this many slices per call"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads of every process (default: this one's)"
+    )
     parser.add_argument("--link", help="run over a veth pair shaped to this rate (100mbit...)")
     parser.add_argument("--trunk-device", default="cpu", help="the server's blocks: cpu, cuda...")
     parser.add_argument(
@@ -413,8 +451,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         preset["codecs"] = args.codecs
     if args.steps:
         preset["steps"] = args.steps
-    if args.micro_batches:
+    if args.micro_batches and args.micro_batches > 1:
         preset["micro_batches"] = args.micro_batches
+    if args.threads:
+        torch.set_num_threads(args.threads)
     client_device = torch.device(args.client_device)
     data: dict[str, Any] = {
         "benchmark": "step",
@@ -430,32 +470,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.link:
             link = stack.enter_context(rate_limited_link(args.link))
             netns, host = link.netns, link.server_ip
-        runners: dict[str, Monolithic | Split] = {"monolithic": Monolithic(preset, client_device)}
+        runners: dict[tuple[str, str], Monolithic | Split] = {
+            ("monolithic", ""): Monolithic(preset, client_device)
+        }
+        slices = [("split", 1)]
+        if "micro_batches" in preset:
+            slices.append(("sliced", preset["micro_batches"]))
         for codec in preset["codecs"]:
-            server = stack.enter_context(
-                ServerProcess(
-                    "ra",
-                    "--trunk",
-                    preset["model"],
-                    "--device",
-                    args.trunk_device,
-                    "--host",
-                    host,
-                    netns=netns,
-                    env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
+            for kind, k in slices:
+                server = stack.enter_context(
+                    ServerProcess(
+                        "ra",
+                        "--trunk",
+                        preset["model"],
+                        "--device",
+                        args.trunk_device,
+                        "--host",
+                        host,
+                        netns=netns,
+                        env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
+                    )
                 )
-            )
-            runners[codec] = Split(preset, server.address, codec, client_device)
+                runners[kind, codec] = Split(preset, server.address, codec, client_device, k)
         # Lockstep: step i of every run back to back, so a slow patch of a noisy machine
         # hits all of them alike and the ratios stay honest.
         for i, ids in enumerate(batches(preset)):
             for runner in runners.values():
                 runner.step(ids, timed=i >= preset["warmup"])
-        data["monolithic"] = runners.pop("monolithic").result()
-        data["split"] = {codec: runner.result() for codec, runner in runners.items()}
-        for codec, result in data["split"].items():
+        data["monolithic"] = runners.pop(("monolithic", "")).result()
+        for (kind, codec), runner in runners.items():
+            data.setdefault(kind, {})[codec] = runner.result()
+        for label, _, result in _runs(data):
             print(
-                f"{codec}: {result['step_s'] * 1e3:.0f} ms "
+                f"{label}: {result['step_s'] * 1e3:.0f} ms "
                 f"(monolithic {data['monolithic']['step_s'] * 1e3:.0f} ms)",
                 flush=True,
             )

@@ -13,6 +13,11 @@ With ``--tls`` every method runs inside TLS (one self-signed certificate made wi
 the run): the ``tcp`` baseline is then a raw TLS socket (Python ``ssl``), ``grpc_*`` are TLS gRPC,
 remote_autograd's ``none`` codec takes its TLS bulk channel and ``grpc`` its TLS gRPC streams.
 torch.distributed.rpc has no TLS and is left out.
+
+The ``native`` baseline (presets ``rpc`` and ``tls``) is the ``tcp`` echo written in C
+(``benchmarks/native_echo.c``, OpenSSL under ``--tls``): the ceiling of this machine's TCP and
+TLS without an interpreter in the way. It is built with ``cc`` when a compiler and OpenSSL's
+headers are at hand, and left out (with a note in the JSON) when they are not.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -50,7 +56,8 @@ from benchmarks.common import (
     write_json,
 )
 
-BASELINES = ("tcp", "grpc_unary", "grpc_stream", "torch_rpc")
+BASELINES = ("tcp", "grpc_unary", "grpc_stream", "torch_rpc")  # measured unless a preset says
+KNOWN_BASELINES = (*BASELINES, "native")
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [4 << 10, 1 << 20], "codecs": ["auto", "bf16"], "reps": 3, "warmup": 1},
     # the small-call latency alone: alternating blocks of calls, so drifting load on a noisy
@@ -74,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tls": {
         "sizes": [1 << 20, 16 << 20, 64 << 20, 256 << 20],
         "codecs": ["none", "grpc"],
-        "baselines": ["tcp", "grpc_stream"],
+        "baselines": ["tcp", "grpc_stream", "native"],
         "reps": 5,
         "warmup": 1,
     },
@@ -82,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rpc": {
         "sizes": [64 << 20],
         "codecs": ["none"],
-        "baselines": ["tcp", "torch_rpc"],
+        "baselines": ["tcp", "torch_rpc", "native"],
         "reps": 10,
         "warmup": 2,
     },
@@ -225,6 +232,56 @@ def torch_rpc_phase(preset: dict[str, Any], host: str, link: Link | None) -> dic
     return json.loads(lines[-1][len("result ") :])
 
 
+def native_phase(
+    preset: dict[str, Any], host: str, link: Link | None, tls: SelfSigned | None
+) -> dict[str, Any]:
+    """The C echo (native_echo.c) for every size, in two processes of its own; {} with a
+    "skipped" note when it cannot be built here."""
+    with tempfile.TemporaryDirectory(prefix="bench-native-") as directory:
+        binary = os.path.join(directory, "native_echo")
+        source = os.path.join(ROOT, "benchmarks", "native_echo.c")
+        built = (
+            subprocess.run(
+                ["cc", "-O2", "-o", binary, source, "-lssl", "-lcrypto"],
+                capture_output=True,
+                text=True,
+            )
+            if shutil.which("cc")
+            else None
+        )
+        if built is None or built.returncode:
+            why = "no C compiler" if built is None else built.stderr.strip()[-300:]
+            print(f"native baseline left out: {why}", flush=True)
+            return {"skipped": why}
+        command = [binary, "server", host, *((tls.cert, tls.key) if tls else ())]
+        if link is not None:
+            command = ["ip", "netns", "exec", link.netns, *command]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            ready = server.stdout.readline().split()
+            if ready[:1] != ["ready"]:
+                raise RuntimeError(f"the native echo server did not start: {ready}")
+            port = ready[1].rsplit(":", 1)[1]
+            results = {}
+            for size in preset["sizes"]:
+                reps = str(reps_for(size, preset["reps"]))
+                client = [binary, "client", host, port, str(size), reps, str(preset["warmup"])]
+                out = subprocess.run(
+                    [*client, *((tls.cert,) if tls else ())],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    check=True,
+                )
+                seconds = json.loads(out.stdout)["s"]
+                results[str(size)] = {"s": seconds, "MBps": 2 * size / seconds / 1e6}
+            return results
+        finally:
+            server.kill()
+            server.wait()
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host if host.startswith("127.") else "127.0.0.1", 0))
@@ -309,6 +366,9 @@ def run(preset: dict[str, Any], link: Link | None, tls: SelfSigned | None = None
     # our runs, so there the torch.distributed.rpc baseline is left out (see docs/benchmarks.md).
     use_torch_rpc = link is None and tls is None and "torch_rpc" in baselines
     torch_rpc = torch_rpc_phase(preset, host, link) if use_torch_rpc else {}
+    native = native_phase(preset, host, link, tls) if "native" in baselines else {}
+    if "skipped" in native:
+        results["native_skipped"] = native.pop("skipped")
     with ExitStack() as stack:
         # One thread per side: two OpenMP pools spinning on 2 cores distort every number.
         tls_args = tls.server_args if tls else ()
@@ -365,8 +425,9 @@ def run(preset: dict[str, Any], link: Link | None, tls: SelfSigned | None = None
             for name, samples in base_samples.items():
                 seconds = median(samples)
                 row[name] = {"s": seconds, "MBps": 2 * size / seconds / 1e6}
-            if str(size) in torch_rpc:
-                row["torch_rpc"] = torch_rpc[str(size)]
+            for name, phase in (("torch_rpc", torch_rpc), ("native", native)):
+                if str(size) in phase:
+                    row[name] = phase[str(size)]
             results["baselines"][str(size)] = row
             for codec in measured:
                 results["remote_autograd"][codec][str(size)] = ra_summary(size, ra_samples[codec])
@@ -407,6 +468,9 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                     seconds["torch_rpc"] / backward if "torch_rpc" in seconds else None
                 ),
                 "backward_vs_grpc": min(grpc) / backward if grpc else None,
+                "backward_vs_native": (
+                    seconds["native"] / backward if "native" in seconds else None
+                ),
                 "compute_latency_vs_grpc_unary": ra["compute_s"] / unary if unary else None,
             }
     return out
@@ -515,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--baselines",
         type=lambda s: s.split(","),
-        help=f"measure only these baselines (comma separated: {','.join(BASELINES)})",
+        help=f"measure only these baselines (comma separated: {','.join(KNOWN_BASELINES)})",
     )
     parser.add_argument(
         "--rounds", type=int, help="repeat every method's block of calls this many times, in turn"
@@ -529,9 +593,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("sizes", "codecs", "reps", "baselines", "rounds"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
-    unknown = set(preset.get("baselines", BASELINES)) - set(BASELINES)
+    unknown = set(preset.get("baselines", BASELINES)) - set(KNOWN_BASELINES)
     if unknown:
-        parser.error(f"unknown baselines {', '.join(sorted(unknown))}; known: {BASELINES}")
+        parser.error(f"unknown baselines {', '.join(sorted(unknown))}; known: {KNOWN_BASELINES}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # see run(): the servers use one thread too
     with ExitStack() as stack:

@@ -47,17 +47,42 @@ def test_transfer_smoke(tmp_path: Path) -> None:
     assert data["ratios"]
 
 
+def test_native_ceiling_smoke(tmp_path: Path) -> None:
+    """The C echo (benchmarks/native_echo.c) is built, echoes, and is measured beside TCP; or,
+    without a compiler or OpenSSL's headers, the run says why it is left out."""
+    data = run_script(
+        "benchmarks.bench_transfer", tmp_path, "--baselines", "tcp,native", "--codecs", "none"
+    )
+    buildable = shutil.which("cc") and Path("/usr/include/openssl/ssl.h").exists()
+    for row in data["baselines"].values():
+        assert "tcp" in row
+        if buildable:
+            assert row["native"]["s"] > 0 and row["native"]["MBps"] > 0
+        else:
+            assert "native" in row or data["native_skipped"]
+    if buildable:
+        for by_size in data["ratios"]["none"].values():
+            assert by_size["backward_vs_native"] > 0
+
+
 def test_step_smoke(tmp_path: Path) -> None:
-    data = run_script("benchmarks.bench_step", tmp_path)
+    data = run_script("benchmarks.bench_step", tmp_path, "--micro-batches", "2")
     assert data["benchmark"] == "step"
     assert data["monolithic"]["step_s"] > 0
-    for result in data["split"].values():
+    runs = [*data["split"].values(), *data["sliced"].values()]
+    for result in runs:
         assert result["step_s"] > 0
         assert len(result["losses"]) == len(data["monolithic"]["losses"])
     # The split run computes what the monolithic one does: float32 on the wire is the same
-    # arithmetic (last-bit differences at most), bf16 rounds activations and gradients.
+    # arithmetic (last-bit differences at most), bf16 rounds activations and gradients. The
+    # sliced run (micro_batches=2) is the same model on halves of each batch.
     bounds = {"none": 1e-5, "bf16": 1e-3}
-    assert set(data["split"]) == set(bounds)
+    assert set(data["split"]) == set(data["sliced"]) == set(bounds)
+    for codec, result in data["sliced"].items():
+        torch.testing.assert_close(
+            result["losses"], data["monolithic"]["losses"], rtol=bounds[codec], atol=0
+        )
+        assert data["ratios"][f"{codec}, sliced"]["step_vs_sequential"] > 0
     for codec, result in data["split"].items():
         torch.testing.assert_close(
             result["losses"], data["monolithic"]["losses"], rtol=bounds[codec], atol=0
