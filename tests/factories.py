@@ -111,6 +111,26 @@ def shifted_trunk32() -> nn.Module:
     return ShiftedTrunk().float()
 
 
+class MixedTrunk(nn.Module):
+    """shifted_trunk's float64 layers, then a float32 layer: parameters of two dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ShiftedTrunk().body
+        generator = torch.Generator().manual_seed(32)
+        self.head = nn.Linear(8, 8)
+        with torch.no_grad():
+            for param in self.head.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).float()).double()
+
+
+def mixed_trunk() -> nn.Module:
+    return MixedTrunk()
+
+
 def linear32_trunk() -> nn.Module:
     """A seeded float32 ``Linear(4, 2)``: float32 is where finite gradients can overflow."""
     generator = torch.Generator().manual_seed(4321)

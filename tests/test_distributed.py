@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import child_env, serving_address
-from factories import awkward_trunk, batch, local_parts, shifted_trunk, shifted_trunk32
+from factories import (
+    awkward_trunk,
+    batch,
+    local_parts,
+    mixed_trunk,
+    shifted_trunk,
+    shifted_trunk32,
+)
 from torch import nn
 
 import remote_autograd
@@ -473,6 +480,60 @@ def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
             dict(local.named_parameters())[name] -= grads[name]
     for name, param in local.named_parameters():
         torch.testing.assert_close(state[name], param.detach(), **TOL, msg=f"{mode} {name}")
+
+
+def test_ddp_sums_the_gradients_of_each_dtype_apart():
+    """A trunk with float64 and float32 parameters under ddp: the ranks' gradients are summed
+    in one buffer per dtype, and two SGD steps equal local training."""
+    process, address = spawn_torchrun("factories:mixed_trunk", "--parallel", "ddp")
+    try:
+        local = mixed_trunk()
+        with _fresh(address, mixed_trunk) as remote:
+            optimizers = [
+                RemoteOptimizer(remote, "SGD", lr=0.1),
+                torch.optim.SGD(local.parameters(), lr=0.1),
+            ]
+            for step in range(2):
+                x = torch.randn(
+                    5, 8, generator=torch.Generator().manual_seed(step), dtype=torch.float64
+                )
+                for optimizer, trunk in zip(optimizers, (remote, local), strict=True):
+                    optimizer.zero_grad()
+                    trunk(x).pow(2).sum().backward()
+                    optimizer.step()
+            state = remote.remote_state_dict()
+    finally:
+        stop_torchrun(process)
+    for name, param in local.named_parameters():
+        assert state[name].dtype == param.dtype, name
+        # float32 rounding reaches the float64 layers too: their gradients pass the float32
+        # layer, whose kernels round a batch of 5 and shares of 3 and 2 apart.
+        torch.testing.assert_close(state[name], param.detach(), rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e160], ids=["huge", "overflowing"])
+def test_the_norm_of_huge_gradients_is_what_it_is_locally(parallel, scale):
+    """Gradients of ~1e150 have a finite norm whose square is near float64's limit; at ~1e160
+    the sum of squares overflows. Over the ranks (fsdp: the shards' norms combined) clipping
+    gets the local total: equal, or inf where it is inf locally, not an error on one rank; and
+    the ranks go on serving."""
+    mode, address = parallel
+    local = shifted_trunk()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (local(x).sum() * scale).backward()
+    expected = clip_grad_norm_(list(local.parameters()), 1.0)
+    with _fresh(address) as remote:
+        (remote(x).sum() * scale).backward()
+        total = clip_grad_norm_([remote], 1.0)
+        if torch.isinf(expected):
+            assert torch.isinf(total), f"{mode}: {total}"
+        else:
+            torch.testing.assert_close(total, expected, rtol=1e-12, atol=0, msg=mode)
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        optimizer.zero_grad()
+        remote(x).sum().backward()
+        optimizer.step()  # every rank still in step with the others
+        assert remote.remote_state_dict()["body.0.weight"].isfinite().all()
 
 
 def test_gradients_keep_accumulating_across_a_grad_norm_and_a_step(parallel):
