@@ -445,6 +445,42 @@ def test_a_killed_rank_is_unavailable_and_torchrun_resumes_from_the_checkpoint(t
             stop_torchrun(started)
 
 
+def test_a_checkpoint_that_rank_0_cannot_write_is_skipped_and_every_rank_trains_on(tmp_path):
+    """Checkpoints after every step. Rank 0 cannot make one's directory (a file is where the
+    checkpoints go), then cannot publish one (``latest`` is a directory) after rank 1 wrote
+    its shards. Every rank agrees each save failed: the steps still land, the group keeps
+    serving, and the next step's checkpoint is written."""
+    checkpoint = tmp_path / "trunk.ckpt"
+    args = ("--parallel", "fsdp", "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
+    process, address = spawn_torchrun("factories:shifted_trunk", *args)
+    local = shifted_trunk()
+    reference = _parts(local)
+    _sgd_steps(local, range(1, 5), reference)
+    try:
+        with RemoteModule(address) as remote:
+            run = _parts(remote)
+            _sgd_steps(remote, range(1, 2), run)
+            latest = checkpoint / "latest"
+            first = latest.read_text()
+            checkpoint.rename(tmp_path / "aside")
+            checkpoint.write_text("")  # rank 0's makedirs under it fails: NotADirectoryError
+            _sgd_steps(remote, range(2, 3), run)
+            checkpoint.unlink()
+            (tmp_path / "aside").rename(checkpoint)
+            latest.unlink()
+            latest.mkdir()  # rank 0's rename onto it fails: IsADirectoryError
+            _sgd_steps(remote, range(3, 4), run)
+            latest.rmdir()
+            _sgd_steps(remote, range(4, 5), run)
+            state = remote.remote_state_dict()
+        assert latest.read_text() != first and latest.read_text().startswith("v4-")
+        assert (checkpoint / latest.read_text() / ".metadata").is_file()
+    finally:
+        stop_torchrun(process)
+    for name, param in local.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), **TOL, msg=name)
+
+
 def test_a_step_that_would_blow_up_a_weight_is_refused_on_every_rank(parallel):
     """The guard's verdict (max_weight_growth) is taken over every rank's shard. Only output
     features 4-7 get a gradient, and only the last layer may move: under fsdp that is rank 1's
