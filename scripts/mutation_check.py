@@ -474,6 +474,14 @@ MUTATIONS: list[Mutation] = [
         ),
         "a graceful stop of a distributed trunk saves a last checkpoint with every rank",
     ),
+    M(
+        "ddp_one_buffer_for_every_dtype",
+        "remote_autograd/distributed.py",
+        "groups.setdefault((part.dtype, part.device), []).append(position)",
+        "groups.setdefault((torch.float64, part.device), []).append(position)",
+        ("tests/test_distributed.py::test_ddp_sums_the_gradients_of_each_dtype_apart",),
+        "ddp sums the ranks' gradients of each dtype in a buffer of that dtype",
+    ),
 ]
 
 
