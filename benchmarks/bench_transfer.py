@@ -15,9 +15,9 @@ remote_autograd's ``none`` codec takes its TLS bulk channel and ``grpc`` its TLS
 torch.distributed.rpc has no TLS and is left out.
 
 The ``native`` baseline (presets ``rpc`` and ``tls``) is the ``tcp`` echo written in C
-(``benchmarks/native_echo.c``, OpenSSL under ``--tls``): the ceiling of this machine's TCP and
-TLS without an interpreter in the way. It is built with ``cc`` when a compiler and OpenSSL's
-headers are at hand, and left out (with a note in the JSON) when they are not.
+(``benchmarks/native_echo.c``, OpenSSL under ``--tls``): what this machine's TCP and TLS move
+with no interpreter in the way. It is built with ``cc`` when a compiler and OpenSSL's headers
+are at hand, and left out (with a note in the JSON) when they are not.
 """
 
 from __future__ import annotations

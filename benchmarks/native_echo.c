@@ -1,8 +1,8 @@
-/* The native ceiling of bench_transfer: the same store-and-forward echo as its `tcp` baseline
+/* The native echo of bench_transfer: the same store-and-forward echo as its `tcp` baseline
  * (an 8-byte big-endian length, then the bytes; the whole frame is read before it is sent
- * back), in C, over plain TCP or OpenSSL TLS. What no Python transport, remote_autograd's
- * included, can beat on this machine: the kernel's TCP and OpenSSL's ciphers without an
- * interpreter between them.
+ * back), in C, over plain TCP or OpenSSL TLS: what the kernel's TCP and OpenSSL move on this
+ * machine with no interpreter between them, so a run shows how much of a Python transport's
+ * time is Python's.
  *
  *   native_echo server HOST [CERT KEY]                    prints "ready HOST:PORT"
  *   native_echo client HOST PORT SIZE REPS WARMUP [CA]    prints {"s": median seconds}
