@@ -476,22 +476,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         slices = [("split", 1)]
         if "micro_batches" in preset:
             slices.append(("sliced", preset["micro_batches"]))
-        for codec in preset["codecs"]:
-            for kind, k in slices:
-                server = stack.enter_context(
-                    ServerProcess(
-                        "ra",
-                        "--trunk",
-                        preset["model"],
-                        "--device",
-                        args.trunk_device,
-                        "--host",
-                        host,
-                        netns=netns,
-                        env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
-                    )
+        servers = {
+            (kind, codec, k): stack.enter_context(
+                ServerProcess(
+                    "ra",
+                    "--trunk",
+                    preset["model"],
+                    "--device",
+                    args.trunk_device,
+                    "--host",
+                    host,
+                    netns=netns,
+                    env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
+                    wait=False,  # started side by side, waited for below
                 )
-                runners[kind, codec] = Split(preset, server.address, codec, client_device, k)
+            )
+            for codec in preset["codecs"]
+            for kind, k in slices
+        }
+        for (kind, codec, k), server in servers.items():
+            server.wait_ready()
+            runners[kind, codec] = Split(preset, server.address, codec, client_device, k)
         # Lockstep: step i of every run back to back, so a slow patch of a noisy machine
         # hits all of them alike and the ratios stay honest.
         for i, ids in enumerate(batches(preset)):

@@ -376,20 +376,31 @@ def run(preset: dict[str, Any], link: Link | None, tls: SelfSigned | None = None
         def start(*args: str) -> Any:
             return stack.enter_context(
                 ServerProcess(
-                    *args, "--host", host, *tls_args, netns=netns, env={"OMP_NUM_THREADS": "1"}
+                    *args,
+                    "--host",
+                    host,
+                    *tls_args,
+                    netns=netns,
+                    env={"OMP_NUM_THREADS": "1"},
+                    wait=False,  # every server starts side by side, waited for below
                 )
             )
 
+        tcp_server = start("tcp") if "tcp" in baselines else None
+        grpc_server = start("grpc") if {"grpc_unary", "grpc_stream"} & set(baselines) else None
+        ra_servers = {codec: start("ra", "--compression", CODECS[codec][1]) for codec in codecs}
+        for started in (tcp_server, grpc_server, *ra_servers.values()):
+            if started is not None:
+                started.wait_ready()
         tcp = None
-        if "tcp" in baselines:
-            tcp = TcpEcho(start("tcp").address, tls.client_context if tls else None)
+        if tcp_server is not None:
+            tcp = TcpEcho(tcp_server.address, tls.client_context if tls else None)
         grpc_echo = None
-        if {"grpc_unary", "grpc_stream"} & set(baselines):
-            grpc_echo = GrpcEcho(start("grpc").address, root=tls.pem if tls else None)
+        if grpc_server is not None:
+            grpc_echo = GrpcEcho(grpc_server.address, root=tls.pem if tls else None)
         modules = {}
-        for codec in codecs:
-            client_z, server_z, quant, bulk = CODECS[codec]
-            server = start("ra", "--compression", server_z)
+        for codec, server in ra_servers.items():
+            client_z, _, quant, bulk = CODECS[codec]
             options = ClientOptions(
                 compression=client_z,
                 activation_quantization=quant,

@@ -32,7 +32,8 @@ MiB = 1 << 20
 
 class ServerProcess:
     """A ``python -m module kind ...`` child (``benchmarks.servers`` by default); ``address`` is
-    what it printed after ``ready``."""
+    what it printed after ``ready``. With ``wait=False`` the constructor returns at once and
+    :meth:`wait_ready` waits: several servers then start side by side."""
 
     def __init__(
         self,
@@ -42,17 +43,24 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         module: str = "benchmarks.servers",
         timeout: float = 60,
+        wait: bool = True,
     ):
         env = dict(os.environ, PYTHONPATH=python_path(), **(env or {}))
         cmd = [sys.executable, "-m", module, kind, *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
+        self.kind, self.timeout = kind, timeout
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
         )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
         self.address = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Return once the server printed its address (``timeout`` seconds from now)."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if line.startswith("ready "):
@@ -62,7 +70,7 @@ class ServerProcess:
                 break
         self.stop()
         err = self.process.stderr.read() if self.process.stderr else ""
-        raise RuntimeError(f"server {kind} did not start: {err[-2000:]}")
+        raise RuntimeError(f"server {self.kind} did not start: {err[-2000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
