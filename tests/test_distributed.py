@@ -549,10 +549,10 @@ def test_ddp_sums_the_gradients_of_each_dtype_apart():
 
 @pytest.mark.parametrize("scale", [1e150, 1e160], ids=["huge", "overflowing"])
 def test_the_norm_of_huge_gradients_is_what_it_is_locally(parallel, scale):
-    """Gradients of ~1e150 have a finite norm whose square is near float64's limit; at ~1e160
-    the sum of squares overflows. Over the ranks (fsdp: the shards' norms combined) clipping
-    gets the local total: equal, or inf where it is inf locally, not an error on one rank; and
-    the ranks go on serving."""
+    """Gradients of ~1e150 have a finite norm (~1e151, far past float32); at ~1e160 the sum of
+    squares overflows float64. Over the ranks (fsdp: the shards' norms combined) clipping gets
+    the local total: equal, or inf where it is inf locally, not an error on one rank; and the
+    ranks go on serving."""
     mode, address = parallel
     local = shifted_trunk()
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
