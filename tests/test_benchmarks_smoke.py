@@ -47,7 +47,7 @@ def test_transfer_smoke(tmp_path: Path) -> None:
     assert data["ratios"]
 
 
-def test_native_ceiling_smoke(tmp_path: Path) -> None:
+def test_native_echo_smoke(tmp_path: Path) -> None:
     """The C echo (benchmarks/native_echo.c) is built, echoes, and is measured beside TCP; or,
     without a compiler or OpenSSL's headers, the run says why it is left out."""
     data = run_script(
