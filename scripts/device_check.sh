@@ -62,6 +62,8 @@ stage() {
 }
 
 skip() { printf '%-24s %s\n' "$1" "SKIPPED: $2" >>"$SUMMARY"; say "$1 skipped: $2"; }
+# cuda_stage NAME MAX COMMAND...: a stage that needs CUDA, skipped without it ($DEV, below).
+cuda_stage() { if [ "$DEV" = cuda ]; then stage "$@"; else skip "$1" "no CUDA"; fi; }
 
 # ---- 1. dependencies --------------------------------------------------------------------
 if [ "$WHEELS" = 1 ]; then
@@ -121,11 +123,7 @@ print(f"no-hold check: corrupted outputs {len(held)}/50 with the holds, "
       f"{len(unheld)}/50 without (expected: 0, and some)")
 server.stop(None)
 EOF
-if [ "$DEV" = cuda ]; then
-    stage no_hold_check 60 "$PY" -c "$NO_HOLD"
-else
-    skip no_hold_check "no CUDA"
-fi
+cuda_stage no_hold_check 60 "$PY" -c "$NO_HOLD"
 
 # The distributed trunk's NCCL path, one rank (issue 14): torchrun ... --parallel ddp|fsdp
 # --device cuda, trained by a client as in tests/test_distributed.py, equal to local training.
@@ -148,11 +146,7 @@ for mode in ("ddp", "fsdp"):
         stop_torchrun(process)
 single.stop(None)
 EOF
-if [ "$DEV" = cuda ]; then
-    stage dist_nccl 120 "$PY" -c "$NCCL"
-else
-    skip dist_nccl "no CUDA"
-fi
+cuda_stage dist_nccl 120 "$PY" -c "$NCCL"
 
 stage test_cpu_subset 150 "$PY" -m pytest -q -p no:cacheprovider -rfE \
     tests/test_split_training.py tests/test_codec.py tests/test_hf_split.py
@@ -165,13 +159,9 @@ stage step_loopback 200 "${BENCH[@]}" --trunk-device "$DEV" --client-device "$DE
 # Every codec at 8 x 512 (the "large" preset, 12.6 MB of float32 per crossing), client and trunk
 # on the GPU: the lossy codecs quantize on the GPU and must not be slower than float32
 # (step_vs_split_float32 <= 1.0 in the summary).
-if [ "$DEV" = cuda ]; then
-    stage step_codecs_large 150 "$PY" -m benchmarks.bench_step --preset large \
-        --codecs none,bf16,fp16,int8 --steps 6 --trunk-device cuda --client-device cuda \
-        --json "$OUT/step_codecs_large.json"
-else
-    skip step_codecs_large "no CUDA"
-fi
+cuda_stage step_codecs_large 150 "$PY" -m benchmarks.bench_step --preset large \
+    --codecs none,bf16,fp16,int8 --steps 6 --trunk-device cuda --client-device cuda \
+    --json "$OUT/step_codecs_large.json"
 
 # The shaped link needs root, ip, tc, network namespaces, veth and tbf: try each first.
 link_ok() {
@@ -193,12 +183,8 @@ else
 fi
 
 # The usual split: a client without a GPU, the trunk on one (if time is left).
-if [ "$DEV" = cuda ]; then
-    stage step_client_cpu 150 "${BENCH[@]}" --trunk-device cuda --client-device cpu \
-        --json "$OUT/step_client_cpu.json"
-else
-    skip step_client_cpu "no CUDA"
-fi
+cuda_stage step_client_cpu 150 "${BENCH[@]}" --trunk-device cuda --client-device cpu \
+    --json "$OUT/step_client_cpu.json"
 
 # ---- 5. summary -------------------------------------------------------------------------
 {
