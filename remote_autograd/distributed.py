@@ -56,8 +56,8 @@ from torch import nn
 from . import sharded_checkpoint
 from .calls import StepCall
 from .errors import InvalidRequest, ServerUnavailable
-from .fingerprint import persistent_buffers, trunk_fingerprint
-from .guard import check_finite_buffers
+from .fingerprint import trunk_fingerprint
+from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
 from .options import ServerOptions
 from .rank_wire import GroupRanks, RankWire
 from .ranks import is_sharded, local
@@ -602,7 +602,7 @@ class DistributedRunner(TrunkRunner):
     def _free(self, tokens: Sequence[int]) -> None:
         for token in tokens:
             self.graphs.pop(token, None)
-            self._put_back(self._recomputed.pop(token, []))
+            restore_buffers(self._recomputed.pop(token, []))
 
     # -- every rank: its share ---------------------------------------------------------------------
 
@@ -614,17 +614,15 @@ class DistributedRunner(TrunkRunner):
         # Rank 0's engine guards its own buffers (BatchNorm statistics) and puts them back
         # after a recompute; the other ranks do the same for theirs here.
         guarded = self.rank != 0 and (training or recompute)
-        kept = [(b, b.clone()) for _, b in persistent_buffers(self.module)] if guarded else []
+        kept = buffer_snapshot(self.module) if guarded else []
         try:
             out_template, outputs = TrunkRunner.forward(
                 self, template, leaves, training, seed, grad=grad, autocast=autocast
             )
             if guarded and not recompute:
-                check_finite_buffers(
-                    [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
-                )
+                check_finite_buffers(floating_buffers(self.module))
         except Exception:
-            self._put_back(kept)
+            restore_buffers(kept)
             raise
         if recompute:  # put back once its backward ran: the graph may have saved them
             self._recomputed[token] = kept
@@ -632,18 +630,12 @@ class DistributedRunner(TrunkRunner):
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
 
-    @staticmethod
-    def _put_back(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for buffer, value in kept:
-                buffer.copy_(value)
-
     def _backward_share(self, token, grads, wanted, retain, parameters, zeros_for):
         try:
             return self._backward_of(token, grads, wanted, retain, parameters, zeros_for)
         finally:
             if not retain:
-                self._put_back(self._recomputed.pop(token, []))
+                restore_buffers(self._recomputed.pop(token, []))
 
     def _backward_of(self, token, grads, wanted, retain, parameters, zeros_for):
         entry = self.graphs.get(token)

@@ -41,13 +41,16 @@ from .footprint import Footprint
 from .guard import (
     StepBackup,
     accumulate,
+    buffer_snapshot,
     check_finite_buffers,
     check_finite_weights,
     check_grad_scale,
     check_hyperparameters,
     check_updates,
+    floating_buffers,
     guarded_step,
     pending_grads,
+    restore_buffers,
 )
 from .optimizer_groups import resolve_groups, torch_groups
 from .options import ServerOptions
@@ -272,8 +275,8 @@ class TrunkEngine:
             if not call.recompute:
                 # A training forward moves the trunk's buffers (BatchNorm statistics), which
                 # every session shares: they must stay finite, or come back as they were.
-                moved = self._floating_buffers() if call.training else []
-                before = self._buffer_snapshot() if moved else []  # counters too
+                moved = floating_buffers(self.module) if call.training else []
+                before = buffer_snapshot(self.module) if moved else []  # counters too
                 try:
                     with footprint.saved() if graph else contextlib.nullcontext():
                         out_template, outputs = self.runner.forward(
@@ -287,7 +290,7 @@ class TrunkEngine:
                     check_finite_buffers(moved)
                 except Exception:
                     # Refused here or by another rank of a distributed trunk: as they were.
-                    self._restore_buffers(before)
+                    restore_buffers(before)
                     raise
         if keep:
             kept = None if lazy else outputs
@@ -355,7 +358,7 @@ class TrunkEngine:
                 outputs = context.outputs
                 # A recompute must not move the buffers again (BatchNorm statistics): the
                 # forward it repeats updated them already. Restored once the graph is used.
-                kept = self._buffer_snapshot() if outputs is None else None
+                kept = buffer_snapshot(self.module) if outputs is None else None
                 try:
                     if outputs is None:
                         _, outputs = self.runner.forward(
@@ -376,7 +379,7 @@ class TrunkEngine:
                     )
                 finally:
                     if kept is not None:
-                        self._restore_buffers(kept)
+                        restore_buffers(kept)
                 pending: dict[str, Any] = {
                     "zero_grad": int(call.zero_grad),
                     "grad_scale": call.grad_scale,
@@ -433,20 +436,6 @@ class TrunkEngine:
         }
         accumulate(session, named_grads, zero_grad, grad_scale, ranks)
         return nonfinite
-
-    def _floating_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, b) for n, b in persistent_buffers(self.module) if b.is_floating_point()]
-
-    def _buffer_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of the persistent buffers (the state a training forward updates, like
-        BatchNorm's running statistics), to put back after a recompute."""
-        return [(b, b.clone()) for _, b in persistent_buffers(self.module)]
-
-    @staticmethod
-    def _restore_buffers(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for buffer, value in kept:
-                buffer.copy_(value)
 
     def release(self, session: Session, request_ids: list[str]) -> int:
         """Forget contexts the client no longer needs; returns how many were found."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidRequest, RemoteError, TrunkError
+from .fingerprint import persistent_buffers
 from .options import ServerOptions
 from .ranks import ONE, Ranks, is_sharded, local
 from .sessions import Session, ZeroGrad
@@ -499,6 +500,23 @@ def _problem(
                 "(ServerOptions.max_weight_growth): lower the learning rate or the gradients"
             ), new_max
     return None, new_max
+
+
+def floating_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The persistent floating buffers a training forward moves (BatchNorm's statistics)."""
+    return [(n, b) for n, b in persistent_buffers(module) if b.is_floating_point()]
+
+
+def buffer_snapshot(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the persistent buffers (counters too), for :func:`restore_buffers`."""
+    return [(b, b.clone()) for _, b in persistent_buffers(module)]
+
+
+def restore_buffers(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the buffers of a :func:`buffer_snapshot` back as they were."""
+    with torch.no_grad():
+        for buffer, value in kept:
+            buffer.copy_(value)
 
 
 def check_finite_buffers(buffers: Sequence[tuple[str, torch.Tensor]], ranks: Ranks = ONE) -> None:
