@@ -294,6 +294,7 @@ class AdapterEngine:
         runner = _AdapterRunner(module, self._device, self._dtype, self._random_lock)
         engine = TrunkEngine(module, self._sub_options, runner=runner)
         engine.contexts = self.contexts  # one cache, bounded server-wide
+        engine.sessions = self.sessions  # one table: a Step sees its session end
         engine.server_id = self.server_id  # what clients see in every reply
         log.info("adapter created for client %s (%d adapters)", identity, len(self._adapters) + 1)
         return _Adapter(identity, engine)

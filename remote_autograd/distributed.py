@@ -2,7 +2,7 @@
 
 Every rank runs the usual engine (engine.py) around a :class:`DistributedRunner`; rank 0 also
 runs the gRPC server (service.py) and drives, the other ranks follow its commands
-(:meth:`DistributedRunner.follow`) and never see the network.
+(follower.py) and never see the network.
 
 - **The batch** is cut into one share per rank (shares.py); rank 0 hands each rank its share of
   every forward and backward and gathers outputs and input gradients back in order. Every
@@ -12,8 +12,8 @@ runs the gRPC server (service.py) and drives, the other ranks follow its command
   one flat buffer, :meth:`DistributedRunner.combine`): the loss is the client's, so the sum
   over the shares is the unsplit gradient, and accumulating k micro-batches costs one
   all-reduce, not k.
-- **``fsdp``**: the trunk is sharded with FSDP2 (``fully_shard`` on each layer of every
-  ``nn.ModuleList`` / ``nn.Sequential``, then on the whole): each rank holds a shard of every
+- **``fsdp``**: the trunk is sharded with FSDP2 (sharding.py: ``fully_shard`` on each layer of
+  every ``nn.ModuleList`` / ``nn.Sequential``, then on the whole): each rank holds a shard of every
   parameter, gradient and optimizer state (``DTensor``), FSDP gathers the weights for each
   layer's forward and backward and reduce-scatters the gradients (summed, not averaged). Every
   rank takes part in every call, with an empty share if the batch is smaller than the world.
@@ -53,19 +53,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import sharded_checkpoint
-from .calls import StepCall
+from . import sharded_checkpoint, sharding
 from .errors import InvalidRequest, ServerUnavailable
 from .fingerprint import trunk_fingerprint
+from .follower import Follower
 from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
 from .options import ServerOptions
 from .rank_wire import GroupRanks, RankWire
 from .ranks import is_sharded, local
 from .runner import TrunkRunner, check_dtype
-from .sessions import ZeroGrad
+from .sessions import ended_while_waiting
 from .shares import Plan
-from .tree import flatten, unflatten
-from .validate import autocast_dtype
+from .tree import unflatten
 
 __all__ = ["PARALLEL_MODES", "DistributedRunner", "serve_distributed"]
 
@@ -87,31 +86,9 @@ class ShardedOutputs(list):
     batched_outputs: list[bool]
 
 
-def _shard(module: nn.Module) -> None:
-    """FSDP2 on each layer (a child of an ``nn.ModuleList`` or ``nn.Sequential``) that has
-    parameters, then on the whole trunk; gradients summed over the ranks, not averaged."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    layers = [
-        child
-        for parent in module.modules()
-        if isinstance(parent, (nn.ModuleList, nn.Sequential))
-        for child in parent.children()
-        if any(True for _ in child.parameters())
-    ]
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.set_gradient_divide_factor(1.0)
-            # A plain SUM: a factor of 1 would otherwise be a PREMUL_SUM, which gloo lacks.
-            sub.set_force_sum_reduction_for_comms(True)
-
-
 class DistributedRunner(TrunkRunner):
     """A :class:`TrunkRunner` whose forwards and gradients run on every rank of the default
-    process group; rank 0's engine drives it, the other ranks :meth:`follow`."""
+    process group; rank 0's engine drives it, the other ranks follow (follower.py)."""
 
     def __init__(
         self,
@@ -139,12 +116,11 @@ class DistributedRunner(TrunkRunner):
         # the whole trunk.
         self._broadcast_state(module)
         if mode == "fsdp":
-            _shard(module)
+            sharding.shard(module)
         super().__init__(module, device, dtype)
         self.module_name = name
         self.engine: Any = None  # this rank's engine (serve_distributed sets it)
         self.graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self.last_param_grads: list[torch.Tensor | None] = []  # a follower's last Backward
         self._next_token = 0
         self._to_free: collections.deque[int] = collections.deque()
         self._forgotten: collections.deque[str] = collections.deque()
@@ -196,12 +172,12 @@ class DistributedRunner(TrunkRunner):
                 "recompute": recompute,  # its buffer updates are undone, as rank 0's engine does
             }
         mine = [
-            self._share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
+            self.share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
             for t, b in zip(leaves, plan.batched, strict=True)
         ]
         replies, local_result, error = self._exchange(
             commands,
-            lambda: self._forward_share(
+            lambda: self.forward_share(
                 template, mine, training, seed, grad, token, autocast, recompute
             ),
         )
@@ -214,7 +190,7 @@ class DistributedRunner(TrunkRunner):
             if rank != 0:
                 per_rank[rank] = replies[rank]["outputs"]
         try:
-            batched_outputs, outputs = self._gather_outputs(plan, per_rank)
+            batched_outputs, outputs = plan.gather(per_rank, self.device)
         except InvalidRequest:
             self._release(token)
             raise
@@ -225,31 +201,6 @@ class DistributedRunner(TrunkRunner):
         result.batched_outputs = batched_outputs
         weakref.finalize(result, self._to_free.append, token)
         return out_template, result
-
-    def _gather_outputs(self, plan: Plan, per_rank: dict[int, list[torch.Tensor]]):
-        ranks = plan.active
-        counts = {len(per_rank[rank]) for rank in ranks}
-        if len(counts) != 1:
-            raise InvalidRequest(f"the ranks' shares gave different numbers of outputs: {counts}")
-        batched, outputs = [], []
-        for index in range(counts.pop()):
-            parts = [per_rank[rank][index].to(self.device) for rank in ranks]
-            if len(parts) == 1:
-                batched.append(parts[0].dim() >= 1 and plan.batch is not None)
-                outputs.append(parts[0])
-                continue
-            if not all(
-                p.dim() >= 1 and p.shape[0] == plan.sizes[r]
-                for p, r in zip(parts, ranks, strict=True)
-            ):
-                raise InvalidRequest(
-                    f"output {index} of the trunk has no batch dimension first (shapes "
-                    f"{[list(p.shape) for p in parts]} for shares {plan.sizes}): a trunk served "
-                    "with --parallel must return tensors whose first dimension is the batch"
-                )
-            batched.append(True)
-            outputs.append(torch.cat(parts))
-        return batched, outputs
 
     def gradients(
         self,
@@ -276,7 +227,9 @@ class DistributedRunner(TrunkRunner):
             commands[rank] = {
                 "op": "backward",
                 "token": token,
-                "grads": self._grad_shares(outputs, grads, rank) if rank in plan.active else None,
+                "grads": plan.grad_shares(outputs, outputs.batched_outputs, grads, rank)
+                if rank in plan.active
+                else None,
                 # A rank that ran only for FSDP's collectives back-propagates zeros, from the
                 # outputs rank 0 back-propagates from, so that all reach the same layers.
                 "zeros_for": [i for i, g in enumerate(grads) if g is not None],
@@ -284,10 +237,10 @@ class DistributedRunner(TrunkRunner):
                 "retain": retain_graph,
                 "parameters": parameters,
             }
-        mine = self._grad_shares(outputs, grads, 0)
+        mine = plan.grad_shares(outputs, outputs.batched_outputs, grads, 0)
         replies, result, error = self._exchange(
             commands,
-            lambda: self._backward_share(token, mine, wanted, retain_graph, parameters, []),
+            lambda: self.backward_share(token, mine, wanted, retain_graph, parameters, []),
             after_backward=True,
         )
         if not retain_graph:
@@ -298,55 +251,7 @@ class DistributedRunner(TrunkRunner):
         for rank in plan.active:
             if rank != 0:
                 per_rank[rank] = replies[rank]["grads"]
-        return self._input_grads(outputs, wanted, per_rank), result[1]
-
-    def _input_grads(self, outputs: ShardedOutputs, wanted: list[int], per_rank: dict[int, Any]):
-        plan = outputs.plan
-        ranks = plan.active
-        input_grads: list[torch.Tensor | None] = []
-        for position, index in enumerate(wanted):
-            parts = [(r, per_rank[r][position]) for r in ranks]
-            if all(g is None for _, g in parts):
-                input_grads.append(None)
-            elif plan.batched[index]:
-                leaf = outputs.leaves[index]
-                input_grads.append(
-                    torch.cat(
-                        [
-                            torch.zeros_like(plan.share(leaf.detach(), True, r))
-                            if g is None
-                            else g.to(self.device)
-                            for r, g in parts
-                        ]
-                    )
-                )
-            else:
-                total = None
-                for _, g in parts:
-                    if g is not None:
-                        g = g.to(self.device)
-                        total = g if total is None else total + g
-                input_grads.append(total)
-        return input_grads
-
-    def _grad_shares(self, outputs: ShardedOutputs, grads: list[Any], rank: int) -> list[Any]:
-        plan = outputs.plan
-        several = len(plan.active) > 1
-        result: list[Any] = []
-        for index, (grad, output) in enumerate(zip(grads, outputs, strict=True)):
-            if grad is None:
-                result.append(None)
-                continue
-            if not isinstance(grad, torch.Tensor) or grad.shape != output.shape:
-                shape = getattr(grad, "shape", type(grad).__name__)
-                raise InvalidRequest(
-                    f"gradient {index}: expected a tensor of shape {list(output.shape)}, "
-                    f"got {shape}"
-                )
-            if several and outputs.batched_outputs[index]:
-                grad = plan.share(grad, True, rank)
-            result.append(grad)
-        return result
+        return plan.input_grads(outputs.leaves, wanted, per_rank, self.device), result[1]
 
     # -- the trunk's state on every rank -----------------------------------------------------------
 
@@ -365,7 +270,7 @@ class DistributedRunner(TrunkRunner):
         try:
             # A session that ended while this call waited (EndSession, expiry) fails here on
             # every rank, before anything changes or any collective of the operation runs.
-            self._agree_on_session(op, key, session is None or self.engine.sessions.holds(session))
+            self.agree_on_session(op, key, session is None or self.engine.sessions.holds(session))
             yield
         except dist.DistBackendError as exc:  # a collective of the operation failed
             failed = self._lost(exc)
@@ -385,15 +290,11 @@ class DistributedRunner(TrunkRunner):
             if failed is None and self.broken is not None:
                 raise ServerUnavailable(self._out_of_service())
 
-    def _agree_on_session(self, op: str, key: str, here: bool) -> None:
+    def agree_on_session(self, op: str, key: str, here: bool) -> None:
         """Every rank says whether it holds the session as the operation needs it; unless all
         do, all refuse alike."""
         if self.ranks.any(not here):
-            raise InvalidRequest(
-                f"{op}: session {key.rpartition('/')[2]!r} ended while this call waited (its "
-                "client closed, or it was idle past session_ttl): nothing was done; open a new "
-                "session and start the step again"
-            )
+            raise ended_while_waiting(op, key)
 
     def forget_session(self, key: str) -> None:
         if self.rank == 0:  # any thread (the sweeper too): applied with the next command
@@ -405,46 +306,17 @@ class DistributedRunner(TrunkRunner):
         if not is_sharded(param):
             param.copy_(value)
             return
-        local(param).copy_(self._distribute(value.to(param.dtype), param).to_local())
+        local(param).copy_(sharding.distribute(value.to(param.dtype), param).to_local())
 
     def full(self, tree: Any) -> Any:
         if self.mode != "fsdp":
             return tree
-        if isinstance(tree, dict):
-            return {key: self.full(value) for key, value in tree.items()}
-        if isinstance(tree, list):
-            return [self.full(value) for value in tree]
-        if is_sharded(tree):
-            return tree.full_tensor()  # type: ignore[attr-defined]
-        return tree
+        return sharding.full(tree)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        if self.mode == "fsdp" and isinstance(state, dict) and isinstance(state.get("state"), dict):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            placed = {}
-            for index, entries in state["state"].items():
-                param = params[index] if isinstance(index, int) and index < len(params) else None
-                placed[index] = {
-                    key: self._distribute(value, param)
-                    if isinstance(value, torch.Tensor)
-                    and param is not None
-                    and is_sharded(param)
-                    and value.shape == param.shape
-                    else value
-                    for key, value in entries.items()
-                }
-            state = {**state, "state": placed}
+        if self.mode == "fsdp":
+            state = sharding.place_optimizer_state(optimizer, state)
         optimizer.load_state_dict(state)
-
-    @staticmethod
-    def _distribute(value: torch.Tensor, like: Any) -> Any:
-        """This rank's shard of a whole ``value``, laid out as the sharded tensor ``like`` (no
-        communication: every rank holds the whole value)."""
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(
-            value.to(local(like).device), like.device_mesh, like.placements, src_data_rank=None
-        )
 
     def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
         sharded_checkpoint.save(path, state, self.wire.group)
@@ -454,17 +326,7 @@ class DistributedRunner(TrunkRunner):
         return sharded_checkpoint.load(path, live, self._allocate)
 
     def _allocate(self, shape: list[int], dtype: torch.dtype, sharded: bool) -> torch.Tensor:
-        """Room for a saved tensor in this trunk's layout: sharded like the parameters under
-        fsdp (whatever the layout it was saved in: DCP reshards), whole under ddp."""
-        like: Any = next((p for _, p in self.params if is_sharded(p)), None)
-        if like is None:
-            return torch.zeros(shape, dtype=dtype, device=self.device)
-        from torch.distributed.tensor import zeros
-
-        # Saved whole (under ddp, or a step count): sharded here only if shaped like a weight.
-        if not sharded and not any(list(p.shape) == shape for _, p in self.params):
-            return torch.zeros(shape, dtype=dtype, device=self.device)
-        return zeros(shape, dtype=dtype, device_mesh=like.device_mesh, placements=like.placements)
+        return sharding.room(self.params, self.device, shape, dtype, sharded)
 
     def close(self) -> None:
         """Let the other ranks leave :meth:`follow` (rank 0, when the server stops), once no
@@ -514,7 +376,7 @@ class DistributedRunner(TrunkRunner):
                 self.wire.send({**command, "free": free, "forget": forget}, rank)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
-        self._free(free)
+        self.free(free)
 
     def _receive_all(self, ranks: Sequence[int], *, raise_now: bool = True) -> dict[int, Any]:
         try:
@@ -537,7 +399,7 @@ class DistributedRunner(TrunkRunner):
         failed = False
         try:
             if after_backward:
-                failed = self._failed_somewhere(error is not None)
+                failed = self.failed_somewhere(error is not None)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
         replies = self._receive_all(list(commands))
@@ -549,7 +411,7 @@ class DistributedRunner(TrunkRunner):
             error = InvalidRequest("the backward failed on another rank")
         return replies, result, error
 
-    def _failed_somewhere(self, failed: bool) -> bool:
+    def failed_somewhere(self, failed: bool) -> bool:
         """After a Backward on every rank: whether it failed on some rank (then no rank
         accumulates anything)."""
         return self.ranks.any(failed)
@@ -599,18 +461,19 @@ class DistributedRunner(TrunkRunner):
         while queue:
             yield queue.popleft()
 
-    def _free(self, tokens: Sequence[int]) -> None:
+    def free(self, tokens: Sequence[int]) -> None:
+        """Drop the kept graphs of these forwards (and put back a recompute's buffers)."""
         for token in tokens:
             self.graphs.pop(token, None)
             restore_buffers(self._recomputed.pop(token, []))
 
-    # -- every rank: its share ---------------------------------------------------------------------
+    # -- every rank: its share (rank 0 in its calls, the others through follower.py) ----------
 
-    def _share_leaf(self, tensor: torch.Tensor, need: bool) -> torch.Tensor:
+    def share_leaf(self, tensor: torch.Tensor, need: bool) -> torch.Tensor:
         # detach(): a leaf of its own, not part of rank 0's input's graph.
         return tensor.to(self.device).detach().requires_grad_(need)
 
-    def _forward_share(self, template, leaves, training, seed, grad, token, autocast, recompute):
+    def forward_share(self, template, leaves, training, seed, grad, token, autocast, recompute):
         # Rank 0's engine guards its own buffers (BatchNorm statistics) and puts them back
         # after a recompute; the other ranks do the same for theirs here.
         guarded = self.rank != 0 and (training or recompute)
@@ -630,7 +493,7 @@ class DistributedRunner(TrunkRunner):
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
 
-    def _backward_share(self, token, grads, wanted, retain, parameters, zeros_for):
+    def backward_share(self, token, grads, wanted, retain, parameters, zeros_for):
         try:
             return self._backward_of(token, grads, wanted, retain, parameters, zeros_for)
         finally:
@@ -666,105 +529,6 @@ class DistributedRunner(TrunkRunner):
         for _, param in self.params:
             param.grad = None
         return input_grads, param_grads
-
-    # -- ranks 1..N-1 ------------------------------------------------------------------------------
-
-    def follow(self) -> None:
-        """Serve rank 0's commands until it says stop (or the group breaks)."""
-        while True:
-            try:
-                command = self.wire.recv(0)
-            except RuntimeError as exc:  # rank 0 is gone: torchrun stops the group
-                log.error("rank %d: rank 0 is gone (%s); leaving", self.rank, exc)
-                raise SystemExit(1) from exc
-            op = command["op"]
-            if op == "stop":
-                return
-            self._free(command["free"])
-            for key in command["forget"]:
-                self.engine.sessions.drop(key)
-            reply: dict[str, Any] = {}
-            try:
-                if op == "forward":
-                    reply = self._follow_forward(command)
-                elif op == "backward":
-                    reply = self._follow_backward(command)
-                elif op == "idle_backward":  # ddp: this rank's share was empty
-                    self._failed_somewhere(False)
-                    self.last_param_grads = [None] * len(self.params)
-                elif op == "mirror":
-                    self._follow_mirror(command)
-            except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            self.wire.send(reply, 0)
-
-    def _follow_forward(self, command: dict[str, Any]) -> dict[str, Any]:
-        template, tensors = flatten(command["value"])
-        leaves = [
-            self._share_leaf(t, need) for t, need in zip(tensors, command["needs"], strict=True)
-        ]
-        _, outputs = self._forward_share(
-            template,
-            leaves,
-            command["training"],
-            command["seed"],
-            command["grad"],
-            command["token"],
-            autocast_dtype(command["autocast"] or ""),
-            command["recompute"],
-        )
-        return {"outputs": [o.detach() for o in outputs]}
-
-    def _follow_backward(self, command: dict[str, Any]) -> dict[str, Any]:
-        result = None
-        error = None
-        try:
-            result = self._backward_share(
-                command["token"],
-                command["grads"],
-                command["wanted"],
-                command["retain"],
-                command["parameters"],
-                command["zeros_for"],
-            )
-        except Exception as exc:  # noqa: BLE001 - every rank learns of it in the reduce
-            error = exc
-        self._failed_somewhere(error is not None)
-        if error is not None:
-            raise error
-        assert result is not None
-        self.last_param_grads = result[1]
-        return {"grads": result[0]}
-
-    def _follow_mirror(self, command: dict[str, Any]) -> None:
-        engine, name, args = self.engine, command["name"], command["args"]
-        session: Any = engine.sessions.get(command["key"]) if command["key"] else None
-        # A Step needs the optimizer this rank was given (ConfigureOptimizer or a checkpoint).
-        self._agree_on_session(
-            name, command["key"], name != "step" or session.optimizer is not None
-        )
-        if name == "account":
-            grads, self.last_param_grads = self.last_param_grads, []
-            engine.account(session, grads, **args)
-        elif name == "grad_norms":
-            engine.norms(session, **args)
-        elif name == "configure":
-            engine.configure_optimizer(session, **args)
-        elif name == "step":
-            call = StepCall(
-                step=args["step"],
-                zero_grad=ZeroGrad(args["zero_grad"]),
-                grad_scale=args["grad_scale"],
-            )
-            engine.apply_step(session, session.optimizer, call, args["groups"])
-        elif name == "load_state":
-            engine.load_state(session, args["state"])
-        elif name == "get_state":
-            engine.get_state(session, **args)
-        elif name == "checkpoint":
-            engine.write_checkpoint(args["on_error"])
-        else:
-            raise InvalidRequest(f"unknown engine operation {name!r}")
 
 
 def _device(options: ServerOptions) -> torch.device:
@@ -821,7 +585,7 @@ def serve_distributed(
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, signal.SIG_IGN)
         try:
-            runner.follow()
+            Follower(runner).serve()
         finally:
             dist.destroy_process_group()
         return None

@@ -56,7 +56,7 @@ from .optimizer_groups import resolve_groups, torch_groups
 from .options import ServerOptions
 from .ranks import local
 from .runner import TrunkRunner
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, ended_while_waiting
 from .tree import flatten, unflatten
 from .turns import StepTurns
 from .validate import (
@@ -544,6 +544,10 @@ class TrunkEngine:
             wait = self.turns.begin_step(session.key)
             stepped = False
             try:
+                # Ended (EndSession, expiry) while it waited: its client is gone, and the
+                # trunk that every session shares must not move for it.
+                if not self.sessions.holds(session):
+                    raise ended_while_waiting("Step", session.key)
                 version = self.apply_step(session, optimizer, call, groups)
                 stepped = True
             finally:

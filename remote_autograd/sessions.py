@@ -22,7 +22,7 @@ import torch
 
 from .errors import InvalidRequest, LimitExceeded
 
-__all__ = ["ANONYMOUS", "Session", "SessionTable", "ZeroGrad", "identity_of"]
+__all__ = ["ANONYMOUS", "Session", "SessionTable", "ZeroGrad", "ended_while_waiting", "identity_of"]
 
 ANONYMOUS = "anonymous"  # the identity of every caller of a server without tokens or mTLS
 
@@ -80,6 +80,15 @@ class Session:
             grads = list(self.grads.values())
             if grads:
                 torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=grads[0].dtype))
+
+
+def ended_while_waiting(op: str, key: str) -> InvalidRequest:
+    """The refusal of a call whose session ended while the call waited for its turn."""
+    return InvalidRequest(
+        f"{op}: session {key.rpartition('/')[2]!r} ended while this call waited (its client "
+        "closed, or it was idle past session_ttl): nothing was done; open a new session and "
+        "start the step again"
+    )
 
 
 class SessionTable:

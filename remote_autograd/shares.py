@@ -1,17 +1,25 @@
-"""How a call's batch is cut between the ranks of a distributed trunk (distributed.py).
+"""How a call's batch is cut between the ranks of a distributed trunk (distributed.py), and
+how the ranks' outputs and input gradients are put back together.
 
 The batch size is the first dimension of the first input tensor that has one; every input
 tensor whose first dimension equals it is cut into contiguous shares, the first ranks taking
 one sample more when the batch does not divide (5 over 2 ranks: 3 + 2). Other tensors
 (position ids of batch 1, masks without a batch dimension) and plain values go to every rank
 whole. A call with no batch dimension at all is run whole by rank 0 alone.
+
+Outputs come back concatenated along the batch, so every tensor output must carry the batch as
+its first dimension when more than one rank ran; the gradients of the outputs are cut as the
+inputs were, and the input gradients concatenated again (summed, for inputs sent whole).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from .errors import InvalidRequest
 
 __all__ = ["Plan", "shares"]
 
@@ -55,3 +63,96 @@ class Plan:
         if batched and self.batch and not self.sizes[rank]:
             return tensor[:1]
         return self.share(tensor, batched, rank)
+
+    # -- the ranks' results put back together (rank 0) ---------------------------------------
+
+    def gather(
+        self, per_rank: dict[int, list[torch.Tensor]], device: torch.device
+    ) -> tuple[list[bool], list[torch.Tensor]]:
+        """The forward's outputs from each active rank's, on ``device``; per output also
+        whether it carries the batch (then its gradient is cut as the inputs were)."""
+        ranks = self.active
+        counts = {len(per_rank[rank]) for rank in ranks}
+        if len(counts) != 1:
+            raise InvalidRequest(f"the ranks' shares gave different numbers of outputs: {counts}")
+        batched, outputs = [], []
+        for index in range(counts.pop()):
+            parts = [per_rank[rank][index].to(device) for rank in ranks]
+            if len(parts) == 1:
+                batched.append(parts[0].dim() >= 1 and self.batch is not None)
+                outputs.append(parts[0])
+                continue
+            if not all(
+                p.dim() >= 1 and p.shape[0] == self.sizes[r]
+                for p, r in zip(parts, ranks, strict=True)
+            ):
+                raise InvalidRequest(
+                    f"output {index} of the trunk has no batch dimension first (shapes "
+                    f"{[list(p.shape) for p in parts]} for shares {self.sizes}): a trunk served "
+                    "with --parallel must return tensors whose first dimension is the batch"
+                )
+            batched.append(True)
+            outputs.append(torch.cat(parts))
+        return batched, outputs
+
+    def grad_shares(
+        self,
+        outputs: Sequence[torch.Tensor],
+        batched_outputs: Sequence[bool],
+        grads: list[Any],
+        rank: int,
+    ) -> list[Any]:
+        """Rank ``rank``'s part of the gradients of the gathered ``outputs``, each checked to
+        be a tensor of its output's shape."""
+        several = len(self.active) > 1
+        result: list[Any] = []
+        for index, (grad, output) in enumerate(zip(grads, outputs, strict=True)):
+            if grad is None:
+                result.append(None)
+                continue
+            if not isinstance(grad, torch.Tensor) or grad.shape != output.shape:
+                shape = getattr(grad, "shape", type(grad).__name__)
+                raise InvalidRequest(
+                    f"gradient {index}: expected a tensor of shape {list(output.shape)}, "
+                    f"got {shape}"
+                )
+            if several and batched_outputs[index]:
+                grad = self.share(grad, True, rank)
+            result.append(grad)
+        return result
+
+    def input_grads(
+        self,
+        leaves: Sequence[torch.Tensor],
+        wanted: Sequence[int],
+        per_rank: dict[int, list[Any]],
+        device: torch.device,
+    ) -> list[torch.Tensor | None]:
+        """The gradients of the inputs ``wanted`` (indices into ``leaves``) from each active
+        rank's: concatenated for a cut input (zeros for a share that had none), summed for an
+        input every rank had whole."""
+        result: list[torch.Tensor | None] = []
+        for position, index in enumerate(wanted):
+            parts = [(r, per_rank[r][position]) for r in self.active]
+            if all(g is None for _, g in parts):
+                result.append(None)
+            elif self.batched[index]:
+                leaf = leaves[index].detach()
+                result.append(
+                    torch.cat(
+                        [
+                            torch.zeros_like(self.share(leaf, True, r))
+                            if g is None
+                            else g.to(device)
+                            for r, g in parts
+                        ]
+                    )
+                )
+            else:
+                total = None
+                for _, g in parts:
+                    if g is not None:
+                        g = g.to(device)
+                        total = g if total is None else total + g
+                result.append(total)
+        return result

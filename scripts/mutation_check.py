@@ -429,6 +429,14 @@ MUTATIONS: list[Mutation] = [
         ),
         "a training forward cannot make the trunk's buffers non-finite",
     ),
+    M(
+        "step_of_an_ended_session_lands",
+        "remote_autograd/engine.py",
+        "                if not self.sessions.holds(session):",
+        "                if False:",
+        ("tests/test_shares.py::test_a_step_whose_session_ends_while_it_waits_moves_nothing",),
+        "a Step whose session ended while it waited for its turn moves no weight",
+    ),
     # -- the distributed trunk (issue #14) ---------------------------------------------------
     M(
         "ddp_parts_counted_again_after_a_combine",
@@ -443,7 +451,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "fsdp_gradients_averaged",
-        "remote_autograd/distributed.py",
+        "remote_autograd/sharding.py",
         "sub.set_gradient_divide_factor(1.0)",
         "sub.set_gradient_divide_factor(2.0)",
         (

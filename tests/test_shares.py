@@ -20,6 +20,7 @@ from torch import nn
 from remote_autograd import (
     ClientOptions,
     ContextNotFound,
+    InvalidRequest,
     LimitExceeded,
     RemoteModule,
     RemoteOptimizer,
@@ -31,6 +32,7 @@ from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 from remote_autograd.client import TrunkClient
 from remote_autograd.sessions import ANONYMOUS
+from remote_autograd.transport import SESSION_METADATA_KEY
 
 # Several clients train one shared trunk in turn here, each checked from the weights the last
 # one left: starting from a stepped trunk is the point, not a mistake (SteppedTrunkWarning).
@@ -277,6 +279,57 @@ def test_a_step_reply_says_how_long_it_waited(start_server):
     assert replies[0].waited_forwards == 1 and not replies[0].wait_expired
     assert replies[0].wait_seconds > 0
     assert (b.stats.step_waits, b.stats.step_waits_expired) == (1, 0)
+    a.close()
+    b.close()
+
+
+def test_a_step_whose_session_ends_while_it_waits_moves_nothing(start_server):
+    """B's Step waits for A's forward; meanwhile B's session is ended (EndSession, as its
+    client's close sends). When A's Backward lets the Step go, it is refused with the reason
+    and the shared weights stay as they were; A then steps as it would alone."""
+    server = start_server(_linear(), ServerOptions(step_wait=60.0))
+    a, b = TrunkClient(server.address), TrunkClient(server.address)
+    a.configure_optimizer("SGD", {"lr": 0.5})
+    b.configure_optimizer("SGD", {"lr": 0.5})
+    before = {n: p.detach().clone() for n, p in server.engine.module.named_parameters()}
+    x = torch.arange(4, dtype=torch.float64).reshape(1, 4)
+    g = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    kept = {"needs_input_grad": [False], "keep_context": True, "training": True}
+    a.compute("a-forward", [x], {}, **kept)
+    b.compute("b-forward", [x], {}, **kept)
+    b.backward("b-forward", 1, [g], [False])
+    errors: list[BaseException] = []
+
+    def step_b() -> None:
+        try:
+            b.step(1, [{"lr": 0.5}])
+        except InvalidRequest as exc:
+            errors.append(exc)
+
+    stepping = threading.Thread(target=step_b)
+    stepping.start()
+    wait_for(lambda: server.engine.turns._steps_waiting == 1)
+    with grpc.insecure_channel(server.address) as channel:
+        ended = pb_grpc.TrunkStub(channel).EndSession(
+            pb.EndSessionRequest(), metadata=((SESSION_METADATA_KEY, b.session_id),), timeout=10
+        )
+    assert ended.ended
+    a.backward("a-forward", 1, [g], [False])  # lets B's Step go
+    stepping.join()
+    assert len(errors) == 1 and "ended while this call waited" in str(errors[0])
+    assert server.engine.weights_version == 0
+    for name, param in server.engine.module.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+    assert a.step(1, [{"lr": 0.5}]).weights_version == 1
+    local = _linear()
+    local(x).backward(g)
+    with torch.no_grad():
+        for name, param in server.engine.module.named_parameters():
+            expected = (
+                dict(local.named_parameters())[name]
+                - 0.5 * dict(local.named_parameters())[name].grad
+            )
+            assert torch.equal(param.detach(), expected), name
     a.close()
     b.close()
 
