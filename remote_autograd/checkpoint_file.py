@@ -33,6 +33,7 @@ FILE_LIMITS = Limits(
     max_tensor_elements=1 << 62,
     max_tensors=1 << 31,
     max_header_bytes=1 << 31,
+    max_decoded_bytes=1 << 62,
 )
 
 

@@ -251,11 +251,11 @@ class Decoder:
             _decode_tensor(view, start, size, meta, numel, device)
             for meta, numel, start, size, _ in layout.tensors
         ]
-        return _unpack(layout.tree, "frame values", tensors)
+        return _unpack(layout.tree, "frame values", tensors, max_depth=limits.max_depth)
 
     def _layout(self, view: memoryview, meta_len: int, limits: Limits) -> _Layout:
         """Unpack and check a frame's header and find its tensors, refusing what is wrong."""
-        meta = _unpack(view[5 : 5 + meta_len], "frame header")
+        meta = _unpack(view[5 : 5 + meta_len], "frame header", max_depth=limits.max_depth)
         if not isinstance(meta, dict) or meta.get("v") != VERSION:
             raise CodecError(f"unsupported frame version {_get(meta, 'v')!r}; expected {VERSION}")
         metas = meta.get("tensors")
@@ -265,6 +265,12 @@ class Decoder:
         if len(metas) > limits.max_tensors:
             raise CodecError(f"frame holds {len(metas)} tensors; max_tensors={limits.max_tensors}")
         checked = [self._check_meta(i, m) for i, m in enumerate(metas)]
+        decoded = sum(numel * DTYPES[m["dtype"]].itemsize for m, numel in checked)
+        if decoded > limits.max_decoded_bytes:
+            raise CodecError(
+                f"frame's tensors decode to {decoded} bytes; max_decoded_bytes="
+                f"{limits.max_decoded_bytes}"
+            )
         offset = 5 + meta_len
         tensors = []
         for i, (m, numel) in enumerate(checked):
@@ -432,11 +438,17 @@ def _pack_tree(obj: Any, tensors: list[torch.Tensor]) -> bytes:
 
 
 class _TreeUnpacker:
-    """msgpack ``ext_hook`` putting decoded tensors back in place (see _TreePacker)."""
+    """msgpack ``ext_hook`` putting decoded tensors back in place (see _TreePacker).
 
-    def __init__(self, what: str, tensors: list[torch.Tensor] | None) -> None:
+    A tuple is a msgpack document inside the extension, so each level of tuples is one more
+    ``unpackb`` on the C stack (~40 KB each): the levels are counted and refused past
+    ``max_depth`` before they can exhaust a thread's stack."""
+
+    def __init__(self, what: str, tensors: list[torch.Tensor] | None, max_depth: int) -> None:
         self.what = what
         self.tensors = tensors
+        self.max_depth = max_depth
+        self.tuples = 0  # tuple levels open now
 
     def unpackb(self, data: Any) -> Any:
         try:
@@ -456,12 +468,45 @@ class _TreeUnpacker:
                 return tensors[index]
             raise CodecError(f"{self.what}: reference to tensor {index}; frame has {len(tensors)}")
         if code == _EXT_TUPLE and tensors is not None:
-            return tuple(self.unpackb(payload))
+            if self.tuples >= self.max_depth:
+                raise _too_deep(self.what, self.max_depth)
+            self.tuples += 1
+            try:
+                return tuple(self.unpackb(payload))
+            finally:
+                self.tuples -= 1
         raise CodecError(f"{self.what}: unknown msgpack extension type {code}")
 
 
-def _unpack(data: Any, what: str, tensors: list[torch.Tensor] | None = None) -> Any:
-    return _TreeUnpacker(what, tensors).unpackb(data)
+def _unpack(
+    data: Any, what: str, tensors: list[torch.Tensor] | None = None, *, max_depth: int
+) -> Any:
+    value = _TreeUnpacker(what, tensors, max_depth).unpackb(data)
+    if _deeper_than(value, max_depth):
+        raise _too_deep(what, max_depth)
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep (walked
+    without recursion: the tree came from the peer)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _too_deep(what: str, limit: int) -> CodecError:
+    return CodecError(f"{what} nest lists, tuples or maps deeper than max_depth={limit}")
 
 
 def iter_chunks(buffers: list[bytes | memoryview], chunk_bytes: int) -> Iterator[bytes]:

@@ -25,6 +25,10 @@ class Limits:
     max_ndim: int = 16  # dimensions of one tensor
     max_header_bytes: int = 1 * MiB  # msgpack header + plain values of one frame (unpacking
     # plain values can take ~50x their wire size in Python objects, so keep this small)
+    max_decoded_bytes: int = 2 * GiB  # decoded bytes of all tensors of one frame together
+    # (LZ4 and dequantization make them larger than the frame; checked before decoding any)
+    max_depth: int = 32  # nesting of lists, tuples and maps in one frame's values (decoding
+    # and walking the tree recurse once per level)
 
 
 @dataclass(frozen=True)

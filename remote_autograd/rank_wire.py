@@ -26,6 +26,7 @@ _INTERNAL_LIMITS = Limits(
     max_tensor_elements=1 << 40,
     max_tensors=1 << 20,
     max_header_bytes=1 << 30,
+    max_decoded_bytes=1 << 40,
 )
 
 

@@ -129,7 +129,7 @@ class TrunkRunner:
         else:
             results = (None,) * len(wrt)
         param_grads = list(results[len(inputs) :]) or [None] * len(self.params)
-        return list(results[: len(inputs)]), param_grads
+        return _own_memory(list(results[: len(inputs)]), param_grads)
 
     def _grad_pairs(self, outputs: list[torch.Tensor], grads: list[Any]):
         if len(grads) != len(outputs):
@@ -218,3 +218,27 @@ class TrunkRunner:
         if self.dtype is not None and tensor.is_floating_point():
             return tensor.to(self.dtype)
         return tensor
+
+
+def _own_memory(
+    input_grads: list[torch.Tensor | None], param_grads: list[torch.Tensor | None]
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The gradients, each parameter's in memory of its own. Autograd may return one tensor
+    for several parameters (``x + b1 + b2``: the output's gradient itself, for both and for
+    ``x``), and a session adds later Backwards to what it holds in place: shared, that sum
+    would land twice, and in the input gradient a retried Backward is answered with again."""
+    seen = {_memory(g) for g in input_grads if g is not None}
+    owned: list[torch.Tensor | None] = []
+    for grad in param_grads:
+        if grad is not None and grad.numel():
+            key = _memory(grad)
+            if key in seen:
+                grad = grad.clone()
+            else:
+                seen.add(key)
+        owned.append(grad)
+    return input_grads, owned
+
+
+def _memory(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()

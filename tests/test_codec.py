@@ -235,6 +235,42 @@ def test_malformed_and_lying_frames_are_refused(frame, message):
         decode(frame)
 
 
+def _nested(levels: int, ext: bool) -> bytes:
+    """A frame whose values are ``levels`` tuples (msgpack extensions) or lists, one in another."""
+    if not ext:
+        return _frame({"tensors": []}, [], tree=b"\x91" * (levels - 1) + b"\x90")
+    inner = msgpack.packb(msgpack.ExtType(2, msgpack.packb([])))
+    for _ in range(levels - 1):
+        inner = msgpack.packb(msgpack.ExtType(2, b"\x91" + inner))
+    return _frame({"tensors": []}, [], tree=inner)
+
+
+@pytest.mark.parametrize("ext", [True, False], ids=["tuples", "lists"])
+def test_values_nested_past_max_depth_are_refused_without_recursing(ext):
+    # 250 levels of tuples took ~10 MB of C stack to decode (one msgpack unpack per level):
+    # enough to kill the process, whichever thread decodes.
+    for levels in (33, 250):
+        with pytest.raises(CodecError, match="max_depth=32"):
+            decode(_nested(levels, ext))
+    with pytest.raises(CodecError):  # lists: msgpack's own stack of 1024 levels refuses first
+        decode(_nested(5000, ext))
+    value = decode(_nested(32, ext))
+    for _ in range(31):
+        (value,) = value
+    assert value in ((), [])
+    with pytest.raises(CodecError, match="max_depth=8"):
+        Decoder(limits=Limits(max_depth=8)).decode(_nested(9, ext))
+
+
+def test_a_frame_that_decodes_past_max_decoded_bytes_is_refused_before_decoding():
+    # LZ4 shrinks zeros ~250-fold: the wire size says nothing of what decoding allocates.
+    frame = encode([torch.zeros(1 << 18)] * 4, compression="lz4")
+    assert len(frame) < (1 << 16)
+    with pytest.raises(CodecError, match=f"decode to {4 << 20} bytes; max_decoded_bytes=4194303"):
+        Decoder(limits=Limits(max_decoded_bytes=(4 << 20) - 1)).decode(frame)
+    assert len(Decoder(limits=Limits(max_decoded_bytes=4 << 20)).decode(frame)) == 4
+
+
 def test_a_reused_decoder_checks_every_frame_whose_header_it_has_seen():
     # The decoder remembers the layout of headers it has checked: frames sharing a header still
     # decode their own values, and are refused when the bytes around their tensors lie.

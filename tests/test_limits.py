@@ -46,8 +46,21 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         (Limits(max_payload_bytes=1000), torch.zeros(300), "max_payload_bytes=1000"),
         (Limits(max_tensors=2), [torch.zeros(1)] * 3, "max_tensors=2"),
         (Limits(max_header_bytes=200), {f"k{i}": i for i in range(50)}, "max_header_bytes=200"),
+        (Limits(max_decoded_bytes=1000), [torch.zeros(200)] * 2, "max_decoded_bytes=1000"),
+        (Limits(max_depth=4), [[[[torch.zeros(1)]]]], "max_depth=4"),
+        (Limits(max_depth=4), ((((1,),),),), "max_depth=4"),
     ],
-    ids=["elements", "tensor-bytes", "ndim", "payload", "tensors", "header"],
+    ids=[
+        "elements",
+        "tensor-bytes",
+        "ndim",
+        "payload",
+        "tensors",
+        "header",
+        "decoded",
+        "lists",
+        "tuples",
+    ],
 )
 def test_frame_limits_are_named(start_server, limits, tensor, named):
     server = start_server(nn.Identity(), ServerOptions(limits=limits))
