@@ -437,6 +437,17 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_shares.py::test_a_step_whose_session_ends_while_it_waits_moves_nothing",),
         "a Step whose session ended while it waited for its turn moves no weight",
     ),
+    M(
+        "one_gradient_tensor_for_several_parameters",
+        "remote_autograd/runner.py",
+        "        return _own_memory(list(results[: len(inputs)]), param_grads)",
+        "        return list(results[: len(inputs)]), param_grads",
+        (
+            "tests/test_split_training.py::"
+            "test_parameters_given_one_gradient_tensor_accumulate_as_locally",
+        ),
+        "parameters that autograd gives one gradient tensor accumulate as they do locally",
+    ),
     # -- the distributed trunk (issue #14) ---------------------------------------------------
     M(
         "ddp_parts_counted_again_after_a_combine",

@@ -146,6 +146,42 @@ def test_trunk_gets_gradients_when_no_input_requires_grad(inputs, start_server):
         assert not torch.equal(param, old), f"{name} did not train"
 
 
+class _Biases(nn.Module):
+    """Both biases' gradients are the output's gradient itself: autograd returns that one
+    tensor for ``b1``, ``b2`` and the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.Parameter(torch.zeros(2, 4, dtype=torch.float64))
+        self.b2 = nn.Parameter(torch.ones(2, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b1 + self.b2
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_parameters_given_one_gradient_tensor_accumulate_as_locally(input_grad, start_server):
+    local, remote = _Biases(), RemoteModule(start_server(_Biases()).address)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.5, momentum=0.9)
+    opt = RemoteOptimizer(remote, "SGD", lr=0.5, momentum=0.9)
+    for step in range(3):
+        for micro in range(2):  # two Backwards accumulate into each Step
+            g = torch.arange(8, dtype=torch.float64).reshape(2, 4) * (step + micro + 1)
+            x = torch.full((2, 4), float(micro), dtype=torch.float64, requires_grad=input_grad)
+            x_remote = x.detach().clone().requires_grad_(input_grad)
+            local(x).backward(g)
+            remote(x_remote).backward(g)
+            if input_grad:
+                assert torch.equal(x_remote.grad, x.grad)
+        local_opt.step()
+        opt.step()
+        local_opt.zero_grad()
+        opt.zero_grad()
+    state = remote.remote_state_dict()
+    for name, param in local.named_parameters():
+        assert torch.equal(state[name], param.detach()), name
+
+
 def test_backward_twice_and_autograd_grad(start_server):
     torch.manual_seed(0)
     trunk = nn.Linear(3, 3).double()
