@@ -119,10 +119,13 @@ class ChunkedCall:
         return any(call.nonfinite for call in self.calls)
 
     def backward(
-        self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
+        self,
+        grads: tuple[torch.Tensor | None, ...],
+        needs_input_grad: tuple[bool, ...],
+        parameters: bool = True,
     ) -> list[torch.Tensor | None]:
         if len(self.calls) == 1:
-            return self.calls[0].backward(grads, needs_input_grad)
+            return self.calls[0].backward(grads, needs_input_grad, parameters)
         # A deferred zero_grad() or clip scale must reach the server before any slice's
         # gradients do: the slices' Backwards arrive in no fixed order.
         self.client.apply_grad_ops()
@@ -132,7 +135,9 @@ class ChunkedCall:
         ]
         results = _run_all(
             [
-                lambda c=call, i=i: c.backward(tuple(s[i] for s in split), needs_input_grad)
+                lambda c=call, i=i: c.backward(
+                    tuple(s[i] for s in split), needs_input_grad, parameters
+                )
                 for i, call in enumerate(self.calls)
             ]
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 from . import memory
 from .client import TrunkClient
@@ -92,10 +93,15 @@ class RemoteCall:
         )
 
     def backward(
-        self, grads: tuple[torch.Tensor | None, ...], needs_input_grad: tuple[bool, ...]
+        self,
+        grads: tuple[torch.Tensor | None, ...],
+        needs_input_grad: tuple[bool, ...],
+        parameters: bool = True,
     ) -> list[torch.Tensor | None]:
+        """Gradients of the inputs; the trunk's parameters' gradients accumulate on the server
+        unless the trunk is frozen or not ``parameters`` (this backward pass leaves them out)."""
         self.backwards += 1  # one number per backward pass, reused by retries of that pass
-        frozen = self.frozen()
+        frozen = self.frozen() or not parameters
         needs = [
             bool(n) and t.is_floating_point()
             for n, t in zip(needs_input_grad, self._inputs, strict=True)
@@ -138,6 +144,7 @@ class _RemoteFunction(torch.autograd.Function):
         call._inputs = tuple(t.detach() for t in tensors)
         outputs = call.forward(tensors)
         ctx.call = call
+        ctx.dummy = get_gradient_edge(dummy).node if dummy.requires_grad else None
         ctx.set_materialize_grads(False)  # unused outputs send None, not a tensor of zeros
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         if call.keep_context:
@@ -158,12 +165,26 @@ class _RemoteFunction(torch.autograd.Function):
         # second time" once a backward without retain_graph has freed it: the trunk's
         # gradients must not accumulate twice where a local layer would have refused.
         ctx.saved_tensors  # noqa: B018
-        input_grads = call.backward(grads, ctx.needs_input_grad[2:])
+        input_grads = call.backward(grads, ctx.needs_input_grad[2:], _accumulates(ctx.dummy))
         # The dummy's gradient is the trunk's inf check: NaN when this backward's trunk
         # gradients were not finite (the server kept none), else 0. Summed into the module's
         # flag, which RemoteOptimizer lists as its parameter, GradScaler sees it (see optim.py).
         flag = torch.full((1,), math.nan if call.nonfinite else 0.0)
         return (None, flag, *input_grads)
+
+
+def _accumulates(dummy: Any) -> bool:
+    """Whether this backward pass accumulates into the trunk's parameters, as it would into a
+    local layer's: ``loss.backward()`` does; ``torch.autograd.grad(loss, x)`` and
+    ``loss.backward(inputs=[x])`` leave every parameter's ``.grad`` alone (a gradient penalty,
+    an adversarial input), and so must the server. The dummy stands for the trunk's
+    parameters: its AccumulateGrad node runs exactly when theirs would."""
+    if dummy is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(dummy))
+    except RuntimeError:  # inside torch.autograd.grad, which accumulates into no leaf at all
+        return False
 
 
 def remote_apply(call: Any, dummy: torch.Tensor, tensors: list[torch.Tensor]):

@@ -154,6 +154,14 @@ class RemoteModule(nn.Module):
         self.trunk_requires_grad = bool(requires_grad)
         return self
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear this session's trunk gradients, as ``RemoteOptimizer.zero_grad()`` does (sent
+        with the next Backward, GradNorm or Step). A parent's ``zero_grad()`` does not reach
+        it (it walks parameters, and this module holds none): call the trunk optimizer's
+        ``zero_grad()``, or this one."""
+        self.client.zero_grad_later(set_to_none)
+        self._dummy.grad = torch.ones(1)
+
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         save_trunk_state(self.client, destination, prefix)

@@ -102,8 +102,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the session's trunk gradients (sent with the next Backward, GradNorm or Step)."""
-        self.client.zero_grad_later(set_to_none)
-        self.module._dummy.grad = torch.ones(1)
+        self.module.zero_grad(set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The server-side optimizer state, with this side's current hyperparameters."""

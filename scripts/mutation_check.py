@@ -448,6 +448,17 @@ MUTATIONS: list[Mutation] = [
         ),
         "parameters that autograd gives one gradient tensor accumulate as they do locally",
     ),
+    M(
+        "grad_of_inputs_alone_accumulates_in_the_trunk",
+        "remote_autograd/function.py",
+        "        frozen = self.frozen() or not parameters",
+        "        frozen = self.frozen()",
+        (
+            "tests/test_split_training.py::"
+            "test_grad_of_inputs_alone_leaves_the_trunks_gradients_alone",
+        ),
+        "torch.autograd.grad(loss, x) and backward(inputs=[x]) leave the trunk's gradients alone",
+    ),
     # -- the distributed trunk (issue #14) ---------------------------------------------------
     M(
         "ddp_parts_counted_again_after_a_combine",

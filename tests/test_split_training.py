@@ -146,6 +146,53 @@ def test_trunk_gets_gradients_when_no_input_requires_grad(inputs, start_server):
         assert not torch.equal(param, old), f"{name} did not train"
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_grad_of_inputs_alone_leaves_the_trunks_gradients_alone(micro_batches, start_server):
+    """``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])`` (a gradient penalty,
+    an adversarial input) give no parameter a gradient locally: nor on the server."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 3).double()
+    local = copy.deepcopy(trunk)
+    remote = RemoteModule(start_server(trunk).address, micro_batches=micro_batches)
+    optimizers = (
+        torch.optim.SGD(local.parameters(), lr=0.1),
+        RemoteOptimizer(remote, "SGD", lr=0.1),
+    )
+    x = torch.randn(4, 3, dtype=torch.float64)
+    grads = []
+    for model, optimizer in zip((local, remote), optimizers, strict=True):
+        leaf = x.clone().requires_grad_()
+        (penalty,) = torch.autograd.grad(model(leaf).pow(2).sum(), leaf)
+        model(leaf).sum().backward(inputs=[leaf])
+        (model(leaf).sum() + penalty.sum()).backward()
+        optimizer.step()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1], grads[0])
+    state = remote.remote_state_dict()
+    for name, param in local.named_parameters():
+        assert torch.equal(state[name], param.detach()), name
+
+
+def test_zero_grad_of_the_remote_module_clears_the_trunks_gradients(start_server):
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 3).double()
+    local = copy.deepcopy(trunk)
+    remote = RemoteModule(start_server(trunk).address)
+    optimizers = (
+        torch.optim.SGD(local.parameters(), lr=0.1),
+        RemoteOptimizer(remote, "SGD", lr=0.1),
+    )
+    for step in range(3):
+        x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in zip((local, remote), optimizers, strict=True):
+            model.zero_grad(set_to_none=step % 2 == 0)
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+    state = remote.remote_state_dict()
+    for name, param in local.named_parameters():
+        assert torch.equal(state[name], param.detach()), name
+
+
 class _Biases(nn.Module):
     """Both biases' gradients are the output's gradient itself: autograd returns that one
     tensor for ``b1``, ``b2`` and the input."""
