@@ -121,8 +121,10 @@ def check_parameters(parameters: Any, named: dict[str, torch.Tensor]) -> None:
             raise InvalidRequest(
                 f"parameter {name}: expected shape {list(named[name].shape)}, got {describe(value)}"
             )
-        if not finite_flags([value])[0]:
-            raise InvalidRequest(f"parameter {name} holds NaN or inf; refused")
+        if not _finite_as(value, named[name]):
+            raise InvalidRequest(
+                f"parameter {name} holds NaN or inf{_as(value, named[name])}; refused"
+            )
 
 
 def check_buffers(buffers: Any, named: dict[str, torch.Tensor]) -> None:
@@ -143,8 +145,22 @@ def check_buffers(buffers: Any, named: dict[str, torch.Tensor]) -> None:
         )
         if not same_kind:
             raise InvalidRequest(f"buffer {name}: expected {held.dtype}, got {describe(value)}")
-        if not finite_flags([value])[0]:
-            raise InvalidRequest(f"buffer {name} holds NaN or inf; refused")
+        if not _finite_as(value, held):
+            raise InvalidRequest(f"buffer {name} holds NaN or inf{_as(value, held)}; refused")
+
+
+def _finite_as(value: torch.Tensor, held: torch.Tensor) -> bool:
+    """Whether ``value`` is finite once stored in ``held``'s dtype: a float64 1e300 is finite,
+    and inf in a float32 weight."""
+    if value.is_floating_point() and held.is_floating_point() and value.dtype != held.dtype:
+        value = value.to(held.dtype)
+    return finite_flags([value])[0]
+
+
+def _as(value: torch.Tensor, held: torch.Tensor) -> str:
+    if value.dtype == held.dtype:
+        return ""
+    return f" as the trunk's {str(held.dtype)[6:]} (sent as {str(value.dtype)[6:]})"
 
 
 # The base class; LBFGS needs a closure, which only the client could evaluate.

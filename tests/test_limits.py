@@ -243,6 +243,24 @@ def test_load_state_refuses_non_finite_parameters(start_server, value):
     assert server.stats()["weights_version"] == 1
 
 
+@pytest.mark.parametrize("name", ["0.weight", "1.running_var"], ids=["parameter", "buffer"])
+def test_load_state_refuses_values_that_overflow_the_trunks_dtype(start_server, name):
+    """A float64 1e300 is finite, and inf once stored in a float32 weight or statistic."""
+    torch.manual_seed(0)
+    server = start_server(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    remote = RemoteModule(server.address)
+    before = {k: v.clone() for k, v in server.engine.module.state_dict().items()}
+    state = {k: v.double() if v.is_floating_point() else v for k, v in remote.state_dict().items()}
+    state[name][0] = 1e300
+    with pytest.raises(RuntimeError, match=f"{name} holds NaN or inf as the trunk.s float32 "):
+        remote.load_state_dict(state)
+    after = server.engine.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    state[name][0] = 2.5  # finite as float32 too: loaded
+    remote.load_state_dict(state)
+    assert torch.all(server.engine.module.state_dict()[name][0] == 2.5)
+
+
 def test_load_state_refuses_unknown_or_misshapen_parameters(start_server):
     server = start_server(_linear())
     remote = RemoteModule(server.address)
