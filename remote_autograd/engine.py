@@ -313,6 +313,15 @@ class TrunkEngine:
                     lease=lease,
                 )
             )
+            if not self.sessions.holds(session):
+                # Ended (EndSession, expiry) while the forward ran, after its contexts were
+                # dropped: this one would be kept, with its lease, for no one.
+                self.contexts.release(session.key, [call.request_id])
+                raise InvalidRequest(
+                    f"Compute: session {session.key.rpartition('/')[2]!r} ended while its "
+                    "forward ran (its client closed, or it was idle past session_ttl); the "
+                    "forward's context is not kept: open a new session"
+                )
         return outputs, out_template, version
 
     def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:

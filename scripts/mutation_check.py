@@ -459,6 +459,14 @@ MUTATIONS: list[Mutation] = [
         ),
         "torch.autograd.grad(loss, x) and backward(inputs=[x]) leave the trunk's gradients alone",
     ),
+    M(
+        "forward_of_an_ended_session_keeps_its_context",
+        "remote_autograd/engine.py",
+        "            if not self.sessions.holds(session):\n                # Ended (EndSession, expiry) while the forward ran",
+        "            if False:\n                # Ended (EndSession, expiry) while the forward ran",
+        ("tests/test_shares.py::test_a_forward_whose_session_ends_while_it_runs_keeps_no_context",),
+        "a kept forward whose session ended while it ran keeps no context and no lease",
+    ),
     # -- the distributed trunk (issue #14) ---------------------------------------------------
     M(
         "ddp_parts_counted_again_after_a_combine",

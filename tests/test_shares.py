@@ -334,6 +334,44 @@ def test_a_step_whose_session_ends_while_it_waits_moves_nothing(start_server):
     b.close()
 
 
+def test_a_forward_whose_session_ends_while_it_runs_keeps_no_context(start_server):
+    """The session ends (EndSession) while its kept forward runs: the context it would cache,
+    and the lease that would make every other session's Step wait, are not kept."""
+    gate = _Gate()
+    server = start_server(gate, ServerOptions(step_wait=60.0))
+    a = TrunkClient(server.address)
+    a.info()
+    errors: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            a.compute(
+                "kept",
+                [torch.ones(2)],
+                {},
+                needs_input_grad=[True],
+                keep_context=True,
+                training=True,
+            )
+        except InvalidRequest as exc:
+            errors.append(exc)
+
+    running = threading.Thread(target=forward)
+    running.start()
+    assert gate.entered.wait(30)
+    with grpc.insecure_channel(server.address) as channel:
+        ended = pb_grpc.TrunkStub(channel).EndSession(
+            pb.EndSessionRequest(), metadata=((SESSION_METADATA_KEY, a.session_id),), timeout=10
+        )
+    assert ended.ended
+    gate.open.set()
+    running.join()
+    assert len(errors) == 1 and "ended while its forward ran" in str(errors[0])
+    assert server.stats()["contexts"] == 0
+    assert server.engine.turns.others_holding("") == 0  # no lease left for a Step to wait on
+    a.close()
+
+
 # -- operations: health while draining, the Checkpoint RPC's rate -----------------------------
 
 
