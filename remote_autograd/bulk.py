@@ -208,7 +208,10 @@ class BulkListener:
                 self._connections.pop(connection.id, None)
 
     def drop_session(self, session: str) -> None:
+        """The session ended: close its connections, and void its tickets not yet presented
+        (a connection opened with one later would belong to no session, and stay)."""
         with self._lock:
+            self._tickets = {d: t for d, t in self._tickets.items() if t[1] != session}
             gone = [c for c in self._connections.values() if c.session == session]
             for connection in gone:
                 del self._connections[connection.id]

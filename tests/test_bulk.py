@@ -232,6 +232,22 @@ def test_a_connection_needs_a_fresh_ticket(start_server, peers, wire):
         assert len(server.service.bulk) == 1
 
 
+def test_tickets_of_an_ended_session_open_nothing(start_server, peers):
+    """A connection opened with a ticket of a session that has ended would belong to no
+    session, and nothing would ever drop it: the tickets end with their session."""
+    server = start_server(Scale(torch.float64), ServerOptions(max_session_bulk_connections=8))
+    peer = peers(server.address, "s1")
+    _, connection_id = peer.open()
+    tickets = [peer.ticket().ticket for _ in range(3)]
+    assert peer.stub.EndSession(pb.EndSessionRequest(), metadata=peer.metadata).ended
+    assert len(server.service.bulk) == 0  # its connection went with it
+    for ticket in tickets:
+        _, answer = peer.hello(ticket)
+        assert answer == b"RAB1\x01"
+    assert len(server.service.bulk) == 0
+    _still_serves(server)
+
+
 def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers, wire):
     server = start_server(Scale(torch.float64), wire.server(tokens=("alpha", "beta")))
     owner = peers(server.address, "s1", token="alpha", wire=wire)
