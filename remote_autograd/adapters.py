@@ -5,8 +5,10 @@ copy of the base trunk's weights, frozen, and gives every authenticated identity
 token's fingerprint and, under mutual TLS, the certificate's name) an adapter of its own,
 created on the identity's first call that needs it.
 
-An adapter is a replica of the trunk's module tree that *shares* the base's parameter and
-buffer tensors (no copy) and holds its own peft LoRA layers, served by its own
+An adapter is a replica of the trunk's module tree that *shares* the base's parameters and
+non-persistent buffers (no copy), holds its own copy of the persistent buffers (BatchNorm
+statistics, which a training forward moves and LoadState may set: one client's must not reach
+another's) and its own peft LoRA layers, served by its own
 :class:`~remote_autograd.engine.TrunkEngine`: its own lock, weights version, step turns,
 and its sessions' gradients, optimizers and step counters. So one client's Backward and Step
 never touch another's adapter, a kept graph references only its own adapter's parameters,
@@ -16,7 +18,8 @@ starts from the same initial weights, those a ``build_trunk`` with the same LoRA
 seed draws).
 
 What is shared, and bounded server-wide: the session table (``max_sessions``), the forward
-contexts (``max_contexts``, ``max_context_bytes``), the number of adapters
+contexts (``max_contexts``, ``max_context_bytes``, and their per-identity limits), the number of
+adapters
 (``AdapterOptions.max_adapters``). An adapter idle for ``offload_after`` seconds (or beyond
 ``max_resident_adapters``) moves with its gradients and optimizer state to
 ``offload_device`` and comes back on its next call; every adapter goes to disk with the
@@ -58,7 +61,7 @@ from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
-from .fingerprint import trunk_fingerprint
+from .fingerprint import persistent_buffers, trunk_fingerprint
 from .guard import check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
@@ -229,10 +232,15 @@ class AdapterEngine:
             max_bytes=options.max_context_bytes,
             ttl=options.context_ttl,
             max_per_session=options.max_session_contexts,
+            max_per_identity=options.max_identity_contexts,
+            max_identity_bytes=options.max_identity_context_bytes,
             on_drop=self._context_dropped,
         )
         self.sessions = SessionTable(
-            max_sessions=options.max_sessions, ttl=options.session_ttl, on_drop=self._end_session
+            max_sessions=options.max_sessions,
+            max_per_identity=options.max_sessions_per_identity,
+            ttl=options.session_ttl,
+            on_drop=self._end_session,
         )
         self.session_listeners: list[Callable[[str], None]] = []
         self.server_id = uuid.uuid4().hex[:16]
@@ -254,8 +262,12 @@ class AdapterEngine:
     # -- replicas -------------------------------------------------------------------------------
 
     def _replica(self, base: nn.Module) -> nn.Module:
-        """The module tree of ``base`` again, sharing every parameter and buffer tensor."""
-        shared: dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        """The module tree of ``base`` again, sharing every parameter and non-persistent
+        buffer; the persistent buffers are copied (the replica's own statistics)."""
+        own = {id(t) for _, t in persistent_buffers(base)}
+        shared: dict[int, Any] = {
+            id(t): t for t in (*base.parameters(), *base.buffers()) if id(t) not in own
+        }
         return copy.deepcopy(base, shared)
 
     def _inject(self, module: nn.Module) -> nn.Module:
@@ -368,6 +380,8 @@ class AdapterEngine:
         with torch.no_grad():
             for _, param in adapter.engine.params:
                 param.data = param.data.to(device)
+            for _, buffer in persistent_buffers(adapter.engine.module):
+                buffer.data = buffer.data.to(device)
         for session in self._sessions_of(adapter.identity):
             with session.lock:
                 for name, grad in session.grads.items():
@@ -435,6 +449,10 @@ class AdapterEngine:
             server_id=self.server_id,
             fingerprint=self.fingerprint,
             weights_version=0,  # each client's adapter starts fresh: no SteppedTrunkWarning
+            buffers=[name for name, _ in persistent_buffers(self.base)],  # each adapter's own
+            dtype=next(
+                (str(p.dtype)[6:] for p in self.base.parameters() if p.is_floating_point()), ""
+            ),
         )
 
     def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:
@@ -513,6 +531,9 @@ class AdapterEngine:
                     saved[adapter.identity] = {
                         "weights_version": engine.weights_version,
                         "parameters": {n: p.detach().cpu().clone() for n, p in engine.params},
+                        "buffers": {
+                            n: b.cpu().clone() for n, b in persistent_buffers(engine.module)
+                        },
                         "sessions": clone_tree(sessions),
                     }
                     version += engine.weights_version
@@ -573,9 +594,13 @@ class AdapterEngine:
                     f"{path}: the adapter of {identity} does not fit these LoRA options "
                     "(other rank or target modules); start with the options it was saved with"
                 )
+            buffers = dict(persistent_buffers(adapter.engine.module))
             with torch.no_grad():
                 for name, value in saved["parameters"].items():
                     named[name].copy_(value)
+                for name, value in saved.get("buffers", {}).items():  # none before session 7
+                    if name in buffers:
+                        buffers[name].copy_(value)
             adapter.engine.weights_version = int(saved["weights_version"])
             for key, entry in saved["sessions"].items():
                 adapter.engine.restore_session(self.sessions.get(key), entry)

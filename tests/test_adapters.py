@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 from conftest import spawn_server
-from factories import batch, dropout_trunk, local_parts
+from factories import batch, batchnorm_trunk, dropout_trunk, local_parts
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
@@ -182,8 +182,9 @@ def test_concurrent_clients_in_threads_equal_each_alone(start_server):
         assert_same_state(got[index][1], want_state)
 
 
-def _eval_output(trunk: RemoteModule) -> torch.Tensor:
-    x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(3, 8)
+def _eval_output(trunk: RemoteModule, x: torch.Tensor | None = None) -> torch.Tensor:
+    if x is None:
+        x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(3, 8)
     trunk.eval()
     with torch.no_grad():
         out = trunk(x)
@@ -210,6 +211,53 @@ def test_one_clients_backward_and_step_never_touch_anothers(start_server):
     assert not torch.equal(a_params["0.lora_B.default.weight"], b_params["0.lora_B.default.weight"])
     for learner in (a, b):
         learner.trunk.close()
+
+
+def test_each_client_has_its_own_statistics_of_the_base(start_server, tmp_path):
+    """A base with BatchNorm: a client's training forwards and LoadState move its own running
+    statistics, as they would on a server of its own; another client's never move, and each
+    client's go to disk with the checkpoint."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
+    lora = adapter_options(target_modules=("0",))
+    server = start_server(AdapterEngine(batchnorm_trunk(), options, lora))
+    a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
+    probe = torch.linspace(-2, 2, 24, dtype=torch.float64).reshape(6, 4)
+    a_before = _eval_output(a, probe)
+    alone = batchnorm_trunk()  # B's LoRA starts as zero: its forwards are the base's
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            b(x * 5 + 3)
+            alone(x * 5 + 3)
+    state = b.state_dict()
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(state[name], alone.state_dict()[name]), name
+    assert torch.equal(_eval_output(a, probe), a_before)
+    state["1.running_mean"] = torch.full((4,), 50.0, dtype=torch.float64)
+    b.load_state_dict(state)
+    assert torch.equal(_eval_output(a, probe), a_before)
+    server.engine.checkpoint()
+    for client in (a, b):
+        client.close()
+    restored = start_server(AdapterEngine(batchnorm_trunk(), options, lora))
+    with RemoteModule(restored.address, options=client_options(1)) as again:
+        assert torch.equal(again.state_dict()["1.running_mean"], state["1.running_mean"])
+    with RemoteModule(restored.address, options=client_options(0)) as a_again:
+        assert torch.equal(_eval_output(a_again, probe), a_before)
+
+
+def test_the_per_identity_session_limit_holds_for_adapters_too(start_server):
+    options = ServerOptions(tokens=TOKENS, max_sessions=3, max_sessions_per_identity=1)
+    server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
+    x = torch.zeros(2, 8, dtype=torch.float64)
+    with RemoteModule(server.address, options=client_options(0)) as first, torch.no_grad():
+        first(x)
+        second = RemoteModule(server.address, options=client_options(0))
+        with second, pytest.raises(LimitExceeded, match="max_sessions_per_identity=1"):
+            second(x)
+        with RemoteModule(server.address, options=client_options(1)) as other:
+            other(x)  # another identity still gets its session
 
 
 def test_a_client_cannot_read_load_or_release_anothers_adapter(start_server):
