@@ -100,6 +100,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._step_count -= 1
             raise
 
+    def __getstate__(self) -> Any:
+        # Optimizer's own would copy the hyperparameters and lose the session: a copy that
+        # seems to work until its step().
+        raise TypeError(
+            "a RemoteOptimizer cannot be copied or pickled: its state lives on the server, in "
+            "this client's session. Save optimizer.state_dict() and load it into a new "
+            "RemoteOptimizer (see docs/habits.md, Resuming training)"
+        )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the session's trunk gradients (sent with the next Backward, GradNorm or Step)."""
         self.module.zero_grad(set_to_none)
@@ -242,6 +251,7 @@ def clip_grad_norm_(
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over local parameters and remote trunks together.
 
@@ -254,12 +264,17 @@ def clip_grad_norm_(
     ``[*bottom.parameters(), trunk, *top.parameters()]``: each RemoteModule stands for its
     trunk's parameters. The norms are stacked in that order, as torch does for the unsplit
     model, and the remote gradients are scaled by the same coefficient on the server (it rides
-    on the next Backward, GradNorm or Step). Returns the total norm.
+    on the next Backward, GradNorm or Step). Returns the total norm. As torch's, it takes one
+    tensor too; ``foreach`` is accepted for torch's signature (the local gradients are always
+    scaled with the foreach kernels).
     """
     norm_type = float(norm_type)
-    parts = (
-        _model_parts(parameters) if isinstance(parameters, torch.nn.Module) else list(parameters)
-    )
+    if isinstance(parameters, torch.nn.Module):
+        parts: list[Any] = _model_parts(parameters)
+    elif isinstance(parameters, torch.Tensor):
+        parts = [parameters]  # list() of a tensor would be its rows, none with a .grad
+    else:
+        parts = list(parameters)
     norms: list[torch.Tensor] = []
     local: list[torch.Tensor] = []
     remotes: list[RemoteModule] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -100,6 +101,25 @@ def test_clip_grad_norm_clips_like_torch(start_server, norm_type):
     assert norms == expected
     pair.step()
     pair.assert_same_weights()
+
+
+def test_copying_or_pickling_a_remote_optimizer_says_what_to_do(start_server):
+    pair = Pair(start_server, lr=0.1)
+    for copy_it in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*state_dict\(\)"):
+            copy_it(pair.trunk_opt)
+    pair.backward(_inputs(1)[0])
+    pair.step()  # the original still works
+    pair.assert_same_weights()
+
+
+def test_clip_grad_norm_of_one_tensor_clips_it_like_torch():
+    tensor, reference = (torch.ones(3, 4, requires_grad=True) for _ in range(2))
+    for t in (tensor, reference):
+        t.grad = torch.full((3, 4), 10.0)
+    expected = torch.nn.utils.clip_grad_norm_(reference, 1.0, foreach=True)
+    assert torch.equal(clip_grad_norm_(tensor, 1.0, foreach=True), expected)
+    assert torch.equal(tensor.grad, reference.grad)
 
 
 def test_clip_grad_norm_without_gradients_is_zero(start_server):
