@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["accepts_connections", "check_address", "unreachable_reason"]
+__all__ = ["accepts_connections", "bulk_host", "check_address", "unreachable_reason"]
 
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://", "tcp://")
@@ -38,6 +38,21 @@ def check_address(address: object) -> str:
         return text
     _check_host_port(text, address)
     return text
+
+
+def bulk_host(address: str) -> str | None:
+    """The host of a checked address, where its bulk channel is reached (the port comes from
+    the server): ``host:port``, ``[ipv6]:port``, ``dns:///host:port``, ``ipv4:a.b.c.d:port``
+    (the first of a list), ``ipv6:[addr]:port``. None for a socket that is not TCP (``unix:``,
+    ``unix-abstract:``, ``vsock:``): no bulk channel then."""
+    lowered = address.lower()
+    if lowered.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return None
+    if lowered.startswith("dns:"):
+        address = address[4:].lstrip("/").rsplit("/", 1)[-1]
+    elif lowered.startswith(("ipv4:", "ipv6:")):
+        address = address[5:].split(",", 1)[0]
+    return address.rsplit(":", 1)[0].strip("[]")
 
 
 def _check_host_port(text: str, address: str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from . import frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
+from .addresses import bulk_host
 from .bulk import BulkClient
 from .errors import LimitExceeded
 from .options import ClientOptions
@@ -154,12 +155,12 @@ class FrameExchange:
         if self._bulk_off or time.monotonic() < self._bulk_retry_at:
             return None
         if self._bulk is None:
-            if not info.bulk_port:
+            host = bulk_host(self.address)
+            if not info.bulk_port or host is None:  # none offered, or not a TCP address
                 self._bulk_off = True
                 return None
             with self._lock:
                 if self._bulk is None:
-                    host = self.address.rsplit(":", 1)[0].strip("[]")
                     self._bulk = BulkClient(
                         host,
                         info.bulk_port,

@@ -107,6 +107,21 @@ def test_large_frames_take_the_bulk_channel_and_equal_grpc_streams(start_server,
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("form", ["ipv4:{host}:{port}", "dns:///{host}:{port}"])
+def test_grpc_target_uris_take_the_bulk_channel_too(start_server, form, caplog):
+    server = start_server(Scale(torch.float64))
+    host, port = server.address.rsplit(":", 1)
+    x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)  # 512 KiB each
+    with (
+        caplog.at_level(logging.WARNING),
+        RemoteModule(form.format(host=host, port=port)) as remote,
+    ):
+        y, g = _round_trip(remote, x, grad)
+        assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+        assert remote.client.stats.bulk_calls == 2
+    assert not [r for r in caplog.records if "bulk" in r.getMessage()]
+
+
 def test_small_frames_stay_in_grpc_messages(start_server):
     server = start_server(Scale(torch.float64))
     with RemoteModule(server.address) as remote:

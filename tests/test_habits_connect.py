@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from remote_autograd import ClientOptions, RemoteModule, ServerUnavailable
-from remote_autograd.addresses import accepts_connections
+from remote_autograd.addresses import accepts_connections, bulk_host
 
 PATIENT = ClientOptions(connect_timeout=60.0)  # longer than the guard below: a hang fails
 
@@ -87,3 +87,20 @@ def test_the_operating_system_has_the_last_word_on_a_refusal(start_server):
     assert accepts_connections(f"127.0.0.1:{_free_port()}") is False
     assert accepts_connections("no-such-host.invalid:50051") is False
     assert accepts_connections("unix:/tmp/no-such-socket") is None  # not a TCP address
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("10.0.0.7:50051", "10.0.0.7"),
+        ("[::1]:50051", "::1"),
+        ("dns:///trunk.example:50051", "trunk.example"),
+        ("dns://8.8.8.8/trunk.example:50051", "trunk.example"),
+        ("ipv4:10.0.0.7:50051,10.0.0.8:50051", "10.0.0.7"),
+        ("ipv6:[::1]:50051", "::1"),
+        ("unix:/run/trunk.sock", None),
+        ("unix-abstract:trunk", None),
+    ],
+)
+def test_the_bulk_channel_is_reached_at_the_host_of_any_address_form(address, host):
+    assert bulk_host(address) == host
