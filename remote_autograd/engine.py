@@ -36,7 +36,7 @@ from .calls import (
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, TrunkError
-from .fingerprint import persistent_buffers, trunk_fingerprint
+from .fingerprint import persistent_buffers, state_order, trunk_fingerprint
 from .footprint import Footprint
 from .guard import (
     StepBackup,
@@ -611,6 +611,8 @@ class TrunkEngine:
                 state["parameters"] = clone_tree(full({n: p.detach() for n, p in self.params}))
             if buffers:
                 state["buffers"] = {n: b.clone() for n, b in persistent_buffers(self.module)}
+            if parameters and buffers:  # for a client's state_dict(), in the module's order
+                state["order"] = state_order(self.module)
             if optimizer and session.optimizer is not None:
                 state["optimizer"] = clone_tree(full(session.optimizer.state_dict()))
         return state

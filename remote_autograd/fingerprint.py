@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fingerprint_differences", "fingerprint_digest", "trunk_fingerprint"]
+__all__ = [
+    "fingerprint_differences",
+    "fingerprint_digest",
+    "persistent_buffers",
+    "state_order",
+    "trunk_fingerprint",
+]
 
 _FORMAT = 1
 _SHOWN = 5  # differences of one kind named in a message; the rest are counted
@@ -31,6 +37,21 @@ def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
             if buffer is not None and name not in sub._non_persistent_buffers_set:
                 found.append((f"{path}.{name}" if path else name, buffer))
     return found
+
+
+def state_order(module: nn.Module) -> list[str]:
+    """The names of the parameters and persistent buffers in ``module.state_dict()``'s order
+    (each module's own parameters, then its buffers, then its children's)."""
+    names = []
+    for path, sub in module.named_modules():
+        prefix = f"{path}." if path else ""
+        names += [prefix + n for n, p in sub._parameters.items() if p is not None]
+        names += [
+            prefix + n
+            for n, b in sub._buffers.items()
+            if b is not None and n not in sub._non_persistent_buffers_set
+        ]
+    return names
 
 
 def _dtype(tensor: torch.Tensor) -> str:

@@ -21,11 +21,14 @@ __all__ = ["load_trunk_state", "save_trunk_state", "split_trunk_state"]
 
 
 def save_trunk_state(client: TrunkClient, destination: dict[str, Any], prefix: str) -> None:
-    """Add the trunk's trainable parameters, then its persistent buffers, to ``destination``."""
+    """Add the trunk's trainable parameters and persistent buffers to ``destination``, in the
+    order the trunk's own ``state_dict()`` has them (code zipping two state dicts' values
+    lines them up); from a server that does not say the order, parameters first."""
     state = client.get_state(parameters=True, optimizer=False, buffers=True)
-    for part in ("parameters", "buffers"):
-        for name, value in (state.get(part) or {}).items():
-            destination[prefix + name] = value
+    tensors = {**(state.get("parameters") or {}), **(state.get("buffers") or {})}
+    order = [name for name in state.get("order") or () if name in tensors]
+    for name in [*order, *(name for name in tensors if name not in set(order))]:
+        destination[prefix + name] = tensors[name]
 
 
 def split_trunk_state(client: TrunkClient, state: dict[str, Any]) -> dict[str, Any]:
