@@ -453,7 +453,18 @@ def guarded_step(
     for name, param in moving:
         param.grad = grads[name]
     try:
-        optimizer.step()
+        try:
+            optimizer.step()
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
+            if isinstance(exc, torch.distributed.DistError):  # a rank is lost: not the input's
+                raise
+            # A loaded state that does not fit (a moment of another shape), or an option
+            # this device cannot run (capturable on a CPU): the session's to fix, not a fault.
+            raise InvalidRequest(
+                f"Step refused: {type(optimizer).__name__}.step() raised "
+                f"{type(exc).__name__}: {exc}; nothing was changed. Configure the optimizer "
+                "again (or load an optimizer state that fits this trunk)"
+            ) from exc
         problem, new_max = _problem(optimizer, names, tensors, old_max, options, ranks)
     except BaseException:
         roll_back()

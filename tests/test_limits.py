@@ -261,6 +261,31 @@ def test_load_state_refuses_values_that_overflow_the_trunks_dtype(start_server, 
     assert torch.all(server.engine.module.state_dict()[name][0] == 2.5)
 
 
+def test_an_optimizer_that_cannot_step_is_refused_and_changes_nothing(start_server):
+    """An optimizer state of the wrong shape (loaded) or an option this device cannot run:
+    the optimizer's own error, as INVALID_ARGUMENT, and nothing changed."""
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.9)
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    state = remote.client.get_state(parameters=False, optimizer=True)["optimizer"]
+    for entry in state["state"].values():
+        entry["momentum_buffer"] = torch.zeros(7, 3, dtype=torch.float64)
+    remote.client.load_state({"optimizer": state})
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    before = _weights(server)
+    with pytest.raises(InvalidRequest, match=r"SGD.step\(\) raised RuntimeError: The size"):
+        optimizer.step()
+    assert _same(before, _weights(server))
+    capturable = RemoteOptimizer(remote, "Adam", lr=0.1, capturable=True)  # needs a GPU
+    with pytest.raises(InvalidRequest, match=r"Adam.step\(\) raised AssertionError"):
+        capturable.step()
+    assert _same(before, _weights(server))
+    RemoteOptimizer(remote, "SGD", lr=0.1).step()  # configured again: it steps
+    assert not _same(before, _weights(server))
+
+
 def test_load_state_refuses_unknown_or_misshapen_parameters(start_server):
     server = start_server(_linear())
     remote = RemoteModule(server.address)
