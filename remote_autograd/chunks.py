@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .errors import TrunkError
 from .function import RemoteCall
 
 __all__: list[str] = []
@@ -82,9 +83,18 @@ class ChunkedCall:
         for call in self.calls:
             # The slices' dropout seeds in slice order, whatever order the threads run in.
             call.seed = self.client._next_seed()
-        results = _run_all(
-            [lambda c=call, s=s: c.forward(s) for call, s in zip(self.calls, sent, strict=True)]
-        )
+        try:
+            results = _run_all(
+                [lambda c=call, s=s: c.forward(s) for call, s in zip(self.calls, sent, strict=True)]
+            )
+        except TrunkError as exc:
+            sliced = [i for i, cut in enumerate(self._sliced) if cut]
+            exc.add_note(
+                f"micro_batches={k}: input tensors {sliced} were sliced along dimension 0, "
+                f"which held the batch ({rows} samples) in each; if the trunk takes one whose "
+                "first dimension only happens to equal the batch, use micro_batches=1"
+            )
+            raise
         for call in self.calls:
             call._inputs = tuple(t.detach() for t in call._inputs)
         self.output_template = self.calls[0].output_template

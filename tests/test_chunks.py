@@ -10,7 +10,7 @@ import torch
 from models import Blocks
 from torch import nn
 
-from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer
+from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, TrunkError
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -137,3 +137,22 @@ def test_an_output_without_the_batch_is_refused_with_what_to_do(start_server):
         ClientOptions(micro_batches=0)
     with pytest.raises(ValueError, match="micro_batches"):
         RemoteModule(server.address, micro_batches=0)
+
+
+class _Positions(nn.Module):
+    """Takes positions of shape (L,) beside hidden states (B, L, H)."""
+
+    def forward(self, hidden, positions):
+        return hidden + positions[None, :, None]
+
+
+def test_a_trunk_error_of_a_sliced_call_says_what_was_sliced(start_server):
+    server = start_server(_Positions())
+    hidden, positions = torch.zeros(4, 4, 2), torch.arange(4.0)  # L happens to equal B
+    with RemoteModule(server.address, micro_batches=2) as remote:
+        with pytest.raises(TrunkError) as info:
+            remote(hidden, positions)
+        assert "input tensors [0, 1] were sliced" in "\n".join(info.value.__notes__)
+        assert "use micro_batches=1" in info.value.__notes__[0]
+    with RemoteModule(server.address, micro_batches=1) as remote:
+        assert torch.equal(remote(hidden, positions), _Positions()(hidden, positions))
