@@ -119,12 +119,21 @@ class Follower:
         return {"grads": result[0]}
 
     def _mirror(self, command: dict[str, Any]) -> None:
-        engine, name, args = self.runner.engine, command["name"], command["args"]
-        session: Any = engine.sessions.get(command["key"]) if command["key"] else None
-        # A Step needs the optimizer this rank was given (ConfigureOptimizer or a checkpoint).
-        self.runner.agree_on_session(
-            name, command["key"], name != "step" or session.optimizer is not None
+        engine, name, args, key = (
+            self.runner.engine,
+            command["name"],
+            command["args"],
+            command["key"],
         )
+        existed = any(held.key == key for held in engine.sessions.values())
+        session: Any = engine.sessions.get(key) if key else None
+        try:
+            # A Step needs the optimizer this rank was given (ConfigureOptimizer or a checkpoint).
+            self.runner.agree_on_session(name, key, name != "step" or session.optimizer is not None)
+        except InvalidRequest:
+            if key and not existed:  # made just now for a session rank 0 no longer holds
+                engine.sessions.drop(key)
+            raise
         if name == "account":
             grads, self.last_param_grads = self.last_param_grads, []
             engine.account(session, grads, **args)
