@@ -43,16 +43,22 @@ def check_address(address: object) -> str:
 def bulk_host(address: str) -> str | None:
     """The host of a checked address, where its bulk channel is reached (the port comes from
     the server): ``host:port``, ``[ipv6]:port``, ``dns:///host:port``, ``ipv4:a.b.c.d:port``
-    (the first of a list), ``ipv6:[addr]:port``. None for a socket that is not TCP (``unix:``,
-    ``unix-abstract:``, ``vsock:``): no bulk channel then."""
+    (the first of a list), ``ipv6:[addr]:port`` (or without the port). None for a socket that
+    is not TCP (``unix:``, ``unix-abstract:``, ``vsock:``): no bulk channel then."""
     lowered = address.lower()
     if lowered.startswith(("unix:", "unix-abstract:", "vsock:")):
         return None
     if lowered.startswith("dns:"):
-        address = address[4:].lstrip("/").rsplit("/", 1)[-1]
+        target = address[4:].lstrip("/").rsplit("/", 1)[-1]
     elif lowered.startswith(("ipv4:", "ipv6:")):
-        address = address[5:].split(",", 1)[0]
-    return address.rsplit(":", 1)[0].strip("[]")
+        target = address[5:].lstrip("/").split(",", 1)[0]
+    else:
+        target = address
+    if target.startswith("["):  # [ipv6] or [ipv6]:port
+        return target[1:].partition("]")[0]
+    if target.count(":") > 1:  # a bare IPv6 address (ipv6: without a port)
+        return target
+    return target.partition(":")[0]
 
 
 def _check_host_port(text: str, address: str) -> None:

@@ -487,22 +487,25 @@ def _unpack(
     return value
 
 
+_CONTAINERS = frozenset((dict, list, tuple))  # what msgpack (and our tuples) decode to
+
+
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep (walked
-    without recursion: the tree came from the peer)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, (list, tuple)):
-            children = node
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
+    """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep: one
+    level at a time, without recursion (the tree came from the peer), keeping containers only
+    (a long list of numbers costs one pass of C-speed type checks)."""
+    level = [value] if type(value) in _CONTAINERS else []  # the containers at depth 1
+    for _ in range(limit):
+        children = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in _CONTAINERS
+        ]
+        if not children:
+            return False
+        level = children
+    return bool(level)  # containers at depth limit + 1
 
 
 def _too_deep(what: str, limit: int) -> CodecError:

@@ -178,12 +178,13 @@ def _accumulates(dummy: Any) -> bool:
     local layer's: ``loss.backward()`` does; ``torch.autograd.grad(loss, x)`` and
     ``loss.backward(inputs=[x])`` leave every parameter's ``.grad`` alone (a gradient penalty,
     an adversarial input), and so must the server. The dummy stands for the trunk's
-    parameters: its AccumulateGrad node runs exactly when theirs would."""
+    parameters: its AccumulateGrad node runs exactly when theirs would, and it is what a
+    ``RemoteOptimizer`` lists as its parameter (for ``backward(inputs=...)`` to include)."""
     if dummy is None:
         return True
     try:
         return bool(torch._C._will_engine_execute_node(dummy))
-    except RuntimeError:  # inside torch.autograd.grad, which accumulates into no leaf at all
+    except RuntimeError:  # the dummy itself among autograd.grad()'s inputs: nothing accumulates
         return False
 
 

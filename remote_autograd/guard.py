@@ -415,6 +415,13 @@ def _restore_state(
             optimizer.state.pop(param, None)  # state the refused step created (its first step)
 
 
+_NOT_THE_INPUTS = (
+    torch.distributed.DistError,
+    torch.OutOfMemoryError,
+    *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()),
+)
+
+
 def guarded_step(
     optimizer: torch.optim.Optimizer,
     params: Sequence[tuple[str, torch.nn.Parameter]],
@@ -456,7 +463,8 @@ def guarded_step(
         try:
             optimizer.step()
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
-            if isinstance(exc, torch.distributed.DistError):  # a rank is lost: not the input's
+            # Not the session's doing: a lost rank, a device out of memory or failing.
+            if isinstance(exc, _NOT_THE_INPUTS):
                 raise
             # A loaded state that does not fit (a moment of another shape), or an option
             # this device cannot run (capturable on a CPU): the session's to fix, not a fault.

@@ -27,6 +27,7 @@ _INTERNAL_LIMITS = Limits(
     max_tensors=1 << 20,
     max_header_bytes=1 << 30,
     max_decoded_bytes=1 << 40,
+    max_depth=64,  # a call's values (checked at 32 by rank 0) inside a command
 )
 
 

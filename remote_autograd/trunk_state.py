@@ -27,7 +27,8 @@ def save_trunk_state(client: TrunkClient, destination: dict[str, Any], prefix: s
     state = client.get_state(parameters=True, optimizer=False, buffers=True)
     tensors = {**(state.get("parameters") or {}), **(state.get("buffers") or {})}
     order = [name for name in state.get("order") or () if name in tensors]
-    for name in [*order, *(name for name in tensors if name not in set(order))]:
+    listed = set(order)
+    for name in [*order, *(name for name in tensors if name not in listed)]:
         destination[prefix + name] = tensors[name]
 
 

@@ -60,8 +60,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "load_state_accepts_nan",
         "remote_autograd/validate.py",
-        'if not finite_flags([value])[0]:\n            raise InvalidRequest(f"parameter',
-        'if False:\n            raise InvalidRequest(f"parameter',
+        "        if not _finite_as(value, named[name]):\n            raise InvalidRequest(\n",
+        "        if False:\n            raise InvalidRequest(\n",
         ("tests/test_limits.py::test_load_state_refuses_non_finite_parameters",),
         "LoadState refuses non-finite parameters",
     ),
@@ -264,8 +264,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "checkpoint_without_path_unexplained",
         "remote_autograd/engine.py",
-        "if not path:",
-        "if False:",
+        "        if not self.options.checkpoint_path:\n            raise NotConfigured(",
+        "        if False:\n            raise NotConfigured(",
         ("tests/test_checkpoint.py::test_checkpoint_without_a_path_is_refused",),
         "Checkpoint on a server without a path is refused, saying so",
     ),
@@ -449,21 +449,21 @@ MUTATIONS: list[Mutation] = [
         "parameters that autograd gives one gradient tensor accumulate as they do locally",
     ),
     M(
-        "grad_of_inputs_alone_accumulates_in_the_trunk",
+        "autograd_grad_accumulates_in_the_trunk",
         "remote_autograd/function.py",
         "        frozen = self.frozen() or not parameters",
         "        frozen = self.frozen()",
         (
             "tests/test_split_training.py::"
-            "test_grad_of_inputs_alone_leaves_the_trunks_gradients_alone",
+            "test_backward_reaches_the_trunks_gradients_only_where_it_would_locally",
         ),
         "torch.autograd.grad(loss, x) and backward(inputs=[x]) leave the trunk's gradients alone",
     ),
     M(
         "forward_of_an_ended_session_keeps_its_context",
         "remote_autograd/engine.py",
-        "            if not self.sessions.holds(session):\n                # Ended (EndSession, expiry) while the forward ran",
-        "            if False:\n                # Ended (EndSession, expiry) while the forward ran",
+        "            if not self.sessions.holds(session):\n                # Ended (EndSession",
+        "            if False:\n                # Ended (EndSession",
         ("tests/test_shares.py::test_a_forward_whose_session_ends_while_it_runs_keeps_no_context",),
         "a kept forward whose session ended while it ran keeps no context and no lease",
     ),

@@ -20,6 +20,7 @@ from remote_autograd import (
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
+    TrunkError,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
 
@@ -284,6 +285,23 @@ def test_an_optimizer_that_cannot_step_is_refused_and_changes_nothing(start_serv
     assert _same(before, _weights(server))
     RemoteOptimizer(remote, "SGD", lr=0.1).step()  # configured again: it steps
     assert not _same(before, _weights(server))
+
+
+def test_a_device_out_of_memory_in_a_step_stays_a_server_error(start_server, monkeypatch):
+    """Not the session's doing: answered INTERNAL (and logged), not as a bad request."""
+    server = start_server(_linear())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    before = _weights(server)
+
+    def out_of_memory(self, closure=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch.optim.SGD, "step", out_of_memory)
+    with pytest.raises(TrunkError, match="out of memory"):
+        optimizer.step()
+    assert _same(before, _weights(server))
 
 
 def test_load_state_refuses_unknown_or_misshapen_parameters(start_server):

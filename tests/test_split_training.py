@@ -147,30 +147,42 @@ def test_trunk_gets_gradients_when_no_input_requires_grad(inputs, start_server):
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_grad_of_inputs_alone_leaves_the_trunks_gradients_alone(micro_batches, start_server):
+def test_backward_reaches_the_trunks_gradients_only_where_it_would_locally(
+    micro_batches, start_server
+):
     """``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])`` (a gradient penalty,
-    an adversarial input) give no parameter a gradient locally: nor on the server."""
+    an adversarial input) give no parameter a gradient, locally as on the server. With
+    ``inputs=`` naming the parameters, the trunk's are named by its optimizer's."""
     torch.manual_seed(0)
-    trunk = nn.Linear(3, 3).double()
-    local = copy.deepcopy(trunk)
-    remote = RemoteModule(start_server(trunk).address, micro_batches=micro_batches)
-    optimizers = (
-        torch.optim.SGD(local.parameters(), lr=0.1),
-        RemoteOptimizer(remote, "SGD", lr=0.1),
+    local = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 2)).double()
+    remote = RemoteModule(
+        start_server(copy.deepcopy(local[2])).address, micro_batches=micro_batches
     )
+    split = nn.Sequential(copy.deepcopy(local[0]), nn.Tanh(), remote, copy.deepcopy(local[3]))
+    trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+    runs = [
+        (local, [torch.optim.SGD(local.parameters(), lr=0.1)], list(local.parameters())),
+        (
+            split,
+            [torch.optim.SGD(split.parameters(), lr=0.1), trunk_opt],
+            [*split.parameters(), *trunk_opt.param_groups[0]["params"]],
+        ),
+    ]
     x = torch.randn(4, 3, dtype=torch.float64)
     grads = []
-    for model, optimizer in zip((local, remote), optimizers, strict=True):
+    for model, optimizers, parameters in runs:
         leaf = x.clone().requires_grad_()
         (penalty,) = torch.autograd.grad(model(leaf).pow(2).sum(), leaf)
         model(leaf).sum().backward(inputs=[leaf])
+        model(leaf).pow(2).mean().backward(inputs=parameters)
         (model(leaf).sum() + penalty.sum()).backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         grads.append(leaf.grad)
     assert torch.equal(grads[1], grads[0])
-    state = remote.remote_state_dict()
-    for name, param in local.named_parameters():
-        assert torch.equal(state[name], param.detach()), name
+    state = split.state_dict()
+    for name, param in local.state_dict().items():
+        assert torch.equal(state[name], param), name
 
 
 def test_zero_grad_of_the_remote_module_clears_the_trunks_gradients(start_server):
