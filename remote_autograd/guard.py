@@ -466,8 +466,8 @@ def guarded_step(
             # Not the session's doing: a lost rank, a device out of memory or failing.
             if isinstance(exc, _NOT_THE_INPUTS):
                 raise
-            # A loaded state that does not fit (a moment of another shape), or an option
-            # this device cannot run (capturable on a CPU): the session's to fix, not a fault.
+            # A loaded state that does not fit (a momentum buffer of another shape), or an
+            # option this device cannot run (capturable on a CPU): the session's to fix.
             raise InvalidRequest(
                 f"Step refused: {type(optimizer).__name__}.step() raised "
                 f"{type(exc).__name__}: {exc}; nothing was changed. Configure the optimizer "

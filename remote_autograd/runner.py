@@ -227,10 +227,10 @@ def _own_memory(
     for several parameters (``x + b1 + b2``: the output's gradient itself, for both and for
     ``x``), and a session adds later Backwards to what it holds in place: shared, that sum
     would land twice, and in the input gradient a retried Backward is answered with again."""
-    seen = {_memory(g) for g in input_grads if g is not None}
+    seen = {_memory(g) for g in input_grads if g is not None and g.layout == torch.strided}
     owned: list[torch.Tensor | None] = []
     for grad in param_grads:
-        if grad is not None and grad.numel():
+        if grad is not None and grad.numel() and grad.layout == torch.strided:
             key = _memory(grad)
             if key in seen:
                 grad = grad.clone()

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 
 
+# The status message travels in HTTP/2 trailers, which gRPC caps at 8 KiB by default (and
+# percent-encodes): a longer one (a torch error listing every backend) would reach the client
+# as "Stream removed" instead.
+_MAX_DETAILS = 2000
+
+
 def _rpc(method: Callable) -> Callable:
     """Turn any exception into a gRPC status with the error's class in trailing metadata."""
 
@@ -69,6 +75,9 @@ def _rpc(method: Callable) -> Callable:
             log.exception("%s failed in the trunk", method.__name__)
             code, name = grpc.StatusCode.INTERNAL, "TrunkError"
             message = f"{method.__name__}: the trunk raised {type(exc).__name__}: {exc}"
+        if len(message) > _MAX_DETAILS:
+            cut = len(message) - _MAX_DETAILS
+            message = f"{message[:_MAX_DETAILS]} ... ({cut} more characters)"
         context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
         context.abort(code, message)
 

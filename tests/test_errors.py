@@ -149,6 +149,20 @@ def test_trunk_exception_is_reported_and_the_server_keeps_serving(start_server):
     assert torch.equal(remote(torch.ones(1, 3)), torch.full((1, 3), 2.0))
 
 
+def test_an_error_too_long_for_grpc_trailers_arrives_cut_not_as_stream_removed(start_server):
+    """torch's "not implemented for this backend" errors list every backend (~14 KB), past
+    what gRPC lets a status message carry."""
+
+    class Verbose(nn.Module):
+        def forward(self, x):
+            raise NotImplementedError("no kernel for this backend; available: " + "Cpu, " * 4000)
+
+    remote = RemoteModule(start_server(Verbose()).address)
+    with pytest.raises(TrunkError, match=r"raised NotImplementedError: no kernel") as info:
+        remote(torch.ones(2))
+    assert str(info.value).endswith("more characters)") and len(str(info.value)) < 2500
+
+
 def test_optimizer_allowlist_and_arguments(start_server):
     remote = RemoteModule(start_server(nn.Linear(2, 2)).address)
     with pytest.raises(InvalidRequest, match="optimizer 'Optimizer' is not allowed; use one of"):
