@@ -254,9 +254,13 @@ def test_a_trunk_error_reaches_the_caller_and_the_next_step_works(start_server):
     assert all(p.grad is not None for p in bottom.parameters())
 
 
-def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(start_server, tmp_path):
-    """``remote-autograd train --micro-batches 2``: the pipelined trainer's losses and clipped
-    gradient norms are those of the unsplit model (token-mean weights over padded pieces)."""
+@pytest.mark.parametrize(("micro", "samples"), [(2, 64), (4, 10)], ids=["even", "short-last-batch"])
+def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(
+    start_server, tmp_path, micro, samples
+):
+    """``remote-autograd train --micro-batches M``: the pipelined trainer's losses and clipped
+    gradient norms are those of the unsplit model (token-mean weights over padded pieces), also
+    when an epoch's last batch holds fewer samples than M (10 samples: batches of 4, 4, 2)."""
     from test_hf_train import RUN, SPEC, monolithic_losses
 
     from remote_autograd.hf import LoraOptions, ModelSpec, TrainConfig, build_trunk, train
@@ -272,8 +276,8 @@ def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(start_se
         lr=1e-2,
         max_grad_norm=0.5,
         out_dir=str(tmp_path),
-        micro_batches=2,
-        **RUN,
+        micro_batches=micro,
+        **{**RUN, "max_samples": samples},
     )
     result = train(config)
     expected_losses, expected_norms, padded = monolithic_losses(config)
@@ -286,3 +290,33 @@ def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(start_se
     )
     with pytest.raises(ValueError, match="micro_batches must be between 1 and batch_size"):
         train(dataclasses.replace(config, micro_batches=RUN["batch_size"] + 1))
+
+
+def test_a_piece_without_predicted_tokens_leaves_the_trainers_loss_finite(start_server):
+    """An end-of-text-only sample (one token: nothing to predict) alone in a piece: its weight is
+    0, and its loss must not turn the micro-batch's loss into NaN."""
+    from remote_autograd.hf import LoraOptions, ModelSpec, build_client_parts, build_trunk
+    from remote_autograd.hf.data import collate
+    from remote_autograd.hf.split import causal_lm_loss
+    from remote_autograd.hf.training import _pipelined_step
+
+    spec = ModelSpec(n_layer=4, n_embd=32, n_head=2, n_positions=64, trunk_start=1, trunk_end=3)
+    spec = dataclasses.replace(spec, dropout=0.0)
+    lora = LoraOptions(rank=4)
+    batch = collate([[5, 6, 7, 8, 9, 10], [1], [11, 12, 13], [14, 15, 16, 17]], pad_id=0)
+    x = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    losses = []
+    for micro in (1, 4):
+        bottom, top = build_client_parts(spec, lora)
+        with RemoteModule(start_server(build_trunk(spec, lora)).address) as trunk:
+            if micro == 1:
+                state = bottom(**x)
+                hidden = trunk(**state, dropout_seed=1)
+                logits = top(hidden, state["attention_mask"], state["position_ids"])
+                losses.append(causal_lm_loss(logits, batch["labels"]).item())
+            else:
+                step = _pipelined_step(bottom, trunk, top, micro, 1)
+                assert step is not None
+                losses.append(step(x, batch["labels"]).item())
+            assert all(p.grad is None or p.grad.isfinite().all() for p in bottom.parameters())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,10 +270,11 @@ def _checked(config: TrainConfig) -> ClientOptions:
 
 def _pipelined_step(
     bottom: nn.Module, trunk: RemoteModule, top: nn.Module, micro_batches: int, grad_accum: int
-) -> PipelinedStep | None:
+) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None:
     """The loop body above as a pipelined step over ``micro_batches`` pieces (None for 1).
     Each piece's token-mean loss is weighted by its count of predicted tokens, so the sum is
-    the token mean of the whole micro-batch."""
+    the token mean of the whole micro-batch. An epoch's last micro-batch may hold fewer samples
+    than ``micro_batches``: it runs as one piece per sample."""
     if micro_batches == 1:
         return None
 
@@ -288,20 +290,32 @@ def _pipelined_step(
     def top_part(value: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return top(*value)
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(logits, labels) / grad_accum
-
     def predicted_tokens(labels: torch.Tensor) -> float:
         return float((labels[:, 1:] != -100).sum())
 
-    return PipelinedStep(
-        bottom_part,
-        trunk_part,
-        top_part,
-        loss_fn,
-        micro_batches=micro_batches,
-        weight=predicted_tokens,
-    )
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not predicted_tokens(labels):
+            # A piece of end-of-text-only samples: its weight is 0, and its loss must be a
+            # finite 0 (a token mean over no tokens is NaN, and NaN x 0 is NaN).
+            return logits.sum() * 0.0
+        return causal_lm_loss(logits, labels) / grad_accum
+
+    steps: dict[int, PipelinedStep] = {}
+
+    def step(x: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        pieces = min(micro_batches, labels.shape[0])
+        if pieces not in steps:
+            steps[pieces] = PipelinedStep(
+                bottom_part,
+                trunk_part,
+                top_part,
+                loss_fn,
+                micro_batches=pieces,
+                weight=predicted_tokens,
+            )
+        return steps[pieces](x, labels)
+
+    return step
 
 
 def _adapters(bottom: nn.Module, top: nn.Module, trunk: RemoteModule) -> dict[str, dict]:
