@@ -225,11 +225,24 @@ class BulkListener:
             idle = [c for c in self._connections.values() if not c.busy.locked()]
         if not idle:
             return 0
+        # poll, not select: select refuses a descriptor of 1024 or more, and one of -1 (a socket
+        # closed under us), and would then prune nothing at all.
+        poller = select.poll()
+        by_fd: dict[int, _Connection] = {}
+        gone_already = []
+        for connection in idle:
+            fd = connection.sock.fileno()
+            if fd < 0 or connection.closed:
+                gone_already.append(connection)
+            else:
+                by_fd[fd] = connection
+                poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([c.sock for c in idle], [], [], 0)
-        except (OSError, ValueError):
-            readable = [c.sock for c in idle if c.closed]
-        gone = [c for c in idle if c.sock in readable and c.busy.acquire(blocking=False)]
+            events = poller.poll(0)
+        except OSError:
+            events = []
+        readable = gone_already + [by_fd[fd] for fd, _ in events if fd in by_fd]
+        gone = [c for c in readable if c.busy.acquire(blocking=False)]
         for connection in gone:
             connection.close()
             self.release(connection)
@@ -265,6 +278,7 @@ class BulkListener:
         # One deadline for the TLS handshake and the whole hello: a peer trickling a byte now
         # and then must not hold a handshake slot (there are _MAX_HANDSHAKES) for longer.
         deadline = time.monotonic() + self.hello_timeout
+        connection: _Connection | None = None
         try:
             sock.settimeout(self.hello_timeout)
             if self.tls is not None:
@@ -284,10 +298,14 @@ class BulkListener:
             connection_id, session, _ = entry
             sock.settimeout(self.timeout)
             connection = _Connection(sock, connection_id, session)
+            # Registered before the answer: the client's first call may follow it at once.
             with self._lock:
                 self._connections[connection_id] = connection
             sock.sendall(HELLO + bytes([_OK]))
         except (OSError, ValueError):  # includes timeouts and TLS errors
+            if connection is not None:  # the answer did not go out: nobody will use it
+                with self._lock:
+                    self._connections.pop(connection.id, None)
             sock.close()
         finally:
             with self._lock:

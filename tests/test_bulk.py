@@ -247,6 +247,23 @@ def test_a_connection_needs_a_fresh_ticket(start_server, peers, wire):
         assert len(server.service.bulk) == 1
 
 
+def test_connections_reset_at_their_hello_or_left_idle_are_dropped(start_server, peers):
+    """A peer that resets right after its hello never gets the answer: its connection is not
+    kept. Then a client that went away is still pruned (a socket closed under the listener
+    once stopped every prune)."""
+    server = start_server(Scale(torch.float64), ServerOptions(context_ttl=1.0))
+    peer = peers(server.address, "s1")
+    for _ in range(3):
+        sock = peer.connect()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"RAB1" + peer.ticket().ticket)
+        sock.close()  # a reset: the server's answer cannot go out
+    honest, _ = peer.open()
+    honest.close()
+    wait_for(lambda: len(server.service.bulk) == 0, timeout=30)
+    _still_serves(server)
+
+
 def test_tickets_of_an_ended_session_open_nothing(start_server, peers):
     """A connection opened with a ticket of a session that has ended would belong to no
     session, and nothing would ever drop it: the tickets end with their session."""
