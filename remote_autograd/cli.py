@@ -188,7 +188,10 @@ def _value(flag: _Flag, given: Any) -> Any:
         if given is None:
             return flag.default
         with open(given) as f:
-            return tuple(line.strip() for line in f if line.strip())
+            lines = tuple(line.strip() for line in f if line.strip())
+        if not lines:  # an empty secrets mount must not turn authentication off
+            raise SystemExit(f"{flag.flag} {given}: the file holds no line; refusing to start")
+        return lines
     return given
 
 
@@ -260,6 +263,7 @@ def _serve(args: argparse.Namespace) -> None:
     hf_model = getattr(args, "model_type", None) or getattr(args, "model_path", None)
     if args.module is not None and hf_model:
         raise SystemExit("serve takes one trunk: --module, or --model-type/--model-path, not both")
+    _check_server_flags(args)  # before the trunk is built: a large model takes minutes
     if args.module is not None:
         module = load_factory(args.module)()
     elif hf_model:
@@ -267,6 +271,23 @@ def _serve(args: argparse.Namespace) -> None:
     else:
         raise SystemExit(_NO_TRUNK)
     run_server(module, args)
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    """Refuse server flags that contradict each other, or a checkpoint that could not be
+    written, as a SystemExit that says which."""
+    try:
+        options = server_options(args)
+    except ValueError as exc:
+        raise SystemExit(f"serve: {exc}") from exc
+    path = options.checkpoint_path
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise SystemExit(
+                f"--checkpoint {path}: {folder} is not a directory this process can write "
+                "(every checkpoint, including the last one at shutdown, would fail)"
+            )
 
 
 def _hf_extra_installed() -> bool:

@@ -72,7 +72,32 @@ class ClientOptions:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """How a trunk server runs and what it accepts."""
+    """How a trunk server runs and what it accepts. Settings that contradict each other or
+    would be ignored are refused here, before a trunk is built or a port bound."""
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError(
+                "ServerOptions.certificate_chain and private_key go together (--tls-cert and "
+                "--tls-key): TLS needs both"
+            )
+        if self.client_ca is not None and self.certificate_chain is None:
+            raise ValueError(
+                "ServerOptions.client_ca (--client-ca) asks for mutual TLS, which needs TLS: "
+                "give certificate_chain and private_key (--tls-cert, --tls-key) too"
+            )
+        if (self.checkpoint_every or self.checkpoint_interval) and not self.checkpoint_path:
+            raise ValueError(
+                "ServerOptions.checkpoint_every / checkpoint_interval (--checkpoint-every, "
+                "--checkpoint-interval) need checkpoint_path (--checkpoint): nothing would be saved"
+            )
+        if self.max_workers < 1:
+            raise ValueError(f"ServerOptions.max_workers must be >= 1, got {self.max_workers}")
+        if not self.bulk_hello_timeout > 0:
+            raise ValueError(
+                f"ServerOptions.bulk_hello_timeout must be > 0 seconds, got "
+                f"{self.bulk_hello_timeout!r}"
+            )
 
     device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...
     dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs back)

@@ -40,6 +40,44 @@ def test_serve_refuses_a_module_and_a_model_together() -> None:
         main(["serve", "--module", "nowhere:make", "--model-type", "llama"])
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--checkpoint-every", "1"], "need checkpoint_path .*nothing would be saved"),
+        (["--checkpoint-interval", "5"], "need checkpoint_path"),
+        (["--client-ca", "{pem}"], "asks for mutual TLS, which needs TLS"),
+        (["--tls-cert", "{pem}"], "certificate_chain and private_key go together"),
+        (["--tls-key", "{pem}"], "certificate_chain and private_key go together"),
+        (["--max-workers", "0"], "max_workers must be >= 1"),
+        (["--bulk-hello-timeout", "0"], "bulk_hello_timeout must be > 0"),
+        (["--token-file", "{empty}"], "holds no line; refusing to start"),
+        (["--checkpoint", "{missing}/trunk.ckpt"], "not a directory this process can write"),
+    ],
+    ids=[
+        "every-without-path",
+        "interval-without-path",
+        "client-ca-without-tls",
+        "cert-without-key",
+        "key-without-cert",
+        "no-workers",
+        "no-hello-time",
+        "empty-token-file",
+        "checkpoint-folder-missing",
+    ],
+)
+def test_contradicting_or_unusable_server_flags_stop_before_the_trunk_is_built(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    # The module cannot be imported: reaching it would end with another message.
+    (tmp_path / "cert.pem").write_bytes(b"PEM")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    places = {"pem": tmp_path / "cert.pem", "empty": tmp_path / "empty.txt"}
+    places["missing"] = tmp_path / "no-such-folder"
+    argv = [flag.format(**places) for flag in flags]
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", "--module", "no_such_pkg.models:make", *argv])
+
+
 def _env() -> dict[str, str]:
     paths = [str(ROOT), os.environ.get("PYTHONPATH")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
