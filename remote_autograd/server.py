@@ -27,6 +27,7 @@ from .drain import CallDrain
 from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
+from .tokens import BearerTokens, TokenGate
 from .transport import bulk_server_tls, create_server
 
 __all__ = ["SERVICE_NAME", "TrunkServer", "serve"]
@@ -78,9 +79,11 @@ class TrunkServer:
             self.options = options = options or ServerOptions()
             self.engine = TrunkEngine(trunk, options)
         self.service = TrunkService(self.engine)
-        self._drain = CallDrain(f"/{SERVICE_NAME}/")  # outermost: counts every Trunk call
+        self._drain = CallDrain(f"/{SERVICE_NAME}/")  # counts every Trunk call
+        # First: a call without a known token is refused before it takes a worker thread.
+        gate = TokenGate(BearerTokens(options.tokens))
         self._server, self.port = create_server(
-            address, options, interceptors=(self._drain, *interceptors)
+            address, options, interceptors=(gate, self._drain, *interceptors)
         )
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"

@@ -10,8 +10,6 @@ leaving an RPC becomes a gRPC status here (``_rpc``), with the error's class in 
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -40,7 +38,8 @@ from .errors import (
     TrunkError,
 )
 from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of
-from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY
+from .tokens import REFUSAL, BearerTokens
+from .transport import SESSION_METADATA_KEY
 from .validate import autocast_dtype, unpack
 
 __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
@@ -153,9 +152,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         self._inflight = _ByteBudget(
             options.max_inflight_bytes, options.max_identity_inflight_bytes
         )
-        self._tokens = {
-            hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in options.tokens
-        }
+        self._tokens = BearerTokens(options.tokens)
         engine.session_listeners.append(self._drop_bulk)
         cancellation.install(engine.module)  # an abandoned call stops between layers
 
@@ -164,21 +161,12 @@ class TrunkService(pb_grpc.TrunkServicer):
     def identity(self, context: grpc.ServicerContext) -> str:
         """The caller's authenticated identity: a token's fingerprint ("anonymous" on a
         server without tokens) and, under mutual TLS, the client certificate's name."""
-        metadata = dict(context.invocation_metadata())
         identity = ANONYMOUS
-        if self._tokens:
-            offered = str(metadata.get(AUTH_METADATA_KEY, ""))
-            scheme, _, token = offered.partition(" ")
-            matches = [
-                name
-                for name, known in self._tokens.items()
-                if hmac.compare_digest(token.encode(), known)
-            ]
-            if scheme.lower() != "bearer" or not matches:
-                raise AuthenticationError(
-                    "missing or unknown bearer token: pass ClientOptions(token=...)"
-                )
-            identity = matches[0]
+        if self._tokens:  # checked before the call took a thread too (tokens.TokenGate)
+            name = self._tokens.identity(context.invocation_metadata())
+            if name is None:
+                raise AuthenticationError(REFUSAL)
+            identity = name
         # Only mutual TLS puts a client certificate's name in the auth context.
         peer = context.auth_context().get("x509_common_name") if self.options.client_ca else None
         if peer:

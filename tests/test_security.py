@@ -166,6 +166,42 @@ def test_the_token_must_come_with_the_bearer_scheme(start_server, offered, accep
     assert server.stats()["sessions"] == 0
 
 
+def test_calls_without_a_token_cannot_hold_the_servers_threads(start_server):
+    """Calls that send their headers and never their message, without a token, one per worker
+    thread and more: each is refused at once, and a client with a token is answered. Health
+    checks need no token; reflection needs one."""
+    server = start_server(_linear(), ServerOptions(tokens=("alpha-token",), max_workers=4))
+    release = threading.Event()
+
+    def never():  # a request stream that sends nothing until the test ends
+        release.wait(60)
+        yield from ()
+
+    with grpc.insecure_channel(server.address) as channel:
+        compute = channel.stream_unary(
+            "/remote_autograd.v1.Trunk/Compute",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        held = [compute.future(never(), timeout=60) for _ in range(8)]
+        try:
+            for call in held:
+                assert call.exception(timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
+            metadata = (("authorization", "Bearer alpha-token"),)
+            info = pb_grpc.TrunkStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=30)
+            assert info.trainable_numel == 10
+        finally:
+            release.set()
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(reflection.ServerReflectionInfo(iter([]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_a_client_cannot_touch_another_clients_contexts(start_server):
     server = start_server(_linear(), ServerOptions(tokens=("alpha-token", "beta-token")))
     alice = RemoteModule(server.address, options=ClientOptions(token="alpha-token"))
