@@ -83,9 +83,9 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "bearer_scheme_unchecked",
-        "remote_autograd/service.py",
-        'if scheme.lower() != "bearer" or not matches:',
-        "if not matches:",
+        "remote_autograd/tokens.py",
+        'return matches[0] if scheme.lower() == "bearer" and matches else None',
+        "return matches[0] if matches else None",
         ("tests/test_security.py::test_the_token_must_come_with_the_bearer_scheme",),
         "tokens are accepted only with the Bearer scheme",
     ),
