@@ -61,7 +61,7 @@ from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
-from .fingerprint import persistent_buffers, trunk_fingerprint
+from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
 from .guard import check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
@@ -450,9 +450,7 @@ class AdapterEngine:
             fingerprint=self.fingerprint,
             weights_version=0,  # each client's adapter starts fresh: no SteppedTrunkWarning
             buffers=[name for name, _ in persistent_buffers(self.base)],  # each adapter's own
-            dtype=next(
-                (str(p.dtype)[6:] for p in self.base.parameters() if p.is_floating_point()), ""
-            ),
+            dtype=trunk_dtype(self.base),
         )
 
     def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:

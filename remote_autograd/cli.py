@@ -216,11 +216,12 @@ def _build(cls: Any, values: dict[str, Any]) -> Any:
     )
 
 
-def run_server(module: Any, args: argparse.Namespace) -> None:
-    """Serve ``module`` with the server flags of ``args`` until SIGTERM or SIGINT."""
+def run_server(module: Any, args: argparse.Namespace, options: ServerOptions | None = None) -> None:
+    """Serve ``module`` with the server flags of ``args`` (or the ``options`` made of them
+    already) until SIGTERM or SIGINT."""
     from .server import serve
 
-    options = server_options(args)
+    options = options or server_options(args)
     if getattr(args, "parallel", None):  # under torchrun: rank 0 serves, the others follow
         from .distributed import serve_distributed
 
@@ -263,19 +264,19 @@ def _serve(args: argparse.Namespace) -> None:
     hf_model = getattr(args, "model_type", None) or getattr(args, "model_path", None)
     if args.module is not None and hf_model:
         raise SystemExit("serve takes one trunk: --module, or --model-type/--model-path, not both")
-    _check_server_flags(args)  # before the trunk is built: a large model takes minutes
+    options = _checked_options(args)  # before the trunk is built: a large model takes minutes
     if args.module is not None:
         module = load_factory(args.module)()
     elif hf_model:
         module = args.build_hf_trunk(args)  # set by remote_autograd.hf.cli.add_commands
     else:
         raise SystemExit(_NO_TRUNK)
-    run_server(module, args)
+    run_server(module, args, options)
 
 
-def _check_server_flags(args: argparse.Namespace) -> None:
-    """Refuse server flags that contradict each other, or a checkpoint that could not be
-    written, as a SystemExit that says which."""
+def _checked_options(args: argparse.Namespace) -> ServerOptions:
+    """The server flags' options; flags that contradict each other, or a checkpoint that
+    could not be written, are refused as a SystemExit that says which."""
     try:
         options = server_options(args)
     except ValueError as exc:
@@ -288,6 +289,7 @@ def _check_server_flags(args: argparse.Namespace) -> None:
                 f"--checkpoint {path}: {folder} is not a directory this process can write "
                 "(every checkpoint, including the last one at shutdown, would fail)"
             )
+    return options
 
 
 def _hf_extra_installed() -> bool:

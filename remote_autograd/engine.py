@@ -36,7 +36,7 @@ from .calls import (
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, TrunkError
-from .fingerprint import persistent_buffers, state_order, trunk_fingerprint
+from .fingerprint import persistent_buffers, state_order, trunk_dtype, trunk_fingerprint
 from .footprint import Footprint
 from .guard import (
     StepBackup,
@@ -188,9 +188,7 @@ class TrunkEngine:
             fingerprint=self.fingerprint,
             weights_version=self.weights_version,
             buffers=[name for name, _ in persistent_buffers(self.module)],
-            dtype=next(
-                (str(p.dtype)[6:] for p in self.module.parameters() if p.is_floating_point()), ""
-            ),
+            dtype=trunk_dtype(self.module),
             world_size=self.runner.world,
             parallel=self.runner.mode,
         )

@@ -22,6 +22,7 @@ __all__ = [
     "fingerprint_digest",
     "persistent_buffers",
     "state_order",
+    "trunk_dtype",
     "trunk_fingerprint",
 ]
 
@@ -33,10 +34,23 @@ def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The buffers ``module.state_dict()`` holds (BatchNorm statistics...), in its order."""
     found = []
     for path, sub in module.named_modules():
-        for name, buffer in sub._buffers.items():
-            if buffer is not None and name not in sub._non_persistent_buffers_set:
-                found.append((f"{path}.{name}" if path else name, buffer))
+        prefix = f"{path}." if path else ""
+        found += [(prefix + name, buffer) for name, buffer in _own_persistent(sub)]
     return found
+
+
+def _own_persistent(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s own persistent buffers (not its children's)."""
+    return [
+        (name, buffer)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    ]
+
+
+def trunk_dtype(module: nn.Module) -> str:
+    """The dtype of the trunk's floating parameters ("float32"), "" without any."""
+    return next((_dtype(p) for p in module.parameters() if p.is_floating_point()), "")
 
 
 def state_order(module: nn.Module) -> list[str]:
@@ -46,11 +60,7 @@ def state_order(module: nn.Module) -> list[str]:
     for path, sub in module.named_modules():
         prefix = f"{path}." if path else ""
         names += [prefix + n for n, p in sub._parameters.items() if p is not None]
-        names += [
-            prefix + n
-            for n, b in sub._buffers.items()
-            if b is not None and n not in sub._non_persistent_buffers_set
-        ]
+        names += [prefix + n for n, _ in _own_persistent(sub)]
     return names
 
 
