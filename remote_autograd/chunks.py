@@ -23,6 +23,7 @@ import torch
 
 from .errors import TrunkError
 from .function import RemoteCall
+from .shares import join_grads
 
 __all__: list[str] = []
 
@@ -151,28 +152,14 @@ class ChunkedCall:
                 for i, call in enumerate(self.calls)
             ]
         )
-        out: list[torch.Tensor | None] = []
-        for index, parts in enumerate(zip(*results, strict=True)):
-            present = [p for p in parts if p is not None]
-            if not present:
-                out.append(None)
-            elif self._sliced[index]:
-                slices = zip(parts, self.calls, strict=True)
-                out.append(torch.cat([_zeros_if_none(p, c._inputs[index]) for p, c in slices]))
-            else:
-                total = present[0]
-                for part in present[1:]:
-                    total = total + part
-                out.append(total)
-        return out
+        return [
+            join_grads(parts, self._sliced[index], [c._inputs[index] for c in self.calls])
+            for index, parts in enumerate(zip(*results, strict=True))
+        ]
 
     def release(self) -> None:
         for call in self.calls:
             call.release()
-
-
-def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad
 
 
 def _run_all(jobs: list[Any]) -> list[Any]:

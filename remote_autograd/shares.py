@@ -21,7 +21,7 @@ import torch
 
 from .errors import InvalidRequest
 
-__all__ = ["Plan", "shares"]
+__all__ = ["Plan", "join_grads", "shares"]
 
 
 def shares(batch: int, world: int) -> list[int]:
@@ -133,26 +133,33 @@ class Plan:
         input every rank had whole."""
         result: list[torch.Tensor | None] = []
         for position, index in enumerate(wanted):
-            parts = [(r, per_rank[r][position]) for r in self.active]
-            if all(g is None for _, g in parts):
-                result.append(None)
-            elif self.batched[index]:
-                leaf = leaves[index].detach()
-                result.append(
-                    torch.cat(
-                        [
-                            torch.zeros_like(self.share(leaf, True, r))
-                            if g is None
-                            else g.to(device)
-                            for r, g in parts
-                        ]
-                    )
-                )
-            else:
-                total = None
-                for _, g in parts:
-                    if g is not None:
-                        g = g.to(device)
-                        total = g if total is None else total + g
-                result.append(total)
+            grads = [per_rank[r][position] for r in self.active]
+            cut = self.batched[index]
+            leaf = leaves[index].detach()
+            pieces = [self.share(leaf, True, r) for r in self.active] if cut else []
+            result.append(join_grads(grads, cut, pieces, device))
         return result
+
+
+def join_grads(
+    grads: Sequence[torch.Tensor | None],
+    cut: bool,
+    pieces: Sequence[torch.Tensor],
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """One input's gradient from its pieces' (a rank's share, or a micro-batch's slice, see
+    chunks.py): concatenated for an input cut into ``pieces`` (zeros for a piece that got
+    none), summed for one every piece had whole (``pieces`` unused); None if no piece got one.
+    Each moved to ``device`` when given."""
+    if all(g is None for g in grads):
+        return None
+    moved = [g if g is None or device is None else g.to(device) for g in grads]
+    if cut:
+        return torch.cat(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(moved, pieces, strict=True)]
+        )
+    total = None
+    for g in moved:
+        if g is not None:
+            total = g if total is None else total + g
+    return total
