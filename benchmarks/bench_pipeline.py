@@ -10,6 +10,10 @@ weights and batches, AdamW everywhere:
 - sequential: the ordinary split step (``loss.backward()`` through ``RemoteModule``);
 - pipelined: ``PipelinedStep`` with ``micro_batches`` pieces (remote_autograd.pipeline).
 
+With ``--overlap-step`` both split runs run again (five runs in lockstep) with the trunk's
+optimizer stepping beside the client's (``with trunk_opt.stepping(): opt.step()``), so the
+two ways of stepping compare in one run.
+
 Reports median step times, the ratios, and the fraction of each split step in which the trunk
 server sits idle: 1 - (compute + codec seconds from the reply headers + the Step RPC's wall
 time) / step time.
@@ -119,7 +123,9 @@ class Monolithic:
 class Split:
     """Bottom and top here, the middle blocks on a trunk server; sequential or pipelined."""
 
-    def __init__(self, preset: dict[str, Any], address: str, pipelined: bool) -> None:
+    def __init__(
+        self, preset: dict[str, Any], address: str, pipelined: bool, overlap_step: bool = False
+    ) -> None:
         from remote_autograd import PipelinedStep, RemoteModule, RemoteOptimizer
 
         bottom, _, top = build_split(preset)
@@ -138,6 +144,7 @@ class Split:
             if pipelined
             else None
         )
+        self.overlap_step = overlap_step
         self.times: list[float] = []
         self.losses: list[float] = []
         self.trunk_busy: list[float] = []
@@ -153,9 +160,14 @@ class Split:
             loss = causal_lm_loss(self.top(self.trunk(hidden)), ids)
             loss.backward()
         rpc_start = time.perf_counter()
-        self.remote_optimizer.step()
-        step_rpc = time.perf_counter() - rpc_start
-        self.optimizer.step()
+        if self.overlap_step:
+            with self.remote_optimizer.stepping():
+                self.optimizer.step()
+            step_rpc = 0.0  # not told apart from the client's step: no idle fraction
+        else:
+            self.remote_optimizer.step()
+            step_rpc = time.perf_counter() - rpc_start
+            self.optimizer.step()
         self.optimizer.zero_grad()
         self.remote_optimizer.zero_grad()
         elapsed = time.perf_counter() - start
@@ -167,14 +179,12 @@ class Split:
 
     def result(self) -> dict[str, Any]:
         self.trunk.close()
-        idle = [1 - busy / t for busy, t in zip(self.trunk_busy, self.times, strict=True)]
-        return {
-            "step_s": median(self.times),
-            "times": self.times,
-            "losses": self.losses,
-            "trunk_busy_s": median(self.trunk_busy),
-            "trunk_idle_fraction": median(idle),
-        }
+        result = {"step_s": median(self.times), "times": self.times, "losses": self.losses}
+        if not self.overlap_step:
+            idle = [1 - busy / t for busy, t in zip(self.trunk_busy, self.times, strict=True)]
+            result["trunk_busy_s"] = median(self.trunk_busy)
+            result["trunk_idle_fraction"] = median(idle)
+        return result
 
 
 _PROBE = """
@@ -239,8 +249,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "parallel_capacity_before": parallel_capacity(preset["probe_s"]),
     }
     runners: dict[str, Any] = {"monolithic": Monolithic(preset)}
+    modes = ["sequential", "pipelined"]
+    if args.overlap_step:
+        modes += [f"{mode}, overlapped step" for mode in modes]
     with ExitStack() as stack:
-        for mode in ("sequential", "pipelined"):
+        for mode in modes:
             server = stack.enter_context(
                 ServerProcess(
                     "--serve-trunk",
@@ -250,7 +263,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     timeout=180,
                 )
             )
-            runners[mode] = Split(preset, server.address, pipelined=mode == "pipelined")
+            runners[mode] = Split(
+                preset,
+                server.address,
+                pipelined=mode.startswith("pipelined"),
+                overlap_step=mode.endswith("overlapped step"),
+            )
         # Lockstep: a slow patch of a shared machine hits all three runs alike.
         for i, ids in enumerate(batches(preset)):
             for runner in runners.values():
@@ -268,11 +286,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             abs(a - b) / abs(b) for a, b in zip(pipe["losses"], seq["losses"], strict=True)
         ),
     }
+    if args.overlap_step:
+        seq_o, pipe_o = (results[f"{k}, overlapped step"] for k in ("sequential", "pipelined"))
+        data["ratios"].update(
+            {
+                "overlapped_vs_plain_sequential": seq_o["step_s"] / seq["step_s"],
+                "overlapped_vs_plain_pipelined": pipe_o["step_s"] / pipe["step_s"],
+                "pipelined_vs_sequential_both_overlapped": pipe_o["step_s"] / seq_o["step_s"],
+                "pipelined_overlapped_vs_monolithic": pipe_o["step_s"] / mono["step_s"],
+                # The trunk's step beside the client's changes no number: equal losses.
+                "losses_equal_overlapped_vs_plain": seq_o["losses"] == seq["losses"]
+                and pipe_o["losses"] == pipe["losses"],
+            }
+        )
     for name, result in results.items():
         idle = result.get("trunk_idle_fraction")
         extra = f", trunk idle {idle:.0%}" if idle is not None else ""
         print(f"{name}: {result['step_s'] * 1e3:.0f} ms{extra}", flush=True)
-    print(f"pipelined / sequential: {data['ratios']['pipelined_vs_sequential']:.2f}", flush=True)
+    for key, value in data["ratios"].items():
+        print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
     return data
 
 
@@ -280,21 +312,21 @@ def markdown(data: dict[str, Any]) -> str:
     p, r = data["preset"], data["ratios"]
     mono = data["monolithic"]
     rows = [["monolithic (one process, one thread)", mono["step_s"] * 1e3, 1.0, "", "", ""]]
-    for name in ("sequential", "pipelined"):
+    names = [n for n in data if n.startswith(("sequential", "pipelined"))]
+    for name in names:
         res = data[name]
-        label = (
-            "split, sequential"
-            if name == "sequential"
-            else (f"split, pipelined ({p['micro_batches']} micro-batches)")
+        label = f"split, {name}".replace(
+            "pipelined", f"pipelined ({p['micro_batches']} micro-batches)"
         )
+        busy, idle = res.get("trunk_busy_s"), res.get("trunk_idle_fraction")
         rows.append(
             [
                 label,
                 res["step_s"] * 1e3,
                 res["step_s"] / mono["step_s"],
                 res["step_s"] / data["sequential"]["step_s"],
-                res["trunk_busy_s"] * 1e3,
-                f"{res['trunk_idle_fraction']:.0%}",
+                "" if busy is None else busy * 1e3,
+                "" if idle is None else f"{idle:.0%}",
             ]
         )
     header = [
@@ -326,6 +358,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--steps", type=int, help="override the preset's timed steps")
     parser.add_argument("--micro-batches", type=int, help="override the preset's pieces")
+    parser.add_argument(
+        "--overlap-step",
+        action="store_true",
+        help="also run both split steps with trunk_opt.stepping() (five runs in lockstep)",
+    )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--render", help="no run: write the doc section of a results JSON")

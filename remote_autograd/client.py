@@ -17,7 +17,8 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from concurrent.futures import Future
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import msgpack
@@ -50,6 +51,12 @@ _CONTROL_TIMEOUT = 30.0
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
 _UNREACHABLE_GRACE = 1.0  # seconds a refused connection / unknown host is retried (a restart)
 _END_SESSION_TIMEOUT = 2.0  # close() and exit end the session best effort, this long at most
+
+
+class _StepRequest(NamedTuple):
+    message: pb.StepRequest
+    zero: pb.ZeroGradMode  # the deferred zero_grad() and clip scale it carries, put back if
+    scale: float  # it fails
 
 
 class TrunkClient:
@@ -89,6 +96,8 @@ class TrunkClient:
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
+        # A Step in flight from step_in_background(): its thread and its future.
+        self._stepping: tuple[threading.Thread, Future[pb.StepReply]] | None = None
         self._pid = os.getpid()  # the process that opened the session (see forking.py)
         forking.on_fork_in_child(self, TrunkClient._after_fork_in_child)
         _LIVE.add(self)
@@ -124,6 +133,7 @@ class TrunkClient:
         self._release_thread = None
         self._steps_done = self._forwards_since_zero_grad = 0
         self._grads_server_id = ""
+        self._stepping = None  # the parent's thread did not come along
         self._pid = os.getpid()
 
     # -- connection -------------------------------------------------------------------------
@@ -236,6 +246,7 @@ class TrunkClient:
 
     def close(self) -> None:
         """End the server session (best effort) and close the channel."""
+        self._await_step()
         with self._lock:
             self._closed = True
             channel, self._channel, self._stub = self._channel, None, None
@@ -346,6 +357,7 @@ class TrunkClient:
         autocast: str = "",
         rng_seed: int | None = None,
     ) -> tuple[Any, pb.Header]:
+        self._await_step()
         if keep_context:  # a training forward (an inference client is not warned)
             self._check_fresh()
         header = pb.Header(
@@ -374,6 +386,7 @@ class TrunkClient:
     ) -> pb.Header:
         """Re-create a forward context the server lost from the inputs kept here; the server
         runs the forward again (same seed, so dropout matches) when the Backward comes."""
+        self._await_step()
         header = pb.Header(
             request_id=request_id,
             recompute=True,
@@ -414,6 +427,7 @@ class TrunkClient:
         freeze_parameters: bool = False,
         device: torch.device | None = None,  # where the input gradients are wanted
     ) -> tuple[Any, pb.Header]:
+        self._await_step()
         zero, scale = self._take_grad_ops()
         header = pb.Header(
             request_id=request_id,
@@ -524,6 +538,7 @@ class TrunkClient:
     ) -> list[dict[str, Any]]:
         """Create the session's optimizer; returns its param groups' resolved
         hyperparameters, each with "params": its trunk parameter names."""
+        self._await_step()
         stub = self._connect()
         self.info()
         request = pb.ConfigureOptimizerRequest(
@@ -541,6 +556,7 @@ class TrunkClient:
         return msgpack.unpackb(reply.param_groups, raw=False)
 
     def grad_norms(self, norm_type: float) -> tuple[list[float], str]:
+        self._await_step()
         stub = self._connect()
         zero, scale = self._take_grad_ops()
         request = pb.GradNormRequest(norm_type=norm_type, zero_grad=zero, grad_scale=scale)
@@ -554,15 +570,56 @@ class TrunkClient:
         return list(reply.norms), reply.dtype
 
     def step(self, step: int, param_groups: list[dict[str, Any]]) -> pb.StepReply:
-        stub = self._connect()
+        self._await_step()
+        return self._send_step(self._step_request(step, param_groups))
+
+    def step_in_background(
+        self, step: int, param_groups: list[dict[str, Any]]
+    ) -> Future[pb.StepReply]:
+        """The same Step, sent from a thread of its own; its future holds the reply or error.
+
+        The request is built here, on the caller's thread: the zero_grad() and clip scale
+        deferred so far ride on it, and any made while it is in flight belong to the next
+        call, as they would after a ``step()`` that had returned. Every other call of this
+        session waits for the reply first (``_await_step``), so nothing overtakes the step.
+        """
+        self._await_step()
+        request = self._step_request(step, param_groups)
+        future: Future[pb.StepReply] = Future()
+
+        def send() -> None:
+            try:
+                future.set_result(self._send_step(request))
+            except BaseException as exc:  # noqa: BLE001 - the future carries it to the caller
+                future.set_exception(exc)
+
+        thread = threading.Thread(target=send, name="ra-step", daemon=True)
+        self._stepping = (thread, future)
+        thread.start()
+        return future
+
+    def _await_step(self) -> None:
+        """Wait for a Step sent by ``step_in_background`` (its error is its future's)."""
+        stepping = self._stepping
+        if stepping is not None and stepping[0] is not threading.current_thread():
+            stepping[1].exception()  # blocks until the reply or the error; at once after
+
+    def _step_request(self, step: int, param_groups: list[dict[str, Any]]) -> _StepRequest:
+        self._connect()  # refuses on a closed client before the deferred work is taken
         zero, scale = self._take_grad_ops()
-        request = pb.StepRequest(
+        message = pb.StepRequest(
             step=step,
             param_groups=msgpack.packb(param_groups),
             zero_grad=zero,
             grad_scale=scale,
             server_id=self._grads_server_id,
         )
+        return _StepRequest(message, zero, scale)
+
+    def _send_step(self, prepared: _StepRequest) -> pb.StepReply:
+        stub = self._connect()
+        request, zero, scale = prepared
+        step = request.step
         try:
             reply = self._call("Step", lambda: stub.Step(request, **self._kw()))
         except StaleContext:
@@ -604,6 +661,7 @@ class TrunkClient:
 
     def checkpoint(self) -> pb.CheckpointReply:
         """Ask the server to save its checkpoint now."""
+        self._await_step()
         stub = self._connect()
         return self._call(
             "Checkpoint",
@@ -613,6 +671,7 @@ class TrunkClient:
     def get_state(
         self, *, parameters: bool, optimizer: bool, buffers: bool = False
     ) -> dict[str, Any]:
+        self._await_step()
         stub = self._connect()
         request = pb.GetStateRequest(parameters=parameters, optimizer=optimizer, buffers=buffers)
         received = self._call(
@@ -622,6 +681,7 @@ class TrunkClient:
         return received.decode(self._decoder)
 
     def load_state(self, state: dict[str, Any]) -> pb.LoadStateReply:
+        self._await_step()
         stub = self._connect()
         info = self.info()
         buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)

@@ -3,9 +3,11 @@ clip_grad_norm_ over local and remote parameters together."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -79,6 +81,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         super().__init__(local, defaults)
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
+        # Inside stepping(), step() sends the Step from a thread and leaves its reply here.
+        self._stepping = False
+        self._reply: Future[Any] | None = None
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """Apply the session's accumulated trunk gradients on the server."""
@@ -95,10 +100,57 @@ class RemoteOptimizer(torch.optim.Optimizer):
             )
         self._step_count += 1
         try:
-            self.client.step(self._step_count, self._hyperparameters())
+            if self._stepping:  # inside stepping(): answered when its block ends
+                hyper = self._hyperparameters()
+                self._reply = self.client.step_in_background(self._step_count, hyper)
+            else:
+                self.client.step(self._step_count, self._hyperparameters())
         except BaseException:
             self._step_count -= 1
             raise
+
+    @contextlib.contextmanager
+    def stepping(self, scaler: torch.amp.GradScaler | None = None) -> Iterator[None]:
+        """``with trunk_opt.stepping(): opt.step()``: the trunk's step runs on the server while
+        the block runs here, so the two optimizers step at the same time, not one after the
+        other.
+
+        Entering calls ``step()`` (or ``scaler.step(trunk_opt)``, which may skip it), so step
+        hooks and LR schedulers see a step as usual, and the step takes the hyperparameters,
+        zero_grad() and clipping done so far. What the block changes (a scheduler's LR, a
+        zero_grad()) is the next step's, as after a ``step()`` that had returned. A call to the
+        trunk in the block waits for the step first. The step's error is raised when the block
+        ends, after the block ran: the block's own optimizer has then stepped and the trunk's
+        has not, so a loop that redoes a failed step (``StaleContext``) steps one after the
+        other instead (docs/habits.md, "Both optimizers at once").
+        """
+        self._stepping, self._reply = True, None
+        try:
+            if scaler is None:
+                self.step()
+            else:
+                scaler.step(self)
+        finally:
+            self._stepping = False
+        reply, self._reply = self._reply, None  # None: the scaler skipped the step
+        number = self._step_count
+        try:
+            yield
+        except BaseException as exc:
+            error = self._answer(reply)
+            if error is not None:
+                exc.add_note(f"The trunk's step #{number} failed too: {error}")
+            raise
+        error = self._answer(reply)
+        if error is not None:
+            raise error
+
+    def _answer(self, reply: Future[Any] | None) -> BaseException | None:
+        """Wait for the answer to a step sent by stepping(); a failed one is not counted."""
+        error = None if reply is None else reply.exception()
+        if error is not None:
+            self._step_count -= 1
+        return error
 
     def __getstate__(self) -> Any:
         # Optimizer's own would copy the hyperparameters and lose the session: a copy that

@@ -520,6 +520,22 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_distributed.py::test_ddp_sums_the_gradients_of_each_dtype_apart",),
         "ddp sums the ranks' gradients of each dtype in a buffer of that dtype",
     ),
+    M(
+        "forward_overtakes_a_step_in_flight",
+        "remote_autograd/client.py",
+        "        self._await_step()\n        if keep_context:",
+        "        if keep_context:",
+        ("tests/test_optim.py::test_a_call_to_the_trunk_in_the_block_waits_for_the_step",),
+        "a call to the trunk inside stepping() waits for the trunk's step",
+    ),
+    M(
+        "stepping_swallows_the_steps_error",
+        "remote_autograd/optim.py",
+        "        if error is not None:\n            raise error\n",
+        "",
+        ("tests/test_optim.py::test_a_failed_step_is_raised_when_the_block_ends",),
+        "stepping() raises the trunk step's error when its block ends",
+    ),
 ]
 
 

@@ -127,11 +127,14 @@ def test_transfer_over_shaped_link_smoke(tmp_path: Path) -> None:
 
 
 def test_pipeline_smoke(tmp_path: Path) -> None:
-    data = run_script("benchmarks.bench_pipeline", tmp_path)
+    data = run_script("benchmarks.bench_pipeline", tmp_path, "--overlap-step")
     assert data["benchmark"] == "pipeline"
-    for name in ("monolithic", "sequential", "pipelined"):
+    overlapped = ("sequential, overlapped step", "pipelined, overlapped step")
+    for name in ("monolithic", "sequential", "pipelined", *overlapped):
         assert data[name]["step_s"] > 0
         assert len(data[name]["losses"]) == data["preset"]["steps"]
+    # Stepping the trunk beside the client changes no number.
+    assert data["ratios"]["losses_equal_overlapped_vs_plain"] is True
     for name in ("sequential", "pipelined"):
         assert data[name]["trunk_busy_s"] > 0
         assert data[name]["trunk_idle_fraction"] < 1

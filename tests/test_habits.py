@@ -178,7 +178,9 @@ def test_double_works_when_the_trunk_is_served_in_float64(start_server):
 # -- GradScaler ---------------------------------------------------------------------------------
 
 
-def _scaled_steps(split, scaler_split, scaler_local, batches, *, clip=None, overflow_at=-1):
+def _scaled_steps(
+    split, scaler_split, scaler_local, batches, *, clip=None, overflow_at=-1, overlap=False
+):
     trunk_opt, split_opt, local_trunk_opt, local_opt = split.optimizers()
     for index, x in enumerate(batches):
         big = 1e38 if index == overflow_at else 1.0  # loss * scale overflows float32
@@ -206,8 +208,12 @@ def _scaled_steps(split, scaler_split, scaler_local, batches, *, clip=None, over
             (scaler_split, (trunk_opt, split_opt)),
             (scaler_local, (local_trunk_opt, local_opt)),
         ):
-            for opt in opts:
-                scaler.step(opt)
+            if overlap and scaler is scaler_split:  # the trunk's step beside the client's
+                with trunk_opt.stepping(scaler):
+                    scaler.step(split_opt)
+            else:
+                for opt in opts:
+                    scaler.step(opt)
             scaler.update()
             for opt in opts:
                 opt.zero_grad()
@@ -215,12 +221,18 @@ def _scaled_steps(split, scaler_split, scaler_local, batches, *, clip=None, over
     return trunk_opt
 
 
-@pytest.mark.parametrize("clip", [None, 0.5], ids=["plain", "unscale-then-clip"])
-def test_grad_scaler_steps_and_skips_the_trunk_like_local_training(start_server, clip):
+@pytest.mark.parametrize(
+    ("clip", "overlap"),
+    [(None, False), (0.5, False), (0.5, True)],
+    ids=["plain", "unscale-then-clip", "unscale-then-clip-stepping"],
+)
+def test_grad_scaler_steps_and_skips_the_trunk_like_local_training(start_server, clip, overlap):
     split = Split(start_server)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
     before = split.remote.remote_state_dict()
-    trunk_opt = _scaled_steps(split, *scalers, _batches(4), clip=clip, overflow_at=1)
+    trunk_opt = _scaled_steps(
+        split, *scalers, _batches(4), clip=clip, overflow_at=1, overlap=overlap
+    )
     assert scalers[0].get_scale() == 2.0**9  # one overflow: backed off once
     assert trunk_opt._step_count == 3  # the overflowed step was skipped on the server too
     split.assert_same_weights()

@@ -3,15 +3,20 @@ model: each case runs the same float64 computation locally and compares exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pickle
+import threading
+from collections.abc import Iterator
 
+import factories
 import pytest
 import torch
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, clip_grad_norm_
+from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, clip_grad_norm_
+from remote_autograd.errors import InvalidRequest
 
 
 def _parts(seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -148,3 +153,114 @@ def test_clip_grad_norm_error_if_nonfinite(start_server):
     assert norms == [float(v.norm()) for v in held.values()]
     # Without the flag it scales by the non-finite norm, as torch does (to zeros and NaN).
     assert math.isinf(float(clip_grad_norm_(pair.clip_parts(), 1.0)))
+
+
+# -- stepping(): the trunk's step beside the client's ---------------------------------------
+
+
+def test_stepping_trains_as_stepping_one_after_the_other(start_server):
+    """``with trunk_opt.stepping(): opt.step()`` equals the two steps in turn, bit for bit, with
+    a zero_grad() and an LR schedule inside the block: those belong to the next step."""
+    pair = Pair(start_server, lr=0.1, momentum=0.9)
+    split_sched = torch.optim.lr_scheduler.StepLR(pair.split_opt, step_size=1, gamma=0.5)
+    trunk_sched = torch.optim.lr_scheduler.StepLR(pair.trunk_opt, step_size=1, gamma=0.5)
+    local_sched = torch.optim.lr_scheduler.StepLR(pair.local_opt, step_size=1, gamma=0.5)
+    for x in _inputs(3):
+        pair.backward(x)
+        with pair.trunk_opt.stepping():
+            pair.split_opt.step()
+            # Taken while the Step may still be in flight: they must not reach it.
+            pair.trunk_opt.zero_grad()
+            pair.split_opt.zero_grad()
+            trunk_sched.step()
+            split_sched.step()
+        pair.local_opt.step()
+        pair.local_opt.zero_grad()
+        local_sched.step()
+        pair.assert_same_weights()
+    assert pair.trunk_opt.state_dict()["remote_step"] == 3
+    assert pair.remote.client.grad_norms(2.0)[0] == []  # the zero_grad() reached the session
+
+
+@contextlib.contextmanager
+def _trunk_held(server, seconds: float) -> Iterator[None]:
+    """Hold the server's trunk lock from another thread: a Step sent in the block is answered
+    no sooner than ``seconds`` after the block starts."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with server.engine.lock:
+            held.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(timeout=30)
+    timer = threading.Timer(seconds, release.set)
+    timer.start()
+    try:
+        yield
+    finally:
+        release.set()
+        timer.cancel()
+        holder.join()
+
+
+def test_a_call_to_the_trunk_in_the_block_waits_for_the_step(start_server):
+    """A forward in the block runs on the stepped weights with the dropout of the next step,
+    as after ``step()`` returned, though the Step is held on the server: the forward waits."""
+    x0, x1 = (torch.nn.functional.pad(factories.batch(i)[0], (0, 4)) for i in range(2))
+    runs = []
+    for overlap in (False, True):
+        server = start_server(factories.dropout_trunk())
+        remote = RemoteModule(server.address, options=ClientOptions(seed=5))
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.5)
+        remote(x0).sum().backward()
+        if overlap:
+            with _trunk_held(server, 0.2), optimizer.stepping():
+                runs.append(remote(x1).detach())
+        else:
+            optimizer.step()
+            runs.append(remote(x1).detach())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_failed_step_is_raised_when_the_block_ends(start_server):
+    """The block runs whole; the Step's error follows it, and the step is not counted."""
+    pair = Pair(start_server, lr=0.1, momentum=0.9)
+    pair.backward(_inputs(1)[0])
+    pair.trunk_opt.step()
+    state = pair.remote.client.get_state(parameters=False, optimizer=True)["optimizer"]
+    for entry in state["state"].values():
+        entry["momentum_buffer"] = torch.zeros(7, 3, dtype=torch.float64)  # the wrong shape
+    pair.remote.client.load_state({"optimizer": state})
+    pair.backward(_inputs(2)[1])
+    before = pair.remote.remote_state_dict()
+    ran = []
+    with (
+        pytest.raises(InvalidRequest, match=r"SGD.step\(\) raised RuntimeError"),
+        pair.trunk_opt.stepping(),
+    ):
+        ran.append(True)
+    assert ran == [True]
+    assert pair.trunk_opt.state_dict()["remote_step"] == 1
+    for name, value in pair.remote.remote_state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # The block's own error comes first, with the step's as a note.
+    with pytest.raises(ZeroDivisionError) as raised, pair.trunk_opt.stepping():
+        1 / 0  # noqa: B018
+    assert any("step #2 failed too" in note for note in raised.value.__notes__)
+    assert pair.trunk_opt.state_dict()["remote_step"] == 1
+
+
+def test_stepping_with_non_finite_gradients_steps_nothing(start_server):
+    """As step(): GradScaler's inf flag refuses before anything is sent or the block runs."""
+    pair = Pair(start_server, lr=0.1)
+    pair.backward(_inputs(1)[0])
+    before = pair.remote.remote_state_dict()
+    pair.remote._dummy.grad.fill_(math.inf)  # what GradScaler.unscale_ leaves on inf
+    with pytest.raises(FloatingPointError, match="not finite"), pair.trunk_opt.stepping():
+        pytest.fail("the block ran")
+    assert pair.trunk_opt.state_dict()["remote_step"] == 0
+    for name, value in pair.remote.remote_state_dict().items():
+        assert torch.equal(value, before[name]), name
