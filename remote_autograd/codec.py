@@ -225,6 +225,33 @@ class Decoder:
         view = memoryview(buf).cast("B")
         if view.readonly:
             view = memoryview(bytearray(view))
+        layout = self._checked_layout(view)
+        if isinstance(device, str):
+            device = torch.device(device)
+        if device is not None and device.type == "cpu":
+            device = None
+        tensors = [
+            _decode_tensor(view, start, size, meta, numel, device)
+            for meta, numel, start, size, _ in layout.tensors
+        ]
+        return _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
+
+    def growth(self, buf: Any) -> int:
+        """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself: LZ4 data
+        decompressed, quantized values widened (raw tensors alias the buffer). The frame is
+        checked as ``decode`` checks it, so a server can count these bytes before any of them
+        is allocated."""
+        view = memoryview(buf).cast("B")
+        extra = len(view) if view.readonly else 0  # decode copies it into writable memory
+        for meta, numel, _, _, _ in self._checked_layout(view).tensors:
+            if meta["z"] == "lz4":
+                extra += meta["n"]
+            if meta["q"] != "none":
+                extra += numel * DTYPES[meta["dtype"]].itemsize
+        return extra
+
+    def _checked_layout(self, view: memoryview) -> _Layout:
+        """The layout of the frame in ``view``, checked against the limits (or remembered)."""
         limits = self.limits
         check_frame_size(len(view), limits)
         if len(view) < 5 or view[0] != 0xCE:
@@ -243,15 +270,7 @@ class Decoder:
                 if len(self._layouts) >= _LAYOUTS:
                     self._layouts.clear()  # atomic from any thread, unlike evicting one
                 self._layouts[key] = layout
-        if isinstance(device, str):
-            device = torch.device(device)
-        if device is not None and device.type == "cpu":
-            device = None
-        tensors = [
-            _decode_tensor(view, start, size, meta, numel, device)
-            for meta, numel, start, size, _ in layout.tensors
-        ]
-        return _unpack(layout.tree, "frame values", tensors, max_depth=limits.max_depth)
+        return layout
 
     def _layout(self, view: memoryview, meta_len: int, limits: Limits) -> _Layout:
         """Unpack and check a frame's header and find its tensors, refusing what is wrong."""

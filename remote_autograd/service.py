@@ -314,9 +314,11 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):
         session = self.session(context)
-        with self._receive(request_iterator, "LoadState", identity_of(session.key)) as received:
-            state = received.decode(self.decoder)
-        loaded, optimizer_loaded, buffers_loaded = self.engine.load_state(session, state)
+        with (
+            self._receive(request_iterator, "LoadState", identity_of(session.key)) as received,
+            self._decoded(session, received, "LoadState", None) as state,
+        ):
+            loaded, optimizer_loaded, buffers_loaded = self.engine.load_state(session, state)
         return pb.LoadStateReply(
             parameters_loaded=loaded,
             optimizer_loaded=optimizer_loaded,
@@ -328,7 +330,6 @@ class TrunkService(pb_grpc.TrunkServicer):
     def _compute(self, session: Session, received: frames.Received):
         header = received.header
         started = time.perf_counter()
-        value = received.decode(self.decoder, device=self.trunk_device)
         call = ComputeCall(
             request_id=header.request_id,
             training=header.training,
@@ -340,8 +341,9 @@ class TrunkService(pb_grpc.TrunkServicer):
             backward_seq=header.backward_seq,
             autocast=autocast_dtype(header.autocast_dtype),
         )
-        decoded = time.perf_counter()
-        result = self.engine.compute(session, call, value)
+        with self._decoded(session, received, "Compute", self.trunk_device) as value:
+            decoded = time.perf_counter()
+            result = self.engine.compute(session, call, value)
         computed = time.perf_counter()
         buffers = self._encode_reply(result.value, header.reply_quantization, "Compute")
         reply = pb.Header(
@@ -358,7 +360,6 @@ class TrunkService(pb_grpc.TrunkServicer):
     def _backward(self, session: Session, received: frames.Received):
         header = received.header
         started = time.perf_counter()
-        value = received.decode(self.decoder, device=self.trunk_device)
         call = BackwardCall(
             request_id=header.request_id,
             seq=header.backward_seq,
@@ -368,9 +369,10 @@ class TrunkService(pb_grpc.TrunkServicer):
             freeze_parameters=header.freeze_parameters,
             report_nonfinite=header.report_nonfinite,
         )
-        decoded = time.perf_counter()
-        cancellation.check("Backward")  # the forward's layers check again if it is recomputed
-        result = self.engine.backward(session, call, value)
+        with self._decoded(session, received, "Backward", self.trunk_device) as value:
+            decoded = time.perf_counter()
+            cancellation.check("Backward")  # the forward's layers check again if recomputed
+            result = self.engine.backward(session, call, value)
         computed = time.perf_counter()
         buffers = self._encode_reply({"grads": result.grads}, header.reply_quantization, "Backward")
         reply = pb.Header(
@@ -383,6 +385,23 @@ class TrunkService(pb_grpc.TrunkServicer):
             nonfinite=result.nonfinite,
         )
         return reply, buffers
+
+    @contextmanager
+    def _decoded(
+        self,
+        session: Session,
+        received: frames.Received,
+        method: str,
+        device: Any,
+    ) -> Iterator[Any]:
+        """The frame's values, while the call uses them. What decoding adds to the frame's own
+        bytes (LZ4 data decompressed, lossy codecs widened: up to max_decoded_bytes from a small
+        frame) is held in max_inflight_bytes meanwhile, counted before it is allocated; the
+        receive held only the bytes on the wire."""
+        growth = self.decoder.growth(received.buffer)
+        owner = identity_of(session.key)
+        with self._inflight.reserve(growth, method, owner, what="decoding its frame takes"):
+            yield received.decode(self.decoder, device=device)
 
     def _encode_reply(self, value: Any, quantization: str, method: str) -> list:
         try:
@@ -475,17 +494,19 @@ class _ByteBudget:
         self._lock = threading.Lock()
 
     @contextmanager
-    def reserve(self, nbytes: int, method: str, owner: str | None = None) -> Iterator[None]:
+    def reserve(
+        self, nbytes: int, method: str, owner: str | None = None, what: str = "a frame of"
+    ) -> Iterator[None]:
         with self._lock:
             if self.used + nbytes > self.limit:
                 raise LimitExceeded(
-                    f"{method}: a frame of {nbytes} bytes would exceed max_inflight_bytes="
+                    f"{method}: {what} {nbytes} bytes would exceed max_inflight_bytes="
                     f"{self.limit} ({self.used} held by calls in flight); retry later"
                 )
             held = self._owners.get(owner, 0) if owner is not None else 0
             if owner is not None and held + nbytes > self.owner_limit:
                 raise LimitExceeded(
-                    f"{method}: a frame of {nbytes} bytes would exceed "
+                    f"{method}: {what} {nbytes} bytes would exceed "
                     f"max_identity_inflight_bytes={self.owner_limit} ({held} held by this "
                     "identity's calls in flight); retry later"
                 )

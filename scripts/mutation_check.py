@@ -521,6 +521,14 @@ MUTATIONS: list[Mutation] = [
         "ddp sums the ranks' gradients of each dtype in a buffer of that dtype",
     ),
     M(
+        "decoded_bytes_uncounted",
+        "remote_autograd/service.py",
+        "growth = self.decoder.growth(received.buffer)",
+        "growth = 0",
+        ("tests/test_limits.py::test_what_a_frame_decodes_to_counts_in_max_inflight_bytes",),
+        "what a frame decodes to beyond its own bytes counts in max_inflight_bytes",
+    ),
+    M(
         "forward_overtakes_a_step_in_flight",
         "remote_autograd/client.py",
         "        self._await_step()\n        if keep_context:",

@@ -363,3 +363,19 @@ def test_decoding_for_the_cpu_device_is_the_plain_decode(quantization):
             (out,) = decode(frame, device=device)
             assert out.device.type == "cpu", name
             assert torch.equal(out.view(torch.int32), plain.view(torch.int32)), name
+
+
+def test_growth_counts_what_decoding_allocates_beyond_the_frame():
+    """What a server reserves before decoding (Decoder.growth): raw tensors alias a writable
+    frame, LZ4 decompresses to its stated size, a lossy codec widens to the dtype's size."""
+    raw = encode([torch.ones(1000), torch.zeros(10, dtype=torch.int64)], compression="none")
+    assert Decoder().growth(bytearray(raw)) == 0
+    assert Decoder().growth(raw) == len(raw)  # read-only: decode copies it first
+    zeros = torch.zeros(1 << 16)
+    assert Decoder().growth(bytearray(encode([zeros], compression="lz4"))) == zeros.nbytes
+    int8 = bytearray(encode([torch.randn(4096)], compression="none", quantization="int8"))
+    assert Decoder().growth(int8) == 4096 * 4  # the float32 values dequantized
+    both = bytearray(encode([zeros], compression="lz4", quantization="bf16"))
+    assert Decoder().growth(both) == zeros.nbytes // 2 + zeros.nbytes  # bf16 bytes, then float32
+    with pytest.raises(CodecError, match="max_decoded_bytes"):  # checked as decode checks
+        Decoder(limits=Limits(max_decoded_bytes=100)).growth(bytearray(raw))

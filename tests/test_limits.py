@@ -3,6 +3,7 @@ non-finite numbers never reach the trunk's weights; nothing is lost by a refused
 
 from __future__ import annotations
 
+import copy
 import math
 
 import grpc
@@ -330,3 +331,33 @@ def test_a_non_finite_clip_scale_never_reaches_the_gradients(start_server):
     with pytest.raises(InvalidRequest, match="grad_scale must be finite, got inf"):
         remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()  # the scale still pends
     assert _same(held, session.grads)
+
+
+def test_what_a_frame_decodes_to_counts_in_max_inflight_bytes(start_server):
+    """A small frame can decode to far more (LZ4 of zeros here; a lossy codec too): those bytes
+    are reserved in max_inflight_bytes before decoding, or refused naming the limit."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 64).double()  # its output, so the gradient sent back, is 16x the input
+    reference = copy.deepcopy(trunk)
+    server = start_server(trunk, ServerOptions(max_inflight_bytes=4 << 20))
+    remote = RemoteModule(server.address, options=ClientOptions(compression="lz4"))
+    big = torch.zeros(1 << 14, 4, dtype=torch.float64, requires_grad=True)  # decodes to 512 KiB
+    out = remote(big)  # answered: 512 KiB fits
+    assert torch.equal(out, reference(big))
+    # Its gradient decodes to 8 MiB from ~32 KiB on the wire (plus that frame's copy into
+    # writable memory): refused before it is allocated.
+    with pytest.raises(
+        LimitExceeded,
+        match=r"Backward: decoding its frame takes 84\d{5} bytes "
+        r"would exceed max_inflight_bytes=4194304",
+    ):
+        out.backward(torch.zeros_like(out))
+    assert server.engine.sessions.values()[0].grads == {}  # nothing accumulated
+    with pytest.raises(LimitExceeded, match=r"Compute: decoding its frame takes 8\d{6} bytes"):
+        remote(torch.zeros(1 << 18, 4, dtype=torch.float64))
+    assert server.stats()["inflight_bytes"] == 0  # every reservation ended with its call
+    x = torch.randn(64, 4, dtype=torch.float64, requires_grad=True)
+    remote(x).sum().backward()  # the session goes on
+    x_local = x.detach().requires_grad_()
+    reference(x_local).sum().backward()
+    assert torch.equal(x.grad, x_local.grad)
