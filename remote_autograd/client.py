@@ -411,6 +411,7 @@ class TrunkClient:
         zero_grad() after a fault draws the same dropout as the first try."""
         if self.options.seed is None:
             return 0  # the server picks one and tells us
+        self._await_step()  # a Step in flight moves the counters (micro_batches slices ask here)
         with self._lock:
             key = f"{self.options.seed}:{self._steps_done}:{self._forwards_since_zero_grad}"
             self._forwards_since_zero_grad += 1
@@ -594,8 +595,12 @@ class TrunkClient:
                 future.set_exception(exc)
 
         thread = threading.Thread(target=send, name="ra-step", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            self._restore_grad_ops(request.zero, request.scale)
+            raise
         self._stepping = (thread, future)
-        thread.start()
         return future
 
     def _await_step(self) -> None:

@@ -120,9 +120,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         zero_grad() and clipping done so far. What the block changes (a scheduler's LR, a
         zero_grad()) is the next step's, as after a ``step()`` that had returned. A call to the
         trunk in the block waits for the step first. The step's error is raised when the block
-        ends, after the block ran: the block's own optimizer has then stepped and the trunk's
-        has not, so a loop that redoes a failed step (``StaleContext``) steps one after the
-        other instead (docs/habits.md, "Both optimizers at once").
+        ends, after the block ran (calls in the block ran on the unstepped weights): the
+        block's own optimizer has then stepped and the trunk's has not, so a loop that redoes a
+        failed step (``StaleContext``) steps one after the other instead (docs/habits.md, "Both
+        optimizers at once").
         """
         self._stepping, self._reply = True, None
         try:

@@ -537,6 +537,14 @@ MUTATIONS: list[Mutation] = [
         "a call to the trunk inside stepping() waits for the trunk's step",
     ),
     M(
+        "sliced_forward_seeds_before_the_step",
+        "remote_autograd/client.py",
+        "        self._await_step()  # a Step in flight moves the counters",
+        "        pass  # a Step in flight moves the counters",
+        ("tests/test_optim.py::test_a_call_to_the_trunk_in_the_block_waits_for_the_step",),
+        "micro_batches slices inside stepping() draw the dropout of the step after it",
+    ),
+    M(
         "stepping_swallows_the_steps_error",
         "remote_autograd/optim.py",
         "        if error is not None:\n            raise error\n",

@@ -206,14 +206,17 @@ def _trunk_held(server, seconds: float) -> Iterator[None]:
         holder.join()
 
 
-def test_a_call_to_the_trunk_in_the_block_waits_for_the_step(start_server):
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["whole", "sliced"])
+def test_a_call_to_the_trunk_in_the_block_waits_for_the_step(start_server, micro_batches):
     """A forward in the block runs on the stepped weights with the dropout of the next step,
-    as after ``step()`` returned, though the Step is held on the server: the forward waits."""
+    as after ``step()`` returned, though the Step is held on the server: the forward waits
+    (sliced, each slice's dropout seed is drawn before its Compute)."""
     x0, x1 = (torch.nn.functional.pad(factories.batch(i)[0], (0, 4)) for i in range(2))
+    options = ClientOptions(seed=5, micro_batches=micro_batches)
     runs = []
     for overlap in (False, True):
         server = start_server(factories.dropout_trunk())
-        remote = RemoteModule(server.address, options=ClientOptions(seed=5))
+        remote = RemoteModule(server.address, options=options)
         optimizer = RemoteOptimizer(remote, "SGD", lr=0.5)
         remote(x0).sum().backward()
         if overlap:
@@ -264,3 +267,23 @@ def test_stepping_with_non_finite_gradients_steps_nothing(start_server):
     assert pair.trunk_opt.state_dict()["remote_step"] == 0
     for name, value in pair.remote.remote_state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_step_thread_that_cannot_start_loses_nothing(start_server, monkeypatch):
+    """The error is raised at once, the clipping taken for the step is kept for the next
+    one, and later calls do not wait for a step that never went out."""
+    pair = Pair(start_server, lr=0.1)
+    pair.backward(_inputs(1)[0])
+    clip_grad_norm_(pair.clip_parts(), 0.01)
+    torch.nn.utils.clip_grad_norm_(pair.local.parameters(), 0.01)
+
+    def refuse(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't start"), pair.trunk_opt.stepping():
+            pytest.fail("the block ran")
+    assert pair.trunk_opt._step_count == 0
+    pair.step()  # steps with the clipping, as if the failed try had not happened
+    pair.assert_same_weights()
