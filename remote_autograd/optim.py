@@ -69,6 +69,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.optimizer_name = name
         groups = _named_groups(param_groups, list(module.client.info().trainable_parameters))
         resolved = self.client.configure_optimizer(name, kwargs, groups)
+        self._generation = self.client.optimizer_generation
         local = []
         for index, group in enumerate(resolved):
             hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
@@ -92,6 +93,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "RemoteOptimizer.step() takes no closure: the loss lives on the client, so "
                 "optimizers that re-evaluate it (LBFGS) cannot run on the server"
             )
+        self._check_current("step")
         if not math.isfinite(_take_unscale(self.module)):
             raise FloatingPointError(
                 "the trunk's gradients of this step are not finite (NaN or inf; the server kept "
@@ -166,8 +168,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Clear the session's trunk gradients (sent with the next Backward, GradNorm or Step)."""
         self.module.zero_grad(set_to_none)
 
+    def _check_current(self, what: str) -> None:
+        if self._generation != self.client.optimizer_generation:
+            raise RuntimeError(
+                f"{what}() of a RemoteOptimizer that a newer RemoteOptimizer of the same "
+                "RemoteModule replaced: the server keeps one optimizer per session, the one "
+                "made last. Use that one; for other options on some parameters, give one "
+                "RemoteOptimizer param_groups"
+            )
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The server-side optimizer state, with this side's current hyperparameters."""
+        self._check_current("state_dict")
         state = self.client.get_state(parameters=False, optimizer=True)
         optimizer_state = state["optimizer"]
         for remote, local in zip(optimizer_state["param_groups"], self.param_groups, strict=True):
@@ -176,6 +188,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return optimizer_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self._check_current("load_state_dict")
         state = dict(state_dict)
         step = int(state.pop("remote_step", 0))
         server_state = {

@@ -287,3 +287,25 @@ def test_a_step_thread_that_cannot_start_loses_nothing(start_server, monkeypatch
     assert pair.trunk_opt._step_count == 0
     pair.step()  # steps with the clipping, as if the failed try had not happened
     pair.assert_same_weights()
+
+
+def test_a_replaced_remote_optimizer_refuses_instead_of_stepping_the_new_one(start_server):
+    """The session holds one optimizer, the newest. An older RemoteOptimizer of the same
+    module used to step the newer one's optimizer, whose own first step then passed for a
+    repeat and was dropped."""
+    pair = Pair(start_server, lr=0.1, momentum=0.9)
+    old = pair.trunk_opt
+    pair.trunk_opt = RemoteOptimizer(pair.remote, "SGD", lr=0.1, momentum=0.9)
+    pair.backward(_inputs(1)[0])
+    for call in (
+        old.step,
+        old.state_dict,
+        lambda: old.load_state_dict(pair.trunk_opt.state_dict()),
+    ):
+        with pytest.raises(RuntimeError, match="newer RemoteOptimizer of the same RemoteModule"):
+            call()
+    with pytest.raises(RuntimeError, match="replaced"), old.stepping():
+        pytest.fail("the block ran")
+    pair.step()  # the new one's step #1 is applied
+    pair.assert_same_weights()
+    assert pair.trunk_opt.state_dict()["remote_step"] == 1
