@@ -237,16 +237,15 @@ class Decoder:
         return _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
 
     def growth(self, buf: Any) -> int:
-        """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself: LZ4 data
-        decompressed, quantized values widened (raw tensors alias the buffer). The frame is
-        checked as ``decode`` checks it, so a server can count these bytes before any of them
-        is allocated."""
+        """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself, at most at
+        once (raw tensors alias the buffer). The frame is checked as ``decode`` checks it, so
+        a server can count these bytes before any of them is allocated."""
         view = memoryview(buf).cast("B")
         extra = len(view) if view.readonly else 0  # decode copies it into writable memory
         for meta, numel, _, _, _ in self._checked_layout(view).tensors:
             if meta["z"] == "lz4":
-                extra += meta["n"]
-            if meta["q"] != "none":
+                extra += 2 * meta["n"]  # python-lz4 decompresses, then copies to a bytearray
+            if meta["q"] != "none":  # dequantized in cache-sized pieces into the output
                 extra += numel * DTYPES[meta["dtype"]].itemsize
         return extra
 

@@ -101,8 +101,14 @@ class _Float16:
         return out, {"scale": float(scale)}
 
     def dequantize(self, data, meta, dtype, numel):
-        # One allocation: the float32 copy, divided in place (1/scale is exact: a power of two).
-        return data.view(torch.float16).to(torch.float32).mul_(1.0 / meta["scale"]).to(dtype)
+        halves = data.view(torch.float16)
+        out = torch.empty(numel, dtype=dtype, device=data.device)
+        inverse = 1.0 / meta["scale"]  # exact: a power of two
+        chunk = _chunk(halves)
+        for start in range(0, numel, chunk):  # float32 in cache-sized pieces, straight into out
+            piece = halves[start : start + chunk]
+            out[start : start + piece.numel()].copy_(piece.to(torch.float32).mul_(inverse))
+        return out
 
 
 class _Int8:
@@ -153,17 +159,20 @@ class _Int8:
         blocks = -(-numel // block)
         scales = data[: blocks * 4].view(torch.float32)
         q8 = data[blocks * 4 :].view(torch.int8)
-        out = torch.empty(numel, dtype=torch.float32, device=data.device)
+        out = torch.empty(numel, dtype=dtype, device=data.device)
         full = numel // block
-        # int8 * float32 written straight into the output: no float copy of the int8s.
-        torch.mul(
-            q8[: full * block].view(full, block),
-            scales[:full, None],
-            out=out[: full * block].view(full, block),
-        )
+        rows, row_scales = q8[: full * block].view(full, block), scales[:full, None]
+        into = out[: full * block].view(full, block)
+        step = max(1, _chunk(q8) // block)
+        # int8 * float32 is float32 arithmetic: done in cache-sized pieces (no float copy of
+        # all the int8s at once) and written straight into out, in its dtype.
+        for row in range(0, full, step):
+            into[row : row + step].copy_(
+                torch.mul(rows[row : row + step], row_scales[row : row + step])
+            )
         if full < blocks:
-            torch.mul(q8[full * block :], scales[full], out=out[full * block :])
-        return out.to(dtype)
+            out[full * block :].copy_(torch.mul(q8[full * block :], scales[full]))
+        return out
 
 
 def _amax(tensor: torch.Tensor) -> float:

@@ -152,6 +152,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         self._inflight = _ByteBudget(
             options.max_inflight_bytes, options.max_identity_inflight_bytes
         )
+        self._decoding = _ByteBudget(options.max_decoding_bytes, name="max_decoding_bytes")
         self._tokens = BearerTokens(options.tokens)
         engine.session_listeners.append(self._drop_bulk)
         cancellation.install(engine.module)  # an abandoned call stops between layers
@@ -395,12 +396,16 @@ class TrunkService(pb_grpc.TrunkServicer):
         device: Any,
     ) -> Iterator[Any]:
         """The frame's values, while the call uses them. What decoding adds to the frame's own
-        bytes (LZ4 data decompressed, lossy codecs widened: up to max_decoded_bytes from a small
-        frame) is held in max_inflight_bytes meanwhile, counted before it is allocated; the
-        receive held only the bytes on the wire."""
+        bytes (LZ4 data decompressed, lossy codecs widened: up to max_decoded_bytes from a frame
+        of a few KiB) is held in max_decoding_bytes meanwhile, counted before it is allocated."""
         growth = self.decoder.growth(received.buffer)
-        owner = identity_of(session.key)
-        with self._inflight.reserve(growth, method, owner, what="decoding its frame takes"):
+        if growth > self._decoding.limit:
+            raise LimitExceeded(
+                f"{method}: decoding its frame needs {growth} bytes beyond the frame, more than "
+                f"max_decoding_bytes={self._decoding.limit} allows at all; send smaller calls "
+                "(micro_batches) or raise the limit"
+            )
+        with self._decoding.reserve(growth, method, what="decoding its frame needs"):
             yield received.decode(self.decoder, device=device)
 
     def _encode_reply(self, value: Any, quantization: str, method: str) -> list:
@@ -479,15 +484,22 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     def stats(self) -> dict[str, int]:
         """Counts for tests and operators: the engine's, and bytes of frames in flight."""
-        return {**self.engine.stats(), "inflight_bytes": self._inflight.used}
+        return {
+            **self.engine.stats(),
+            "inflight_bytes": self._inflight.used,
+            "decoding_bytes": self._decoding.used,
+        }
 
 
 class _ByteBudget:
-    """Bytes of streamed frames held by calls in flight, at most ``limit`` together and
+    """Bytes held by calls in flight, at most ``limit`` together (the option ``name``) and
     ``owner_limit`` for one authenticated identity (``owner``; None: no share of its own)."""
 
-    def __init__(self, limit: int, owner_limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int, owner_limit: int | None = None, name: str = "max_inflight_bytes"
+    ) -> None:
         self.limit = limit
+        self.name = name
         self.owner_limit = owner_limit or limit
         self.used = 0
         self._owners: dict[str, int] = {}
@@ -500,13 +512,13 @@ class _ByteBudget:
         with self._lock:
             if self.used + nbytes > self.limit:
                 raise LimitExceeded(
-                    f"{method}: {what} {nbytes} bytes would exceed max_inflight_bytes="
+                    f"{method}: {what} {nbytes} bytes, which would exceed {self.name}="
                     f"{self.limit} ({self.used} held by calls in flight); retry later"
                 )
             held = self._owners.get(owner, 0) if owner is not None else 0
             if owner is not None and held + nbytes > self.owner_limit:
                 raise LimitExceeded(
-                    f"{method}: {what} {nbytes} bytes would exceed "
+                    f"{method}: {what} {nbytes} bytes, which would exceed "
                     f"max_identity_inflight_bytes={self.owner_limit} ({held} held by this "
                     "identity's calls in flight); retry later"
                 )

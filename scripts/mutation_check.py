@@ -525,8 +525,8 @@ MUTATIONS: list[Mutation] = [
         "remote_autograd/service.py",
         "growth = self.decoder.growth(received.buffer)",
         "growth = 0",
-        ("tests/test_limits.py::test_what_a_frame_decodes_to_counts_in_max_inflight_bytes",),
-        "what a frame decodes to beyond its own bytes counts in max_inflight_bytes",
+        ("tests/test_limits.py::test_what_frames_decode_to_is_bounded_by_max_decoding_bytes",),
+        "what frames decode to beyond their own bytes is bounded by max_decoding_bytes",
     ),
     M(
         "forward_overtakes_a_step_in_flight",

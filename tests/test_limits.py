@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import grpc
 import pytest
 import torch
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import (
@@ -333,31 +335,48 @@ def test_a_non_finite_clip_scale_never_reaches_the_gradients(start_server):
     assert _same(held, session.grads)
 
 
-def test_what_a_frame_decodes_to_counts_in_max_inflight_bytes(start_server):
-    """A small frame can decode to far more (LZ4 of zeros here; a lossy codec too): those bytes
-    are reserved in max_inflight_bytes before decoding, or refused naming the limit."""
+def test_what_frames_decode_to_is_bounded_by_max_decoding_bytes(start_server):
+    """A small frame can decode to far more (LZ4 of zeros here; a lossy codec too): what all
+    calls' frames decode to beyond their own bytes is reserved before decoding, within
+    max_decoding_bytes, or refused naming it; a refusal loses nothing."""
     torch.manual_seed(0)
     trunk = nn.Linear(4, 64).double()  # its output, so the gradient sent back, is 16x the input
     reference = copy.deepcopy(trunk)
-    server = start_server(trunk, ServerOptions(max_inflight_bytes=4 << 20))
-    remote = RemoteModule(server.address, options=ClientOptions(compression="lz4"))
-    big = torch.zeros(1 << 14, 4, dtype=torch.float64, requires_grad=True)  # decodes to 512 KiB
-    out = remote(big)  # answered: 512 KiB fits
-    assert torch.equal(out, reference(big))
-    # Its gradient decodes to 8 MiB from ~32 KiB on the wire (plus that frame's copy into
-    # writable memory): refused before it is allocated.
+    server = start_server(trunk, ServerOptions(max_decoding_bytes=12 << 20))
+    lz4 = ClientOptions(compression="lz4")
+    remote = RemoteModule(server.address, options=lz4)
+    x = torch.zeros(1 << 14, 4, dtype=torch.float64, requires_grad=True)  # 512 KiB decoded
+    out = remote(x)
+    assert torch.equal(out, reference(x))
+    # Its gradient decodes to 8 MiB from ~32 KiB on the wire, 16 MiB at the peak: never fits.
     with pytest.raises(
         LimitExceeded,
-        match=r"Backward: decoding its frame takes 84\d{5} bytes "
-        r"would exceed max_inflight_bytes=4194304",
+        match=r"Backward: decoding its frame needs \d+ bytes beyond the frame, more than "
+        r"max_decoding_bytes=12582912 allows at all",
     ):
         out.backward(torch.zeros_like(out))
     assert server.engine.sessions.values()[0].grads == {}  # nothing accumulated
-    with pytest.raises(LimitExceeded, match=r"Compute: decoding its frame takes 8\d{6} bytes"):
-        remote(torch.zeros(1 << 18, 4, dtype=torch.float64))
-    assert server.stats()["inflight_bytes"] == 0  # every reservation ended with its call
-    x = torch.randn(64, 4, dtype=torch.float64, requires_grad=True)
-    remote(x).sum().backward()  # the session goes on
-    x_local = x.detach().requires_grad_()
-    reference(x_local).sum().backward()
-    assert torch.equal(x.grad, x_local.grad)
+
+    # Two calls that fit one at a time: the second waits its turn (refused, "retry later")
+    # while the first holds its share; the server's trunk lock keeps the first in flight.
+    # LZ4 of zeros: each grows by twice its decoded size at the peak (codec.Decoder.growth).
+    first_input = torch.zeros(5 << 15, 4, dtype=torch.float64)  # 5 MiB: grows by 10 MiB
+    second_input = torch.zeros(1 << 16, 4, dtype=torch.float64)  # 2 MiB: grows by 4 MiB
+    other = RemoteModule(server.address, options=lz4)
+    other(torch.zeros(1, 4, dtype=torch.float64))  # its handshake and session before the lock
+    first: list[torch.Tensor] = []
+    with server.engine.lock:
+        worker = threading.Thread(target=lambda: first.append(other(first_input)))
+        worker.start()
+        wait_for(lambda: server.stats()["decoding_bytes"] > 0)
+        with pytest.raises(LimitExceeded, match=r"max_decoding_bytes=12582912 \(\d+ held"):
+            remote(second_input)
+    worker.join(timeout=60)
+    assert torch.equal(first[0], reference(first_input))
+    assert server.stats()["decoding_bytes"] == server.stats()["inflight_bytes"] == 0
+    assert torch.equal(remote(second_input), reference(second_input))  # its turn now
+    y = torch.randn(64, 4, dtype=torch.float64, requires_grad=True)
+    remote(y).sum().backward()  # the session goes on
+    y_local = y.detach().requires_grad_()
+    reference(y_local).sum().backward()
+    assert torch.equal(y.grad, y_local.grad)
