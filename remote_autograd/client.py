@@ -99,6 +99,7 @@ class TrunkClient:
         # The session holds one optimizer, the one configured last: each ConfigureOptimizer
         # counts here, so a RemoteOptimizer can tell that a newer one replaced it.
         self.optimizer_generation = 0
+        self.current_optimizer: Callable[[], Any] = lambda: None  # a weakref to the newest
         # A Step in flight from step_in_background(): its thread and its future.
         self._stepping: tuple[threading.Thread, Future[pb.StepReply]] | None = None
         self._pid = os.getpid()  # the process that opened the session (see forking.py)

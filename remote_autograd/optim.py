@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -80,6 +81,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             local.append(hyper)
         defaults = {k: v for k, v in local[-1].items() if k not in ("params", "trunk_params")}
         super().__init__(local, defaults)
+        replaced = self.client.current_optimizer()
+        if replaced is not None:
+            # Its flag parameter goes: GradScaler must not unscale the trunk's gradients
+            # through an optimizer that can no longer step them.
+            for group in replaced.param_groups:
+                group["params"] = []
+        self.client.current_optimizer = weakref.ref(self)
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
         # Inside stepping(), step() sends the Step from a thread and leaves its reply here.

@@ -309,3 +309,11 @@ def test_a_replaced_remote_optimizer_refuses_instead_of_stepping_the_new_one(sta
     pair.step()  # the new one's step #1 is applied
     pair.assert_same_weights()
     assert pair.trunk_opt.state_dict()["remote_step"] == 1
+    # GradScaler cannot unscale the trunk's gradients through the old one either: it holds
+    # no parameter now, so the new one's unscale_ is the only one applied.
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(pair.split(_inputs(1)[0]).square().sum()).backward()
+    with pytest.raises(AssertionError, match="No inf checks"):
+        scaler.step(old)
+    scaler.unscale_(pair.trunk_opt)
+    assert float(pair.remote._dummy.grad) == 0.25
