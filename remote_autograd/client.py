@@ -96,10 +96,9 @@ class TrunkClient:
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
-        # The session holds one optimizer, the one configured last: each ConfigureOptimizer
-        # counts here, so a RemoteOptimizer can tell that a newer one replaced it.
-        self.optimizer_generation = 0
-        self.current_optimizer: Callable[[], Any] = lambda: None  # a weakref to the newest
+        # The session holds one optimizer, the one configured last: a weak reference to its
+        # RemoteOptimizer, set by it, so an older one can tell that it was replaced.
+        self.current_optimizer: Callable[[], Any] = lambda: None
         # A Step in flight from step_in_background(): its thread and its future.
         self._stepping: tuple[threading.Thread, Future[pb.StepReply]] | None = None
         self._pid = os.getpid()  # the process that opened the session (see forking.py)
@@ -555,8 +554,6 @@ class TrunkClient:
             "ConfigureOptimizer",
             lambda: stub.ConfigureOptimizer(request, **self._kw(_CONTROL_TIMEOUT)),
         )
-        with self._lock:
-            self.optimizer_generation += 1
         if not reply.param_groups:  # a server from before param groups: one group of all
             group = msgpack.unpackb(reply.param_group, raw=False)
             return [{**group, "params": list(self.info().trainable_parameters)}]

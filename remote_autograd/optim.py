@@ -70,7 +70,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.optimizer_name = name
         groups = _named_groups(param_groups, list(module.client.info().trainable_parameters))
         resolved = self.client.configure_optimizer(name, kwargs, groups)
-        self._generation = self.client.optimizer_generation
+        # The server keeps one optimizer per session, the one made last: this one, from here.
+        replaced = self.client.current_optimizer()
+        self.client.current_optimizer = weakref.ref(self)
         local = []
         for index, group in enumerate(resolved):
             hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
@@ -81,13 +83,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             local.append(hyper)
         defaults = {k: v for k, v in local[-1].items() if k not in ("params", "trunk_params")}
         super().__init__(local, defaults)
-        replaced = self.client.current_optimizer()
         if replaced is not None:
             # Its flag parameter goes: GradScaler must not unscale the trunk's gradients
             # through an optimizer that can no longer step them.
             for group in replaced.param_groups:
                 group["params"] = []
-        self.client.current_optimizer = weakref.ref(self)
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
         # Inside stepping(), step() sends the Step from a thread and leaves its reply here.
@@ -177,7 +177,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.module.zero_grad(set_to_none)
 
     def _check_current(self, what: str) -> None:
-        if self._generation != self.client.optimizer_generation:
+        if self.client.current_optimizer() is not self:
             raise RuntimeError(
                 f"{what}() of a RemoteOptimizer that a newer RemoteOptimizer of the same "
                 "RemoteModule replaced: the server keeps one optimizer per session, the one "
