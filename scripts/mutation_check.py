@@ -529,14 +529,6 @@ MUTATIONS: list[Mutation] = [
         "what frames decode to beyond their own bytes is bounded by max_decoding_bytes",
     ),
     M(
-        "forward_overtakes_a_step_in_flight",
-        "remote_autograd/client.py",
-        "        self._await_step()\n        if keep_context:",
-        "        if keep_context:",
-        ("tests/test_optim.py::test_a_call_to_the_trunk_in_the_block_waits_for_the_step",),
-        "a call to the trunk inside stepping() waits for the trunk's step",
-    ),
-    M(
         "sliced_forward_seeds_before_the_step",
         "remote_autograd/client.py",
         "        self._await_step()  # a Step in flight moves the counters",

@@ -206,18 +206,24 @@ def _trunk_held(server, seconds: float) -> Iterator[None]:
         holder.join()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2], ids=["whole", "sliced"])
-def test_a_call_to_the_trunk_in_the_block_waits_for_the_step(start_server, micro_batches):
+@pytest.mark.parametrize(
+    ("seed", "micro_batches"),
+    [(5, 1), (5, 2), (None, 1)],
+    ids=["whole", "sliced", "unseeded-eval"],
+)
+def test_a_call_to_the_trunk_in_the_block_waits_for_the_step(start_server, seed, micro_batches):
     """A forward in the block runs on the stepped weights with the dropout of the next step,
     as after ``step()`` returned, though the Step is held on the server: the forward waits
-    (sliced, each slice's dropout seed is drawn before its Compute)."""
+    (sliced, each slice's dropout seed is drawn before its Compute; without a seed, in eval
+    mode, nothing but the weights tells the two apart)."""
     x0, x1 = (torch.nn.functional.pad(factories.batch(i)[0], (0, 4)) for i in range(2))
-    options = ClientOptions(seed=5, micro_batches=micro_batches)
+    options = ClientOptions(seed=seed, micro_batches=micro_batches)
     runs = []
     for overlap in (False, True):
         server = start_server(factories.dropout_trunk())
         remote = RemoteModule(server.address, options=options)
         optimizer = RemoteOptimizer(remote, "SGD", lr=0.5)
+        remote.train(seed is not None)  # unseeded, the dropout would differ run to run
         remote(x0).sum().backward()
         if overlap:
             with _trunk_held(server, 0.2), optimizer.stepping():
