@@ -357,7 +357,7 @@ MUTATIONS: list[Mutation] = [
         "closed_client_keeps_its_session",
         "remote_autograd/service.py",
         "self.engine.end_session(self.identity(context), session_id)",
-        "pass",
+        "False",
         ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
         "a closed client ends its session at once",
     ),
