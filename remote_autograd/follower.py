@@ -125,7 +125,7 @@ class Follower:
             command["args"],
             command["key"],
         )
-        existed = any(held.key == key for held in engine.sessions.values())
+        existed = key in engine.sessions
         session: Any = engine.sessions.get(key) if key else None
         try:
             # A Step needs the optimizer this rank was given (ConfigureOptimizer or a checkpoint).

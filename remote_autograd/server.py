@@ -27,7 +27,7 @@ from .drain import CallDrain
 from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
-from .tokens import BearerTokens, TokenGate
+from .tokens import TokenGate
 from .transport import bulk_server_tls, create_server
 
 __all__ = ["SERVICE_NAME", "TrunkServer", "serve"]
@@ -81,7 +81,7 @@ class TrunkServer:
         self.service = TrunkService(self.engine)
         self._drain = CallDrain(f"/{SERVICE_NAME}/")  # counts every Trunk call
         # First: a call without a known token is refused before it takes a worker thread.
-        gate = TokenGate(BearerTokens(options.tokens))
+        gate = TokenGate(self.service.tokens)
         self._server, self.port = create_server(
             address, options, interceptors=(gate, self._drain, *interceptors)
         )

@@ -153,7 +153,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             options.max_inflight_bytes, options.max_identity_inflight_bytes
         )
         self._decoding = _ByteBudget(options.max_decoding_bytes, name="max_decoding_bytes")
-        self._tokens = BearerTokens(options.tokens)
+        self.tokens = BearerTokens(options.tokens)  # the server's TokenGate checks them too
         engine.session_listeners.append(self._drop_bulk)
         cancellation.install(engine.module)  # an abandoned call stops between layers
 
@@ -163,8 +163,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         """The caller's authenticated identity: a token's fingerprint ("anonymous" on a
         server without tokens) and, under mutual TLS, the client certificate's name."""
         identity = ANONYMOUS
-        if self._tokens:  # checked before the call took a thread too (tokens.TokenGate)
-            name = self._tokens.identity(context.invocation_metadata())
+        if self.tokens:  # checked before the call took a thread too (tokens.TokenGate)
+            name = self.tokens.identity(context.invocation_metadata())
             if name is None:
                 raise AuthenticationError(REFUSAL)
             identity = name
@@ -399,13 +399,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         bytes (LZ4 data decompressed, lossy codecs widened: up to max_decoded_bytes from a frame
         of a few KiB) is held in max_decoding_bytes meanwhile, counted before it is allocated."""
         growth = self.decoder.growth(received.buffer)
-        if growth > self._decoding.limit:
-            raise LimitExceeded(
-                f"{method}: decoding its frame needs {growth} bytes beyond the frame, more than "
-                f"max_decoding_bytes={self._decoding.limit} allows at all; send smaller calls "
-                "(micro_batches) or raise the limit"
-            )
-        with self._decoding.reserve(growth, method, what="decoding its frame needs"):
+        what = "decoding its frame needs"
+        with self._decoding.reserve(growth, method, what=what, beyond=" beyond the frame"):
             yield received.decode(self.decoder, device=device)
 
     def _encode_reply(self, value: Any, quantization: str, method: str) -> list:
@@ -507,8 +502,18 @@ class _ByteBudget:
 
     @contextmanager
     def reserve(
-        self, nbytes: int, method: str, owner: str | None = None, what: str = "a frame of"
+        self,
+        nbytes: int,
+        method: str,
+        owner: str | None = None,
+        what: str = "a frame of",
+        beyond: str = "",
     ) -> Iterator[None]:
+        if nbytes > self.limit:  # no wait would help: say so, not "retry later"
+            raise LimitExceeded(
+                f"{method}: {what} {nbytes} bytes{beyond}, more than {self.name}={self.limit} "
+                "allows at all; send smaller calls (micro_batches) or raise the limit"
+            )
         with self._lock:
             if self.used + nbytes > self.limit:
                 raise LimitExceeded(

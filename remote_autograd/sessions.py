@@ -111,6 +111,10 @@ class SessionTable:
         self._lock = threading.Lock()
         self._items: dict[str, Session] = {}
 
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

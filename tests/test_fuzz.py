@@ -421,8 +421,8 @@ def test_streamed_frame_declaring_too_much_is_refused_before_allocating(start_se
     cases = {
         # over max_payload_bytes (1 GiB default): refused by the frame check
         4 << 30: "max_payload_bytes",
-        # under it, but over what the server lets calls in flight hold together
-        64 << 20: "max_inflight_bytes",
+        # under it, but over what the server lets calls in flight hold together: at all
+        64 << 20: "more than max_inflight_bytes=1048576 allows at all",
     }
     for declared, limit in cases.items():
         first = pb.Frame(header=pb.Header(payload_bytes=declared), payload=b"x" * 10)
