@@ -4,7 +4,7 @@ Client and trunk server are separate processes with one torch thread each (two m
 worth of compute on a 2-core box). The client holds the embeddings, the first blocks, the
 final norm and the tied LM head; the server the middle blocks, chosen so that both sides do
 about the same work. Three runs in lockstep (step i of each back to back) from the same
-weights and batches, AdamW everywhere:
+weights and batches, AdamW everywhere (``--fused``: ``AdamW(fused=True)``, one kernel per step):
 
 - monolithic: the whole model in this process, one thread;
 - sequential: the ordinary split step (``loss.backward()`` through ``RemoteModule``);
@@ -47,6 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 2,
         "warmup": 1,
         "probe_s": 0,  # seconds of each parallel-capacity probe (0: none)
+        "fused": False,  # AdamW(fused=True) in every run: one kernel per step, not a foreach loop
     },
     # GPT-2 small (124M): 3 blocks + the 50257-word head here (~120 MFLOP per token forward),
     # 9 blocks on the server (~130 MFLOP per token)
@@ -56,11 +57,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch": 8,
         "seq": 32,
         # Measured on the idle 2-core VM (session 8): 2 pieces 0.754x-0.767x the sequential
-        # step, 3 pieces 0.843x, 4 pieces 0.835x-0.853x, 8 pieces 1.18x (session 6)
+        # step, 3 pieces 0.843x, 4 pieces 0.835x-0.853x, 8 pieces 1.18x (session 6); session 9,
+        # 3 pieces 0.728x-0.863x, 2 pieces 0.799x-0.898x: not told apart from noise
         "micro_batches": 2,
         "steps": 10,
-        "warmup": 1,
+        # The first two steps after one warm-up step took 1.2-1.6x the median in every run of
+        # session 9, in all three runs alike (the allocator and AdamW's state settling)
+        "warmup": 3,
         "probe_s": 4.0,
+        "fused": False,
     },
 }
 # model -> (n_layer, n_embd, n_head, vocab)
@@ -69,6 +74,11 @@ SEED = 0  # the same weights in every process
 LR = 3e-4
 DATA_VOCAB = 512
 # -----------------------------------------------------------------------------------------
+
+
+def adamw(preset: dict[str, Any]) -> dict[str, Any]:
+    """AdamW's arguments in every run, local and remote alike."""
+    return {"lr": LR, "fused": True} if preset["fused"] else {"lr": LR}
 
 
 def build_split(preset: dict[str, Any]) -> SplitModel:
@@ -103,7 +113,7 @@ class Monolithic:
     def __init__(self, preset: dict[str, Any]) -> None:
         bottom, trunk, top = build_split(preset)
         self.parts = torch.nn.ModuleList([bottom, trunk, top])
-        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, trunk, top), lr=LR)
+        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, trunk, top), **adamw(preset))
         self.times: list[float] = []
         self.losses: list[float] = []
 
@@ -133,8 +143,8 @@ class Split:
         bottom, _, top = build_split(preset)
         self.bottom, self.top = bottom, top
         self.trunk = RemoteModule(address)
-        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, top), lr=LR)
-        self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", lr=LR)
+        self.optimizer = torch.optim.AdamW(unique_parameters(bottom, top), **adamw(preset))
+        self.remote_optimizer = RemoteOptimizer(self.trunk, "AdamW", **adamw(preset))
         self.pipelined = (
             PipelinedStep(
                 lambda ids: bottom(ids)["hidden_states"],  # [b, T, d]
@@ -238,7 +248,7 @@ def serve_trunk(preset_name: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     preset = dict(PRESETS[args.preset])
-    for key in ("steps", "micro_batches"):
+    for key in ("steps", "micro_batches", "fused"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
     torch.set_num_threads(1)
@@ -344,7 +354,8 @@ def markdown(data: dict[str, Any]) -> str:
     return (
         f"### Pipelined step, preset {data['preset_name']}\n\n"
         f"GPT-2 `{p['model']}` (random init), trunk = blocks [{p['trunk'][0]}, {p['trunk'][1]}) "
-        f"on a server process, the rest here; batch {p['batch']} x {p['seq']} tokens, AdamW, "
+        f"on a server process, the rest here; batch {p['batch']} x {p['seq']} tokens, "
+        f"{'fused AdamW' if p.get('fused') else 'AdamW'}, "
         f"{p['steps']} timed steps after {p['warmup']} warm-up (medians); one torch thread "
         f"per process; {data['machine']['cpus']} CPUs, load average {load[0]:.1f} before and "
         f"{load[1]:.1f} after ({data['machine']['time_utc']} UTC); two single-thread processes "
@@ -364,6 +375,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--overlap-step",
         action="store_true",
         help="also run both split steps with trunk_opt.stepping() (five runs in lockstep)",
+    )
+    parser.add_argument(
+        "--fused", action="store_true", help="AdamW(fused=True) everywhere (default: foreach)"
     )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")

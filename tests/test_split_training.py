@@ -47,11 +47,15 @@ def _pair(kind, dtype, start_server):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", ["mlp", "blocks"])
-@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW", "AdamW-fused"])
 def test_training_matches_local(kind, dtype, optimizer, start_server):
     local, remote, served_trunk, server = _pair(kind, dtype, start_server)
-    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
-    cls = getattr(torch.optim, optimizer)
+    kwargs: dict = {
+        "SGD": {"lr": 0.05, "momentum": 0.9},
+        "AdamW": {"lr": 0.01},
+        "AdamW-fused": {"lr": 0.01, "fused": True},  # one kernel per step: CPU trunks too
+    }[optimizer]
+    cls = getattr(torch.optim, optimizer.removesuffix("-fused"))
     local_opt = cls(local.parameters(), **kwargs)
     local_params = [*remote.bottom.parameters(), *remote.top.parameters()]
     client_opt = cls(local_params, **kwargs)

@@ -318,18 +318,20 @@ def test_a_step_that_would_grow_the_weights_absurdly_is_refused(start_server, na
     _another_session_trains(server, name)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", [*OPTIMIZERS, "AdamW-fused"])
 def test_a_step_with_a_non_finite_result_is_rolled_back_exactly(start_server, name):
     """Adam(W) with eps=0 and zero gradients divides 0 by 0 on its first step; SGD with lr=100
     overflows float32 with gradients of 1e37. The parameters become NaN or inf: refused, and
-    everything restored (the first step's optimizer state removed)."""
+    everything restored (the first step's optimizer state removed). A fused optimizer's one
+    kernel writes weights and state at once: restored alike."""
     server, remote = _start(start_server, max_weight_growth=0.0)
+    name, fused = name.removesuffix("-fused"), name.endswith("-fused")
     if name == "SGD":
         optimizer = RemoteOptimizer(remote, "SGD", lr=100.0)
         out = remote(torch.ones(1, 4))
         out.backward(torch.full_like(out, 1e37))
     else:
-        optimizer = RemoteOptimizer(remote, name, lr=0.01, eps=0.0)
+        optimizer = RemoteOptimizer(remote, name, lr=0.01, eps=0.0, fused=fused or None)
         (remote(_x(2)) * 0).sum().backward()
     snapshot = _Snapshot(server, remote)
     with pytest.raises(InvalidRequest, match=r"make trunk parameters (weight|bias).* non-finite"):
