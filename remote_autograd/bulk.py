@@ -286,21 +286,22 @@ class BulkListener:
                 sock.do_handshake()  # bounded as a whole by the socket's timeout (CPython)
             hello = bytearray(len(HELLO) + TICKET_BYTES)
             _recv_exact(sock, memoryview(hello), "a new bulk connection", deadline=deadline)
-            entry = None
-            if hello[: len(HELLO)] == HELLO:
-                with self._lock:
-                    entry = self._tickets.pop(_digest(bytes(hello[len(HELLO) :])), None)
-            sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            if entry is None or entry[2] < time.monotonic() or self._closed:
+            digest = _digest(bytes(hello[len(HELLO) :]))
+            # The ticket is taken and its connection registered in one hold of the lock: a
+            # session ending (drop_session) or the listener closing in between would find
+            # neither the ticket nor the connection, which would then belong to nothing.
+            # Registered before the answer: the client's first call may follow it at once.
+            with self._lock:
+                entry = self._tickets.pop(digest, None) if hello[: len(HELLO)] == HELLO else None
+                if entry is not None and entry[2] >= time.monotonic() and not self._closed:
+                    connection = _Connection(sock, entry[0], entry[1])
+                    self._connections[connection.id] = connection
+            if connection is None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
                 sock.sendall(HELLO + bytes([1]))
                 sock.close()
                 return
-            connection_id, session, _ = entry
             sock.settimeout(self.timeout)
-            connection = _Connection(sock, connection_id, session)
-            # Registered before the answer: the client's first call may follow it at once.
-            with self._lock:
-                self._connections[connection_id] = connection
             sock.sendall(HELLO + bytes([_OK]))
         except (OSError, ValueError):  # includes timeouts and TLS errors
             if connection is not None:  # the answer did not go out: nobody will use it

@@ -10,6 +10,7 @@ leaving an RPC becomes a gRPC status here (``_rpc``), with the error's class in 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -101,6 +102,24 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
+def certificate_name(auth: dict[str, list[bytes]]) -> str:
+    """What names a verified client certificate in the caller's identity: its common name;
+    without one (a certificate that names its holder by subjectAltName alone), its alternative
+    names; without either, its SHA-256 fingerprint. Certificates without a CN must not all
+    become one identity: they would share one adapter and one share of the server."""
+
+    def named(key: str) -> list[bytes]:  # gRPC gives a certificate without a CN one empty CN
+        return [value for value in auth.get(key, ()) if value]
+
+    if names := named("x509_common_name"):
+        return "/cn=" + b",".join(names).decode(errors="replace")
+    if names := named("x509_subject_alternative_name"):
+        return "/san=" + b",".join(sorted(names)).decode(errors="replace")
+    if pem := b"".join(named("x509_pem_cert")):
+        return "/sha256=" + hashlib.sha256(pem).hexdigest()[:32]
+    raise AuthenticationError("the client certificate names no one (no CN, SAN or certificate)")
+
+
 class _Malformed:
     """Stands for a request message protobuf could not parse (see _add_trunk_service)."""
 
@@ -168,10 +187,8 @@ class TrunkService(pb_grpc.TrunkServicer):
             if name is None:
                 raise AuthenticationError(REFUSAL)
             identity = name
-        # Only mutual TLS puts a client certificate's name in the auth context.
-        peer = context.auth_context().get("x509_common_name") if self.options.client_ca else None
-        if peer:
-            identity += "/cn=" + b",".join(peer).decode(errors="replace")
+        if self.options.client_ca:  # only mutual TLS puts a client certificate in the context
+            identity += certificate_name(context.auth_context())
         return identity
 
     def session(self, context: grpc.ServicerContext) -> Session:

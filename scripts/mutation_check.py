@@ -362,6 +362,14 @@ MUTATIONS: list[Mutation] = [
         "a closed client ends its session at once",
     ),
     M(
+        "certificates_without_a_cn_are_one_identity",
+        "remote_autograd/service.py",
+        "return [value for value in auth.get(key, ()) if value]",
+        "return list(auth.get(key, ()))",
+        ("tests/test_adapters.py::test_under_mutual_tls_each_certificate_has_its_own_adapter",),
+        "a client certificate without a CN is named by its SANs or fingerprint",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",

@@ -13,7 +13,8 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _issue(directory: pathlib.Path, name: str, ca: str, cn: str, ext: str) -> None:
+def _issue(directory: pathlib.Path, name: str, ca: str, cn: str | None, ext: str) -> None:
+    """``name``.pem and .key, signed by ``ca``; without a ``cn``, a subject of an O alone."""
     _openssl(
         "req",
         *_NEW_EC_KEY,
@@ -22,7 +23,7 @@ def _issue(directory: pathlib.Path, name: str, ca: str, cn: str, ext: str) -> No
         "-out",
         f"{name}.csr",
         "-subj",
-        f"/CN={cn}",
+        f"/CN={cn}" if cn else "/O=remote-autograd tests",
         cwd=directory,
     )
     (directory / f"{name}.ext").write_text(ext + "\n")

@@ -7,6 +7,7 @@ server, however the clients' calls interleave, and no client can see or change a
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 from collections.abc import Callable
@@ -497,37 +498,57 @@ def test_forwards_of_different_clients_run_at_the_same_time(start_server):
         trunk.close()
 
 
-def test_under_mutual_tls_each_certificate_name_has_its_own_adapter(start_server, tmp_path):
+# How each kind of client certificate names its holder: two certificates of each kind.
+_NAMINGS = {
+    "cn": lambda who: (f"client-{who}", ""),
+    "san": lambda who: (None, f"subjectAltName=URI:spiffe://lab/client-{who}\n"),
+    "neither": lambda who: (None, ""),
+}
+
+
+@pytest.mark.parametrize("naming", _NAMINGS)
+def test_under_mutual_tls_each_certificate_has_its_own_adapter(start_server, tmp_path, naming):
+    """By its CN; without one by its subjectAltName; without either by its fingerprint. (Every
+    certificate without a CN once became 'anonymous', and all of them trained one adapter.)"""
     from pki import _issue, make_pki
 
     pki = make_pki(tmp_path)
-    _issue(tmp_path, "client2", "ca", "client-2", "extendedKeyUsage=clientAuth")
-    pem = {name: (tmp_path / name).read_bytes() for name in ("client2.pem", "client2.key")}
+    for who in ("a", "b"):
+        cn, ext = _NAMINGS[naming](who)
+        _issue(tmp_path, who, "ca", cn, ext + "extendedKeyUsage=clientAuth")
+    pem = {
+        who: [(tmp_path / f"{who}.{kind}").read_bytes() for kind in ("pem", "key")] for who in "ab"
+    }
     options = ServerOptions(
         certificate_chain=pki["server.pem"], private_key=pki["server.key"], client_ca=pki["ca.pem"]
     )
     server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
 
-    def connect(chain: bytes, key: bytes) -> RemoteModule:
+    def connect(who: str) -> RemoteModule:
+        chain, key = pem[who]
         client = ClientOptions(
             root_certificates=pki["ca.pem"], certificate_chain=chain, private_key=key, seed=1
         )
         return RemoteModule(server.address, options=client)
 
-    first = connect(pki["client.pem"], pki["client.key"])
-    second = connect(pem["client2.pem"], pem["client2.key"])
+    first = connect("a")
+    second = connect("b")
     fresh = second.adapter_state_dict()
     optimizer = RemoteOptimizer(first, torch.optim.SGD, lr=0.5)
     first(torch.randn(3, 8, dtype=torch.float64)).pow(2).sum().backward()
     optimizer.step()
     trained = first.adapter_state_dict()
     assert_same_state(second.adapter_state_dict(), fresh)
-    again = connect(pki["client.pem"], pki["client.key"])  # the same name, a new connection
+    again = connect("a")  # the same certificate, a new connection
     assert_same_state(again.adapter_state_dict(), trained)
-    assert sorted(a.identity for a in server.engine._adapters.values()) == [
-        "anonymous/cn=client-1",
-        "anonymous/cn=client-2",
-    ]
+    expected = {
+        "cn": lambda who: f"cn=client-{who}",
+        "san": lambda who: f"san=spiffe://lab/client-{who}",
+        "neither": lambda who: "sha256=" + hashlib.sha256(pem[who][0]).hexdigest()[:32],
+    }[naming]
+    assert sorted(a.identity for a in server.engine._adapters.values()) == sorted(
+        f"anonymous/{expected(who)}" for who in "ab"
+    )
     for trunk in (first, second, again):
         trunk.close()
 

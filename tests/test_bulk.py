@@ -280,6 +280,37 @@ def test_tickets_of_an_ended_session_open_nothing(start_server, peers):
     _still_serves(server)
 
 
+def test_a_session_ending_while_its_ticket_is_presented_keeps_no_connection(
+    start_server, peers, monkeypatch
+):
+    """The session ends in the instant between the server taking the ticket and registering
+    its connection (widened here to up to 2 s: the EndSession runs while the connection is
+    made). It once found neither, and the connection stayed, of no session, for good."""
+    from remote_autograd import bulk
+
+    server = start_server(Scale(torch.float64))
+    peer = peers(server.address, "s1")
+    ended = threading.Event()
+
+    class EndingSession(bulk._Connection):
+        def __init__(self, *args, **kwargs) -> None:
+            end = peer.stub.EndSession.future(pb.EndSessionRequest(), metadata=peer.metadata)
+            end.add_done_callback(lambda _: ended.set())
+            ended.wait(2.0)  # returns at once where the EndSession cannot get in between
+            super().__init__(*args, **kwargs)
+
+    ticket = peer.ticket().ticket
+    monkeypatch.setattr(bulk, "_Connection", EndingSession)
+    sock, answer = peer.hello(ticket)
+    assert ended.wait(30)
+    assert answer in (b"RAB1\x00", b"")  # answered, or closed by the session's end
+    wait_for(lambda: len(server.service.bulk) == 0, timeout=10)
+    sock.settimeout(10)
+    assert _recv(sock, 1) == b""  # and its socket is closed
+    monkeypatch.undo()
+    _still_serves(server)
+
+
 def test_a_connection_serves_only_the_session_that_opened_it(start_server, peers, wire):
     server = start_server(Scale(torch.float64), wire.server(tokens=("alpha", "beta")))
     owner = peers(server.address, "s1", token="alpha", wire=wire)
