@@ -218,6 +218,14 @@ class BulkListener:
         for connection in gone:
             connection.close()
 
+    def void(self, connection_id: str) -> None:
+        """Void the ticket of ``connection_id``, and close its connection if one was opened."""
+        with self._lock:
+            self._tickets = {d: t for d, t in self._tickets.items() if t[0] != connection_id}
+            connection = self._connections.pop(connection_id, None)
+        if connection is not None:
+            connection.close()
+
     def prune(self) -> int:
         """Close idle connections whose client went away (an idle connection has nothing to
         read unless its peer closed it or broke the protocol)."""

@@ -49,6 +49,7 @@ from .guard import (
     check_updates,
     floating_buffers,
     guarded_step,
+    keep_configured_flags,
     pending_grads,
     restore_buffers,
 )
@@ -642,8 +643,14 @@ class TrunkEngine:
                         "RemoteOptimizer first"
                     )
                 check_finite_groups(optimizer_state)
+                current = session.optimizer.param_groups
+                keep_configured_flags(optimizer_state["param_groups"], current)
                 check_hyperparameters(
-                    session.optimizer_name, optimizer_state["param_groups"], self.options
+                    session.optimizer_name,
+                    optimizer_state["param_groups"],
+                    self.options,
+                    current=current,
+                    call="a LoadState",
                 )
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
                 try:

@@ -29,6 +29,7 @@ __all__ = [
     "check_hyperparameters",
     "check_updates",
     "guarded_step",
+    "keep_configured_flags",
     "pending_grads",
 ]
 
@@ -138,10 +139,11 @@ def check_hyperparameters(
     options: ServerOptions,
     *,
     current: Sequence[dict[str, Any]] | None = None,
+    call: str = "a Step",
 ) -> None:
     """Refuse hyperparameters outside what their meaning allows. ``groups`` are the values the
-    optimizer would step with; ``current``, when given, the values it has now (a Step may not
-    change the flags in IMMUTABLE_HYPERPARAMETERS)."""
+    optimizer would step with; ``current``, when given, the values it has now (``call``, a Step
+    or a LoadState, may not change the flags in IMMUTABLE_HYPERPARAMETERS)."""
     rules = _rules(optimizer, options)
     for index, group in enumerate(groups):
         where = f"{optimizer} param group {index}"
@@ -165,12 +167,12 @@ def check_hyperparameters(
                     )
             elif isinstance(value, (int, float)) and not math.isfinite(value):
                 raise InvalidRequest(f"hyperparameter {key}={value!r} of {where}: not finite")
-            if current is not None and key in IMMUTABLE_HYPERPARAMETERS:
+            if current is not None and index < len(current) and key in IMMUTABLE_HYPERPARAMETERS:
                 before = current[index].get(key)
                 if value != before:
                     raise InvalidRequest(
-                        f"hyperparameter {key} of {where} cannot change in a Step ({before!r} -> "
-                        f"{value!r}): configure a new RemoteOptimizer instead"
+                        f"hyperparameter {key} of {where} cannot change in {call} ({before!r} -> "
+                        f"{value!r}): configure a new RemoteOptimizer with {key}={value!r}"
                     )
         lr, decay = group.get("lr"), group.get("weight_decay")
         if _number(lr) and _number(decay) and float(lr) * float(decay) > 1.0:  # type: ignore[arg-type]
@@ -188,6 +190,20 @@ def check_updates(
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     merged = [{**group, **update} for group, update in zip(current, updates, strict=True)]
     check_hyperparameters(type(optimizer).__name__, merged, options, current=current)
+
+
+def keep_configured_flags(groups: Sequence[Any], current: Sequence[dict[str, Any]]) -> None:
+    """In the param groups of a state being loaded, the flags of IMMUTABLE_HYPERPARAMETERS as
+    the optimizer was configured: ``foreach`` and ``fused`` always (they choose how a step runs,
+    and the configured choice stands), the others where the state leaves them out or None.
+    A state that sets one of those others differently is refused by check_hyperparameters:
+    amsgrad switched on by a state without its ``max_exp_avg_sq`` would fail every Step."""
+    for group, configured in zip(groups, current, strict=False):
+        if not isinstance(group, dict):
+            continue  # refused by check_hyperparameters
+        for key in IMMUTABLE_HYPERPARAMETERS & configured.keys():
+            if key in _BOOL_OR_NONE or group.get(key) is None:
+                group[key] = configured[key]
 
 
 def check_grad_scale(grad_scale: float, options: ServerOptions, method: str) -> None:

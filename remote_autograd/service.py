@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from .errors import (
     InvalidRequest,
     LimitExceeded,
     RemoteAutogradError,
+    ServerUnavailable,
     TrunkError,
 )
 from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of
@@ -102,10 +104,15 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
+# The typed subjectAltName properties gRPC reports, and the names openssl gives their types.
+_SAN_KINDS = {"peer_dns": "DNS", "peer_uri": "URI", "peer_ip": "IP", "peer_email": "email"}
+
+
 def certificate_name(auth: dict[str, list[bytes]]) -> str:
     """What names a verified client certificate in the caller's identity: its common name;
     without one (a certificate that names its holder by subjectAltName alone), its alternative
-    names; without either, its SHA-256 fingerprint. Certificates without a CN must not all
+    names, each with its type; without either, its SHA-256 fingerprint (of the DER bytes, as
+    ``openssl x509 -fingerprint -sha256`` prints it). Certificates without a CN must not all
     become one identity: they would share one adapter and one share of the server."""
 
     def named(key: str) -> list[bytes]:  # gRPC gives a certificate without a CN one empty CN
@@ -113,11 +120,21 @@ def certificate_name(auth: dict[str, list[bytes]]) -> str:
 
     if names := named("x509_common_name"):
         return "/cn=" + b",".join(names).decode(errors="replace")
-    if names := named("x509_subject_alternative_name"):
-        return "/san=" + b",".join(sorted(names)).decode(errors="replace")
-    if pem := b"".join(named("x509_pem_cert")):
-        return "/sha256=" + hashlib.sha256(pem).hexdigest()[:32]
-    raise AuthenticationError("the client certificate names no one (no CN, SAN or certificate)")
+    # Typed and escaped, so that DNS:10.0.0.1 is not IP:10.0.0.1, nor one name "a,b" two.
+    sans = sorted(
+        f"{kind}:" + value.decode(errors="replace").replace("%", "%25").replace(",", "%2C")
+        for key, kind in _SAN_KINDS.items()
+        for value in named(key)
+    )
+    if sans:
+        return "/san=" + ",".join(sans)
+    try:
+        der = ssl.PEM_cert_to_DER_cert(b"".join(named("x509_pem_cert")).decode())
+    except (UnicodeDecodeError, ValueError):
+        der = b""
+    if not der:
+        raise AuthenticationError("the client certificate names no one (no CN, SAN or certificate)")
+    return "/sha256=" + hashlib.sha256(der).hexdigest()
 
 
 class _Malformed:
@@ -237,6 +254,11 @@ class TrunkService(pb_grpc.TrunkServicer):
         if self.bulk is None:
             raise InvalidRequest("this server offers no bulk channel (InfoReply.bulk_port is 0)")
         ticket, connection_id = self.bulk.issue(session.key)
+        # A session that ended meanwhile voided its tickets, all but this one if it ended
+        # before the ticket was issued: a connection opened with it would belong to nothing.
+        if not self.engine.sessions.holds(session):
+            self.bulk.void(connection_id)
+            raise ServerUnavailable("the session ended while its bulk ticket was issued")
         return pb.OpenBulkReply(
             ticket=ticket, connection_id=connection_id, ticket_ttl_seconds=bulk.TICKET_TTL
         )

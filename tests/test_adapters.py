@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ from remote_autograd import (
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.adapters import AdapterEngine, AdapterOptions
+from remote_autograd.errors import AuthenticationError
+from remote_autograd.service import certificate_name
 
 RANK, ALPHA, TARGETS, LORA_SEED = 4, 8, ("0", "3"), 5
 TOKENS = tuple(f"token-{i}" for i in range(4))
@@ -508,8 +511,9 @@ _NAMINGS = {
 
 @pytest.mark.parametrize("naming", _NAMINGS)
 def test_under_mutual_tls_each_certificate_has_its_own_adapter(start_server, tmp_path, naming):
-    """By its CN; without one by its subjectAltName; without either by its fingerprint. (Every
-    certificate without a CN once became 'anonymous', and all of them trained one adapter.)"""
+    """By its CN; without one by its subjectAltNames; without either by its fingerprint. (gRPC
+    gives a certificate without a CN an empty one: every such certificate was once
+    'anonymous/cn=', and all of them trained one adapter.)"""
     from pki import _issue, make_pki
 
     pki = make_pki(tmp_path)
@@ -543,14 +547,31 @@ def test_under_mutual_tls_each_certificate_has_its_own_adapter(start_server, tmp
     assert_same_state(again.adapter_state_dict(), trained)
     expected = {
         "cn": lambda who: f"cn=client-{who}",
-        "san": lambda who: f"san=spiffe://lab/client-{who}",
-        "neither": lambda who: "sha256=" + hashlib.sha256(pem[who][0]).hexdigest()[:32],
+        "san": lambda who: f"san=URI:spiffe://lab/client-{who}",
+        "neither": lambda who: (
+            "sha256=" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem[who][0].decode())).hexdigest()
+        ),
     }[naming]
     assert sorted(a.identity for a in server.engine._adapters.values()) == sorted(
         f"anonymous/{expected(who)}" for who in "ab"
     )
     for trunk in (first, second, again):
         trunk.close()
+
+
+def test_different_alternative_names_never_make_one_identity():
+    """gRPC reports subjectAltNames untyped and typed; the name takes them typed and escaped."""
+    apart = [
+        ({"peer_dns": [b"10.0.0.1"]}, {"peer_ip": [b"10.0.0.1"]}),
+        ({"peer_uri": [b"spiffe://lab/a,URI:b"]}, {"peer_uri": [b"spiffe://lab/a", b"b"]}),
+        ({"peer_email": [b"a%2Cb@lab"]}, {"peer_email": [b"a,b@lab"]}),
+    ]
+    for one, other in apart:
+        assert certificate_name(one) != certificate_name(other)
+    same = {"peer_dns": [b"b.lab", b"a.lab"]}, {"peer_dns": [b"a.lab", b"b.lab"]}
+    assert certificate_name(same[0]) == certificate_name(same[1]) == "/san=DNS:a.lab,DNS:b.lab"
+    with pytest.raises(AuthenticationError, match="names no one"):
+        certificate_name({"x509_common_name": [b""]})
 
 
 def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_server, tmp_path):

@@ -296,7 +296,7 @@ def test_a_session_ending_while_its_ticket_is_presented_keeps_no_connection(
         def __init__(self, *args, **kwargs) -> None:
             end = peer.stub.EndSession.future(pb.EndSessionRequest(), metadata=peer.metadata)
             end.add_done_callback(lambda _: ended.set())
-            ended.wait(2.0)  # returns at once where the EndSession cannot get in between
+            ended.wait(2.0)  # all 2 s where the EndSession cannot get in between (it waits)
             super().__init__(*args, **kwargs)
 
     ticket = peer.ticket().ticket
@@ -308,6 +308,31 @@ def test_a_session_ending_while_its_ticket_is_presented_keeps_no_connection(
     sock.settimeout(10)
     assert _recv(sock, 1) == b""  # and its socket is closed
     monkeypatch.undo()
+    _still_serves(server)
+
+
+def test_a_session_ending_while_its_ticket_is_issued_keeps_no_ticket(start_server, peers):
+    """The session ends between OpenBulk finding it and the ticket being issued (here: the
+    EndSession runs right before the issue). The ticket, issued after the session's end voided
+    its tickets, once opened a connection that belonged to no session."""
+    server = start_server(Scale(torch.float64))
+    listener = server.service.bulk
+    peer = peers(server.address, "s1")
+    issued = []
+
+    def issue_after_the_end(session: str) -> tuple[bytes, str]:
+        assert peer.stub.EndSession(pb.EndSessionRequest(), metadata=peer.metadata).ended
+        issued.append(BulkListener.issue(listener, session))
+        return issued[-1]
+
+    listener.issue = issue_after_the_end
+    with pytest.raises(grpc.RpcError) as refused:
+        peer.ticket()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # a client retries
+    del listener.issue
+    _, answer = peer.hello(issued[0][0])
+    assert answer == b"RAB1\x01"
+    assert len(listener) == 0 and not server.engine.sessions.values()
     _still_serves(server)
 
 

@@ -8,6 +8,7 @@ correct step of another session equal to the same step computed here.
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import subprocess
@@ -297,6 +298,27 @@ def test_flags_that_shape_the_optimizer_state_cannot_change_in_a_step(start_serv
     _another_session_trains(server, "Adam")
 
 
+def test_flags_that_shape_the_optimizer_state_cannot_change_in_a_load(start_server):
+    """amsgrad switched on by a loaded state without max_exp_avg_sq once made every later Step
+    fail; a loaded fused=None once turned the configured fused step off."""
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01, fused=True)
+    _good_step(remote, optimizer, _x(1))
+    saved = copy.deepcopy(optimizer.state_dict())
+    snapshot = _Snapshot(server, remote)
+    shaping = copy.deepcopy(saved)
+    shaping["param_groups"][0]["amsgrad"] = True
+    with pytest.raises(InvalidRequest, match="amsgrad of Adam param group 0 cannot change in a L"):
+        optimizer.load_state_dict(shaping)
+    snapshot.assert_unchanged(server, remote)
+    unfused = copy.deepcopy(saved)  # as a default Adam saves it
+    unfused["param_groups"][0]["fused"] = None
+    optimizer.load_state_dict(unfused)
+    assert _session(server, remote).optimizer.param_groups[0]["fused"] is True
+    _goes_on(server, remote, optimizer, snapshot)
+    _another_session_trains(server, "Adam")
+
+
 # -- steps whose result is non-finite or absurd ----------------------------------------------------
 
 
@@ -338,6 +360,7 @@ def test_a_step_with_a_non_finite_result_is_rolled_back_exactly(start_server, na
         optimizer.step()
     snapshot.assert_unchanged(server, remote)
     assert not _session(server, remote).optimizer.state
+    assert _session(server, remote).optimizer.defaults.get("fused") is (fused or None)
     optimizer.param_groups[0].update({"lr": 0.01} if name == "SGD" else {"eps": 1e-8})
     _goes_on(server, remote, optimizer, snapshot)
     _another_session_trains(server, name)
