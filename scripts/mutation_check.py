@@ -370,6 +370,25 @@ MUTATIONS: list[Mutation] = [
         "a client certificate without a CN is named by its SANs or fingerprint",
     ),
     M(
+        "open_bulk_ticket_outlives_its_session",
+        "remote_autograd/service.py",
+        "if not self.engine.sessions.holds(session):",
+        "if False:",
+        ("tests/test_bulk.py::test_a_session_ending_while_its_ticket_is_issued_keeps_no_ticket",),
+        "a ticket issued as its session ends is voided",
+    ),
+    M(
+        "loaded_state_drops_the_configured_flags",
+        "remote_autograd/engine.py",
+        'keep_configured_flags(optimizer_state["param_groups"], current)',
+        "pass",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_flags_that_shape_the_optimizer_state_cannot_change_in_a_load",
+        ),
+        "a loaded optimizer state keeps the configured foreach and fused",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",
