@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint_file
+from . import cancellation, checkpoint_file
 from .calls import (
     BackwardCall,
     BackwardResult,
@@ -62,7 +62,7 @@ from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
 from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
-from .guard import check_finite_weights
+from .guard import StepBackup, check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable
@@ -256,6 +256,8 @@ class AdapterEngine:
                 "per-client adapters without tokens or mutual TLS: every client is "
                 "'anonymous' and all of them train one adapter (serve --token-file)"
             )
+        # Now, not when the service installs them: the replicas restored below copy the hooks.
+        cancellation.install(self.base)
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
 
@@ -357,10 +359,10 @@ class AdapterEngine:
                         "(AdapterOptions.max_adapters, serve --max-adapters)"
                     )
                 adapter = self._adapters[identity] = self._new_adapter(identity)
-            adapter.calls += 1
-            adapter.last_used = time.monotonic()
             if not adapter.resident:
                 self._move(adapter, self._device, resident=True)
+            adapter.calls += 1  # after the move: a move that fails leaves no call counted
+            adapter.last_used = time.monotonic()
             self._offload_beyond_limit()
         try:
             yield adapter.engine
@@ -392,6 +394,8 @@ class AdapterEngine:
                             # Scalars (Adam's step) stay where the optimizer keeps them.
                             if isinstance(value, torch.Tensor) and value.dim() > 0:
                                 state[key] = value.to(device)
+        if not resident:  # the copies a Step takes: as large as the weights and their state
+            adapter.engine.step_backup = StepBackup()
         adapter.resident = resident
         log.debug("adapter of %s moved to %s", adapter.identity, device)
 

@@ -60,10 +60,13 @@ def check(where: str = "the trunk") -> None:
 def install(module: torch.nn.Module) -> None:
     """Make ``module`` stop between layers when the call running it has been abandoned."""
     for name, submodule in module.named_modules():
+        if getattr(submodule, "_remote_autograd_cancellable", False):
+            continue  # installed already (an adapter engine's base, before it restores)
         try:
             submodule.register_forward_pre_hook(_hook(name or type(module).__name__))
         except RuntimeError:  # a TorchScript module takes no hooks: it runs to its end
             continue
+        submodule._remote_autograd_cancellable = True
 
 
 def _hook(name: str) -> Any:

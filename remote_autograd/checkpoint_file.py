@@ -34,6 +34,9 @@ FILE_LIMITS = Limits(
     max_tensors=1 << 31,
     max_header_bytes=1 << 31,
     max_decoded_bytes=1 << 62,
+    # What a call may nest (Limits.max_depth), inside the checkpoint's own maps (sessions,
+    # adapters, optimizer states): a file the server wrote must be one it can read back.
+    max_depth=Limits().max_depth + 32,
 )
 
 

@@ -85,6 +85,16 @@ class ChunkedCall:
             # The slices' dropout seeds in slice order, whatever order the threads run in.
             call.seed = self.client._next_seed()
         try:
+            return self._joined(sent, rows, k)
+        except BaseException:
+            # No autograd node will hold these calls: the slices that were answered would keep
+            # their contexts on the server until context_ttl (and hold up others' Steps).
+            self.release()
+            raise
+
+    def _joined(self, sent: list[tuple[torch.Tensor, ...]], rows: int, k: int) -> list:
+        """Run the slices' forwards and join their outputs along the batch."""
+        try:
             results = _run_all(
                 [lambda c=call, s=s: c.forward(s) for call, s in zip(self.calls, sent, strict=True)]
             )
@@ -99,6 +109,12 @@ class ChunkedCall:
         for call in self.calls:
             call._inputs = tuple(t.detach() for t in call._inputs)
         self.output_template = self.calls[0].output_template
+        if any(call.output_template != self.output_template for call in self.calls):
+            raise ValueError(
+                f"micro_batches={self.micro_batches}: the trunk's output is not the same tree "
+                "with the same plain values (numbers, strings) for every slice of the batch, so "
+                "the slices' outputs cannot be joined. Use micro_batches=1 for this trunk"
+            )
         outputs = []
         for index, parts in enumerate(zip(*results, strict=True)):
             if any(p.dim() == 0 for p in parts) or sum(p.shape[0] for p in parts) != rows:
@@ -144,14 +160,22 @@ class ChunkedCall:
             (None,) * len(self.calls) if g is None else torch.split(g, rows)
             for g, rows in zip(grads, self._output_rows, strict=True)
         ]
-        results = _run_all(
-            [
-                lambda c=call, i=i: c.backward(
-                    tuple(s[i] for s in split), needs_input_grad, parameters
-                )
-                for i, call in enumerate(self.calls)
-            ]
-        )
+        try:
+            results = _run_all(
+                [
+                    lambda c=call, i=i: c.backward(
+                        tuple(s[i] for s in split), needs_input_grad, parameters
+                    )
+                    for i, call in enumerate(self.calls)
+                ]
+            )
+        except Exception as exc:
+            exc.add_note(
+                f"micro_batches={len(self.calls)}: the slices whose Backward was answered "
+                "have added their gradients to the trunk's; call zero_grad() before redoing "
+                "this step"
+            )
+            raise
         return [
             join_grads(parts, self._sliced[index], [c._inputs[index] for c in self.calls])
             for index, parts in enumerate(zip(*results, strict=True))

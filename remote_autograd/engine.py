@@ -66,6 +66,7 @@ from .validate import (
     check_finite_groups,
     check_finite_tree,
     check_grad_outputs,
+    check_optimizer_state,
     check_parameters,
     clone_tree,
     optimizer_class,
@@ -652,6 +653,7 @@ class TrunkEngine:
                     current=current,
                     call="a LoadState",
                 )
+                check_optimizer_state(optimizer_state, session.optimizer)
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
                 try:
                     with self._lock:

@@ -142,7 +142,7 @@ class _RemoteFunction(torch.autograd.Function):
         # backward even when no input needs a gradient (a frozen bottom, or raw token ids in):
         # the trunk's own parameters still need their gradients.
         call._inputs = tuple(t.detach() for t in tensors)
-        outputs = call.forward(tensors)
+        outputs = [_not_a_view(output) for output in call.forward(tensors)]
         ctx.call = call
         ctx.dummy = get_gradient_edge(dummy).node if dummy.requires_grad else None
         ctx.set_materialize_grads(False)  # unused outputs send None, not a tensor of zeros
@@ -171,6 +171,18 @@ class _RemoteFunction(torch.autograd.Function):
         # flag, which RemoteOptimizer lists as its parameter, GradScaler sees it (see optim.py).
         flag = torch.full((1,), math.nan if call.nonfinite else 0.0)
         return (None, flag, *input_grads)
+
+
+def _not_a_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or where it is a view (decoded outputs share one receive buffer) a tensor on
+    the same memory that is not one. Autograd forbids changing a custom Function's view output
+    in place, and a local layer's output may be changed so (``ReLU(inplace=True)`` on top)."""
+    if not tensor._is_view():
+        return tensor
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
+    )
 
 
 def _accumulates(dummy: Any) -> bool:

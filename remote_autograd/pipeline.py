@@ -63,7 +63,10 @@ def split_batch(value: Any, micro_batches: int) -> list[Any]:
 class _Cut:
     """A value whose grad-requiring tensors were detached into leaves: the graph's seam."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, modifiable: bool = False) -> None:
+        """``modifiable``: the next part may change the value in place (the top, as a local
+        layer's output may be: ``ReLU(inplace=True)``), which a leaf does not allow; it gets
+        a copy of each leaf."""
         template, tensors = flatten(value)
         self.sources: list[torch.Tensor] = []  # the tensors before the cut (still in the graph)
         self.leaves: list[torch.Tensor] = []  # their detached stand-ins
@@ -73,7 +76,7 @@ class _Cut:
                 leaf = tensor.detach().requires_grad_()
                 self.sources.append(tensor)
                 self.leaves.append(leaf)
-                cut.append(leaf)
+                cut.append(leaf.clone() if modifiable else leaf)
             else:
                 cut.append(tensor)
         self.value = unflatten(template, cut)
@@ -173,7 +176,7 @@ class PipelinedStep:
                 forward_bottom(i)
             for i in range(m):
                 # Top forward and backward of micro-batch i, on the trunk's output.
-                seam = _Cut(trunk_out.pop(i).result())
+                seam = _Cut(trunk_out.pop(i).result(), modifiable=True)
                 loss = self.loss_fn(self.top(seam.value), ys[i])
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(

@@ -148,13 +148,18 @@ class TrunkServer:
             period = min(period, max(0.05, options.checkpoint_interval / 4))
         last_save = time.monotonic()
         while not self._stopped.wait(period):
-            engine.expire()
-            if bulk is not None:
-                bulk.prune()
-            due = time.monotonic() - last_save >= options.checkpoint_interval
-            if options.checkpoint_interval > 0 and options.checkpoint_path and due:
-                last_save = time.monotonic()
-                engine.save_if_changed()
+            # One round's failure must not end the sweeping for every client: a session never
+            # expiring, an adapter never offloaded, no checkpoint saved any more.
+            try:
+                engine.expire()
+                if bulk is not None:
+                    bulk.prune()
+                due = time.monotonic() - last_save >= options.checkpoint_interval
+                if options.checkpoint_interval > 0 and options.checkpoint_path and due:
+                    last_save = time.monotonic()
+                    engine.save_if_changed()
+            except Exception:
+                log.exception("a sweep of sessions, contexts and checkpoints failed; sweeping on")
 
     def __enter__(self) -> TrunkServer:
         return self

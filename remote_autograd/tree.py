@@ -20,6 +20,12 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
 
+    def __eq__(self, other: object) -> bool:  # templates compare by their shape and values
+        return isinstance(other, _Slot) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash((_Slot, self.index))
+
 
 def flatten(value: Any) -> tuple[Any, list[torch.Tensor]]:
     """Replace every tensor in lists, tuples and dicts by a slot; return the tensors in order."""

@@ -21,6 +21,7 @@ __all__ = [
     "check_finite_groups",
     "check_finite_tree",
     "check_grad_outputs",
+    "check_optimizer_state",
     "check_parameters",
     "clone_tree",
     "describe",
@@ -151,8 +152,8 @@ def check_buffers(buffers: Any, named: dict[str, torch.Tensor]) -> None:
 
 def _finite_as(value: torch.Tensor, held: torch.Tensor) -> bool:
     """Whether ``value`` is finite once stored in ``held``'s dtype: a float64 1e300 is finite,
-    and inf in a float32 weight."""
-    if value.is_floating_point() and held.is_floating_point() and value.dtype != held.dtype:
+    and inf in a float32 weight; an int32 100000 is inf in a float16 one."""
+    if held.is_floating_point() and value.dtype != held.dtype:
         value = value.to(held.dtype)
     return finite_flags([value])[0]
 
@@ -283,6 +284,53 @@ def check_finite_groups(state: Any) -> None:
         for key, value in group.items() if isinstance(group, dict) else ():
             if key != "params" and not is_plain(value) and not isinstance(value, str):
                 raise InvalidRequest(f"optimizer state: {key}={value!r} is not finite and plain")
+
+
+# Entries of one parameter's optimizer state: torch's optimizers keep at most four (Adam with
+# amsgrad: step, exp_avg, exp_avg_sq, max_exp_avg_sq).
+MAX_STATE_ENTRIES = 8
+
+
+def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer state to load that holds more than an optimizer of these parameters
+    keeps: an entry for a parameter id that no param group lists (torch keeps it as sent, for
+    good), one that is not a map of names to tensors and numbers, or a tensor larger than its
+    parameter. Such a state was kept, saved in every checkpoint, and broke moving the
+    optimizer state (offloading an adapter). ``state``'s param groups are checked before."""
+    saved = [i for g in state["param_groups"] if isinstance(g, dict) for i in g.get("params", ())]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(saved) != len(params):
+        raise InvalidRequest(
+            f"optimizer state: its param groups list {len(saved)} parameters, the optimizer "
+            f"has {len(params)}"
+        )
+    by_id = dict(zip(saved, params, strict=True))
+    entries_of = state.get("state", {})
+    if not isinstance(entries_of, dict):
+        raise InvalidRequest("optimizer state: 'state' must map parameter ids to their state")
+    for key, entries in entries_of.items():
+        param = by_id.get(key)
+        if param is None:
+            raise InvalidRequest(f"optimizer state for parameter id {key!r}, which no group lists")
+        if not isinstance(entries, dict) or len(entries) > MAX_STATE_ENTRIES:
+            raise InvalidRequest(
+                f"optimizer state of parameter id {key}: expected a map of at most "
+                f"{MAX_STATE_ENTRIES} names to tensors and numbers, got {describe(entries)}"
+            )
+        for name, value in entries.items():
+            if not isinstance(name, str):
+                raise InvalidRequest(f"optimizer state of parameter id {key}: a key {name!r}")
+            if isinstance(value, torch.Tensor):
+                if value.numel() > max(1, param.numel()):
+                    raise InvalidRequest(
+                        f"optimizer state {name} of parameter id {key}: {describe(value)}, "
+                        f"larger than its parameter ({param.numel()} elements)"
+                    )
+            elif not (value is None or isinstance(value, _PLAIN)):
+                raise InvalidRequest(
+                    f"optimizer state {name} of parameter id {key}: expected a tensor or a "
+                    f"number, got {describe(value)}"
+                )
 
 
 def clone_tree(value: Any) -> Any:

@@ -337,8 +337,11 @@ def test_idle_adapters_move_off_the_device_and_come_back(start_server):
     learner = Learner(server.address, 0)
     learner.train_alone(1)
     before = learner.trunk.remote_state_dict()
+    (adapter,) = engine._adapters.values()
+    assert adapter.engine.step_backup.nbytes() > 0  # the Step's copies, on the device
     assert engine.offload_idle(older_than=0.0) == 1
     assert server.stats()["resident_adapters"] == 0
+    assert adapter.engine.step_backup.nbytes() == 0  # they leave the device with the adapter
     learner.train_alone(1)  # comes back and trains on
     assert server.stats()["resident_adapters"] == 1
     assert not torch.equal(
@@ -601,9 +604,20 @@ def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_serve
             got = session.optimizer.state_dict()["state"][index]
             assert all(torch.equal(got[k], v) for k, v in moments.items())
     server = start_server(restored)
-    for index in range(2):
+    for index in range(3):  # the third, a new client: a new adapter
         trunk = RemoteModule(server.address, options=client_options(index))
-        assert_same_state(trunk.adapter_state_dict(), states[index])
+        if index < 2:
+            assert_same_state(trunk.adapter_state_dict(), states[index])
+        else:
+            with torch.no_grad():
+                trunk(torch.randn(3, 8, dtype=torch.float64))
         trunk.close()
+    # A restored adapter stops for an abandoned call as a new one does: its replica has the
+    # base's cancellation hooks (restored before the service installed them, it once had none).
+    hooks = [
+        sum(len(m._forward_pre_hooks) for m in adapter.engine.module.modules())
+        for adapter in restored._adapters.values()
+    ]
+    assert len(hooks) == 3 and hooks[0] == hooks[1] == hooks[2] > 0
     with pytest.raises(ValueError, match="does not fit these LoRA options"):
         AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))

@@ -132,3 +132,20 @@ def test_a_checkpoint_restores_weights_and_each_sessions_optimizer(tmp_path):
             assert torch.equal(param.detach(), weights[name]), name
     finally:
         resumed.stop(grace=None)
+
+
+def test_a_checkpoint_holds_whatever_a_call_may_nest(tmp_path):
+    """A value nested as deep as a call may send (Limits.max_depth), inside the checkpoint's
+    own maps (sessions, adapters, optimizer states): the file is written and read back (it once
+    was written and could never be read)."""
+    from remote_autograd import Limits
+    from remote_autograd.checkpoint_file import save_checkpoint
+
+    deep: object = 1.5
+    for _ in range(Limits().max_depth - 1):
+        deep = [deep]
+    state = {"adapters": {"id": {"sessions": {"key": {"optimizer": {"state": deep}}}}}}
+    path = str(tmp_path / "deep.ckpt")
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert loaded is not None and loaded["adapters"] == state["adapters"]

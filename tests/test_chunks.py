@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from models import Blocks
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, TrunkError
@@ -137,6 +138,37 @@ def test_an_output_without_the_batch_is_refused_with_what_to_do(start_server):
         ClientOptions(micro_batches=0)
     with pytest.raises(ValueError, match="micro_batches"):
         RemoteModule(server.address, micro_batches=0)
+
+
+class _Picky(nn.Module):
+    """Fails on a value above 100; counts the nonzero rows beside its output."""
+
+    def forward(self, x):
+        if (x > 100).any():
+            raise ValueError("a value above 100")
+        return {"y": x * 2, "nonzero rows": int((x != 0).any(dim=1).sum())}
+
+
+def test_a_sliced_call_that_fails_releases_every_slice_and_joins_no_plain_values(start_server):
+    """One slice's trunk error, or slices whose plain output values differ (slice 0's used to
+    be returned for all): refused, and the answered slices' contexts released at once (they
+    were kept until context_ttl, holding up other sessions' Steps)."""
+    server = start_server(_Picky())
+    x = torch.zeros(8, 3, dtype=torch.float64, requires_grad=True)
+    with RemoteModule(server.address, micro_batches=4) as remote:
+        bad = x.detach().clone()
+        bad[7, 0] = 1000.0  # the last slice fails, the first three are answered
+        with pytest.raises(TrunkError, match="a value above 100"):
+            remote(bad.requires_grad_())
+        wait_for(lambda: server.stats()["contexts"] == 0, timeout=10)
+        uneven = x.detach().clone()
+        uneven[:3] = 1.0  # 2 nonzero rows in slice 0, 1 in slice 1, none after
+        with pytest.raises(ValueError, match="same plain values .* micro_batches=1"):
+            remote(uneven.requires_grad_())
+        wait_for(lambda: server.stats()["contexts"] == 0, timeout=10)
+        assert remote(x)["nonzero rows"] == 0  # the same in every slice: joined
+    with RemoteModule(server.address) as remote:
+        assert remote(uneven)["nonzero rows"] == 3
 
 
 class _Positions(nn.Module):

@@ -241,7 +241,7 @@ def test_a_failed_step_is_raised_when_the_block_ends(start_server):
     pair.trunk_opt.step()
     state = pair.remote.client.get_state(parameters=False, optimizer=True)["optimizer"]
     for entry in state["state"].values():
-        entry["momentum_buffer"] = torch.zeros(7, 3, dtype=torch.float64)  # the wrong shape
+        entry["momentum_buffer"] = torch.zeros(1, 3, dtype=torch.float64)  # the wrong shape
     pair.remote.client.load_state({"optimizer": state})
     pair.backward(_inputs(2)[1])
     before = pair.remote.remote_state_dict()

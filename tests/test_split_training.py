@@ -462,3 +462,40 @@ def test_wire_quantization_end_to_end(start_server, quantization):
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-12, atol=1e-15, msg=name)
     raw = 4 * 300 * 8
     assert remote.client.stats.bytes_received < 0.6 * 2 * raw  # both replies were quantized
+
+
+@pytest.mark.parametrize("way", ["plain", "micro_batches", "pipelined"])
+def test_a_top_that_changes_the_trunks_output_in_place_trains_as_locally(start_server, way):
+    """``ReLU(inplace=True)`` right after the trunk, as after a local layer. The trunk's
+    outputs were views of the receive buffer, which autograd forbids changing in place."""
+    from remote_autograd import ClientOptions, PipelinedStep
+
+    torch.manual_seed(3)
+    bottom, trunk = nn.Linear(3, 4).double(), nn.Linear(4, 4).double()
+    top = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+    server = start_server(trunk)
+    options = ClientOptions(micro_batches=2 if way == "micro_batches" else 1)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (out - target).square().mean()
+
+    with RemoteModule(server.address, options=options) as remote:
+        if way == "pipelined":
+            loss = PipelinedStep(bottom, remote, top, loss_fn, micro_batches=2)(x, y)
+        else:
+            loss = loss_fn(top(remote(bottom(x))), y)
+            loss.backward()
+        (session,) = server.engine.sessions.values()
+        trunk_grads = dict(session.grads)
+    expected = loss_fn(local(x), y)
+    expected.backward()
+    tol = {"rtol": 0, "atol": 0} if way == "plain" else {"rtol": 0, "atol": 1e-15}
+    torch.testing.assert_close(loss, expected.detach(), **tol)
+    for mine, theirs in [(bottom, local[0]), (top, local[2])]:
+        for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, **tol)
+    for name, param in local[1].named_parameters():
+        torch.testing.assert_close(trunk_grads[name], param.grad, **tol)

@@ -319,6 +319,50 @@ def test_flags_that_shape_the_optimizer_state_cannot_change_in_a_load(start_serv
     _another_session_trains(server, "Adam")
 
 
+def _bad_states(saved: dict) -> dict[str, tuple[dict, str]]:
+    """Optimizer states holding more than an Adam of these parameters keeps, and the words of
+    their refusal. torch keeps an entry under an id no group lists as it was sent: one that
+    was not a map once broke every offload of an adapter, and the sweeper with it."""
+
+    def changed(change) -> dict:
+        state = copy.deepcopy(saved)
+        change(state["state"])
+        return state
+
+    weight = next(iter(saved["state"]))
+    return {
+        "unknown id": (changed(lambda s: s.update(junk=1)), "which no group lists"),
+        "not a map": (changed(lambda s: s.update({weight: 5})), "expected a map"),
+        "nested": (changed(lambda s: s[weight].update(deep=[[1.0]])), "a tensor or a number"),
+        "too large": (
+            changed(lambda s: s[weight].update(big=torch.zeros(10_000))),
+            "larger than its parameter",
+        ),
+        "too many": (
+            changed(lambda s: s[weight].update({f"k{i}": 0 for i in range(9)})),
+            "at most 8 names",
+        ),
+    }
+
+
+def test_an_optimizer_state_holding_more_than_an_optimizer_keeps_is_refused(start_server):
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+    _good_step(remote, optimizer, _x(1))
+    saved = copy.deepcopy(optimizer.state_dict())
+    snapshot = _Snapshot(server, remote)
+    for case, (state, words) in _bad_states(saved).items():
+        with pytest.raises(InvalidRequest, match=words):
+            optimizer.load_state_dict(state)
+        snapshot.assert_unchanged(server, remote)
+        assert set(_session(server, remote).optimizer.state) == set(
+            dict(server.engine.params).values()
+        ), case
+    optimizer.load_state_dict(saved)
+    _goes_on(server, remote, optimizer, snapshot)
+    _another_session_trains(server, "Adam")
+
+
 # -- steps whose result is non-finite or absurd ----------------------------------------------------
 
 
