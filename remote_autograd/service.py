@@ -283,6 +283,11 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        # No session is created to release nothing: a client's release thread outliving its
+        # server (a restart, a new server on the same port) would fill the table.
+        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+        if f"{self.identity(context)}/{session_id}" not in self.engine.sessions:
+            return pb.ReleaseReply(released=0)
         released = self.engine.release(self.session(context), list(request.request_ids))
         return pb.ReleaseReply(released=released)
 

@@ -389,6 +389,55 @@ MUTATIONS: list[Mutation] = [
         "a loaded optimizer state keeps the configured foreach and fused",
     ),
     M(
+        "loaded_optimizer_state_unchecked",
+        "remote_autograd/engine.py",
+        "check_optimizer_state(optimizer_state, session.optimizer)",
+        "pass",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_an_optimizer_state_holding_more_than_an_optimizer_keeps_is_refused",
+        ),
+        "a loaded optimizer state holds no more than an optimizer keeps",
+    ),
+    M(
+        "failed_sliced_call_keeps_contexts",
+        "remote_autograd/chunks.py",
+        "            self.release()\n            raise",
+        "            raise",
+        (
+            "tests/test_chunks.py::"
+            "test_a_sliced_call_that_fails_releases_every_slice_and_joins_no_plain_values",
+        ),
+        "a failed sliced call releases every slice's context",
+    ),
+    M(
+        "remote_outputs_are_views",
+        "remote_autograd/function.py",
+        "outputs = [_not_a_view(output) for output in call.forward(tensors)]",
+        "outputs = call.forward(tensors)",
+        (
+            "tests/test_split_training.py::"
+            "test_a_top_that_changes_the_trunks_output_in_place_trains_as_locally",
+        ),
+        "the trunk's outputs may be changed in place",
+    ),
+    M(
+        "offload_keeps_the_step_backup",
+        "remote_autograd/adapters.py",
+        "adapter.engine.step_backup = StepBackup()",
+        "pass",
+        ("tests/test_adapters.py::test_idle_adapters_move_off_the_device_and_come_back",),
+        "offloading an adapter frees its step backup",
+    ),
+    M(
+        "release_makes_a_session",
+        "remote_autograd/service.py",
+        'if f"{self.identity(context)}/{session_id}" not in self.engine.sessions:',
+        "if False:",
+        ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
+        "a Release into no session makes none",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",

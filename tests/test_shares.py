@@ -168,6 +168,14 @@ def test_a_closed_client_gives_its_session_back(start_server):
     prober.info()
     prober.close()  # only Info: nothing to end, and no session is made to end it
     assert server.stats()["sessions"] == 0
+    # A release thread that outlived its server (a restart, a new server on the same port)
+    # releases into no session, and makes none: one made by it once stood beside a test's own.
+    stray = _client(server, TOKENS[1])
+    stray.info()  # connected: its release thread sends
+    stray.schedule_release("0123456789abcdef")
+    wait_for(lambda: not stray._pending_releases, timeout=10)
+    assert server.stats()["sessions"] == 0
+    stray.close()
 
 
 def test_without_authentication_there_is_one_identity_and_no_share(start_server):
