@@ -297,7 +297,12 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
     good), one that is not a map of names to tensors and numbers, or a tensor larger than its
     parameter. Such a state was kept, saved in every checkpoint, and broke moving the
     optimizer state (offloading an adapter). ``state``'s param groups are checked before."""
-    saved = [i for g in state["param_groups"] if isinstance(g, dict) for i in g.get("params", ())]
+    saved = []
+    for group in state["param_groups"]:
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise InvalidRequest("optimizer state: each param group's 'params' must list ints")
+        saved += ids
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if len(saved) != len(params):
         raise InvalidRequest(

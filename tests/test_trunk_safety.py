@@ -330,7 +330,10 @@ def _bad_states(saved: dict) -> dict[str, tuple[dict, str]]:
         return state
 
     weight = next(iter(saved["state"]))
+    named = copy.deepcopy(saved)
+    named["param_groups"][0]["params"] = ["weight", "bias"]
     return {
+        "ids not ints": (named, "'params' must list ints"),
         "unknown id": (changed(lambda s: s.update(junk=1)), "which no group lists"),
         "not a map": (changed(lambda s: s.update({weight: 5})), "expected a map"),
         "nested": (changed(lambda s: s[weight].update(deep=[[1.0]])), "a tensor or a number"),
