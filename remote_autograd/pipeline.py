@@ -172,6 +172,15 @@ class PipelinedStep:
                 bottoms[i] = _Cut(self.bottom(xs[i]))
                 trunk_out[i] = lane.submit(self._trunk_forward, bottoms[i].value)
 
+            def carry(i: int) -> None:
+                """Micro-batch i on through the trunk's backward and then the bottom's."""
+                try:
+                    trunk_back.pop(i).result()
+                    bottoms.pop(i).backward()
+                except Exception as exc:
+                    exc.add_note(_mixed(i))
+                    raise _Broken(exc) from exc
+
             for i in range(min(self.depth, m)):
                 forward_bottom(i)
             for i in range(m):
@@ -191,10 +200,20 @@ class PipelinedStep:
                     forward_bottom(i + self.depth)  # overlaps trunk backward i
                 if i > 0:  # the bottom's backward of the micro-batch before, whose trunk
                     # backward ran while this one's top did
-                    trunk_back.pop(i - 1).result()
-                    bottoms.pop(i - 1).backward()
-            trunk_back.pop(m - 1).result()
-            bottoms.pop(m - 1).backward()
+                    carry(i - 1)
+            carry(m - 1)
+        except _Broken as broken:
+            raise broken.error from None  # its note says the parts hold a mix
+        except Exception as exc:
+            # Micro-batches whose top backward ran go on, so that every part holds the same
+            # ones, as after the plain loop over them.
+            for i in sorted(trunk_back):
+                try:
+                    carry(i)
+                except _Broken:
+                    exc.add_note(_mixed(i))
+                    break
+            raise
         finally:
             # On an error the queued trunk calls are dropped; one in flight finishes first.
             lane.shutdown(wait=True, cancel_futures=True)
@@ -204,6 +223,22 @@ class PipelinedStep:
     def _trunk_forward(self, value: Any) -> Any:
         with torch.enable_grad():  # grad mode is per thread
             return self.trunk(value)
+
+
+class _Broken(Exception):
+    """A micro-batch could not be carried on through the trunk and the bottom (``error``)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _mixed(i: int) -> str:
+    return (
+        f"micro-batch {i} could not go on through the trunk and the bottom: they hold "
+        "gradients of other micro-batches than the top; call zero_grad() on both optimizers "
+        "before the next step"
+    )
 
 
 def _rows(value: Any) -> int:

@@ -438,6 +438,17 @@ MUTATIONS: list[Mutation] = [
         "a Release into no session makes none",
     ),
     M(
+        "pipeline_error_leaves_a_mix",
+        "remote_autograd/pipeline.py",
+        "for i in sorted(trunk_back):",
+        "for i in []:",
+        (
+            "tests/test_pipeline.py::"
+            "test_an_error_in_the_loss_leaves_every_part_with_the_same_micro_batches",
+        ),
+        "after an error every part holds the same micro-batches",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",

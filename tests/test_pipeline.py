@@ -254,6 +254,44 @@ def test_a_trunk_error_reaches_the_caller_and_the_next_step_works(start_server):
     assert all(p.grad is not None for p in bottom.parameters())
 
 
+def test_an_error_in_the_loss_leaves_every_part_with_the_same_micro_batches(start_server):
+    """loss_fn raises at micro-batch 2 of 4: the bottom, the trunk and the top hold the
+    gradients of micro-batches 0 and 1, as after the plain loop over them (the bottom held
+    micro-batch 0 alone), and the next step works."""
+    bottom, trunk, top = mlp_parts(torch.float64)
+    local = copy.deepcopy((bottom, trunk, top))
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    calls = []
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise ValueError("a bad micro-batch")
+        return nn.functional.cross_entropy(out, target)
+
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, loss_fn, micro_batches=4)
+        with pytest.raises(ValueError, match="a bad micro-batch"):
+            step(x, y)
+        (session,) = server.engine.sessions.values()
+        trunk_grads = dict(session.grads)
+        xs, ys = split_batch(x, 4), split_batch(y, 4)
+        for i in (0, 1):  # the plain loop, stopped at the same micro-batch
+            part = nn.functional.cross_entropy(local[2](local[1](local[0](xs[i]))), ys[i])
+            (part * len(ys[i]) / len(y)).backward()
+        for mine, theirs in [(bottom, local[0]), (top, local[2])]:
+            for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+                assert torch.equal(a.grad, b.grad)
+        for name, param in local[1].named_parameters():
+            assert torch.equal(trunk_grads[name], param.grad), name
+        calls.append(-1)  # the next step's losses do not raise
+        for p in (*bottom.parameters(), *top.parameters()):
+            p.grad = None
+        remote.zero_grad()
+        assert torch.isfinite(step(x, y))
+
+
 @pytest.mark.parametrize(("micro", "samples"), [(2, 64), (4, 10)], ids=["even", "short-last-batch"])
 def test_gpt2_trainer_with_micro_batches_reproduces_monolithic_training(
     start_server, tmp_path, micro, samples
