@@ -137,6 +137,11 @@ def certificate_name(auth: dict[str, list[bytes]]) -> str:
     return "/sha256=" + hashlib.sha256(der).hexdigest()
 
 
+def _session_id(context: grpc.ServicerContext) -> str:
+    """The session id the call names (its metadata), as sent: the engine checks it."""
+    return str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
+
+
 class _Malformed:
     """Stands for a request message protobuf could not parse (see _add_trunk_service)."""
 
@@ -209,8 +214,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         return identity
 
     def session(self, context: grpc.ServicerContext) -> Session:
-        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
-        return self.engine.session(self.identity(context), session_id)
+        return self.engine.session(self.identity(context), _session_id(context))
 
     def _drop_bulk(self, session_key: str) -> None:
         if self.bulk is not None:
@@ -285,17 +289,18 @@ class TrunkService(pb_grpc.TrunkServicer):
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         # No session is created to release nothing: a client's release thread outliving its
         # server (a restart, a new server on the same port) would fill the table.
-        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
-        if f"{self.identity(context)}/{session_id}" not in self.engine.sessions:
+        identity, session_id = self.identity(context), _session_id(context)
+        if f"{identity}/{session_id}" not in self.engine.sessions:
             return pb.ReleaseReply(released=0)
-        released = self.engine.release(self.session(context), list(request.request_ids))
+        session = self.engine.session(identity, session_id)
+        released = self.engine.release(session, list(request.request_ids))
         return pb.ReleaseReply(released=released)
 
     @_rpc
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext):
         # No session is created just to end it.
-        session_id = str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
-        return pb.EndSessionReply(ended=self.engine.end_session(self.identity(context), session_id))
+        ended = self.engine.end_session(self.identity(context), _session_id(context))
+        return pb.EndSessionReply(ended=ended)
 
     @_rpc
     def ConfigureOptimizer(self, request: pb.ConfigureOptimizerRequest, context):

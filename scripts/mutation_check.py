@@ -356,7 +356,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "closed_client_keeps_its_session",
         "remote_autograd/service.py",
-        "self.engine.end_session(self.identity(context), session_id)",
+        "self.engine.end_session(self.identity(context), _session_id(context))",
         "False",
         ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
         "a closed client ends its session at once",
@@ -432,7 +432,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "release_makes_a_session",
         "remote_autograd/service.py",
-        'if f"{self.identity(context)}/{session_id}" not in self.engine.sessions:',
+        'if f"{identity}/{session_id}" not in self.engine.sessions:',
         "if False:",
         ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
         "a Release into no session makes none",
