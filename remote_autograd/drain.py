@@ -19,7 +19,14 @@ import grpc
 
 from .errors import ERROR_METADATA_KEY
 
-__all__ = ["CallDrain"]
+__all__ = ["CallDrain", "behavior_kind"]
+
+
+def behavior_kind(handler: grpc.RpcMethodHandler) -> str:
+    """The field of ``handler`` that holds its behavior: ``unary_unary``, ``stream_unary``..."""
+    return ("stream" if handler.request_streaming else "unary") + (
+        "_stream" if handler.response_streaming else "_unary"
+    )
 
 
 class CallDrain(grpc.ServerInterceptor):
@@ -73,9 +80,7 @@ class CallDrain(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self.prefix):
             return handler
-        kind = ("stream" if handler.request_streaming else "unary") + (
-            "_stream" if handler.response_streaming else "_unary"
-        )
+        kind = behavior_kind(handler)
         return handler._replace(**{kind: self._counted(getattr(handler, kind))})  # type: ignore[attr-defined]
 
     def _counted(self, behavior: Callable) -> Callable:

@@ -81,7 +81,9 @@ class TrunkServer:
         self.service = TrunkService(self.engine)
         self._drain = CallDrain(f"/{SERVICE_NAME}/")  # counts every Trunk call
         # First: a call without a known token is refused before it takes a worker thread.
-        gate = TokenGate(self.service.tokens)
+        self._gate = gate = TokenGate(
+            self.service.tokens, options.token_workers, options.health_workers
+        )
         self._server, self.port = create_server(
             address, options, interceptors=(gate, self._drain, *interceptors)
         )
@@ -130,6 +132,7 @@ class TrunkServer:
             self._drain.wait(grace)
             grace = max(0.5, grace - (time.monotonic() - started))
         self._server.stop(grace).wait()
+        self._gate.close()
         if self.service.bulk is not None:
             self.service.bulk.close()
         self.engine.save_if_changed()

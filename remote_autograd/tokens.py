@@ -1,24 +1,39 @@
-"""Bearer tokens: who a caller is, and refusing one without a token before it takes a thread.
+"""Bearer tokens: who a caller is, and on which threads its calls run.
 
-gRPC-Python's server gives a call a worker thread (``ServerOptions.max_workers`` of them) and,
-for a method that takes one message, keeps it there until that message has arrived. A caller
-that sends a call's headers and never its message would hold the thread for as long as it
-likes; ``max_workers`` such calls would stall every client. :class:`TokenGate` is a server
-interceptor: interceptors run on the server's own thread, with the call's headers, before any
-worker is taken, so a call without a known token is answered ``UNAUTHENTICATED`` by a handler
-that reads nothing and returns at once. Health checks stay open (load balancers probe without
-a token); reflection, like the Trunk service, needs one.
+gRPC-Python's server gives a call a worker thread and, for a method that takes one message,
+keeps it there until that message has arrived. A caller that sends a call's headers and never
+its message holds the thread for as long as it likes, and as many such calls as there are
+threads stall every client. :class:`TokenGate` is a server interceptor: interceptors run on
+the server's own thread, with the call's headers, before any worker is taken. So:
+
+- a call without a known token is answered ``UNAUTHENTICATED`` by a handler that reads nothing
+  and returns at once;
+- each token's calls run on a thread pool of that token's own
+  (``ServerOptions.token_workers`` threads; more calls wait their turn there): a token's calls
+  held open take no other token's threads;
+- health checks stay open (load balancers probe without a token) and run on a small pool of
+  their own (``ServerOptions.health_workers``), so that callers without a token cannot hold
+  the threads of those with one. Reflection, like the Trunk service, needs a token.
+
+gRPC picks a call's pool from its behavior's ``experimental_thread_pool`` attribute, before the
+call takes a thread (grpc/_server.py). Without tokens, every call runs on the server's
+``max_workers`` threads and nothing is refused here. Under mutual TLS without tokens the
+client's certificate is not known to an interceptor, so its calls share those threads too
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
+from .drain import behavior_kind
 from .errors import ERROR_METADATA_KEY
 from .transport import AUTH_METADATA_KEY
 
@@ -61,19 +76,60 @@ _REFUSED = grpc.stream_unary_rpc_method_handler(_refuse)
 
 class TokenGate(grpc.ServerInterceptor):
     """Answers calls without a known bearer token ``UNAUTHENTICATED`` before they take a
-    worker thread (health checks pass). Without tokens it lets everything through."""
+    thread, and runs each token's calls on ``token_workers`` threads of its own and health
+    checks on ``health_workers`` (see the module docstring). Without tokens it lets
+    everything through, on the server's threads."""
 
-    def __init__(self, tokens: BearerTokens) -> None:
+    def __init__(self, tokens: BearerTokens, token_workers: int = 8, health_workers: int = 2):
         self.tokens = tokens
+        self._workers = {"": health_workers}  # pool key -> its threads ("": health checks)
+        self._token_workers = token_workers
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # one per token seen, and health's
+        self._lock = threading.Lock()
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        if not self.tokens or method.startswith(_OPEN):
+        if not self.tokens:
             return continuation(handler_call_details)
-        if self.tokens.identity(handler_call_details.invocation_metadata) is None:
-            return _REFUSED
-        return continuation(handler_call_details)
+        key = ""
+        if not handler_call_details.method.startswith(_OPEN):
+            name = self.tokens.identity(handler_call_details.invocation_metadata)
+            if name is None:
+                return _REFUSED
+            key = name
+        handler = continuation(handler_call_details)
+        return None if handler is None else _on(handler, self._pool(key))
+
+    def close(self) -> None:
+        """End the pools' threads (the gRPC server has stopped: no call is left on them)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _pool(self, key: str) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:  # at most one per configured token, and health's
+                name = f"ra-token-{key[:8]}" if key else "ra-health"
+                workers = self._workers.get(key, self._token_workers)
+                pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+                self._pools[key] = pool
+            return pool
+
+
+def _on(handler: grpc.RpcMethodHandler, pool: ThreadPoolExecutor) -> grpc.RpcMethodHandler:
+    """``handler`` with its behavior run on ``pool``'s threads."""
+    kind = behavior_kind(handler)
+    behavior = getattr(handler, kind)
+
+    def run(*args: Any, **kwargs: Any) -> Any:  # kwargs: a non-blocking behavior's callback
+        return behavior(*args, **kwargs)
+
+    run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    # health's Watch answers through a callback and returns at once; keep it so
+    run.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)  # type: ignore[attr-defined]
+    return handler._replace(**{kind: run})  # type: ignore[attr-defined]

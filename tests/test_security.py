@@ -25,6 +25,7 @@ from remote_autograd import (
     RemoteOptimizer,
     ServerOptions,
     ServerUnavailable,
+    SteppedTrunkWarning,
     TransportError,
     serve,
 )
@@ -200,6 +201,86 @@ def test_calls_without_a_token_cannot_hold_the_servers_threads(start_server):
         with pytest.raises(grpc.RpcError) as refused:
             list(reflection.ServerReflectionInfo(iter([]), timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _hold(channel: grpc.Channel, method: str, token: str | None, n: int, release):
+    """``n`` calls of ``method`` that send their headers and then nothing until ``release``."""
+
+    def never():
+        release.wait(60)
+        yield from ()
+
+    call = channel.stream_unary(method, request_serializer=lambda b: b, response_deserializer=None)
+    # a session id too: a request stream (LoadState) is read only once its session is known
+    metadata = (("authorization", f"Bearer {token}"), ("ra-session", "held")) if token else None
+    return [call.future(never(), metadata=metadata, timeout=60) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/remote_autograd.v1.Trunk/Compute",
+        "/remote_autograd.v1.Trunk/Step",
+        "/remote_autograd.v1.Trunk/LoadState",
+    ],
+)
+def test_one_tokens_calls_held_open_take_no_other_tokens_threads(start_server, method):
+    """Calls with a valid token that send their headers and never their message, more than
+    the server has threads of any kind: another token's client trains as if alone (its
+    result equals local training), and once they end, the first token's threads serve it
+    again."""
+    options = ServerOptions(tokens=("alpha", "beta"), max_workers=2, token_workers=2)
+    server = start_server(_linear(), options)
+    release = threading.Event()
+    local = _linear()
+    x = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+    local(x).sum().backward()
+    with grpc.insecure_channel(server.address) as channel:
+        held = _hold(channel, method, "alpha", 8, release)
+        try:
+            grad = _one_step(server.address, ClientOptions(token="beta", timeout=30))
+            assert torch.equal(grad, x.grad)
+            assert not any(call.done() for call in held)  # alpha's calls are still held open
+        finally:
+            release.set()
+        for call in held:  # each ended without its message: an error, not a hang
+            assert call.exception(timeout=30) is not None
+    # alpha's threads serve it again, on the weights beta stepped (SGD, lr 0.1)
+    torch.optim.SGD(local.parameters(), lr=0.1).step()
+    x2 = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+    local(x2).sum().backward()
+    with pytest.warns(SteppedTrunkWarning):
+        grad = _one_step(server.address, ClientOptions(token="alpha", timeout=30))
+    assert torch.equal(grad, x2.grad)
+
+
+def test_health_checks_held_open_take_no_tokens_threads(start_server):
+    """Health checks need no token. Anyone's health calls that send their headers and never
+    their message, more than the server has threads, leave a client with a token answered;
+    afterwards health answers again."""
+    options = ServerOptions(tokens=("alpha",), max_workers=2, health_workers=2)
+    server = start_server(_linear(), options)
+    release = threading.Event()
+    with grpc.insecure_channel(server.address) as channel:
+        held = _hold(channel, "/grpc.health.v1.Health/Check", None, 8, release)
+        watch = _hold(channel, "/grpc.health.v1.Health/Watch", None, 8, release)
+        try:
+            grad = _one_step(server.address, ClientOptions(token="alpha", timeout=30))
+            assert grad.shape == (3, 4)
+            assert not any(call.done() for call in held + watch)
+        finally:
+            release.set()
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=30
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("name", ["max_workers", "token_workers", "health_workers"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_thread_counts_must_be_whole_numbers(name, value):
+    with pytest.raises(ValueError, match=f"ServerOptions.{name} must be >= 1"):
+        ServerOptions(**{name: value})
 
 
 def test_a_client_cannot_touch_another_clients_contexts(start_server):
