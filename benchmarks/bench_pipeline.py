@@ -58,7 +58,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seq": 32,
         # Measured on the idle 2-core VM (session 8): 2 pieces 0.754x-0.767x the sequential
         # step, 3 pieces 0.843x, 4 pieces 0.835x-0.853x, 8 pieces 1.18x (session 6); session 9,
-        # 3 pieces 0.728x-0.863x, 2 pieces 0.799x-0.898x: not told apart from noise
+        # 3 pieces 0.728x-0.863x, 2 pieces 0.799x-0.898x: not told apart from noise. Session
+        # 10, --trunk 1:12 (two blocks moved to the server): 0.732x-0.805x against this
+        # split's 0.778x-0.838x in the same 40 minutes, but both split steps slower
         "micro_batches": 2,
         "steps": 10,
         # The first two steps after one warm-up step took 1.2-1.6x the median in every run of
@@ -234,13 +236,14 @@ def parallel_capacity(seconds: float) -> float | None:
     return sum(rate(p) for p in pair) / alone
 
 
-def serve_trunk(preset_name: str) -> None:
-    """The server process: the preset's trunk blocks, one torch thread."""
+def serve_trunk(preset_name: str, trunk: tuple[int, int] | None) -> None:
+    """The server process: the preset's trunk blocks (or ``trunk``'s), one torch thread."""
     from benchmarks.servers import _wait_for_signal
     from remote_autograd import ServerOptions, serve
 
     torch.set_num_threads(1)
-    server = serve(build_split(PRESETS[preset_name]).trunk, "127.0.0.1:0", options=ServerOptions())
+    preset = dict(PRESETS[preset_name], **({"trunk": trunk} if trunk else {}))
+    server = serve(build_split(preset).trunk, "127.0.0.1:0", options=ServerOptions())
     print(f"ready {server.address}", flush=True)
     _wait_for_signal()
     server.stop(grace=None)
@@ -248,7 +251,7 @@ def serve_trunk(preset_name: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     preset = dict(PRESETS[args.preset])
-    for key in ("steps", "micro_batches", "fused"):
+    for key in ("steps", "micro_batches", "fused", "trunk"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
     torch.set_num_threads(1)
@@ -270,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ServerProcess(
                     "--serve-trunk",
                     args.preset,
+                    *(["--trunk", "{}:{}".format(*args.trunk)] if args.trunk else []),
                     module="benchmarks.bench_pipeline",
                     env={"OMP_NUM_THREADS": "1"},
                     timeout=180,
@@ -381,6 +385,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="AdamW(fused=True) everywhere (default: torch's default)",
     )
+    parser.add_argument(
+        "--trunk",
+        type=lambda text: tuple(int(n) for n in text.split(":")),
+        metavar="START:END",
+        help="override the preset's trunk blocks [START, END)",
+    )
     parser.add_argument("--json", help="write the results here (default: stdout)")
     parser.add_argument("--doc", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--render", help="no run: write the doc section of a results JSON")
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         update_doc(f"pipeline_{data['preset_name']}", markdown(data))
         return data
     if args.serve_trunk:
-        serve_trunk(args.serve_trunk)
+        serve_trunk(args.serve_trunk, args.trunk)
         return {}
     data = run(args)
     write_json(args.json, data)
