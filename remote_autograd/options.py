@@ -91,7 +91,7 @@ class ServerOptions:
                 "ServerOptions.checkpoint_every / checkpoint_interval (--checkpoint-every, "
                 "--checkpoint-interval) need checkpoint_path (--checkpoint): nothing would be saved"
             )
-        for name in ("max_workers", "token_workers", "health_workers"):
+        for name in ("max_workers", "token_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
@@ -105,10 +105,9 @@ class ServerOptions:
 
     device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...
     dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs back)
-    max_workers: int = 16  # gRPC worker threads (with tokens, only refusals run there)
+    max_workers: int = 16  # gRPC worker threads (with tokens: health checks and refusals)
     token_workers: int = 8  # with tokens: threads of each token's own, where its calls run
     # (more wait their turn), so calls one token holds open take no other token's threads
-    health_workers: int = 2  # with tokens: threads of health checks, which need no token
     limits: Limits = field(default_factory=Limits)  # what the server accepts from clients
     max_contexts: int = 4096  # cached forward contexts, all sessions together
     max_context_bytes: int = 8 * GiB  # bytes held by kept forwards (inputs, outputs and the

@@ -81,9 +81,7 @@ class TrunkServer:
         self.service = TrunkService(self.engine)
         self._drain = CallDrain(f"/{SERVICE_NAME}/")  # counts every Trunk call
         # First: a call without a known token is refused before it takes a worker thread.
-        self._gate = gate = TokenGate(
-            self.service.tokens, options.token_workers, options.health_workers
-        )
+        self._gate = gate = TokenGate(self.service.tokens, options.token_workers)
         self._server, self.port = create_server(
             address, options, interceptors=(gate, self._drain, *interceptors)
         )

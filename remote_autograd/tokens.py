@@ -11,9 +11,9 @@ the server's own thread, with the call's headers, before any worker is taken. So
 - each token's calls run on a thread pool of that token's own
   (``ServerOptions.token_workers`` threads; more calls wait their turn there): a token's calls
   held open take no other token's threads;
-- health checks stay open (load balancers probe without a token) and run on a small pool of
-  their own (``ServerOptions.health_workers``), so that callers without a token cannot hold
-  the threads of those with one. Reflection, like the Trunk service, needs a token.
+- health checks stay open (load balancers probe without a token) and run on the server's
+  ``max_workers`` threads, with the refusals: health calls held open hold no token's threads.
+  Reflection, like the Trunk service, needs a token.
 
 gRPC picks a call's pool from its behavior's ``experimental_thread_pool`` attribute, before the
 call takes a thread (grpc/_server.py). Without tokens, every call runs on the server's
@@ -76,15 +76,13 @@ _REFUSED = grpc.stream_unary_rpc_method_handler(_refuse)
 
 class TokenGate(grpc.ServerInterceptor):
     """Answers calls without a known bearer token ``UNAUTHENTICATED`` before they take a
-    thread, and runs each token's calls on ``token_workers`` threads of its own and health
-    checks on ``health_workers`` (see the module docstring). Without tokens it lets
-    everything through, on the server's threads."""
+    thread, and runs each token's calls on ``token_workers`` threads of its own (see the
+    module docstring). Without tokens it lets everything through, on the server's threads."""
 
-    def __init__(self, tokens: BearerTokens, token_workers: int = 8, health_workers: int = 2):
+    def __init__(self, tokens: BearerTokens, token_workers: int = 8) -> None:
         self.tokens = tokens
-        self._workers = {"": health_workers}  # pool key -> its threads ("": health checks)
-        self._token_workers = token_workers
-        self._pools: dict[str, ThreadPoolExecutor] = {}  # one per token seen, and health's
+        self.token_workers = token_workers
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # token name -> its threads
         self._lock = threading.Lock()
 
     def intercept_service(
@@ -92,16 +90,13 @@ class TokenGate(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if not self.tokens:
+        if not self.tokens or handler_call_details.method.startswith(_OPEN):
             return continuation(handler_call_details)
-        key = ""
-        if not handler_call_details.method.startswith(_OPEN):
-            name = self.tokens.identity(handler_call_details.invocation_metadata)
-            if name is None:
-                return _REFUSED
-            key = name
+        name = self.tokens.identity(handler_call_details.invocation_metadata)
+        if name is None:
+            return _REFUSED
         handler = continuation(handler_call_details)
-        return None if handler is None else _on(handler, self._pool(key))
+        return None if handler is None else _on(handler, self._pool(name))
 
     def close(self) -> None:
         """End the pools' threads (the gRPC server has stopped: no call is left on them)."""
@@ -110,14 +105,12 @@ class TokenGate(grpc.ServerInterceptor):
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _pool(self, key: str) -> ThreadPoolExecutor:
+    def _pool(self, name: str) -> ThreadPoolExecutor:
         with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:  # at most one per configured token, and health's
-                name = f"ra-token-{key[:8]}" if key else "ra-health"
-                workers = self._workers.get(key, self._token_workers)
-                pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-                self._pools[key] = pool
+            pool = self._pools.get(name)
+            if pool is None:  # at most one per configured token
+                pool = ThreadPoolExecutor(self.token_workers, thread_name_prefix=f"ra-{name[:8]}")
+                self._pools[name] = pool
             return pool
 
 
@@ -126,10 +119,8 @@ def _on(handler: grpc.RpcMethodHandler, pool: ThreadPoolExecutor) -> grpc.RpcMet
     kind = behavior_kind(handler)
     behavior = getattr(handler, kind)
 
-    def run(*args: Any, **kwargs: Any) -> Any:  # kwargs: a non-blocking behavior's callback
-        return behavior(*args, **kwargs)
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        return behavior(request, context)
 
     run.experimental_thread_pool = pool  # type: ignore[attr-defined]
-    # health's Watch answers through a callback and returns at once; keep it so
-    run.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)  # type: ignore[attr-defined]
     return handler._replace(**{kind: run})  # type: ignore[attr-defined]

@@ -449,6 +449,17 @@ MUTATIONS: list[Mutation] = [
         "after an error every part holds the same micro-batches",
     ),
     M(
+        "token_calls_on_the_shared_threads",
+        "remote_autograd/tokens.py",
+        "run.experimental_thread_pool = pool  # type: ignore[attr-defined]",
+        "pass",
+        (
+            "tests/test_security.py::test_one_tokens_calls_held_open_take_no_other_tokens_threads"
+            "[/remote_autograd.v1.Trunk/Compute]",
+        ),
+        "each token's calls run on threads of its own",
+    ),
+    M(
         "identity_context_share_unchecked",
         "remote_autograd/contexts.py",
         "self._make_room_for_identity_locked(identity, context.nbytes)",

@@ -258,7 +258,7 @@ def test_health_checks_held_open_take_no_tokens_threads(start_server):
     """Health checks need no token. Anyone's health calls that send their headers and never
     their message, more than the server has threads, leave a client with a token answered;
     afterwards health answers again."""
-    options = ServerOptions(tokens=("alpha",), max_workers=2, health_workers=2)
+    options = ServerOptions(tokens=("alpha",), max_workers=2)
     server = start_server(_linear(), options)
     release = threading.Event()
     with grpc.insecure_channel(server.address) as channel:
@@ -276,7 +276,7 @@ def test_health_checks_held_open_take_no_tokens_threads(start_server):
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.parametrize("name", ["max_workers", "token_workers", "health_workers"])
+@pytest.mark.parametrize("name", ["max_workers", "token_workers"])
 @pytest.mark.parametrize("value", [0, -1, 2.5, True])
 def test_thread_counts_must_be_whole_numbers(name, value):
     with pytest.raises(ValueError, match=f"ServerOptions.{name} must be >= 1"):
