@@ -45,6 +45,7 @@ from .errors import CodecError
 from .memory import to_device, to_host
 from .options import Limits
 from .quantize import QUANTIZATIONS, WIRE_CODECS
+from .tree import flatten, unflatten
 
 __all__ = [
     "COMPRESSIONS",
@@ -234,7 +235,13 @@ class Decoder:
             _decode_tensor(view, start, size, meta, numel, device)
             for meta, numel, start, size, _ in layout.tensors
         ]
-        return _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
+        value = _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
+        views = [
+            t
+            for t, (meta, numel, *_) in zip(tensors, layout.tensors, strict=True)
+            if numel and meta["q"] == "none" and meta["z"] != "lz4"
+        ]
+        return _unpinned(value, len(view), views)
 
     def growth(self, buf: Any) -> int:
         """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself, at most at
@@ -402,6 +409,32 @@ def _decode_tensor(
         data = to_device(data, device)  # the wire bytes, held until the copy has read them
     values = WIRE_CODECS[meta["q"]].dequantize(data, meta, dtype, numel)  # 1-D, numel elements
     return values if len(shape) == 1 else values.reshape(shape)
+
+
+# Bytes of a frame beyond what its values' views of it hold (header, compressed or quantized
+# data, tensors no value refers to) that they may keep alive: above this, and above 1/16 of
+# the views' own bytes, the views are copied out (see _unpinned).
+_PIN_SLACK = 16 << 10
+
+
+def _unpinned(value: Any, frame_bytes: int, views: list[torch.Tensor]) -> Any:
+    """``value``, its tensors that view the frame copied out of it where they would keep much
+    more of it alive than their own bytes.
+
+    A raw tensor aliases the frame's buffer and keeps all of it alive, while a server counts a
+    kept tensor as its own bytes (max_context_bytes, an optimizer's loaded state): a frame of a
+    4-byte input beside 1 GiB that no value uses would hold the GiB as 4 bytes. An ordinary
+    frame is its tensors and a small header, and keeps its views (no copy)."""
+    if not views:
+        return value
+    template, tensors = flatten(value)
+    aliasing = {id(v) for v in views}
+    held = {id(t): t for t in tensors if id(t) in aliasing}  # a tensor used twice counts once
+    aliased = sum(t.nbytes for t in held.values())
+    if frame_bytes - aliased <= max(_PIN_SLACK, aliased // 16):
+        return value
+    copies = {key: t.clone() for key, t in held.items()}
+    return unflatten(template, [copies.get(id(t), t) for t in tensors])
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

@@ -202,6 +202,7 @@ class TrunkEngine:
         the graph under the request id for a Backward (or only the inputs, to recompute)."""
         if (
             not isinstance(value, dict)
+            or value.keys() != {"args", "kwargs"}
             or not isinstance(value.get("args"), list)
             or not isinstance(value.get("kwargs"), dict)
             or not all(isinstance(k, str) for k in value["kwargs"])
@@ -655,6 +656,9 @@ class TrunkEngine:
                 )
                 check_optimizer_state(optimizer_state, session.optimizer)
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
+                # Copies: torch keeps loaded tensors as given, and one that views its frame
+                # would keep every byte of the frame alive as long as the session.
+                optimizer_state = {**optimizer_state, "state": clone_tree(optimizer_state["state"])}
                 try:
                     with self._lock:
                         self.runner.load_optimizer_state(session.optimizer, optimizer_state)

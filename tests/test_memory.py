@@ -13,7 +13,14 @@ from conftest import rss_bytes, spawn_server
 from polling import wait_for
 from torch import nn
 
-from remote_autograd import ClientOptions, LimitExceeded, RemoteModule, ServerOptions
+from remote_autograd import (
+    ClientOptions,
+    LimitExceeded,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    codec,
+)
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 
@@ -184,3 +191,67 @@ def test_cancelled_and_failed_streams_free_their_buffers():
         err = _stop(process)
     # Cancellations and refusals are expected: no ERROR lines, no tracebacks.
     assert "Traceback" not in err and " ERROR " not in err, err[-2000:]
+
+
+def _aliases(tensor: torch.Tensor, buffer: bytearray) -> bool:
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    return start <= tensor.data_ptr() < start + len(buffer)
+
+
+def test_a_value_that_views_a_small_part_of_its_frame_is_copied_out():
+    """A raw tensor aliases its frame's buffer and keeps all of it alive, but a kept one is
+    counted as its own bytes. A 4-byte input beside 1 MiB that no value refers to is copied
+    out; a frame of one large tensor is still decoded without a copy."""
+    from test_fuzz import _frame, _ref, _tree
+
+    big = bytes(MiB)
+    meta = {
+        "v": 1,
+        "tree": _tree({"args": [_ref(0)], "kwargs": {}}),  # the 1 MiB tensor #1: no value
+        "tensors": [
+            {"dtype": "float32", "shape": [1], "q": "none", "z": "none", "n": 4, "s": 4},
+            {"dtype": "uint8", "shape": [MiB], "q": "none", "z": "none", "n": MiB, "s": MiB},
+        ],
+    }
+    buffer = bytearray(_frame(meta, [torch.tensor([2.5]).numpy().tobytes(), big]))
+    small = codec.decode(buffer)["args"][0]
+    assert torch.equal(small, torch.tensor([2.5])) and not _aliases(small, buffer)
+
+    whole = torch.arange(MiB // 4, dtype=torch.float32)
+    buffer = bytearray(codec.Encoder(compression="none").encode({"args": [whole], "kwargs": {}}))
+    decoded = codec.decode(buffer)["args"][0]
+    assert torch.equal(decoded, whole) and _aliases(decoded, buffer)
+
+
+def test_a_compute_with_values_the_trunk_does_not_read_is_refused(start_server):
+    """Another key beside args and kwargs could carry bytes a kept input holds alive
+    uncounted: refused, nothing kept."""
+    server = start_server(nn.Linear(2, 2).double())
+    frame = codec.Encoder().encode(
+        {"args": [torch.ones(1, 2, dtype=torch.float64)], "kwargs": {}, "extra": torch.ones(9)}
+    )
+    header = pb.Header(request_id="a" * 32, payload_bytes=len(frame), keep_context=True)
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.TrunkStub(channel).Compute(
+            pb.Frame(header=header, payload=frame), metadata=(("ra-session", "s1"),)
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Compute expects a map {'args'" in refused.value.details()
+    assert server.stats()["contexts"] == 0
+
+
+def test_a_loaded_optimizer_state_holds_no_frame(start_server):
+    """torch keeps loaded tensors as given: the server keeps copies, not views of the frame
+    (which would keep every byte of the frame alive for the session's life)."""
+    server = start_server(nn.Linear(2, 2).double())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.9)
+    remote(torch.ones(3, 2, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    optimizer.load_state_dict(optimizer.state_dict())
+    (session,) = server.engine.sessions.values()
+    buffers = [state["momentum_buffer"] for state in session.optimizer.state.values()]
+    assert len(buffers) == 2
+    # A view of a received buffer has storage that cannot be resized; a copy's can.
+    assert all(b.untyped_storage().resizable() for b in buffers)
+    remote.close()
