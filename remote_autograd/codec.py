@@ -322,7 +322,8 @@ class Decoder:
         limits = self.limits
         if not isinstance(meta, dict):
             raise CodecError(f"tensor {index}: meta must be a map, got {type(meta).__name__}")
-        dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+        name = meta.get("dtype")
+        dtype = DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise CodecError(
                 f"tensor {index}: unknown dtype {meta.get('dtype')!r}; "
@@ -333,10 +334,13 @@ class Decoder:
             not isinstance(shape, list)
             or len(shape) > limits.max_ndim
             or not all(type(d) is int and d >= 0 for d in shape)
+            # a 0 makes the count 0 whatever the others are; torch still sizes the others
+            or math.prod(d for d in shape if d) > limits.max_tensor_elements
         ):
             raise CodecError(
                 f"tensor {index}: shape must be a list of at most max_ndim={limits.max_ndim} "
-                f"non-negative ints, got {shape!r}"
+                f"non-negative ints whose non-zero ones multiply to at most "
+                f"max_tensor_elements={limits.max_tensor_elements}, got {shape!r}"
             )
         numel = math.prod(shape)
         itemsize = dtype.itemsize
@@ -356,7 +360,7 @@ class Decoder:
         if q != "none" and not dtype.is_floating_point:
             raise CodecError(f"tensor {index}: quantization {q} on non-floating dtype {dtype}")
         expected = WIRE_CODECS[q].wire_nbytes(numel, itemsize, meta)
-        if n != expected:
+        if type(n) is not int or n != expected:
             raise CodecError(
                 f"tensor {index}: {meta['dtype']}{shape} with q={q} is {expected} bytes, "
                 f"header says {n!r}"

@@ -373,6 +373,12 @@ def echo_server():
     body=bytes(range(128)),
 )
 @example(metas=[{**_good_meta(), "n": 127}], body=bytes(128))  # and one that lies
+# Lies of the wrong type or size, once answered INTERNAL with a logged traceback:
+@example(metas=[{**_good_meta(), "dtype": ["float32"]}], body=bytes(128))  # unhashable
+@example(metas=[{**_good_meta(), "dtype": {"x": 1}}], body=bytes(128))
+@example(metas=[{**_good_meta(), "shape": [2**63, 0], "n": 0, "s": 0}], body=b"")  # 0 elements
+@example(metas=[{**_good_meta(), "shape": [2**62, 4, 0], "n": 0, "s": 0}], body=b"")
+@example(metas=[{**_good_meta(), "z": "lz4", "n": 128.0, "s": 16}], body=bytes(16))  # float n
 def test_lying_tensor_headers_are_refused_before_allocating(echo_server, metas, body):
     """Streamed (so the frame holds bytes of max_inflight_bytes while it is checked) and kept
     for a Backward (so an accepted frame leaves a context). The local codec is the oracle: the
