@@ -35,6 +35,10 @@ _CHUNK = 1 << 18  # elements quantized at a time on the CPU: the temporaries sta
 _DEVICE_CHUNK = 1 << 24
 _FP16_TARGET = 2.0**14  # scale the largest magnitude to about this: headroom below 65504
 _INT8_BLOCK = 256
+# The lossy codecs' values pass through float32 (int8's scales, fp16's dequantization,
+# bfloat16's exponent range): a tensor whose largest magnitude lies outside float32's normal
+# range would come back as inf, NaN or zeros, so it travels as is, like one holding NaN or inf.
+_F32_TINY, _F32_HUGE = 2.0**-126, 2.0**127
 
 
 class WireCodec(Protocol):
@@ -69,7 +73,12 @@ class _BFloat16:
         return numel * 2
 
     def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
-        return (tensor, None) if tensor.dtype == torch.bfloat16 else (tensor.to(torch.bfloat16), {})
+        if tensor.dtype == torch.bfloat16:
+            return tensor, None
+        # float64 may hold what bfloat16 cannot (a cast, not a check: NaN and inf cast as is)
+        if tensor.dtype == torch.float64 and not _float32_range(_amax(tensor), nonfinite=True):
+            return tensor, None
+        return tensor.to(torch.bfloat16), {}
 
     def dequantize(self, data, meta, dtype, numel):
         return data.view(torch.bfloat16).to(dtype)
@@ -90,7 +99,10 @@ class _Float16:
         numel = flat.numel()
         # A power-of-two scale is exact: it moves the exponent range without rounding, so
         # small gradients are not flushed to zero by fp16's narrow range.
-        scale = 2.0 ** math.floor(math.log2(_FP16_TARGET / amax)) if amax > 0 else 1.0
+        exponent = math.floor(math.log2(_FP16_TARGET) - math.log2(amax)) if amax > 0 else 0
+        if not _float32_range(amax) or not -126 <= exponent <= 126:  # scale and 1/scale too
+            return tensor, None
+        scale = 2.0**exponent
         out = torch.empty(numel, dtype=torch.float16, device=flat.device)
         chunk = _chunk(flat)
         work = torch.empty(min(numel, chunk), dtype=flat.dtype, device=flat.device)
@@ -119,7 +131,8 @@ class _Int8:
         return -(-numel // block) * 4 + numel
 
     def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
-        if not math.isfinite(_amax(tensor)):
+        amax = _amax(tensor)
+        if not math.isfinite(amax) or not _float32_range(amax):
             return tensor, None  # non-finite values travel losslessly; the receiver decides
         flat = tensor.detach().reshape(-1)
         numel = flat.numel()
@@ -182,6 +195,14 @@ def _amax(tensor: torch.Tensor) -> float:
         return max(-float(low), float(high))
     # On a GPU: one synchronisation, and only this one number crosses to the host.
     return float(torch.maximum(low.neg(), high))
+
+
+def _float32_range(amax: float, nonfinite: bool = False) -> bool:
+    """Whether a largest magnitude ``amax`` is 0 or within float32's normal range (or, with
+    ``nonfinite``, NaN or inf, which the caller sends as they are)."""
+    if not math.isfinite(amax):
+        return nonfinite
+    return amax == 0 or _F32_TINY <= amax < _F32_HUGE
 
 
 def _chunk(flat: torch.Tensor) -> int:

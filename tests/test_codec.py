@@ -158,6 +158,26 @@ def test_lossy_codecs_leave_integers_and_non_finite_alone():
         assert torch.equal(decode(encode(bad, quantization=quantization)), bad)
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "quantizations"),
+    [
+        ([1e-36, -5e-37, 0.0], torch.float32, ("fp16",)),  # fp16's scale would overflow
+        ([4e-35, 1e-35, 0.0], torch.float32, ("fp16",)),
+        ([1e60, -3e59, 0.0], torch.float64, ("bf16", "fp16", "int8")),  # past float32
+        ([1e-50, 5e-51, 0.0], torch.float64, ("bf16", "fp16", "int8")),  # below it
+        ([1e-310, 0.0, 5e-311], torch.float64, ("bf16", "fp16", "int8")),  # subnormal
+    ],
+)
+def test_lossy_codecs_send_values_beyond_float32_as_they_are(values, dtype, quantizations):
+    """The lossy codecs' values pass through float32: a finite tensor they cannot carry
+    travels raw (exact), not as inf, NaN or zeros."""
+    tensor = torch.tensor(values, dtype=dtype)
+    for quantization in quantizations:
+        assert torch.equal(decode(encode(tensor, quantization=quantization)), tensor)
+    near = torch.tensor([1e-30, -5e-31, 0.0], dtype=dtype)  # within range: still quantized
+    assert len(encode(near, quantization="fp16")) < len(encode(near, quantization="none"))
+
+
 def test_auto_compresses_only_what_shrinks():
     dense = torch.randn(1 << 16)
     sparse = torch.zeros(1 << 16)
