@@ -11,6 +11,7 @@ import atexit
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -104,6 +105,10 @@ class TrunkClient:
         self._pid = os.getpid()  # the process that opened the session (see forking.py)
         forking.on_fork_in_child(self, TrunkClient._after_fork_in_child)
         _LIVE.add(self)
+        # A client dropped without close() (a deepcopy evaluated and thrown away) ends its
+        # session when it is collected, as a local copy frees everything when dropped.
+        self._leftovers = _Leftovers(self)
+        weakref.finalize(self, _end_dropped_session, self._leftovers).atexit = False  # _LIVE's
 
     def _new_session(self) -> None:
         self.session_id = uuid.uuid4().hex
@@ -138,6 +143,7 @@ class TrunkClient:
         self._grads_server_id = ""
         self._stepping = None  # the parent's thread did not come along
         self._pid = os.getpid()
+        self._leftovers.take(self)  # this process's session, not opened yet
 
     # -- connection -------------------------------------------------------------------------
 
@@ -149,7 +155,7 @@ class TrunkClient:
                     status=grpc.StatusCode.CANCELLED,
                 )
             if self._stub is None:
-                self._channel = create_channel(self.address, self.options)
+                self._channel = self._leftovers.channel = create_channel(self.address, self.options)
                 self._stub = pb_grpc.TrunkStub(self._channel)
             return self._stub
 
@@ -251,7 +257,7 @@ class TrunkClient:
         """End the server session (best effort) and close the channel."""
         self._await_step()
         with self._lock:
-            self._closed = True
+            self._closed = self._leftovers.done = True
             channel, self._channel, self._stub = self._channel, None, None
         self._release_wakeup.set()
         thread = self._release_thread
@@ -464,8 +470,13 @@ class TrunkClient:
         if self._release_thread is None:
             with self._lock:
                 if self._release_thread is None:
+                    # It holds the client weakly: a dropped client is collected (and its
+                    # session ended), and the thread ends with it.
                     self._release_thread = threading.Thread(
-                        target=self._release_loop, name="ra-release", daemon=True
+                        target=_release_loop,
+                        args=(weakref.ref(self), self._release_wakeup),
+                        name="ra-release",
+                        daemon=True,
                     )
                     self._release_thread.start()
         self._release_wakeup.set()
@@ -481,15 +492,6 @@ class TrunkClient:
                 taken.append(self._pending_releases.pop())
             except IndexError:
                 return taken
-
-    def _release_loop(self) -> None:
-        while not self._closed:
-            self._release_wakeup.wait()
-            self._release_wakeup.clear()
-            time.sleep(_RELEASE_DELAY)  # give the next Compute a chance to carry them
-            stub = self._stub
-            if stub is not None and self._pending_releases and not self._closed:
-                self._flush_releases(stub)
 
     def _flush_releases(self, stub: pb_grpc.TrunkStub) -> None:
         ids = self._take_releases()
@@ -700,6 +702,80 @@ class TrunkClient:
                 frames.frame_messages(pb.Header(), buffers, info.stream_chunk_bytes), **self._kw()
             ),
         )
+
+
+def _release_loop(ref: weakref.ref[TrunkClient], wakeup: threading.Event) -> None:
+    """A client's release thread: Release RPCs for contexts no Compute carried away soon."""
+    while True:
+        wakeup.wait()
+        wakeup.clear()
+        time.sleep(_RELEASE_DELAY)  # give the next Compute a chance to carry them
+        client = ref()
+        if client is None or client._closed:
+            return
+        stub = client._stub
+        if stub is not None and client._pending_releases:
+            client._flush_releases(stub)
+        del client  # not held while waiting
+
+
+class _Leftovers:
+    """What ends a client's session when the client is collected without close(): the
+    channel and metadata of that session, without the client itself."""
+
+    def __init__(self, client: TrunkClient) -> None:
+        self.take(client)
+
+    def take(self, client: TrunkClient) -> None:
+        """Stand for ``client``'s session in this process (again after a fork)."""
+        # Not its bulk connections: the frame exchange holds the client's bound methods, so
+        # holding it here would keep the client from ever being collected. Their sockets
+        # close when the exchange is collected with the client.
+        self.channel: grpc.Channel | None = client._channel
+        self.metadata = client._metadata
+        self.wakeup = client._release_wakeup
+        self.pid = os.getpid()
+        self.done = False  # closed, or already handed to the ender
+
+
+def _end_dropped_session(leftovers: _Leftovers) -> None:
+    """The finalizer of a client collected without close(). It runs wherever the collector
+    happens to run, so the EndSession goes out on a thread of its own."""
+    leftovers.wakeup.set()  # the release thread wakes, finds no client, and ends
+    if leftovers.done or leftovers.pid != os.getpid():  # closed, or a fork's copy
+        return
+    leftovers.done = True
+    _DROPPED.put(leftovers)
+    with _ENDER_LOCK:
+        global _ender
+        if _ender is None or not _ender.is_alive():
+            _ender = threading.Thread(target=_end_dropped_sessions, name="ra-ender", daemon=True)
+            _ender.start()
+
+
+def _end_dropped_sessions() -> None:
+    while True:
+        leftovers = _DROPPED.get()
+        channel = leftovers.channel
+        if leftovers.pid != os.getpid():
+            continue  # queued in the parent before this process forked: the parent's
+        if channel is None:
+            continue  # it never called the server
+        try:
+            with forking.calls_in_flight(_END_SESSION_TIMEOUT):
+                pb_grpc.TrunkStub(channel).EndSession(
+                    pb.EndSessionRequest(),
+                    timeout=_END_SESSION_TIMEOUT,
+                    metadata=leftovers.metadata,
+                )
+        except grpc.RpcError as exc:  # the server drops idle sessions on its own
+            log.debug("EndSession of a dropped client failed: %s", exc)
+        channel.close()
+
+
+_DROPPED: queue.SimpleQueue[_Leftovers] = queue.SimpleQueue()
+_ENDER_LOCK = threading.Lock()
+_ender: threading.Thread | None = None
 
 
 # Clients alive in this process: at exit each ends its server session (close()), so short
