@@ -25,7 +25,7 @@ import torch
 
 from .errors import TransportError
 
-__all__ = ["CallerGone", "check", "install", "watching"]
+__all__ = ["CallerGone", "check", "install", "suspended", "watching"]
 
 _LOCAL = threading.local()
 
@@ -44,6 +44,18 @@ def watching(context: grpc.ServicerContext) -> Iterator[None]:
         gone.set()
     previous = getattr(_LOCAL, "gone", None)
     _LOCAL.gone = gone
+    try:
+        yield
+    finally:
+        _LOCAL.gone = previous
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Run to the end whatever the caller does: work that other processes take part in layer
+    by layer (a sharded trunk's all-gathers) may not stop on one of them alone."""
+    previous = getattr(_LOCAL, "gone", None)
+    _LOCAL.gone = None
     try:
         yield
     finally:

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import sharded_checkpoint, sharding
+from . import cancellation, sharded_checkpoint, sharding
 from .errors import InvalidRequest, ServerUnavailable
 from .fingerprint import trunk_fingerprint
 from .follower import Follower
@@ -175,12 +175,21 @@ class DistributedRunner(TrunkRunner):
             self.share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
             for t, b in zip(leaves, plan.batched, strict=True)
         ]
-        replies, local_result, error = self._exchange(
-            commands,
-            lambda: self.forward_share(
-                template, mine, training, seed, grad, token, autocast, recompute
-            ),
-        )
+        # fsdp: each layer's forward gathers its shards from every rank, so rank 0 may not
+        # stop between layers when its caller leaves (cancellation.py), as a one-process
+        # trunk does: the other ranks would wait in the next all-gather until the group's
+        # timeout. An abandoned call stops here, before any rank starts, or runs to its end.
+        sharded = self.mode == "fsdp"
+        if sharded:
+            cancellation.check("the trunk")
+
+        def run_local() -> Any:
+            with cancellation.suspended() if sharded else contextlib.nullcontext():
+                return self.forward_share(
+                    template, mine, training, seed, grad, token, autocast, recompute
+                )
+
+        replies, local_result, error = self._exchange(commands, run_local)
         if error is not None:
             self._release(token)
             raise error
@@ -191,7 +200,7 @@ class DistributedRunner(TrunkRunner):
                 per_rank[rank] = replies[rank]["outputs"]
         try:
             batched_outputs, outputs = plan.gather(per_rank, self.device)
-        except InvalidRequest:
+        except BaseException:  # every rank's kept graph goes, whatever went wrong
             self._release(token)
             raise
         if not grad:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import secrets
 import threading
@@ -514,9 +515,15 @@ class TrunkEngine:
         grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
         if not grads:
             return [], torch.float32
-        norms = torch._foreach_norm(grads, norm_type)
-        values = self.runner.ranks.norms([float(n) for n in norms], norm_type)
-        return values, norms[0].dtype
+        # A rank's shard may be empty (fsdp: a first dimension smaller than the world), and
+        # torch refuses the inf-norm of an empty tensor: on that rank only, which would leave
+        # the others waiting in the collective. An empty shard's norm is the value that leaves
+        # the ranks' combination as it is: 0 (sums, max), or inf for p < 0 (min, sums of x**p).
+        whole = [g for g in grads if g.numel()]
+        computed = iter(torch._foreach_norm(whole, norm_type) if whole else ())
+        empty = math.inf if norm_type < 0 else 0.0
+        values = [float(next(computed)) if g.numel() else empty for g in grads]
+        return self.runner.ranks.norms(values, norm_type), grads[0].dtype
 
     def step(self, session: Session, call: StepCall) -> StepResult:
         """Apply the session's optimizer once per step number (a repeat is a replay)."""

@@ -91,6 +91,14 @@ class Plan:
                     f"{[list(p.shape) for p in parts]} for shares {self.sizes}): a trunk served "
                     "with --parallel must return tensors whose first dimension is the batch"
                 )
+            if len({(p.shape[1:], p.dtype) for p in parts}) != 1:
+                raise InvalidRequest(
+                    f"output {index} of the trunk differs between the ranks' shares beyond "
+                    f"the batch dimension (shapes {[list(p.shape) for p in parts]}, dtypes "
+                    f"{sorted({str(p.dtype) for p in parts})}): a trunk served with --parallel "
+                    "must give each sample the same shape whatever else is in its share (pad "
+                    "to a fixed length rather than to the longest in the batch)"
+                )
             batched.append(True)
             outputs.append(torch.cat(parts))
         return batched, outputs

@@ -3,6 +3,8 @@ and the same trunks for in-process servers, so both runs start from identical we
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -152,3 +154,27 @@ def softmax_mlp() -> nn.Module:
     (the case where a saved tensor's history leads back to the node saving it)."""
     torch.manual_seed(8)
     return nn.Sequential(nn.Linear(256, 512), nn.Softmax(dim=-1), nn.Linear(512, 256))
+
+
+class Pause(nn.Module):
+    """A layer that takes ``seconds`` and changes nothing (one layer of a large trunk)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def narrow_slow_trunk() -> nn.Module:
+    """Linear(4, 8), a 0.3 s pause, Tanh, Linear(8, 1), float64. On 2 fsdp ranks rank 1's
+    shards of the last layer's weight [1, 8] and bias [1] are empty, and a forward takes
+    long enough for a client to give up in the middle of it."""
+    generator = torch.Generator().manual_seed(3)
+    trunk = nn.Sequential(nn.Linear(4, 8), Pause(0.3), nn.Tanh(), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        for param in trunk.parameters():
+            param.copy_(0.4 * torch.randn(param.shape, generator=generator, dtype=torch.float64))
+    return trunk

@@ -4,6 +4,7 @@ process and of local training: each rank takes a share of the batch, rank 0 answ
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from factories import (
     batch,
     local_parts,
     mixed_trunk,
+    narrow_slow_trunk,
     shifted_trunk,
     shifted_trunk32,
 )
@@ -31,6 +33,7 @@ from torch import nn
 import remote_autograd
 from remote_autograd import (
     ClientOptions,
+    DeadlineExceeded,
     RemoteModule,
     RemoteOptimizer,
     ServerUnavailable,
@@ -38,7 +41,7 @@ from remote_autograd import (
     serve,
 )
 from remote_autograd.errors import InvalidRequest, RemoteError
-from remote_autograd.shares import shares
+from remote_autograd.shares import Plan, shares
 
 # One server serves the tests of this module in turn: each starts from the weights the last
 # one left, on purpose (its local reference starts there too).
@@ -201,6 +204,18 @@ def test_shares_are_contiguous_uneven_and_may_be_empty():
     assert shares(1, 2) == [1, 0]
     assert shares(0, 3) == [0, 0, 0]
     assert shares(7, 3) == [3, 2, 2]
+
+
+def test_outputs_that_differ_beyond_the_batch_are_refused_with_a_reason():
+    """A trunk that pads to the longest sequence of its share gives each rank another length:
+    refused by name (the forward's kept graphs are then released on every rank), where
+    torch.cat raised a RuntimeError answered INTERNAL."""
+    plan = Plan([torch.zeros(5, 3)], 2, everyone=True)
+    per_rank = {0: [torch.zeros(3, 7)], 1: [torch.zeros(2, 4)]}
+    with pytest.raises(InvalidRequest, match="differs between the ranks' shares beyond"):
+        plan.gather(per_rank, torch.device("cpu"))
+    per_rank = {0: [torch.zeros(3, 7)], 1: [torch.zeros(2, 7)]}
+    assert plan.gather(per_rank, torch.device("cpu"))[1][0].shape == (5, 7)
 
 
 def test_info_says_how_many_ranks_compute(parallel, single_address):
@@ -713,3 +728,64 @@ def test_every_rank_keeps_its_buffers_through_refusals_and_recomputes(awkward_fs
         trunk.eval()
     expected = torch.cat([ranks[0](probe[:2])[1], ranks[1](probe[2:])[1]]).detach()
     torch.testing.assert_close(served, expected, **TOL)
+
+
+@pytest.fixture(scope="module")
+def narrow_fsdp() -> Iterator[str]:
+    """2 fsdp ranks serving narrow_slow_trunk (rank 1 holds empty shards; a forward takes
+    0.3 s); a collective that one rank never joins fails in 20 s, not 600."""
+    process, address = spawn_torchrun(
+        "factories:narrow_slow_trunk", "--parallel", "fsdp", "--dist-timeout", "20"
+    )
+    yield address
+    stop_torchrun(process)
+
+
+def test_clients_that_give_up_leave_a_sharded_trunk_serving(narrow_fsdp):
+    """A client whose deadline passes in the middle of an fsdp forward, and one whose deadline
+    passes while it waits for the trunk: rank 0 alone may not stop between layers (the other
+    rank would wait in the next all-gather), so each call stops before the ranks start or
+    runs to its end. Another client is then served as if nothing happened."""
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    impatient = ClientOptions(timeout=0.15, retries=0)
+    with RemoteModule(narrow_fsdp, options=impatient) as remote:
+        remote.client.info()  # connected: the deadline is the forward's alone
+        with pytest.raises(DeadlineExceeded):
+            remote(x)  # mid-forward
+    with (
+        RemoteModule(narrow_fsdp) as holder,
+        RemoteModule(narrow_fsdp, options=impatient) as remote,
+    ):
+        remote.client.info()
+        busy = threading.Thread(target=lambda: holder(x))
+        busy.start()
+        time.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            remote(x)  # waiting for the trunk
+        busy.join()
+    local = narrow_slow_trunk()
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        xr = x.clone().requires_grad_()
+        xl = x.clone().requires_grad_()
+        remote(xr).sum().backward()
+        local(xl).sum().backward()
+        torch.testing.assert_close(xr.grad, xl.grad, **TOL)
+
+
+@pytest.mark.parametrize("norm_type", [math.inf, -math.inf, -1.0, 2.0])
+def test_gradient_norms_over_empty_shards_are_the_local_ones(narrow_fsdp, norm_type):
+    """Rank 1's shards of a [1, 8] weight and a [1] bias are empty; torch refuses the
+    inf-norm of an empty tensor. The total norm of every order is still the local one, and
+    the ranks go on serving."""
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    local = narrow_slow_trunk()
+    local(x).sum().backward()
+    grads = [p.grad for p in local.parameters()]
+    expected = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type
+    )
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        remote(x).sum().backward()
+        total = clip_grad_norm_([remote], 1e9, norm_type=norm_type)  # no clipping
+        torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+        assert remote(x).shape == (4, 1)
