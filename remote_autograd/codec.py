@@ -140,6 +140,11 @@ class Encoder:
 
     def _wire_form(self, tensor: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         """A tensor's meta so far and its wire form, on the tensor's device."""
+        if tensor.layout != torch.strided:
+            raise CodecError(
+                f"cannot send a {tensor.layout} tensor: only dense (strided) tensors travel; "
+                "send tensor.to_dense(), or its indices and values as two tensors"
+            )
         name = _DTYPE_NAMES.get(tensor.dtype)
         if name is None:
             raise CodecError(

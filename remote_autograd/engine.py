@@ -78,6 +78,13 @@ from .validate import (
 
 __all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine"]
 
+# What a client that did create its optimizer is told when the session holds none.
+_SESSION_GONE = (
+    "; if you did, the server no longer holds this session (idle past session_ttl, or the "
+    "server restarted without a checkpoint), and its optimizer state is lost: create the "
+    "RemoteOptimizer again, or load your last saved state_dict into a new one"
+)
+
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,64}")  # request and session ids, matched whole
@@ -531,7 +538,8 @@ class TrunkEngine:
             optimizer = session.optimizer
             if optimizer is None:
                 raise NotConfigured(
-                    "Step before ConfigureOptimizer: create a RemoteOptimizer for this trunk first"
+                    "Step before ConfigureOptimizer: create a RemoteOptimizer for this trunk "
+                    f"first{_SESSION_GONE}"
                 )
             if call.step == session.last_step and call.step > 0:
                 return StepResult(call.step, self.weights_version, replayed=True)
@@ -649,7 +657,7 @@ class TrunkEngine:
                 if session.optimizer is None:
                     raise NotConfigured(
                         "LoadState with optimizer state before ConfigureOptimizer: create the "
-                        "RemoteOptimizer first"
+                        f"RemoteOptimizer first{_SESSION_GONE}"
                     )
                 check_finite_groups(optimizer_state)
                 current = session.optimizer.param_groups

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -27,6 +28,17 @@ def _autocast_dtype(device_type: str) -> str:
     if not torch.is_autocast_enabled(device_type):
         return ""
     return codec.dtype_name(torch.get_autocast_dtype(device_type))
+
+
+# torch.utils.checkpoint runs a checkpointed forward again inside the backward, restoring the
+# client's RNG state; the trunk's randomness is drawn on the server, where nothing restores it.
+_RECOMPUTED = (
+    "a RemoteModule ran its forward inside a backward pass (torch.utils.checkpoint recomputing "
+    "it) in training mode: the trunk's randomness (dropout) is drawn anew on the server, so if "
+    "the trunk has any, the recomputed output is not the one the loss used and the gradients "
+    "are wrong. Keep the RemoteModule outside checkpointed functions (docs/habits.md, "
+    "'Activation checkpointing')"
+)
 
 
 class RemoteModule(nn.Module):
@@ -78,6 +90,8 @@ class RemoteModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._cast_dtype is not None:
             self._check_cast()
+        if self.training and torch._C._current_graph_task_id() != -1:
+            warnings.warn(_RECOMPUTED, stacklevel=2)  # a forward run again inside a backward
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from . import codec
+from .errors import NotConfigured
 from .module import RemoteModule
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
@@ -90,9 +92,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 group["params"] = []
         module._dummy.grad = torch.ones(1)
         self._step_count = 0
+        self._configured = True  # add_param_group() refuses from here
+        _warn_if_data_parallel(module.client.address)
         # Inside stepping(), step() sends the Step from a thread and leaves its reply here.
         self._stepping = False
         self._reply: Future[Any] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_configured", False):  # torch's __init__ adds the groups this way
+            raise TypeError(
+                "RemoteOptimizer.add_param_group(): the server's optimizer was configured "
+                "with its parameter groups at construction (by trunk parameter name); create "
+                "a new RemoteOptimizer with param_groups=[...] instead"
+            )
+        super().add_param_group(param_group)
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """Apply the session's accumulated trunk gradients on the server."""
@@ -190,6 +203,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_current("state_dict")
         state = self.client.get_state(parameters=False, optimizer=True)
         optimizer_state = state["optimizer"]
+        if optimizer_state is None:
+            raise NotConfigured(
+                f"state_dict() of a RemoteOptimizer whose server session on "
+                f"{self.client.address} holds no optimizer: the server no longer holds this "
+                "session (idle past session_ttl, or the server restarted without a "
+                "checkpoint), and its optimizer state is lost. Create the RemoteOptimizer "
+                "again, or load your last saved state_dict into a new one"
+            )
         for remote, local in zip(optimizer_state["param_groups"], self.param_groups, strict=True):
             remote.update({k: v for k, v in local.items() if k != "params"})
         optimizer_state["remote_step"] = self._step_count
@@ -317,6 +338,23 @@ def _plain(value: Any) -> bool:
         isinstance(v, (bool, int, float)) and (not isinstance(v, float) or math.isfinite(v))
         for v in value
     )
+
+
+def _warn_if_data_parallel(address: str) -> None:
+    """Data-parallel training (DistributedDataParallel over the client's parts) would step the
+    shared trunk once per process, each with its own process's gradients: say so."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world > 1:
+        warnings.warn(
+            f"torch.distributed runs {world} processes here, and each one's RemoteOptimizer "
+            f"steps the trunk at {address} with that process's gradients alone (a session "
+            f"each): the trunk takes {world} unaveraged steps per step of a data-parallel "
+            "loop, unlike DistributedDataParallel's one averaged step. Train the trunk from "
+            "one process (docs/habits.md, 'Data parallelism on the client')",
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()

@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
 from remote_autograd.engine import TrunkEngine
-from remote_autograd.errors import InvalidRequest
+from remote_autograd.errors import CodecError, InvalidRequest, NotConfigured
 
 
 def _parts(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -362,3 +363,51 @@ def test_clip_grad_norm_of_the_whole_model_includes_the_trunk(start_server):
     for name, param in split.local[1].named_parameters():
         torch.testing.assert_close(remote[name], param.detach(), rtol=1e-6, atol=1e-7)
     split.close()
+
+
+def test_a_checkpoint_that_runs_the_trunk_again_in_training_mode_warns(start_server):
+    """torch.utils.checkpoint restores the client's RNG for its recompute, not the server's:
+    with dropout in the trunk the recomputed output is another one. Each kind of checkpoint
+    warns when it runs the trunk again in training mode; in eval mode nothing differs."""
+    from torch.utils.checkpoint import checkpoint
+
+    server = start_server(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).double())
+    remote = RemoteModule(server.address)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for reentrant in (True, False):
+        y = checkpoint(lambda t: remote(t) * 2, x, use_reentrant=reentrant)
+        with pytest.warns(UserWarning, match="inside a backward pass"):
+            y.sum().backward()
+    remote.eval()
+    y = checkpoint(lambda t: remote(t) * 2, x, use_reentrant=False)
+    y.sum().backward()  # no warning: the filter turns any into an error
+    remote.close()
+
+
+def test_what_a_remote_optimizer_cannot_do_is_refused_by_name(start_server):
+    """Groups are fixed by trunk parameter name at construction, and a sparse tensor does
+    not travel: each says so, where they failed later or in a torch kernel."""
+    server = start_server(nn.Linear(4, 4).double())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    with pytest.raises(TypeError, match="param_groups="):
+        optimizer.add_param_group({"params": []})
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    optimizer.step()  # still whole
+    sparse = torch.eye(4, dtype=torch.float64).to_sparse()
+    with pytest.raises(CodecError, match="sparse_coo tensor"):
+        remote(sparse)
+    remote.close()
+
+
+def test_a_session_the_server_dropped_is_named_when_its_optimizer_is_missed(start_server):
+    server = start_server(nn.Linear(4, 4).double(), ServerOptions(session_ttl=0.2))
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    wait_for(lambda: server.stats()["sessions"] == 0)  # idle past session_ttl
+    with pytest.raises(NotConfigured, match="no longer holds this session"):
+        optimizer.state_dict()
+    remote(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+    with pytest.raises(NotConfigured, match="no longer holds this session"):
+        optimizer.step()
+    remote.close()

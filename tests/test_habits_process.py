@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, child_env
 from models import mlp_parts
 from polling import wait_for
 
@@ -148,3 +148,38 @@ def test_averaged_model_of_a_model_holding_a_remote_module(start_server):
     torch.testing.assert_close(averaged(x), model(x), rtol=0, atol=0)
     averaged.module[1].close()
     model[1].close()
+
+
+def test_data_parallel_clients_are_told_the_trunk_steps_once_per_process(start_server, tmp_path):
+    """Two torchrun processes, each a client of one trunk (DistributedDataParallel over the
+    local parts would look like this): each process's RemoteOptimizer steps the trunk with its
+    own gradients, so each warns, naming the world size."""
+    server = start_server(mlp_parts(torch.float64)[1])
+    script = tmp_path / "ddp_client.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import warnings
+            import torch.distributed as dist
+            from remote_autograd import RemoteModule, RemoteOptimizer
+            dist.init_process_group("gloo")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with RemoteModule({server.address!r}) as module:
+                    RemoteOptimizer(module, "SGD", lr=0.1)
+            texts = [str(w.message) for w in caught]
+            print("warned" if any("runs 2 processes" in t for t in texts) else texts, flush=True)
+            dist.destroy_process_group()
+            """
+        )
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + [str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**child_env(OMP_NUM_THREADS="1")},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == ["warned", "warned"], completed.stdout
