@@ -54,11 +54,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import cancellation, sharded_checkpoint, sharding
-from .errors import InvalidRequest, ServerUnavailable
+from .errors import CodecError, InvalidRequest, ServerUnavailable
 from .fingerprint import trunk_fingerprint
 from .follower import Follower
 from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
-from .options import ServerOptions
+from .options import Limits, ServerOptions
 from .rank_wire import GroupRanks, RankWire
 from .ranks import is_sharded, local
 from .runner import TrunkRunner, check_dtype
@@ -98,6 +98,7 @@ class DistributedRunner(TrunkRunner):
         *,
         mode: str = "ddp",
         control: Any = None,
+        limits: Limits | None = None,
     ) -> None:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
@@ -107,7 +108,7 @@ class DistributedRunner(TrunkRunner):
         self.mode = mode
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.wire = RankWire(control)
+        self.wire = RankWire(control, limits)  # what rank 0 accepts, every rank reads
         self.ranks = GroupRanks(control, sharded=mode == "fsdp")
         if dtype is not None:
             module = module.to(dtype)
@@ -388,13 +389,23 @@ class DistributedRunner(TrunkRunner):
         self.free(free)
 
     def _receive_all(self, ranks: Sequence[int], *, raise_now: bool = True) -> dict[int, Any]:
+        replies: dict[int, Any] = {}
+        unreadable: CodecError | None = None
         try:
-            return {rank: self.wire.recv(rank) for rank in ranks}
+            for rank in ranks:
+                try:
+                    replies[rank] = self.wire.recv(rank)
+                except CodecError as exc:  # received whole, but not readable: the next rank's
+                    # reply must still be taken, or it would answer the next command
+                    unreadable = unreadable or CodecError(f"rank {rank}'s reply: {exc}")
         except RuntimeError as exc:
             error = self._lost(exc)
             if raise_now:
                 raise error from exc
             return {}
+        if unreadable is not None:
+            raise unreadable
+        return replies
 
     def _exchange(self, commands: dict[int, Any], run_local, *, after_backward: bool = False):
         """Send each rank its command, run rank 0's share, (sum the parameter gradients,) and
@@ -411,7 +422,10 @@ class DistributedRunner(TrunkRunner):
                 failed = self.failed_somewhere(error is not None)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
-        replies = self._receive_all(list(commands))
+        try:
+            replies = self._receive_all(list(commands))
+        except CodecError as exc:  # every reply was taken; the caller's error path runs
+            replies, error = {}, error or exc
         for rank in sorted(replies):
             message = replies[rank].get("error")
             if message is not None and error is None:
@@ -577,7 +591,9 @@ def serve_distributed(
     dist.init_process_group(backend, timeout=delta)
     control = dist.new_group(backend="gloo", timeout=delta) if backend != "gloo" else None
     dtype = DTYPES[options.dtype] if options.dtype else None
-    runner = DistributedRunner(module, device, dtype, mode=mode, control=control)
+    runner = DistributedRunner(
+        module, device, dtype, mode=mode, control=control, limits=options.limits
+    )
     if runner.rank != 0:
         # Rank 0 enforces the limits and drops sessions; this rank keeps what it is told to.
         options = dataclasses.replace(

@@ -19,16 +19,21 @@ from .ranks import Ranks
 
 __all__ = ["GroupRanks", "RankWire"]
 
-# Frames between our own ranks: trusted, so only generous sanity limits.
-_INTERNAL_LIMITS = Limits(
-    max_payload_bytes=1 << 40,
-    max_tensor_bytes=1 << 40,
-    max_tensor_elements=1 << 40,
-    max_tensors=1 << 20,
-    max_header_bytes=1 << 30,
-    max_decoded_bytes=1 << 40,
-    max_depth=64,  # a call's values (checked at 32 by rank 0) inside a command
-)
+
+def internal_limits(limits: Limits) -> Limits:
+    """Limits of the frames between our own ranks: trusted, so only generous sanity limits,
+    never below what rank 0 accepts from clients (``limits``), or a call rank 0 took would
+    be one another rank cannot read, and the group would stop."""
+    return Limits(
+        max_payload_bytes=1 << 40,
+        max_tensor_bytes=1 << 40,
+        max_tensor_elements=1 << 40,
+        max_tensors=1 << 20,
+        max_ndim=max(64, limits.max_ndim),  # a trunk's outputs too, which no client sent
+        max_header_bytes=1 << 30,
+        max_decoded_bytes=1 << 40,
+        max_depth=limits.max_depth + 32,  # a call's values inside a command
+    )
 
 
 class RankWire:
@@ -43,10 +48,10 @@ class RankWire:
     _SMALL = 64 << 10  # pieces below this (msgpack headers) are joined into one message
     _WORD = struct.Struct("<Q")
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, limits: Limits | None = None) -> None:
         self.group = group
         self.encoder = Encoder(compression="none")
-        self.decoder = Decoder(limits=_INTERNAL_LIMITS)
+        self.decoder = Decoder(limits=internal_limits(limits or Limits()))
 
     def send(self, value: Any, dst: int) -> None:
         buffers = self.encoder.encode_buffers(value)

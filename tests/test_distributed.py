@@ -40,7 +40,7 @@ from remote_autograd import (
     clip_grad_norm_,
     serve,
 )
-from remote_autograd.errors import InvalidRequest, RemoteError
+from remote_autograd.errors import CodecError, InvalidRequest, RemoteError
 from remote_autograd.shares import Plan, shares
 
 # One server serves the tests of this module in turn: each starts from the weights the last
@@ -733,9 +733,11 @@ def test_every_rank_keeps_its_buffers_through_refusals_and_recomputes(awkward_fs
 @pytest.fixture(scope="module")
 def narrow_fsdp() -> Iterator[str]:
     """2 fsdp ranks serving narrow_slow_trunk (rank 1 holds empty shards; a forward takes
-    0.3 s); a collective that one rank never joins fails in 20 s, not 600."""
+    0.3 s), taking inputs of up to 20 dimensions; a collective that one rank never joins fails
+    in 20 s, not 600."""
     process, address = spawn_torchrun(
-        "factories:narrow_slow_trunk", "--parallel", "fsdp", "--dist-timeout", "20"
+        "factories:narrow_slow_trunk",
+        *("--parallel", "fsdp", "--dist-timeout", "20", "--max-ndim", "20"),
     )
     yield address
     stop_torchrun(process)
@@ -789,3 +791,17 @@ def test_gradient_norms_over_empty_shards_are_the_local_ones(narrow_fsdp, norm_t
         total = clip_grad_norm_([remote], 1e9, norm_type=norm_type)  # no clipping
         torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
         assert remote(x).shape == (4, 1)
+
+
+def test_what_rank_0_accepts_every_rank_reads(narrow_fsdp):
+    """The server takes 17-dimensional inputs (--max-ndim 20): the other ranks read their
+    shares too (their own frames once had a fixed limit of 16, and one unreadable command
+    ended the group). The reply is refused by this client's own limit (16), and the ranks
+    go on in step."""
+    x = torch.randn(2, *[1] * 15, 4, generator=torch.Generator().manual_seed(3))
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        with pytest.raises(CodecError, match="max_ndim=16"), torch.no_grad():
+            remote(x.double())
+        ordinary = torch.randn(4, 4, generator=torch.Generator().manual_seed(4)).double()
+        with torch.no_grad():
+            torch.testing.assert_close(remote(ordinary), narrow_slow_trunk()(ordinary), **TOL)
