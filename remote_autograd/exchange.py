@@ -29,7 +29,7 @@ from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .addresses import bulk_host
 from .bulk import BulkClient
-from .errors import LimitExceeded
+from .errors import LimitExceeded, RemoteError
 from .options import ClientOptions
 from .transport import bulk_client_tls, fits_unary
 
@@ -179,14 +179,14 @@ class FrameExchange:
         except LimitExceeded as exc:
             log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
             return None
-        except OSError as exc:
-            reason: OSError = exc
+        except (OSError, RemoteError) as exc:  # RemoteError: OpenBulk refused (no channel)
+            reason: Exception = exc
         info = self._refresh_info()
         if info.bulk_port and info.bulk_port != bulk.port:
             bulk.port = info.bulk_port
             try:
                 return bulk.take()
-            except OSError as exc:
+            except (OSError, RemoteError) as exc:
                 reason = exc
         log.warning(
             "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams "

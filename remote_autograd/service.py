@@ -476,8 +476,11 @@ class TrunkService(pb_grpc.TrunkServicer):
         session = self.session(context)
         self._release_piggybacked(session, request.header)
         if request.header.bulk_connection:
-            if self.bulk is None:
-                raise InvalidRequest("this server offers no bulk channel")
+            if self.bulk is None:  # a client of this address before a restart without one
+                raise ServerUnavailable(
+                    "this server offers no bulk channel (InfoReply.bulk_port is 0): the "
+                    "client finds out and sends this call's frames in gRPC messages"
+                )
             return bulk.serve_call(
                 self.bulk,
                 session.key,

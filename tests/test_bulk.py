@@ -20,7 +20,7 @@ from models import Scale
 from pki import make_pki
 from polling import wait_for
 
-from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames
+from remote_autograd import ClientOptions, Limits, RemoteModule, ServerOptions, frames, serve
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 from remote_autograd.bulk import BulkListener
@@ -681,3 +681,26 @@ def test_slow_hellos_hold_no_handshake_slot_past_the_deadline(start_server, wire
             y, g = _round_trip(new, x, grad)
             assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
         assert new.client.stats.bulk_calls >= 2
+
+
+def test_a_server_restarted_without_a_bulk_channel_gets_large_frames_by_grpc(start_server):
+    """A client that used the bulk channel, then its server restarted on the same address
+    without one: large frames go as gRPC streams (they were refused for good, INVALID_ARGUMENT,
+    by the Compute naming a stale connection and then by OpenBulk)."""
+    server = start_server(Scale(torch.float64))
+    port = server.port
+    x, grad = torch.randn(2, MiB // 16, dtype=torch.float64)
+    with RemoteModule(server.address, options=ClientOptions(retries=3)) as remote:
+        y, g = _round_trip(remote, x, grad)
+        assert remote.client.stats.bulk_calls == 2
+        server.stop(grace=None)
+        restarted = serve(
+            Scale(torch.float64), f"127.0.0.1:{port}", options=ServerOptions(bulk=False)
+        )
+        try:
+            for _ in range(2):
+                y, g = _round_trip(remote, x, grad)
+                assert torch.equal(y, x * 1.5) and torch.equal(g, grad * 1.5)
+            assert remote.client.stats.bulk_calls == 2
+        finally:
+            restarted.stop(grace=None)
