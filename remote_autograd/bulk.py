@@ -54,6 +54,9 @@ __all__ = ["BulkBroken", "BulkClient", "BulkListener"]
 
 log = logging.getLogger(__name__)
 
+# The peer closed (its end, or the whole connection) or the connection failed: poll(2) flags.
+_HUNG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
 HELLO = b"RAB1"
 REQUEST = b"RAQ1"
 REPLY = b"RAR1"
@@ -227,8 +230,9 @@ class BulkListener:
             connection.close()
 
     def prune(self) -> int:
-        """Close idle connections whose client went away (an idle connection has nothing to
-        read unless its peer closed it or broke the protocol)."""
+        """Close idle connections whose client went away. Not those with bytes to read: a
+        call's frame arrives here before the call has a worker thread to read it (a busy
+        server), and the bytes of a TLS connection cannot be told apart unread."""
         with self._lock:
             idle = [c for c in self._connections.values() if not c.busy.locked()]
         if not idle:
@@ -244,13 +248,13 @@ class BulkListener:
                 gone_already.append(connection)
             else:
                 by_fd[fd] = connection
-                poller.register(fd, select.POLLIN)
+                poller.register(fd, _HUNG_UP)
         try:
             events = poller.poll(0)
         except OSError:
             events = []
-        readable = gone_already + [by_fd[fd] for fd, _ in events if fd in by_fd]
-        gone = [c for c in readable if c.busy.acquire(blocking=False)]
+        hung_up = [by_fd[fd] for fd, flags in events if fd in by_fd and flags & _HUNG_UP]
+        gone = [c for c in gone_already + hung_up if c.busy.acquire(blocking=False)]
         for connection in gone:
             connection.close()
             self.release(connection)

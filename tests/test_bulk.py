@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import select
 import socket
 import ssl
 import struct
@@ -704,3 +705,52 @@ def test_a_server_restarted_without_a_bulk_channel_gets_large_frames_by_grpc(sta
             assert remote.client.stats.bulk_calls == 2
         finally:
             restarted.stop(grace=None)
+
+
+class _Held(torch.nn.Module):
+    """Scales by 1.5; a forward of a single 42 says it ``entered`` and waits for ``release``
+    (a call holding the server's one worker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 1 and float(x) == 42.0:
+            self.entered.set()
+            self.release.wait(60)
+        return x * self.weight
+
+
+def _bytes_waiting(server) -> bool:
+    """Whether a bulk connection of ``server`` has bytes that nobody has read yet."""
+    socks = [c.sock for c in list(server.service.bulk._connections.values())]
+    return bool(socks) and bool(select.select(socks, [], [], 0)[0])
+
+
+def test_a_call_waiting_for_a_worker_keeps_its_bulk_connection(start_server):
+    """On a busy server (its one worker held) a bulk call's frame arrives before a worker can
+    read it. The sweeper's prune leaves such a connection alone (it closed it, and the call
+    failed), and the call is answered once the worker is free."""
+    trunk = _Held()
+    server = start_server(trunk, ServerOptions(max_workers=1))
+    x = torch.randn(1, MiB // 8, dtype=torch.float64)
+    holder = RemoteModule(server.address)
+    remote = RemoteModule(server.address, options=ClientOptions(retries=0))
+    with torch.no_grad():
+        remote(x)  # its bulk connection is open
+        busy = threading.Thread(target=lambda: holder(torch.full((1, 1), 42.0).double()))
+        busy.start()
+        assert trunk.entered.wait(30)  # the one worker is held
+        result: list[torch.Tensor] = []
+        call = threading.Thread(target=lambda: result.append(remote(x)))
+        call.start()
+        wait_for(lambda: _bytes_waiting(server))  # its frame arrived; no worker reads it
+        assert server.service.bulk.prune() == 0
+        trunk.release.set()
+        call.join(60)
+        busy.join(60)
+    assert torch.equal(result[0], x * 1.5)
+    holder.close()
+    remote.close()
