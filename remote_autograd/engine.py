@@ -78,6 +78,10 @@ from .validate import (
 
 __all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine"]
 
+# Optimizers of torch.optim whose step fails on FSDP2's sharded parameters (DTensor
+# placement changes in Adafactor's pow_, Rprop's index_put_), tried on torch 2.13.
+_NOT_SHARDED = frozenset({"Adafactor", "Rprop"})
+
 # What a client that did create its optimizer is told when the session holds none.
 _SESSION_GONE = (
     "; if you did, the server no longer holds this session (idle past session_ttl, or the "
@@ -472,6 +476,12 @@ class TrunkEngine:
         parameter groups by parameter name (optimizer_groups.py); returns each group's
         resolved hyperparameters with "params": its parameter names."""
         cls = optimizer_class(name)
+        if self.runner.mode == "fsdp" and name in _NOT_SHARDED:
+            raise InvalidRequest(
+                f"{name} cannot step a trunk sharded with --parallel fsdp: its step mixes "
+                "the shards with whole tensors (torch refuses it on every Step); use another "
+                "optimizer (AdamW, Adam, SGD, RMSprop, Adagrad, ...), or --parallel ddp"
+            )
         kwargs = plain_map(options, "optimizer options")
         if not self.params:
             raise InvalidRequest("the trunk has no trainable parameters to optimize")

@@ -805,3 +805,15 @@ def test_what_rank_0_accepts_every_rank_reads(narrow_fsdp):
         ordinary = torch.randn(4, 4, generator=torch.Generator().manual_seed(4)).double()
         with torch.no_grad():
             torch.testing.assert_close(remote(ordinary), narrow_slow_trunk()(ordinary), **TOL)
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Rprop"])
+def test_optimizers_that_cannot_step_shards_are_refused_when_configured(narrow_fsdp, name):
+    """Their step fails on FSDP2's sharded parameters, every time: refused at once, by name,
+    not accepted and then refused at every Step. The session then takes another (not
+    stepped: the other tests of this server compare with its initial weights)."""
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        with pytest.raises(InvalidRequest, match=f"{name} cannot step a trunk sharded"):
+            RemoteOptimizer(remote, name, lr=0.01)
+        optimizer = RemoteOptimizer(remote, "AdamW", lr=0.01)
+        assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.01
