@@ -71,9 +71,13 @@ def place_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> Any:
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         return state  # load_state_dict says what is wrong with it
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # The saved ids name parameters by their order in the saved groups, as torch maps them
+    # (the trunk's part of a whole model's optimizer holds ids 2..5, say), not by their value.
+    saved = [i for group in state.get("param_groups", ()) for i in group.get("params", ())]
+    by_id = dict(zip(saved, params, strict=False))
     placed = {}
     for index, entries in state["state"].items():
-        param = params[index] if isinstance(index, int) and index < len(params) else None
+        param = by_id.get(index)
         placed[index] = {
             key: distribute(value, param)
             if isinstance(value, torch.Tensor)

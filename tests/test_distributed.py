@@ -817,3 +817,40 @@ def test_optimizers_that_cannot_step_shards_are_refused_when_configured(narrow_f
             RemoteOptimizer(remote, name, lr=0.01)
         optimizer = RemoteOptimizer(remote, "AdamW", lr=0.01)
         assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.01
+
+
+def test_an_optimizer_state_saved_with_other_ids_is_sharded_by_group_order(narrow_fsdp):
+    """The trunk's part of a whole model's optimizer state names its parameters 2..5; torch
+    maps ids by their order in the groups. Under fsdp each tensor must become this rank's
+    shard of it, or every later Step fails. SGD with lr 0: the momentum moves, the weights
+    (which the other tests of this server compare with) do not."""
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    bottom, trunk = nn.Linear(4, 4).double(), narrow_slow_trunk()
+    whole = torch.optim.SGD([*bottom.parameters(), *trunk.parameters()], lr=0.0, momentum=0.9)
+    trunk(bottom(x)).sum().backward()
+    whole.step()
+    saved = whole.state_dict()
+    part = {
+        "state": {i: saved["state"][i] for i in range(2, 6)},
+        "param_groups": [{**saved["param_groups"][0], "params": [2, 3, 4, 5]}],
+    }
+    local = narrow_slow_trunk()
+    expected = torch.optim.SGD(local.parameters(), lr=0.0, momentum=0.9)
+    expected.load_state_dict(
+        {
+            "state": {i - 2: copy.deepcopy(v) for i, v in part["state"].items()},  # stepped
+            "param_groups": [{**saved["param_groups"][0], "params": [0, 1, 2, 3]}],
+        }
+    )
+    local(x).sum().backward()
+    expected.step()
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.0, momentum=0.9)
+        optimizer.load_state_dict(part)
+        remote(x).sum().backward()
+        optimizer.step()
+        state = optimizer.state_dict()["state"]
+        for index, param_state in expected.state_dict()["state"].items():
+            torch.testing.assert_close(
+                state[index]["momentum_buffer"], param_state["momentum_buffer"], **TOL
+            )
