@@ -127,7 +127,10 @@ class RemoteModule(nn.Module):
         except (RuntimeError, AssertionError):  # .cuda() on a machine without one, etc.
             probes = None
         if probes is not None and (probes[0].dtype, probes[1].dtype) != _NO_CAST:
-            self._cast_dtype = probes[0].dtype
+            # .float() is the uncast model (float32 is what a model holds unless cast), also
+            # beside a trunk served in another dtype, which casts float32 inputs as before.
+            cast_back = probes[0].dtype == probes[1].dtype == torch.float32
+            self._cast_dtype = None if cast_back else probes[0].dtype
         return super()._apply(fn, recurse)
 
     def _check_cast(self) -> None:

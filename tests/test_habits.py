@@ -157,6 +157,19 @@ def test_a_cast_the_trunk_is_not_served_in_is_refused_with_what_to_do(start_serv
     split.close()
 
 
+def test_float_is_no_cast_beside_a_trunk_served_in_another_dtype(start_server):
+    """A float32 model beside a trunk served in float64 (which casts inputs in and outputs
+    back): .float(), a no-op, changes nothing and is not refused."""
+    split = Split(start_server, options=ServerOptions(dtype="float64"))
+    x = _batches(1)[0]
+    before = split.model(x)
+    split.model.float()
+    assert torch.equal(split.model(x), before) and before.dtype == torch.float32
+    split.model.double().float()  # and back from a cast
+    assert torch.equal(split.model(x), before)
+    split.close()
+
+
 def test_double_works_when_the_trunk_is_served_in_float64(start_server):
     split = Split(start_server, options=ServerOptions(dtype="float64"))
     assert split.remote.remote_info()["dtype"] == "float64"
