@@ -122,8 +122,7 @@ class ServerOptions:
     max_inflight_bytes: int = 2 * GiB  # bytes of streamed frames held by all calls at once
     max_identity_inflight_bytes: int = 1 * GiB  # bytes of them held by one identity's calls
     max_decoding_bytes: int = 4 * GiB  # what the frames of all calls at once decode to beyond
-    # their own bytes (LZ4 decompressed, lossy values widened); one frame needs at most twice
-    # Limits.max_decoded_bytes
+    # their own bytes (LZ4 decompressed, lossy values widened), counted before it is allocated
     step_wait: float = 10.0  # a Step's budget, seconds: it waits at most this long in all for
     # other sessions' forwards to get their Backward, then steps anyway (those forwards go
     # stale, and later Steps no longer wait for that session); docs/security.md says how to pick
