@@ -65,6 +65,9 @@ _PREFIX = struct.Struct(">4sIQ")
 _OK, _NO_FRAME = 0, 1
 TICKET_TTL = 30.0  # seconds a ticket may wait for its connection
 _MAX_HANDSHAKES = 16  # connections presenting tickets at once; more are closed at once
+# of them from one address: a peer without a ticket that holds connections open cannot take
+# every slot (one client needs one at a time, for a few milliseconds)
+_MAX_HOST_HANDSHAKES = 4
 _RECV_SLICE = 4 << 20  # largest single recv_into
 
 
@@ -163,6 +166,7 @@ class BulkListener:
         self._tickets: dict[bytes, tuple[str, str, float]] = {}  # digest -> id, session, expiry
         self._connections: dict[str, _Connection] = {}
         self._handshaking = 0  # connections in their TLS handshake or hello
+        self._hosts: dict[str, int] = {}  # of them, per peer address
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="ra-bulk-accept", daemon=True)
         self._thread.start()
@@ -273,20 +277,24 @@ class BulkListener:
     def _accept(self) -> None:
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except OSError:
                 return  # the listener was closed
+            host = str(peer[0])
             with self._lock:
                 full = self._handshaking >= _MAX_HANDSHAKES
-                self._handshaking += not full
+                full = full or self._hosts.get(host, 0) >= _MAX_HOST_HANDSHAKES
+                if not full:
+                    self._handshaking += 1
+                    self._hosts[host] = self._hosts.get(host, 0) + 1
             if full:
                 sock.close()  # too many connections presenting tickets at once
                 continue
             threading.Thread(
-                target=self._handshake, args=(sock,), name="ra-bulk-hello", daemon=True
+                target=self._handshake, args=(sock, host), name="ra-bulk-hello", daemon=True
             ).start()
 
-    def _handshake(self, sock: socket.socket) -> None:
+    def _handshake(self, sock: socket.socket, host: str) -> None:
         # One deadline for the TLS handshake and the whole hello: a peer trickling a byte now
         # and then must not hold a handshake slot (there are _MAX_HANDSHAKES) for longer.
         deadline = time.monotonic() + self.hello_timeout
@@ -323,6 +331,9 @@ class BulkListener:
         finally:
             with self._lock:
                 self._handshaking -= 1
+                left = self._hosts.pop(host) - 1
+                if left:
+                    self._hosts[host] = left
 
     @property
     def handshaking(self) -> int:

@@ -151,10 +151,13 @@ class Peer:
         self.port = self.stub.Info(pb.InfoRequest(), metadata=self.metadata).bulk_port
         assert self.port
 
-    def connect(self, tls: ssl.SSLContext | None | bool = True) -> socket.socket:
+    def connect(
+        self, tls: ssl.SSLContext | None | bool = True, source: str = "127.0.0.1"
+    ) -> socket.socket:
         """A connection to the bulk port: TLS as the wire says (``tls``: True), raw TCP (False),
-        or TLS with this client context."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        or TLS with this client context; from the loopback address ``source``."""
+        address = ("127.0.0.1", self.port)
+        sock = socket.create_connection(address, timeout=10, source_address=(source, 0))
         self.sockets.append(sock)
         context = self.wire.tls() if tls is True else tls or None
         if context is not None:
@@ -488,12 +491,15 @@ def test_max_session_bulk_connections(start_server, peers):
 
 
 def test_connections_presenting_tickets_at_once_are_capped(start_server, peers):
-    from remote_autograd.bulk import _MAX_HANDSHAKES
+    from remote_autograd.bulk import _MAX_HANDSHAKES, _MAX_HOST_HANDSHAKES
 
     server = start_server(Scale(torch.float64))
     peer = peers(server.address)
     ticket = peer.stub.OpenBulk(pb.OpenBulkRequest(), metadata=peer.metadata).ticket
-    silent = [peer.connect() for _ in range(_MAX_HANDSHAKES)]  # each holds a handshake slot
+    hosts = [f"127.0.0.{2 + i}" for i in range(_MAX_HANDSHAKES // _MAX_HOST_HANDSHAKES)]
+    # each holds a handshake slot, from as many addresses as it takes to fill them all
+    silent = [peer.connect(source=h) for h in hosts for _ in range(_MAX_HOST_HANDSHAKES)]
+    wait_for(lambda: server.service.bulk.handshaking == _MAX_HANDSHAKES)
     over, answer = peer.hello(ticket)
     assert answer == b""  # closed at once, before reading the ticket
     for sock in silent:
@@ -505,6 +511,23 @@ def test_connections_presenting_tickets_at_once_are_capped(start_server, peers):
 
     wait_for(hello_accepted)
     assert len(server.service.bulk) == 1
+
+
+def test_one_address_holding_connections_open_takes_no_other_addresses_slots(start_server, peers):
+    """A peer without a ticket that opens connections and sends nothing, more than the
+    listener has handshake slots, from one address: it holds that address's few slots only,
+    and a client from another address opens its bulk connection at once."""
+    from remote_autograd.bulk import _MAX_HANDSHAKES, _MAX_HOST_HANDSHAKES
+
+    server = start_server(Scale(torch.float64))
+    peer = peers(server.address)
+    silent = [peer.connect(tls=False, source="127.0.0.2") for _ in range(_MAX_HANDSHAKES)]
+    wait_for(lambda: server.service.bulk.handshaking == _MAX_HOST_HANDSHAKES)
+    sock, answer = peer.hello(peer.ticket().ticket)  # from 127.0.0.1
+    assert answer == b"RAB1\x00"
+    assert len(server.service.bulk) == 1
+    for held in silent:
+        held.close()
 
 
 # -- TLS ----------------------------------------------------------------------------------------
