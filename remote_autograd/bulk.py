@@ -64,10 +64,11 @@ TICKET_BYTES = 32
 _PREFIX = struct.Struct(">4sIQ")
 _OK, _NO_FRAME = 0, 1
 TICKET_TTL = 30.0  # seconds a ticket may wait for its connection
-_MAX_HANDSHAKES = 16  # connections presenting tickets at once; more are closed at once
+_MAX_HANDSHAKES = 32  # connections presenting tickets at once; more are closed at once
 # of them from one address: a peer without a ticket that holds connections open cannot take
-# every slot (one client needs one at a time, for a few milliseconds)
-_MAX_HOST_HANDSHAKES = 4
+# every slot. A session opens at most max_session_bulk_connections (8) at once, each hello
+# a few milliseconds long
+_MAX_HOST_HANDSHAKES = 8
 _RECV_SLICE = 4 << 20  # largest single recv_into
 
 
