@@ -749,8 +749,12 @@ def _end_dropped_session(leftovers: _Leftovers) -> None:
     with _ENDER_LOCK:
         global _ender
         if _ender is None or not _ender.is_alive():
-            _ender = threading.Thread(target=_end_dropped_sessions, name="ra-ender", daemon=True)
-            _ender.start()
+            ender = threading.Thread(target=_end_dropped_sessions, name="ra-ender", daemon=True)
+            try:
+                ender.start()
+            except RuntimeError:  # the interpreter is shutting down: session_ttl ends it
+                return
+            _ender = ender
 
 
 def _end_dropped_sessions() -> None:
