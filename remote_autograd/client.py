@@ -51,6 +51,7 @@ T = TypeVar("T")
 _CONTROL_TIMEOUT = 30.0
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
 _UNREACHABLE_GRACE = 1.0  # seconds a refused connection / unknown host is retried (a restart)
+_IDLE_CHECK = 5.0  # seconds a release thread waits before it checks its client is alive
 _END_SESSION_TIMEOUT = 2.0  # close() and exit end the session best effort, this long at most
 
 
@@ -705,9 +706,14 @@ class TrunkClient:
 
 
 def _release_loop(ref: weakref.ref[TrunkClient], wakeup: threading.Event) -> None:
-    """A client's release thread: Release RPCs for contexts no Compute carried away soon."""
+    """A client's release thread: Release RPCs for contexts no Compute carried away soon. It
+    ends within _IDLE_CHECK seconds of its client being collected (the client's finalizer
+    takes no lock, so it does not wake it)."""
     while True:
-        wakeup.wait()
+        if not wakeup.wait(_IDLE_CHECK):
+            if ref() is None:
+                return
+            continue
         wakeup.clear()
         time.sleep(_RELEASE_DELAY)  # give the next Compute a chance to carry them
         client = ref()
@@ -733,15 +739,14 @@ class _Leftovers:
         # close when the exchange is collected with the client.
         self.channel: grpc.Channel | None = client._channel
         self.metadata = client._metadata
-        self.wakeup = client._release_wakeup
         self.pid = os.getpid()
         self.done = False  # closed, or already handed to the ender
 
 
 def _end_dropped_session(leftovers: _Leftovers) -> None:
     """The finalizer of a client collected without close(). It runs wherever the collector
-    happens to run, so the EndSession goes out on a thread of its own."""
-    leftovers.wakeup.set()  # the release thread wakes, finds no client, and ends
+    happens to run, even in a thread that holds some lock of ours, so it only puts the
+    session on a queue (SimpleQueue.put is safe there) for a thread of its own to end."""
     if leftovers.done or leftovers.pid != os.getpid():  # closed, or a fork's copy
         return
     leftovers.done = True
@@ -778,7 +783,7 @@ def _end_dropped_sessions() -> None:
 
 
 _DROPPED: queue.SimpleQueue[_Leftovers] = queue.SimpleQueue()
-_ENDER_LOCK = threading.Lock()
+_ENDER_LOCK = threading.RLock()  # a collection inside the hold may run the finalizer again
 _ender: threading.Thread | None = None
 
 
