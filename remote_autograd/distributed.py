@@ -248,11 +248,17 @@ class DistributedRunner(TrunkRunner):
                 "parameters": parameters,
             }
         mine = plan.grad_shares(outputs, outputs.batched_outputs, grads, 0)
-        replies, result, error = self._exchange(
-            commands,
-            lambda: self.backward_share(token, mine, wanted, retain_graph, parameters, []),
-            after_backward=True,
-        )
+        # fsdp: as in forward(), and a backward too may run forwards (a layer checkpointed
+        # inside the trunk is recomputed there) between its collectives.
+        sharded = self.mode == "fsdp"
+        if sharded:
+            cancellation.check("the trunk's backward")
+
+        def run_local() -> Any:
+            with cancellation.suspended() if sharded else contextlib.nullcontext():
+                return self.backward_share(token, mine, wanted, retain_graph, parameters, [])
+
+        replies, result, error = self._exchange(commands, run_local, after_backward=True)
         if not retain_graph:
             self._release(token)
         if error is not None:

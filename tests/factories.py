@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -168,12 +169,27 @@ class Pause(nn.Module):
         return x
 
 
+class Checkpointed(nn.Module):
+    """``inner`` under activation checkpointing: run again inside the backward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
 def narrow_slow_trunk() -> nn.Module:
-    """Linear(4, 8), a 0.3 s pause, Tanh, Linear(8, 1), float64. On 2 fsdp ranks rank 1's
-    shards of the last layer's weight [1, 8] and bias [1] are empty, and a forward takes
-    long enough for a client to give up in the middle of it."""
+    """Linear(4, 8), a 0.3 s pause (checkpointed: the backward runs it again), Tanh,
+    Linear(8, 1), float64. On 2 fsdp ranks rank 1's shards of the last layer's weight [1, 8]
+    and bias [1] are empty, and a forward or a backward takes long enough for a client to
+    give up in the middle of it."""
     generator = torch.Generator().manual_seed(3)
-    trunk = nn.Sequential(nn.Linear(4, 8), Pause(0.3), nn.Tanh(), nn.Linear(8, 1)).double()
+    # Tanh saves its output for the backward: under the checkpoint that makes the backward run
+    # the pause and Tanh again
+    layers = (nn.Linear(4, 8), Checkpointed(nn.Sequential(Pause(0.3), nn.Tanh())), nn.Linear(8, 1))
+    trunk = nn.Sequential(*layers).double()
     with torch.no_grad():
         for param in trunk.parameters():
             param.copy_(0.4 * torch.randn(param.shape, generator=generator, dtype=torch.float64))

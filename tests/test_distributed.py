@@ -744,9 +744,10 @@ def narrow_fsdp() -> Iterator[str]:
 
 
 def test_clients_that_give_up_leave_a_sharded_trunk_serving(narrow_fsdp):
-    """A client whose deadline passes in the middle of an fsdp forward, and one whose deadline
-    passes while it waits for the trunk: rank 0 alone may not stop between layers (the other
-    rank would wait in the next all-gather), so each call stops before the ranks start or
+    """A client whose deadline passes in the middle of an fsdp forward, one whose deadline
+    passes while it waits for the trunk, and one whose deadline passes in a backward that
+    runs a checkpointed layer again: rank 0 alone may not stop between layers (the other
+    rank would wait in the next collective), so each call stops before the ranks start or
     runs to its end. Another client is then served as if nothing happened."""
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     impatient = ClientOptions(timeout=0.15, retries=0)
@@ -759,12 +760,18 @@ def test_clients_that_give_up_leave_a_sharded_trunk_serving(narrow_fsdp):
         RemoteModule(narrow_fsdp, options=impatient) as remote,
     ):
         remote.client.info()
+        holder.client.info()
         busy = threading.Thread(target=lambda: holder(x))
         busy.start()
         time.sleep(0.05)
         with pytest.raises(DeadlineExceeded):
-            remote(x)  # waiting for the trunk
+            remote(x)  # waiting for the trunk (or, on a slow machine, mid-forward again)
         busy.join()
+    with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
+        y = remote(x.clone().requires_grad_())
+        remote.client.options = impatient  # the Backward's deadline passes mid-backward,
+        with pytest.raises(DeadlineExceeded):  # in the checkpointed layer's recompute
+            y.sum().backward()
     local = narrow_slow_trunk()
     with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
         xr = x.clone().requires_grad_()
