@@ -93,6 +93,8 @@ class ServerOptions:
             )
         for name in ("max_workers", "token_workers"):
             value = getattr(self, name)
+            if name == "token_workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"ServerOptions.{name} must be >= 1 (a whole number), got {value!r}"
@@ -105,9 +107,10 @@ class ServerOptions:
 
     device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...
     dtype: str | None = None  # run the trunk in this floating dtype (inputs cast, outputs back)
-    max_workers: int = 16  # gRPC worker threads (with tokens: health checks and refusals)
-    token_workers: int = 8  # with tokens: threads of each token's own, where its calls run
-    # (more wait their turn), so calls one token holds open take no other token's threads
+    max_workers: int = 16  # gRPC worker threads (with tokens: each token's own, see below)
+    token_workers: int | None = None  # with tokens: threads of each token's own, where its
+    # calls run (more wait their turn), so calls one token holds open take no other token's
+    # threads. None: max_workers each; health checks and refusals keep max_workers of their own
     limits: Limits = field(default_factory=Limits)  # what the server accepts from clients
     max_contexts: int = 4096  # cached forward contexts, all sessions together
     max_context_bytes: int = 8 * GiB  # bytes held by kept forwards (inputs, outputs and the

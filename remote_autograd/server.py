@@ -81,7 +81,8 @@ class TrunkServer:
         self.service = TrunkService(self.engine)
         self._drain = CallDrain(f"/{SERVICE_NAME}/")  # counts every Trunk call
         # First: a call without a known token is refused before it takes a worker thread.
-        self._gate = gate = TokenGate(self.service.tokens, options.token_workers)
+        workers = options.token_workers or options.max_workers
+        self._gate = gate = TokenGate(self.service.tokens, workers)
         self._server, self.port = create_server(
             address, options, interceptors=(gate, self._drain, *interceptors)
         )

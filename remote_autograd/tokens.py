@@ -9,8 +9,8 @@ the server's own thread, with the call's headers, before any worker is taken. So
 - a call without a known token is answered ``UNAUTHENTICATED`` by a handler that reads nothing
   and returns at once;
 - each token's calls run on a thread pool of that token's own
-  (``ServerOptions.token_workers`` threads; more calls wait their turn there): a token's calls
-  held open take no other token's threads;
+  (``ServerOptions.token_workers`` threads, by default as many as ``max_workers``; more calls
+  wait their turn there): a token's calls held open take no other token's threads;
 - health checks stay open (load balancers probe without a token) and run on the server's
   ``max_workers`` threads, with the refusals: health calls held open hold no token's threads.
   Reflection, like the Trunk service, needs a token.
@@ -79,7 +79,7 @@ class TokenGate(grpc.ServerInterceptor):
     thread, and runs each token's calls on ``token_workers`` threads of its own (see the
     module docstring). Without tokens it lets everything through, on the server's threads."""
 
-    def __init__(self, tokens: BearerTokens, token_workers: int = 8) -> None:
+    def __init__(self, tokens: BearerTokens, token_workers: int = 16) -> None:
         self.tokens = tokens
         self.token_workers = token_workers
         self._pools: dict[str, ThreadPoolExecutor] = {}  # token name -> its threads

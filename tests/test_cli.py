@@ -190,8 +190,9 @@ def test_every_server_option_has_a_flag_that_reaches_it(tmp_path: Path) -> None:
             argv += [flag.flag, str(file)]
             expected[flag.path] = ("alpha", "beta")
         elif flag.kind in (int, float):
-            argv += [flag.flag, str(default + 3)]
-            expected[flag.path] = default + 3
+            value = (default or 0) + 3  # None: a count that defaults to another one's
+            argv += [flag.flag, str(value)]
+            expected[flag.path] = value
         else:
             value = {"device": "cuda:1", "compression": "lz4"}.get(flag.path[-1], "chosen")
             argv += [flag.flag, value]
