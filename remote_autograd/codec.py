@@ -241,12 +241,7 @@ class Decoder:
             for meta, numel, start, size, _ in layout.tensors
         ]
         value = _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
-        views = [
-            t
-            for t, (meta, numel, *_) in zip(tensors, layout.tensors, strict=True)
-            if numel and meta["q"] == "none" and meta["z"] != "lz4"
-        ]
-        return _unpinned(value, len(view), views)
+        return _unpinned(value, len(view), tensors, layout.tensors)
 
     def growth(self, buf: Any) -> int:
         """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself, at most at
@@ -420,29 +415,34 @@ def _decode_tensor(
     return values if len(shape) == 1 else values.reshape(shape)
 
 
-# Bytes of a frame beyond what its values' views of it hold (header, compressed or quantized
-# data, tensors no value refers to) that they may keep alive: above this, and above 1/16 of
-# the views' own bytes, the views are copied out (see _unpinned).
+# Bytes of a frame that none of its values uses (its header, tensors no value refers to) and
+# that a raw tensor viewing the frame may keep alive: above this, and above 1/16 of the bytes
+# its values use, the views are copied out (see _unpinned).
 _PIN_SLACK = 16 << 10
 
 
-def _unpinned(value: Any, frame_bytes: int, views: list[torch.Tensor]) -> Any:
-    """``value``, its tensors that view the frame copied out of it where they would keep much
-    more of it alive than their own bytes.
+def _unpinned(value: Any, frame_bytes: int, decoded: list[torch.Tensor], layout: list) -> Any:
+    """``value``, its tensors that view the frame copied out of it where the frame holds much
+    more than its values use.
 
     A raw tensor aliases the frame's buffer and keeps all of it alive, while a server counts a
     kept tensor as its own bytes (max_context_bytes, an optimizer's loaded state): a frame of a
-    4-byte input beside 1 GiB that no value uses would hold the GiB as 4 bytes. An ordinary
-    frame is its tensors and a small header, and keeps its views (no copy)."""
+    4-byte input beside 1 MiB that no value refers to would hold the MiB as 4 bytes. A frame
+    whose bytes its values use (raw, compressed or quantized: the ``decoded`` tensors and
+    their ``layout`` entries) keeps its views, with no copy."""
+    template, tensors = flatten(value)
+    referenced = {id(t) for t in tensors}
+    used = sum(entry[3] for t, entry in zip(decoded, layout, strict=True) if id(t) in referenced)
+    if frame_bytes - used <= max(_PIN_SLACK, used // 16):
+        return value
+    views = {
+        id(t): t
+        for t, (meta, numel, *_) in zip(decoded, layout, strict=True)
+        if id(t) in referenced and numel and meta["q"] == "none" and meta["z"] != "lz4"
+    }
     if not views:
         return value
-    template, tensors = flatten(value)
-    aliasing = {id(v) for v in views}
-    held = {id(t): t for t in tensors if id(t) in aliasing}  # a tensor used twice counts once
-    aliased = sum(t.nbytes for t in held.values())
-    if frame_bytes - aliased <= max(_PIN_SLACK, aliased // 16):
-        return value
-    copies = {key: t.clone() for key, t in held.items()}
+    copies = {key: t.clone() for key, t in views.items()}
     return unflatten(template, [copies.get(id(t), t) for t in tensors])
 
 

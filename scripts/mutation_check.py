@@ -462,7 +462,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "views_pin_their_whole_frame",
         "remote_autograd/codec.py",
-        "if frame_bytes - aliased <= max(_PIN_SLACK, aliased // 16):",
+        "if frame_bytes - used <= max(_PIN_SLACK, used // 16):",
         "if True:",
         ("tests/test_memory.py::test_a_value_that_views_a_small_part_of_its_frame_is_copied_out",),
         "a kept input holds no more of its frame than it counts",

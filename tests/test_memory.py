@@ -221,6 +221,15 @@ def test_a_value_that_views_a_small_part_of_its_frame_is_copied_out():
     buffer = bytearray(codec.Encoder(compression="none").encode({"args": [whole], "kwargs": {}}))
     decoded = codec.decode(buffer)["args"][0]
     assert torch.equal(decoded, whole) and _aliases(decoded, buffer)
+    # A raw tensor beside LZ4 and quantized ones that the values use: no copy either.
+    sparse = torch.randn(MiB // 4, generator=torch.Generator().manual_seed(0)).relu()
+    lossy = codec.Encoder(compression="none", quantization="bf16")
+    for encoder in (codec.Encoder(compression="lz4"), lossy):  # ~600 KiB LZ4; 1 MiB of bf16
+        value = {"args": [whole, sparse, torch.arange(9)], "kwargs": {}}
+        buffer = bytearray(encoder.encode(value))
+        decoded = codec.decode(buffer)["args"]
+        raw = decoded[2] if encoder.quantization == "bf16" else decoded[0]
+        assert torch.equal(decoded[2], value["args"][2]) and _aliases(raw, buffer)
 
 
 def test_a_compute_with_values_the_trunk_does_not_read_is_refused(start_server):
