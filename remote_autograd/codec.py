@@ -334,13 +334,14 @@ class Decoder:
             not isinstance(shape, list)
             or len(shape) > limits.max_ndim
             or not all(type(d) is int and d >= 0 for d in shape)
-            # a 0 makes the count 0 whatever the others are; torch still sizes the others
-            or math.prod(d for d in shape if d) > limits.max_tensor_elements
+            # a 0 makes the count 0 whatever the others are, but torch still sizes the others
+            # (strides, in int64): an empty [0, 8192, 152064] is fine, [2**62, 4, 0] is not
+            or (0 in shape and math.prod(d for d in shape if d) > _MAX_SHAPE_PRODUCT)
         ):
             raise CodecError(
                 f"tensor {index}: shape must be a list of at most max_ndim={limits.max_ndim} "
-                f"non-negative ints whose non-zero ones multiply to at most "
-                f"max_tensor_elements={limits.max_tensor_elements}, got {shape!r}"
+                f"non-negative ints (an empty one's other sizes multiplying to at most 2**48), "
+                f"got {shape!r}"
             )
         numel = math.prod(shape)
         itemsize = dtype.itemsize
@@ -414,6 +415,8 @@ def _decode_tensor(
     values = WIRE_CODECS[meta["q"]].dequantize(data, meta, dtype, numel)  # 1-D, numel elements
     return values if len(shape) == 1 else values.reshape(shape)
 
+
+_MAX_SHAPE_PRODUCT = 1 << 48  # of a shape's non-zero sizes: far from int64 strides' overflow
 
 # Bytes of a frame that none of its values uses (its header, tensors no value refers to) and
 # that a raw tensor viewing the frame may keep alive: above this, and above 1/16 of the bytes

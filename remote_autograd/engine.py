@@ -681,9 +681,14 @@ class TrunkEngine:
                 )
                 check_optimizer_state(optimizer_state, session.optimizer)
                 check_finite_tree(optimizer_state.get("state"), "optimizer state")
-                # Copies: torch keeps loaded tensors as given, and one that views its frame
-                # would keep every byte of the frame alive as long as the session.
-                optimizer_state = {**optimizer_state, "state": clone_tree(optimizer_state["state"])}
+                # Copies on a CPU trunk: torch keeps loaded tensors as given there, and one
+                # that views its frame would keep every byte of it alive as long as the
+                # session. (A GPU trunk's load copies them to the device anyway.)
+                if self.runner.device.type == "cpu":
+                    optimizer_state = {
+                        **optimizer_state,
+                        "state": clone_tree(optimizer_state["state"]),
+                    }
                 try:
                     with self._lock:
                         self.runner.load_optimizer_state(session.optimizer, optimizer_state)

@@ -179,14 +179,19 @@ class FrameExchange:
         except LimitExceeded as exc:
             log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
             return None
-        except (OSError, RemoteError) as exc:  # RemoteError: OpenBulk refused (no channel)
+        except OSError as exc:
             reason: Exception = exc
-        info = self._refresh_info()
+            info = self._refresh_info()
+        except RemoteError as exc:  # OpenBulk refused: a server restarted without a channel?
+            info = self._refresh_info()
+            if info.bulk_port:
+                raise  # no: the refusal is the caller's to see
+            reason = exc
         if info.bulk_port and info.bulk_port != bulk.port:
             bulk.port = info.bulk_port
             try:
                 return bulk.take()
-            except (OSError, RemoteError) as exc:
+            except OSError as exc:
                 reason = exc
         log.warning(
             "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams "

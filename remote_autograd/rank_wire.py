@@ -25,14 +25,14 @@ def internal_limits(limits: Limits) -> Limits:
     never below what rank 0 accepts from clients (``limits``), or a call rank 0 took would
     be one another rank cannot read, and the group would stop."""
     return Limits(
-        max_payload_bytes=1 << 40,
-        max_tensor_bytes=1 << 40,
-        max_tensor_elements=1 << 40,
-        max_tensors=1 << 20,
+        max_payload_bytes=max(1 << 40, limits.max_payload_bytes),
+        max_tensor_bytes=max(1 << 40, limits.max_tensor_bytes),
+        max_tensor_elements=max(1 << 40, limits.max_tensor_elements),
+        max_tensors=max(1 << 20, limits.max_tensors),
         max_ndim=max(64, limits.max_ndim),  # a trunk's outputs too, which no client sent
-        max_header_bytes=1 << 30,
-        max_decoded_bytes=1 << 40,
-        max_depth=limits.max_depth + 32,  # a call's values inside a command
+        max_header_bytes=max(1 << 30, limits.max_header_bytes),
+        max_decoded_bytes=max(1 << 40, limits.max_decoded_bytes),
+        max_depth=max(64, limits.max_depth + 32),  # a call's values inside a command
     )
 
 

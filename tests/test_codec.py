@@ -400,3 +400,11 @@ def test_growth_counts_what_decoding_allocates_beyond_the_frame():
     assert Decoder().growth(both) == 2 * (zeros.nbytes // 2) + zeros.nbytes  # bf16, float32
     with pytest.raises(CodecError, match="max_decoded_bytes"):  # checked as decode checks
         Decoder(limits=Limits(max_decoded_bytes=100)).growth(bytearray(raw))
+
+
+def test_an_empty_tensor_with_large_other_sizes_travels():
+    """An empty batch of long sequences over a large vocabulary: 0 elements, though its other
+    sizes multiply past max_tensor_elements (sizes that would overflow torch's strides do not
+    travel: test_fuzz.py's examples)."""
+    empty = torch.empty(0, 8192, 152064, dtype=torch.float16)
+    assert decode(encode(empty)).shape == empty.shape
