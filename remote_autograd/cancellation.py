@@ -42,20 +42,21 @@ def watching(context: grpc.ServicerContext) -> Iterator[None]:
     gone = threading.Event()
     if not context.add_callback(gone.set):  # False: the call has ended already
         gone.set()
-    previous = getattr(_LOCAL, "gone", None)
-    _LOCAL.gone = gone
-    try:
+    with _serving(gone):
         yield
-    finally:
-        _LOCAL.gone = previous
+
+
+def suspended() -> contextlib.AbstractContextManager[None]:
+    """Run to the end whatever the caller does: work that other processes take part in layer
+    by layer (a sharded trunk's all-gathers) may not stop on one of them alone."""
+    return _serving(None)
 
 
 @contextlib.contextmanager
-def suspended() -> Iterator[None]:
-    """Run to the end whatever the caller does: work that other processes take part in layer
-    by layer (a sharded trunk's all-gathers) may not stop on one of them alone."""
+def _serving(gone: threading.Event | None) -> Iterator[None]:
+    """This thread serves a call whose caller leaving sets ``gone`` (None: no call)."""
     previous = getattr(_LOCAL, "gone", None)
-    _LOCAL.gone = None
+    _LOCAL.gone = gone
     try:
         yield
     finally:
