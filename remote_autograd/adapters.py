@@ -65,7 +65,7 @@ from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
 from .guard import StepBackup, check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, session_key
 from .validate import clone_tree
 
 __all__ = [
@@ -321,7 +321,7 @@ class AdapterEngine:
             raise InvalidRequest(
                 f"a session id must be 1-64 characters of [0-9A-Za-z_-], got {session_id[:80]!r}"
             )
-        return self.sessions.get(f"{identity}/{session_id}")
+        return self.sessions.get(session_key(identity, session_id))
 
     @property
     def module(self) -> nn.Module:
@@ -330,7 +330,7 @@ class AdapterEngine:
 
     def end_session(self, identity: str, session_id: str) -> bool:
         """The client closed: drop its session now (False if it had none); its adapter stays."""
-        return self.sessions.drop(f"{identity}/{session_id}")
+        return self.sessions.drop(session_key(identity, session_id))
 
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)

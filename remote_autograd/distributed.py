@@ -46,7 +46,7 @@ import logging
 import os
 import signal
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -176,21 +176,15 @@ class DistributedRunner(TrunkRunner):
             self.share_leaf(plan.share(t.detach(), b, 0), t.requires_grad)
             for t, b in zip(leaves, plan.batched, strict=True)
         ]
-        # fsdp: each layer's forward gathers its shards from every rank, so rank 0 may not
-        # stop between layers when its caller leaves (cancellation.py), as a one-process
-        # trunk does: the other ranks would wait in the next all-gather until the group's
-        # timeout. An abandoned call stops here, before any rank starts, or runs to its end.
-        sharded = self.mode == "fsdp"
-        if sharded:
-            cancellation.check("the trunk")
-
-        def run_local() -> Any:
-            with cancellation.suspended() if sharded else contextlib.nullcontext():
-                return self.forward_share(
+        replies, local_result, error = self._exchange(
+            commands,
+            self._unstoppable(
+                "the trunk",
+                lambda: self.forward_share(
                     template, mine, training, seed, grad, token, autocast, recompute
-                )
-
-        replies, local_result, error = self._exchange(commands, run_local)
+                ),
+            ),
+        )
         if error is not None:
             self._release(token)
             raise error
@@ -248,17 +242,14 @@ class DistributedRunner(TrunkRunner):
                 "parameters": parameters,
             }
         mine = plan.grad_shares(outputs, outputs.batched_outputs, grads, 0)
-        # fsdp: as in forward(), and a backward too may run forwards (a layer checkpointed
-        # inside the trunk is recomputed there) between its collectives.
-        sharded = self.mode == "fsdp"
-        if sharded:
-            cancellation.check("the trunk's backward")
-
-        def run_local() -> Any:
-            with cancellation.suspended() if sharded else contextlib.nullcontext():
-                return self.backward_share(token, mine, wanted, retain_graph, parameters, [])
-
-        replies, result, error = self._exchange(commands, run_local, after_backward=True)
+        replies, result, error = self._exchange(
+            commands,
+            self._unstoppable(
+                "the trunk's backward",
+                lambda: self.backward_share(token, mine, wanted, retain_graph, parameters, []),
+            ),
+            after_backward=True,
+        )
         if not retain_graph:
             self._release(token)
         if error is not None:
@@ -412,6 +403,25 @@ class DistributedRunner(TrunkRunner):
         if unreadable is not None:
             raise unreadable
         return replies
+
+    def _unstoppable(self, where: str, share: Callable[[], Any]) -> Callable[[], Any]:
+        """Rank 0's ``share`` of a forward or backward, as ``_exchange`` runs it.
+
+        fsdp: each layer gathers its shards from every rank, in a backward too (a layer
+        checkpointed inside the trunk runs its forward again there), so rank 0 may not stop
+        between layers when its caller leaves (cancellation.py), as a one-process trunk does:
+        the other ranks would wait in the next collective until the group's timeout. An
+        abandoned call stops here, before any rank starts, or runs to its end. ddp: a share
+        has no collectives, and stops between layers."""
+        if self.mode != "fsdp":
+            return share
+        cancellation.check(where)
+
+        def run() -> Any:
+            with cancellation.suspended():
+                return share()
+
+        return run
 
     def _exchange(self, commands: dict[int, Any], run_local, *, after_backward: bool = False):
         """Send each rank its command, run rank 0's share, (sum the parameter gradients,) and

@@ -36,7 +36,14 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .errors import InvalidRequest, LimitExceeded, NotConfigured, StaleContext, TrunkError
+from .errors import (
+    SESSION_GONE,
+    InvalidRequest,
+    LimitExceeded,
+    NotConfigured,
+    StaleContext,
+    TrunkError,
+)
 from .fingerprint import persistent_buffers, state_order, trunk_dtype, trunk_fingerprint
 from .footprint import Footprint
 from .guard import (
@@ -58,7 +65,7 @@ from .optimizer_groups import resolve_groups, torch_groups
 from .options import ServerOptions
 from .ranks import local
 from .runner import TrunkRunner
-from .sessions import Session, SessionTable, ended_while_waiting
+from .sessions import Session, SessionTable, ended_while_waiting, session_key
 from .tree import flatten, unflatten
 from .turns import StepTurns
 from .validate import (
@@ -83,11 +90,7 @@ __all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine"]
 _NOT_SHARDED = frozenset({"Adafactor", "Rprop"})
 
 # What a client that did create its optimizer is told when the session holds none.
-_SESSION_GONE = (
-    "; if you did, the server no longer holds this session (idle past session_ttl, or the "
-    "server restarted without a checkpoint), and its optimizer state is lost: create the "
-    "RemoteOptimizer again, or load your last saved state_dict into a new one"
-)
+_SESSION_GONE = f"; if you did, {SESSION_GONE}"
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +182,11 @@ class TrunkEngine:
             raise InvalidRequest(
                 f"a session id must be 1-64 characters of [0-9A-Za-z_-], got {session_id[:80]!r}"
             )
-        return self.sessions.get(f"{identity}/{session_id}")
+        return self.sessions.get(session_key(identity, session_id))
 
     def end_session(self, identity: str, session_id: str) -> bool:
         """The client closed: drop its session now (False if it had none)."""
-        return self.sessions.drop(f"{identity}/{session_id}")
+        return self.sessions.drop(session_key(identity, session_id))
 
     def _end_session(self, key: str) -> None:
         self.contexts.drop_session(key)

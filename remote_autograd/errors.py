@@ -52,6 +52,14 @@ __all__ = [
 
 ERROR_METADATA_KEY = "ra-error"
 
+# Why a session that did create its optimizer holds none, and what to do (NotConfigured's
+# text, on the server and on the client).
+SESSION_GONE = (
+    "the server no longer holds this session (idle past session_ttl, or the server restarted "
+    "without a checkpoint), and its optimizer state is lost: create the RemoteOptimizer "
+    "again, or load your last saved state_dict into a new one"
+)
+
 
 class RemoteAutogradError(Exception):
     """Base class of every error raised by remote_autograd."""

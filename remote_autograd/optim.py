@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import codec
-from .errors import NotConfigured
+from .errors import SESSION_GONE, NotConfigured
 from .module import RemoteModule
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
@@ -206,10 +206,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if optimizer_state is None:
             raise NotConfigured(
                 f"state_dict() of a RemoteOptimizer whose server session on "
-                f"{self.client.address} holds no optimizer: the server no longer holds this "
-                "session (idle past session_ttl, or the server restarted without a "
-                "checkpoint), and its optimizer state is lost. Create the RemoteOptimizer "
-                "again, or load your last saved state_dict into a new one"
+                f"{self.client.address} holds no optimizer: {SESSION_GONE}"
             )
         for remote, local in zip(optimizer_state["param_groups"], self.param_groups, strict=True):
             remote.update({k: v for k, v in local.items() if k != "params"})

@@ -40,7 +40,7 @@ from .errors import (
     ServerUnavailable,
     TrunkError,
 )
-from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of
+from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of, session_key
 from .tokens import REFUSAL, BearerTokens
 from .transport import SESSION_METADATA_KEY
 from .validate import autocast_dtype, unpack
@@ -290,7 +290,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         # No session is created to release nothing: a client's release thread outliving its
         # server (a restart, a new server on the same port) would fill the table.
         identity, session_id = self.identity(context), _session_id(context)
-        if f"{identity}/{session_id}" not in self.engine.sessions:
+        if session_key(identity, session_id) not in self.engine.sessions:
             return pb.ReleaseReply(released=0)
         session = self.engine.session(identity, session_id)
         released = self.engine.release(session, list(request.request_ids))

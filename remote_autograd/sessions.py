@@ -22,9 +22,22 @@ import torch
 
 from .errors import InvalidRequest, LimitExceeded
 
-__all__ = ["ANONYMOUS", "Session", "SessionTable", "ZeroGrad", "ended_while_waiting", "identity_of"]
+__all__ = [
+    "ANONYMOUS",
+    "Session",
+    "SessionTable",
+    "ZeroGrad",
+    "ended_while_waiting",
+    "identity_of",
+    "session_key",
+]
 
 ANONYMOUS = "anonymous"  # the identity of every caller of a server without tokens or mTLS
+
+
+def session_key(identity: str, session_id: str) -> str:
+    """The key of the session ``session_id`` of the authenticated ``identity``."""
+    return f"{identity}/{session_id}"
 
 
 def identity_of(key: str) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .ranks import is_sharded, local
+from .validate import params_by_saved_id
 
 __all__ = ["distribute", "full", "place_optimizer_state", "room", "shard"]
 
@@ -70,11 +71,7 @@ def place_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> Any:
     parameter replaced by this rank's shard, ready for ``optimizer.load_state_dict``."""
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         return state  # load_state_dict says what is wrong with it
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # The saved ids name parameters by their order in the saved groups, as torch maps them
-    # (the trunk's part of a whole model's optimizer holds ids 2..5, say), not by their value.
-    saved = [i for group in state.get("param_groups", ()) for i in group.get("params", ())]
-    by_id = dict(zip(saved, params, strict=False))
+    by_id = params_by_saved_id(state, optimizer)
     placed = {}
     for index, entries in state["state"].items():
         param = by_id.get(index)

@@ -15,8 +15,8 @@ from .errors import InvalidRequest
 from .ranks import ONE, Ranks, local
 
 __all__ = [
-    "check_buffers",
     "autocast_dtype",
+    "check_buffers",
     "check_finite_grads",
     "check_finite_groups",
     "check_finite_tree",
@@ -28,6 +28,7 @@ __all__ = [
     "finite_flags",
     "is_plain",
     "optimizer_class",
+    "params_by_saved_id",
     "plain_group",
     "plain_map",
     "step_groups",
@@ -303,13 +304,13 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise InvalidRequest("optimizer state: each param group's 'params' must list ints")
         saved += ids
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(saved) != len(params):
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    if len(saved) != count:
         raise InvalidRequest(
             f"optimizer state: its param groups list {len(saved)} parameters, the optimizer "
-            f"has {len(params)}"
+            f"has {count}"
         )
-    by_id = dict(zip(saved, params, strict=True))
+    by_id = params_by_saved_id(state, optimizer)
     entries_of = state.get("state", {})
     if not isinstance(entries_of, dict):
         raise InvalidRequest("optimizer state: 'state' must map parameter ids to their state")
@@ -336,6 +337,15 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
                     f"optimizer state {name} of parameter id {key}: expected a tensor or a "
                     f"number, got {describe(value)}"
                 )
+
+
+def params_by_saved_id(state: Any, optimizer: torch.optim.Optimizer) -> dict[Any, Any]:
+    """The parameter of ``optimizer`` that each id of a saved ``state`` names: by the ids'
+    order in the saved param groups, as torch's ``load_state_dict`` maps them (the trunk's
+    part of a whole model's optimizer holds ids 2..5, say), not by their value."""
+    saved = [i for group in state.get("param_groups", ()) for i in group.get("params", ())]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return dict(zip(saved, params, strict=False))
 
 
 def clone_tree(value: Any) -> Any:

@@ -432,7 +432,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "release_makes_a_session",
         "remote_autograd/service.py",
-        'if f"{identity}/{session_id}" not in self.engine.sessions:',
+        "if session_key(identity, session_id) not in self.engine.sessions:",
         "if False:",
         ("tests/test_shares.py::test_a_closed_client_gives_its_session_back",),
         "a Release into no session makes none",
