@@ -236,12 +236,11 @@ class TrunkEngine:
             )
         seed = call.rng_seed or secrets.randbits(63) or 1
         leaves = self.runner.leaves(tensors, needs)
-        started = time.perf_counter()
         # A kept forward holds a lease until its Backward: no other session's Step lands in
         # between (see StepTurns). The context carries it once cached.
         lease = self.turns.lease(session.key) if keep else -1
         try:
-            outputs, out_template, version = self._run_compute(
+            outputs, out_template, version, seconds = self._run_compute(
                 session, call, template, leaves, tensors, seed, lease
             )
         except BaseException:
@@ -263,12 +262,12 @@ class TrunkEngine:
             weights_version=version,
             seed=seed,
             recomputed=call.recompute,
-            compute_seconds=time.perf_counter() - started,
+            compute_seconds=seconds,
         )
 
     def _run_compute(self, session, call, template, leaves, tensors, seed, lease):
         """The forward, and the context it leaves for Backward; returns (outputs or None,
-        their template, weights version)."""
+        their template, weights version, seconds in the trunk)."""
         keep = call.keep_context or call.recompute
         out_template = None
         # Kept for recompute (the server's option, or a client re-creating a lost context):
@@ -276,6 +275,9 @@ class TrunkEngine:
         lazy = call.recompute or (call.keep_context and self.options.recompute)
         outputs: list[torch.Tensor] | None = None
         with self._lock:
+            # Timed from here: the time waiting for the lock is another call's compute (the
+            # slices of one micro_batches call, the micro-batches of a pipelined step).
+            started = time.perf_counter()
             version = self.weights_version
             if call.recompute and call.weights_version != version:
                 raise StaleContext(
@@ -308,6 +310,7 @@ class TrunkEngine:
                     # Refused here or by another rank of a distributed trunk: as they were.
                     restore_buffers(before)
                     raise
+            seconds = time.perf_counter() - started
         if keep:
             kept = None if lazy else outputs
             footprint.add([*leaves, *(kept or ())])
@@ -338,7 +341,7 @@ class TrunkEngine:
                     "forward ran (its client closed, or it was idle past session_ttl); the "
                     "forward's context is not kept: open a new session"
                 )
-        return outputs, out_template, version
+        return outputs, out_template, version, seconds
 
     def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:
         """Gradients of the kept forward ``call.request_id`` given its outputs' gradients
@@ -370,9 +373,9 @@ class TrunkEngine:
                 if need and not context.inputs[index].requires_grad:
                     raise InvalidRequest(f"input {index} was not sent as requiring a gradient")
             check_grad_outputs(grads, finite=not call.report_nonfinite)
-            started = time.perf_counter()
             wanted = [i for i, need in enumerate(needs) if need]
             with session.lock, self._lock:
+                started = time.perf_counter()  # not the wait: see compute()
                 if context.weights_version != self.weights_version:
                     self.turns.end_context(context)
                     raise StaleContext(

@@ -4,6 +4,7 @@ compute what the unsliced call computes (float64 within 1e-12, float32 within 1e
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -188,3 +189,45 @@ def test_a_trunk_error_of_a_sliced_call_says_what_was_sliced(start_server):
         assert "use micro_batches=1" in info.value.__notes__[0]
     with RemoteModule(server.address, micro_batches=1) as remote:
         assert torch.equal(remote(hidden, positions), _Positions()(hidden, positions))
+
+
+class _Slow(torch.autograd.Function):
+    """The identity, taking ``seconds`` in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seconds: float) -> torch.Tensor:
+        ctx.seconds = seconds
+        time.sleep(seconds)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+class _SlowLayer(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_Slow.apply(x, 0.2))
+
+
+def test_the_seconds_a_slice_waits_for_the_trunk_are_not_counted_as_its_compute(start_server):
+    """The trunk runs one call at a time: a slice waiting for another's forward or backward is
+    not computing. The seconds the replies report (proto: "compute only") add up to at least
+    each slice's own work and to no more than the whole call took, with its slices in turn."""
+    server = start_server(_SlowLayer(4, 4))
+    x = torch.randn(6, 4, requires_grad=True)
+    with RemoteModule(server.address, micro_batches=3) as remote:
+        remote.client.info()  # the handshake outside the timed calls
+        stats = remote.client.stats
+        started = time.perf_counter()
+        out = remote(x)
+        forward_wall = time.perf_counter() - started
+        forward_seconds = stats.server_compute_seconds
+        started = time.perf_counter()
+        out.sum().backward()
+        backward_wall = time.perf_counter() - started
+        backward_seconds = stats.server_compute_seconds - forward_seconds
+    for seconds, wall in ((forward_seconds, forward_wall), (backward_seconds, backward_wall)):
+        assert 3 * 0.2 <= seconds <= wall, (seconds, wall)
+    torch.testing.assert_close(x.grad, server.engine.module.weight.sum(0).expand(6, 4))
