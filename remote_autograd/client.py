@@ -787,6 +787,17 @@ _ENDER_LOCK = threading.RLock()  # a collection inside the hold may run the fina
 _ender: threading.Thread | None = None
 
 
+def _new_ender_after_fork() -> None:
+    # A fork while another thread held the lock would leave it held for good in the child;
+    # the parent's queue and thread are the parent's.
+    global _DROPPED, _ENDER_LOCK, _ender
+    _DROPPED, _ENDER_LOCK, _ender = queue.SimpleQueue(), threading.RLock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_ender_after_fork)
+
+
 # Clients alive in this process: at exit each ends its server session (close()), so short
 # scripts do not hold sessions until the server's session_ttl.
 _LIVE: weakref.WeakSet[TrunkClient] = weakref.WeakSet()

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -82,3 +83,55 @@ def test_forked_child_opens_its_own_session(mlp_server):
     with torch.no_grad():
         torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
     module.close()
+
+
+def _child_drops_a_client(address: str, x: torch.Tensor, queue) -> None:
+    import gc
+
+    from remote_autograd import client as client_module
+
+    try:
+        module = RemoteModule(address)
+        with torch.no_grad():
+            module(x)
+        del module
+        gc.collect()  # the finalizer queues the session for the ender thread
+        while not client_module._DROPPED.empty():  # the ender takes it off the queue
+            threading.Event().wait(0.05)
+        queue.put("ended")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(exc))
+
+
+def test_a_child_forked_while_a_session_was_being_dropped_can_drop_its_own(mlp_server):
+    """A fork in the moment another thread holds the lock of the dropped-session ender (a
+    client collected in the parent): the child's copy of that lock would be held for good,
+    and the child's first dropped client would hang it."""
+    from remote_autograd import client as client_module
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with client_module._ENDER_LOCK:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(60)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    child = context.Process(target=_child_drops_a_client, args=(mlp_server, x, queue))
+    try:
+        child.start()
+    finally:
+        release.set()
+        holder.join()
+    try:
+        assert queue.get(timeout=60) == "ended"
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
