@@ -53,6 +53,7 @@ _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before
 _UNREACHABLE_GRACE = 1.0  # seconds a refused connection / unknown host is retried (a restart)
 _IDLE_CHECK = 5.0  # seconds a release thread waits before it checks its client is alive
 _END_SESSION_TIMEOUT = 2.0  # close() and exit end the session best effort, this long at most
+_NAMED_VALUES = 2  # the protocol version from which servers read named tuples and ModelOutputs
 
 
 class _StepRequest(NamedTuple):
@@ -331,7 +332,8 @@ class TrunkClient:
         quantized reply is dequantized on ``device`` if it is a GPU (codec.Decoder.decode)."""
         info = self.info()
         stub = self._stub or self._connect()  # _connect() takes the lock: only when needed
-        buffers = self._encoders[kind].encode_buffers(value)
+        named = info.protocol_version >= _NAMED_VALUES  # does the server read them?
+        buffers = self._encoders[kind].encode_buffers(value, named=named)
         header.release_ids.extend(self._take_releases())
         invoke = self._frames.invoker(stub, info, method, header, buffers)
         received = self._call(method, invoke)
@@ -378,6 +380,7 @@ class TrunkClient:
             reply_quantization=self.options.activation_quantization,
             rng_seed=self._next_seed() if rng_seed is None else rng_seed,
             autocast_dtype=autocast,
+            named_values=True,
         )
         return self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
 

@@ -9,7 +9,12 @@ A frame is a msgpack stream that any msgpack reader can walk::
 
 The tree is the call's value (tensors, None, bool, int, float, str, list, tuple, dict) packed
 with tensors replaced by ExtType(1, index) and tuples by ExtType(2, packed list), so it
-round-trips exactly. A tensor meta is a map::
+round-trips exactly. Where the receiver reads them (``encode_buffers(value, named=True)``),
+named tuples and Hugging Face ``ModelOutput`` values are ExtType(3, packed [kind, module, name,
+fields, values]), kind ``"tuple"`` or ``"output"``. The receiver uses the sender's class if it
+has loaded ``module.name`` (looked up in that module's namespace: nothing is imported or
+evaluated); else a named tuple of that name and fields, made once, or a plain dict for a
+``ModelOutput``. A tensor meta is a map::
 
     dtype  "float32"...    the tensor's dtype (what the receiver gets back)
     shape  [2, 3]          the tensor's shape
@@ -32,8 +37,10 @@ quantized wire bytes there and dequantizes them there; raw tensors stay on the h
 
 from __future__ import annotations
 
+import collections
 import math
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -45,7 +52,7 @@ from .errors import CodecError
 from .memory import to_device, to_host
 from .options import Limits
 from .quantize import QUANTIZATIONS, WIRE_CODECS
-from .tree import flatten, unflatten
+from .tree import flatten, is_model_output, is_named_tuple, unflatten
 
 __all__ = [
     "COMPRESSIONS",
@@ -86,6 +93,7 @@ COMPRESSIONS = ("none", "lz4", "auto")
 
 _EXT_TENSOR = 1
 _EXT_TUPLE = 2
+_EXT_NAMED = 3
 _SAMPLE_BYTES = 64 << 10  # "auto" compression looks at this much of a tensor first
 _MIN_COMPRESS_BYTES = 4 << 10  # below this LZ4 cannot pay for its own framing
 _WORTH_IT = 0.9  # compress only when it saves at least 10%
@@ -116,10 +124,11 @@ class Encoder:
         """The frame as one bytes object."""
         return b"".join(self.encode_buffers(obj))
 
-    def encode_buffers(self, obj: Any) -> list[bytes | memoryview]:
-        """The frame as a list of buffers, without copying raw tensor bytes."""
+    def encode_buffers(self, obj: Any, *, named: bool = False) -> list[bytes | memoryview]:
+        """The frame as a list of buffers, without copying raw tensor bytes. ``named``: named
+        tuples and ModelOutputs keep their names (only for a peer that reads them)."""
         tensors: list[torch.Tensor] = []
-        tree = _pack_tree(obj, tensors)
+        tree = _TreePacker(tensors, named).packb(obj)
         # Quantize where each tensor lies, then copy: on a GPU the arithmetic runs there and
         # only the smaller wire form crosses to the host (one synchronisation per device).
         forms = [self._wire_form(tensor) for tensor in tensors]
@@ -469,8 +478,9 @@ class _TreePacker:
     """msgpack ``default`` hook collecting tensors (a bound method, not a recursive closure,
     so no reference cycle keeps the tensors alive)."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, tensors: list[torch.Tensor], named: bool = False) -> None:
         self.tensors = tensors
+        self.named = named
 
     def packb(self, value: Any) -> bytes:
         try:
@@ -484,6 +494,12 @@ class _TreePacker:
         if isinstance(value, torch.Tensor):
             self.tensors.append(value)
             return msgpack.ExtType(_EXT_TENSOR, _U32.pack(len(self.tensors) - 1))
+        if self.named and (is_named_tuple(value) or is_model_output(value)):
+            kind, cls = ("tuple" if isinstance(value, tuple) else "output"), type(value)
+            fields = list(cls._fields if isinstance(value, tuple) else value.keys())
+            values = list(value) if isinstance(value, tuple) else list(value.values())
+            named = [kind, cls.__module__, cls.__name__, fields, values]
+            return msgpack.ExtType(_EXT_NAMED, self.packb(named))
         if isinstance(value, tuple):
             return msgpack.ExtType(_EXT_TUPLE, self.packb(list(value)))
         # Subclasses (IntEnum, OrderedDict...) travel as their base type (bool before int).
@@ -494,10 +510,6 @@ class _TreePacker:
             f"cannot send a value of type {type(value).__name__}: frames carry tensors, None, "
             "bool, int, float, str, and lists, tuples and dicts of these"
         )
-
-
-def _pack_tree(obj: Any, tensors: list[torch.Tensor]) -> bytes:
-    return _TreePacker(tensors).packb(obj)
 
 
 class _TreeUnpacker:
@@ -530,14 +542,15 @@ class _TreeUnpacker:
             if index < len(tensors):
                 return tensors[index]
             raise CodecError(f"{self.what}: reference to tensor {index}; frame has {len(tensors)}")
-        if code == _EXT_TUPLE and tensors is not None:
+        if code in (_EXT_TUPLE, _EXT_NAMED) and tensors is not None:
             if self.tuples >= self.max_depth:
                 raise _too_deep(self.what, self.max_depth)
             self.tuples += 1
             try:
-                return tuple(self.unpackb(payload))
+                items = self.unpackb(payload)
             finally:
                 self.tuples -= 1
+            return tuple(items) if code == _EXT_TUPLE else _named(self.what, items)
         raise CodecError(f"{self.what}: unknown msgpack extension type {code}")
 
 
@@ -550,6 +563,78 @@ def _unpack(
     return value
 
 
+def _named(what: str, items: Any) -> Any:
+    """A named tuple or ModelOutput from [kind, module, name, fields, values]."""
+    if not (
+        isinstance(items, list)
+        and len(items) == 5
+        and items[0] in ("tuple", "output")
+        and all(isinstance(part, str) for part in items[1:3])
+        and isinstance(items[3], list)
+        and isinstance(items[4], list)
+        and len(items[3]) == len(items[4])
+        and all(isinstance(field, str) for field in items[3])
+    ):
+        raise CodecError(f"{what}: a named value must be [kind, module, name, fields, values]")
+    kind, module, name, fields, values = items
+    if kind == "tuple":
+        tuple_class: Any = named_tuple_class(what, module, name, tuple(fields))
+        try:
+            return tuple_class._make(values)
+        except Exception as exc:  # noqa: BLE001 - a loaded class may check its values
+            raise CodecError(f"{what}: {module}.{name} refused its values: {exc}") from exc
+    output_class = _model_output_class(module, name)
+    mapping = dict(zip(fields, values, strict=True))
+    if output_class is not None:
+        try:
+            return output_class(**mapping)
+        except Exception:  # noqa: BLE001 - another version of the class (other fields)
+            pass
+    return mapping
+
+
+_MAX_NAMED_FIELDS = 256  # a named tuple's fields: one class is made per name and fields
+_MAX_NAMED_CLASSES = 256  # classes made for named tuples received, kept for reuse
+_named_tuples: dict[tuple[str, str, tuple[str, ...]], type] = {}
+
+
+def named_tuple_class(what: str, module: str, name: str, fields: tuple[str, ...]) -> type:
+    """The sender's class ``module.name`` if this process has loaded it with these fields;
+    else a named tuple class of that name and fields, made once."""
+    key = (module, name, fields)
+    found = _named_tuples.get(key) or _loaded_class(module, name)
+    if found is not None and issubclass(found, tuple) and getattr(found, "_fields", None) == fields:
+        return found
+    if len(fields) > _MAX_NAMED_FIELDS or len(name) > 128:
+        raise CodecError(
+            f"{what}: a named tuple may have at most {_MAX_NAMED_FIELDS} fields and a name of "
+            "128 characters"
+        )
+    try:  # namedtuple checks that name and fields are identifiers, not keywords, unique
+        cls = collections.namedtuple(name, fields)  # type: ignore[misc]
+    except ValueError as exc:
+        raise CodecError(f"{what}: named tuple {name!r}{fields!r}: {exc}") from exc
+    if len(_named_tuples) >= _MAX_NAMED_CLASSES:
+        _named_tuples.pop(next(iter(_named_tuples)), None)  # the oldest
+    _named_tuples[key] = cls
+    return cls
+
+
+def _model_output_class(module: str, name: str) -> type | None:
+    """The loaded ``ModelOutput`` subclass ``module.name``, if any."""
+    generic = sys.modules.get("transformers.utils.generic")
+    base = getattr(generic, "ModelOutput", None)
+    cls = _loaded_class(module, name)
+    return cls if base is not None and cls is not None and issubclass(cls, base) else None
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    # The module's own namespace: nothing is imported, and no module __getattr__ (a lazy
+    # module's imports on demand) runs for a name the peer chose.
+    found = getattr(sys.modules.get(module), "__dict__", {}).get(name)
+    return found if isinstance(found, type) else None
+
+
 _CONTAINERS = frozenset((dict, list, tuple))  # what msgpack (and our tuples) decode to
 
 
@@ -557,18 +642,22 @@ def _deeper_than(value: Any, limit: int) -> bool:
     """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep: one
     level at a time, without recursion (the tree came from the peer), keeping containers only
     (a long list of numbers costs one pass of C-speed type checks)."""
-    level = [value] if type(value) in _CONTAINERS else []  # the containers at depth 1
+    level = [value] if _container(value) else []  # the containers at depth 1
     for _ in range(limit):
         children = [
             child
             for node in level
-            for child in (node.values() if type(node) is dict else node)
-            if type(child) in _CONTAINERS
+            for child in (node.values() if isinstance(node, dict) else node)
+            if _container(child)
         ]
         if not children:
             return False
         level = children
     return bool(level)  # containers at depth limit + 1
+
+
+def _container(value: Any) -> bool:  # named tuples and ModelOutputs too
+    return isinstance(value, (dict, list, tuple))
 
 
 def _too_deep(what: str, limit: int) -> CodecError:

@@ -49,7 +49,9 @@ __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+# 2: the server reads named tuples and ModelOutputs in requests (codec ExtType 3), and sends
+# them to a client whose Compute asks for them (Header.named_values).
+PROTOCOL_VERSION = 2
 
 
 # The status message travels in HTTP/2 trailers, which gRPC caps at 8 KiB by default (and
@@ -395,7 +397,9 @@ class TrunkService(pb_grpc.TrunkServicer):
             decoded = time.perf_counter()
             result = self.engine.compute(session, call, value)
         computed = time.perf_counter()
-        buffers = self._encode_reply(result.value, header.reply_quantization, "Compute")
+        buffers = self._encode_reply(
+            result.value, header.reply_quantization, "Compute", header.named_values
+        )
         reply = pb.Header(
             request_id=header.request_id,
             weights_version=result.weights_version,
@@ -452,7 +456,9 @@ class TrunkService(pb_grpc.TrunkServicer):
         with self._decoding.reserve(growth, method, what=what, beyond=" beyond the frame"):
             yield received.decode(self.decoder, device=device)
 
-    def _encode_reply(self, value: Any, quantization: str, method: str) -> list:
+    def _encode_reply(
+        self, value: Any, quantization: str, method: str, named: bool = False
+    ) -> list:
         try:
             encoder = codec.Encoder(
                 compression=self.options.compression, quantization=quantization or "none"
@@ -460,7 +466,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         except ValueError as exc:
             raise InvalidRequest(f"reply_quantization: {exc}") from exc
         try:
-            return encoder.encode_buffers(value)
+            return encoder.encode_buffers(value, named=named)
         except codec.CodecError as exc:
             raise TrunkError(
                 f"{method}: the trunk returned a value that cannot be sent: {exc}"

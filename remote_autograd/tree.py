@@ -1,5 +1,9 @@
 """Flatten nested values into (template, tensors) and back, in one fixed order.
 
+Named tuples and Hugging Face ``ModelOutput``s keep their type (what a trunk returns is what
+its caller gets); other tuple and dict subclasses become plain tuples and dicts, as the wire
+carries them (codec.py).
+
 Plain recursive functions rather than closures: a recursive closure is a reference cycle, and a
 cycle holding tensors keeps them (and, through their graph, server contexts) alive until the
 garbage collector happens to run.
@@ -7,11 +11,32 @@ garbage collector happens to run.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
-__all__ = ["flatten", "unflatten"]
+__all__ = ["flatten", "is_model_output", "is_named_tuple", "unflatten"]
+
+
+def is_named_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple)
+
+
+def is_model_output(value: Any) -> bool:
+    """A Hugging Face ``ModelOutput`` (without importing transformers: where no module has
+    imported it, no value is one)."""
+    generic = sys.modules.get("transformers.utils.generic")
+    base = getattr(generic, "ModelOutput", None)
+    return base is not None and isinstance(value, base)
+
+
+def _tuple_like(node: tuple, items: Any) -> tuple:
+    return type(node)._make(items) if is_named_tuple(node) else tuple(items)  # type: ignore[attr-defined]
+
+
+def _dict_like(node: dict, items: dict) -> dict:
+    return type(node)(**items) if is_model_output(node) else items
 
 
 class _Slot:
@@ -38,11 +63,11 @@ def _flatten(node: Any, tensors: list[torch.Tensor]) -> Any:
         tensors.append(node)
         return _Slot(len(tensors) - 1)
     if isinstance(node, tuple):
-        return tuple(_flatten(item, tensors) for item in node)
+        return _tuple_like(node, [_flatten(item, tensors) for item in node])
     if isinstance(node, list):
         return [_flatten(item, tensors) for item in node]
     if isinstance(node, dict):
-        return {key: _flatten(item, tensors) for key, item in node.items()}
+        return _dict_like(node, {key: _flatten(item, tensors) for key, item in node.items()})
     return node
 
 
@@ -51,9 +76,9 @@ def unflatten(template: Any, tensors: list[torch.Tensor] | tuple[torch.Tensor, .
     if isinstance(template, _Slot):
         return tensors[template.index]
     if isinstance(template, tuple):
-        return tuple(unflatten(item, tensors) for item in template)
+        return _tuple_like(template, [unflatten(item, tensors) for item in template])
     if isinstance(template, list):
         return [unflatten(item, tensors) for item in template]
     if isinstance(template, dict):
-        return {key: unflatten(item, tensors) for key, item in template.items()}
+        return _dict_like(template, {k: unflatten(item, tensors) for k, item in template.items()})
     return template

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import nn
 
@@ -85,3 +87,30 @@ class Split(nn.Module):
         logits = self.top(hidden)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         return loss + 1e-3 * norms.mean()  # the trunk's second output is used too
+
+
+class NamedOutputs(nn.Module):
+    """A trunk taking and returning named tuples and a Hugging Face ``ModelOutput``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.linear = nn.Linear(4, 4).double()
+
+    def forward(self, x: torch.Tensor, extra: tuple) -> tuple:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        # Defined here, so a client that imported this module still cannot find it by name.
+        Pair = collections.namedtuple("Pair", ["hidden", "norms"])
+        self.received = type(extra)  # the class the extra input arrived as
+        hidden = self.linear(x) + extra[0]
+        return Pair(hidden, hidden.norm(dim=-1)), BaseModelOutputWithPast(
+            last_hidden_state=2 * hidden, hidden_states=(hidden, -hidden)
+        )
+
+
+Bias = collections.namedtuple("Bias", ["bias"])
+
+
+def make_named_outputs_trunk() -> nn.Module:
+    return NamedOutputs()

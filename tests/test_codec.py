@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import struct
 
@@ -408,3 +409,80 @@ def test_an_empty_tensor_with_large_other_sizes_travels():
     travel: test_fuzz.py's examples)."""
     empty = torch.empty(0, 8192, 152064, dtype=torch.float16)
     assert decode(encode(empty)).shape == empty.shape
+
+
+# -- named tuples and ModelOutputs ----------------------------------------------------------------
+
+Point = collections.namedtuple("Point", ["x", "y"])
+
+
+def test_named_values_keep_their_class_only_where_the_receiver_reads_them():
+    from transformers.modeling_outputs import CausalLMOutput
+
+    t = torch.arange(4.0)
+    value = {"p": Point(t, (Point(1, 2),)), "o": CausalLMOutput(logits=t, loss=t.sum())}
+    named = decode(b"".join(Encoder().encode_buffers(value, named=True)))
+    assert type(named["p"]) is Point and type(named["p"].y[0]) is Point
+    assert type(named["o"]) is CausalLMOutput and list(named["o"]) == ["loss", "logits"]
+    assert torch.equal(named["o"].logits, t) and named["p"].y[0].y == 2
+    plain = decode(encode(value))  # a peer of the first protocol version
+    assert type(plain["p"]) is tuple and type(plain["p"][1][0]) is tuple
+    assert type(plain["o"]) is dict and list(plain["o"]) == ["loss", "logits"]
+
+
+def _named_frame(*named) -> bytes:
+    return _frame({"tensors": []}, [], tree=msgpack.packb(msgpack.ExtType(3, msgpack.packb(named))))
+
+
+def test_a_named_class_the_receiver_has_not_loaded_is_made_or_left_a_dict():
+    """Nothing is imported for a name the peer sent: a named tuple of a module not loaded here
+    is made with the same name and fields; a ModelOutput unknown here arrives as a dict."""
+    made = decode(_named_frame("tuple", "no_such_module", "Point", ["x", "y"], [1, 2]))
+    assert type(made) is not Point and type(made).__name__ == "Point" and made.y == 2
+    again = decode(_named_frame("tuple", "no_such_module", "Point", ["x", "y"], [3, 4]))
+    assert type(again) is type(made)  # made once
+    output = decode(_named_frame("output", "transformers", "NoSuchOutput", ["a"], [1]))
+    assert output == {"a": 1}
+    # A loaded class whose fields differ (another version of it) is not used.
+    other = decode(_named_frame("tuple", __name__, "Point", ["x", "z"], [1, 2]))
+    assert type(other) is not Point and other._fields == ("x", "z")
+
+
+@pytest.mark.parametrize(
+    ("named", "message"),
+    [
+        (("tuple", "m", "Point", ["x"]), r"\[kind, module, name, fields, values\]"),
+        (("list", "m", "Point", ["x"], [1]), r"\[kind, module"),
+        (("tuple", "m", "Point", ["x", "y"], [1]), r"\[kind, module"),
+        (("tuple", "m", "Point", [1], [1]), r"\[kind, module"),
+        (("tuple", "m", "a b", ["x"], [1]), "identifiers"),
+        (("tuple", "m", "Point", ["class"], [1]), "keyword"),
+        (("tuple", "m", "Point", ["x", "x"], [1, 2]), "duplicate"),
+        (("tuple", "m", "Point", ["_x"], [1]), "underscore"),
+        (("tuple", "m", "P" * 129, ["x"], [1]), "128 characters"),
+        (("tuple", "m", "Wide", [f"f{i}" for i in range(257)], [0] * 257), "256 fields"),
+    ],
+)
+def test_malformed_named_values_are_refused(named, message):
+    with pytest.raises(CodecError, match=message):
+        decode(_named_frame(*named))
+
+
+def test_values_nested_in_named_values_count_against_max_depth():
+    inner: bytes = msgpack.packb([])
+    for _ in range(40):
+        inner = b"\x91" + inner  # a list in a list
+    tree = msgpack.packb(
+        msgpack.ExtType(
+            3,
+            b"\x95"
+            + msgpack.packb("tuple")
+            + msgpack.packb("m")
+            + msgpack.packb("P")
+            + msgpack.packb(["x"])
+            + b"\x91"
+            + inner,
+        )
+    )
+    with pytest.raises(CodecError, match="max_depth=32"):
+        decode(_frame({"tensors": []}, [], tree=tree))

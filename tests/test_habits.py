@@ -7,12 +7,24 @@ from __future__ import annotations
 import copy
 import math
 
+import grpc
+import models
 import pytest
 import torch
+from conftest import spawn_server
 from polling import wait_for
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
+from remote_autograd import (
+    Encoder,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    clip_grad_norm_,
+    decode,
+)
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 from remote_autograd.engine import TrunkEngine
 from remote_autograd.errors import CodecError, InvalidRequest, NotConfigured
 
@@ -424,3 +436,72 @@ def test_a_session_the_server_dropped_is_named_when_its_optimizer_is_missed(star
     with pytest.raises(NotConfigured, match="no longer holds this session"):
         optimizer.step()
     remote.close()
+
+
+# -- named tuples and ModelOutputs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["in_process", "child_process"])
+def test_named_tuples_and_model_outputs_arrive_as_the_trunk_returned_them(start_server, where):
+    """A trunk returning a named tuple and a Hugging Face ModelOutput, and taking a named tuple:
+    each side gets the class the other sent where it has loaded it (the ModelOutput, the
+    input's Bias), else a named tuple of the same name and fields (the trunk's Pair, defined
+    inside its forward); values and gradients are those of the local trunk, bit for bit."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    server = None
+    if where == "in_process":
+        server = start_server(models.make_named_outputs_trunk())
+        address, process = server.address, None
+    else:
+        process, address = spawn_server("models:make_named_outputs_trunk")
+    local = models.make_named_outputs_trunk()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(4, dtype=torch.float64)
+    results = []
+    try:
+        with RemoteModule(address) as remote:
+            for module in (remote, local):
+                leaf = x.clone().requires_grad_()
+                pair, out = module(leaf, models.Bias(bias))
+                (pair.hidden.sum() + pair.norms.sum() + out.hidden_states[1].sum()).backward()
+                results.append((pair, out, leaf.grad))
+    finally:
+        if process is not None:
+            process.kill()
+            process.communicate(timeout=60)
+    (pair, out, grad), (local_pair, local_out, local_grad) = results
+    if server is not None:
+        assert server.engine.module.received is models.Bias
+    assert type(pair).__name__ == "Pair" and pair._fields == ("hidden", "norms")
+    assert type(out) is BaseModelOutputWithPast  # attribute access, to_tuple(), indexing
+    assert out.past_key_values is None and list(out.keys()) == list(local_out.keys())
+    torch.testing.assert_close(pair.hidden, local_pair.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(pair.norms, local_pair.norms, rtol=0, atol=0)
+    torch.testing.assert_close(out[0], local_out.last_hidden_state, rtol=0, atol=0)
+    for mine, theirs in zip(out.hidden_states, local_out.hidden_states, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(grad, local_grad, rtol=0, atol=0)
+
+
+def test_a_client_that_does_not_ask_for_named_values_gets_plain_ones(start_server):
+    """A client of the first protocol version does not read named values (codec ExtType 3):
+    without Header.named_values its Compute is answered with plain tuples and maps."""
+    server = start_server(models.make_named_outputs_trunk())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    value = {"args": [x, (torch.zeros(4, dtype=torch.float64),)], "kwargs": {}}
+    payload = Encoder().encode(value)  # named=False: what a first-version client sends
+    with grpc.insecure_channel(server.address) as channel:
+        reply = pb_grpc.TrunkStub(channel).Compute(
+            pb.Frame(
+                header=pb.Header(request_id="plain", payload_bytes=len(payload)), payload=payload
+            ),
+            metadata=(("ra-session", "plain-client"),),
+            timeout=30,
+        )
+    (pair, out) = decode(reply.payload)
+    assert type(pair) is tuple and type(out) is dict
+    assert server.engine.module.received is tuple
+    assert list(out) == ["last_hidden_state", "hidden_states"]
+    hidden = models.make_named_outputs_trunk().linear(x).detach()
+    torch.testing.assert_close(pair[0], hidden, rtol=0, atol=0)
