@@ -56,18 +56,20 @@ class ChunkedCall:
         self._inputs: tuple[torch.Tensor, ...] = ()  # set by the autograd Function
         self._sliced: list[bool] = []  # per input: sliced along dimension 0, or sent whole
         self._output_rows: list[list[int]] = []  # per output: its rows in each slice
+        self._slice_rows: list[int] = []  # the batch's rows in each slice
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
-        k = min(self.micro_batches, rows)
+        k = min(self.micro_batches, (rows + 1) // 2)  # some slice holds 2 samples or more
         if k <= 1:  # nothing to slice: one ordinary call
             call = self._new_call(tuple(t.detach() for t in tensors))
             outputs = call.forward(tensors)
             self.calls, self.output_template = [call], call.output_template
             return outputs
         self._sliced = [t.dim() > 0 and t.shape[0] == rows for t in tensors]
+        self._slice_rows = _slice_rows(rows, k)
         pieces = [
-            torch.tensor_split(t.detach(), k) if sliced else (t.detach(),) * k
+            torch.split(t.detach(), self._slice_rows) if sliced else (t.detach(),) * k
             for t, sliced in zip(tensors, self._sliced, strict=True)
         ]
         # What each slice's forward is given: its pieces, requiring grad as the inputs do.
@@ -117,11 +119,12 @@ class ChunkedCall:
             )
         outputs = []
         for index, parts in enumerate(zip(*results, strict=True)):
-            if any(p.dim() == 0 for p in parts) or sum(p.shape[0] for p in parts) != rows:
+            if any(p.dim() == 0 for p in parts) or [p.shape[0] for p in parts] != self._slice_rows:
                 raise ValueError(
                     f"micro_batches={self.micro_batches} needs every trunk output to hold the "
-                    f"batch ({rows} samples) in dimension 0; output {index} has shape "
-                    f"{tuple(parts[0].shape)} per micro-batch. Use micro_batches=1 for this trunk"
+                    f"batch ({rows} samples) in dimension 0, as many rows as each slice's "
+                    f"inputs {self._slice_rows}; output {index} has shapes "
+                    f"{[tuple(p.shape) for p in parts]}. Use micro_batches=1 for this trunk"
                 )
             self._output_rows.append([p.shape[0] for p in parts])
             outputs.append(torch.cat(parts))
@@ -184,6 +187,18 @@ class ChunkedCall:
     def release(self) -> None:
         for call in self.calls:
             call.release()
+
+
+def _slice_rows(rows: int, k: int) -> list[int]:
+    """Rows of each of ``k`` slices of ``rows`` (k <= rows / 2, rounded up): near-equal, and
+    never all equal. An output without the batch (a (1, D) embedding, a statistic, a fixed
+    memory) then differs from some slice's rows and is refused, at any batch size, instead
+    of being joined into a tensor as long as the batch."""
+    base, extra = divmod(rows, k)
+    sizes = [base + 1] * extra + [base] * (k - extra)
+    if extra == 0:  # base >= 2 here
+        sizes[0], sizes[-1] = base + 1, base - 1
+    return sizes
 
 
 def _run_all(jobs: list[Any]) -> list[Any]:

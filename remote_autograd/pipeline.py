@@ -21,12 +21,15 @@ under ``torch.manual_seed``, but not the plain loop's masks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch import nn
 
 from .tree import flatten, unflatten
 
@@ -165,12 +168,19 @@ class PipelinedStep:
         trunk_out: dict[int, Future] = {}
         trunk_back: dict[int, Future] = {}
         total: torch.Tensor | None = None
-        lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-trunk-lane")
+        lane = _Lane() if self._local_trunk() else ThreadPoolExecutor(1, "ra-trunk-lane")
+        # Autocast is per thread: the lane's trunk forward runs under the caller's, as the plain
+        # loop's would (and RemoteModule tells the server, which runs the trunk under it).
+        autocasts = [
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        ]
         try:
 
             def forward_bottom(i: int) -> None:
                 bottoms[i] = _Cut(self.bottom(xs[i]))
-                trunk_out[i] = lane.submit(self._trunk_forward, bottoms[i].value)
+                trunk_out[i] = lane.submit(self._trunk_forward, bottoms[i].value, autocasts)
 
             def carry(i: int) -> None:
                 """Micro-batch i on through the trunk's backward and then the bottom's."""
@@ -214,15 +224,68 @@ class PipelinedStep:
                     exc.add_note(_mixed(i))
                     break
             raise
+        except BaseException as exc:  # KeyboardInterrupt...: stop now, and say what is left
+            if trunk_back or bottoms:
+                exc.add_note(
+                    "the step was interrupted between micro-batches: the parts hold gradients "
+                    "of different micro-batches; call zero_grad() on both optimizers before "
+                    "the next step"
+                )
+            raise
         finally:
             # On an error the queued trunk calls are dropped; one in flight finishes first.
             lane.shutdown(wait=True, cancel_futures=True)
         assert total is not None
         return total
 
-    def _trunk_forward(self, value: Any) -> Any:
-        with torch.enable_grad():  # grad mode is per thread
+    def _trunk_forward(self, value: Any, autocasts: list[tuple[str, torch.dtype]]) -> Any:
+        with torch.enable_grad(), contextlib.ExitStack() as stack:  # grad mode is per thread
+            for device, dtype in autocasts:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
             return self.trunk(value)
+
+    def _local_trunk(self) -> bool:
+        """A trunk module without a RemoteModule in it runs on the caller's thread: there is
+        no server to overlap with, and its dropout then draws from the process's RNG in order,
+        not at the same time as the bottom's. Local dropout beside a RemoteModule would draw
+        at the same time: warned."""
+        from .module import RemoteModule  # module.py imports the client, which is heavy
+
+        trunk = self.trunk
+        if not isinstance(trunk, nn.Module):
+            return False
+        modules = list(trunk.modules())
+        if not any(isinstance(module, RemoteModule) for module in modules):
+            return True
+        if trunk.training and any(_random(module) for module in modules):
+            warnings.warn(
+                "PipelinedStep: the trunk holds a RemoteModule and a local dropout layer; that "
+                "layer runs on the trunk's worker thread while the bottom runs on this one, "
+                "both drawing from the process's one random generator, so its masks are not "
+                "reproducible under torch.manual_seed. Move it into the bottom or the top",
+                stacklevel=3,
+            )
+        return False
+
+
+def _random(module: nn.Module) -> bool:
+    """A local dropout layer that draws in training mode."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+
+
+class _Lane:
+    """The trunk lane of a local trunk: each call runs at once, on the caller's thread."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as a lane's
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
 
 
 class _Broken(Exception):

@@ -231,3 +231,46 @@ def test_the_seconds_a_slice_waits_for_the_trunk_are_not_counted_as_its_compute(
     for seconds, wall in ((forward_seconds, forward_wall), (backward_seconds, backward_wall)):
         assert 3 * 0.2 <= seconds <= wall, (seconds, wall)
     torch.testing.assert_close(x.grad, server.engine.module.weight.sum(0).expand(6, 4))
+
+
+class _Extras(nn.Module):
+    """A per-sample output beside one without the batch: a statistic, a learned (1, D)
+    embedding, or a fixed memory of 2 rows."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.linear = nn.Linear(4, 4).double()
+        self.memory = nn.Parameter(torch.randn(2, 4, dtype=torch.float64))
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor):
+        hidden = torch.tanh(self.linear(x))
+        if self.extra == "statistic":
+            return hidden, hidden.mean().reshape(1)
+        if self.extra == "embedding":
+            return hidden, self.memory[:1] * 2
+        return hidden, self.memory * 1.0
+
+
+@pytest.mark.parametrize("extra", ["statistic", "embedding", "memory"])
+def test_an_output_without_the_batch_is_refused_at_every_batch_size_or_computed_whole(
+    extra, start_server
+):
+    """Slices near-equal but never all equal, some of two rows or more: an output without the
+    batch differs from some slice's rows at every batch size, so a sliced call either equals
+    the local trunk (a batch too small to slice) or is refused; never a tensor joined from the
+    slices' copies of it (which had the batch's length)."""
+    local = _Extras(extra)
+    server = start_server(copy.deepcopy(local))
+    with RemoteModule(server.address, micro_batches=4) as remote:
+        for rows in range(1, 10):
+            x = torch.randn(rows, 4, dtype=torch.float64)
+            try:
+                got = remote(x)
+            except ValueError as exc:
+                assert rows > 2 and "Use micro_batches=1 for this trunk" in str(exc)
+                continue
+            assert rows <= 2, f"{rows} rows were sliced and joined"
+            for mine, theirs in zip(got, local(x), strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -358,3 +359,91 @@ def test_a_piece_without_predicted_tokens_leaves_the_trainers_loss_finite(start_
                 losses.append(step(x, batch["labels"]).item())
             assert all(p.grad is None or p.grad.isfinite().all() for p in bottom.parameters())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bottom_dtype", ["bfloat16", "float32"])
+def test_the_trunk_runs_under_the_callers_autocast_as_in_the_plain_loop(start_server, bottom_dtype):
+    """Autocast is per thread; the trunk's forward runs on the trunk lane. It runs under the
+    caller's autocast there: a bf16 bottom output reaches the float32 trunk (which failed), and
+    a float32 one is computed in bf16 as in the plain loop (it was not, 3e-4 off)."""
+    dtype = torch.float32
+    parts, twin = mlp_parts(dtype), mlp_parts(dtype)
+    if bottom_dtype == "float32":  # a bottom ending in a float32 norm or embedding
+        parts = (nn.Sequential(parts[0], _Float()), *parts[1:])
+        twin = (nn.Sequential(twin[0], _Float()), *twin[1:])
+    servers = [start_server(parts[1]), start_server(twin[1])]
+    x, y = next(_batches("mlp", dtype, 1))
+    with RemoteModule(servers[0].address) as remote, RemoteModule(servers[1].address) as plain:
+        step = PipelinedStep(
+            parts[0], remote, parts[2], nn.functional.cross_entropy, micro_batches=2
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert parts[0](x).dtype == getattr(torch, bottom_dtype)
+            loss = step(x, y)
+            ys = split_batch(y, 2)
+            expected = 0.0
+            for xi, yi, scale in zip(split_batch(x, 2), ys, step.scales(ys), strict=True):
+                part = nn.functional.cross_entropy(twin[2](plain(twin[0](xi))), yi) * scale
+                part.backward()
+                expected += part.detach()
+        grads = [dict(server.engine.sessions.values()[0].grads) for server in servers]
+    assert torch.equal(loss, expected)
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+    for mine, theirs in zip(parts[0].parameters(), twin[0].parameters(), strict=True):
+        assert torch.equal(mine.grad, theirs.grad)
+
+
+class _Float(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float()
+
+
+def test_an_interrupt_between_micro_batches_says_the_parts_hold_a_mix(start_server):
+    bottom, trunk, top = mlp_parts(torch.float64)
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    calls = []
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, arriving in the third micro-batch's loss
+        return nn.functional.cross_entropy(out, target)
+
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, loss_fn, micro_batches=4)
+        with pytest.raises(KeyboardInterrupt) as info:
+            step(x, y)
+        assert any("call zero_grad() on both optimizers" in n for n in info.value.__notes__)
+
+
+def test_a_local_trunk_with_dropout_is_reproducible_under_manual_seed():
+    """A trunk with no RemoteModule in it runs on the caller's thread: its dropout and the
+    bottom's draw from the one RNG in order (on the trunk lane they raced: 3 results of 8)."""
+    x, y = next(_batches("mlp", torch.float64, 1, seed=4))
+    results = []
+    for _ in range(4):
+        torch.manual_seed(0)
+        bottom = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5)).double()
+        trunk = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 32)).double()
+        top = nn.Linear(32, 3).double()
+        step = PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=8)
+        results.append((step(x, y), bottom[0].weight.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_local_dropout_beside_a_remote_module_in_the_trunk_warns(start_server):
+    bottom, trunk, top = mlp_parts(torch.float64)
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    with RemoteModule(server.address) as remote:
+        mixed = nn.Sequential(remote, nn.Dropout(0.1))
+        step = PipelinedStep(bottom, mixed, top, nn.functional.cross_entropy, micro_batches=2)
+        with pytest.warns(UserWarning, match="not reproducible under torch.manual_seed"):
+            step(x, y)
+        mixed.eval()  # no dropout drawn: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            step(x, y)
