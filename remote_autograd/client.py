@@ -94,6 +94,8 @@ class TrunkClient:
         # Where this session is, for the trunk's RNG seeds (see _next_seed).
         self._steps_done = 0
         self._forwards_since_zero_grad = 0
+        # zero_grad()s and Backwards so far: did the gradients change since a failed step?
+        self.grad_events = 0
         # The server process that holds the gradients of the step in progress ("" = none yet).
         self._grads_server_id = ""
         # Whether this session has run a forward or loaded state: a trunk stepped by others
@@ -442,6 +444,7 @@ class TrunkClient:
         device: torch.device | None = None,  # where the input gradients are wanted
     ) -> tuple[Any, pb.Header]:
         self._await_step()
+        self.grad_events += 1
         zero, scale = self._take_grad_ops()
         header = pb.Header(
             request_id=request_id,
@@ -513,6 +516,7 @@ class TrunkClient:
     def zero_grad_later(self, set_to_none: bool) -> None:
         """Defer zero_grad() to the next Backward, GradNorm or Step of this session."""
         with self._lock:
+            self.grad_events += 1
             self._pending_zero = pb.ZERO_GRAD_TO_NONE if set_to_none else pb.ZERO_GRAD_TO_ZERO
             self._pending_scale = 1.0
             self._grads_server_id = ""  # gradients held anywhere so far no longer count
@@ -528,6 +532,16 @@ class TrunkClient:
             taken = (self._pending_zero, self._pending_scale)
             self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
             return taken
+
+    def drop_grad_ops(self) -> None:
+        self._take_grad_ops()
+
+    def settled_step(self, step: int) -> None:
+        """Step ``step`` was applied (found out after its call failed)."""
+        with self._lock:
+            self._grads_server_id = ""
+            self._steps_done = step
+            self._forwards_since_zero_grad = 0
 
     def _restore_grad_ops(self, zero: pb.ZeroGradMode, scale: float) -> None:
         with self._lock:
@@ -643,10 +657,7 @@ class TrunkClient:
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
-        with self._lock:
-            self._grads_server_id = ""
-            self._steps_done = step
-            self._forwards_since_zero_grad = 0
+        self.settled_step(step)
         if reply.waited_forwards:
             self._count_step_wait(step, reply)
         return reply

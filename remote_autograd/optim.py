@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from . import codec
-from .errors import SESSION_GONE, NotConfigured
+from .errors import SESSION_GONE, NotConfigured, StaleContext, TransportError
+from .guard import IMMUTABLE_HYPERPARAMETERS
 from .module import RemoteModule
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
 
 _CLIENT_ONLY_KEYS = {"params", "initial_lr", "trunk_params"}
+_KEPT_AS_CONFIGURED = {"params", *IMMUTABLE_HYPERPARAMETERS}
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -97,6 +99,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # Inside stepping(), step() sends the Step from a thread and leaves its reply here.
         self._stepping = False
         self._reply: Future[Any] | None = None
+        # A step that got no answer (deadline, server unavailable, interrupted) may have been
+        # applied: (its number, the error, the client's gradient events then), settled by
+        # asking the server before the next step. A refused step is settled the same way.
+        self._unsettled: tuple[int, BaseException | None, int] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_configured", False):  # torch's __init__ adds the groups this way
@@ -121,6 +127,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "none of them): nothing was stepped. Call zero_grad() and go on, or let "
                 "torch.amp.GradScaler skip such steps (scaler.step(optimizer))"
             )
+        if self._unsettled is not None and self._settled():
+            return  # this call redid a step the server had applied: not applied twice
         self._step_count += 1
         try:
             if self._stepping:  # inside stepping(): answered when its block ends
@@ -128,9 +136,52 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._reply = self.client.step_in_background(self._step_count, hyper)
             else:
                 self.client.step(self._step_count, self._hyperparameters())
-        except BaseException:
-            self._step_count -= 1
+        except BaseException as exc:
+            self._failed(exc)
             raise
+
+    def _failed(self, exc: BaseException) -> None:
+        """Step #n failed. Refused by the server: not applied, and its number is n again;
+        after a refusal for its number (a server restarted from an older checkpoint), the
+        next step asks. No answer: maybe applied; the next step asks."""
+        number = self._step_count
+        unanswered = isinstance(exc, TransportError) or not isinstance(exc, Exception)
+        if not unanswered and not isinstance(exc, StaleContext):
+            self._step_count -= 1  # refused, or failed here before it went out
+            return
+        self._unsettled = (number, exc, self.client.grad_events)
+        if unanswered:
+            exc.add_note(
+                f"step #{number} got no answer: the server may have applied it. The next "
+                "step() asks the server: it is not applied twice, and a step that was "
+                "applied after all is warned of (docs/habits.md, Resuming training)"
+            )
+
+    def _settled(self) -> bool:
+        """Ask the server for this session's last step after a step that failed; returns
+        whether this call, a redo of that step with nothing changed since, is done."""
+        number, error, events = self._unsettled or (0, None, 0)
+        last = int(self.client.get_state(parameters=False, optimizer=False)["step"])
+        self._unsettled = None
+        self._step_count = last
+        if last < number or isinstance(error, StaleContext):
+            return False  # not applied: the next number is last + 1
+        self.client.settled_step(last)
+        warnings.warn(
+            f"step #{number}, which raised {type(error).__name__}, had been applied by the "
+            "server after all; "
+            + (
+                "this step() (nothing changed since) is not applied again"
+                if self.client.grad_events == events
+                else f"this step() is step #{last + 1}"
+            ),
+            RuntimeWarning,
+            stacklevel=4,  # the caller of step(), through torch's step hooks
+        )
+        if self.client.grad_events == events:
+            self.client.drop_grad_ops()  # the zero_grad/clip scale put back went with it
+            return True
+        return False
 
     @contextlib.contextmanager
     def stepping(self, scaler: torch.amp.GradScaler | None = None) -> Iterator[None]:
@@ -173,7 +224,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Wait for the answer to a step sent by stepping(); a failed one is not counted."""
         error = None if reply is None else reply.exception()
         if error is not None:
-            self._step_count -= 1
+            self._failed(error)
         return error
 
     def __getstate__(self) -> Any:
@@ -210,7 +261,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             )
         for remote, local in zip(optimizer_state["param_groups"], self.param_groups, strict=True):
             remote.update({k: v for k, v in local.items() if k != "params"})
-        optimizer_state["remote_step"] = self._step_count
+        # The server's last step, not this side's count: after a step that failed, they may
+        # differ until the next step() asks.
+        optimizer_state["remote_step"] = int(state["step"])
         return optimizer_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -226,8 +279,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         }
         self.client.load_state({"parameters": None, "optimizer": server_state, "step": step})
         for local, loaded in zip(self.param_groups, state["param_groups"], strict=True):
-            local.update({k: v for k, v in loaded.items() if k != "params"})
-        self._step_count = step
+            # Not the flags the server keeps as configured (fused, foreach...): sent with every
+            # Step, a loaded one that differs would have every Step refused.
+            local.update({k: v for k, v in loaded.items() if k not in _KEPT_AS_CONFIGURED})
+        self._step_count, self._unsettled = step, None
+        self.client.settled_step(step)  # and dropout seeds (ClientOptions.seed) from there
 
     def _hyperparameters(self) -> list[dict[str, Any]]:
         groups = []

@@ -13,10 +13,17 @@ from collections.abc import Iterator
 import factories
 import pytest
 import torch
+from polling import wait_for
 from torch import nn
 
-from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, clip_grad_norm_
-from remote_autograd.errors import InvalidRequest
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    clip_grad_norm_,
+)
+from remote_autograd.errors import DeadlineExceeded, InvalidRequest, StaleContext
 
 
 def _parts(seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -323,3 +330,120 @@ def test_a_replaced_remote_optimizer_refuses_instead_of_stepping_the_new_one(sta
         scaler.step(old)
     scaler.unscale_(pair.trunk_opt)
     assert float(pair.remote._dummy.grad) == 0.25
+
+
+# -- a step that failed: applied or not, never twice, never lost ----------------------------------
+
+
+def _batch(k: int) -> torch.Tensor:
+    return torch.randn(3, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("then", ["next_batch", "redo"])
+def test_a_step_that_got_no_answer_is_applied_once_whatever_the_loop_does_next(start_server, then):
+    """Step #1 outlives the client's deadline (it waits for another session's forward, then
+    the server applies it): DeadlineExceeded. The next step() asks the server and warns that
+    #1 was applied. A loop that moved on (zero_grad, the next batch) gets its batch applied as
+    #2 (it used to send #1 again, answered as a replay: the batch was lost); a loop that
+    redoes the step with nothing changed applies nothing twice. The trunk equals local SGD."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 4).double()
+    local = copy.deepcopy(trunk)
+    server = start_server(trunk, ServerOptions(step_wait=1.5))
+    client = RemoteModule(server.address, options=ClientOptions(timeout=0.5))
+    other = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(client, "SGD", lr=0.1)
+    local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+    for model in (client, local):
+        model(_batch(1)).square().sum().backward()
+    held = other(torch.ones(1, 4, dtype=torch.float64, requires_grad=True))  # no Backward yet
+    with pytest.raises(DeadlineExceeded) as info:
+        optimizer.step()
+    assert "the server may have applied it" in "".join(info.value.__notes__)
+    wait_for(lambda: server.stats()["weights_version"] == 1)  # the wait ran out: applied
+    local_optimizer.step()
+    if then == "next_batch":
+        optimizer.zero_grad()
+        local_optimizer.zero_grad()
+        for model in (client, local):
+            model(_batch(2)).square().sum().backward()
+        local_optimizer.step()
+    with pytest.warns(RuntimeWarning, match="step #1, which raised DeadlineExceeded, had been"):
+        optimizer.step()
+    assert server.stats()["weights_version"] == (2 if then == "next_batch" else 1)
+    assert optimizer.state_dict()["remote_step"] == server.stats()["weights_version"]
+    remote = client.remote_state_dict()
+    for name, param in local.named_parameters():
+        torch.testing.assert_close(remote[name], param.detach(), rtol=0, atol=0)
+    del held
+    client.close()
+    other.close()
+
+
+def test_a_step_refused_for_its_number_goes_on_from_the_servers_last_step(start_server):
+    """A server that went back to an older step (restarted from an older checkpoint: here its
+    session loaded as at step 1) refuses step #4 for its number; the step redone after it is
+    #2, and state_dict() says so (the redo was refused the same way, for good)."""
+    remote = RemoteModule(start_server(nn.Linear(2, 2).double()).address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    for _ in range(3):
+        remote(torch.ones(1, 2, dtype=torch.float64, requires_grad=True)).sum().backward()
+        optimizer.step()
+    remote.client.load_state({"parameters": None, "optimizer": None, "step": 1})
+    with pytest.raises(StaleContext, match="Step #4 does not follow this session's last step #1"):
+        optimizer.step()
+    optimizer.step()
+    assert optimizer.state_dict()["remote_step"] == 2
+    remote.close()
+
+
+def _resumable(address: str, fused: bool | None):
+    bottom, top = factories.local_parts()
+    remote = RemoteModule(address, options=ClientOptions(seed=5))
+    model = nn.Sequential(bottom, remote, top)
+    extra = {} if fused is None else {"fused": fused}
+    trunk_opt = RemoteOptimizer(remote, "AdamW", lr=0.05, **extra)
+    opt = torch.optim.AdamW([*bottom.parameters(), *top.parameters()], lr=0.05)
+    return model, remote, trunk_opt, opt
+
+
+def _train(parts, steps: range) -> None:
+    model, _, trunk_opt, opt = parts
+    for k in steps:
+        x, y = factories.batch(k)
+        opt.zero_grad()
+        trunk_opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        trunk_opt.step()
+        opt.step()
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(None, None), (True, None), (None, True)])
+def test_training_resumed_from_state_dicts_equals_training_on(start_server, saved, resumed):
+    """Dropout in the trunk under ClientOptions(seed=...): the resumed session draws step 3's
+    seeds, not step 1's again (the seed counter was not restored). A state saved by an
+    optimizer with another fused setting than the resuming one's loads and steps (every Step
+    was refused: the loaded flag was sent with it). Float64, bit for bit; across fused and
+    unfused AdamW, within their rounding."""
+    steps = []
+    for run in ("on", "resumed"):
+        parts = _resumable(start_server(factories.dropout_trunk()).address, saved)
+        _train(parts, range(1, 3 if run == "resumed" else 5))
+        if run == "resumed":
+            saved_states = {
+                "model": copy.deepcopy(parts[0].state_dict()),
+                "trunk": parts[2].state_dict(),
+                "opt": copy.deepcopy(parts[3].state_dict()),
+            }
+            parts[1].close()
+            parts = _resumable(start_server(factories.dropout_trunk()).address, resumed)
+            parts[0].load_state_dict(saved_states["model"])
+            parts[2].load_state_dict(saved_states["trunk"])
+            parts[3].load_state_dict(saved_states["opt"])
+            _train(parts, range(3, 5))
+        steps.append({k: v.clone() for k, v in parts[0].state_dict().items()})
+        parts[1].close()
+    exact = saved == resumed
+    for name, value in steps[0].items():
+        tolerance = 0 if exact else 1e-12
+        torch.testing.assert_close(steps[1][name], value, rtol=0, atol=tolerance, msg=name)
