@@ -55,6 +55,11 @@ class ForwardContext:
     autocast: torch.dtype | None = None  # the forward's autocast dtype, for a recompute
     backward_seq: int = 0  # backwards answered so far
     last_reply: Any = None  # the last Backward's reply, for a retried call
+    # Re-created by the client after the server lost it: the Backwards the lost context had
+    # answered (their gradients are in the session: answered again, not added again), and
+    # whether the last of them was non-finite.
+    answered: int = 0
+    answered_nonfinite: bool = False
     lease: int = -1  # StepTurns epoch of the lease this context holds (-1: none)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,7 +93,8 @@ class ContextCache:
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[str, str], ForwardContext] = OrderedDict()
         self._nbytes = 0
-        self._gone: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Why recent ids went away, and the Backwards they had answered (seq, non-finite).
+        self._gone: OrderedDict[tuple[str, str], tuple[str, int, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -163,7 +169,8 @@ class ContextCache:
             context = self._items.get(key)
             if context is None:
                 # Only this session's own history: nothing said about other sessions' ids.
-                reason = self._gone.get(key)
+                gone = self._gone.get(key)
+                reason = gone[0] if gone else None
                 raise ContextNotFound(
                     f"{method} for request {request_id[:12]}: no forward context ("
                     + (reason or f"expired after {self.ttl:g} s idle, released, or never created")
@@ -172,6 +179,13 @@ class ContextCache:
             context.last_used = self._clock()
             self._items.move_to_end(key)
             return context
+
+    def answered(self, session: str, request_id: str) -> tuple[int, bool]:
+        """The Backwards a context of this id that went away had answered, and whether the
+        last was non-finite ((0, False) if none is remembered)."""
+        with self._lock:
+            gone = self._gone.get(_key(session, request_id))
+            return (gone[1], gone[2]) if gone else (0, False)
 
     def release(self, session: str, request_ids: list[str]) -> int:
         released = 0
@@ -229,7 +243,9 @@ class ContextCache:
             if held[0] <= 0:
                 del self._per_identity[identity]  # type: ignore[arg-type]
         key = _key(context.session, context.request_id)
-        self._gone[key] = reason
+        reply = context.last_reply
+        nonfinite = bool(getattr(reply, "nonfinite", False))
+        self._gone[key] = (reason, max(context.backward_seq, context.answered), nonfinite)
         self._gone.move_to_end(key)
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)

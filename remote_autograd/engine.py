@@ -314,6 +314,12 @@ class TrunkEngine:
         if keep:
             kept = None if lazy else outputs
             footprint.add([*leaves, *(kept or ())])
+            answered: dict[str, Any] = {}
+            if call.recompute:
+                # The context this one re-creates may have answered a Backward whose reply was
+                # lost, and that Backward is retried on this one: not added twice.
+                seq, nonfinite = self.contexts.answered(session.key, call.request_id)
+                answered = {"answered": seq, "answered_nonfinite": nonfinite}
             # The cache ends the lease when the context goes away (evicted, released...).
             self.contexts.put(
                 ForwardContext(
@@ -330,6 +336,7 @@ class TrunkEngine:
                     autocast=call.autocast,
                     backward_seq=call.backward_seq if call.recompute else 0,
                     lease=lease,
+                    **answered,
                 )
             )
             if not self.sessions.holds(session):
@@ -398,12 +405,15 @@ class TrunkEngine:
                             autocast=context.autocast,
                             recompute=True,
                         )
+                    # Answered by the context this one re-created: its gradients are in the
+                    # session already (its reply was lost); the inputs' are computed again.
+                    again = call.seq <= context.answered
                     input_grads, param_grads = self.runner.gradients(
                         outputs,
                         grads,
                         [context.inputs[i] for i in wanted],
                         retain_graph=context.outputs is not None,
-                        parameters=not call.freeze_parameters,
+                        parameters=not call.freeze_parameters and not again,
                     )
                 finally:
                     if kept is not None:
@@ -413,8 +423,11 @@ class TrunkEngine:
                     "grad_scale": call.grad_scale,
                     "report_nonfinite": call.report_nonfinite,
                 }
-                with self.runner.mirrored("account", session, **pending):
-                    nonfinite = self.account(session, param_grads, **pending)
+                if again:
+                    nonfinite = context.answered_nonfinite
+                else:
+                    with self.runner.mirrored("account", session, **pending):
+                        nonfinite = self.account(session, param_grads, **pending)
                 computed = time.perf_counter()
             returned: list[torch.Tensor | None] = [None] * len(context.inputs)
             for i, grad in zip(wanted, input_grads, strict=True):
