@@ -708,11 +708,24 @@ class TrunkEngine:
                         **optimizer_state,
                         "state": clone_tree(optimizer_state["state"]),
                     }
-                try:
-                    with self._lock:
+                with self._lock:
+                    # torch puts the new groups and state in place before it can fail (an
+                    # optimizer's __setstate__): a refused load puts the old ones back.
+                    before = session.optimizer.state_dict()
+                    try:
                         self.runner.load_optimizer_state(session.optimizer, optimizer_state)
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
+                        missing = {
+                            key
+                            for group, was in zip(
+                                session.optimizer.param_groups, before["param_groups"], strict=True
+                            )
+                            for key in set(was) - set(group)
+                        }
+                        if missing:  # every later step would fail (Adam without its betas)
+                            raise ValueError(f"its param groups lack {sorted(missing)}")
+                    except (KeyError, TypeError, ValueError) as exc:
+                        session.optimizer.load_state_dict(before)
+                        raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
             if parameters is not None or buffers:
                 with self._lock, torch.no_grad():
                     named = dict(self.params)

@@ -304,6 +304,14 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise InvalidRequest("optimizer state: each param group's 'params' must list ints")
         saved += ids
+    for group, configured in zip(state["param_groups"], optimizer.param_groups, strict=False):
+        foreign = sorted(set(group) - set(configured))
+        if foreign:  # e.g. SGD's momentum in an AdamW group, which lacks its betas
+            raise InvalidRequest(
+                f"optimizer state: its param groups hold {foreign}, which this session's "
+                f"{type(optimizer).__name__} does not have: a state saved by another optimizer "
+                "class cannot be loaded into this one"
+            )
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if len(saved) != count:
         raise InvalidRequest(

@@ -447,3 +447,38 @@ def test_training_resumed_from_state_dicts_equals_training_on(start_server, save
     for name, value in steps[0].items():
         tolerance = 0 if exact else 1e-12
         torch.testing.assert_close(steps[1][name], value, rtol=0, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("saved_by", ["SGD", "AdamW_without_betas"])
+def test_a_refused_optimizer_state_leaves_the_optimizer_as_it_was(start_server, saved_by):
+    """A state of another optimizer class (SGD's momentum in AdamW's groups), or one whose
+    groups lack what the optimizer needs: refused, and the session's AdamW steps on with its
+    own moments (torch had put the new groups and state in place before failing, and every
+    later Step failed: KeyError 'betas'). Float64, against an optimizer that loaded nothing."""
+    runs = []
+    for refused in (True, False):
+        torch.manual_seed(0)
+        remote = RemoteModule(start_server(nn.Linear(3, 3).double()).address)
+        optimizer = RemoteOptimizer(remote, "AdamW", lr=0.1)
+        for step in range(3):
+            remote(_batch(step)[:, :3]).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step == 1 and refused:
+                state = optimizer.state_dict()
+                if saved_by == "SGD":
+                    for group in state["param_groups"]:
+                        group.update(momentum=0.9, dampening=0.0, nesterov=False)
+                        del group["betas"]
+                    state["state"] = {
+                        i: {"momentum_buffer": s["exp_avg"]} for i, s in state["state"].items()
+                    }
+                else:
+                    for group in state["param_groups"]:
+                        del group["betas"]
+                with pytest.raises(InvalidRequest, match="optimizer state"):
+                    optimizer.load_state_dict(state)
+        runs.append(remote.remote_state_dict())
+        remote.close()
+    for name, value in runs[1].items():
+        torch.testing.assert_close(runs[0][name], value, rtol=0, atol=0)
