@@ -26,8 +26,10 @@ adapters
 server's checkpoint.
 
 Dropout draws from the process-wide generator: forwards in training mode of a trunk with
-dropout take one lock (``_random_lock``) so that each client's seeded masks stay its own;
-without dropout, or in eval mode, forwards of different clients run at the same time.
+dropout (layers, or Hugging Face's functional attention dropout) take one lock
+(``_random_lock``) so that each client's seeded masks stay its own, as does creating an
+adapter (peft draws its initial weights); eval-mode forwards are not seeded. Without dropout,
+or in eval mode, forwards of different clients run at the same time.
 """
 
 from __future__ import annotations
@@ -159,9 +161,7 @@ class _AdapterRunner(TrunkRunner):
         self.module_name = type(module).__name__
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._random_lock = random_lock
-        self._random = any(
-            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()
-        )
+        self._random = _draws_randomness(module)
 
     def forward(
         self,
@@ -174,12 +174,33 @@ class _AdapterRunner(TrunkRunner):
         autocast: torch.dtype | None = None,
         recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
-        if training and self._random:
+        if not training:
+            # Nothing to draw in eval mode; seeding would set the process-wide generator under
+            # another client's training forward, between two of its dropout layers.
+            seed = None
+        elif self._random:
             with self._random_lock:
                 return super().forward(
                     template, leaves, training, seed, grad=grad, autocast=autocast
                 )
         return super().forward(template, leaves, training, seed, grad=grad, autocast=autocast)
+
+
+def _draws_randomness(module: nn.Module) -> bool:
+    """Whether a training forward draws from the process-wide generator: dropout layers, and
+    the functional dropout that Hugging Face attention applies from a float attribute or its
+    config (Llama's ``attention_dropout``, GPT-2's ``attn_pdrop``...)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            if layer.p > 0:
+                return True
+            continue
+        config = getattr(layer, "config", None)
+        for source in (vars(layer), vars(config) if hasattr(config, "__dict__") else {}):
+            for key, value in source.items():
+                if ("dropout" in key or "pdrop" in key) and type(value) is float and value > 0:
+                    return True
+    return False
 
 
 @dataclass(eq=False)
@@ -299,7 +320,10 @@ class AdapterEngine:
         return {n: p.detach().clone() for n, p in replica.named_parameters() if p.requires_grad}
 
     def _new_adapter(self, identity: str) -> _Adapter:
-        module = self._inject(self._replica(self.base))
+        # peft initialises the new layers from the process-wide generator (then overwritten
+        # below): not while another client's forward draws its dropout masks from it.
+        with self._random_lock, torch.random.fork_rng(devices=[]):
+            module = self._inject(self._replica(self.base))
         named = dict(module.named_parameters())
         with torch.no_grad():
             for name, value in self._initial.items():

@@ -7,6 +7,7 @@ server, however the clients' calls interleave, and no client can see or change a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import ssl
@@ -19,6 +20,7 @@ import torch
 from conftest import spawn_server
 from factories import batch, batchnorm_trunk, dropout_trunk, local_parts
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from polling import wait_for
 from torch import nn
 
 from remote_autograd import (
@@ -28,6 +30,7 @@ from remote_autograd import (
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
+    serve,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.adapters import AdapterEngine, AdapterOptions
@@ -621,3 +624,82 @@ def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_serve
     assert len(hooks) == 3 and hooks[0] == hooks[1] == hooks[2] > 0
     with pytest.raises(ValueError, match="does not fit these LoRA options"):
         AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
+
+
+# -- one client's dropout masks are its own, whatever the others do --------------------------------
+
+
+class _Pause(nn.Module):
+    """After a dropout layer: every forward waits here (up to 1.5 s) for another one, so that
+    another client's call runs in the middle of a training forward if it can."""
+
+    meeting: threading.Barrier | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _Pause.meeting is not None:
+            with contextlib.suppress(threading.BrokenBarrierError):  # it did not come: a lock
+                _Pause.meeting.wait(1.5)
+        return x
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout as Hugging Face attention applies it: F.dropout with a float attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_dropout = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.attention_dropout, self.training)
+
+
+def _paused_trunk(functional: bool) -> nn.Module:
+    torch.manual_seed(3)
+    drop = _FunctionalDropout if functional else (lambda: nn.Dropout(0.5))
+    layers = [nn.Linear(8, 8), drop(), _Pause(), drop(), _Pause(), nn.Linear(8, 8)]
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize(
+    ("functional", "meanwhile"),
+    [(False, "eval_forward"), (True, "training_forward"), (False, "new_client")],
+)
+def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
+    functional, meanwhile
+):
+    """Client A's training forward pauses between two dropout layers while client B makes an
+    eval forward with grad (it was seeded: the process-wide generator was set under A), a
+    training forward of a trunk whose dropout is functional (attention_dropout: no lock was
+    taken), or its first call (peft initialised B's adapter from the generator under A). A's
+    output equals A's alone, bit for bit."""
+    x = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(4, 8).requires_grad_()
+    outputs = []
+    for beside in (False, True):
+        options = adapter_options(target_modules=("0", "5"))
+        engine = AdapterEngine(_paused_trunk(functional), ServerOptions(tokens=TOKENS), options)
+        server = serve(engine, "127.0.0.1:0")
+        a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
+        try:
+            if meanwhile != "new_client":
+                with torch.no_grad():
+                    b(x)  # B's adapter exists
+            if meanwhile == "eval_forward":
+                b.eval()
+            got: dict[str, torch.Tensor] = {}
+            if beside:
+                _Pause.meeting = meeting = threading.Barrier(2)
+                thread = threading.Thread(target=lambda c=a, g=got: g.setdefault("a", c(x.clone())))
+                thread.start()
+                wait_for(lambda m=meeting: m.n_waiting == 1)  # A drew its first masks
+                with torch.no_grad() if meanwhile == "new_client" else contextlib.nullcontext():
+                    b(x.clone().requires_grad_(meanwhile != "new_client"))
+                thread.join(60)
+            else:
+                got["a"] = a(x.clone())
+            outputs.append(got["a"].detach())
+        finally:
+            _Pause.meeting = None
+            a.close()
+            b.close()
+            server.stop(grace=None)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
