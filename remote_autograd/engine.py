@@ -736,6 +736,10 @@ class TrunkEngine:
                     self.weights_version += 1
             if type(step) is int and step >= 0:
                 session.last_step = step
+            if self.options.checkpoint_every and self.options.checkpoint_path:
+                # A server checkpointing every few steps keeps what was loaded as it keeps a
+                # step: a restart would otherwise go back to the weights before the load.
+                self.write_checkpoint(on_error="log")  # every rank is here (see apply_step)
         return len(parameters or {}), optimizer_state is not None, len(buffers or {})
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -148,7 +148,8 @@ class ServerOptions:
     recompute: bool = False  # keep only a forward's inputs and RNG seed; Backward recomputes it
     # (saves the activations' memory for one more forward per step)
     checkpoint_path: str | None = None  # trunk + optimizer checkpoint: loaded at start if present
-    checkpoint_every: int = 0  # save after every this many optimizer steps (0: never by count)
+    checkpoint_every: int = 0  # save after every this many optimizer steps, and every load
+    # (LoadState) when set (0: never by count)
     checkpoint_interval: float = 0.0  # also save every this many seconds when weights changed
     max_lr: float = 100.0  # largest learning rate (and Rprop step size) a session may set
     max_grad_scale: float = 1.0  # largest grad_scale of a call (clip_grad_norm_ scales down)

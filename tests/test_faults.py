@@ -401,3 +401,30 @@ def test_checkpoint_on_request_on_schedule_and_at_shutdown(tmp_path, reference):
     two_steps = _fault_free(2)
     for name, value in trunk.items():
         assert torch.equal(value, two_steps[f"trunk.{name}"]), name
+
+
+def test_a_load_survives_a_kill_of_a_server_that_checkpoints_every_step(tmp_path):
+    """With --checkpoint-every, a LoadState is checkpointed as a Step is: after a SIGKILL the
+    restarted server holds the loaded weights (it went back to the last step's, and the
+    client trained on those without a word)."""
+    checkpoint = str(tmp_path / "trunk.ckpt")
+    args = ("factories:dropout_trunk", "--checkpoint", checkpoint, "--checkpoint-every", "1")
+    process, address = spawn_server(*args)
+    processes = [process]
+    try:
+        remote = RemoteModule(address)
+        loaded = {k: v + 0.5 for k, v in remote.state_dict().items()}
+        remote.load_state_dict(loaded)
+        remote.close()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        processes.append(spawn_server(*args, port=int(address.rsplit(":", 1)[1]))[0])
+        with RemoteModule(address) as restarted:
+            for name, value in restarted.state_dict().items():
+                assert torch.equal(value, loaded[name]), name
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
