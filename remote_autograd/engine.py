@@ -74,9 +74,11 @@ from .validate import (
     check_finite_groups,
     check_finite_tree,
     check_grad_outputs,
+    check_module_state,
     check_optimizer_state,
     check_parameters,
     clone_tree,
+    describe,
     optimizer_class,
     plain_group,
     plain_map,
@@ -794,19 +796,51 @@ class TrunkEngine:
             if session.optimizer is not None
         }
 
-    def restore_session(self, session: Session, saved: dict[str, Any]) -> None:
+    def restore_session(self, session: Session, saved: Any) -> None:
         """Give ``session`` back the optimizer (and step) a checkpoint kept of it."""
-        cls = getattr(torch.optim, saved["optimizer"])
+        self.restored_session(saved)(session)
+
+    def restored_session(self, saved: Any) -> Callable[[Session], None]:
+        """The optimizer (and step) a checkpoint kept of a session, checked as a LoadState is
+        and built apart (InvalidRequest if it does not hold): a function that gives it to a
+        session."""
+        if not isinstance(saved, dict):
+            raise InvalidRequest(f"a session's entry is {describe(saved)}, not a map")
+        name, step, state = saved.get("optimizer"), saved.get("step"), saved.get("state")
+        if not isinstance(name, str) or type(step) is not int or step < 0:
+            raise InvalidRequest("a session's entry needs an optimizer name and a step >= 0")
+        if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+            raise InvalidRequest("a session's optimizer state is not a torch state_dict")
+        cls = optimizer_class(name)
+        options = plain_map(saved.get("options"), "optimizer options")
         groups = saved.get("groups")
-        session.optimizer = cls(
-            torch_groups(groups, self.params) if groups else [p for _, p in self.params],
-            **saved["options"],
-        )
-        session.optimizer_groups = groups
-        session.optimizer.load_state_dict(saved["state"])
-        session.optimizer_name = saved["optimizer"]
-        session.optimizer_options = saved["options"]
-        session.last_step = int(saved["step"])
+        try:
+            optimizer = cls(
+                torch_groups(groups, self.params) if groups else [p for _, p in self.params],
+                **options,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{name} with the saved options and groups: {exc}") from exc
+        if self.runner.world == 1:  # a sharded trunk's state is checked as it is placed
+            check_finite_groups(state)
+            check_hyperparameters(name, state["param_groups"], self.options, call="a checkpoint")
+            check_optimizer_state(state, optimizer)
+            check_finite_tree(state.get("state"), "optimizer state")
+            if self.runner.device.type == "cpu":  # not views of the whole file (see LoadState)
+                state = {**state, "state": clone_tree(state["state"])}
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"optimizer state does not fit: {exc}") from exc
+
+        def give(session: Session) -> None:
+            session.optimizer = optimizer
+            session.optimizer_groups = groups
+            session.optimizer_name = name
+            session.optimizer_options = options
+            session.last_step = step
+
+        return give
 
     def requested_checkpoint(self) -> int:
         """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
@@ -825,11 +859,27 @@ class TrunkEngine:
         if state is None:
             log.info("no checkpoint at %s yet: starting from the module's weights", path)
             return
+        try:  # all checked and built before anything is loaded
+            version, sessions = state.get("weights_version"), state.get("sessions")
+            if type(version) is not int or version < 0 or not isinstance(sessions, dict):
+                raise InvalidRequest("it needs a weights_version >= 0 and a map of sessions")
+            if self.runner.world == 1:
+                check_module_state(state.get("module"), self.module)
+            if len(sessions) > self.sessions.max_sessions:
+                raise InvalidRequest(
+                    f"it holds {len(sessions)} sessions, more than max_sessions="
+                    f"{self.sessions.max_sessions}: raise --max-sessions"
+                )
+            restored = {key: self.restored_session(saved) for key, saved in sessions.items()}
+        except (InvalidRequest, TrunkError) as exc:
+            raise ValueError(
+                f"checkpoint {path} cannot be restored, and nothing of it was loaded: {exc}"
+            ) from exc
         with torch.no_grad():
             self.module.load_state_dict(state["module"])
-        self.weights_version = self.saved_version = int(state["weights_version"])
-        for key, saved in state["sessions"].items():
-            self.restore_session(self.sessions.get(key), saved)
+        self.weights_version = self.saved_version = version
+        for key, give in restored.items():
+            give(self.sessions.get(key))
         log.info(
             "resumed from checkpoint %s: weights v%d, %d sessions",
             path,

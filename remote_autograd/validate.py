@@ -129,26 +129,44 @@ def check_parameters(parameters: Any, named: dict[str, torch.Tensor]) -> None:
             )
 
 
-def check_buffers(buffers: Any, named: dict[str, torch.Tensor]) -> None:
+def check_buffers(
+    buffers: Any, named: dict[str, torch.Tensor], what: str = "persistent buffer"
+) -> None:
     """Refuse buffers to load that the trunk does not have, of another shape or kind, or
     non-finite (an integer counter may not become a float, and the other way round)."""
     if not isinstance(buffers, dict):
-        raise InvalidRequest("'buffers' must map names to tensors")
+        raise InvalidRequest(f"the {what}s must map names to tensors")
     for name, value in buffers.items():
         if name not in named:
-            raise InvalidRequest(f"no persistent buffer named {name!r} in the trunk")
+            raise InvalidRequest(f"no {what} named {name!r} in the trunk")
         held = named[name]
         if not isinstance(value, torch.Tensor) or value.shape != held.shape:
             raise InvalidRequest(
-                f"buffer {name}: expected shape {list(held.shape)}, got {describe(value)}"
+                f"{what} {name}: expected shape {list(held.shape)}, got {describe(value)}"
             )
         same_kind = value.is_floating_point() == held.is_floating_point() and (
             (value.dtype == torch.bool) == (held.dtype == torch.bool)
         )
         if not same_kind:
-            raise InvalidRequest(f"buffer {name}: expected {held.dtype}, got {describe(value)}")
+            raise InvalidRequest(f"{what} {name}: expected {held.dtype}, got {describe(value)}")
         if not _finite_as(value, held):
-            raise InvalidRequest(f"buffer {name} holds NaN or inf{_as(value, held)}; refused")
+            raise InvalidRequest(f"{what} {name} holds NaN or inf{_as(value, held)}; refused")
+
+
+def check_module_state(state: Any, module: torch.nn.Module) -> None:
+    """Refuse a whole module state (a checkpoint's) that is not the module's own: names,
+    shapes and kinds, finite floating tensors; before any of it is loaded (torch's own load
+    copies what fits and then raises, leaving the module half loaded)."""
+    if not isinstance(state, dict):
+        raise InvalidRequest(f"the module's state is {describe(state)}, not a map")
+    held = module.state_dict()
+    missing, unexpected = sorted(set(held) - set(state)), sorted(set(state) - set(held))
+    if missing or unexpected:
+        raise InvalidRequest(
+            f"the module's state does not fit the trunk: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]} (another trunk, or other --lora options)"
+        )
+    check_buffers(state, held, "module entry")  # shape, kind, finite as held
 
 
 def _finite_as(value: torch.Tensor, held: torch.Tensor) -> bool:

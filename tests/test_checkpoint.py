@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 
 import pytest
@@ -24,7 +25,7 @@ from remote_autograd import (
     encode,
     serve,
 )
-from remote_autograd.checkpoint_file import load_checkpoint
+from remote_autograd.checkpoint_file import load_checkpoint, save_checkpoint
 
 
 def _one_step(remote: RemoteModule, optimizer: RemoteOptimizer) -> None:
@@ -149,3 +150,91 @@ def test_a_checkpoint_holds_whatever_a_call_may_nest(tmp_path):
     save_checkpoint(path, state)
     loaded = load_checkpoint(path)
     assert loaded is not None and loaded["adapters"] == state["adapters"]
+
+
+def _first_session(state: dict) -> dict:
+    return next(iter(state["sessions"].values()))
+
+
+_CASES = {
+    "nan-weight": (
+        lambda s: s["module"]["0.weight"].__setitem__((0, 0), float("nan")),
+        "0.weight holds NaN",
+    ),
+    "shape-of-the-last-entry": (
+        lambda s: s["module"].__setitem__(
+            "1.num_batches_tracked", torch.zeros(2, dtype=torch.long)
+        ),
+        "1.num_batches_tracked: expected shape",
+    ),
+    "missing-entry": (lambda s: s["module"].pop("1.running_var"), r"missing \['1.running_var'\]"),
+    "negative-version": (lambda s: s.__setitem__("weights_version", -1), "weights_version >= 0"),
+    "negative-step": (lambda s: _first_session(s).__setitem__("step", -3), "step >= 0"),
+    "unknown-optimizer": (
+        lambda s: _first_session(s).__setitem__("optimizer", "os.system"),
+        "os.system",
+    ),
+    "lr-too-large": (
+        lambda s: _first_session(s)["state"]["param_groups"][0].__setitem__("lr", 1e12),
+        "lr",
+    ),
+    "inf-moment": (
+        lambda s: _first_session(s)["state"]["state"][0]["exp_avg"].fill_(float("inf")),
+        "NaN or inf",
+    ),
+    "state-larger-than-its-parameter": (
+        lambda s: _first_session(s)["state"]["state"][0].__setitem__(
+            "exp_avg", torch.zeros(1000, dtype=torch.float64)
+        ),
+        "parameter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_a_checkpoint_that_does_not_hold_is_refused_whole(tmp_path, case):
+    """A checkpoint is checked as a LoadState is, all of it before any of it is loaded: the
+    server does not start, says what does not hold, and the module it was given is untouched
+    (it served NaN, took any optimizer state and failed every Step after, or was left half
+    loaded when torch refused its last entry)."""
+    path = str(tmp_path / "trunk.ckpt")
+
+    def trunk() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).double()
+
+    server = serve(trunk(), options=ServerOptions(checkpoint_path=path))
+    try:
+        remote = RemoteModule(server.address)
+        _one_step(remote, RemoteOptimizer(remote, "AdamW", lr=0.1))
+        remote.client.checkpoint()
+    finally:
+        server.stop(grace=None)
+    state = load_checkpoint(path)
+    change, message = _CASES[case]
+    change(state)
+    save_checkpoint(path, state)
+    module = trunk()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(
+        ValueError, match="cannot be restored, and nothing of it was loaded"
+    ) as info:
+        serve(module, options=ServerOptions(checkpoint_path=path))
+    assert re.search(message, str(info.value)), str(info.value)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")  # three sessions
+def test_a_checkpoint_with_more_sessions_than_allowed_says_which_option(tmp_path):
+    path = str(tmp_path / "trunk.ckpt")
+    server = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    try:
+        remotes = [RemoteModule(server.address) for _ in range(3)]  # kept: a dropped one ends
+        for remote in remotes:
+            _one_step(remote, RemoteOptimizer(remote, "SGD", lr=0.1))
+        remotes[0].client.checkpoint()
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match="holds 3 sessions, more than max_sessions=2: raise"):
+        serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path, max_sessions=2))
