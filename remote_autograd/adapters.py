@@ -122,6 +122,15 @@ class AdapterOptions:
                 "AdapterOptions.max_resident_adapters and offload_after must be >= 0 "
                 f"(0 turns them off), got {self.max_resident_adapters}, {self.offload_after}"
             )
+        # Checked here, not at the first offload: that failed in another client's call.
+        try:
+            device = torch.device(self.offload_device)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(
+                f"AdapterOptions.offload_device must be a device this machine has, got "
+                f"{self.offload_device!r}: {exc}"
+            ) from exc
 
 
 def to_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -387,7 +396,10 @@ class AdapterEngine:
                 self._move(adapter, self._device, resident=True)
             adapter.calls += 1  # after the move: a move that fails leaves no call counted
             adapter.last_used = time.monotonic()
-            self._offload_beyond_limit()
+            try:
+                self._offload_beyond_limit()
+            except Exception:  # noqa: BLE001 - others' adapters: not this call's failure
+                log.exception("moving idle adapters off the device failed; they stay on it")
         try:
             yield adapter.engine
         finally:
@@ -632,6 +644,8 @@ class AdapterEngine:
                 adapter.engine.restore_session(self.sessions.get(key), entry)
             self._adapters[identity] = adapter
         self.saved_version = self.weights_version
+        with self._lock:  # all were made resident: not beyond max_resident_adapters
+            self._offload_beyond_limit()
         log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)
 
     # -- housekeeping -----------------------------------------------------------------------------

@@ -859,6 +859,12 @@ class TrunkEngine:
         if state is None:
             log.info("no checkpoint at %s yet: starting from the module's weights", path)
             return
+        if state.get("kind") == "adapters":
+            raise ValueError(
+                f"{path} is a checkpoint of per-client adapters, not of a single trunk; serve "
+                "it with --adapters per-client and its LoRA options, or point --checkpoint "
+                "elsewhere"
+            )
         try:  # all checked and built before anything is loaded
             version, sessions = state.get("weights_version"), state.get("sessions")
             if type(version) is not int or version < 0 or not isinstance(sessions, dict):

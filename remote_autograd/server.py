@@ -156,12 +156,15 @@ class TrunkServer:
                 engine.expire()
                 if bulk is not None:
                     bulk.prune()
+            except Exception:
+                log.exception("a sweep of sessions and contexts failed; sweeping on")
+            try:  # apart: a failing sweep must not stop the scheduled checkpoints
                 due = time.monotonic() - last_save >= options.checkpoint_interval
                 if options.checkpoint_interval > 0 and options.checkpoint_path and due:
                     last_save = time.monotonic()
                     engine.save_if_changed()
             except Exception:
-                log.exception("a sweep of sessions, contexts and checkpoints failed; sweeping on")
+                log.exception("a scheduled checkpoint failed; trying again on schedule")
 
     def __enter__(self) -> TrunkServer:
         return self

@@ -703,3 +703,36 @@ def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
             b.close()
             server.stop(grace=None)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["nosuchdevice", "cuda:99"])
+def test_an_offload_device_this_machine_lacks_is_refused_at_start(device):
+    """Refused by name when the server starts (it was found at the first offload, failing
+    another client's call and leaving that client's adapter counted busy for good)."""
+    with pytest.raises(ValueError, match=f"AdapterOptions.offload_device .* got '{device}'"):
+        AdapterEngine(
+            dropout_trunk(), ServerOptions(tokens=TOKENS), adapter_options(offload_device=device)
+        )
+
+
+def test_a_restart_keeps_max_resident_adapters_and_a_single_trunk_refuses_the_file(tmp_path):
+    """Every adapter of the checkpoint was made resident at start, the whole table on the
+    device until some call ran the limit; and a single-trunk server given the file named no
+    cause (KeyError 'module')."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
+    limited = adapter_options(max_resident_adapters=1)
+    server = serve(AdapterEngine(dropout_trunk(), options, limited), "127.0.0.1:0")
+    clients = [RemoteModule(server.address, options=client_options(i)) for i in range(3)]
+    try:
+        for client in clients:
+            optimizer = RemoteOptimizer(client, torch.optim.Adam, lr=0.01)
+            client(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
+            optimizer.step()
+        server.engine.checkpoint()
+    finally:
+        server.stop(grace=None)
+    restored = AdapterEngine(dropout_trunk(), options, limited)
+    assert restored.stats()["adapters"] == 3 and restored.stats()["resident_adapters"] == 1
+    with pytest.raises(ValueError, match="is a checkpoint of per-client adapters"):
+        serve(dropout_trunk(), options=ServerOptions(checkpoint_path=path))
