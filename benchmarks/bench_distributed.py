@@ -51,6 +51,22 @@ def trunk() -> nn.Module:
     return nn.Sequential(*blocks)
 
 
+def _thread_seconds(pid: str) -> float:
+    """Run time of the live threads of process ``pid`` (/proc/PID/task/TID/schedstat)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return total / 1e9
+
+
 class Server:
     """A trunk server child: plain (``ranks=0``) or under torchrun with ``ranks`` processes."""
 
@@ -96,9 +112,10 @@ class Server:
         raise RuntimeError(f"server {self.name} did not start")
 
     def cpu_seconds(self) -> dict[int, float]:
-        """CPU seconds (user + system) so far of this server's process and its descendants
-        (torchrun's ranks run in sessions of their own, so the tree is walked by parent)."""
-        tick = os.sysconf("SC_CLK_TCK")
+        """CPU seconds so far of this server's process and its descendants (torchrun's ranks
+        run in sessions of their own, so the tree is walked by parent): the scheduler's
+        nanosecond run times of their threads, not utime + stime in 10 ms ticks (a smoke run's
+        few steps counted 0 ticks)."""
         parents, seconds = {}, {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -109,7 +126,7 @@ class Server:
             except OSError:  # gone meanwhile
                 continue
             parents[int(entry)] = int(fields[1])
-            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+            seconds[int(entry)] = _thread_seconds(entry)
         tree = {self.process.pid}
         grown = True
         while grown:

@@ -182,4 +182,5 @@ def test_data_parallel_clients_are_told_the_trunk_steps_once_per_process(start_s
         env={**child_env(OMP_NUM_THREADS="1")},
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert completed.stdout.split() == ["warned", "warned"], completed.stdout
+    # Two processes print to one pipe: their lines may interleave ("warnedwarned\n\n").
+    assert completed.stdout.count("warned") == 2 and "[" not in completed.stdout, completed.stdout
