@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -253,6 +254,7 @@ class AdapterEngine:
         # The base, moved and cast once; replicas share its tensors from then on.
         self.runner = TrunkRunner(module, self._device, self._dtype)
         self.base = self.runner.module
+        self.recipe = self._recipe()  # what the adapters' values mean, kept with them
         self._offload_device = torch.device(adapters.offload_device)
         self._sub_options = dataclasses.replace(
             options, checkpoint_path=None, checkpoint_every=0, checkpoint_interval=0.0
@@ -290,6 +292,25 @@ class AdapterEngine:
         cancellation.install(self.base)
         if options.checkpoint_path:
             self._restore(options.checkpoint_path)
+
+    def _recipe(self) -> dict[str, Any]:
+        """The LoRA options a trained adapter's values depend on, and a digest of the frozen
+        base they were trained on (of up to 4096 evenly spaced values per tensor, in the
+        served dtype: cheap on any model, and another seed or checkpoint of the base differs)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in [*self.base.named_parameters(), *persistent_buffers(self.base)]:
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].cpu().contiguous()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+        options = self.adapter_options
+        return {
+            "rank": options.rank,
+            "alpha": options.alpha,
+            "dropout": options.dropout,
+            "target_modules": sorted(options.target_modules),
+            "base": digest.hexdigest(),
+        }
 
     # -- replicas -------------------------------------------------------------------------------
 
@@ -575,7 +596,12 @@ class AdapterEngine:
                         "sessions": clone_tree(sessions),
                     }
                     version += engine.weights_version
-            state = {"kind": "adapters", "weights_version": version, "adapters": saved}
+            state = {
+                "kind": "adapters",
+                "weights_version": version,
+                "adapters": saved,
+                "recipe": self.recipe,
+            }
             try:
                 for entry in saved.values():
                     check_finite_weights(entry["parameters"])
@@ -616,6 +642,7 @@ class AdapterEngine:
                 f"{path} is a single-trunk checkpoint, not one of per-client adapters; point "
                 "--checkpoint elsewhere"
             )
+        self._check_recipe(path, state.get("recipe"))
         saved_adapters = state["adapters"]
         if len(saved_adapters) > self.adapter_options.max_adapters:
             raise ValueError(
@@ -647,6 +674,36 @@ class AdapterEngine:
         with self._lock:  # all were made resident: not beyond max_resident_adapters
             self._offload_beyond_limit()
         log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)
+
+    def _check_recipe(self, path: str, saved: Any) -> None:
+        """Refuse adapters trained with another alpha, rank or targets, or on another base:
+        they would load (same shapes) and compute something else without a word."""
+        if not isinstance(saved, dict):  # saved before session 11: shapes are all it checks
+            log.warning("%s says nothing of the LoRA options or base it was trained with", path)
+            return
+        now = self.recipe
+        differ = [key for key in ("rank", "alpha", "target_modules") if saved.get(key) != now[key]]
+        if differ:
+            raise ValueError(
+                f"{path}: its adapters were trained with "
+                + ", ".join(f"{key}={saved.get(key)!r}" for key in differ)
+                + ", this server has "
+                + ", ".join(f"{key}={now[key]!r}" for key in differ)
+                + ": start with the options they were trained with (--lora-rank, --lora-alpha, "
+                "--lora-targets)"
+            )
+        if saved.get("base") != now["base"]:
+            raise ValueError(
+                f"{path}: its adapters were trained on another base trunk (its weights differ "
+                "from this server's): serve the base they were trained on"
+            )
+        if saved.get("dropout") != now["dropout"]:
+            log.warning(
+                "%s: adapters trained with LoRA dropout %s go on with %s",
+                path,
+                saved.get("dropout"),
+                now["dropout"],
+            )
 
     # -- housekeeping -----------------------------------------------------------------------------
 

@@ -622,7 +622,7 @@ def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_serve
         for adapter in restored._adapters.values()
     ]
     assert len(hooks) == 3 and hooks[0] == hooks[1] == hooks[2] > 0
-    with pytest.raises(ValueError, match="does not fit these LoRA options"):
+    with pytest.raises(ValueError, match="its adapters were trained with rank=4, this server has rank=2"):
         AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
 
 
@@ -736,3 +736,27 @@ def test_a_restart_keeps_max_resident_adapters_and_a_single_trunk_refuses_the_fi
     assert restored.stats()["adapters"] == 3 and restored.stats()["resident_adapters"] == 1
     with pytest.raises(ValueError, match="is a checkpoint of per-client adapters"):
         serve(dropout_trunk(), options=ServerOptions(checkpoint_path=path))
+
+
+def test_adapters_trained_with_other_lora_options_or_another_base_are_refused(tmp_path):
+    """Adapters of the same shapes trained with another alpha, or on another base (here one
+    weight moved), loaded without a word and computed something else."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
+    server = serve(AdapterEngine(dropout_trunk(), options, adapter_options()), "127.0.0.1:0")
+    try:
+        client = RemoteModule(server.address, options=client_options(0))
+        optimizer = RemoteOptimizer(client, torch.optim.Adam, lr=0.01)
+        client(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
+        optimizer.step()
+        server.engine.checkpoint()
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match=f"trained with alpha={ALPHA}, this server has alpha=32"):
+        AdapterEngine(dropout_trunk(), options, adapter_options(alpha=32))
+    other = dropout_trunk()
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="trained on another base trunk"):
+        AdapterEngine(other, options, adapter_options())
+    assert AdapterEngine(dropout_trunk(), options, adapter_options()).stats()["adapters"] == 1
