@@ -622,7 +622,9 @@ def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_serve
         for adapter in restored._adapters.values()
     ]
     assert len(hooks) == 3 and hooks[0] == hooks[1] == hooks[2] > 0
-    with pytest.raises(ValueError, match="its adapters were trained with rank=4, this server has rank=2"):
+    with pytest.raises(
+        ValueError, match="its adapters were trained with rank=4, this server has rank=2"
+    ):
         AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
 
 
