@@ -180,6 +180,10 @@ class ContextCache:
             self._items.move_to_end(key)
             return context
 
+    def holds(self, session: str, request_id: str) -> bool:
+        with self._lock:
+            return _key(session, request_id) in self._items
+
     def answered(self, session: str, request_id: str) -> tuple[int, bool]:
         """The Backwards a context of this id that went away had answered, and whether the
         last was non-finite ((0, False) if none is remembered)."""

@@ -297,6 +297,9 @@ class TrunkEngine:
                 # every session shares: they must stay finite, or come back as they were.
                 moved = floating_buffers(self.module) if call.training else []
                 before = buffer_snapshot(self.module) if moved else []  # counters too
+                # A retry of a kept forward whose reply was lost (its context is here): it
+                # runs again, as its first try did, but moves the buffers only once.
+                again = keep and self.contexts.holds(session.key, call.request_id)
                 try:
                     with footprint.saved() if graph else contextlib.nullcontext():
                         out_template, outputs = self.runner.forward(
@@ -312,6 +315,8 @@ class TrunkEngine:
                     # Refused here or by another rank of a distributed trunk: as they were.
                     restore_buffers(before)
                     raise
+                if again:
+                    restore_buffers(before)
             seconds = time.perf_counter() - started
         if keep:
             kept = None if lazy else outputs

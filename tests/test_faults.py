@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import spawn_server
-from factories import batch, dropout_trunk, local_parts
+from factories import batch, batchnorm_trunk, dropout_trunk, local_parts
 
 from remote_autograd import (
     ClientOptions,
@@ -428,3 +428,24 @@ def test_a_load_survives_a_kill_of_a_server_that_checkpoints_every_step(tmp_path
             process.wait()
             process.stdout.close()
             process.stderr.close()
+
+
+def test_a_retried_training_forward_moves_batchnorm_statistics_once():
+    """A Compute whose reply was lost runs again on its retry (its context is kept): its
+    outputs are the first try's, and the BatchNorm statistics move once, as for the one
+    forward the client ran (they moved twice)."""
+    trunk = batchnorm_trunk()
+    local = copy.deepcopy(trunk)
+    drop = DropFirstReply("Compute")
+    server = serve(trunk, interceptors=[drop])
+    try:
+        remote = RemoteModule(server.address, options=ClientOptions(retry_backoff=0.01))
+        x = batch(1)[0]
+        out = remote(x.clone().requires_grad_())
+        assert drop.dropped == 1
+        torch.testing.assert_close(out, local(x.clone()), rtol=0, atol=0)
+        for name, value in local.state_dict().items():
+            assert torch.equal(server.engine.module.state_dict()[name], value), name
+        out.sum().backward()  # the kept context is the retry's, and it works
+    finally:
+        server.stop(grace=None)
