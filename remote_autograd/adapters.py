@@ -624,7 +624,14 @@ class AdapterEngine:
     def requested_checkpoint(self) -> int:
         """The Checkpoint RPC: :meth:`checkpoint`, paced like the single-trunk engine's."""
         if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
-            self.checkpoint_pace.ask()
+            try:
+                self.checkpoint_pace.ask()
+            except LimitExceeded:
+                if self.saved_version == self.weights_version:
+                    # Saved moments ago with these weights: a retry of a Checkpoint whose
+                    # reply was lost, say. Answered, not refused.
+                    return self.weights_version
+                raise
         return self.checkpoint()
 
     def save_if_changed(self) -> None:

@@ -851,7 +851,14 @@ class TrunkEngine:
         """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
         seconds for all clients together (each one fsyncs the whole trunk)."""
         if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
-            self.checkpoint_pace.ask()
+            try:
+                self.checkpoint_pace.ask()
+            except LimitExceeded:
+                if self.saved_version == self.weights_version:
+                    # Saved moments ago with these weights: a retry of a Checkpoint whose
+                    # reply was lost, say. Answered, not refused.
+                    return self.weights_version
+                raise
         return self.checkpoint()
 
     def save_if_changed(self) -> None:
