@@ -57,12 +57,14 @@ class ChunkedCall:
         self._sliced: list[bool] = []  # per input: sliced along dimension 0, or sent whole
         self._output_rows: list[list[int]] = []  # per output: its rows in each slice
         self._slice_rows: list[int] = []  # the batch's rows in each slice
+        self.given_seeds: list[int] | None = None  # a recompute's: its first run's seeds
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
         k = min(self.micro_batches, (rows + 1) // 2)  # some slice holds 2 samples or more
         if k <= 1:  # nothing to slice: one ordinary call
             call = self._new_call(tuple(t.detach() for t in tensors))
+            call.given_seeds = self.given_seeds
             outputs = call.forward(tensors)
             self.calls, self.output_template = [call], call.output_template
             return outputs
@@ -83,9 +85,10 @@ class ChunkedCall:
         # The handshake once, here: concurrent first calls would each wait for the channel
         # (grpc.channel_ready_future), leaving polling threads behind.
         self.client.info()
-        for call in self.calls:
+        given = self.given_seeds if self.given_seeds and len(self.given_seeds) == k else None
+        for index, call in enumerate(self.calls):
             # The slices' dropout seeds in slice order, whatever order the threads run in.
-            call.seed = self.client._next_seed()
+            call.seed = given[index] if given else self.client._next_seed()
         try:
             return self._joined(sent, rows, k)
         except BaseException:
@@ -183,6 +186,9 @@ class ChunkedCall:
             join_grads(parts, self._sliced[index], [c._inputs[index] for c in self.calls])
             for index, parts in enumerate(zip(*results, strict=True))
         ]
+
+    def seeds(self) -> list[int]:
+        return [call.seed for call in self.calls]
 
     def release(self) -> None:
         for call in self.calls:

@@ -306,7 +306,9 @@ class TrunkEngine:
                             template,
                             leaves,
                             call.training,
-                            seed if keep else None,
+                            # Kept, or in training mode: a torch.utils.checkpoint of the client
+                            # may run it again (under no_grad first, if reentrant) with this seed.
+                            seed if keep or call.training else None,
                             grad=graph,
                             autocast=call.autocast,
                         )

@@ -51,10 +51,16 @@ class RemoteCall:
         self._inputs: tuple[torch.Tensor, ...] = ()  # detached: resent if the server loses them
         self._needs: list[bool] = []
         self.seed = 0  # the server's RNG seed for this forward
+        self.given_seeds: list[int] | None = None  # a recompute's: its first run's seed
         self.weights_version = 0  # the trunk's weights the forward ran on
         self.nonfinite = False  # the last backward's trunk gradients were NaN/inf (not kept)
 
+    def seeds(self) -> list[int]:
+        return [self.seed]
+
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if self.given_seeds:
+            self.seed = self.given_seeds[0]
         args, kwargs = unflatten(self.template, tensors)
         needs = [t.requires_grad and t.is_floating_point() for t in tensors]
         self._needs = needs if self.keep_context else [False] * len(tensors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -31,14 +32,27 @@ def _autocast_dtype(device_type: str) -> str:
 
 
 # torch.utils.checkpoint runs a checkpointed forward again inside the backward, restoring the
-# client's RNG state; the trunk's randomness is drawn on the server, where nothing restores it.
+# client's RNG state first; the trunk's randomness is drawn on the server from the seed its
+# Compute carries. So each training forward's seeds are remembered under the client's RNG
+# state (what the checkpoint restores): a forward inside a backward finds its first run's.
 _RECOMPUTED = (
     "a RemoteModule ran its forward inside a backward pass (torch.utils.checkpoint recomputing "
-    "it) in training mode: the trunk's randomness (dropout) is drawn anew on the server, so if "
-    "the trunk has any, the recomputed output is not the one the loss used and the gradients "
-    "are wrong. Keep the RemoteModule outside checkpointed functions (docs/habits.md, "
-    "'Activation checkpointing')"
+    "it) in training mode, and its first run's dropout seed could not be told (two forwards "
+    "with the same RNG state, or one too long ago): the trunk's randomness (dropout) is drawn "
+    "anew on the server, so if the trunk has any, the recomputed output is not the one the "
+    "loss used and the gradients are wrong (docs/habits.md, 'Activation checkpointing')"
 )
+_SEEDS_KEPT = 1024  # training forwards whose seeds a recompute may ask for
+_AMBIGUOUS: list[int] = []  # two forwards from one RNG state: no seed to give back
+
+
+def _rng_state() -> int:
+    """The client's RNG state as torch.utils.checkpoint saves and restores it (the CPU
+    generator, and the current CUDA device's where CUDA is in use): a few microseconds."""
+    state = hash(torch.default_generator.get_state().numpy().tobytes())
+    if torch.cuda.is_initialized():
+        state = hash((state, torch.cuda.get_rng_state().numpy().tobytes()))
+    return state
 
 
 class RemoteModule(nn.Module):
@@ -78,6 +92,8 @@ class RemoteModule(nn.Module):
         self._dummy = torch.zeros(1, requires_grad=True)
         self._dummy.grad = torch.ones(1)
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
+        # Seeds of recent training forwards by the client's RNG state then (see _rng_state).
+        self._seeds: OrderedDict[int, tuple[int, list[int]]] = OrderedDict()
         self.trunk_requires_grad = True  # requires_grad_(False) freezes the trunk (below)
 
     @property
@@ -90,8 +106,12 @@ class RemoteModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._cast_dtype is not None:
             self._check_cast()
-        if self.training and torch._C._current_graph_task_id() != -1:
-            warnings.warn(_RECOMPUTED, stacklevel=2)  # a forward run again inside a backward
+        rng = _rng_state() if self.training else None
+        again = rng is not None and torch._C._current_graph_task_id() != -1  # a recompute
+        kept = self._seeds.pop(rng, None) if rng is not None and again else None
+        seeds = kept[1] if kept else None
+        if again and not seeds:
+            warnings.warn(_RECOMPUTED, stacklevel=2)
         template, tensors = flatten((list(args), kwargs))
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
@@ -112,9 +132,25 @@ class RemoteModule(nn.Module):
             if slices > 1
             else RemoteCall(self.client, template, **kwargs)
         )
+        call.given_seeds = seeds or None  # the first run's, for a recompute
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
+        if rng is not None and not again:
+            self._remember_seeds(rng, call.seeds())
         return unflatten(call.output_template, outputs)
+
+    def _remember_seeds(self, rng: int, seeds: list[int]) -> None:
+        # Two forwards from one RNG state with no backward between (nothing drawn on this
+        # side): a recompute could not tell whose seeds it needs. One before a backward is
+        # another step's, replaced.
+        events = self.client.grad_events
+        kept = self._seeds.get(rng)
+        if kept is not None and kept[0] == events and kept[1] != seeds:
+            seeds = _AMBIGUOUS
+        self._seeds[rng] = (events, seeds)
+        self._seeds.move_to_end(rng)
+        while len(self._seeds) > _SEEDS_KEPT:
+            self._seeds.popitem(last=False)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RemoteModule:
         # nn.Module.to()/half()/double()/float() land here. A move to another device concerns

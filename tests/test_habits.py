@@ -16,6 +16,7 @@ from polling import wait_for
 from torch import nn
 
 from remote_autograd import (
+    ClientOptions,
     Encoder,
     RemoteModule,
     RemoteOptimizer,
@@ -390,21 +391,85 @@ def test_clip_grad_norm_of_the_whole_model_includes_the_trunk(start_server):
     split.close()
 
 
-def test_a_checkpoint_that_runs_the_trunk_again_in_training_mode_warns(start_server):
-    """torch.utils.checkpoint restores the client's RNG for its recompute, not the server's:
-    with dropout in the trunk the recomputed output is another one. Each kind of checkpoint
-    warns when it runs the trunk again in training mode; in eval mode nothing differs."""
+def _dropout_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)).double()
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("how", ["plain", "reentrant", "non_reentrant"])
+def test_a_checkpointed_trunk_with_dropout_trains_as_without_checkpoint(
+    start_server, how, micro_batches
+):
+    """torch.utils.checkpoint runs the RemoteModule's forward again in the backward, after
+    restoring the client's RNG state: the forward finds the seeds its first run had under that
+    state, so the trunk draws the same dropout masks. Three steps with ClientOptions(seed=...)
+    equal the same steps without checkpoint, bit for bit (the recompute drew new masks: the
+    gradients belonged to neither forward), and nothing is warned."""
+    from torch.utils.checkpoint import checkpoint
+
+    results = {}
+    for run in ("plain", how):
+        server = start_server(_dropout_trunk())
+        options = ClientOptions(seed=7, micro_batches=micro_batches)
+        remote = RemoteModule(server.address, options=options)
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        x = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        for _ in range(3):
+            optimizer.zero_grad()
+            x.grad = None
+
+            def part(t, remote=remote):
+                return remote(t * 1.0) * 2
+
+            y = part(x) if run == "plain" else checkpoint(part, x, use_reentrant=run == "reentrant")
+            y.sum().backward()
+            optimizer.step()
+        results[run] = (x.grad, remote.remote_state_dict())
+        remote.close()
+    (grad, weights), (plain_grad, plain_weights) = results[how], results["plain"]
+    assert torch.equal(grad, plain_grad)
+    for name, value in weights.items():
+        assert torch.equal(value, plain_weights[name]), name
+
+
+def test_a_recomputed_forward_without_a_seed_option_gets_its_first_runs_masks(start_server):
+    """Without ClientOptions(seed=...) the server picks each forward's seed; the recompute is
+    given the one the first run got: its output is the first run's, for either checkpoint."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    remote = RemoteModule(start_server(_dropout_trunk()).address)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for reentrant in (True, False):
+        seen: list[torch.Tensor] = []
+
+        def part(t, seen=seen):
+            out = remote(t)
+            seen.append(out.detach().clone())
+            return out * 2
+
+        with set_checkpoint_early_stop(False):  # the recompute runs all of part
+            checkpoint(part, x, use_reentrant=reentrant).sum().backward()
+        assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    remote.close()
+
+
+def test_a_recompute_whose_seeds_cannot_be_told_warns(start_server):
+    """The trunk twice in one checkpointed function, nothing drawn here between: both forwards
+    start from one RNG state, so the recompute cannot tell which seeds are its own, and says
+    so. In eval mode there is nothing to tell."""
     from torch.utils.checkpoint import checkpoint
 
     server = start_server(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).double())
     remote = RemoteModule(server.address)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     for reentrant in (True, False):
-        y = checkpoint(lambda t: remote(t) * 2, x, use_reentrant=reentrant)
+        y = checkpoint(lambda t: remote(remote(t)) * 2, x, use_reentrant=reentrant)
         with pytest.warns(UserWarning, match="inside a backward pass"):
             y.sum().backward()
     remote.eval()
-    y = checkpoint(lambda t: remote(t) * 2, x, use_reentrant=False)
+    y = checkpoint(lambda t: remote(remote(t)) * 2, x, use_reentrant=False)
     y.sum().backward()  # no warning: the filter turns any into an error
     remote.close()
 
