@@ -674,6 +674,73 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_optim.py::test_a_failed_step_is_raised_when_the_block_ends",),
         "stepping() raises the trunk step's error when its block ends",
     ),
+    # -- session 11 ----------------------------------------------------------------------------
+    M(
+        "compute_seconds_count_the_wait",
+        "remote_autograd/engine.py",
+        "                started = time.perf_counter()  # not the wait: see compute()",
+        "                pass",
+        (
+            "tests/test_chunks.py::test_the_seconds_a_slice_waits_for_the_trunk_are_not_counted_as_its_compute",
+        ),
+        "a reply's compute_seconds count the trunk's time, not the wait for it",
+    ),
+    M(
+        "unanswered_step_not_settled",
+        "remote_autograd/optim.py",
+        "        if self._unsettled is not None and self._settled():",
+        "        if False:",
+        (
+            "tests/test_optim.py::test_a_step_that_got_no_answer_is_applied_once_whatever_the_loop_does_next",
+        ),
+        "a step that got no answer is settled with the server before the next one",
+    ),
+    M(
+        "lost_backward_added_twice",
+        "remote_autograd/engine.py",
+        "                    again = call.seq <= context.answered",
+        "                    again = False",
+        (
+            "tests/test_faults.py::test_a_backward_whose_reply_and_context_were_lost_is_not_accumulated_twice",
+        ),
+        "a Backward answered by a context that went away is not added again",
+    ),
+    M(
+        "retried_forward_moves_buffers_twice",
+        "remote_autograd/engine.py",
+        "                if again:\n                    restore_buffers(before)",
+        "                if False:\n                    restore_buffers(before)",
+        ("tests/test_faults.py::test_a_retried_training_forward_moves_batchnorm_statistics_once",),
+        "a retried training Compute moves BatchNorm statistics once",
+    ),
+    M(
+        "checkpoint_module_unchecked",
+        "remote_autograd/engine.py",
+        '                check_module_state(state.get("module"), self.module)',
+        "                pass",
+        ("tests/test_checkpoint.py::test_a_checkpoint_that_does_not_hold_is_refused_whole",),
+        "a checkpoint's module state is checked before any of it is loaded",
+    ),
+    M(
+        "recompute_forgets_its_seeds",
+        "remote_autograd/module.py",
+        "        call.given_seeds = seeds or None  # the first run's, for a recompute",
+        "        call.given_seeds = None",
+        (
+            "tests/test_habits.py::test_a_recomputed_forward_without_a_seed_option_gets_its_first_runs_masks",
+        ),
+        "a checkpoint's recompute gets its first run's dropout seeds",
+    ),
+    M(
+        "slices_all_equal",
+        "remote_autograd/chunks.py",
+        "    if extra == 0:  # base >= 2 here",
+        "    if False:",
+        (
+            "tests/test_chunks.py::test_an_output_without_the_batch_is_refused_at_every_batch_size_or_computed_whole",
+        ),
+        "slices are never all equal, so a fixed-size output is refused",
+    ),
 ]
 
 
