@@ -62,7 +62,7 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .engine import ID_PATTERN, CheckpointPace, TrunkEngine
+from .engine import ID_PATTERN, CheckpointPace, TrunkEngine, paced_checkpoint
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
 from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
 from .guard import StepBackup, check_finite_weights
@@ -621,18 +621,13 @@ class AdapterEngine:
         log.debug("checkpoint of %d adapters saved to %s", len(saved), path)
         return version
 
-    def requested_checkpoint(self) -> int:
-        """The Checkpoint RPC: :meth:`checkpoint`, paced like the single-trunk engine's."""
-        if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
-            try:
-                self.checkpoint_pace.ask()
-            except LimitExceeded:
-                if self.saved_version == self.weights_version:
-                    # Saved moments ago with these weights: a retry of a Checkpoint whose
-                    # reply was lost, say. Answered, not refused.
-                    return self.weights_version
-                raise
-        return self.checkpoint()
+    def requested_checkpoint(self, session: Session) -> int:
+        """The Checkpoint RPC (:func:`~remote_autograd.engine.paced_checkpoint`); the caller's
+        own adapter's version, not all adapters' steps (what other clients did)."""
+        paced_checkpoint(self)
+        with self._lock:
+            adapter = self._adapters.get(_identity(session))
+        return adapter.engine.weights_version if adapter is not None else 0
 
     def save_if_changed(self) -> None:
         """A checkpoint when some adapter moved since the last one (and a path is set)."""

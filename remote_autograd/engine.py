@@ -85,7 +85,7 @@ from .validate import (
     step_groups,
 )
 
-__all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine"]
+__all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine", "paced_checkpoint"]
 
 # Optimizers of torch.optim whose step fails on FSDP2's sharded parameters (DTensor
 # placement changes in Adafactor's pow_, Rprop's index_put_), tried on torch 2.13.
@@ -119,6 +119,21 @@ class CheckpointPace:
                     f"{wait:.1f} s (min_checkpoint_interval={self.interval:g})"
                 )
             self._asked = now
+
+
+def paced_checkpoint(engine: Any) -> int:
+    """A checkpoint asked for by a client (either engine): at most once per
+    min_checkpoint_interval seconds for all clients together (each fsyncs the whole trunk).
+    One asked within the wait with the weights unmoved since the last save (a retry of a
+    Checkpoint whose reply was lost, say) is answered with that save, not refused."""
+    if engine.options.checkpoint_path:  # else checkpoint() says NotConfigured
+        try:
+            engine.checkpoint_pace.ask()
+        except LimitExceeded:
+            if engine.saved_version == engine.weights_version:
+                return engine.weights_version
+            raise
+    return engine.checkpoint()
 
 
 class TrunkEngine:
@@ -849,19 +864,9 @@ class TrunkEngine:
 
         return give
 
-    def requested_checkpoint(self) -> int:
-        """The Checkpoint RPC: :meth:`checkpoint`, at most once per min_checkpoint_interval
-        seconds for all clients together (each one fsyncs the whole trunk)."""
-        if self.options.checkpoint_path:  # else checkpoint() says NotConfigured
-            try:
-                self.checkpoint_pace.ask()
-            except LimitExceeded:
-                if self.saved_version == self.weights_version:
-                    # Saved moments ago with these weights: a retry of a Checkpoint whose
-                    # reply was lost, say. Answered, not refused.
-                    return self.weights_version
-                raise
-        return self.checkpoint()
+    def requested_checkpoint(self, session: Session) -> int:
+        """The Checkpoint RPC: :func:`paced_checkpoint`; the weights version saved."""
+        return paced_checkpoint(self)
 
     def save_if_changed(self) -> None:
         """A checkpoint when the weights moved since the last one (and a path is set)."""

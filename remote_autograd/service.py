@@ -347,8 +347,7 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
-        self.session(context)
-        version = self.engine.requested_checkpoint()
+        version = self.engine.requested_checkpoint(self.session(context))
         return pb.CheckpointReply(path=self.options.checkpoint_path, weights_version=version)
 
     @_rpc

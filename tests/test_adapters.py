@@ -762,3 +762,21 @@ def test_adapters_trained_with_other_lora_options_or_another_base_are_refused(tm
     with pytest.raises(ValueError, match="trained on another base trunk"):
         AdapterEngine(other, options, adapter_options())
     assert AdapterEngine(dropout_trunk(), options, adapter_options()).stats()["adapters"] == 1
+
+
+def test_a_checkpoint_reply_says_only_the_callers_own_version(tmp_path):
+    """The reply's weights_version was every adapter's steps summed: what other clients did."""
+    options = ServerOptions(
+        tokens=TOKENS, checkpoint_path=str(tmp_path / "a.ckpt"), min_checkpoint_interval=0
+    )
+    server = serve(AdapterEngine(dropout_trunk(), options, adapter_options()), "127.0.0.1:0")
+    try:
+        a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
+        optimizer = RemoteOptimizer(a, torch.optim.Adam, lr=0.01)
+        for _ in range(3):
+            a(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
+            optimizer.step()
+        assert a.client.checkpoint().weights_version == 3
+        assert b.client.checkpoint().weights_version == 0
+    finally:
+        server.stop(grace=None)
