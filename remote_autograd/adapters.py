@@ -635,6 +635,7 @@ class AdapterEngine:
             self.checkpoint(on_error="log")
 
     def _restore(self, path: str) -> None:
+        checkpoint_file.remove_temporaries(path)  # left by writes killed mid-way
         state = checkpoint_file.load_checkpoint(path)
         if state is None:
             log.info("no checkpoint at %s yet: every client starts a new adapter", path)

@@ -52,7 +52,7 @@ def write_atomically(path: str, buffers: Sequence[bytes | memoryview]) -> None:
     a temporary file in the same directory, flushed to disk, renamed over it, the directory
     flushed too."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             for buffer in buffers:
@@ -69,6 +69,24 @@ def write_atomically(path: str, buffers: Sequence[bytes | memoryview]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-"
+
+
+def remove_temporaries(path: str) -> int:
+    """Remove what writes of ``path`` killed mid-way left (a server starting: none of its
+    own is under way); returns how many."""
+    directory, prefix = os.path.dirname(os.path.abspath(path)), _temporary_prefix(path)
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+    return removed
 
 
 def load_checkpoint(path: str) -> dict[str, Any] | None:

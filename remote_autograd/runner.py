@@ -186,7 +186,9 @@ class TrunkRunner:
         checkpoint_file.save_checkpoint(path, state)
 
     def load_checkpoint(self, path: str) -> dict[str, Any] | None:
-        """The checkpoint at ``path``, or None if there is none yet."""
+        """The checkpoint at ``path``, or None if there is none yet (at start: what writes
+        killed mid-way left beside it is removed)."""
+        checkpoint_file.remove_temporaries(path)
         return checkpoint_file.load_checkpoint(path)
 
     def _seeded(self, seed: int, args: list[Any], kwargs: dict[str, Any]) -> Any:

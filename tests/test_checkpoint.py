@@ -238,3 +238,20 @@ def test_a_checkpoint_with_more_sessions_than_allowed_says_which_option(tmp_path
         server.stop(grace=None)
     with pytest.raises(ValueError, match="holds 3 sessions, more than max_sessions=2: raise"):
         serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path, max_sessions=2))
+
+
+def test_a_starting_server_removes_what_killed_writes_of_its_checkpoint_left(tmp_path):
+    """A server killed while writing leaves its temporary file (74 MiB after four kills in a
+    probe); the next start removes those of its own checkpoint, and only those."""
+    path = tmp_path / "trunk.ckpt"
+    left = [tmp_path / ".trunk.ckpt.tmp-k1ll3d", tmp_path / ".trunk.ckpt.tmp-ag4in"]
+    other = tmp_path / ".other.ckpt.tmp-k1ll3d"
+    for file in (*left, other):
+        file.write_bytes(b"half a checkpoint")
+    server = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=str(path)))
+    try:
+        assert not any(file.exists() for file in left) and other.exists()
+        assert server.engine.checkpoint() == 0 and path.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
+    finally:
+        server.stop(grace=None)
