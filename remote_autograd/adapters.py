@@ -536,10 +536,15 @@ class AdapterEngine:
             return engine.configure_optimizer(session, name, options, groups)
 
     def grad_norms(
-        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+        self,
+        session: Session,
+        norm_type: float,
+        zero_grad: int,
+        grad_scale: float,
+        ops_id: str = "",
     ) -> tuple[list[float], torch.dtype]:
         with self._use(session) as engine:
-            return engine.grad_norms(session, norm_type, zero_grad, grad_scale)
+            return engine.grad_norms(session, norm_type, zero_grad, grad_scale, ops_id)
 
     def step(self, session: Session, call: StepCall) -> StepResult:
         with self._use(session) as engine:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -293,8 +294,8 @@ class TrunkClient:
 
         Every call retried here is idempotent on the server: Compute re-creates the context
         under the same request id, Backward carries its sequence number and Step its step
-        number (a repeat is answered from the first result), the rest set state. GradNorm
-        carrying a deferred zero_grad or clip scale is not repeated (retry=False).
+        number (a repeat is answered from the first result), GradNorm carrying a deferred
+        zero_grad or clip scale its ops_id (applied once), the rest set state.
         """
         attempts = 1 + (self.options.retries if retry else 0)
         delay = self.options.retry_backoff
@@ -583,11 +584,14 @@ class TrunkClient:
         self._await_step()
         stub = self._connect()
         zero, scale = self._take_grad_ops()
-        request = pb.GradNormRequest(norm_type=norm_type, zero_grad=zero, grad_scale=scale)
-        # A deferred zero_grad/scale is applied by the server on arrival: not safe to repeat.
-        safe = zero == pb.ZERO_GRAD_NONE and scale == 1.0
+        # A deferred zero_grad/scale is applied by the server on arrival: named, so that a
+        # retry (a lost reply) does not apply it twice.
+        ops_id = "" if zero == pb.ZERO_GRAD_NONE and scale == 1.0 else secrets.token_hex(8)
+        request = pb.GradNormRequest(
+            norm_type=norm_type, zero_grad=zero, grad_scale=scale, ops_id=ops_id
+        )
         try:
-            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()), retry=safe)
+            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise

@@ -553,7 +553,12 @@ class TrunkEngine:
         ]
 
     def grad_norms(
-        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+        self,
+        session: Session,
+        norm_type: float,
+        zero_grad: int,
+        grad_scale: float,
+        ops_id: str = "",
     ) -> tuple[list[float], torch.dtype]:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
         and the gradients' dtype."""
@@ -562,16 +567,24 @@ class TrunkEngine:
             "norm_type": norm_type,
             "zero_grad": int(zero_grad),
             "grad_scale": grad_scale,
+            "ops_id": ops_id,
         }
         with session.lock, self._lock, self.runner.mirrored("grad_norms", session, **args):
             return self.norms(session, **args)
 
     def norms(
-        self, session: Session, norm_type: float, zero_grad: int, grad_scale: float
+        self,
+        session: Session,
+        norm_type: float,
+        zero_grad: int,
+        grad_scale: float,
+        ops_id: str = "",
     ) -> tuple[list[float], torch.dtype]:
         """:meth:`grad_norms` once checked (the caller holds the locks)."""
         self.runner.combine(session)
-        session.apply_pending(zero_grad, grad_scale)
+        if not ops_id or ops_id != session.last_ops_id:  # not a retry's, applied already
+            session.apply_pending(zero_grad, grad_scale)
+            session.last_ops_id = ops_id
         grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
         if not grads:
             return [], torch.float32

@@ -323,6 +323,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             request.norm_type or 2.0,
             ZeroGrad.from_wire(request.zero_grad),
             request.grad_scale,
+            ops_id=request.ops_id[:64],
         )
         return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))
 

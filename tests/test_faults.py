@@ -24,6 +24,7 @@ from remote_autograd import (
     ServerUnavailable,
     StaleContext,
     SteppedTrunkWarning,
+    clip_grad_norm_,
     serve,
 )
 from remote_autograd.checkpoint_file import load_checkpoint
@@ -447,5 +448,34 @@ def test_a_retried_training_forward_moves_batchnorm_statistics_once():
         for name, value in local.state_dict().items():
             assert torch.equal(server.engine.module.state_dict()[name], value), name
         out.sum().backward()  # the kept context is the retry's, and it works
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_gradnorm_whose_reply_was_lost_is_retried_and_scales_once():
+    """The second clip_grad_norm_ of a step sends a GradNorm carrying the first clip's scale;
+    its reply is lost after the server applied it. The retry (the same ops id) does not apply
+    it again (GradNorm was not retried: the client put the scale back and the Step applied it
+    a second time). The trunk equals the local model clipped twice."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4).double()
+    local = copy.deepcopy(trunk)
+    drop = DropFirstReply("GradNorm", nth=2)
+    server = serve(trunk, interceptors=[drop])
+    try:
+        remote = RemoteModule(server.address, options=ClientOptions(retry_backoff=0.01))
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+        x = torch.randn(3, 4, dtype=torch.float64) * 5
+        remote(x).square().sum().backward()
+        local(x).square().sum().backward()
+        for max_norm in (1.0, 0.5):
+            clip_grad_norm_(remote, max_norm)
+            torch.nn.utils.clip_grad_norm_(local.parameters(), max_norm)
+        assert drop.dropped == 1
+        optimizer.step()
+        local_optimizer.step()
+        for name, value in remote.remote_state_dict().items():
+            assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
     finally:
         server.stop(grace=None)
