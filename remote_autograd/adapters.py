@@ -56,6 +56,7 @@ from .calls import (
     BackwardResult,
     ComputeCall,
     ComputeResult,
+    GradNormCall,
     StepCall,
     StepResult,
     TrunkInfo,
@@ -535,16 +536,9 @@ class AdapterEngine:
         with self._use(session) as engine:
             return engine.configure_optimizer(session, name, options, groups)
 
-    def grad_norms(
-        self,
-        session: Session,
-        norm_type: float,
-        zero_grad: int,
-        grad_scale: float,
-        ops_id: str = "",
-    ) -> tuple[list[float], torch.dtype]:
+    def grad_norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
         with self._use(session) as engine:
-            return engine.grad_norms(session, norm_type, zero_grad, grad_scale, ops_id)
+            return engine.grad_norms(session, call)
 
     def step(self, session: Session, call: StepCall) -> StepResult:
         with self._use(session) as engine:

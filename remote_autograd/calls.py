@@ -68,6 +68,14 @@ class BackwardResult:
 
 
 @dataclass(frozen=True)
+class GradNormCall:
+    norm_type: float = 2.0
+    zero_grad: int = 0  # a deferred zero_grad() (ZeroGrad) and clip scale, applied first
+    grad_scale: float = 0.0
+    ops_id: str = ""  # names them: a retry with the same id does not apply them again
+
+
+@dataclass(frozen=True)
 class StepCall:
     step: int  # 1, 2...: the session's step number; a repeat is a replay
     param_groups: list[dict[str, Any]] | None = None  # hyperparameters per group (schedulers)

@@ -13,6 +13,7 @@ lock (``_lock``, held while the module runs or its weights change).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -30,6 +31,7 @@ from .calls import (
     BackwardResult,
     ComputeCall,
     ComputeResult,
+    GradNormCall,
     StepCall,
     StepResult,
     TrunkInfo,
@@ -552,39 +554,21 @@ class TrunkEngine:
             for group, spec in zip(optimizer.param_groups, named, strict=True)
         ]
 
-    def grad_norms(
-        self,
-        session: Session,
-        norm_type: float,
-        zero_grad: int,
-        grad_scale: float,
-        ops_id: str = "",
-    ) -> tuple[list[float], torch.dtype]:
+    def grad_norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
         and the gradients' dtype."""
-        check_grad_scale(grad_scale, self.options, "GradNorm")
-        args: dict[str, Any] = {
-            "norm_type": norm_type,
-            "zero_grad": int(zero_grad),
-            "grad_scale": grad_scale,
-            "ops_id": ops_id,
-        }
+        check_grad_scale(call.grad_scale, self.options, "GradNorm")
+        args = dataclasses.asdict(call)
         with session.lock, self._lock, self.runner.mirrored("grad_norms", session, **args):
-            return self.norms(session, **args)
+            return self.norms(session, call)
 
-    def norms(
-        self,
-        session: Session,
-        norm_type: float,
-        zero_grad: int,
-        grad_scale: float,
-        ops_id: str = "",
-    ) -> tuple[list[float], torch.dtype]:
+    def norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
         """:meth:`grad_norms` once checked (the caller holds the locks)."""
+        norm_type = call.norm_type
         self.runner.combine(session)
-        if not ops_id or ops_id != session.last_ops_id:  # not a retry's, applied already
-            session.apply_pending(zero_grad, grad_scale)
-            session.last_ops_id = ops_id
+        if not call.ops_id or call.ops_id != session.last_ops_id:  # a retry's: applied already
+            session.apply_pending(call.zero_grad, call.grad_scale)
+            session.last_ops_id = call.ops_id
         grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
         if not grads:
             return [], torch.float32

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .calls import StepCall
+from .calls import GradNormCall, StepCall
 from .errors import InvalidRequest
 from .sessions import ZeroGrad
 from .tree import flatten
@@ -138,7 +138,7 @@ class Follower:
             grads, self.last_param_grads = self.last_param_grads, []
             engine.account(session, grads, **args)
         elif name == "grad_norms":
-            engine.norms(session, **args)
+            engine.norms(session, GradNormCall(**args))
         elif name == "configure":
             engine.configure_optimizer(session, **args)
         elif name == "step":

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from . import __version__, bulk, cancellation, codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
-from .calls import BackwardCall, ComputeCall, StepCall
+from .calls import BackwardCall, ComputeCall, GradNormCall, StepCall
 from .engine import TrunkEngine
 
 if TYPE_CHECKING:
@@ -318,13 +318,13 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def GradNorm(self, request: pb.GradNormRequest, context: grpc.ServicerContext):
-        norms, dtype = self.engine.grad_norms(
-            self.session(context),
-            request.norm_type or 2.0,
-            ZeroGrad.from_wire(request.zero_grad),
-            request.grad_scale,
+        call = GradNormCall(
+            norm_type=request.norm_type or 2.0,
+            zero_grad=int(ZeroGrad.from_wire(request.zero_grad)),
+            grad_scale=request.grad_scale,
             ops_id=request.ops_id[:64],
         )
+        norms, dtype = self.engine.grad_norms(self.session(context), call)
         return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))
 
     @_rpc

@@ -707,6 +707,20 @@ def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
 
 
+def _checkpoint_adapters(engine: AdapterEngine, clients: int) -> None:
+    """Serve ``engine``, let ``clients`` clients each take one Adam step, save, stop."""
+    server = serve(engine, "127.0.0.1:0")
+    try:
+        for index in range(clients):
+            client = RemoteModule(server.address, options=client_options(index))
+            optimizer = RemoteOptimizer(client, torch.optim.Adam, lr=0.01)
+            client(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
+            optimizer.step()
+        engine.checkpoint()
+    finally:
+        server.stop(grace=None)
+
+
 @pytest.mark.parametrize("device", ["nosuchdevice", "cuda:99"])
 def test_an_offload_device_this_machine_lacks_is_refused_at_start(device):
     """Refused by name when the server starts (it was found at the first offload, failing
@@ -724,16 +738,7 @@ def test_a_restart_keeps_max_resident_adapters_and_a_single_trunk_refuses_the_fi
     path = str(tmp_path / "adapters.ckpt")
     options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
     limited = adapter_options(max_resident_adapters=1)
-    server = serve(AdapterEngine(dropout_trunk(), options, limited), "127.0.0.1:0")
-    clients = [RemoteModule(server.address, options=client_options(i)) for i in range(3)]
-    try:
-        for client in clients:
-            optimizer = RemoteOptimizer(client, torch.optim.Adam, lr=0.01)
-            client(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
-            optimizer.step()
-        server.engine.checkpoint()
-    finally:
-        server.stop(grace=None)
+    _checkpoint_adapters(AdapterEngine(dropout_trunk(), options, limited), clients=3)
     restored = AdapterEngine(dropout_trunk(), options, limited)
     assert restored.stats()["adapters"] == 3 and restored.stats()["resident_adapters"] == 1
     with pytest.raises(ValueError, match="is a checkpoint of per-client adapters"):
@@ -745,15 +750,7 @@ def test_adapters_trained_with_other_lora_options_or_another_base_are_refused(tm
     weight moved), loaded without a word and computed something else."""
     path = str(tmp_path / "adapters.ckpt")
     options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
-    server = serve(AdapterEngine(dropout_trunk(), options, adapter_options()), "127.0.0.1:0")
-    try:
-        client = RemoteModule(server.address, options=client_options(0))
-        optimizer = RemoteOptimizer(client, torch.optim.Adam, lr=0.01)
-        client(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
-        optimizer.step()
-        server.engine.checkpoint()
-    finally:
-        server.stop(grace=None)
+    _checkpoint_adapters(AdapterEngine(dropout_trunk(), options, adapter_options()), clients=1)
     with pytest.raises(ValueError, match=f"trained with alpha={ALPHA}, this server has alpha=32"):
         AdapterEngine(dropout_trunk(), options, adapter_options(alpha=32))
     other = dropout_trunk()

@@ -138,15 +138,19 @@ def test_a_lost_reply_is_retried_and_applied_once(method, bulk_min_bytes, refere
         server.stop(grace=None)
 
 
+def _linear_losing_a_reply(method: str, nth: int, width: int):
+    """A float64 Linear trunk served with the ``nth`` reply of ``method`` lost; its local twin."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(width, width).double()
+    drop = DropFirstReply(method, nth=nth)
+    return serve(trunk, interceptors=[drop]), drop, copy.deepcopy(trunk)
+
+
 def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
     """Two micro-batches per step, the second Backward's reply lost: its retry carries no
     zero_grad that could hide a second accumulation, so the session's gradients must be
     exactly the two micro-batches' sum (computed here with the same trunk, float64)."""
-    torch.manual_seed(0)
-    trunk = torch.nn.Linear(8, 8).double()
-    local = copy.deepcopy(trunk)
-    drop = DropFirstReply("Backward", nth=2)
-    server = serve(trunk, interceptors=[drop])
+    server, drop, local = _linear_losing_a_reply("Backward", 2, 8)
     try:
         remote = RemoteModule(server.address, options=ClientOptions(retry_backoff=0.01))
         optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
@@ -457,11 +461,7 @@ def test_a_gradnorm_whose_reply_was_lost_is_retried_and_scales_once():
     its reply is lost after the server applied it. The retry (the same ops id) does not apply
     it again (GradNorm was not retried: the client put the scale back and the Step applied it
     a second time). The trunk equals the local model clipped twice."""
-    torch.manual_seed(0)
-    trunk = torch.nn.Linear(4, 4).double()
-    local = copy.deepcopy(trunk)
-    drop = DropFirstReply("GradNorm", nth=2)
-    server = serve(trunk, interceptors=[drop])
+    server, drop, local = _linear_losing_a_reply("GradNorm", 2, 4)
     try:
         remote = RemoteModule(server.address, options=ClientOptions(retry_backoff=0.01))
         optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
