@@ -146,6 +146,14 @@ def _linear_losing_a_reply(method: str, nth: int, width: int):
     return serve(trunk, interceptors=[drop]), drop, copy.deepcopy(trunk)
 
 
+def _assert_stepped_alike(optimizer, local_optimizer, remote, local) -> None:
+    """Step both; the trunk then equals the local twin, bit for bit."""
+    optimizer.step()
+    local_optimizer.step()
+    for name, value in remote.remote_state_dict().items():
+        assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
+
+
 def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
     """Two micro-batches per step, the second Backward's reply lost: its retry carries no
     zero_grad that could hide a second accumulation, so the session's gradients must be
@@ -167,10 +175,7 @@ def test_a_lost_reply_of_a_later_micro_batch_is_not_accumulated_twice():
         grads = server.engine.sessions.values()[0].grads
         for name, param in local.named_parameters():
             assert torch.equal(grads[name], param.grad), name
-        optimizer.step()
-        local_optimizer.step()
-        for name, value in remote.remote_state_dict().items():
-            assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
+        _assert_stepped_alike(optimizer, local_optimizer, remote, local)
     finally:
         server.stop(grace=None)
 
@@ -313,6 +318,15 @@ def test_recompute_mode_matches_and_keeps_only_inputs(reference):
         server.stop(grace=None)
 
 
+def _end(processes: list) -> None:
+    """Kill the server processes a test started and close their pipes."""
+    for process in processes:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
 @pytest.mark.parametrize("bulk_min_bytes", [1 << 18, 0])
 def test_killed_server_restarts_from_its_checkpoint(tmp_path, bulk_min_bytes, reference):
     checkpoint = str(tmp_path / "trunk.ckpt")
@@ -363,11 +377,7 @@ def test_killed_server_restarts_from_its_checkpoint(tmp_path, bulk_min_bytes, re
         assert saved is not None and saved["weights_version"] == STEPS
         assert [s["step"] for s in saved["sessions"].values()] == [STEPS]
     finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-            process.stdout.close()
-            process.stderr.close()
+        _end(processes)
 
 
 def test_checkpoint_on_request_on_schedule_and_at_shutdown(tmp_path, reference):
@@ -428,11 +438,7 @@ def test_a_load_survives_a_kill_of_a_server_that_checkpoints_every_step(tmp_path
             for name, value in restarted.state_dict().items():
                 assert torch.equal(value, loaded[name]), name
     finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-            process.stdout.close()
-            process.stderr.close()
+        _end(processes)
 
 
 def test_a_retried_training_forward_moves_batchnorm_statistics_once():
@@ -473,9 +479,6 @@ def test_a_gradnorm_whose_reply_was_lost_is_retried_and_scales_once():
             clip_grad_norm_(remote, max_norm)
             torch.nn.utils.clip_grad_norm_(local.parameters(), max_norm)
         assert drop.dropped == 1
-        optimizer.step()
-        local_optimizer.step()
-        for name, value in remote.remote_state_dict().items():
-            assert torch.equal(value, dict(local.named_parameters())[name].detach()), name
+        _assert_stepped_alike(optimizer, local_optimizer, remote, local)
     finally:
         server.stop(grace=None)
