@@ -124,15 +124,25 @@ class AdapterOptions:
                 "AdapterOptions.max_resident_adapters and offload_after must be >= 0 "
                 f"(0 turns them off), got {self.max_resident_adapters}, {self.offload_after}"
             )
-        # Checked here, not at the first offload: that failed in another client's call.
+        # Checked here, not at the first offload: that failed in another client's call. (No
+        # tensor is made: that would start CUDA in whatever process builds the options.)
         try:
             device = torch.device(self.offload_device)
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as exc:
+        except RuntimeError as exc:
+            raise ValueError(
+                f"AdapterOptions.offload_device must be a device, got {self.offload_device!r}: "
+                f"{exc}"
+            ) from exc
+        backend: Any = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps...
+        if device.type != "cpu" and (
+            not hasattr(backend, "is_available")
+            or not backend.is_available()
+            or (device.index or 0) >= getattr(backend, "device_count", lambda: 1)()
+        ):
             raise ValueError(
                 f"AdapterOptions.offload_device must be a device this machine has, got "
-                f"{self.offload_device!r}: {exc}"
-            ) from exc
+                f"{self.offload_device!r}"
+            )
 
 
 def to_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,15 +311,18 @@ class AdapterEngine:
         digest = hashlib.blake2b(digest_size=16)
         for name, tensor in [*self.base.named_parameters(), *persistent_buffers(self.base)]:
             flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].cpu().contiguous()
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
+            sample = flat[:: max(1, flat.numel() // 4096)].cpu()
+            if sample.is_quantized:
+                sample = sample.dequantize()
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(sample.contiguous().view(torch.uint8).numpy().tobytes())
         options = self.adapter_options
         return {
             "rank": options.rank,
             "alpha": options.alpha,
             "dropout": options.dropout,
             "target_modules": sorted(options.target_modules),
+            "dtype": str(trunk_dtype(self.base)),  # the base as served (ServerOptions.dtype)
             "base": digest.hexdigest(),
         }
 
@@ -684,7 +697,8 @@ class AdapterEngine:
             log.warning("%s says nothing of the LoRA options or base it was trained with", path)
             return
         now = self.recipe
-        differ = [key for key in ("rank", "alpha", "target_modules") if saved.get(key) != now[key]]
+        keys = ("rank", "alpha", "target_modules", "dtype")
+        differ = [key for key in keys if key in saved and saved[key] != now[key]]
         if differ:
             raise ValueError(
                 f"{path}: its adapters were trained with "
@@ -692,7 +706,7 @@ class AdapterEngine:
                 + ", this server has "
                 + ", ".join(f"{key}={now[key]!r}" for key in differ)
                 + ": start with the options they were trained with (--lora-rank, --lora-alpha, "
-                "--lora-targets)"
+                "--lora-targets, --dtype)"
             )
         if saved.get("base") != now["base"]:
             raise ValueError(

@@ -41,6 +41,7 @@ import collections
 import math
 import struct
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -52,7 +53,7 @@ from .errors import CodecError
 from .memory import to_device, to_host
 from .options import Limits
 from .quantize import QUANTIZATIONS, WIRE_CODECS
-from .tree import flatten, is_model_output, is_named_tuple, unflatten
+from .tree import flatten, is_model_output, is_named_tuple, model_output, unflatten
 
 __all__ = [
     "COMPRESSIONS",
@@ -524,6 +525,7 @@ class _TreeUnpacker:
         self.tensors = tensors
         self.max_depth = max_depth
         self.tuples = 0  # tuple levels open now
+        self.made = 0  # named tuple classes this frame made (each is an eval in namedtuple)
 
     def unpackb(self, data: Any) -> Any:
         try:
@@ -550,7 +552,7 @@ class _TreeUnpacker:
                 items = self.unpackb(payload)
             finally:
                 self.tuples -= 1
-            return tuple(items) if code == _EXT_TUPLE else _named(self.what, items)
+            return tuple(items) if code == _EXT_TUPLE else _named(self, items)
         raise CodecError(f"{self.what}: unknown msgpack extension type {code}")
 
 
@@ -563,8 +565,9 @@ def _unpack(
     return value
 
 
-def _named(what: str, items: Any) -> Any:
+def _named(unpacker: _TreeUnpacker, items: Any) -> Any:
     """A named tuple or ModelOutput from [kind, module, name, fields, values]."""
+    what = unpacker.what
     if not (
         isinstance(items, list)
         and len(items) == 5
@@ -578,7 +581,7 @@ def _named(what: str, items: Any) -> Any:
         raise CodecError(f"{what}: a named value must be [kind, module, name, fields, values]")
     kind, module, name, fields, values = items
     if kind == "tuple":
-        tuple_class: Any = named_tuple_class(what, module, name, tuple(fields))
+        tuple_class: Any = named_tuple_class(unpacker, module, name, tuple(fields))
         try:
             return tuple_class._make(values)
         except Exception as exc:  # noqa: BLE001 - a loaded class may check its values
@@ -587,22 +590,27 @@ def _named(what: str, items: Any) -> Any:
     mapping = dict(zip(fields, values, strict=True))
     if output_class is not None:
         try:
-            return output_class(**mapping)
-        except Exception:  # noqa: BLE001 - another version of the class (other fields)
+            return model_output(output_class, mapping)
+        except Exception:  # noqa: BLE001 - another version of the class (other checks)
             pass
     return mapping
 
 
 _MAX_NAMED_FIELDS = 256  # a named tuple's fields: one class is made per name and fields
 _MAX_NAMED_CLASSES = 256  # classes made for named tuples received, kept for reuse
+_MAX_MADE_PER_FRAME = 16  # classes one frame may make (each costs ~100 us of eval)
 _named_tuples: dict[tuple[str, str, tuple[str, ...]], type] = {}
+_named_lock = threading.Lock()
 
 
-def named_tuple_class(what: str, module: str, name: str, fields: tuple[str, ...]) -> type:
+def named_tuple_class(
+    unpacker: _TreeUnpacker, module: str, name: str, fields: tuple[str, ...]
+) -> type:
     """The sender's class ``module.name`` if this process has loaded it with these fields;
     else a named tuple class of that name and fields, made once."""
-    key = (module, name, fields)
-    found = _named_tuples.get(key) or _loaded_class(module, name)
+    what, key = unpacker.what, (module, name, fields)
+    with _named_lock:
+        found = _named_tuples.get(key) or _loaded_class(module, name)
     if found is not None and issubclass(found, tuple) and getattr(found, "_fields", None) == fields:
         return found
     if len(fields) > _MAX_NAMED_FIELDS or len(name) > 128:
@@ -610,13 +618,20 @@ def named_tuple_class(what: str, module: str, name: str, fields: tuple[str, ...]
             f"{what}: a named tuple may have at most {_MAX_NAMED_FIELDS} fields and a name of "
             "128 characters"
         )
+    unpacker.made += 1
+    if unpacker.made > _MAX_MADE_PER_FRAME:
+        raise CodecError(
+            f"{what}: more than {_MAX_MADE_PER_FRAME} named tuple classes that this process "
+            "does not have in one frame"
+        )
     try:  # namedtuple checks that name and fields are identifiers, not keywords, unique
         cls = collections.namedtuple(name, fields)  # type: ignore[misc]
     except ValueError as exc:
         raise CodecError(f"{what}: named tuple {name!r}{fields!r}: {exc}") from exc
-    if len(_named_tuples) >= _MAX_NAMED_CLASSES:
-        _named_tuples.pop(next(iter(_named_tuples)), None)  # the oldest
-    _named_tuples[key] = cls
+    with _named_lock:
+        if len(_named_tuples) >= _MAX_NAMED_CLASSES:
+            _named_tuples.pop(next(iter(_named_tuples)), None)  # the oldest
+        _named_tuples[key] = cls
     return cls
 
 

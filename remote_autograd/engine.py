@@ -110,6 +110,7 @@ class CheckpointPace:
         self.interval = interval
         self._asked = -float("inf")  # when a checkpoint was last granted (monotonic)
         self._lock = threading.Lock()
+        self.answered: tuple[int, int, int] | None = None  # what the last granted one held
 
     def ask(self) -> None:
         with self._lock:
@@ -132,10 +133,19 @@ def paced_checkpoint(engine: Any) -> int:
         try:
             engine.checkpoint_pace.ask()
         except LimitExceeded:
-            if engine.saved_version == engine.weights_version:
+            if engine.checkpoint_pace.answered == _saved_marker(engine):
                 return engine.weights_version
             raise
-    return engine.checkpoint()
+    version = engine.checkpoint()
+    engine.checkpoint_pace.answered = _saved_marker(engine)
+    return version
+
+
+def _saved_marker(engine: Any) -> tuple[int, int, int]:
+    """What a checkpoint holds, in brief: the weights version, and the sessions with an
+    optimizer and their steps (a new session, a step or a load moves it)."""
+    steps = [s.last_step for s in engine.sessions.values() if s.optimizer is not None]
+    return engine.weights_version, len(steps), sum(steps)
 
 
 class TrunkEngine:
@@ -315,8 +325,13 @@ class TrunkEngine:
                 moved = floating_buffers(self.module) if call.training else []
                 before = buffer_snapshot(self.module) if moved else []  # counters too
                 # A retry of a kept forward whose reply was lost (its context is here): it
-                # runs again, as its first try did, but moves the buffers only once.
-                again = keep and self.contexts.holds(session.key, call.request_id)
+                # runs again, as its first try did, but moves the buffers only once (on one
+                # process: the ranks of a distributed trunk run the retry as a forward).
+                again = (
+                    keep
+                    and self.runner.world == 1
+                    and self.contexts.holds(session.key, call.request_id)
+                )
                 try:
                     with footprint.saved() if graph else contextlib.nullcontext():
                         out_template, outputs = self.runner.forward(
@@ -757,7 +772,8 @@ class TrunkEngine:
                     self.weights_version += 1
             if type(step) is int and step >= 0:
                 session.last_step = step
-            if self.options.checkpoint_every and self.options.checkpoint_path:
+            loaded = parameters is not None or buffers or optimizer_state is not None
+            if loaded and self.options.checkpoint_every and self.options.checkpoint_path:
                 # A server checkpointing every few steps keeps what was loaded as it keeps a
                 # step: a restart would otherwise go back to the weights before the load.
                 self.write_checkpoint(on_error="log")  # every rank is here (see apply_step)

@@ -47,12 +47,11 @@ _AMBIGUOUS: list[int] = []  # two forwards from one RNG state: no seed to give b
 
 
 def _rng_state() -> int:
-    """The client's RNG state as torch.utils.checkpoint saves and restores it (the CPU
-    generator, and the current CUDA device's where CUDA is in use): a few microseconds."""
-    state = hash(torch.default_generator.get_state().numpy().tobytes())
-    if torch.cuda.is_initialized():
-        state = hash((state, torch.cuda.get_rng_state().numpy().tobytes()))
-    return state
+    """The client's CPU RNG state, which torch.utils.checkpoint always restores for its
+    recompute (a device's only where the checkpointed function's arguments are on it, so it
+    is left out): a few microseconds. Two forwards that only a device's RNG tells apart are
+    ambiguous, and their recompute warns."""
+    return hash(torch.default_generator.get_state().numpy().tobytes())
 
 
 class RemoteModule(nn.Module):
@@ -135,7 +134,8 @@ class RemoteModule(nn.Module):
         call.given_seeds = seeds or None  # the first run's, for a recompute
         dummy = self._dummy if keep else self._dummy.detach()
         outputs = remote_apply(call, dummy, tensors)
-        if rng is not None and not again:
+        # Servers before protocol 2 seed kept forwards only (not a no_grad training forward).
+        if rng is not None and not again and (keep or self.client.info().protocol_version > 1):
             self._remember_seeds(rng, call.seeds())
         return unflatten(call.output_template, outputs)
 

@@ -136,6 +136,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._reply = self.client.step_in_background(self._step_count, hyper)
             else:
                 self.client.step(self._step_count, self._hyperparameters())
+        except Warning:  # raised (-W error) once the step was applied: it counts
+            raise
         except BaseException as exc:
             self._failed(exc)
             raise

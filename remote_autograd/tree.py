@@ -11,12 +11,13 @@ garbage collector happens to run.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
 import torch
 
-__all__ = ["flatten", "is_model_output", "is_named_tuple", "unflatten"]
+__all__ = ["flatten", "is_model_output", "is_named_tuple", "model_output", "unflatten"]
 
 
 def is_named_tuple(value: Any) -> bool:
@@ -36,7 +37,18 @@ def _tuple_like(node: tuple, items: Any) -> tuple:
 
 
 def _dict_like(node: dict, items: dict) -> dict:
-    return type(node)(**items) if is_model_output(node) else items
+    return model_output(type(node), items) if is_model_output(node) else items
+
+
+def model_output(cls: type, items: dict) -> Any:
+    """``cls(**items)``, with the keys that are not its fields (``out["aux"] = ...``, which a
+    ModelOutput allows) set after, in their order."""
+    fields = {field.name for field in dataclasses.fields(cls)}
+    output = cls(**{key: value for key, value in items.items() if key in fields})
+    for key, value in items.items():
+        if key not in fields:
+            output[key] = value
+    return output
 
 
 class _Slot:

@@ -166,7 +166,10 @@ def check_module_state(state: Any, module: torch.nn.Module) -> None:
             f"the module's state does not fit the trunk: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]} (another trunk, or other --lora options)"
         )
-    check_buffers(state, held, "module entry")  # shape, kind, finite as held
+    tensors = {name: value for name, value in held.items() if isinstance(value, torch.Tensor)}
+    # shape, kind, finite as held; entries that are not tensors (a module's get_extra_state)
+    # are the module's to read
+    check_buffers({name: state[name] for name in tensors}, tensors, "module entry")
 
 
 def _finite_as(value: torch.Tensor, held: torch.Tensor) -> bool:
@@ -322,14 +325,6 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise InvalidRequest("optimizer state: each param group's 'params' must list ints")
         saved += ids
-    for group, configured in zip(state["param_groups"], optimizer.param_groups, strict=False):
-        foreign = sorted(set(group) - set(configured))
-        if foreign:  # e.g. SGD's momentum in an AdamW group, which lacks its betas
-            raise InvalidRequest(
-                f"optimizer state: its param groups hold {foreign}, which this session's "
-                f"{type(optimizer).__name__} does not have: a state saved by another optimizer "
-                "class cannot be loaded into this one"
-            )
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if len(saved) != count:
         raise InvalidRequest(

@@ -104,9 +104,9 @@ class NamedOutputs(nn.Module):
         Pair = collections.namedtuple("Pair", ["hidden", "norms"])
         self.received = type(extra)  # the class the extra input arrived as
         hidden = self.linear(x) + extra[0]
-        return Pair(hidden, hidden.norm(dim=-1)), BaseModelOutputWithPast(
-            last_hidden_state=2 * hidden, hidden_states=(hidden, -hidden)
-        )
+        out = BaseModelOutputWithPast(last_hidden_state=2 * hidden, hidden_states=(hidden, -hidden))
+        out["aux"] = hidden.mean()  # a key that is not a field, as a ModelOutput allows
+        return Pair(hidden, hidden.norm(dim=-1)), out
 
 
 Bias = collections.namedtuple("Bias", ["bias"])

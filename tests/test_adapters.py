@@ -8,6 +8,7 @@ server, however the clients' calls interleave, and no client can see or change a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import signal
 import ssl
@@ -758,6 +759,9 @@ def test_adapters_trained_with_other_lora_options_or_another_base_are_refused(tm
         other[0].weight[0, 0] += 1.0
     with pytest.raises(ValueError, match="trained on another base trunk"):
         AdapterEngine(other, options, adapter_options())
+    as_float32 = dataclasses.replace(options, dtype="float32")
+    with pytest.raises(ValueError, match="dtype='float64', this server has dtype='float32'"):
+        AdapterEngine(dropout_trunk(), as_float32, adapter_options())
     assert AdapterEngine(dropout_trunk(), options, adapter_options()).stats()["adapters"] == 1
 
 

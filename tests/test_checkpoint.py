@@ -255,3 +255,48 @@ def test_a_starting_server_removes_what_killed_writes_of_its_checkpoint_left(tmp
         assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
     finally:
         server.stop(grace=None)
+
+
+class _WithExtraState(nn.Linear):
+    """A layer with state that is not a tensor (get_extra_state, as quantised layers have)."""
+
+    def get_extra_state(self) -> dict:
+        return {"format": "demo", "scale": 2}
+
+    def set_extra_state(self, state: dict) -> None:
+        assert state == {"format": "demo", "scale": 2}
+
+
+def test_a_checkpoint_of_a_trunk_with_extra_state_restores(tmp_path):
+    path = str(tmp_path / "trunk.ckpt")
+    server = serve(_WithExtraState(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    try:
+        remote = RemoteModule(server.address)
+        _one_step(remote, RemoteOptimizer(remote, "SGD", lr=0.1))
+        remote.client.checkpoint()
+        weights = remote.remote_state_dict()
+    finally:
+        server.stop(grace=None)
+    resumed = serve(_WithExtraState(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    try:
+        for name, param in resumed.engine.module.named_parameters():
+            assert torch.equal(param.detach(), weights[name]), name
+    finally:
+        resumed.stop(grace=None)
+
+
+def test_an_empty_load_writes_no_checkpoint(tmp_path):
+    """With checkpoint_every a LoadState is checkpointed, but one that loads nothing (only a
+    step number) writes nothing: any client could have forced full writes, unpaced."""
+    path = tmp_path / "trunk.ckpt"
+    options = ServerOptions(checkpoint_path=str(path), checkpoint_every=1)
+    server = serve(nn.Linear(8, 8).double(), options=options)
+    try:
+        remote = RemoteModule(server.address)
+        RemoteOptimizer(remote, "SGD", lr=0.1)
+        remote.client.load_state({"parameters": None, "optimizer": None, "step": 0})
+        assert not path.exists()
+        remote.load_state_dict(remote.state_dict())
+        assert path.exists()
+    finally:
+        server.stop(grace=None)

@@ -486,3 +486,20 @@ def test_values_nested_in_named_values_count_against_max_depth():
     )
     with pytest.raises(CodecError, match="max_depth=32"):
         decode(_frame({"tensors": []}, [], tree=tree))
+
+
+def test_a_frame_may_make_few_named_tuple_classes():
+    """Each class made is an eval in collections.namedtuple: a frame of hundreds of new ones
+    cost a second of the server's CPU. Sixteen per frame, then refused."""
+
+    def frame(count: int, prefix: str) -> bytes:
+        named = [
+            msgpack.ExtType(3, msgpack.packb(["tuple", "m", f"{prefix}{i}", ["x"], [i]]))
+            for i in range(count)
+        ]
+        return _frame({"tensors": []}, [], tree=msgpack.packb(named))
+
+    assert [p.x for p in decode(frame(16, "Few"))] == list(range(16))
+    with pytest.raises(CodecError, match="more than 16 named tuple classes"):
+        decode(frame(17, "Many"))
+    assert len(decode(frame(16, "Few"))) == 16  # made already: found, not made again

@@ -544,6 +544,7 @@ def test_named_tuples_and_model_outputs_arrive_as_the_trunk_returned_them(start_
     torch.testing.assert_close(pair.hidden, local_pair.hidden, rtol=0, atol=0)
     torch.testing.assert_close(pair.norms, local_pair.norms, rtol=0, atol=0)
     torch.testing.assert_close(out[0], local_out.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(out["aux"], local_out["aux"], rtol=0, atol=0)
     for mine, theirs in zip(out.hidden_states, local_out.hidden_states, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
     torch.testing.assert_close(grad, local_grad, rtol=0, atol=0)
@@ -567,6 +568,6 @@ def test_a_client_that_does_not_ask_for_named_values_gets_plain_ones(start_serve
     (pair, out) = decode(reply.payload)
     assert type(pair) is tuple and type(out) is dict
     assert server.engine.module.received is tuple
-    assert list(out) == ["last_hidden_state", "hidden_states"]
+    assert list(out) == ["last_hidden_state", "hidden_states", "aux"]
     hidden = models.make_named_outputs_trunk().linear(x).detach()
     torch.testing.assert_close(pair[0], hidden, rtol=0, atol=0)

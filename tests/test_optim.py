@@ -482,3 +482,22 @@ def test_a_refused_optimizer_state_leaves_the_optimizer_as_it_was(start_server, 
         remote.close()
     for name, value in runs[1].items():
         torch.testing.assert_close(runs[0][name], value, rtol=0, atol=0)
+
+
+def test_a_state_with_a_schedulers_group_keys_loads(start_server):
+    """OneCycleLR adds max_lr, min_lr and momentum bounds to the groups; state_dict() keeps
+    them, and loading it back works (a check of foreign group keys refused it for a while)."""
+    remote = RemoteModule(start_server(nn.Linear(3, 3).double()).address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=10)
+    for step in range(2):
+        remote(_batch(step)[:, :3]).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+    state = optimizer.state_dict()
+    assert {"max_lr", "min_lr", "max_momentum"} <= set(state["param_groups"][0])
+    again = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.9)
+    again.load_state_dict(state)
+    remote(_batch(3)[:, :3]).square().sum().backward()
+    again.step()
+    remote.close()

@@ -438,6 +438,11 @@ def test_the_checkpoint_rpc_is_rate_limited(start_server, tmp_path):
     # the version the file holds, nothing written.
     assert client.checkpoint().weights_version == 0
     assert path.stat().st_mtime_ns == written
+    newcomer = RemoteModule(server.address)
+    RemoteOptimizer(newcomer, "SGD", lr=0.1)  # a session the file does not hold yet
+    with pytest.raises(LimitExceeded, match="min_checkpoint_interval=3600"):
+        client.checkpoint()
+    newcomer.close()
     _train_and_check(server, None)  # the weights move: a new checkpoint is paced
     with pytest.raises(
         LimitExceeded, match=r"ask again in \d+\.\d s \(min_checkpoint_interval=3600"
