@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from . import codec
-from .checkpoint_file import FILE_LIMITS, write_atomically
+from .checkpoint_file import FILE_LIMITS, remove_temporaries, write_atomically
 from .ranks import is_sharded
 
 __all__ = ["load", "save"]
@@ -135,6 +135,9 @@ def load(
     ``live`` maps tensor keys (``/module/<name>``) to the trunk's own tensors, which are read
     into in place; any other tensor is made by ``allocate(shape, dtype, sharded)`` in the
     loading trunk's layout."""
+    # What a save killed mid-way left: its half-written directory goes with the next save;
+    # the temporary file of its ``latest``, here (no save runs while a trunk starts).
+    remove_temporaries(os.path.join(path, _LATEST))
     try:
         with open(os.path.join(path, _LATEST), "rb") as f:
             name = f.read().decode()
