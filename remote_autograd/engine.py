@@ -724,26 +724,13 @@ class TrunkEngine:
                         "LoadState with optimizer state before ConfigureOptimizer: create the "
                         f"RemoteOptimizer first{_SESSION_GONE}"
                     )
-                check_finite_groups(optimizer_state)
-                current = session.optimizer.param_groups
-                keep_configured_flags(optimizer_state["param_groups"], current)
-                check_hyperparameters(
+                optimizer_state = self._checked_optimizer_state(
                     session.optimizer_name,
-                    optimizer_state["param_groups"],
-                    self.options,
-                    current=current,
-                    call="a LoadState",
+                    optimizer_state,
+                    session.optimizer,
+                    "a LoadState",
+                    current=session.optimizer.param_groups,
                 )
-                check_optimizer_state(optimizer_state, session.optimizer)
-                check_finite_tree(optimizer_state.get("state"), "optimizer state")
-                # Copies on a CPU trunk: torch keeps loaded tensors as given there, and one
-                # that views its frame would keep every byte of it alive as long as the
-                # session. (A GPU trunk's load copies them to the device anyway.)
-                if self.runner.device.type == "cpu":
-                    optimizer_state = {
-                        **optimizer_state,
-                        "state": clone_tree(optimizer_state["state"]),
-                    }
                 with self._lock:
                     # torch puts the new groups and state in place before it can fail (an
                     # optimizer's __setstate__): a refused load puts the old ones back.
@@ -831,6 +818,29 @@ class TrunkEngine:
             if session.optimizer is not None
         }
 
+    def _checked_optimizer_state(
+        self,
+        name: str,
+        state: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        call: str,
+        current: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """An optimizer state to load into ``optimizer`` (a LoadState's, a checkpoint's),
+        checked: finite, within the server's bounds, no larger than the parameters; with the
+        flags of the ``current`` groups kept. On a CPU trunk its tensors are copies: torch
+        keeps loaded tensors as given there, and one that views its frame (or file) would keep
+        every byte of it alive as long as the session. (A GPU trunk's load copies anyway.)"""
+        check_finite_groups(state)
+        if current is not None:
+            keep_configured_flags(state["param_groups"], current)
+        check_hyperparameters(name, state["param_groups"], self.options, current=current, call=call)
+        check_optimizer_state(state, optimizer)
+        check_finite_tree(state.get("state"), "optimizer state")
+        if self.runner.device.type == "cpu":
+            state = {**state, "state": clone_tree(state["state"])}
+        return state
+
     def restore_session(self, session: Session, saved: Any) -> None:
         """Give ``session`` back the optimizer (and step) a checkpoint kept of it."""
         self.restored_session(saved)(session)
@@ -857,12 +867,7 @@ class TrunkEngine:
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRequest(f"{name} with the saved options and groups: {exc}") from exc
         if self.runner.world == 1:  # a sharded trunk's state is checked as it is placed
-            check_finite_groups(state)
-            check_hyperparameters(name, state["param_groups"], self.options, call="a checkpoint")
-            check_optimizer_state(state, optimizer)
-            check_finite_tree(state.get("state"), "optimizer state")
-            if self.runner.device.type == "cpu":  # not views of the whole file (see LoadState)
-                state = {**state, "state": clone_tree(state["state"])}
+            state = self._checked_optimizer_state(name, state, optimizer, "a checkpoint")
         try:
             optimizer.load_state_dict(state)
         except (KeyError, TypeError, ValueError) as exc:
