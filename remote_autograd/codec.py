@@ -650,29 +650,26 @@ def _loaded_class(module: str, name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-_CONTAINERS = frozenset((dict, list, tuple))  # what msgpack (and our tuples) decode to
+# What msgpack and our extensions decode to (named tuples and ModelOutputs are subclasses).
+_CONTAINERS = (dict, list, tuple)
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
     """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep: one
     level at a time, without recursion (the tree came from the peer), keeping containers only
     (a long list of numbers costs one pass of C-speed type checks)."""
-    level = [value] if _container(value) else []  # the containers at depth 1
+    level = [value] if isinstance(value, _CONTAINERS) else []  # the containers at depth 1
     for _ in range(limit):
         children = [
             child
             for node in level
             for child in (node.values() if isinstance(node, dict) else node)
-            if _container(child)
+            if isinstance(child, _CONTAINERS)
         ]
         if not children:
             return False
         level = children
     return bool(level)  # containers at depth limit + 1
-
-
-def _container(value: Any) -> bool:  # named tuples and ModelOutputs too
-    return isinstance(value, (dict, list, tuple))
 
 
 def _too_deep(what: str, limit: int) -> CodecError:
