@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import cancellation, sharded_checkpoint, sharding
-from .errors import CodecError, InvalidRequest, ServerUnavailable
+from .errors import CodecError, InvalidRequest, ServerUnavailable, TrunkError, named
 from .fingerprint import trunk_fingerprint
 from .follower import Follower
 from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
@@ -445,9 +445,12 @@ class DistributedRunner(TrunkRunner):
         for rank in sorted(replies):
             message = replies[rank].get("error")
             if message is not None and error is None:
-                error = InvalidRequest(f"rank {rank}: {message}")
+                # A refusal keeps its class; the trunk's own failure there is a TrunkError
+                # (INTERNAL), as the same failure on rank 0 is: the client sent nothing wrong.
+                kind = named(replies[rank].get("kind")) or TrunkError
+                error = kind(f"rank {rank}: {message}")
         if failed and error is None:
-            error = InvalidRequest("the backward failed on another rank")
+            error = TrunkError("the backward failed on another rank")
         return replies, result, error
 
     def failed_somewhere(self, failed: bool) -> bool:

@@ -177,6 +177,12 @@ _BY_STATUS: dict[grpc.StatusCode, type[RemoteAutogradError]] = {
 }
 
 
+def named(name: str | None) -> type[RemoteAutogradError] | None:
+    """The class of the library's errors that ``name`` names (the server's ``ra-error``
+    metadata, a follower rank's reply), or None."""
+    return _BY_NAME.get(name or "")
+
+
 def from_rpc_error(exc: grpc.RpcError, *, method: str, address: str) -> RemoteAutogradError:
     """Translate a failed gRPC call into the exception tree (the only place this is done)."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -186,7 +192,7 @@ def from_rpc_error(exc: grpc.RpcError, *, method: str, address: str) -> RemoteAu
         for key, value in exc.trailing_metadata() or ():
             if key == ERROR_METADATA_KEY:
                 name = value
-    cls = _BY_NAME.get(name or "") or _BY_STATUS.get(code, RemoteError)
+    cls = named(name) or _BY_STATUS.get(code, RemoteError)
     if cls is TransportError or issubclass(cls, TransportError):
         hint = {
             grpc.StatusCode.UNAVAILABLE: "is the server running and reachable?",

@@ -2,8 +2,9 @@
 see the network.
 
 Rank 0 sends each command over the ranks' gloo group (rank_wire.py) and waits for one reply
-per command: ``{}``, the command's results, or ``{"error": message}``, which rank 0 turns into
-the call's error. The commands::
+per command: ``{}``, the command's results, or ``{"error": message, "kind": name}``, which rank 0
+turns into the call's error: the library's refusals keep their class (``kind``), anything else
+the trunk raised is a TrunkError there, as it is on rank 0. The commands::
 
     forward / backward   this rank's share of a Compute or Backward (DistributedRunner)
     idle                 ddp: no share of this forward (a batch smaller than the world)
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .calls import GradNormCall, StepCall
-from .errors import InvalidRequest
+from .errors import InvalidRequest, RemoteAutogradError
 from .sessions import ZeroGrad
 from .tree import flatten
 from .validate import autocast_dtype
@@ -76,7 +77,9 @@ class Follower:
                 else:
                     raise InvalidRequest(f"unknown command {op!r}")
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
+                if not isinstance(exc, RemoteAutogradError):  # the trunk's own failure
+                    log.exception("rank %d: %s failed in the trunk", runner.rank, op)
+                reply = {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
             runner.wire.send(reply, 0)
 
     def _forward(self, command: dict[str, Any]) -> dict[str, Any]:

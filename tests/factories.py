@@ -48,7 +48,8 @@ def wide_mlp() -> nn.Module:
 
 class ShiftedTrunk(nn.Module):
     """dropout_trunk without the dropout (a split batch gives the unsplit batch's results),
-    plus an optional ``shift`` added to the output (a tensor without the batch dimension)."""
+    plus an optional ``shift`` added to the output (a tensor without the batch dimension);
+    with ``limit``, it raises on an input beyond it (a trunk failing on some samples)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,9 +57,15 @@ class ShiftedTrunk(nn.Module):
         del self.body[2]
 
     def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None, pooled: bool = False
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor | None = None,
+        pooled: bool = False,
+        limit: float | None = None,
     ) -> torch.Tensor:
         out = self.body(x)
+        if limit is not None and bool((x.abs() > limit).any()):  # the trunk's own failure
+            raise RuntimeError(f"a sample beyond {limit}")
         out = out if shift is None else out * shift
         return out.mean(0) if pooled else out  # pooled: an output without the batch dimension
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from conftest import child_env, serving_address
@@ -40,7 +41,7 @@ from remote_autograd import (
     clip_grad_norm_,
     serve,
 )
-from remote_autograd.errors import CodecError, InvalidRequest, RemoteError
+from remote_autograd.errors import CodecError, InvalidRequest, RemoteError, TrunkError
 from remote_autograd.shares import Plan, shares
 
 # One server serves the tests of this module in turn: each starts from the weights the last
@@ -354,6 +355,24 @@ def test_a_bad_input_is_refused_and_the_ranks_go_on(parallel):
         torch.testing.assert_close(out, local(x), **TOL)
         grad = torch.autograd.grad(out.sum(), x)[0]
         torch.testing.assert_close(grad, torch.autograd.grad(local(x).sum(), x)[0], **TOL)
+
+
+def test_a_trunk_failing_on_one_rank_answers_as_one_process_does(parallel, single_address):
+    """The trunk raising on rank 1's share alone (the last rows), on rank 0's alone, or on
+    both: a TrunkError (INTERNAL), as one process answers the same failure, not a refusal of
+    the client's input; the ranks go on."""
+    local = shifted_trunk()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(41), dtype=torch.float64)
+    for bad in ([3], [0], [0, 3]):  # rows of rank 1's share, rank 0's, both
+        wild = x.clone()
+        wild[bad] = 1e3
+        for address in (single_address, parallel[1]):
+            with _fresh(address) as remote:
+                with pytest.raises(TrunkError, match="a sample beyond 100") as failure:
+                    remote(wild.requires_grad_(), limit=100.0)
+                assert failure.value.status == grpc.StatusCode.INTERNAL
+                out = remote(x, limit=1e6)
+                torch.testing.assert_close(out, local(x), **TOL)
 
 
 def _rank_pid(torchrun: subprocess.Popen[str], rank: int) -> int:
