@@ -54,7 +54,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import cancellation, sharded_checkpoint, sharding
-from .errors import CodecError, InvalidRequest, ServerUnavailable, TrunkError, named
+from .errors import (
+    CodecError,
+    InvalidRequest,
+    RemoteAutogradError,
+    ServerUnavailable,
+    TrunkError,
+    named,
+)
 from .fingerprint import trunk_fingerprint
 from .follower import Follower
 from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
@@ -294,8 +301,10 @@ class DistributedRunner(TrunkRunner):
                         f"{reply.get('error')!r}, rank 0 {failed!r}"
                     )
                     log.error("the distributed trunk is out of service: %s", self.broken)
-            if failed is None and self.broken is not None:
-                raise ServerUnavailable(self._out_of_service())
+            # The group lost here (a collective or the wire timed out: gloo raises a plain
+            # RuntimeError) answers UNAVAILABLE, as every later call does, not INTERNAL.
+            if self.broken is not None and not isinstance(failed, RemoteAutogradError):
+                raise ServerUnavailable(self._out_of_service()) from failed
 
     def agree_on_session(self, op: str, key: str, here: bool) -> None:
         """Every rank says whether it holds the session as the operation needs it; unless all

@@ -385,6 +385,31 @@ def _rank_pid(torchrun: subprocess.Popen[str], rank: int) -> int:
     raise LookupError(f"no rank {rank} among {children}")
 
 
+@pytest.mark.parametrize("call", ["step", "get_state"])
+def test_a_collective_that_times_out_takes_the_trunk_out_of_service(call):
+    """Rank 1 stopped (SIGSTOP) before a Step or an fsdp GetState, which every rank runs: rank
+    0's exchange with it times out after --dist-timeout. The call, the first one into the
+    timed-out collective included, is answered UNAVAILABLE (the group is lost: restart it), not
+    INTERNAL as a failure of the trunk's own code would be."""
+    process, address = spawn_torchrun(
+        "factories:shifted_trunk", "--parallel", "fsdp", "--dist-timeout", "4"
+    )
+    rank1 = _rank_pid(process, 1)
+    try:
+        with RemoteModule(address, options=ClientOptions(retries=0, timeout=120)) as remote:
+            trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+            x = torch.randn(4, 8, dtype=torch.float64)
+            remote(x).sum().backward()
+            os.kill(rank1, signal.SIGSTOP)
+            with pytest.raises(ServerUnavailable, match="out of service .a rank failed"):
+                trunk_opt.step() if call == "step" else remote.remote_state_dict()
+            with pytest.raises(ServerUnavailable, match="out of service"):
+                remote(x)
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+        stop_torchrun(process)
+
+
 def _server_id(address: str) -> str:
     with RemoteModule(address) as remote:
         return remote.client.info().server_id
