@@ -504,20 +504,24 @@ class TrunkEngine:
         asked to skip them (an overflowed GradScaler step) rather than to refuse."""
         ranks = self.runner.ranks
         self.runner.split(session)
-        nonfinite = False
-        try:
-            check_finite_grads(self.params, param_grads, ranks)
-        except InvalidRequest:
-            if not report_nonfinite:
-                raise
-            nonfinite = True  # the client's GradScaler skips this step
         named_grads = {
             name: grad
             for (name, _), grad in zip(self.params, param_grads, strict=True)
-            if grad is not None and not nonfinite
+            if grad is not None
         }
-        accumulate(session, named_grads, zero_grad, grad_scale, ranks)
-        return nonfinite
+        try:
+            check_finite_grads(self.params, param_grads, ranks)
+            # Refused with nothing changed if a sum overflows: with the held gradients, or
+            # (ddp) with the other ranks' parts.
+            accumulate(session, named_grads, zero_grad, grad_scale, ranks, self.params)
+            return False
+        except InvalidRequest:
+            if not report_nonfinite:
+                raise
+        # The client's GradScaler skips this step, as it would a local .grad gone inf: the
+        # deferred zero_grad and scale apply, nothing of this Backward is added.
+        accumulate(session, {}, zero_grad, grad_scale, ranks, self.params)
+        return True
 
     def release(self, session: Session, request_ids: list[str]) -> int:
         """Forget contexts the client no longer needs; returns how many were found."""

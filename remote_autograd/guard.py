@@ -247,49 +247,95 @@ def accumulate(
     zero_grad: int,
     grad_scale: float,
     ranks: Ranks = ONE,
+    params: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> None:
     """Add one Backward's parameter gradients to the session's, after the zero_grad and scale
     the client deferred to it. A sum that overflows to inf (each share finite, say two output
-    gradients of 2e38) refuses the Backward with nothing changed.
+    gradients of 2e38) refuses the Backward with nothing changed. Where each rank holds a part
+    of the sum (``ranks.parts``: ddp), the parts' sum is checked too; ``params`` then names the
+    trunk's parameters in one order on every rank.
 
     In place when the largest magnitudes show no sum can come near the dtype's range (one read
     of the held and new gradients); otherwise the sums are built beside the held gradients and
     swapped in only once all are finite."""
-    both = [name for name in param_grads if name in session.grads]
-    if zero_grad == ZeroGrad.KEEP and both:
-        scale = grad_scale if grad_scale else 1.0
-        maxima = _max_abs([*(session.grads[n] for n in both), *(param_grads[n] for n in both)])
-        held_max, new_max = maxima[: len(both)], maxima[len(both) :]
-        in_place = all(
-            held * scale + new <= 0.5 * torch.finfo(session.grads[name].dtype).max
-            for name, held, new in zip(both, held_max, new_max, strict=True)
-        )
-    else:
-        in_place = True  # nothing held survives in full: no sum can overflow
+    keep = zero_grad == ZeroGrad.KEEP
+    both = [name for name in param_grads if name in session.grads] if keep else []
+    scale = grad_scale if grad_scale else 1.0
+    shapes = dict(params)
+    # The sums that may overflow: a held and a new gradient, and under ddp every parameter's
+    # parts over the ranks (the same list on every rank).
+    names = list(shapes) if ranks.parts else both
+    risky: list[str] = []
+    if names:
+        held = dict(zip(both, _max_abs([session.grads[n] for n in both]), strict=True))
+        fresh = [n for n in names if n in param_grads]
+        new = dict(zip(fresh, _max_abs([param_grads[n] for n in fresh]), strict=True))
+        if ranks.parts:  # held only: kept and scaled, or dropped by the zero_grad
+            only_held = [n for n in names if keep and n in session.grads and n not in new]
+            maxima = _max_abs([session.grads[n] for n in only_held])
+            held.update(zip(only_held, maxima, strict=True))
+        bounds = ranks.totals([held.get(n, 0.0) * scale + new.get(n, 0.0) for n in names])
+        risky = [
+            name
+            for name, bound in zip(names, bounds, strict=True)
+            if not bound <= 0.5 * torch.finfo(_dtype(name, session, param_grads, shapes)).max
+        ]
     # Every rank of a sharded trunk takes the same way: the other one checks with the others.
-    in_place = not ranks.any(not in_place)
-    if in_place:
-        session.apply_pending(zero_grad, grad_scale)
-        for name, grad in param_grads.items():
-            held = session.grads.get(name)
-            session.grads[name] = grad if held is None else held.add_(grad)
+    if not ranks.any(bool(risky)):
+        _add_in_place(session, param_grads, zero_grad, grad_scale)
         return
+    message = (
+        "this Backward would make the session's accumulated gradients of trunk parameters {} "
+        "non-finite (the sum of several Backwards{} overflows): refused, nothing was "
+        "accumulated; call zero_grad() and go on"
+    )
     sums = _scaled([session.grads[name] for name in both], grad_scale)
     sums = [torch.add(held, param_grads[name]) for held, name in zip(sums, both, strict=True)]
-    _refuse_non_finite(
-        both,
-        sums,
-        "this Backward would make the session's accumulated gradients of trunk parameters {} "
-        "non-finite (the sum of several Backwards overflows): refused, nothing was accumulated; "
-        "call zero_grad() and go on",
-        ranks=ranks,
-    )
+    _refuse_non_finite(both, sums, message.format("{}", ""), ranks=ranks)
+    if ranks.parts:  # the parts each rank holds after this Backward, added up
+        after = dict(zip(both, sums, strict=True))
+        parts = []
+        for name in risky:
+            if name in after:
+                parts.append(after[name])
+            elif keep and name in session.grads:
+                parts.extend(_scaled([session.grads[name]], grad_scale))
+            elif name in param_grads:
+                parts.append(param_grads[name])
+            else:
+                parts.append(torch.zeros_like(shapes[name]))
+        totals = ranks.total_tensors(parts)
+        _refuse_non_finite(risky, totals, message.format("{}", ", or of the ranks' parts,"))
+    if not both:  # nothing was built beside: add in place
+        _add_in_place(session, param_grads, zero_grad, grad_scale)
+        return
     others = [session.grads[name] for name in session.grads if name not in param_grads]
     if others and grad_scale and grad_scale != 1.0:  # the check passed: scale them in place
         torch._foreach_mul_(others, torch.tensor(grad_scale, dtype=others[0].dtype))
     session.grads.update(zip(both, sums, strict=True))
     for name, grad in param_grads.items():
         session.grads.setdefault(name, grad)
+
+
+def _add_in_place(
+    session: Session, param_grads: dict[str, torch.Tensor], zero_grad: int, grad_scale: float
+) -> None:
+    session.apply_pending(zero_grad, grad_scale)
+    for name, grad in param_grads.items():
+        held = session.grads.get(name)
+        session.grads[name] = grad if held is None else held.add_(grad)
+
+
+def _dtype(
+    name: str,
+    session: Session,
+    param_grads: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+) -> torch.dtype:
+    for tensors in (session.grads, param_grads, params):
+        if name in tensors:
+            return tensors[name].dtype
+    raise KeyError(name)
 
 
 def pending_grads(

@@ -115,6 +115,20 @@ class GroupRanks(Ranks):
     def __init__(self, group: Any, *, sharded: bool) -> None:
         self.group = group
         self.sharded = sharded
+        self.parts = not sharded
+
+    def totals(self, values: Sequence[float]) -> list[float]:
+        if not values or not self.parts:
+            return [float(v) for v in values]
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def total_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.parts:
+            return list(tensors)
+        totals = [tensor.clone() for tensor in tensors]
+        for total in totals:  # the gradients' own all-reduce (DistributedRunner.combine's)
+            dist.all_reduce(total)
+        return totals
 
     def _all_reduce(self, values: Sequence[float], op: Any) -> list[float]:
         tensor = torch.tensor(list(values), dtype=torch.float64)

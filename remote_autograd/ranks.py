@@ -47,5 +47,17 @@ class Ranks:
         """Each vector norm of a tensor sharded over the ranks, from its shards' norms."""
         return [float(v) for v in values]
 
+    # Whether each rank holds a part of the gradients, which a later all-reduce adds up (ddp,
+    # between combines): then an overflow can lie in the sum of parts each rank finds finite.
+    parts = False
+
+    def totals(self, values: Sequence[float]) -> list[float]:
+        """Each value's sum over the ranks where they hold parts (``parts``); else the values."""
+        return [float(v) for v in values]
+
+    def total_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors' sums over the ranks where they hold parts, as new tensors; else them."""
+        return list(tensors)
+
 
 ONE = Ranks()  # a trunk in one process

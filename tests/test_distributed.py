@@ -23,6 +23,7 @@ from conftest import child_env, serving_address
 from factories import (
     awkward_trunk,
     batch,
+    linear32_trunk,
     local_parts,
     mixed_trunk,
     narrow_slow_trunk,
@@ -401,7 +402,9 @@ def test_a_collective_that_times_out_takes_the_trunk_out_of_service(call):
             x = torch.randn(4, 8, dtype=torch.float64)
             remote(x).sum().backward()
             os.kill(rank1, signal.SIGSTOP)
-            with pytest.raises(ServerUnavailable, match="out of service .a rank failed"):
+            # gloo's timeout is a DistBackendError or a plain RuntimeError, as it happens
+            lost = r"a rank of the distributed trunk failed|out of service \(a rank failed"
+            with pytest.raises(ServerUnavailable, match=lost):
                 trunk_opt.step() if call == "step" else remote.remote_state_dict()
             with pytest.raises(ServerUnavailable, match="out of service"):
                 remote(x)
@@ -604,6 +607,45 @@ def test_ddp_sums_the_gradients_of_each_dtype_apart():
         # float32 rounding reaches the float64 layers too: their gradients pass the float32
         # layer, whose kernels round a batch of 5 and shares of 3 and 2 apart.
         torch.testing.assert_close(state[name], param.detach(), rtol=0, atol=1e-6, msg=name)
+
+
+def test_ddp_gradients_that_overflow_only_summed_over_the_ranks_are_skipped_by_grad_scaler():
+    """float32 Linear(4, 2), batch 4 (shares of 2 rows), output gradients all G: the bias's
+    gradient is 2G on each rank and 4G summed. One Backward with G = 1e38, and two kept
+    Backwards with G = 5e37, overflow only in the ranks' sum: GradScaler skips the step (the
+    trunk unchanged, the scale halved), as one process does, where the sum is one tensor (or,
+    across Backwards, held plus new); then a step with finite gradients equals local SGD."""
+    process, address = spawn_torchrun("factories:linear32_trunk", "--parallel", "ddp")
+    single = serve(linear32_trunk())
+    x = torch.rand(4, 4, generator=torch.Generator().manual_seed(3))
+    try:
+        for where in (single.address, address):
+            for grads in ([1e38], [5e37, 5e37]):
+                with _fresh(where, linear32_trunk) as remote:
+                    trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+                    before = remote.remote_state_dict()
+                    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+                    for g in grads:
+                        out = remote(x)
+                        scaler.scale(((out - out.detach()) * g).sum()).backward()
+                    scaler.step(trunk_opt)
+                    scaler.update()
+                    assert scaler.get_scale() == 0.5, (where, grads)
+                    after = remote.remote_state_dict()
+                    for name, value in before.items():
+                        assert torch.equal(after[name], value), (where, grads, name)
+                    trunk_opt.zero_grad()
+                    local = linear32_trunk()
+                    local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+                    for trunk, optimizer in ((remote, trunk_opt), (local, local_opt)):
+                        trunk(x).sum().backward()
+                        optimizer.step()
+                    state = remote.remote_state_dict()
+                    for name, param in local.named_parameters():
+                        torch.testing.assert_close(state[name], param.detach(), rtol=0, atol=1e-6)
+    finally:
+        single.stop(grace=None)
+        stop_torchrun(process)
 
 
 @pytest.mark.parametrize("scale", [1e150, 1e160], ids=["huge", "overflowing"])

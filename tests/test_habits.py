@@ -267,6 +267,36 @@ def test_grad_scaler_steps_and_skips_the_trunk_like_local_training(start_server,
     split.close()
 
 
+def test_grad_scaler_skips_accumulated_gradients_that_overflow_only_summed(start_server):
+    """Gradient accumulation: two Backwards, each finite, whose sum overflows float32 in the
+    trunk (local .grad becomes inf). GradScaler skips the step and backs off on both sides
+    alike; the next, finite, step equals local training."""
+    split = Split(start_server)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1.0) for _ in range(2)]
+    x = _batches(1)[0]
+    optimizers = split.optimizers()
+    for model, scaler, opts in (
+        (split.model, scalers[0], optimizers[:2]),
+        (split.local, scalers[1], optimizers[2:]),
+    ):
+        for big in (2.75e37, 2.75e37):  # the trunk's largest gradient: 2.2e38 each time
+            out = model(x)
+            scaler.scale(((out - out.detach()) * big).sum()).backward()
+        for opt in opts:
+            scaler.step(opt)
+        scaler.update()
+        for opt in opts:
+            opt.zero_grad()
+        model(x).square().mean().backward()
+        for opt in opts:
+            opt.step()
+    assert split.local[1][0].bias.grad is not None
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 0.5
+    assert optimizers[0]._step_count == 1
+    split.assert_same_weights()
+    split.close()
+
+
 def test_a_non_finite_step_without_grad_scaler_is_refused_loudly(start_server):
     split = Split(start_server)
     trunk_opt = split.optimizers()[0]

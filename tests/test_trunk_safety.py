@@ -213,10 +213,12 @@ def test_a_huge_grad_scale_the_operator_allowed_still_cannot_ruin_the_trunk(star
 # -- accumulated gradients ------------------------------------------------------------------------
 
 
-def test_gradients_that_sum_past_the_dtype_range_are_refused(start_server):
+def test_gradients_that_sum_past_the_dtype_range_are_never_accumulated(start_server):
     """Two Backwards whose output gradients (2e38) and parameter gradients are each finite sum to
-    inf in float32: the second is refused, the first one's sum kept; the Step with those huge
-    (finite) gradients is refused too, since it would grow the weights absurdly."""
+    inf in float32: the second adds nothing, the first one's sum kept. RemoteModule asks for a
+    report (GradScaler skips such a step; without one, step() raises), a client that does not
+    is refused. The Step with the first one's huge (finite) gradients is refused too, since it
+    would grow the weights absurdly."""
     server, remote = _start(start_server)
     optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
     ones = torch.ones(1, 4)
@@ -224,11 +226,23 @@ def test_gradients_that_sum_past_the_dtype_range_are_refused(start_server):
     out.backward(torch.full_like(out, 2e38))
     snapshot = _Snapshot(server, remote)
     assert _session(server, remote).grads["weight"].max().item() == pytest.approx(2e38)
-    out = remote(ones)
+    compute = pb.Header(request_id="r" * 32, keep_context=True, needs_input_grad=[False])
+    remote.client._exchange("Compute", compute, {"args": [ones], "kwargs": {}}, "activation")
+    unreported = pb.Header(request_id="r" * 32, backward_seq=1, needs_input_grad=[False])
     with pytest.raises(InvalidRequest, match="accumulated gradients of trunk parameters weight"):
-        out.backward(torch.full_like(out, 2e38))
+        grads = {"grads": [torch.full((1, 2), 2e38)]}
+        remote.client._exchange("Backward", unreported, grads, "gradient")
+    snapshot.assert_unchanged(server, remote)
+    out = remote(ones)
+    out.backward(torch.full_like(out, 2e38))  # reported: nothing added
     del out
     snapshot.assert_unchanged(server, remote)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        optimizer.step()
+    optimizer.zero_grad()
+    out = remote(ones)
+    out.backward(torch.full_like(out, 2e38))
+    snapshot = _Snapshot(server, remote)
     with pytest.raises(InvalidRequest, match="max_weight_growth=100"):
         optimizer.step()
     snapshot.assert_unchanged(server, remote)
@@ -444,14 +458,12 @@ def test_refused_attacks_never_reach_the_checkpoint_and_a_restart_brings_finite_
                 optimizer.step()
             optimizer.zero_grad()
             ones = torch.ones(1, 4)
-            for attempt in range(2):
+            for _ in range(2):  # the second adds nothing (their sum overflows)
                 out = remote(ones)
-                if attempt:
-                    with pytest.raises(InvalidRequest, match="accumulated gradients"):
-                        out.backward(torch.full_like(out, 2e38))
-                else:
-                    out.backward(torch.full_like(out, 2e38))
+                out.backward(torch.full_like(out, 2e38))
             del out
+            with pytest.raises(FloatingPointError, match="not finite"):
+                optimizer.step()
             optimizer.zero_grad()
             with pytest.raises(InvalidRequest, match="lr=1e"):
                 RemoteOptimizer(remote, "Adam", lr=1e30)
