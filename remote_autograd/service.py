@@ -393,13 +393,12 @@ class TrunkService(pb_grpc.TrunkServicer):
             backward_seq=header.backward_seq,
             autocast=autocast_dtype(header.autocast_dtype),
         )
+        encoder = self._reply_encoder(header.reply_quantization)  # refused before it runs
         with self._decoded(session, received, "Compute", self.trunk_device) as value:
             decoded = time.perf_counter()
             result = self.engine.compute(session, call, value)
         computed = time.perf_counter()
-        buffers = self._encode_reply(
-            result.value, header.reply_quantization, "Compute", header.named_values
-        )
+        buffers = self._encode_reply(encoder, result.value, "Compute", header.named_values)
         reply = pb.Header(
             request_id=header.request_id,
             weights_version=result.weights_version,
@@ -423,12 +422,13 @@ class TrunkService(pb_grpc.TrunkServicer):
             freeze_parameters=header.freeze_parameters,
             report_nonfinite=header.report_nonfinite,
         )
+        encoder = self._reply_encoder(header.reply_quantization)  # refused before it runs
         with self._decoded(session, received, "Backward", self.trunk_device) as value:
             decoded = time.perf_counter()
             cancellation.check("Backward")  # the forward's layers check again if recomputed
             result = self.engine.backward(session, call, value)
         computed = time.perf_counter()
-        buffers = self._encode_reply({"grads": result.grads}, header.reply_quantization, "Backward")
+        buffers = self._encode_reply(encoder, {"grads": result.grads}, "Backward")
         reply = pb.Header(
             request_id=header.request_id,
             weights_version=result.weights_version,
@@ -456,15 +456,16 @@ class TrunkService(pb_grpc.TrunkServicer):
         with self._decoding.reserve(growth, method, what=what, beyond=" beyond the frame"):
             yield received.decode(self.decoder, device=device)
 
-    def _encode_reply(
-        self, value: Any, quantization: str, method: str, named: bool = False
-    ) -> list:
+    def _reply_encoder(self, quantization: str) -> codec.Encoder:
         try:
-            encoder = codec.Encoder(
+            return codec.Encoder(
                 compression=self.options.compression, quantization=quantization or "none"
             )
         except ValueError as exc:
             raise InvalidRequest(f"reply_quantization: {exc}") from exc
+
+    @staticmethod
+    def _encode_reply(encoder: codec.Encoder, value: Any, method: str, named: bool = False) -> list:
         try:
             return encoder.encode_buffers(value, named=named)
         except codec.CodecError as exc:

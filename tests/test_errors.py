@@ -211,6 +211,42 @@ def test_bad_gradients_are_refused_before_touching_the_trunk(start_server):
     assert server.engine.sessions.values()[0].grads == {}
 
 
+def test_a_bad_reply_quantization_is_refused_before_the_trunk_runs(start_server):
+    """reply_quantization is checked before the call runs: a training Compute so refused moves
+    no BatchNorm statistic and keeps no context, a Backward adds no gradient and leaves its
+    context to the next one."""
+    trunk = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    server = start_server(trunk)
+    remote = RemoteModule(server.address)
+    x = torch.randn(4, 3)
+
+    def call(method: str, request_id: str, value: dict, quantization: str = "") -> None:
+        header = pb.Header(
+            request_id=request_id,
+            training=True,
+            keep_context=True,
+            needs_input_grad=[False],
+            backward_seq=1 if method == "Backward" else 0,
+            reply_quantization=quantization,
+        )
+        kind = "activation" if method == "Compute" else "gradient"
+        remote.client._exchange(method, header, value, kind)
+
+    call("Compute", "k" * 32, {"args": [x], "kwargs": {}})  # a kept context
+    (session,) = server.engine.sessions.values()
+    buffers = [b.clone() for b in trunk.buffers()]
+    with pytest.raises(InvalidRequest, match="reply_quantization"):
+        call("Compute", "c" * 32, {"args": [x], "kwargs": {}}, "bogus")
+    assert all(torch.equal(a, b) for a, b in zip(buffers, trunk.buffers(), strict=True))
+    assert len(server.engine.contexts) == 1
+    grads = {"grads": [torch.ones(4, 3)]}
+    with pytest.raises(InvalidRequest, match="reply_quantization"):
+        call("Backward", "k" * 32, grads, "bogus")
+    assert session.grads == {}
+    call("Backward", "k" * 32, grads)  # the context answers the honest one, once
+    assert torch.equal(session.grads["1.bias"], torch.full((3,), 4.0))  # one batch's worth
+
+
 class Blocking(nn.Module):
     """Waits for ``release`` before answering: slower than any deadline, until released."""
 
