@@ -597,6 +597,9 @@ def _named(unpacker: _TreeUnpacker, items: Any) -> Any:
 
 
 _MAX_NAMED_FIELDS = 256  # a named tuple's fields: one class is made per name and fields
+_MAX_NAME_CHARS = 128  # a named tuple's name and each field's; with the fields' limit, one class
+# made is at most ~0.25 MB, so the classes kept (below) hold at most ~60 MB
+_MAX_MODULE_CHARS = 256  # the module named beside it (kept in the classes' keys)
 _MAX_NAMED_CLASSES = 256  # classes made for named tuples received, kept for reuse
 _MAX_MADE_PER_FRAME = 16  # classes one frame may make (each costs ~100 us of eval)
 _named_tuples: dict[tuple[str, str, tuple[str, ...]], type] = {}
@@ -613,11 +616,14 @@ def named_tuple_class(
         found = _named_tuples.get(key) or _loaded_class(module, name)
     if found is not None and issubclass(found, tuple) and getattr(found, "_fields", None) == fields:
         return found
-    if len(fields) > _MAX_NAMED_FIELDS or len(name) > 128:
+    longest = max(map(len, fields), default=0)
+    if len(fields) > _MAX_NAMED_FIELDS or max(len(name), longest) > _MAX_NAME_CHARS:
         raise CodecError(
-            f"{what}: a named tuple may have at most {_MAX_NAMED_FIELDS} fields and a name of "
-            "128 characters"
+            f"{what}: a named tuple may have at most {_MAX_NAMED_FIELDS} fields, and names of "
+            f"at most {_MAX_NAME_CHARS} characters (its own and each field's)"
         )
+    if len(module) > _MAX_MODULE_CHARS:
+        raise CodecError(f"{what}: a module name of more than {_MAX_MODULE_CHARS} characters")
     unpacker.made += 1
     if unpacker.made > _MAX_MADE_PER_FRAME:
         raise CodecError(

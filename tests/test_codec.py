@@ -460,6 +460,8 @@ def test_a_named_class_the_receiver_has_not_loaded_is_made_or_left_a_dict():
         (("tuple", "m", "Point", ["x", "x"], [1, 2]), "duplicate"),
         (("tuple", "m", "Point", ["_x"], [1]), "underscore"),
         (("tuple", "m", "P" * 129, ["x"], [1]), "128 characters"),
+        (("tuple", "m", "Point", ["x", "f" * 129], [1, 2]), "128 characters"),
+        (("tuple", "m" * 257, "Point", ["x"], [1]), "module name of more than 256"),
         (("tuple", "m", "Wide", [f"f{i}" for i in range(257)], [0] * 257), "256 fields"),
     ],
 )
