@@ -560,8 +560,7 @@ def _unpack(
     data: Any, what: str, tensors: list[torch.Tensor] | None = None, *, max_depth: int
 ) -> Any:
     value = _TreeUnpacker(what, tensors, max_depth).unpackb(data)
-    if _deeper_than(value, max_depth):
-        raise _too_deep(what, max_depth)
+    _check_tree(value, max_depth, what)
     return value
 
 
@@ -660,22 +659,29 @@ def _loaded_class(module: str, name: str) -> type | None:
 _CONTAINERS = (dict, list, tuple)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether lists, tuples and maps nest in ``value`` more than ``limit`` levels deep: one
-    level at a time, without recursion (the tree came from the peer), keeping containers only
-    (a long list of numbers costs one pass of C-speed type checks)."""
+# What a map's keys may be: a tensor or a tuple as a key would be kept whole (pinning its frame)
+# by everything that holds the value, unseen by the trees that count and move tensors.
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _check_tree(value: Any, limit: int, what: str) -> None:
+    """Refuse lists, tuples and maps nested in ``value`` more than ``limit`` levels deep, and
+    map keys that are not plain: one level at a time, without recursion (the tree came from
+    the peer), keeping containers only (a long list of numbers costs one pass of C-speed type
+    checks)."""
     level = [value] if isinstance(value, _CONTAINERS) else []  # the containers at depth 1
     for _ in range(limit):
-        children = [
-            child
-            for node in level
-            for child in (node.values() if isinstance(node, dict) else node)
-            if isinstance(child, _CONTAINERS)
-        ]
+        children = []
+        for node in level:
+            if isinstance(node, dict):
+                if not all(type(key) in _KEY_TYPES for key in node):
+                    raise CodecError(f"{what}: map keys must be str, int, float, bool or None")
+                node = node.values()
+            children += [child for child in node if isinstance(child, _CONTAINERS)]
         if not children:
-            return False
+            return
         level = children
-    return bool(level)  # containers at depth limit + 1
+    raise _too_deep(what, limit)  # containers at depth limit + 1
 
 
 def _too_deep(what: str, limit: int) -> CodecError:

@@ -298,14 +298,45 @@ def step_groups(groups: Any, optimizer: torch.optim.Optimizer) -> list[dict[str,
     return updates
 
 
+# What a param group to load may hold besides its "params": torch's hyperparameters and the
+# entries LR schedulers add (initial_lr, max_lr, base_momentum, ...) are a few dozen names of
+# numbers, flags, short strings and short tuples (betas). Torch keeps every entry as sent, in
+# every checkpoint, for the session's life: more is refused.
+MAX_GROUP_ENTRIES = 64
+MAX_GROUP_TEXT = 64  # characters of an entry's name, or of a string value
+MAX_GROUP_SEQUENCE = 16  # items of a list or tuple value
+
+
 def check_finite_groups(state: Any) -> None:
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list):
         raise InvalidRequest("optimizer state must hold 'param_groups' (a list)")
     for group in groups:
-        for key, value in group.items() if isinstance(group, dict) else ():
-            if key != "params" and not is_plain(value) and not isinstance(value, str):
+        if not isinstance(group, dict):
+            continue  # check_hyperparameters names it
+        if len(group) > MAX_GROUP_ENTRIES + 1:
+            raise InvalidRequest(
+                f"optimizer state: a param group holds {len(group) - 1} entries besides its "
+                f"params, more than {MAX_GROUP_ENTRIES}"
+            )
+        for key, value in group.items():
+            if not isinstance(key, str) or len(key) > MAX_GROUP_TEXT:
+                shown = key if isinstance(key, str) else describe(key)
+                raise InvalidRequest(
+                    f"optimizer state: a param group's entry named {str(shown)[:80]!r}: names "
+                    f"must be strings of at most {MAX_GROUP_TEXT} characters"
+                )
+            if key == "params":
+                continue
+            if not is_plain(value) and not isinstance(value, str):
                 raise InvalidRequest(f"optimizer state: {key}={value!r} is not finite and plain")
+            if (isinstance(value, str) and len(value) > MAX_GROUP_TEXT) or (
+                isinstance(value, (list, tuple)) and len(value) > MAX_GROUP_SEQUENCE
+            ):
+                raise InvalidRequest(
+                    f"optimizer state: {key} holds a string of more than {MAX_GROUP_TEXT} "
+                    f"characters or a sequence of more than {MAX_GROUP_SEQUENCE} items"
+                )
 
 
 # Entries of one parameter's optimizer state: torch's optimizers keep at most four (Adam with

@@ -490,6 +490,16 @@ def test_values_nested_in_named_values_count_against_max_depth():
         decode(_frame({"tensors": []}, [], tree=tree))
 
 
+def test_map_keys_must_be_plain():
+    """A tensor or tuple as a map key would be held, with the frame it views, by whatever keeps
+    the value (a kept forward's arguments), unseen by what counts tensors: refused."""
+    assert decode(encode({1: torch.ones(2), "a": None, 2.5: True, None: 0}))[1].sum() == 2
+    for key in (torch.ones(2), (1, 2), Point(1, 2)):
+        frame = b"".join(Encoder().encode_buffers({"kwargs": {key: 1}}, named=True))
+        with pytest.raises(CodecError, match="map keys must be str, int, float, bool or None"):
+            decode(frame)
+
+
 def test_a_frame_may_make_few_named_tuple_classes():
     """Each class made is an eval in collections.namedtuple: a frame of hundreds of new ones
     cost a second of the server's CPU. Sixteen per frame, then refused."""
