@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
 from . import memory
@@ -162,8 +161,18 @@ class _RemoteFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None):
+        # Grad mode is on in a backward exactly under create_graph=True. The server's gradients
+        # have no graph here: a gradient penalty or a Hessian through the trunk would lose its
+        # second-order terms without a word (torch's once_differentiable only refuses when the
+        # incoming gradients require grad, which those of loss.sum() do not).
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "a backward with create_graph=True crosses a RemoteModule: the trunk's "
+                "gradients cannot be differentiated again (no double backward through the "
+                "trunk); take the gradient penalty with respect to the trunk's output, or "
+                "backward without create_graph (docs/habits.md)"
+            )
         call = ctx.call  # a RemoteCall or a ChunkedCall (chunks.py)
         if not call.keep_context:
             raise RuntimeError("this forward ran without grad mode; the server kept no context")

@@ -533,6 +533,38 @@ def test_a_session_the_server_dropped_is_named_when_its_optimizer_is_missed(star
     remote.close()
 
 
+# -- double backward ----------------------------------------------------------------------------
+
+
+def test_double_backward_through_the_trunk_is_refused_and_a_penalty_at_its_output_works(
+    start_server,
+):
+    """create_graph=True across the trunk (a gradient penalty at the input, a Hessian) raises,
+    where its second-order terms were once dropped without a word, also when the incoming
+    gradient needs none (loss.sum()) or the top is frozen. A penalty on the trunk's output
+    keeps its second-order terms in the top, and trains as locally, bit for bit."""
+    split = Split(start_server, dtype=torch.float64)
+    x = _batches(1, torch.float64)[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="create_graph=True crosses a RemoteModule"):
+        torch.autograd.grad(split.model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="create_graph=True crosses a RemoteModule"):
+        torch.autograd.functional.hessian(lambda v: split.model(v).square().sum(), x[:2])
+    split.model[2].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="create_graph=True crosses a RemoteModule"):
+        torch.autograd.grad(split.model(x).square().sum(), x, create_graph=True)
+    split.model[2].requires_grad_(True)
+    optimizers = split.optimizers()
+    for model, opts in ((split.model, optimizers[:2]), (split.local, optimizers[2:])):
+        h = model[1](model[0](x))
+        y = model[2](h)
+        (grad_h,) = torch.autograd.grad(y.square().sum(), h, create_graph=True)
+        (y.square().mean() + grad_h.square().sum()).backward()
+        for opt in opts:
+            opt.step()
+    split.assert_same_weights()
+    split.close()
+
+
 # -- named tuples and ModelOutputs -----------------------------------------------------------------
 
 
