@@ -524,9 +524,16 @@ class TrunkClient:
             self._forwards_since_zero_grad = 0
 
     def scale_grads_later(self, scale: float) -> None:
-        """Defer multiplying the session's gradients by ``scale`` (gradient clipping)."""
+        """Defer multiplying the session's gradients by ``scale`` (gradient clipping). A scale
+        of 0 (an infinite total norm, or ``max_norm=0``) defers filling them with zeros: 0 on
+        the wire means "no scale"."""
         with self._lock:
-            self._pending_scale *= scale
+            if scale == 0.0:
+                if self._pending_zero == pb.ZERO_GRAD_NONE:
+                    self._pending_zero = pb.ZERO_GRAD_TO_ZERO
+                self._pending_scale = 1.0
+            else:
+                self._pending_scale *= scale
 
     def _take_grad_ops(self) -> tuple[pb.ZeroGradMode, float]:
         with self._lock:

@@ -448,7 +448,10 @@ def clip_grad_norm_(
     for part in parts:
         if isinstance(part, RemoteModule):
             if not math.isfinite(_take_unscale(part)):  # gradients the server did not keep
-                norms.append(torch.tensor(math.nan))
+                # An overflow counts as inf, as inf gradients do in torch: the coefficient is
+                # 0 and the local gradients are zeroed, not made NaN, for an optimizer whose
+                # GradScaler saw no overflow of its own to step (its unscale_ came first).
+                norms.append(torch.tensor(math.inf))
             remote_norms, dtype = part.client.grad_norms(norm_type)
             norms.extend(torch.tensor(n, dtype=codec.DTYPES[dtype]) for n in remote_norms)
             remotes.append(part)
@@ -473,6 +476,18 @@ def clip_grad_norm_(
             by_device.setdefault((grad.device, grad.dtype), []).append(grad)
         for (device, _), grads in by_device.items():
             torch._foreach_mul_(grads, clip_coef.to(device))
+    coefficient = float(clip_coef)
     for remote in remotes:
-        remote.client.scale_grads_later(float(clip_coef))
+        if math.isfinite(coefficient):
+            remote.client.scale_grads_later(coefficient)
+        else:  # NaN gradients here: the trunk's would be NaN too; its step() refuses them
+            _flag_nonfinite(remote)
     return total_norm
+
+
+def _flag_nonfinite(module: RemoteModule) -> None:
+    """Mark the trunk's gradients of this step non-finite, as a backward the server kept no
+    gradients of does (function.py): GradScaler skips its step, step() alone raises."""
+    if module._dummy.grad is None:
+        module._dummy.grad = torch.ones(1)
+    module._dummy.grad.fill_(math.nan)

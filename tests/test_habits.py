@@ -304,7 +304,7 @@ def test_a_non_finite_step_without_grad_scaler_is_refused_loudly(start_server):
     x = _batches(1)[0]
     (split.model(x).square().mean() * math.inf).backward()  # accepted, nothing accumulated
     assert split.server.engine.sessions.values()[0].grads == {}
-    assert math.isnan(float(clip_grad_norm_([split.remote], 1.0)))
+    assert math.isinf(float(clip_grad_norm_([split.remote], 1.0)))  # an overflow: inf
     with pytest.raises(FloatingPointError, match="not finite.*zero_grad.*GradScaler"):
         trunk_opt.step()
     trunk_opt.zero_grad()
@@ -419,6 +419,87 @@ def test_clip_grad_norm_of_the_whole_model_includes_the_trunk(start_server):
     for name, param in split.local[1].named_parameters():
         torch.testing.assert_close(remote[name], param.detach(), rtol=1e-6, atol=1e-7)
     split.close()
+
+
+def test_a_clip_coefficient_of_zero_reaches_the_trunk(start_server):
+    """max_norm=0 (or an infinite total norm) makes torch's coefficient 0: every gradient is
+    zeroed, and momentum alone moves the weights. 0 on the wire means "no scale", so the trunk
+    once stepped unclipped; now it equals local training, bit for bit."""
+    split = Split(start_server, dtype=torch.float64, lr=0.1, momentum=0.9)
+    optimizers = split.optimizers()
+    for max_norm in (1.0, 0.0, 0.5):
+        for model, opts in ((split.model, optimizers[:2]), (split.local, optimizers[2:])):
+            model(_batches(1, torch.float64)[0]).square().sum().backward()
+            if model is split.model:
+                clip_grad_norm_(model, max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+        split.assert_same_weights()
+    split.close()
+
+
+def _poisoned_step(split, scaler, poison: str) -> tuple[RemoteOptimizer, torch.optim.SGD]:
+    """x -> trunk -> top (no bottom) under the AMP recipe with clipping, one gradient made
+    non-finite: the trunk's output gradient ("trunk"), or the top's weight's ("local")."""
+    trunk_opt = RemoteOptimizer(split.remote, "SGD", lr=0.1)
+    top = split.model[2]
+    top_opt = torch.optim.SGD(top.parameters(), lr=0.1)
+    out = split.remote(_batches(1)[0].matmul(torch.ones(6, 16)))
+    loss = top(out).square().mean()
+    bad = torch.zeros(1)
+    bad[0] = math.inf if poison == "trunk" else math.nan
+    if poison == "trunk":
+        loss = loss + (out[0, 0] * bad).sum()
+    else:
+        loss = loss + (top.weight[0, 0] * bad).sum()
+    scaler.scale(loss).backward()
+    scaler.unscale_(trunk_opt)
+    scaler.unscale_(top_opt)
+    clip_grad_norm_([split.remote, *top.parameters()], 1.0)
+    return trunk_opt, top_opt
+
+
+def test_amp_clipping_when_only_the_trunk_overflows_keeps_the_local_weights_finite(start_server):
+    """The trunk's overflow counts as an infinite norm (as inf gradients do in torch): the
+    coefficient is 0, the top's gradients are zeroed, and its optimizer, whose GradScaler saw
+    no overflow of its own, steps with zeros. It once got NaN and wrote NaN into the weights."""
+    split = Split(start_server)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    before = split.remote.remote_state_dict()
+    top_before = [p.clone() for p in split.model[2].parameters()]
+    trunk_opt, top_opt = _poisoned_step(split, scaler, "trunk")
+    scaler.step(trunk_opt)  # skipped: its stand-in says overflow
+    scaler.step(top_opt)
+    scaler.update()
+    assert scaler.get_scale() == 0.5 and trunk_opt._step_count == 0
+    for now, was in zip(split.model[2].parameters(), top_before, strict=True):
+        assert torch.equal(now, was)  # a step of zeros: plain SGD stays
+    after = split.remote.remote_state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    split.close()
+
+
+def test_amp_clipping_with_a_nan_local_gradient_refuses_the_trunks_step(start_server):
+    """A NaN local gradient makes the coefficient NaN, which locally would make the trunk's
+    gradients NaN. The trunk's step is refused with the FloatingPointError of a non-finite
+    step (it once sent grad_scale=NaN and failed with an InvalidRequest that stuck to every
+    later step); after zero_grad() training goes on."""
+    split = Split(start_server)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    before = split.remote.remote_state_dict()
+    trunk_opt, top_opt = _poisoned_step(split, scaler, "local")
+    scaler.step(top_opt)  # skipped: its own unscale_ found the NaN
+    with pytest.raises(FloatingPointError, match="not finite"):
+        scaler.step(trunk_opt)
+    after = split.remote.remote_state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    trunk_opt.zero_grad()
+    split.remote(_batches(1)[0].matmul(torch.ones(6, 16))).square().sum().backward()
+    trunk_opt.step()
+    assert trunk_opt._step_count == 1
 
 
 def _dropout_trunk() -> nn.Module:
