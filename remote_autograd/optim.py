@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -275,7 +276,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         server_state = {
             "state": state["state"],
             "param_groups": [
-                {k: v for k, v in g.items() if k not in ("initial_lr", "trunk_params")}
+                {k: _number(v) for k, v in g.items() if k not in ("initial_lr", "trunk_params")}
                 for g in state["param_groups"]
             ],
         }
@@ -294,14 +295,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for key, value in group.items():
                 if key in _CLIENT_ONLY_KEYS:
                     continue
-                if isinstance(value, torch.Tensor) and value.numel() == 1:
-                    value = value.item()
+                value = _number(value)
                 # Non-finite numbers go too: the server refuses them by name.
                 if isinstance(value, (bool, int, float)) or (
                     isinstance(value, (list, tuple))
                     and all(isinstance(v, (bool, int, float)) for v in value)
                 ):
                     plain[key] = value
+                elif value is not None and not isinstance(value, str):
+                    raise TypeError(
+                        f"param group entry {key}={value!r} of a RemoteOptimizer: the server's "
+                        "optimizer steps with plain numbers (a float, a one-element tensor, a "
+                        "numpy scalar), bools, and tuples of them"
+                    )
             groups.append(plain)
         return groups
 
@@ -382,6 +388,22 @@ def _take_unscale(module: RemoteModule) -> float:
         module.client.scale_grads_later(value)
         flag.fill_(1.0)
     return value
+
+
+def _number(value: Any) -> Any:
+    """A hyperparameter as the wire carries it: a one-element tensor (an LR held as a tensor)
+    or a numpy scalar (an LR table of np.float32) as the Python number it holds, tuples item
+    by item; anything else as it is. Such values were once left out of a Step without a word:
+    the server kept stepping with the old learning rate."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_number(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 def _plain(value: Any) -> bool:

@@ -501,3 +501,26 @@ def test_a_state_with_a_schedulers_group_keys_loads(start_server):
     remote(_batch(3)[:, :3]).square().sum().backward()
     again.step()
     remote.close()
+
+
+def test_learning_rates_held_as_numpy_scalars_or_tensors_reach_the_trunk(start_server):
+    """An LR table of np.float32 (LambdaLR over np.linspace) or an LR held as a tensor: each
+    step sends the number it holds (a numpy scalar was once left out without a word, and the
+    server kept stepping at the configured LR), and state_dict() loads back. A value no
+    number can be made of is refused by name."""
+    import decimal
+
+    import numpy as np
+
+    pair = Pair(start_server, lr=0.1, momentum=0.9)
+    for step, lr in enumerate((np.float32(0.05), np.float64(0.03), torch.tensor(0.02))):
+        pair.backward(_inputs(3)[step])
+        for optimizer in (pair.trunk_opt, pair.split_opt, pair.local_opt):
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad()
+        pair.assert_same_weights()
+    pair.trunk_opt.load_state_dict(pair.trunk_opt.state_dict())
+    pair.trunk_opt.param_groups[0]["lr"] = decimal.Decimal("0.1")
+    with pytest.raises(TypeError, match=r"lr=Decimal\('0.1'\) of a RemoteOptimizer"):
+        pair.trunk_opt.step()
