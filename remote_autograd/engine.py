@@ -92,6 +92,9 @@ __all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine", "paced_checkpoint"]
 # Optimizers of torch.optim whose step fails on FSDP2's sharded parameters (DTensor
 # placement changes in Adafactor's pow_, Rprop's index_put_), tried on torch 2.13.
 _NOT_SHARDED = frozenset({"Adafactor", "Rprop"})
+# Their fused kernels have no sharding rule for DTensors (torch refuses every such Step); Adam
+# and AdamW's have one.
+_NOT_FUSED_SHARDED = frozenset({"SGD", "Adagrad"})
 
 # What a client that did create its optimizer is told when the session holds none.
 _SESSION_GONE = f"; if you did, {SESSION_GONE}"
@@ -547,6 +550,16 @@ class TrunkEngine:
                 "optimizer (AdamW, Adam, SGD, RMSprop, Adagrad, ...), or --parallel ddp"
             )
         kwargs = plain_map(options, "optimizer options")
+        fused = [
+            kwargs.get("fused"),
+            *(g.get("fused") for g in groups or () if isinstance(g, dict)),
+        ]
+        if self.runner.mode == "fsdp" and name in _NOT_FUSED_SHARDED and any(fused):
+            raise InvalidRequest(
+                f"{name}(fused=True) cannot step a trunk sharded with --parallel fsdp: torch "
+                "has no sharded form of its fused kernel (it refuses every Step); leave fused "
+                "unset (the foreach kernels), use AdamW or Adam, or --parallel ddp"
+            )
         if not self.params:
             raise InvalidRequest("the trunk has no trainable parameters to optimize")
         named = resolve_groups(groups, self.params)

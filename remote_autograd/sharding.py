@@ -37,7 +37,10 @@ def shard(module: nn.Module) -> None:
     ]
     for layer in layers:
         fully_shard(layer)
-    fully_shard(module)
+    # FSDP2 leaves the root's own parameters (a final norm, a head) gathered after a forward,
+    # for its backward. A forward with no backward (no grad) then kept them gathered and
+    # stale: later forwards used them as they were before a Step or a LoadState.
+    fully_shard(module, reshard_after_forward=True)
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.set_gradient_divide_factor(1.0)

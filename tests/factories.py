@@ -141,6 +141,29 @@ def mixed_trunk() -> nn.Module:
     return MixedTrunk()
 
 
+class Headed(nn.Module):
+    """Layers in a ModuleList, then a head and a scale the trunk holds itself (FSDP2 shards
+    them with the root module: a final norm or head of a real model), float64, seeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(21)
+        self.layers = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 8)])
+        self.head = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.double()
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator).double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers[1](torch.tanh(self.layers[0](x)))) * self.scale
+
+
+def headed_trunk() -> nn.Module:
+    return Headed()
+
+
 def linear32_trunk() -> nn.Module:
     """A seeded float32 ``Linear(4, 2)``: float32 is where finite gradients can overflow."""
     generator = torch.Generator().manual_seed(4321)

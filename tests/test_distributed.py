@@ -23,6 +23,7 @@ from conftest import child_env, serving_address
 from factories import (
     awkward_trunk,
     batch,
+    headed_trunk,
     linear32_trunk,
     local_parts,
     mixed_trunk,
@@ -609,6 +610,40 @@ def test_ddp_sums_the_gradients_of_each_dtype_apart():
         torch.testing.assert_close(state[name], param.detach(), rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_trunks_own_parameters_are_current_after_a_forward_without_grad():
+    """fsdp, a head and a scale held by the trunk itself (FSDP2 shards them with the root):
+    a forward without grad between a backward and its Step, or before a LoadState, once left
+    them gathered and stale, so every later forward used the old values. Two SGD steps and a
+    load equal local training."""
+    process, address = spawn_torchrun("factories:headed_trunk", "--parallel", "fsdp")
+    local = headed_trunk()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    try:
+        with _fresh(address, headed_trunk) as remote:
+            pairs = (
+                (remote, RemoteOptimizer(remote, "SGD", lr=0.1)),
+                (local, torch.optim.SGD(local.parameters(), lr=0.1)),
+            )
+            for _ in range(2):
+                for trunk, optimizer in pairs:
+                    trunk(x).square().sum().backward()
+                    with torch.no_grad():
+                        trunk(x)  # an evaluation between the backward and the step
+                    optimizer.step()
+                    optimizer.zero_grad()
+                with torch.no_grad():
+                    torch.testing.assert_close(remote(x), local(x), **TOL)
+            loaded = {name: param.detach() * 0.5 for name, param in local.named_parameters()}
+            with torch.no_grad():
+                remote(x)
+            remote.load_remote_state_dict(loaded)
+            local.load_state_dict(loaded)
+            with torch.no_grad():
+                torch.testing.assert_close(remote(x), local(x), **TOL)
+    finally:
+        stop_torchrun(process)
+
+
 def test_ddp_gradients_that_overflow_only_summed_over_the_ranks_are_skipped_by_grad_scaler():
     """float32 Linear(4, 2), batch 4 (shares of 2 rows), output gradients all G: the bias's
     gradient is 2G on each rank and 4G summed. One Backward with G = 1e38, and two kept
@@ -900,14 +935,16 @@ def test_what_rank_0_accepts_every_rank_reads(narrow_fsdp):
             torch.testing.assert_close(remote(ordinary), narrow_slow_trunk()(ordinary), **TOL)
 
 
-@pytest.mark.parametrize("name", ["Adafactor", "Rprop"])
+@pytest.mark.parametrize("name", ["Adafactor", "Rprop", "SGD", "Adagrad"])
 def test_optimizers_that_cannot_step_shards_are_refused_when_configured(narrow_fsdp, name):
-    """Their step fails on FSDP2's sharded parameters, every time: refused at once, by name,
-    not accepted and then refused at every Step. The session then takes another (not
-    stepped: the other tests of this server compare with its initial weights)."""
+    """Their step (SGD's and Adagrad's fused one) fails on FSDP2's sharded parameters, every
+    time: refused at once, by name, not accepted and then refused at every Step. The session
+    then takes another (not stepped: the other tests of this server compare with its initial
+    weights)."""
+    fused = {"fused": True} if name in ("SGD", "Adagrad") else {}
     with RemoteModule(narrow_fsdp, options=ClientOptions(timeout=60, retries=0)) as remote:
-        with pytest.raises(InvalidRequest, match=f"{name} cannot step a trunk sharded"):
-            RemoteOptimizer(remote, name, lr=0.01)
+        with pytest.raises(InvalidRequest, match=f"{name}.* cannot step a trunk sharded"):
+            RemoteOptimizer(remote, name, lr=0.01, **fused)
         optimizer = RemoteOptimizer(remote, "AdamW", lr=0.01)
         assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.01
 
