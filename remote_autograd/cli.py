@@ -253,11 +253,18 @@ def run_server(module: Any, args: argparse.Namespace, options: ServerOptions | N
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if runner is not None and hasattr(runner, "on_broken"):
+        # A distributed trunk out of service (a rank lost or hung, ranks parted ways) can
+        # only be restarted: rank 0 leaves with an error, and torchrun ends the group.
+        runner.on_broken = done.set
     done.wait()
+    broken = getattr(runner, "broken", None)
     server.stop(grace=5.0)
-    close = getattr(server.engine.runner, "close", None)
+    close = getattr(runner, "close", None)
     if close is not None:  # a distributed runner: the other ranks stop too
         close()
+    if broken is not None:
+        raise SystemExit(f"remote-autograd: the distributed trunk is out of service: {broken}")
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -45,6 +45,8 @@ import datetime
 import logging
 import os
 import signal
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -106,6 +108,7 @@ class DistributedRunner(TrunkRunner):
         mode: str = "ddp",
         control: Any = None,
         limits: Limits | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
@@ -133,6 +136,12 @@ class DistributedRunner(TrunkRunner):
         self._to_free: collections.deque[int] = collections.deque()
         self._forgotten: collections.deque[str] = collections.deque()
         self._combined: set[str] = set()  # ddp: sessions whose gradients are whole everywhere
+        self.timeout = timeout  # --dist-timeout: how long a rank waits in any exchange
+        self._last_command = time.monotonic()
+        # Called (rank 0) when the group is lost or its ranks parted ways: the trunk can only
+        # be restarted, so the server goes (serve's caller sets this).
+        self.on_broken: Callable[[], None] | None = None
+        self.stopped: threading.Event | None = None  # ends the keep-alive (rank 0)
         # A recomputed forward's buffers as they were before it, until its backward ran.
         self._recomputed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.broken: str | None = None
@@ -296,11 +305,10 @@ class DistributedRunner(TrunkRunner):
             replies = self._receive_all(range(1, self.world), raise_now=failed is None)
             for rank, reply in sorted(replies.items()):
                 if (reply.get("error") is None) != (failed is None):
-                    self.broken = (
+                    self._out_of_service_now(
                         f"rank {rank} and rank 0 parted ways on {op}: rank {rank} said "
                         f"{reply.get('error')!r}, rank 0 {failed!r}"
                     )
-                    log.error("the distributed trunk is out of service: %s", self.broken)
             # The group lost here (a collective or the wire timed out: gloo raises a plain
             # RuntimeError) answers UNAVAILABLE, as every later call does, not INTERNAL.
             if self.broken is not None and not isinstance(failed, RemoteAutogradError):
@@ -344,6 +352,30 @@ class DistributedRunner(TrunkRunner):
     def _allocate(self, shape: list[int], dtype: torch.dtype, sharded: bool) -> torch.Tensor:
         return sharding.room(self.params, self.device, shape, dtype, sharded)
 
+    def keep_alive(self, stopped: threading.Event) -> None:
+        """Rank 0, on a thread of its own until ``stopped``: a command to every rank whenever
+        none went for a quarter of ``timeout``. The other ranks wait for the next command in
+        an exchange that --dist-timeout bounds: without it an idle trunk ended its group
+        after 10 minutes (and its last checkpoint with it). A call running holds the trunk
+        lock and exchanges itself: then nothing is sent."""
+        period = self.timeout / 4
+        while not stopped.wait(max(0.05, period - (time.monotonic() - self._last_command))):
+            if self.broken is not None:
+                return
+            if time.monotonic() - self._last_command < period:
+                continue
+            lock = self.engine.lock
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                commands = {rank: {"op": "alive"} for rank in range(1, self.world)}
+                self._send_all(commands)
+                self._receive_all(list(commands))
+            except ServerUnavailable:
+                return  # out of service: on_broken said so
+            finally:
+                lock.release()
+
     def close(self) -> None:
         """Let the other ranks leave :meth:`follow` (rank 0, when the server stops), once no
         call is in an exchange with them (waiting at most 30 s for one that still is)."""
@@ -356,6 +388,8 @@ class DistributedRunner(TrunkRunner):
                 lock.release()
 
     def _stop_followers(self) -> None:
+        if self.stopped is not None:
+            self.stopped.set()
         if self.broken is None:
             for rank in range(1, self.world):
                 try:
@@ -372,9 +406,15 @@ class DistributedRunner(TrunkRunner):
             "server (with --checkpoint it resumes from its last checkpoint)"
         )
 
+    def _out_of_service_now(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+            log.error("the distributed trunk is out of service: %s", why)
+            if self.on_broken is not None:
+                self.on_broken()
+
     def _lost(self, exc: RuntimeError) -> ServerUnavailable:
-        self.broken = f"a rank failed: {exc}"
-        log.error("the distributed trunk lost a rank: %s", exc)
+        self._out_of_service_now(f"a rank failed: {exc}")
         return ServerUnavailable(
             f"a rank of the distributed trunk failed ({exc}); restart the torchrun server "
             "(with --checkpoint it resumes from its last checkpoint)"
@@ -392,6 +432,7 @@ class DistributedRunner(TrunkRunner):
                 self.wire.send({**command, "free": free, "forget": forget}, rank)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
+        self._last_command = time.monotonic()
         self.free(free)
 
     def _receive_all(self, ranks: Sequence[int], *, raise_now: bool = True) -> dict[int, Any]:
@@ -620,7 +661,7 @@ def serve_distributed(
     control = dist.new_group(backend="gloo", timeout=delta) if backend != "gloo" else None
     dtype = DTYPES[options.dtype] if options.dtype else None
     runner = DistributedRunner(
-        module, device, dtype, mode=mode, control=control, limits=options.limits
+        module, device, dtype, mode=mode, control=control, limits=options.limits, timeout=timeout
     )
     if runner.rank != 0:
         # Rank 0 enforces the limits and drops sessions; this rank keeps what it is told to.
@@ -643,5 +684,10 @@ def serve_distributed(
             dist.destroy_process_group()
         return None
     server = TrunkServer(engine, address).start()
+    stopped = threading.Event()
+    keeper = threading.Thread(target=runner.keep_alive, args=(stopped,), name="ra-keep-alive")
+    keeper.daemon = True
+    keeper.start()
+    runner.stopped = stopped  # close() ends the keep-alive
     log.info("rank 0 of %d serves the trunk (%s, %s)", runner.world, mode, backend)
     return server

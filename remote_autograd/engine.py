@@ -43,6 +43,7 @@ from .errors import (
     InvalidRequest,
     LimitExceeded,
     NotConfigured,
+    ServerUnavailable,
     StaleContext,
     TrunkError,
 )
@@ -906,7 +907,10 @@ class TrunkEngine:
     def save_if_changed(self) -> None:
         """A checkpoint when the weights moved since the last one (and a path is set)."""
         if self.options.checkpoint_path and self.saved_version != self.weights_version:
-            self.checkpoint(on_error="log")
+            try:
+                self.checkpoint(on_error="log")
+            except ServerUnavailable as exc:  # a distributed trunk out of service
+                log.error("no checkpoint of weights v%d: %s", self.weights_version, exc)
 
     def _restore(self, path: str) -> None:
         state = self.runner.load_checkpoint(path)

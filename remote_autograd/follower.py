@@ -8,6 +8,8 @@ the trunk raised is a TrunkError there, as it is on rank 0. The commands::
 
     forward / backward   this rank's share of a Compute or Backward (DistributedRunner)
     idle                 ddp: no share of this forward (a batch smaller than the world)
+    alive                nothing: rank 0 had no call for a while (each rank waits for the
+                         next command at most --dist-timeout seconds)
     idle_backward        ddp: no share of this backward, but a voice in whether it failed
     mirror               run engine operation ``name`` on this rank's copy of a session
     stop                 leave (the server stopped)
@@ -67,7 +69,7 @@ class Follower:
                     reply = self._forward(command)
                 elif op == "backward":
                     reply = self._backward(command)
-                elif op == "idle":  # ddp: no share of this forward; nothing to do
+                elif op in ("idle", "alive"):  # ddp: no share of this forward; rank 0 idle
                     pass
                 elif op == "idle_backward":  # ddp: this rank's share was empty
                     runner.failed_somewhere(False)

@@ -48,6 +48,7 @@ class RemoteCall:
         self.output_template: Any = None
         self.backwards = 0
         self._inputs: tuple[torch.Tensor, ...] = ()  # detached: resent if the server loses them
+        self._versions: list[int] = []  # their version counters when the forward ran
         self._needs: list[bool] = []
         self.seed = 0  # the server's RNG seed for this forward
         self.given_seeds: list[int] | None = None  # a recompute's: its first run's seed
@@ -61,6 +62,7 @@ class RemoteCall:
         if self.given_seeds:
             self.seed = self.given_seeds[0]
         args, kwargs = unflatten(self.template, tensors)
+        self._versions = [t._version for t in tensors]  # a recompute's inputs must be these
         needs = [t.requires_grad and t.is_floating_point() for t in tensors]
         self._needs = needs if self.keep_context else [False] * len(tensors)
         value, header = self.client.compute(
@@ -84,6 +86,16 @@ class RemoteCall:
         self.client.schedule_release(self.request_id, self._pid)
 
     def _recompute(self) -> None:
+        # The detached inputs share their tensors' version counters: one changed in place
+        # since the forward would be recomputed as it is now, giving the gradients of another
+        # forward. Locally the layer that saved it refuses the backward; so does this.
+        if [t._version for t in self._inputs] != self._versions:
+            raise RuntimeError(
+                "an input of the RemoteModule's forward was modified by an inplace operation "
+                "after the forward ran, and the server no longer holds the forward (expired, "
+                "evicted, or restarted): it cannot be recomputed from those inputs. Clone the "
+                "input before changing it, or keep the context (ServerOptions.context_ttl)"
+            )
         args, kwargs = unflatten(self.template, self._inputs)
         self.client.recompute(
             self.request_id,

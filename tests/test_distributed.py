@@ -3,6 +3,7 @@ process and of local training: each rank takes a share of the batch, rank 0 answ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -40,6 +41,7 @@ from remote_autograd import (
     RemoteModule,
     RemoteOptimizer,
     ServerUnavailable,
+    TransportError,
     clip_grad_norm_,
     serve,
 )
@@ -388,11 +390,14 @@ def _rank_pid(torchrun: subprocess.Popen[str], rank: int) -> int:
 
 
 @pytest.mark.parametrize("call", ["step", "get_state"])
-def test_a_collective_that_times_out_takes_the_trunk_out_of_service(call):
-    """Rank 1 stopped (SIGSTOP) before a Step or an fsdp GetState, which every rank runs: rank
-    0's exchange with it times out after --dist-timeout. The call, the first one into the
-    timed-out collective included, is answered UNAVAILABLE (the group is lost: restart it), not
-    INTERNAL as a failure of the trunk's own code would be."""
+def test_a_hung_rank_takes_the_trunk_out_of_service_and_torchrun_ends_it(call):
+    """--dist-timeout 4. Idle for longer (the Step case): the ranks still serve, since rank 0
+    sends the others a command whenever none went for a second (they once timed out waiting
+    for the next one, and the group ended). Then rank 1 stopped (SIGSTOP) before a Step or an
+    fsdp GetState, which every rank runs: rank 0's exchange with it times out. The call, the
+    first one into the timed-out collective included, is answered UNAVAILABLE (not INTERNAL,
+    as a failure of the trunk's own code is), and rank 0 leaves with an error, so that
+    torchrun ends the group (health said SERVING and torchrun lived on, out of service)."""
     process, address = spawn_torchrun(
         "factories:shifted_trunk", "--parallel", "fsdp", "--dist-timeout", "4"
     )
@@ -402,15 +407,22 @@ def test_a_collective_that_times_out_takes_the_trunk_out_of_service(call):
             trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
             x = torch.randn(4, 8, dtype=torch.float64)
             remote(x).sum().backward()
+            if call == "step":
+                time.sleep(6)  # idle past --dist-timeout
+                trunk_opt.step()
+                remote(x).sum().backward()
             os.kill(rank1, signal.SIGSTOP)
             # gloo's timeout is a DistBackendError or a plain RuntimeError, as it happens
             lost = r"a rank of the distributed trunk failed|out of service \(a rank failed"
             with pytest.raises(ServerUnavailable, match=lost):
                 trunk_opt.step() if call == "step" else remote.remote_state_dict()
-            with pytest.raises(ServerUnavailable, match="out of service"):
+            os.kill(rank1, signal.SIGCONT)
+            with pytest.raises(TransportError):  # out of service, or the server going
                 remote(x)
+        assert process.wait(timeout=120) != 0
     finally:
-        os.kill(rank1, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank1, signal.SIGCONT)
         stop_torchrun(process)
 
 

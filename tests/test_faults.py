@@ -287,6 +287,33 @@ def test_a_lost_context_is_recomputed_with_the_same_dropout(how, reference):
         server.stop(grace=None)
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_lost_context_is_not_recomputed_from_an_input_changed_in_place(micro_batches):
+    """An input changed in place after the forward: with its context kept the gradients are
+    the forward's as it ran; with the context lost, recomputing from the changed input would
+    give another forward's, so the backward is refused, as a local layer that saved the input
+    refuses it. A clone changed instead trains as usual."""
+    server = serve(dropout_trunk())
+    try:
+        options = ClientOptions(micro_batches=micro_batches)
+        remote = RemoteModule(server.address, options=options)
+        x = torch.ones(4, 8, dtype=torch.float64, requires_grad=True)
+        h = x * 2
+        out = remote(h)
+        h.add_(1.0)  # after the forward
+        assert _expire_contexts_now(server) == micro_batches
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        h = x * 2
+        out = remote(h)
+        h.clone().add_(1.0)
+        _expire_contexts_now(server)
+        out.sum().backward()  # recomputed
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    finally:
+        server.stop(grace=None)
+
+
 def test_a_lost_context_is_not_recomputed_on_moved_weights():
     server = serve(dropout_trunk(), options=ServerOptions(max_contexts=1))
     try:
