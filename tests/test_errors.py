@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent import futures
 
@@ -161,6 +162,31 @@ def test_an_error_too_long_for_grpc_trailers_arrives_cut_not_as_stream_removed(s
     with pytest.raises(TrunkError, match=r"raised NotImplementedError: no kernel") as info:
         remote(torch.ones(2))
     assert str(info.value).endswith("more characters)") and len(str(info.value)) < 2500
+
+
+def test_a_trunk_error_on_every_call_logs_few_tracebacks(start_server, caplog, monkeypatch):
+    """A wrong feature size raises in the trunk on every call: each is answered INTERNAL with
+    its error, and the server logs the traceback of the first few only, saying how many it
+    left out (each was 3 KB of log: one client could write megabytes a second)."""
+    from remote_autograd import service
+
+    monkeypatch.setattr(service, "_TRACEBACKS", service._Throttle(burst=3, period=3600))
+    remote = RemoteModule(start_server(nn.Linear(4, 4)).address)
+    with caplog.at_level(logging.DEBUG, logger="remote_autograd.service"):
+        for _ in range(20):
+            with pytest.raises(TrunkError, match="mat1 and mat2"):
+                remote(torch.ones(2, 5))
+    tracebacks = [r for r in caplog.records if r.exc_info and "failed in the trunk" in r.message]
+    assert len(tracebacks) == 3
+    quiet = [r for r in caplog.records if r.levelno == logging.DEBUG and "mat1" in r.message]
+    assert len(quiet) == 17
+    service._TRACEBACKS.period = 0.0  # a new period: the next one is shown, with the count
+    with (
+        caplog.at_level(logging.DEBUG, logger="remote_autograd.service"),
+        pytest.raises(TrunkError),
+    ):
+        remote(torch.ones(2, 5))
+    assert "(17 more since, without traceback)" in caplog.records[-1].message
 
 
 def test_optimizer_allowlist_and_arguments(start_server):
