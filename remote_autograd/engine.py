@@ -48,7 +48,7 @@ from .errors import (
     TrunkError,
 )
 from .fingerprint import persistent_buffers, state_order, trunk_dtype, trunk_fingerprint
-from .footprint import Footprint
+from .footprint import Footprint, plain_bytes
 from .guard import (
     StepBackup,
     accumulate,
@@ -92,6 +92,10 @@ __all__ = ["ID_PATTERN", "CheckpointPace", "TrunkEngine", "paced_checkpoint"]
 
 # Optimizers of torch.optim whose step fails on FSDP2's sharded parameters (DTensor
 # placement changes in Adafactor's pow_, Rprop's index_put_), tried on torch 2.13.
+# What a kept forward's plain values (its arguments' tree beside the tensors) may take before
+# they count against max_context_bytes: an ordinary call's tree is a few hundred bytes.
+_TREE_ALLOWANCE = 4096
+
 _NOT_SHARDED = frozenset({"Adafactor", "Rprop"})
 # Their fused kernels have no sharding rule for DTensors (torch refuses every such Step); Adam
 # and AdamW's have one.
@@ -373,7 +377,7 @@ class TrunkEngine:
                     inputs=leaves,
                     input_dtypes=[t.dtype for t in tensors],
                     outputs=kept,
-                    nbytes=footprint.nbytes,
+                    nbytes=footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE),
                     weights_version=version,
                     seed=seed,
                     template=template,

@@ -102,6 +102,29 @@ def test_activations_push_a_context_over_the_limit(start_server):
     assert small.grad is not None
 
 
+class Tabled(nn.Module):
+    """Doubles ``x``; takes a ``table`` of plain numbers, which it does not read."""
+
+    def forward(self, x: torch.Tensor, table: list | None = None) -> torch.Tensor:
+        return x * 2
+
+
+def test_plain_values_a_kept_forward_holds_count_against_max_context_bytes(start_server):
+    """A list of 100,000 numbers in the arguments is ~3.6 MB of Python objects that the kept
+    forward holds for its recompute: over max_context_bytes=2 MiB, refused (only its tensors
+    were counted: contexts of a few KiB each held 8 MiB apiece). An ordinary call's tree is
+    not counted."""
+    server = start_server(Tabled(), ServerOptions(max_context_bytes=2 << 20))
+    remote = RemoteModule(server.address)
+    x = torch.zeros(2, 4, requires_grad=True)
+    with pytest.raises(LimitExceeded, match="max_context_bytes=2097152"):
+        remote(x, table=list(range(100_000)))
+    assert server.stats()["contexts"] == 0
+    remote(x, table=list(range(10))).sum().backward()
+    assert server.stats()["context_bytes"] in (0, 2 * 4 * 4 * 2)  # the input and output only
+    assert torch.equal(x.grad, torch.full((2, 4), 2.0))
+
+
 def test_kept_forwards_stay_within_max_context_bytes_inrss_bytes():
     # Each forward of a 16 MiB input holds 96 MiB (input, GELU's input and output, output);
     # counted as 32 MiB, four would be kept under 128 MiB (384 MiB held).
