@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import queue
 import secrets
@@ -162,6 +164,13 @@ class TrunkClient:
             if self._stub is None:
                 self._channel = self._leftovers.channel = create_channel(self.address, self.options)
                 self._stub = pb_grpc.TrunkStub(self._channel)
+                if multiprocessing.parent_process() is not None:
+                    # multiprocessing's children (DataLoader workers) leave through os._exit,
+                    # past atexit (_close_live_clients): their exit runs multiprocessing's
+                    # finalizers instead. Each worker's session once stayed until
+                    # session_ttl, and epochs of workers filled max_sessions.
+                    ref = weakref.ref(self)
+                    multiprocessing.util.Finalize(None, _close_at_exit, (ref,), exitpriority=0)
             return self._stub
 
     def info(self) -> pb.InfoReply:
@@ -826,6 +835,15 @@ if hasattr(os, "register_at_fork"):
 # Clients alive in this process: at exit each ends its server session (close()), so short
 # scripts do not hold sessions until the server's session_ttl.
 _LIVE: weakref.WeakSet[TrunkClient] = weakref.WeakSet()
+
+
+def _close_at_exit(ref: weakref.ref[TrunkClient]) -> None:
+    client = ref()
+    if client is not None and not client._closed:
+        try:
+            client.close()  # sends nothing if this process never opened a session
+        except Exception as exc:  # noqa: BLE001 - exit goes on
+            log.debug("closing the client of %s at exit failed: %s", client.address, exc)
 
 
 @atexit.register

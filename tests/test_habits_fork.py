@@ -85,6 +85,32 @@ def test_forked_child_opens_its_own_session(mlp_server):
     module.close()
 
 
+def test_forked_children_end_their_sessions_when_they_exit():
+    """multiprocessing children (DataLoader workers) leave through os._exit, past atexit: each
+    ends its session anyway, so a server of max_sessions=2 serves the parent and any number of
+    children one after another (their sessions once stayed until session_ttl)."""
+    process, address = spawn_server("models:make_mlp_trunk", "--max-sessions", "2")
+    try:
+        module = RemoteModule(address)
+        x = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            expected = module(x).tolist()  # the parent's session: one of two
+        context = multiprocessing.get_context("fork")
+        for _ in range(3):
+            queue = context.Queue()
+            child = context.Process(target=_child_forward, args=(module, x, queue))
+            child.start()
+            session_id, got = queue.get(timeout=120)
+            child.join(timeout=120)
+            assert child.exitcode == 0
+            assert session_id != "error", got
+            assert got == expected
+        module.close()
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+
+
 def _child_drops_a_client(address: str, x: torch.Tensor, queue) -> None:
     import gc
 
