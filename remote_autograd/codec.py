@@ -673,11 +673,12 @@ def _check_tree(value: Any, limit: int, what: str) -> None:
     for _ in range(limit):
         children = []
         for node in level:
+            items: Any = node
             if isinstance(node, dict):
                 if not all(type(key) in _KEY_TYPES for key in node):
                     raise CodecError(f"{what}: map keys must be str, int, float, bool or None")
-                node = node.values()
-            children += [child for child in node if isinstance(child, _CONTAINERS)]
+                items = node.values()
+            children += [child for child in items if isinstance(child, _CONTAINERS)]
         if not children:
             return
         level = children
