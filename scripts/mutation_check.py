@@ -741,6 +741,126 @@ MUTATIONS: list[Mutation] = [
         ),
         "slices are never all equal, so a fixed-size output is refused",
     ),
+    # -- session 12 ----------------------------------------------------------------------------
+    M(
+        "reply_quantization_checked_after_the_trunk",
+        "remote_autograd/service.py",
+        "        encoder = self._reply_encoder(header.reply_quantization)"
+        "  # refused before it runs\n"
+        '        with self._decoded(session, received, "Backward"',
+        '        encoder = None\n        with self._decoded(session, received, "Backward"',
+        ("tests/test_errors.py::test_a_bad_reply_quantization_is_refused_before_the_trunk_runs",),
+        "a bad reply_quantization is refused before the Backward adds anything",
+    ),
+    M(
+        "overflowing_accumulation_refused_under_grad_scaler",
+        "remote_autograd/engine.py",
+        "            if not report_nonfinite:\n"
+        "                raise\n"
+        "        # The client's GradScaler",
+        "            raise\n        # The client's GradScaler",
+        (
+            "tests/test_habits.py::test_grad_scaler_skips_accumulated_gradients_that_overflow_only_summed",
+        ),
+        "accumulated gradients that overflow only summed are an overflow GradScaler skips",
+    ),
+    M(
+        "ddp_parts_not_summed",
+        "remote_autograd/rank_wire.py",
+        "        self.parts = not sharded",
+        "        self.parts = False",
+        (
+            "tests/test_distributed.py::test_ddp_gradients_that_overflow_only_summed_over_the_ranks_are_skipped_by_grad_scaler",
+        ),
+        "ddp gradients that overflow only summed over the ranks are skipped, not stepped",
+    ),
+    M(
+        "double_backward_through_the_trunk",
+        "remote_autograd/function.py",
+        "        if torch.is_grad_enabled():\n            raise RuntimeError(",
+        "        if False:\n            raise RuntimeError(",
+        (
+            "tests/test_habits.py::test_double_backward_through_the_trunk_is_refused_and_a_penalty_at_its_output_works",
+        ),
+        "create_graph=True across the trunk raises instead of dropping second-order terms",
+    ),
+    M(
+        "clip_coefficient_zero_ignored",
+        "remote_autograd/client.py",
+        "            if scale == 0.0:\n                if self._pending_zero",
+        "            if False:\n                if self._pending_zero",
+        ("tests/test_habits.py::test_a_clip_coefficient_of_zero_reaches_the_trunk",),
+        "a clip coefficient of 0 zeroes the trunk's gradients",
+    ),
+    M(
+        "trunk_overflow_is_a_nan_norm",
+        "remote_autograd/optim.py",
+        "                norms.append(torch.tensor(math.inf))",
+        "                norms.append(torch.tensor(math.nan))",
+        (
+            "tests/test_habits.py::test_amp_clipping_when_only_the_trunk_overflows_keeps_the_local_weights_finite",
+        ),
+        "a trunk's overflow counts as an infinite norm: local weights stay finite",
+    ),
+    M(
+        "numpy_lr_left_out",
+        "remote_autograd/optim.py",
+        "                value = _number(value)\n",
+        "",
+        (
+            "tests/test_optim.py::test_learning_rates_held_as_numpy_scalars_or_tensors_reach_the_trunk",
+        ),
+        "a numpy scalar learning rate reaches the server",
+    ),
+    M(
+        "fsdp_root_stays_gathered",
+        "remote_autograd/sharding.py",
+        "    fully_shard(module, reshard_after_forward=True)",
+        "    fully_shard(module)",
+        (
+            "tests/test_distributed.py::test_a_trunks_own_parameters_are_current_after_a_forward_without_grad",
+        ),
+        "fsdp: the trunk's own parameters are current after a forward without grad",
+    ),
+    M(
+        "idle_ranks_time_out",
+        "remote_autograd/distributed.py",
+        '                commands = {rank: {"op": "alive"} for rank in range(1, self.world)}',
+        "                return",
+        (
+            "tests/test_distributed.py::test_a_hung_rank_takes_the_trunk_out_of_service_and_torchrun_ends_it",
+        ),
+        "an idle distributed trunk keeps its ranks",
+    ),
+    M(
+        "recompute_from_a_changed_input",
+        "remote_autograd/function.py",
+        "        if [t._version for t in self._inputs] != self._versions:",
+        "        if False:",
+        (
+            "tests/test_faults.py::test_a_lost_context_is_not_recomputed_from_an_input_changed_in_place",
+        ),
+        "a lost context is not recomputed from an input changed in place",
+    ),
+    M(
+        "map_keys_unchecked",
+        "remote_autograd/codec.py",
+        "                if not all(type(key) in _KEY_TYPES for key in node):",
+        "                if False:",
+        ("tests/test_codec.py::test_map_keys_must_be_plain",),
+        "map keys in frames must be plain",
+    ),
+    M(
+        "stray_identity_forgotten",
+        "remote_autograd/turns.py",
+        "                if identity is not None:"
+        "  # identity, and one stray must not stall the rest",
+        "                if False:",
+        (
+            "tests/test_shares.py::test_a_client_that_ends_and_reopens_stray_sessions_costs_one_budget",
+        ),
+        "ending and reopening stray sessions costs one step_wait budget per period",
+    ),
 ]
 
 
