@@ -48,7 +48,7 @@ class RemoteCall:
         self.output_template: Any = None
         self.backwards = 0
         self._inputs: tuple[torch.Tensor, ...] = ()  # detached: resent if the server loses them
-        self._versions: list[int] = []  # their version counters when the forward ran
+        self._versions: list[int | None] = []  # their version counters when the forward ran
         self._needs: list[bool] = []
         self.seed = 0  # the server's RNG seed for this forward
         self.given_seeds: list[int] | None = None  # a recompute's: its first run's seed
@@ -62,7 +62,9 @@ class RemoteCall:
         if self.given_seeds:
             self.seed = self.given_seeds[0]
         args, kwargs = unflatten(self.template, tensors)
-        self._versions = [t._version for t in tensors]  # a recompute's inputs must be these
+        # A recompute's inputs must be these (a kept forward's: inference tensors, which no
+        # kept forward has, track no version).
+        self._versions = [_version(t) for t in tensors] if self.keep_context else []
         needs = [t.requires_grad and t.is_floating_point() for t in tensors]
         self._needs = needs if self.keep_context else [False] * len(tensors)
         value, header = self.client.compute(
@@ -89,7 +91,7 @@ class RemoteCall:
         # The detached inputs share their tensors' version counters: one changed in place
         # since the forward would be recomputed as it is now, giving the gradients of another
         # forward. Locally the layer that saved it refuses the backward; so does this.
-        if [t._version for t in self._inputs] != self._versions:
+        if [_version(t) for t in self._inputs] != self._versions:
             raise RuntimeError(
                 "an input of the RemoteModule's forward was modified by an inplace operation "
                 "after the forward ran, and the server no longer holds the forward (expired, "
@@ -144,6 +146,10 @@ class RemoteCall:
             else:
                 out.append(memory.to_device(grad, tensor.device, tensor.dtype))
         return out
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
 
 
 def _one_device(tensors: tuple[torch.Tensor, ...], needs: list[bool]) -> torch.device | None:

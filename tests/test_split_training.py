@@ -267,6 +267,10 @@ def test_contexts_are_released_and_no_grad_keeps_nothing(start_server):
         remote(x)
     with torch.inference_mode():
         remote(x)
+        made_here = torch.randn(2, 4)  # an inference tensor: it tracks no version
+        remote(made_here)
+    with torch.no_grad():
+        remote(made_here)
     assert server.stats()["contexts"] == 0
     y = remote(x)
     assert server.stats()["contexts"] == 1
