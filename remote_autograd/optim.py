@@ -87,6 +87,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             hyper["params"] = [module._dummy] if index == 0 else []
             local.append(hyper)
         defaults = {k: v for k, v in local[-1].items() if k not in ("params", "trunk_params")}
+        # The entries the server's optimizer keeps: a loaded state sends them whatever they
+        # hold, and beyond them only numbers (LR schedulers' max_lr...), not a user's notes.
+        self._server_keys = frozenset(key for group in resolved for key in group)
         super().__init__(local, defaults)
         if replaced is not None:
             # Its flag parameter goes: GradScaler must not unscale the trunk's gradients
@@ -276,8 +279,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         server_state = {
             "state": state["state"],
             "param_groups": [
-                {k: _number(v) for k, v in g.items() if k not in ("initial_lr", "trunk_params")}
-                for g in state["param_groups"]
+                {
+                    key: _number(value)
+                    for key, value in group.items()
+                    if key in self._server_keys or _sent(_number(value))
+                    if key not in ("initial_lr", "trunk_params")
+                }
+                for group in state["param_groups"]
             ],
         }
         self.client.load_state({"parameters": None, "optimizer": server_state, "step": step})
@@ -296,18 +304,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if key in _CLIENT_ONLY_KEYS:
                     continue
                 value = _number(value)
-                # Non-finite numbers go too: the server refuses them by name.
-                if isinstance(value, (bool, int, float)) or (
-                    isinstance(value, (list, tuple))
-                    and all(isinstance(v, (bool, int, float)) for v in value)
-                ):
+                if _sent(value):  # non-finite numbers too: the server refuses them by name
                     plain[key] = value
-                elif value is not None and not isinstance(value, str):
-                    raise TypeError(
-                        f"param group entry {key}={value!r} of a RemoteOptimizer: the server's "
-                        "optimizer steps with plain numbers (a float, a one-element tensor, a "
-                        "numpy scalar), bools, and tuples of them"
-                    )
             groups.append(plain)
         return groups
 
@@ -392,18 +390,29 @@ def _take_unscale(module: RemoteModule) -> float:
 
 def _number(value: Any) -> Any:
     """A hyperparameter as the wire carries it: a one-element tensor (an LR held as a tensor)
-    or a numpy scalar (an LR table of np.float32) as the Python number it holds, tuples item
-    by item; anything else as it is. Such values were once left out of a Step without a word:
-    the server kept stepping with the old learning rate."""
+    or a numpy scalar (an LR table of np.float32, an np.bool_) as the Python number it holds,
+    lists and tuples item by item; anything else as it is. Such values were once left out of
+    a Step without a word: the server kept stepping with the old learning rate."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if isinstance(value, (list, tuple)):
-        return type(value)(_number(v) for v in value)
+        items = [_number(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()  # a numpy scalar (no import of numpy here)
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     return float(value) if isinstance(value, numbers.Real) else value
+
+
+def _sent(value: Any) -> bool:
+    """Whether a param group entry travels with a Step: numbers, bools and tuples of them. A
+    user's own entries of other kinds (a group's name, notes) stay on this side."""
+    return isinstance(value, (bool, int, float)) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float)) for v in value)
+    )
 
 
 def _plain(value: Any) -> bool:
