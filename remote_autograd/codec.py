@@ -659,9 +659,15 @@ def _loaded_class(module: str, name: str) -> type | None:
 _CONTAINERS = (dict, list, tuple)
 
 
-# What a map's keys may be: a tensor or a tuple as a key would be kept whole (pinning its frame)
-# by everything that holds the value, unseen by the trees that count and move tensors.
-_KEY_TYPES = (str, int, float, bool, type(None))
+# What a map's keys may be: plain values, and tuples of them. A tensor as a key would be kept
+# whole (pinning its frame) by everything that holds the value, unseen by the trees that count
+# and move tensors.
+_KEY_TYPES = (str, bytes, int, float, bool, type(None))
+
+
+def _plain_key(key: Any) -> bool:
+    kind = type(key)
+    return kind in _KEY_TYPES or (kind is tuple and all(type(k) in _KEY_TYPES for k in key))
 
 
 def _check_tree(value: Any, limit: int, what: str) -> None:
@@ -675,8 +681,11 @@ def _check_tree(value: Any, limit: int, what: str) -> None:
         for node in level:
             items: Any = node
             if isinstance(node, dict):
-                if not all(type(key) in _KEY_TYPES for key in node):
-                    raise CodecError(f"{what}: map keys must be str, int, float, bool or None")
+                if not all(map(_plain_key, node)):
+                    raise CodecError(
+                        f"{what}: map keys must be str, bytes, int, float, bool, None, or tuples "
+                        "of these (not tensors)"
+                    )
                 items = node.values()
             children += [child for child in items if isinstance(child, _CONTAINERS)]
         if not children:

@@ -14,7 +14,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from . import memory
 from .client import TrunkClient
-from .errors import ContextNotFound
+from .errors import CodecError, ContextNotFound
 from .tree import flatten, unflatten
 
 __all__: list[str] = []
@@ -67,16 +67,21 @@ class RemoteCall:
         self._versions = [_version(t) for t in tensors] if self.keep_context else []
         needs = [t.requires_grad and t.is_floating_point() for t in tensors]
         self._needs = needs if self.keep_context else [False] * len(tensors)
-        value, header = self.client.compute(
-            self.request_id,
-            list(args),
-            kwargs,
-            needs_input_grad=self._needs,
-            keep_context=self.keep_context,
-            training=self.training,
-            autocast=self.autocast,
-            rng_seed=self.seed or None,  # set before forward by a ChunkedCall (chunks.py)
-        )
+        try:
+            value, header = self.client.compute(
+                self.request_id,
+                list(args),
+                kwargs,
+                needs_input_grad=self._needs,
+                keep_context=self.keep_context,
+                training=self.training,
+                autocast=self.autocast,
+                rng_seed=self.seed or None,  # set before forward by a ChunkedCall (chunks.py)
+            )
+        except CodecError:  # a reply this side refused: the server kept a forward nobody uses
+            if self.keep_context:
+                self.release()
+            raise
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
         self.output_template, outputs = flatten(value)

@@ -429,7 +429,11 @@ class TrunkService(pb_grpc.TrunkServicer):
             decoded = time.perf_counter()
             result = self.engine.compute(session, call, value)
         computed = time.perf_counter()
-        buffers = self._encode_reply(encoder, result.value, "Compute", header.named_values)
+        try:
+            buffers = self._encode_reply(encoder, result.value, "Compute", header.named_values)
+        except BaseException:  # no client will send the Backward of a forward it never got
+            self.engine.release(session, [header.request_id])
+            raise
         reply = pb.Header(
             request_id=header.request_id,
             weights_version=result.weights_version,

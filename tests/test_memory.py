@@ -15,10 +15,12 @@ from torch import nn
 
 from remote_autograd import (
     ClientOptions,
+    CodecError,
     LimitExceeded,
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
+    TrunkError,
     codec,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
@@ -123,6 +125,28 @@ def test_plain_values_a_kept_forward_holds_count_against_max_context_bytes(start
     remote(x, table=list(range(10))).sum().backward()
     assert server.stats()["context_bytes"] in (0, 2 * 4 * 4 * 2)  # the input and output only
     assert torch.equal(x.grad, torch.full((2, 4), 2.0))
+
+
+class Unsendable(nn.Module):
+    """Returns what its ``kind`` says: a map keyed by a tensor (the client refuses it), or a
+    set (the server cannot encode it)."""
+
+    def forward(self, x: torch.Tensor, kind: str = "") -> object:
+        y = x * 2
+        return {torch.zeros(1): y} if kind == "tensor key" else {"y": y, "set": {1}}
+
+
+@pytest.mark.parametrize("kind", ["tensor key", "set"])
+def test_a_forward_whose_reply_cannot_be_read_keeps_no_context(start_server, kind):
+    """The server cannot encode the trunk's output, or the client refuses it: either way no
+    Backward will come, so the kept forward goes at once (it stayed until context_ttl)."""
+    server = start_server(Unsendable())
+    remote = RemoteModule(server.address)
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises((CodecError, TrunkError), match="map keys|cannot be sent"):
+        remote(x, kind=kind)
+    wait_for(lambda: server.stats()["contexts"] == 0, timeout=10.0)
+    assert server.stats()["context_bytes"] == 0
 
 
 def test_kept_forwards_stay_within_max_context_bytes_inrss_bytes():
