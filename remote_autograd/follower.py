@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import throttle
 from .calls import GradNormCall, StepCall
 from .errors import InvalidRequest, RemoteAutogradError
 from .sessions import ZeroGrad
@@ -80,7 +81,12 @@ class Follower:
                     raise InvalidRequest(f"unknown command {op!r}")
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
                 if not isinstance(exc, RemoteAutogradError):  # the trunk's own failure
-                    log.exception("rank %d: %s failed in the trunk", runner.rank, op)
+                    shown, held = throttle.TRACEBACKS.allow()
+                    if shown:
+                        more = f" ({held} more since, without traceback)" if held else ""
+                        log.exception("rank %d: %s failed in the trunk%s", runner.rank, op, more)
+                    else:
+                        log.debug("rank %d: %s failed in the trunk: %r", runner.rank, op, exc)
                 reply = {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
             runner.wire.send(reply, 0)
 

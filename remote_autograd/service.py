@@ -23,7 +23,7 @@ import grpc
 import msgpack
 from google.protobuf.message import Message
 
-from . import __version__, bulk, cancellation, codec, frames
+from . import __version__, bulk, cancellation, codec, frames, throttle
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .calls import BackwardCall, ComputeCall, GradNormCall, StepCall
@@ -54,32 +54,6 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 2
 
 
-class _Throttle:
-    """At most ``burst`` events per ``period`` seconds pass; counts the ones held back."""
-
-    def __init__(self, burst: int = 5, period: float = 60.0) -> None:
-        self.burst, self.period = burst, period
-        self._lock = threading.Lock()
-        self._times: list[float] = []
-        self._held = 0
-
-    def allow(self) -> tuple[bool, int]:
-        """(whether this one passes, how many were held back since the last that passed)."""
-        now = time.monotonic()
-        with self._lock:
-            self._times = [t for t in self._times if now - t < self.period]
-            if len(self._times) >= self.burst:
-                self._held += 1
-                return False, 0
-            self._times.append(now)
-            held, self._held = self._held, 0
-            return True, held
-
-
-# The trunk's own exceptions are logged with their traceback (a bug to find), but a client's
-# input can raise one on every call (a wrong feature size): 3 KB of log each, unbounded.
-_TRACEBACKS = _Throttle()
-
 # The status message travels in HTTP/2 trailers, which gRPC caps at 8 KiB by default (and
 # percent-encodes): a longer one (a torch error listing every backend) would reach the client
 # as "Stream removed" instead.
@@ -102,7 +76,7 @@ def _rpc(method: Callable) -> Callable:
                 "%s from %s refused (%s): %s", method.__name__, context.peer(), code.name, message
             )
         else:
-            shown, held = _TRACEBACKS.allow()
+            shown, held = throttle.TRACEBACKS.allow()
             if shown:
                 more = f" ({held} more since, without traceback)" if held else ""
                 log.exception("%s failed in the trunk%s", method.__name__, more)

@@ -168,9 +168,9 @@ def test_a_trunk_error_on_every_call_logs_few_tracebacks(start_server, caplog, m
     """A wrong feature size raises in the trunk on every call: each is answered INTERNAL with
     its error, and the server logs the traceback of the first few only, saying how many it
     left out (each was 3 KB of log: one client could write megabytes a second)."""
-    from remote_autograd import service
+    from remote_autograd import throttle
 
-    monkeypatch.setattr(service, "_TRACEBACKS", service._Throttle(burst=3, period=3600))
+    monkeypatch.setattr(throttle, "TRACEBACKS", throttle.Throttle(burst=3, period=3600))
     remote = RemoteModule(start_server(nn.Linear(4, 4)).address)
     with caplog.at_level(logging.DEBUG, logger="remote_autograd.service"):
         for _ in range(20):
@@ -180,7 +180,7 @@ def test_a_trunk_error_on_every_call_logs_few_tracebacks(start_server, caplog, m
     assert len(tracebacks) == 3
     quiet = [r for r in caplog.records if r.levelno == logging.DEBUG and "mat1" in r.message]
     assert len(quiet) == 17
-    service._TRACEBACKS.period = 0.0  # a new period: the next one is shown, with the count
+    throttle.TRACEBACKS.period = 0.0  # a new period: the next one is shown, with the count
     with (
         caplog.at_level(logging.DEBUG, logger="remote_autograd.service"),
         pytest.raises(TrunkError),
