@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .sessions import identity_of
-
 if TYPE_CHECKING:
     from .contexts import ForwardContext
 
@@ -40,11 +38,7 @@ class StepTurns:
 
     A session whose lease outlived a Step's budget is *overdue*: later Steps do not wait for its
     leases, until a Backward of it ends its last lease. So one forward that never gets its
-    Backward costs the other sessions one budget, not one per step. Ending such a session does
-    not start its client afresh: for ``memory`` seconds after, the leases of every session of
-    its identity start overdue (each forgiven by its own Backward), so a client that ends and
-    reopens sessions costs the others one budget per ``memory``, not one per session (clients
-    with a token: those without are one identity, and one of them must not stall the rest).
+    Backward costs the other sessions one budget, not one per step.
     """
 
     def __init__(self, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -55,19 +49,12 @@ class StepTurns:
         self._epoch = 0
         self._steps_waiting = 0
         self._overdue: set[str] = set()  # sessions whose lease outlived a Step's budget
-        # identities that ended an overdue session -> until when their leases start overdue
-        self._overdue_identities: dict[str, float] = {}
-        self.memory = max(60.0, 10 * wait)
         self.expired_steps = 0  # Steps that ran out their budget (for operators: stats())
 
     def lease(self, session: str) -> int:
         """Take a lease for a forward of ``session``; returns its epoch for :meth:`end`."""
         with self._cond:
-            now = self._clock()
-            until = self._overdue_identities.get(identity_of(session) or "")
-            if until is not None and now < until and not self._leases.get(session):
-                self._overdue.add(session)
-            deadline = now + self.wait
+            deadline = self._clock() + self.wait
             while self._steps_waiting and not self._leases.get(session):
                 left = deadline - self._clock()
                 if left <= 0:
@@ -132,18 +119,9 @@ class StepTurns:
             return StepWait(seconds=waited, forwards=forwards, expired=expired)
 
     def forget(self, session: str) -> None:
-        """The session ended: its identity is remembered for ``memory`` seconds if it was
-        overdue, nothing else."""
+        """The session ended: nothing more to remember of it."""
         with self._cond:
-            now = self._clock()
-            if session in self._overdue:
-                self._overdue.discard(session)
-                identity = identity_of(session)  # None: clients without a token are one
-                if identity is not None:  # identity, and one stray must not stall the rest
-                    self._overdue_identities[identity] = now + self.memory
-            for identity, until in list(self._overdue_identities.items()):
-                if until <= now:
-                    del self._overdue_identities[identity]
+            self._overdue.discard(session)
 
     def end_step(self, *, stepped: bool) -> None:
         with self._cond:

@@ -850,17 +850,6 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_codec.py::test_map_keys_must_be_plain",),
         "map keys in frames must be plain",
     ),
-    M(
-        "stray_identity_forgotten",
-        "remote_autograd/turns.py",
-        "                if identity is not None:"
-        "  # identity, and one stray must not stall the rest",
-        "                if False:",
-        (
-            "tests/test_shares.py::test_a_client_that_ends_and_reopens_stray_sessions_costs_one_budget",
-        ),
-        "ending and reopening stray sessions costs one step_wait budget per period",
-    ),
 ]
 
 
