@@ -258,8 +258,8 @@ def run_server(module: Any, args: argparse.Namespace, options: ServerOptions | N
         # only be restarted: rank 0 leaves with an error, and torchrun ends the group.
         runner.on_broken = done.set
     done.wait()
-    broken = getattr(runner, "broken", None)
     server.stop(grace=5.0)
+    broken = getattr(runner, "broken", None)  # also if it broke in the grace period
     close = getattr(runner, "close", None)
     if close is not None:  # a distributed runner: the other ranks stop too
         close()

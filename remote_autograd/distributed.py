@@ -373,6 +373,8 @@ class DistributedRunner(TrunkRunner):
                 self._receive_all(list(commands))
             except ServerUnavailable:
                 return  # out of service: on_broken said so
+            except Exception:  # an unreadable reply (every reply was taken): go on
+                log.exception("a keep-alive exchange with the other ranks failed")
             finally:
                 lock.release()
 
