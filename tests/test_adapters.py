@@ -430,7 +430,10 @@ def test_downloaded_adapter_loads_into_a_local_peft_model(start_server, tmp_path
 
 def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, capsys):
     """``remote-autograd demo --clients 3``: the unchanged GPT-2 trainer, three at once
-    against one ``serve --adapters per-client`` child process, one loss curve each."""
+    against one ``serve --adapters per-client`` child process, one loss curve each. Client 0
+    trains exactly as in a run beside other clients (the trainers once shared one process, whose
+    random generator each seeded to build its model while the others drew from it: they
+    built other frozen weights than the server's)."""
     import json
 
     from remote_autograd.cli import main
@@ -456,6 +459,12 @@ def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, ca
     name = next(n for n in adapters[0] if "lora_B" in n)
     assert not torch.equal(adapters[0][name], adapters[1][name])
     assert not torch.equal(adapters[1][name], adapters[2][name])
+    # Client 0 again, beside one other client only: the same run, loss for loss.
+    again = tmp_path / "again"
+    main(["demo", *tiny, *run, "--clients=2", f"--out-dir={again}"])
+    first = json.loads((tmp_path / "client-0" / "metrics.json").read_text())["steps"]
+    second = json.loads((again / "client-0" / "metrics.json").read_text())["steps"]
+    assert [m["loss"] for m in first] == [m["loss"] for m in second]
 
 
 class _MeetingTrunk(nn.Module):

@@ -348,13 +348,18 @@ def _print_summary(result: Any, seconds: float) -> None:
 
 
 def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
-    """``demo --clients N``: one per-client adapter server, N trainers at once (threads),
-    each with its own token (so its own adapter), data order and output folder."""
+    """``demo --clients N``: one per-client adapter server, N trainers at once, each with its
+    own token (so its own adapter), data order and output folder.
+
+    Each trainer runs in a process of its own (spawned): ``train`` seeds torch's process-wide
+    generator to build its model, and threads of one process drew from it at the same time,
+    so each built other frozen weights than the server's trunk was built with."""
+    import json
+    import multiprocessing
     import secrets
-    import threading
 
     from ..options import ClientOptions
-    from .training import TrainConfig, TrainResult, train
+    from .training import TrainConfig
 
     if args.clients < 1 or args.server:
         raise SystemExit("demo --clients N needs N >= 1 and no --server (it starts its own)")
@@ -365,13 +370,12 @@ def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
     token_file.touch(mode=0o600)
     token_file.write_text("".join(t + "\n" for t in tokens))
     extra = ["--adapters=per-client", f"--token-file={token_file}"]
-    results: dict[int, TrainResult] = {}
-    errors: list[BaseException] = []
     started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
     with _loopback_server(args, extra) as server:
         print(f"trunk server started on {server} with one adapter per client", flush=True)
-
-        def run(index: int) -> None:
+        processes = []
+        for index in range(args.clients):
             config = TrainConfig(
                 server=server,
                 model=spec,
@@ -390,22 +394,22 @@ def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
                 checkpoint_every=args.checkpoint_every,
                 client=ClientOptions(token=tokens[index]),
             )
-            try:
-                results[index] = train(config)
-            except BaseException as exc:  # noqa: BLE001 - reported after the others finish
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(args.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
+            process = context.Process(target=_train_client, args=(config, args.threads))
+            process.start()
+            processes.append(process)
+        for process in processes:
+            process.join()
+    failed = [i for i, process in enumerate(processes) if process.exitcode != 0]
+    if failed:
+        raise SystemExit(f"demo --clients: client(s) {failed} failed (their error is above)")
     seconds = time.perf_counter() - started
-    _plot_clients(out_dir, [results[i].history for i in range(args.clients)])
-    for index in range(args.clients):
-        history, change = results[index].history, results[index].lora_change
+    reports = [
+        json.loads((out_dir / f"client-{i}" / "metrics.json").read_text())
+        for i in range(args.clients)
+    ]
+    _plot_clients(out_dir, [report["steps"] for report in reports])
+    for index, report in enumerate(reports):
+        history, change = report["steps"], report["lora_change"]
         print(
             f"client {index}: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
             f"its trunk adapter changed by {change['trunk']:.3g} (L2)"
@@ -413,6 +417,17 @@ def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
     print(
         f"{args.clients} clients, one trunk, {seconds:.0f} s; loss curves: {out_dir / 'loss.png'}"
     )
+
+
+def _train_client(config: Any, threads: int | None) -> None:
+    """One trainer of ``demo --clients`` (a spawned process: its own random generator)."""
+    import torch
+
+    from .training import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    train(config)
 
 
 def _plot_clients(out_dir: Path, histories: list[list[dict[str, float]]]) -> None:
