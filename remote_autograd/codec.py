@@ -507,9 +507,15 @@ class _TreePacker:
         for base in _PLAIN_TYPES:
             if isinstance(value, base):
                 return base(value)
+        hint = ""
+        if type(value).__name__.endswith("Cache"):  # transformers' past_key_values
+            hint = (
+                "; a Hugging Face model returns its key/value cache unless called with "
+                "use_cache=False (or config.use_cache = False): the cache stays where it is made"
+            )
         raise CodecError(
             f"cannot send a value of type {type(value).__name__}: frames carry tensors, None, "
-            "bool, int, float, str, and lists, tuples and dicts of these"
+            f"bool, int, float, str, and lists, tuples and dicts of these{hint}"
         )
 
 

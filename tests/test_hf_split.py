@@ -154,3 +154,96 @@ def test_a_rope_model_splits_the_same_way(cut: tuple[int, int]) -> None:
         state = bottom(batch["input_ids"], batch["attention_mask"])
         logits = top(trunk(**state), state["attention_mask"], state["position_ids"])
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM._from_config(config, attn_implementation="eager")
+
+
+# peft 0.x asks transformers for a name it deprecated; not ours to change
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_peft_model_splits_as_the_model_it_wraps(family: str) -> None:
+    """split_causal_lm(get_peft_model(model, ...)): the parts hold peft's LoRA layers and
+    compute the PeftModel (a Llama-layout one once failed: the wrapper's ``model.model`` is
+    the whole LM)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(ModelSpec(**TINY, dropout=0.0)) if family == "gpt2" else _tiny_llama()
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    config = LoraConfig(r=2, target_modules=targets, fan_in_fan_out=family == "gpt2")
+    peft_model = get_peft_model(model, config).eval()
+    with torch.no_grad():  # LoRA's B starts at zero: make the adapters count
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(1))
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        bottom, trunk, top = split_causal_lm(peft_model, 1, 3)
+        state = bottom(batch["input_ids"], batch["attention_mask"])
+        logits = top(trunk(**state), state["attention_mask"], state["position_ids"])
+    assert any("lora_A" in name for name, _ in trunk.named_parameters())
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
+def test_the_bottom_takes_position_ids_for_left_padded_rows() -> None:
+    """HF generate() numbers a left-padded row from its first token (attention_mask's cumsum):
+    given those position ids, the parts compute what the unsplit model does with them."""
+    model = build_model(ModelSpec(**TINY, dropout=0.0)).eval()
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 12, 13, 14]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).logits
+        bottom, trunk, top = split_causal_lm(model, 1, 3)
+        state = bottom(input_ids, attention_mask, position_ids)
+        logits = top(trunk(**state), state["attention_mask"], state["position_ids"])
+    assert torch.equal(state["position_ids"], position_ids)
+    torch.testing.assert_close(logits[1, 2:], expected[1, 2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits[0], expected[0], rtol=0, atol=1e-6)
+
+
+def test_a_hugging_face_base_model_serves_as_a_trunk(start_server) -> None:
+    """A GPT2Model as the whole trunk: called with use_cache=False it returns its ModelOutput,
+    equal to local; with its default cache the error says what to do (a DynamicCache is no
+    tensor)."""
+    from transformers import GPT2Config, GPT2Model
+
+    from remote_autograd import TrunkError
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    config.eos_token_id = config.bos_token_id = 0
+    model = GPT2Model(config).eval()
+    remote = RemoteModule(start_server(model).address).eval()  # the trunk runs in its mode
+    hidden = torch.randn(2, 5, 16)
+    with pytest.raises(TrunkError, match="DynamicCache.*use_cache=False"):
+        remote(inputs_embeds=hidden)
+    with torch.no_grad():
+        out = remote(inputs_embeds=hidden, use_cache=False, output_hidden_states=True)
+        expected = model(inputs_embeds=hidden, use_cache=False, output_hidden_states=True)
+    assert type(out) is type(expected)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
+    assert len(out.hidden_states) == len(expected.hidden_states) == 3
+    remote.close()

@@ -95,9 +95,15 @@ class Bottom(_Part):
         super().__init__(family, config, blocks, shared, 0, embeddings=embeddings)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        position_ids = self.family.position_ids(attention_mask, input_ids)  # (1, T)
+        # As the unsplit model: 0..T-1 unless given (HF generate() numbers a left-padded row
+        # from its first token: attention_mask.cumsum(-1) - 1).
+        if position_ids is None:
+            position_ids = self.family.position_ids(attention_mask, input_ids)  # (1, T)
         hidden = self.family.embed(self.embeddings, input_ids, position_ids)  # (B, T, d)
         hidden = self.run_blocks(hidden, attention_mask, position_ids)
         return {
@@ -164,6 +170,11 @@ def split_causal_lm(model: PreTrainedModel, start: int, end: int) -> SplitModel:
     The parts share ``model``'s modules (no copy): tied weights, such as GPT-2's embedding and
     LM head, stay one parameter in the bottom and the top. Only the trunk is meant to travel.
     """
+    # A peft PeftModel: its LoRA layers are in the model it wraps, whose attributes the
+    # wrapper's own shadow (a Llama's model.model is the whole LM there).
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        model = base()
     family = get_family(getattr(model.config, "model_type", None))
     backbone = family.backbone(model)
     blocks = list(family.blocks(backbone))
