@@ -184,6 +184,14 @@ def test_resume_refuses_a_checkpoint_of_another_model(start_server, tmp_path: Pa
         )
 
 
+def test_a_sequence_longer_than_the_models_positions_is_refused_by_name(tmp_path) -> None:
+    """seq_len 128 on a model of 64 positions: said before anything starts (it was an
+    IndexError from inside the embedding)."""
+    config = TrainConfig(server="127.0.0.1:1", model=SPEC, out_dir=str(tmp_path), seq_len=128)
+    with pytest.raises(ValueError, match="seq_len=128 is longer than the model's 64 positions"):
+        train(config)
+
+
 def test_train_command_starts_its_own_server(tmp_path: Path, capsys) -> None:
     """``remote-autograd train`` without --server: a real `serve` child process on loopback,
     built from the same command-line flags."""

@@ -32,7 +32,7 @@ from ..pipeline import PipelinedStep
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import builtin_corpus, micro_batches, pack_samples
 from .lora import LoraOptions, lora_state
-from .models import ModelSpec, build_client_parts, build_tokenizer, build_trunk
+from .models import ModelSpec, build_client_parts, build_config, build_tokenizer, build_trunk
 from .split import causal_lm_loss
 
 __all__ = [
@@ -108,6 +108,12 @@ def train(config: TrainConfig) -> TrainResult:
             f"got {config.micro_batches}"
         )
     out_dir = Path(config.out_dir)
+    positions = getattr(build_config(config.model), "max_position_embeddings", None)
+    if positions is not None and config.seq_len > positions:
+        raise ValueError(
+            f"seq_len={config.seq_len} is longer than the model's {positions} positions "
+            "(n_positions / max_position_embeddings): shorten --seq-len"
+        )
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config.model)
     bottom, top = build_client_parts(config.model, config.lora)
