@@ -24,7 +24,9 @@ integers big-endian::
               (status 1: no frame follows; the gRPC call carries the error)
 
 A connection carries one call at a time. Either side drops it on anything unexpected; the client
-then retries the call (every call that uses this channel is safe to repeat) on a new one.
+then retries the call (every call that uses this channel is safe to repeat) on a new one. The
+client's reads and writes of a call end by the call's deadline (``ClientOptions.timeout``): a
+reply stalled on the way after the gRPC call answered is dropped and the call retried.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class _Connection:
         self.session = session
         self.busy = threading.Lock()  # one call at a time
         self.closed = False
+        # A client's: when the call in progress must have sent and read all (monotonic), or
+        # None. The server's gRPC reply does not close a stalled connection: this does.
+        self.deadline: float | None = None
         # A connection dropped without close() (its client was garbage collected) still
         # closes its socket.
         self._finalizer = weakref.finalize(self, sock.close)
@@ -102,6 +107,8 @@ class _Connection:
         self._finalizer()
 
     def send(self, magic: bytes, status: int, buffers: Sequence[Any], length: int) -> None:
+        if self.deadline is not None:
+            self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
         try:
             self.sock.sendall(_PREFIX.pack(magic, status, length))
             for buffer in buffers:
@@ -119,7 +126,7 @@ class _Connection:
 
     def recv_into(self, view: memoryview) -> None:
         try:
-            _recv_exact(self.sock, view, f"bulk connection {self.id}")
+            _recv_exact(self.sock, view, f"bulk connection {self.id}", deadline=self.deadline)
         except ValueError as exc:  # an SSL socket that close() closed under us
             raise ConnectionError(f"bulk connection {self.id} was closed") from exc
 
@@ -443,7 +450,7 @@ class BulkClient:
         if answer != HELLO + bytes([_OK]):
             sock.close()
             raise ConnectionRefusedError(f"the server refused bulk connection {connection_id}")
-        sock.settimeout(None)  # a call's deadline bounds it (the gRPC call ends, we close)
+        sock.settimeout(None)  # each call bounds its own reads and writes (its deadline)
         return connection
 
     def take(self) -> _Connection:
@@ -479,6 +486,14 @@ class BulkClient:
         message.header.CopyFrom(header)  # the caller may resend the header another way
         message.header.payload_bytes = length
         message.header.bulk_connection = connection.id
+        # Every read and write of this call ends by the call's deadline: once the gRPC reply
+        # has come, nothing else would end a reply stalled on the way (the connection cut
+        # somewhere, the gRPC one not), and the call would wait for ever. Past it: BulkBroken,
+        # and the call is retried on a new connection.
+        timeout = kwargs.get("timeout")
+        connection.deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            connection.sock.settimeout(None)
         future = rpc.future(message, **kwargs)
         reusable = False
 
@@ -507,6 +522,7 @@ class BulkClient:
                 )
             return frames.Received(reply.header, buffer)
         finally:
+            connection.deadline = None
             if reusable and not connection.closed:
                 self.give_back(connection)
             else:

@@ -622,6 +622,71 @@ def test_a_client_that_lost_the_bulk_channel_tries_it_again_later(start_server, 
         assert remote.client.stats.bulk_calls == before + 2  # for good: both frames
 
 
+class StallingRelay(threading.Thread):
+    """A TCP relay in front of the bulk port: its first connection's reply (server to client)
+    stops after ``after`` bytes and never goes on, the connection left open (a link that went
+    quiet, the gRPC one still up); later connections relay in full."""
+
+    def __init__(self, target: int, after: int) -> None:
+        super().__init__(daemon=True)
+        self.target, self.after = target, after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._sockets: list[socket.socket] = []
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+                self._sockets += [client, server]
+                stall = self.connections == 0
+                self.connections += 1
+                for source, sink, limit in ((client, server, None), (server, client, stall)):
+                    args = (source, sink, self.after if limit else None)
+                    threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    sink.sendall(data[: limit - sent])
+                    threading.Event().wait()  # the rest never comes
+                sink.sendall(data)
+                sent += len(data)
+
+    def close(self) -> None:
+        for sock in (self.listener, *self._sockets):
+            sock.close()
+
+
+def test_a_reply_stalled_on_the_way_ends_by_the_calls_deadline_and_is_retried(start_server):
+    """The bulk reply stops on the way after the server sent it all (its gRPC reply came): the
+    client gave up never, nothing closed the connection. Now the call's deadline ends the read,
+    and the call is retried on a new connection: the result as without the stall."""
+    server = start_server(Scale(torch.float64))
+    relay = StallingRelay(server.service.bulk.port, after=100)
+    relay.start()
+    server.service.bulk.port = relay.port  # what Info tells: the relay
+    x = torch.randn(4, MiB // 32, dtype=torch.float64)
+    options = ClientOptions(bulk_min_bytes=0, timeout=2.0, retries=2)
+    remote = RemoteModule(server.address, options=options)
+    got: list[torch.Tensor] = []
+    call = threading.Thread(target=lambda: got.append(remote(x).detach()), daemon=True)
+    try:
+        call.start()
+        call.join(timeout=60)
+        assert not call.is_alive(), "the call still waits for the stalled reply"
+        assert torch.equal(got[0], x * 1.5)
+        assert relay.connections == 2  # the stalled one, then the retry's
+    finally:
+        relay.close()
+        remote.close()
+
+
 class Trickler(threading.Thread):
     """Opens bulk connections and sends their first bytes one at a time, every 0.2 s, until the
     server closes them (then opens the next), until told to stop. ``endings`` says how each
