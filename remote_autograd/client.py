@@ -35,6 +35,7 @@ from .addresses import accepts_connections, check_address, unreachable_reason
 from .bulk import BulkBroken
 from .errors import (
     ERROR_METADATA_KEY,
+    AuthenticationError,
     ServerUnavailable,
     StaleContext,
     SteppedTrunkWarning,
@@ -45,7 +46,13 @@ from .errors import (
 from .exchange import CallStats, FrameExchange
 from .fingerprint import fingerprint_differences, fingerprint_digest
 from .options import ClientOptions
-from .transport import AUTH_METADATA_KEY, SESSION_METADATA_KEY, create_channel
+from .transport import (
+    AUTH_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    bulk_client_tls,
+    create_channel,
+    tls_refusal,
+)
 
 __all__ = ["CallStats", "TrunkClient"]
 
@@ -188,6 +195,7 @@ class TrunkClient:
         started = time.monotonic()
         deadline = started + self.options.connect_timeout
         delay = 0.05
+        tls_checked = False
         while True:
             try:
                 with forking.calls_in_flight(self.options.connect_timeout):
@@ -220,6 +228,9 @@ class TrunkClient:
                         f"cannot reach a trunk server at {self.address}: {reason}. Is the "
                         f"server running, and is the address right? (gRPC: {details})"
                     ) from exc
+                if not tls_checked:
+                    tls_checked = True
+                    self._raise_tls_refusal(exc)
                 if now + delay >= deadline:
                     raise ServerUnavailable(
                         f"no trunk server answered at {self.address} within "
@@ -294,6 +305,26 @@ class TrunkClient:
                 self._flush_releases(stub)  # an older server: release the contexts at least
             # Not fatal: the server drops idle sessions on its own (ServerOptions.session_ttl).
             log.debug("EndSession on %s failed: %s", self.address, exc)
+
+    def _raise_tls_refusal(self, exc: grpc.RpcError) -> None:
+        """Under TLS, a server that refuses this client's certificate (or whose certificate
+        does not verify) reads to gRPC as one that is down, for all of connect_timeout: one
+        handshake of our own says which, at once."""
+        context = bulk_client_tls(self.options)
+        if context is None or not accepts_connections(self.address):
+            return
+        reason = tls_refusal(self.address, context)
+        if reason is None:
+            return
+        if any(word in reason.lower() for word in ("certificate", "unknown ca", "unknown_ca")):
+            raise AuthenticationError(
+                f"the TLS handshake with {self.address} failed: {reason}. The server refused "
+                "this client's certificate, or its own did not verify against "
+                "ClientOptions.root_certificates (and the host name)"
+            ) from exc
+        raise ServerUnavailable(
+            f"the TLS handshake with {self.address} failed: {reason}; does it serve TLS?"
+        ) from exc
 
     def _kw(self, timeout: float | None = None) -> dict[str, Any]:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}

@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -173,6 +174,40 @@ def bulk_client_tls(options: ClientOptions) -> ssl.SSLContext | None:
             raise ValueError("ClientOptions.certificate_chain needs private_key too")
         _load_cert_chain(context, options.certificate_chain, options.private_key, "ClientOptions")
     return context
+
+
+def tls_refusal(address: str, context: ssl.SSLContext, timeout: float = 3.0) -> str | None:
+    """Why a TLS handshake with the gRPC port at ``host:port`` fails, or None if it does not
+    (or nothing answers). gRPC reports a refused certificate as "Socket closed" and retries it
+    as if the server were down; one handshake of our own names the cause. Under TLS 1.3 the
+    server refuses a client certificate after the client's side of the handshake: a short
+    read then brings its alert."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    dropped = (
+        "the server closed the connection after the handshake: it refused this client's "
+        "certificate (or that none was given)"
+    )
+    handshaken = False
+    try:
+        context.set_alpn_protocols(["h2"])  # what a gRPC server expects
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as sock,
+        ):
+            handshaken = True
+            sock.settimeout(0.5)  # a server that took us waits for the HTTP/2 preface
+            if sock.recv(1) == b"":
+                return dropped
+    except TimeoutError:
+        return None  # no alert: the server took the handshake
+    except ssl.SSLError as exc:
+        return str(exc)
+    except ConnectionError:
+        return dropped if handshaken else None
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _load_cert_chain(context: ssl.SSLContext, chain: bytes, key: bytes, owner: str) -> None:

@@ -26,7 +26,6 @@ from remote_autograd import (
     ServerOptions,
     ServerUnavailable,
     SteppedTrunkWarning,
-    TransportError,
     serve,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
@@ -70,7 +69,8 @@ def test_tls(start_server, pki):
     grad = _one_step(server.address, ClientOptions(root_certificates=pki["ca.pem"]))
     assert torch.equal(grad, expected)
     _fails(server.address, ClientOptions(), ServerUnavailable)  # plain text to a TLS port
-    _fails(server.address, ClientOptions(root_certificates=pki["rogue.pem"]), ServerUnavailable)
+    rogue = ClientOptions(root_certificates=pki["rogue.pem"])  # the server's does not verify
+    _fails(server.address, rogue, AuthenticationError)
 
 
 def test_mutual_tls(start_server, pki):
@@ -98,7 +98,27 @@ def test_mutual_tls(start_server, pki):
             private_key=pki["intruder.key"],
         ),  # same CN, wrong CA
     ):
-        _fails(server.address, options, TransportError)
+        _fails(server.address, options, AuthenticationError)
+
+
+def test_a_refused_certificate_is_named_at_once(start_server, pki):
+    """A client certificate the server refuses (none, or another CA's), or a server
+    certificate that does not verify: gRPC reports each as a server that is down ("Socket
+    closed"), and the client waited out connect_timeout (30 s) to say "is it running?". One
+    TLS handshake of its own names the certificate, as an AuthenticationError, at once."""
+    options = ServerOptions(
+        certificate_chain=pki["server.pem"], private_key=pki["server.key"], client_ca=pki["ca.pem"]
+    )
+    server = start_server(_linear(), options)
+    intruder = {"certificate_chain": pki["intruder.pem"], "private_key": pki["intruder.key"]}
+    for fields in (
+        {"root_certificates": pki["ca.pem"]},  # no client certificate
+        {"root_certificates": pki["ca.pem"], **intruder},
+        {"root_certificates": pki["rogue.pem"], **intruder},  # the server's does not verify
+    ):
+        options = ClientOptions(connect_timeout=20.0, retries=0, **fields)
+        with pytest.raises(AuthenticationError, match="TLS handshake with .* failed"):
+            RemoteModule(server.address, options=options)(torch.ones(1, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
