@@ -850,6 +850,40 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_codec.py::test_map_keys_must_be_plain",),
         "map keys in frames must be plain",
     ),
+    M(
+        "stalled_bulk_reply_waits_for_ever",
+        "remote_autograd/bulk.py",
+        "        connection.deadline = None if timeout is None else time.monotonic() + timeout",
+        "        connection.deadline = None",
+        (
+            "tests/test_bulk.py::test_a_reply_stalled_on_the_way_ends_by_the_calls_deadline_and_is_retried",
+        ),
+        "a bulk reply stalled on the way ends by the call's deadline",
+    ),
+    M(
+        "refused_certificate_reads_as_down",
+        "remote_autograd/client.py",
+        "                    self._raise_tls_refusal(exc)",
+        "                    pass",
+        ("tests/test_security.py::test_a_refused_certificate_is_named_at_once",),
+        "a refused TLS certificate is named at once",
+    ),
+    M(
+        "peft_model_not_unwrapped",
+        "remote_autograd/hf/split.py",
+        "    if callable(base):",
+        "    if False:",
+        ("tests/test_hf_split.py::test_a_peft_model_splits_as_the_model_it_wraps",),
+        "a peft PeftModel splits as the model it wraps",
+    ),
+    M(
+        "inference_tensor_version_read",
+        "remote_autograd/function.py",
+        "    return None if tensor.is_inference() else tensor._version",
+        "    return tensor._version",
+        ("tests/test_split_training.py::test_contexts_are_released_and_no_grad_keeps_nothing",),
+        "forwards under inference_mode work",
+    ),
 ]
 
 

@@ -272,6 +272,8 @@ def test_contexts_are_released_and_no_grad_keeps_nothing(start_server):
     with torch.no_grad():
         remote(made_here)
     assert server.stats()["contexts"] == 0
+    remote(made_here).sum().backward()  # a kept forward of an inference tensor, too
+    wait_for(lambda: server.stats()["contexts"] == 0, timeout=10.0)
     y = remote(x)
     assert server.stats()["contexts"] == 1
     y.sum().backward()  # no retain_graph: the client's graph is freed, so the context goes too
