@@ -229,13 +229,20 @@ class TrunkClient:
                         f"server running, and is the address right? (gRPC: {details})"
                     ) from exc
                 if not tls_checked:
-                    tls_checked = True
-                    self._raise_tls_refusal(exc)
+                    tls_checked = self._raise_tls_refusal(exc)
                 if now + delay >= deadline:
+                    hint = "is it running?"
+                    if self.options.root_certificates is not None and "Socket closed" in details:
+                        hint = (
+                            "is it running, and does it accept this client's certificate, or "
+                            "its lack of one? (a server that requires another closes the "
+                            "connection after the TLS handshake, as one not up yet behind a "
+                            "TLS proxy does)"
+                        )
                     raise ServerUnavailable(
                         f"no trunk server answered at {self.address} within "
                         f"{self.options.connect_timeout:g} s (ClientOptions.connect_timeout); "
-                        f"is it running? (gRPC: {details})"
+                        f"{hint} (gRPC: {details})"
                     ) from exc
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
@@ -306,25 +313,22 @@ class TrunkClient:
             # Not fatal: the server drops idle sessions on its own (ServerOptions.session_ttl).
             log.debug("EndSession on %s failed: %s", self.address, exc)
 
-    def _raise_tls_refusal(self, exc: grpc.RpcError) -> None:
-        """Under TLS, a server that refuses this client's certificate (or whose certificate
-        does not verify) reads to gRPC as one that is down, for all of connect_timeout: one
-        handshake of our own says which, at once."""
+    def _raise_tls_refusal(self, exc: grpc.RpcError) -> bool:
+        """Under TLS, a server certificate that does not verify (or a server whose alert
+        names this client's certificate) reads to gRPC as a server that is down, for all of
+        connect_timeout: one handshake of our own says so at once. Returns whether it was
+        tried (something accepted the connection)."""
         context = bulk_client_tls(self.options)
         if context is None or not accepts_connections(self.address):
-            return
+            return context is None
         reason = tls_refusal(self.address, context)
-        if reason is None:
-            return
-        if any(word in reason.lower() for word in ("certificate", "unknown ca", "unknown_ca")):
+        if reason is not None:
             raise AuthenticationError(
-                f"the TLS handshake with {self.address} failed: {reason}. The server refused "
-                "this client's certificate, or its own did not verify against "
-                "ClientOptions.root_certificates (and the host name)"
+                f"the TLS handshake with {self.address} failed: {reason}. The server's "
+                "certificate did not verify against ClientOptions.root_certificates (and the "
+                "host name), or the server refused this client's certificate"
             ) from exc
-        raise ServerUnavailable(
-            f"the TLS handshake with {self.address} failed: {reason}; does it serve TLS?"
-        ) from exc
+        return True
 
     def _kw(self, timeout: float | None = None) -> dict[str, Any]:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}

@@ -306,6 +306,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 value = _number(value)
                 if _sent(value):  # non-finite numbers too: the server refuses them by name
                     plain[key] = value
+                elif key in self._server_keys and value is not None and not isinstance(value, str):
+                    # One the server's optimizer steps with, which no number can be made of
+                    # (an array, a Decimal): left out, the server would step with the old.
+                    raise TypeError(
+                        f"param group entry {key}={value!r} of a RemoteOptimizer: the server's "
+                        "optimizer steps with plain numbers (a float, a one-element tensor, a "
+                        "numpy scalar), bools, and tuples of them"
+                    )
             groups.append(plain)
         return groups
 

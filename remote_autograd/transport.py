@@ -177,34 +177,26 @@ def bulk_client_tls(options: ClientOptions) -> ssl.SSLContext | None:
 
 
 def tls_refusal(address: str, context: ssl.SSLContext, timeout: float = 3.0) -> str | None:
-    """Why a TLS handshake with the gRPC port at ``host:port`` fails, or None if it does not
-    (or nothing answers). gRPC reports a refused certificate as "Socket closed" and retries it
-    as if the server were down; one handshake of our own names the cause. Under TLS 1.3 the
-    server refuses a client certificate after the client's side of the handshake: a short
-    read then brings its alert."""
+    """Why a TLS handshake with the gRPC port at ``host:port`` fails for certain, or None.
+    gRPC reports a certificate that does not verify as "Socket closed" and retries it as if
+    the server were down; one handshake of our own names the cause. Certain: this side's check
+    of the server's certificate fails, or the server's alert names a certificate. A bare close
+    is not certain (a TLS proxy whose backend is not up yet closes so too): None."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    dropped = (
-        "the server closed the connection after the handshake: it refused this client's "
-        "certificate (or that none was given)"
-    )
-    handshaken = False
     try:
         context.set_alpn_protocols(["h2"])  # what a gRPC server expects
         with (
             socket.create_connection((host, int(port)), timeout=timeout) as raw,
             context.wrap_socket(raw, server_hostname=host) as sock,
         ):
-            handshaken = True
             sock.settimeout(0.5)  # a server that took us waits for the HTTP/2 preface
-            if sock.recv(1) == b"":
-                return dropped
-    except TimeoutError:
-        return None  # no alert: the server took the handshake
-    except ssl.SSLError as exc:
+            sock.recv(1)  # the server's alert, if it refused us
+    except ssl.SSLCertVerificationError as exc:
         return str(exc)
-    except ConnectionError:
-        return dropped if handshaken else None
+    except ssl.SSLError as exc:  # an alert naming a certificate is certain, a close is not
+        text = str(exc)
+        return text if "certificate" in text.lower() or "unknown ca" in text.lower() else None
     except (OSError, ValueError):
         return None
     return None

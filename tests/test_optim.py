@@ -527,3 +527,6 @@ def test_learning_rates_held_as_numpy_scalars_or_tensors_reach_the_trunk(start_s
     pair.trunk_opt.load_state_dict(pair.trunk_opt.state_dict())
     assert pair.trunk_opt.param_groups[0]["tags"] == ["lora", "warm"]
     assert pair.trunk_opt._step_count == 4
+    group["lr"] = np.array([0.5, 0.5])  # an entry the server steps with: no number in it
+    with pytest.raises(TypeError, match=r"lr=array\(\[0.5, 0.5\]\) of a RemoteOptimizer"):
+        pair.trunk_opt.step()

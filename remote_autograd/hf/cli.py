@@ -394,7 +394,8 @@ def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
                 checkpoint_every=args.checkpoint_every,
                 client=ClientOptions(token=tokens[index]),
             )
-            process = context.Process(target=_train_client, args=(config, args.threads))
+            level = logging.getLogger().getEffectiveLevel()  # the child's logs as here
+            process = context.Process(target=_train_client, args=(config, args.threads, level))
             process.start()
             processes.append(process)
         for process in processes:
@@ -419,11 +420,15 @@ def _run_clients(args: argparse.Namespace, spec: Any, lora: Any) -> None:
     )
 
 
-def _train_client(config: Any, threads: int | None) -> None:
+def _train_client(config: Any, threads: int | None, level: int = logging.WARNING) -> None:
     """One trainer of ``demo --clients`` (a spawned process: its own random generator)."""
     import torch
 
     from .training import train
+
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
     if threads:
         torch.set_num_threads(threads)

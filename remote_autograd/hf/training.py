@@ -108,11 +108,12 @@ def train(config: TrainConfig) -> TrainResult:
             f"got {config.micro_batches}"
         )
     out_dir = Path(config.out_dir)
-    positions = getattr(build_config(config.model), "max_position_embeddings", None)
+    # A table of learned positions (GPT-2's n_positions) ends; rotary positions do not.
+    positions = getattr(build_config(config.model), "n_positions", None)
     if positions is not None and config.seq_len > positions:
         raise ValueError(
             f"seq_len={config.seq_len} is longer than the model's {positions} positions "
-            "(n_positions / max_position_embeddings): shorten --seq-len"
+            "(n_positions): shorten --seq-len"
         )
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config.model)
