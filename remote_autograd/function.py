@@ -204,10 +204,12 @@ class _RemoteFunction(torch.autograd.Function):
         # gradients must not accumulate twice where a local layer would have refused.
         ctx.saved_tensors  # noqa: B018
         input_grads = call.backward(grads, ctx.needs_input_grad[2:], _accumulates(ctx.dummy))
-        # The dummy's gradient is the trunk's inf check: NaN when this backward's trunk
-        # gradients were not finite (the server kept none), else 0. Summed into the module's
-        # flag, which RemoteOptimizer lists as its parameter, GradScaler sees it (see optim.py).
-        flag = torch.full((1,), math.nan if call.nonfinite else 0.0)
+        # The dummy's gradient is the trunk's inf check: inf when this backward's trunk
+        # gradients were not finite (the server kept none), else 0 (not NaN: anomaly mode
+        # refuses a backward returning NaN). Summed into the module's flag, which
+        # RemoteOptimizer lists as its parameter, GradScaler sees it (see optim.py). On the
+        # CPU, as the dummy (module.py).
+        flag = torch.full((1,), math.inf if call.nonfinite else 0.0, device="cpu")
         return (None, flag, *input_grads)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -87,9 +88,12 @@ class RemoteModule(nn.Module):
         self.device = torch.device(device) if device is not None else None
         # Not a parameter: only there to make autograd call backward (see function.py). Its
         # gradient is the trunk's inf check for GradScaler: 1, times what unscale_ multiplied
-        # it by, NaN after a backward whose trunk gradients were not finite (see optim.py).
-        self._dummy = torch.zeros(1, requires_grad=True)
-        self._dummy.grad = torch.ones(1)
+        # it by, inf after a backward whose trunk gradients were not finite (see optim.py).
+        # On the CPU whatever device a `with torch.device(...)` block makes the default: a
+        # model built under one (meta, then to_empty) never moves it, and its backward's
+        # gradient (function.py) is a CPU tensor.
+        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
+        self._dummy.grad = torch.ones(1, device=_CPU)
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
         # Seeds of recent training forwards by the client's RNG state then (see _rng_state).
         self._seeds: OrderedDict[int, tuple[int, list[int]]] = OrderedDict()
@@ -112,6 +116,11 @@ class RemoteModule(nn.Module):
         if again and not seeds:
             warnings.warn(_RECOMPUTED, stacklevel=2)
         template, tensors = flatten((list(args), kwargs))
+        if any(t.device.type == "meta" for t in tensors):
+            raise ValueError(
+                "a RemoteModule computes on its server: meta tensors hold no data to send (to "
+                "infer shapes, run the trunk itself on the meta device)"
+            )
         grad_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         keep = grad_on and (
             any(t.requires_grad for t in tensors)
@@ -123,7 +132,9 @@ class RemoteModule(nn.Module):
             "training": self.training,
             "device": device,
             "autocast": _autocast_dtype(tensors[0].device.type if tensors else "cpu"),
-            "frozen": self._trunk_frozen,
+            # Frozen at the forward stays frozen, as a local layer's parameters that took no
+            # part in the graph; one frozen by the backward counts too (see _trunk_frozen).
+            "frozen": functools.partial(_frozen, not self.trunk_requires_grad, self),
         }
         slices = self.micro_batches or self.client.options.micro_batches
         call: RemoteCall | ChunkedCall = (
@@ -213,7 +224,7 @@ class RemoteModule(nn.Module):
         it (it walks parameters, and this module holds none): call the trunk optimizer's
         ``zero_grad()``, or this one."""
         self.client.zero_grad_later(set_to_none)
-        self._dummy.grad = torch.ones(1)
+        self._dummy.grad = torch.ones(1, device=_CPU)
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -310,3 +321,7 @@ class RemoteModule(nn.Module):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _frozen(at_forward: bool, module: RemoteModule) -> bool:
+    return at_forward or module._trunk_frozen()

@@ -96,7 +96,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             # through an optimizer that can no longer step them.
             for group in replaced.param_groups:
                 group["params"] = []
-        module._dummy.grad = torch.ones(1)
+        module._dummy.grad = torch.ones(1, device="cpu")
         self._step_count = 0
         self._configured = True  # add_param_group() refuses from here
         _warn_if_data_parallel(module.client.address)
@@ -528,5 +528,5 @@ def _flag_nonfinite(module: RemoteModule) -> None:
     """Mark the trunk's gradients of this step non-finite, as a backward the server kept no
     gradients of does (function.py): GradScaler skips its step, step() alone raises."""
     if module._dummy.grad is None:
-        module._dummy.grad = torch.ones(1)
-    module._dummy.grad.fill_(math.nan)
+        module._dummy.grad = torch.ones(1, device="cpu")
+    module._dummy.grad.fill_(math.inf)

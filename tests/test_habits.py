@@ -646,6 +646,74 @@ def test_double_backward_through_the_trunk_is_refused_and_a_penalty_at_its_outpu
     split.close()
 
 
+# -- device contexts, anomaly mode, freezing ------------------------------------------------------
+
+
+def test_a_model_built_under_a_device_context_trains_as_one_built_plainly(start_server):
+    """``with torch.device("meta")``, then ``to_empty``: the way large models are built. The
+    RemoteModule's stand-in stays on the CPU, so the backward's gradient for it fits (every
+    backward failed after the server had added the trunk's gradients). Meta inputs are refused
+    by name."""
+    split = Split(start_server, dtype=torch.float64)
+    with torch.device("meta"):
+        bottom, top = nn.Linear(6, 16).double(), nn.Linear(16, 3).double()
+        model = nn.Sequential(bottom, RemoteModule(split.server.address), top)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for mine, local in ((bottom, split.local[0][0]), (top, split.local[2])):
+            for a, b in zip(mine.parameters(), local.parameters(), strict=True):
+                a.copy_(b)
+    x = _batches(1, torch.float64)[0]
+    model(x).square().sum().backward()
+    reference = nn.Sequential(split.local[0][0], split.local[1], split.local[2])
+    reference(x).square().sum().backward()
+    for mine, local in ((bottom, split.local[0][0]), (top, split.local[2])):
+        for a, b in zip(mine.parameters(), local.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="meta tensors hold no data"):
+        model[1](torch.zeros(2, 16, device="meta"))
+    model[1].close()
+    split.close()
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled:UserWarning")
+def test_a_grad_scaler_overflow_under_anomaly_detection_is_skipped(start_server):
+    """torch.autograd.detect_anomaly() refuses a backward that returns NaN: the trunk's
+    overflow flag is inf, so the overflowed step is skipped as locally, not raised. (Positive
+    weights and inputs: the overflow stays inf in the trunk's own backward, which anomaly mode
+    checks too in this one process.)"""
+    trunk = nn.Linear(4, 4)
+    with torch.no_grad():
+        trunk.weight.fill_(0.1)
+        trunk.bias.fill_(0.1)
+    remote = RemoteModule(start_server(trunk).address)
+    trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    with torch.autograd.detect_anomaly():
+        out = remote(torch.ones(2, 4))
+        scaler.scale(out.sum() + out[0, 0] * torch.tensor(math.inf)).backward()
+    scaler.step(trunk_opt)
+    scaler.update()
+    assert scaler.get_scale() == 0.5 and trunk_opt._step_count == 0
+    remote.close()
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_trunk_frozen_at_its_forward_gets_no_gradient(start_server, micro_batches):
+    """Frozen at the forward, unfrozen before the backward: a local layer's parameters took
+    no part in that graph and get nothing; neither does the trunk (it once did)."""
+    server = start_server(nn.Linear(4, 4).double())
+    remote = RemoteModule(server.address, options=ClientOptions(micro_batches=micro_batches))
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    remote.requires_grad_(False)
+    out = remote(x)
+    remote.requires_grad_(True)
+    out.sum().backward()
+    assert x.grad is not None
+    assert server.engine.sessions.values()[0].grads == {}
+    remote.close()
+
+
 # -- named tuples and ModelOutputs -----------------------------------------------------------------
 
 
