@@ -319,16 +319,26 @@ class TrunkClient:
         connect_timeout: one handshake of our own says so at once. Returns whether it was
         tried (something accepted the connection)."""
         context = bulk_client_tls(self.options)
-        if context is None or not accepts_connections(self.address):
-            return context is None
-        reason = tls_refusal(self.address, context)
-        if reason is not None:
-            raise AuthenticationError(
-                f"the TLS handshake with {self.address} failed: {reason}. The server's "
-                "certificate did not verify against ClientOptions.root_certificates (and the "
-                "host name), or the server refused this client's certificate"
+        accepts = accepts_connections(self.address)  # None: a gRPC target URI, not checked
+        if context is None or accepts is None:
+            return True
+        if not accepts:
+            return False
+        verdict = tls_refusal(self.address, context)
+        if verdict is None:
+            return True
+        kind, reason = verdict
+        if kind == "plain":
+            raise ServerUnavailable(
+                f"the TLS handshake with {self.address} failed: {reason}; the port does not "
+                "speak TLS (a plain-text server? leave ClientOptions.root_certificates unset "
+                "for it)"
             ) from exc
-        return True
+        raise AuthenticationError(
+            f"the TLS handshake with {self.address} failed: {reason}. The server's "
+            "certificate did not verify against ClientOptions.root_certificates (and the "
+            "host name), or the server refused this client's certificate"
+        ) from exc
 
     def _kw(self, timeout: float | None = None) -> dict[str, Any]:
         return {"timeout": timeout or self.options.timeout, "metadata": self._metadata}

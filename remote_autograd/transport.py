@@ -176,12 +176,21 @@ def bulk_client_tls(options: ClientOptions) -> ssl.SSLContext | None:
     return context
 
 
-def tls_refusal(address: str, context: ssl.SSLContext, timeout: float = 3.0) -> str | None:
-    """Why a TLS handshake with the gRPC port at ``host:port`` fails for certain, or None.
-    gRPC reports a certificate that does not verify as "Socket closed" and retries it as if
-    the server were down; one handshake of our own names the cause. Certain: this side's check
-    of the server's certificate fails, or the server's alert names a certificate. A bare close
-    is not certain (a TLS proxy whose backend is not up yet closes so too): None."""
+# Handshake failures that say the port does not speak TLS (OpenSSL's reasons).
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+)
+
+
+def tls_refusal(
+    address: str, context: ssl.SSLContext, timeout: float = 3.0
+) -> tuple[str, str] | None:
+    """Why a TLS handshake with the gRPC port at ``host:port`` fails for certain, as (kind,
+    text), or None. gRPC reports such a handshake as a server that is down and retries it;
+    one handshake of our own names the cause. Certain: this side's check of the server's
+    certificate fails, or the server's alert names a certificate ("certificate"); the port
+    answers in something other than TLS ("plain"). A bare close is not certain (a TLS proxy
+    whose backend is not up yet closes so too): None."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     try:
@@ -193,10 +202,12 @@ def tls_refusal(address: str, context: ssl.SSLContext, timeout: float = 3.0) -> 
             sock.settimeout(0.5)  # a server that took us waits for the HTTP/2 preface
             sock.recv(1)  # the server's alert, if it refused us
     except ssl.SSLCertVerificationError as exc:
-        return str(exc)
+        return "certificate", str(exc)
     except ssl.SSLError as exc:  # an alert naming a certificate is certain, a close is not
         text = str(exc)
-        return text if "certificate" in text.lower() or "unknown ca" in text.lower() else None
+        if "certificate" in text.lower() or "unknown ca" in text.lower():
+            return "certificate", text
+        return ("plain", text) if exc.reason in _NOT_TLS else None
     except (OSError, ValueError):
         return None
     return None

@@ -133,7 +133,14 @@ def test_torch_save_and_load_a_model_holding_a_remote_module(start_server, tmp_p
     torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     restored = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
-    for m in (model, loaded, restored):
+    # map_location moved the GradScaler stand-in with the rest (it must stay on the CPU):
+    # the first backward then failed after the server had added the trunk's gradients.
+    meta = torch.load(tmp_path / "model.pt", weights_only=False, map_location="meta")
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(model.state_dict())
+    meta(x).sum().backward()
+    assert all(p.grad is not None for p in meta[0].parameters())
+    for m in (model, loaded, restored, meta):
         m[1].close()
 
 

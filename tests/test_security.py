@@ -61,6 +61,15 @@ def _fails(address: str, options: ClientOptions, error: type[Exception]) -> None
         remote(torch.ones(1, 4, dtype=torch.float64))
 
 
+def test_a_tls_client_at_a_plain_text_port_is_told_at_once(start_server, pki):
+    """The handshake's answer is not TLS (WRONG_VERSION_NUMBER): said at once, where gRPC
+    retries it as a server that is down for all of connect_timeout."""
+    server = start_server(_linear())
+    options = ClientOptions(connect_timeout=20.0, retries=0, root_certificates=pki["ca.pem"])
+    with pytest.raises(ServerUnavailable, match="the port does not speak TLS"):
+        RemoteModule(server.address, options=options)(torch.ones(1, 4, dtype=torch.float64))
+
+
 def test_tls(start_server, pki):
     options = ServerOptions(certificate_chain=pki["server.pem"], private_key=pki["server.key"])
     server = start_server(_linear(), options)
