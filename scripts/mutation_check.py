@@ -884,6 +884,44 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_split_training.py::test_contexts_are_released_and_no_grad_keeps_nothing",),
         "forwards under inference_mode work",
     ),
+    M(
+        "stand_in_follows_the_device_context",
+        "remote_autograd/module.py",
+        "        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)\n"
+        "        self._dummy.grad = torch.ones(1, device=_CPU)\n"
+        "        self._cast_dtype",
+        "        self._dummy = torch.zeros(1, requires_grad=True)\n"
+        "        self._dummy.grad = torch.ones(1)\n"
+        "        self._cast_dtype",
+        (
+            "tests/test_habits.py::test_a_model_built_under_a_device_context_trains_as_one_built_plainly",
+        ),
+        "a model built under a device context trains",
+    ),
+    M(
+        "overflow_flag_nan",
+        "remote_autograd/function.py",
+        "math.inf if call.nonfinite else 0.0",
+        "math.nan if call.nonfinite else 0.0",
+        ("tests/test_habits.py::test_a_grad_scaler_overflow_under_anomaly_detection_is_skipped",),
+        "an overflow under anomaly detection is skipped, not raised",
+    ),
+    M(
+        "frozen_read_at_backward_only",
+        "remote_autograd/module.py",
+        '            "frozen": functools.partial(_frozen, not self.trunk_requires_grad, self),',
+        '            "frozen": self._trunk_frozen,',
+        ("tests/test_habits.py::test_a_trunk_frozen_at_its_forward_gets_no_gradient",),
+        "a trunk frozen at its forward gets no gradient from it",
+    ),
+    M(
+        "plain_port_uncertain",
+        "remote_autograd/transport.py",
+        '        return ("plain", text) if exc.reason in _NOT_TLS else None',
+        "        return None",
+        ("tests/test_security.py::test_a_tls_client_at_a_plain_text_port_is_told_at_once",),
+        "a TLS client at a plain-text port is told at once",
+    ),
 ]
 
 
