@@ -131,20 +131,7 @@ def test_model_path_loads_local_weights_and_tokenizer(tmp_path) -> None:
 @pytest.mark.parametrize("cut", [(1, 3), (0, 2)], ids=lambda c: f"trunk{c[0]}-{c[1]}")
 def test_a_rope_model_splits_the_same_way(cut: tuple[int, int]) -> None:
     """Llama (RoPE): position ids cross the cut, each part builds its own cos/sin."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+    model = _tiny_llama().eval()
     batch = padded_batch()
     with torch.no_grad():
         expected = model(
