@@ -312,8 +312,8 @@ class RemoteModule(nn.Module):
         options = state.pop("client")
         super().__setstate__(state)
         self.client = TrunkClient(self.address, options)
-        # A fresh stand-in on the CPU (torch.load's map_location may have moved the pickled
-        # one), with the gradient of no backward yet.
+        # A fresh stand-in on the CPU (a load's map_location may have moved the saved one),
+        # with the gradient of no backward yet.
         self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
         self._dummy.grad = torch.ones(1, device=_CPU)
 

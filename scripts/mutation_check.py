@@ -198,7 +198,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "remote_clipping_removed",
         "remote_autograd/optim.py",
-        "remote.client.scale_grads_later(float(clip_coef))",
+        "remote.client.scale_grads_later(coefficient)",
         "pass",
         (
             "tests/test_split_training.py::test_training_matches_local",
@@ -304,7 +304,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "load_state_nan_in_optimizer_state",
         "remote_autograd/engine.py",
-        'check_finite_tree(optimizer_state.get("state"), "optimizer state")',
+        'check_finite_tree(state.get("state"), "optimizer state")',
         "pass",
         ("tests/test_limits.py::test_non_finite_grad_scale_and_optimizer_state_are_refused",),
         "LoadState refuses non-finite optimizer state",
@@ -380,7 +380,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "loaded_state_drops_the_configured_flags",
         "remote_autograd/engine.py",
-        'keep_configured_flags(optimizer_state["param_groups"], current)',
+        'keep_configured_flags(state["param_groups"], current)',
         "pass",
         (
             "tests/test_trunk_safety.py::"
@@ -391,7 +391,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "loaded_optimizer_state_unchecked",
         "remote_autograd/engine.py",
-        "check_optimizer_state(optimizer_state, session.optimizer)",
+        "check_optimizer_state(state, optimizer)",
         "pass",
         (
             "tests/test_trunk_safety.py::"
@@ -835,7 +835,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "recompute_from_a_changed_input",
         "remote_autograd/function.py",
-        "        if [t._version for t in self._inputs] != self._versions:",
+        "        if [_version(t) for t in self._inputs] != self._versions:",
         "        if False:",
         (
             "tests/test_faults.py::test_a_lost_context_is_not_recomputed_from_an_input_changed_in_place",
@@ -863,9 +863,9 @@ MUTATIONS: list[Mutation] = [
     M(
         "refused_certificate_reads_as_down",
         "remote_autograd/client.py",
-        "                    self._raise_tls_refusal(exc)",
-        "                    pass",
-        ("tests/test_security.py::test_a_refused_certificate_is_named_at_once",),
+        "                    tls_checked = self._raise_tls_refusal(exc)",
+        "                    tls_checked = True",
+        ("tests/test_security.py::test_a_refused_certificate_is_named",),
         "a refused TLS certificate is named at once",
     ),
     M(
