@@ -81,12 +81,7 @@ class Follower:
                     raise InvalidRequest(f"unknown command {op!r}")
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, which answers the call
                 if not isinstance(exc, RemoteAutogradError):  # the trunk's own failure
-                    shown, held = throttle.TRACEBACKS.allow()
-                    if shown:
-                        more = f" ({held} more since, without traceback)" if held else ""
-                        log.exception("rank %d: %s failed in the trunk%s", runner.rank, op, more)
-                    else:
-                        log.debug("rank %d: %s failed in the trunk: %r", runner.rank, op, exc)
+                    throttle.log_trunk_failure(log, f"rank {runner.rank}: {op}", exc)
                 reply = {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
             runner.wire.send(reply, 0)
 

@@ -76,12 +76,7 @@ def _rpc(method: Callable) -> Callable:
                 "%s from %s refused (%s): %s", method.__name__, context.peer(), code.name, message
             )
         else:
-            shown, held = throttle.TRACEBACKS.allow()
-            if shown:
-                more = f" ({held} more since, without traceback)" if held else ""
-                log.exception("%s failed in the trunk%s", method.__name__, more)
-            else:
-                log.debug("%s failed in the trunk: %r", method.__name__, exc)
+            throttle.log_trunk_failure(log, method.__name__, exc)
             code, name = grpc.StatusCode.INTERNAL, "TrunkError"
             message = f"{method.__name__}: the trunk raised {type(exc).__name__}: {exc}"
         if len(message) > _MAX_DETAILS:

@@ -8,10 +8,11 @@ logged whole, the others at DEBUG, and the next whole one says how many it left 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
-__all__ = ["TRACEBACKS", "Throttle"]
+__all__ = ["TRACEBACKS", "Throttle", "log_trunk_failure"]
 
 
 class Throttle:
@@ -37,3 +38,14 @@ class Throttle:
 
 
 TRACEBACKS = Throttle()  # this process's tracebacks of the trunk's own exceptions
+
+
+def log_trunk_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Log that ``what`` failed in the trunk: with the traceback of ``exc`` (the exception
+    being handled) while this process's TRACEBACKS allow it, else at DEBUG."""
+    shown, held = TRACEBACKS.allow()
+    if shown:
+        more = f" ({held} more since, without traceback)" if held else ""
+        logger.exception("%s failed in the trunk%s", what, more)
+    else:
+        logger.debug("%s failed in the trunk: %r", what, exc)
