@@ -92,8 +92,7 @@ class RemoteModule(nn.Module):
         # On the CPU whatever device a `with torch.device(...)` block makes the default: a
         # model built under one (meta, then to_empty) never moves it, and its backward's
         # gradient (function.py) is a CPU tensor.
-        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
-        self._dummy.grad = torch.ones(1, device=_CPU)
+        self._new_stand_in()
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
         # Seeds of recent training forwards by the client's RNG state then (see _rng_state).
         self._seeds: OrderedDict[int, tuple[int, list[int]]] = OrderedDict()
@@ -218,13 +217,22 @@ class RemoteModule(nn.Module):
         self.trunk_requires_grad = bool(requires_grad)
         return self
 
+    def _new_stand_in(self) -> None:
+        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
+        self.reset_flag()
+
+    def reset_flag(self) -> torch.Tensor:
+        """The stand-in's gradient as no backward has touched it (1: nothing to unscale)."""
+        self._dummy.grad = flag = torch.ones(1, device=_CPU)
+        return flag
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear this session's trunk gradients, as ``RemoteOptimizer.zero_grad()`` does (sent
         with the next Backward, GradNorm or Step). A parent's ``zero_grad()`` does not reach
         it (it walks parameters, and this module holds none): call the trunk optimizer's
         ``zero_grad()``, or this one."""
         self.client.zero_grad_later(set_to_none)
-        self._dummy.grad = torch.ones(1, device=_CPU)
+        self.reset_flag()
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -312,10 +320,7 @@ class RemoteModule(nn.Module):
         options = state.pop("client")
         super().__setstate__(state)
         self.client = TrunkClient(self.address, options)
-        # A fresh stand-in on the CPU (a load's map_location may have moved the saved one),
-        # with the gradient of no backward yet.
-        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
-        self._dummy.grad = torch.ones(1, device=_CPU)
+        self._new_stand_in()  # on the CPU: a load's map_location may have moved the saved one
 
     def extra_repr(self) -> str:
         return f"{self.address!r}"

@@ -96,7 +96,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             # through an optimizer that can no longer step them.
             for group in replaced.param_groups:
                 group["params"] = []
-        module._dummy.grad = torch.ones(1, device="cpu")
+        module.reset_flag()
         self._step_count = 0
         self._configured = True  # add_param_group() refuses from here
         _warn_if_data_parallel(module.client.address)
@@ -527,6 +527,5 @@ def clip_grad_norm_(
 def _flag_nonfinite(module: RemoteModule) -> None:
     """Mark the trunk's gradients of this step non-finite, as a backward the server kept no
     gradients of does (function.py): GradScaler skips its step, step() alone raises."""
-    if module._dummy.grad is None:
-        module._dummy.grad = torch.ones(1, device="cpu")
-    module._dummy.grad.fill_(math.inf)
+    flag = module._dummy.grad if module._dummy.grad is not None else module.reset_flag()
+    flag.fill_(math.inf)
