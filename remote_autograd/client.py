@@ -318,13 +318,13 @@ class TrunkClient:
         names this client's certificate) reads to gRPC as a server that is down, for all of
         connect_timeout: one handshake of our own says so at once. Returns whether it was
         tried (something accepted the connection)."""
-        context = bulk_client_tls(self.options)
-        accepts = accepts_connections(self.address)  # None: a gRPC target URI, not checked
-        if context is None or accepts is None:
+        if self.options.root_certificates is None:  # plain text: nothing to check
             return True
+        accepts = accepts_connections(self.address)  # None: a gRPC target URI, not checked
         if not accepts:
-            return False
-        verdict = tls_refusal(self.address, context)
+            return accepts is None
+        context = bulk_client_tls(self.options)  # built once something accepts
+        verdict = None if context is None else tls_refusal(self.address, context)
         if verdict is None:
             return True
         kind, reason = verdict
