@@ -50,6 +50,7 @@ import grpc
 from . import codec, frames
 from ._proto import remote_autograd_pb2 as pb
 from .errors import CodecError, InvalidRequest, LimitExceeded, ServerUnavailable
+from .memory import pieces
 from .options import Limits
 
 __all__ = ["BulkBroken", "BulkClient", "BulkListener"]
@@ -112,7 +113,8 @@ class _Connection:
         try:
             self.sock.sendall(_PREFIX.pack(magic, status, length))
             for buffer in buffers:
-                self.sock.sendall(buffer)
+                for piece in pieces(buffer):  # a staged GPU tensor crosses while we send
+                    self.sock.sendall(piece)
         except ValueError as exc:  # an SSL socket that close() closed under us
             raise ConnectionError(f"bulk connection {self.id} was closed") from exc
 

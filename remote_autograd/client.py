@@ -390,7 +390,7 @@ class TrunkClient:
         info = self.info()
         stub = self._stub or self._connect()  # _connect() takes the lock: only when needed
         named = info.protocol_version >= _NAMED_VALUES  # does the server read them?
-        buffers = self._encoders[kind].encode_buffers(value, named=named)
+        buffers = self._encoders[kind].encode_buffers(value, named=named, staged=True)
         header.release_ids.extend(self._take_releases())
         invoke = self._frames.invoker(stub, info, method, header, buffers)
         received = self._call(method, invoke)

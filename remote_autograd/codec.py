@@ -42,15 +42,16 @@ import math
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, NamedTuple, overload
 
 import lz4.block
 import msgpack
 import torch
 
+from . import memory
 from .errors import CodecError
-from .memory import to_device, to_host
+from .memory import Buffer, DeviceBytes, pieces, to_device, to_host
 from .options import Limits
 from .quantize import QUANTIZATIONS, WIRE_CODECS
 from .tree import flatten, is_model_output, is_named_tuple, model_output, unflatten
@@ -66,6 +67,7 @@ __all__ = [
     "check_frame_size",
     "dtype_name",
     "iter_chunks",
+    "join",
 ]
 
 VERSION = 1
@@ -98,6 +100,7 @@ _EXT_NAMED = 3
 _SAMPLE_BYTES = 64 << 10  # "auto" compression looks at this much of a tensor first
 _MIN_COMPRESS_BYTES = 4 << 10  # below this LZ4 cannot pay for its own framing
 _WORTH_IT = 0.9  # compress only when it saves at least 10%
+_STAGED_DEVICES = ("cuda",)  # where encode_buffers(staged=True) leaves large tensors
 _NIL = b"\xc0"
 _U32 = struct.Struct(">I")
 
@@ -123,11 +126,20 @@ class Encoder:
 
     def encode(self, obj: Any) -> bytes:
         """The frame as one bytes object."""
-        return b"".join(self.encode_buffers(obj))
+        return join(self.encode_buffers(obj))
 
-    def encode_buffers(self, obj: Any, *, named: bool = False) -> list[bytes | memoryview]:
+    @overload
+    def encode_buffers(
+        self, obj: Any, *, named: bool = ..., staged: Literal[False] = ...
+    ) -> list[bytes | memoryview]: ...
+    @overload
+    def encode_buffers(self, obj: Any, *, named: bool = ..., staged: bool) -> list[Buffer]: ...
+    def encode_buffers(self, obj: Any, *, named: bool = False, staged: bool = False) -> list[Any]:
         """The frame as a list of buffers, without copying raw tensor bytes. ``named``: named
-        tuples and ModelOutputs keep their names (only for a peer that reads them)."""
+        tuples and ModelOutputs keep their names (only for a peer that reads them). ``staged``:
+        a large tensor on a GPU stays there as a :class:`~remote_autograd.memory.DeviceBytes`,
+        copied to the host piece by piece while it is sent, for a reader that takes
+        ``memory.pieces`` of each buffer."""
         tensors: list[torch.Tensor] = []
         tree = _TreePacker(tensors, named).packb(obj)
         # Quantize where each tensor lies, then copy: on a GPU the arithmetic runs there and
@@ -135,11 +147,19 @@ class Encoder:
         forms = [self._wire_form(tensor) for tensor in tensors]
         metas = [meta for meta, _ in forms]
         wires = [wire for _, wire in forms]
-        if not all(wire.is_cpu for wire in wires):
-            wires = to_host(wires)
-        datas = [self._wire_bytes(meta, wire) for meta, wire in zip(metas, wires, strict=True)]
+        stays = [self._staged(meta, wire) if staged else None for meta, wire in forms]
+        moving = [wire for wire, stay in zip(wires, stays, strict=True) if stay is None]
+        if not all(wire.is_cpu for wire in moving):
+            crossed = iter(to_host(moving))
+            wires = [
+                w if s is not None else next(crossed) for w, s in zip(wires, stays, strict=True)
+            ]
+        datas = [
+            stay if stay is not None else self._wire_bytes(meta, wire)
+            for meta, wire, stay in zip(metas, wires, stays, strict=True)
+        ]
         meta_bytes = msgpack.packb({"v": VERSION, "tree": tree, "tensors": metas})
-        buffers: list[bytes | memoryview] = [b"\xce" + _U32.pack(len(meta_bytes)), meta_bytes]
+        buffers: list[Buffer] = [b"\xce" + _U32.pack(len(meta_bytes)), meta_bytes]
         offset = 5 + len(meta_bytes)
         for data in datas:
             pad = (-(offset + 5)) % ALIGN
@@ -169,6 +189,24 @@ class Encoder:
                 meta.update(extra)
         return meta, wire
 
+    def _staged(self, meta: dict[str, Any], wire: torch.Tensor) -> DeviceBytes | None:
+        """A wire form left on its device to be sent a piece at a time (completing meta), if
+        it is a large GPU tensor that LZ4 will not compress."""
+        size = wire.numel() * wire.element_size()
+        if wire.device.type not in _STAGED_DEVICES or size <= memory.STAGE_BYTES:
+            return None
+        if self.compression == "lz4":  # it compresses a tensor this large, on the host
+            return None
+        flat = _flat_bytes(wire)
+        if self.compression == "auto":
+            start = (size - _SAMPLE_BYTES) // 2  # the sample _should_compress takes
+            if _pays(_as_bytes(flat[start : start + _SAMPLE_BYTES].cpu())):
+                return None
+        meta["n"] = size  # the keys in _wire_bytes' order: the same frame, byte for byte
+        meta["z"] = "none"
+        meta["s"] = size
+        return DeviceBytes(flat)
+
     def _wire_bytes(self, meta: dict[str, Any], wire: torch.Tensor) -> bytes | memoryview:
         """The bytes of a wire form in host memory, compressed if it pays (completes meta)."""
         raw = _as_bytes(wire)
@@ -188,8 +226,12 @@ class Encoder:
         if self.compression == "lz4" or len(raw) <= _SAMPLE_BYTES:
             return True
         start = (len(raw) - _SAMPLE_BYTES) // 2
-        sample = raw[start : start + _SAMPLE_BYTES]
-        return len(lz4.block.compress(sample, store_size=False)) < _WORTH_IT * len(sample)
+        return _pays(raw[start : start + _SAMPLE_BYTES])
+
+
+def _pays(sample: memoryview | bytes) -> bool:
+    """Whether LZ4 shrinks a tensor whose sample this is by enough to be worth it."""
+    return len(lz4.block.compress(sample, store_size=False)) < _WORTH_IT * len(sample)
 
 
 class _Layout(NamedTuple):
@@ -460,6 +502,12 @@ def _unpinned(value: Any, frame_bytes: int, decoded: list[torch.Tensor], layout:
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    array: Any = _flat_bytes(tensor).numpy()  # a buffer; numpy's stubs do not say so
+    return memoryview(array).cast("B")
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes in memory order, as one dimension of uint8, on its device."""
     flat = tensor.detach()
     if flat.is_conj() or flat.is_neg() or not flat.is_contiguous():
         flat = flat.resolve_conj().resolve_neg().contiguous()
@@ -467,8 +515,7 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
         # Contiguous by now, so its elements are dense from its offset on; a one-element view
         # may still carry any stride (x[0:1, 0]), which reshape(-1) would keep.
         flat = flat.as_strided((flat.numel(),), (1,))
-    array: Any = flat.view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
-    return memoryview(array).cast("B")
+    return flat.view(torch.uint8)
 
 
 # What a frame's values may be besides tensors, None and tuples; bool before its base int.
@@ -704,22 +751,36 @@ def _too_deep(what: str, limit: int) -> CodecError:
     return CodecError(f"{what} nest lists, tuples or maps deeper than max_depth={limit}")
 
 
-def iter_chunks(buffers: list[bytes | memoryview], chunk_bytes: int) -> Iterator[bytes]:
+def iter_chunks(buffers: Sequence[Buffer], chunk_bytes: int) -> Iterator[bytes]:
     """Re-slice a frame's buffers into chunks of ``chunk_bytes`` (one bounded copy each)."""
     pending: list[bytes | memoryview] = []
     pending_len = 0
     for buffer in buffers:
-        view = memoryview(buffer).cast("B")
-        while len(view):
-            take = min(len(view), chunk_bytes - pending_len)
-            pending.append(view[:take])
-            pending_len += take
-            view = view[take:]
-            if pending_len == chunk_bytes:
-                yield b"".join(pending)
-                pending, pending_len = [], 0
+        for piece in pieces(buffer):
+            view = memoryview(piece).cast("B")
+            while len(view):
+                take = min(len(view), chunk_bytes - pending_len)
+                pending.append(view[:take])
+                pending_len += take
+                view = view[take:]
+                if pending_len == chunk_bytes:
+                    yield b"".join(pending)
+                    pending, pending_len = [], 0
+            if pending_len and isinstance(buffer, DeviceBytes):
+                pending = [b"".join(pending)]  # the staging buffer is reused
     if pending_len:
         yield b"".join(pending)
+
+
+def join(buffers: Sequence[Buffer]) -> bytes:
+    """A frame's buffers as one bytes object."""
+    parts: list[bytes | memoryview] = []
+    for buffer in buffers:
+        if isinstance(buffer, DeviceBytes):  # each piece's staging buffer is reused: copy it
+            parts.extend(bytes(piece) for piece in buffer.pieces())
+        else:
+            parts.append(buffer)
+    return b"".join(parts)
 
 
 def encode(obj: Any, *, compression: str = "auto", quantization: str = "none") -> bytes:

@@ -143,10 +143,12 @@ class FrameExchange:
 
             return invoke_stream
         unary = getattr(stub, method)
-        message = frames.unary_message(header, buffers)
+        message: list[pb.Frame] = []  # made on the first try: a bulk call may never need it
 
         def invoke_unary() -> frames.Received:
-            return frames.receive_unary(unary(message, **self._kw()), limits)
+            if not message:
+                message.append(frames.unary_message(header, buffers))
+            return frames.receive_unary(unary(message[0], **self._kw()), limits)
 
         return invoke_unary
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -123,14 +123,14 @@ def receive_buffer(size: int) -> memoryview:
     return _POOL.take(size)
 
 
-def unary_message(header: pb.Header, buffers: list[bytes | memoryview]) -> pb.Frame:
-    payload = b"".join(buffers)
+def unary_message(header: pb.Header, buffers: Sequence[memory.Buffer]) -> pb.Frame:
+    payload = codec.join(buffers)
     header.payload_bytes = len(payload)
     return pb.Frame(header=header, payload=payload)
 
 
 def frame_messages(
-    header: pb.Header, buffers: list[bytes | memoryview], chunk_bytes: int
+    header: pb.Header, buffers: Sequence[memory.Buffer], chunk_bytes: int
 ) -> Iterator[pb.Frame]:
     """The frame as a stream: the header rides on the first chunk."""
     header.payload_bytes = sum(len(b) for b in buffers)

@@ -471,7 +471,7 @@ class TrunkService(pb_grpc.TrunkServicer):
     @staticmethod
     def _encode_reply(encoder: codec.Encoder, value: Any, method: str, named: bool = False) -> list:
         try:
-            return encoder.encode_buffers(value, named=named)
+            return encoder.encode_buffers(value, named=named, staged=True)
         except codec.CodecError as exc:
             raise TrunkError(
                 f"{method}: the trunk returned a value that cannot be sent: {exc}"

@@ -918,6 +918,28 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_security.py::test_a_tls_client_at_a_plain_text_port_is_told_at_once",),
         "a TLS client at a plain-text port is told at once",
     ),
+    M(
+        "staging_buffer_reused_before_read",
+        "remote_autograd/codec.py",
+        '                pending = [b"".join(pending)]  # the staging buffer is reused',
+        "                pass",
+        (
+            "tests/test_staging.py::test_staged_frames_are_the_frames_encoded_whole[torch.float32-none]",
+            "tests/test_staging.py::test_split_training_through_staged_frames_equals_local[grpc-stream]",
+        ),
+        "a gRPC chunk spanning two staged pieces holds the first piece's bytes, not the next's",
+    ),
+    M(
+        "staged_pieces_after_two_not_copied",
+        "remote_autograd/memory.py",
+        "                    start(index + 2)\n",
+        "                    pass\n",
+        (
+            "tests/test_staging.py::test_staged_frames_are_the_frames_encoded_whole[torch.float32-none]",
+            "tests/test_staging.py::test_split_training_through_staged_frames_equals_local[bulk]",
+        ),
+        "every piece of a staged tensor is copied and sent",
+    ),
 ]
 
 

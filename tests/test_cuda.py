@@ -24,6 +24,7 @@ from remote_autograd import (
     RemoteOptimizer,
     ServerOptions,
     clip_grad_norm_,
+    codec,
     decode,
     encode,
     frames,
@@ -401,3 +402,71 @@ def test_non_finite_gradients_are_refused_through_gpu_codecs(
     y.backward(torch.ones_like(y))
     optimizer.step()  # 600 ones times ones, each within int8's step of 1
     assert server.engine.module.weight.item() == pytest.approx(1.5 - 0.1 * 600, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage_bytes", [4 * MiB, 64 << 10], ids=["4MiB", "64KiB"])
+@pytest.mark.parametrize("quantization", ["none", *LOSSY])
+def test_staged_gpu_tensors_make_the_cpu_frames(quantization, stage_bytes, monkeypatch):
+    """Large GPU tensors cross to the host a piece at a time while they are sent
+    (memory.DeviceBytes): read whole, in gRPC chunks, or twice (a retry), the frame is the one
+    the CPU encodes, for contiguous and non-contiguous tensors larger than a piece."""
+    monkeypatch.setattr(memory, "STAGE_BYTES", stage_bytes)
+    base = exact_values(torch.float32, (3, 1024, 1024), seed=3)  # 12 MiB
+    cases = {
+        "whole": base,
+        "transposed": base.transpose(1, 2),
+        "every-other": base[:, ::2],
+        "doubles": base[0].to(torch.float64),
+    }
+    for name, on_cpu in cases.items():
+        on_gpu = {  # the same views, made on the GPU
+            "whole": lambda: base.cuda(),
+            "transposed": lambda: base.cuda().transpose(1, 2),
+            "every-other": lambda: base.cuda()[:, ::2],
+            "doubles": lambda: base[0].cuda().to(torch.float64),
+        }[name]()
+        assert on_gpu.is_contiguous() == on_cpu.is_contiguous(), name
+        value = {"x": on_gpu, "small": on_gpu.reshape(-1)[:5]}
+        cpu_value = {"x": on_cpu, "small": on_cpu.reshape(-1)[:5]}
+        expected = encode(cpu_value, compression="none", quantization=quantization)
+        encoder = codec.Encoder(compression="none", quantization=quantization)
+        buffers = encoder.encode_buffers(value, staged=True)
+        assert any(isinstance(b, memory.DeviceBytes) for b in buffers), name
+        assert codec.join(buffers) == expected, name
+        assert b"".join(codec.iter_chunks(buffers, MiB)) == expected, name
+        assert codec.join(buffers) == expected, f"{name}: read again"
+
+
+@pytest.mark.parametrize(("trunk_device", "client_device"), PLACEMENTS, ids=PLACEMENT_IDS)
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])
+def test_training_through_staged_frames_equals_local(
+    trunk_device, client_device, bulk, start_server, monkeypatch
+):
+    """Activations and gradients of 8 MiB each, staged in 1 MiB pieces on either side: split
+    training equals the same trunk trained locally on the trunk's device."""
+    monkeypatch.setattr(memory, "STAGE_BYTES", MiB)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(1024, 1024, dtype=torch.float64), nn.Tanh())
+    local = copy.deepcopy(trunk).to(trunk_device)
+    server = start_server(trunk, ServerOptions(device=trunk_device))
+    remote = RemoteModule(server.address, options=ClientOptions(bulk=bulk))
+    trunk_opt = RemoteOptimizer(remote, torch.optim.SGD, lr=0.1, momentum=0.9)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(1024, 1024, generator=generator, dtype=torch.float64)
+        xs = [x.to(client_device).requires_grad_(), x.to(trunk_device).requires_grad_()]
+        trunk_opt.zero_grad()
+        local_opt.zero_grad()
+        ys = [remote(xs[0]), local(xs[1])]
+        assert ys[0].device.type == client_device
+        for y in ys:
+            (y**2).sum().backward()
+        torch.testing.assert_close(ys[0].cpu(), ys[1].cpu(), **_tolerance(torch.float64))
+        torch.testing.assert_close(xs[0].grad.cpu(), xs[1].grad.cpu(), **_tolerance(torch.float64))
+        trunk_opt.step()
+        local_opt.step()
+    state = remote.state_dict()
+    for name, value in local.state_dict().items():
+        torch.testing.assert_close(state[name].cpu(), value.cpu(), **_tolerance(torch.float64))
+    remote.close()
