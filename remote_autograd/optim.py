@@ -19,6 +19,7 @@ from . import codec
 from .errors import SESSION_GONE, NotConfigured, StaleContext, TransportError
 from .guard import IMMUTABLE_HYPERPARAMETERS
 from .module import RemoteModule
+from .validate import is_plain
 
 __all__ = ["RemoteOptimizer", "clip_grad_norm_"]
 
@@ -65,7 +66,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "optimizers from torch.optim by name"
             )
         for key, value in kwargs.items():
-            if not _plain(value):
+            if not is_plain(value):
                 raise TypeError(
                     f"{name}({key}={value!r}): remote optimizer options must be plain numbers, "
                     "bools or tuples of numbers"
@@ -373,7 +374,7 @@ def _named_groups(
                 )
             members.extend(matched)
         for key, value in group.items():
-            if key != "params" and not _plain(value):
+            if key != "params" and not is_plain(value):
                 raise TypeError(
                     f"param group {index}: {key}={value!r}: remote optimizer options must be "
                     "plain numbers, bools or tuples of numbers"
@@ -416,21 +417,12 @@ def _number(value: Any) -> Any:
 
 
 def _sent(value: Any) -> bool:
-    """Whether a param group entry travels with a Step: numbers, bools and tuples of them. A
-    user's own entries of other kinds (a group's name, notes) stay on this side."""
+    """Whether a param group entry travels with a Step: numbers, bools and tuples of them (and
+    of None: Adafactor's eps). A user's own entries of other kinds (a group's name, notes) stay
+    on this side."""
     return isinstance(value, (bool, int, float)) or (
-        isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float)) for v in value)
-    )
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (bool, int)) or value is None:
-        return True
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(v, (bool, int, float)) and (not isinstance(v, float) or math.isfinite(v))
-        for v in value
+        isinstance(value, (list, tuple))
+        and all(isinstance(v, (bool, int, float)) or v is None for v in value)
     )
 
 

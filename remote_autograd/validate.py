@@ -232,13 +232,17 @@ def describe(value: Any) -> str:
 
 
 def is_plain(value: Any) -> bool:
+    """A finite number, a bool, None, or a list or tuple of these (Adafactor's default eps is
+    ``(None, 1e-3)``)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain_item(v) for v in value)
+    return _plain_item(value)
+
+
+def _plain_item(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, _PLAIN) or value is None:
-        return True
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(v, _PLAIN) and (not isinstance(v, float) or math.isfinite(v)) for v in value
-    )
+    return isinstance(value, _PLAIN) or value is None
 
 
 def unpack(data: bytes, what: str) -> Any:
@@ -268,7 +272,8 @@ def plain_group(group: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, (*_PLAIN, type(None), str)) or (
-            isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)
+            isinstance(value, (list, tuple))
+            and all(isinstance(v, (*_PLAIN, type(None))) for v in value)
         ):
             out[key] = value
     return out
