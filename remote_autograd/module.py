@@ -218,12 +218,16 @@ class RemoteModule(nn.Module):
         return self
 
     def _new_stand_in(self) -> None:
-        self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
+        # Ordinary tensors even when made under inference_mode (a module built for inference
+        # and trained later): an inference tensor has no autograd edge to carry a backward.
+        with torch.inference_mode(False):
+            self._dummy = torch.zeros(1, device=_CPU, requires_grad=True)
         self.reset_flag()
 
     def reset_flag(self) -> torch.Tensor:
         """The stand-in's gradient as no backward has touched it (1: nothing to unscale)."""
-        self._dummy.grad = flag = torch.ones(1, device=_CPU)
+        with torch.inference_mode(False):
+            self._dummy.grad = flag = torch.ones(1, device=_CPU)
         return flag
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -782,3 +782,33 @@ def test_a_client_that_does_not_ask_for_named_values_gets_plain_ones(start_serve
     assert list(out) == ["last_hidden_state", "hidden_states", "aux"]
     hidden = models.make_named_outputs_trunk().linear(x).detach()
     torch.testing.assert_close(pair[0], hidden, rtol=0, atol=0)
+
+
+def test_a_remote_module_built_under_inference_mode_trains_later(start_server):
+    """Built (and first called) inside ``torch.inference_mode()``, as a script that serves
+    predictions does, then trained: every backward failed in autograd ('NoneType' object has no
+    attribute 'next_functions'), as its stand-in was an inference tensor. It trains as a trunk
+    built outside does, bit for bit (float64), GradScaler's unscale included."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 3).double()
+    local = copy.deepcopy(trunk)
+    server = start_server(trunk)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        remote = RemoteModule(server.address)
+        assert torch.equal(remote(x), local(x))
+    trunk_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    for step in range(3):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        for model, xi, optimizer in ((remote, xs[0], trunk_opt), (local, xs[1], local_opt)):
+            optimizer.zero_grad()
+            scaler.scale(model(xi + step).square().sum()).backward()
+            scaler.step(optimizer)
+        scaler.update()
+        assert torch.equal(xs[0].grad, xs[1].grad)
+    weights = remote.remote_state_dict()
+    for name, value in local.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    remote.close()
