@@ -25,8 +25,9 @@ adapters
 ``offload_device`` and comes back on its next call; every adapter goes to disk with the
 server's checkpoint.
 
-Dropout draws from the process-wide generator: forwards in training mode of a trunk with
-dropout (layers, or Hugging Face's functional attention dropout) take one lock
+Dropout draws from the process-wide generator: forwards in training mode of a trunk that
+draws (dropout layers, Hugging Face's functional attention dropout, RReLU, stochastic depth:
+each adapter's first training forward finds out, under the lock) take one lock
 (``_random_lock``) so that each client's seeded masks stay its own, as does creating an
 adapter (peft draws its initial weights); eval-mode forwards are not seeded. Without dropout,
 or in eval mode, forwards of different clients run at the same time.
@@ -167,7 +168,12 @@ def from_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class _AdapterRunner(TrunkRunner):
     """A runner over a replica whose base tensors are already on the device (they are the
     shared ones: moving them per replica would copy them), taking the process-wide random
-    lock around forwards that draw dropout masks."""
+    lock around training forwards of a trunk that draws from the process-wide generators.
+
+    Whether it draws is found out, not guessed: its first seeded training forward runs under
+    the lock, and looks whether the generators moved from where the seed put them. Dropout
+    with p > 0 draws, as do RReLU, stochastic depth or any layer of the user's that calls
+    torch.rand; dropout with p = 0 (``--dropout 0``) does not."""
 
     def __init__(
         self,
@@ -182,7 +188,7 @@ class _AdapterRunner(TrunkRunner):
         self.module_name = type(module).__name__
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._random_lock = random_lock
-        self._random = _draws_randomness(module)
+        self.draws: bool | None = None  # whether a training forward draws (None: not known yet)
 
     def forward(
         self,
@@ -199,29 +205,47 @@ class _AdapterRunner(TrunkRunner):
             # Nothing to draw in eval mode; seeding would set the process-wide generator under
             # another client's training forward, between two of its dropout layers.
             seed = None
-        elif self._random:
+        elif seed is not None and self.draws is not False:
             with self._random_lock:
                 return super().forward(
                     template, leaves, training, seed, grad=grad, autocast=autocast
                 )
         return super().forward(template, leaves, training, seed, grad=grad, autocast=autocast)
 
+    def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if self.draws is not None:
+            return self.module(*args, **kwargs)
+        seeded = _generator_states(self.device)
+        result = self.module(*args, **kwargs)
+        moved = _generator_states(self.device)
+        self.draws = not all(map(torch.equal, seeded, moved))
+        return result
 
-def _draws_randomness(module: nn.Module) -> bool:
-    """Whether a training forward draws from the process-wide generator: dropout layers, and
-    the functional dropout that Hugging Face attention applies from a float attribute or its
-    config (Llama's ``attention_dropout``, GPT-2's ``attn_pdrop``...)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.dropout._DropoutNd):
-            if layer.p > 0:
-                return True
-            continue
-        config = getattr(layer, "config", None)
-        for source in (vars(layer), vars(config) if hasattr(config, "__dict__") else {}):
-            for key, value in source.items():
-                if ("dropout" in key or "pdrop" in key) and type(value) is float and value > 0:
-                    return True
-    return False
+
+def _adapted_attention(module: nn.Module) -> list[str]:
+    """The nn.MultiheadAttention layers given an adapter, and their out_proj layers given one.
+
+    peft adds an attention's adapter into the base weights before each forward and takes it
+    out after, registering new weight tensors: every client would get its own copy of the
+    base, drifting ((w + d) - d != w) and kept in no checkpoint. And the attention reads its
+    out_proj's weight without calling the layer, so an adapter there would never run."""
+    from peft.tuners.lora.layer import LoraLayer  # the hf extra
+
+    names = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer):
+            if isinstance(layer.get_base_layer(), nn.MultiheadAttention):
+                names.append(name)
+        elif isinstance(layer, nn.MultiheadAttention) and isinstance(layer.out_proj, LoraLayer):
+            names.append(f"{name}.out_proj")
+    return names
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 @dataclass(eq=False)
@@ -348,12 +372,21 @@ class AdapterEngine:
             module, targets, rank=options.rank, alpha=options.alpha, dropout=options.dropout
         )
         try:
-            return inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+            module = inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
         except ValueError as exc:
             raise ValueError(
                 f"per-client adapters: none of the target modules {sorted(targets)} is in the "
                 f"trunk ({exc}); change AdapterOptions.target_modules (--lora-targets)"
             ) from exc
+        attention = _adapted_attention(module)
+        if attention:
+            raise ValueError(
+                f"per-client adapters cannot adapt nn.MultiheadAttention ({', '.join(attention)}):"
+                " peft merges its adapter into the shared frozen weights at every forward, and "
+                "the attention reads its out_proj's weight without calling it; adapt Linear "
+                "layers in AdapterOptions.target_modules (--lora-targets)"
+            )
+        return module
 
     def _initial_adapter(self, base: nn.Module) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
@@ -515,7 +548,12 @@ class AdapterEngine:
 
     # -- the calls of TrunkEngine ------------------------------------------------------------------
 
-    def info(self) -> TrunkInfo:
+    def info(self, identity: str | None = None) -> TrunkInfo:
+        """The trunk as ``identity``'s adapter makes it: its weights version is that adapter's
+        (0 before it exists), so a new run meeting a trained adapter is warned
+        (SteppedTrunkWarning), as on a single-tenant server."""
+        with self._lock:
+            adapter = self._adapters.get(identity) if identity is not None else None
         return TrunkInfo(
             trainable_parameters=list(self._initial),
             trainable_numel=sum(t.numel() for t in self._initial.values()),
@@ -523,7 +561,7 @@ class AdapterEngine:
             module_name=type(self.base).__name__,
             server_id=self.server_id,
             fingerprint=self.fingerprint,
-            weights_version=0,  # each client's adapter starts fresh: no SteppedTrunkWarning
+            weights_version=adapter.engine.weights_version if adapter is not None else 0,
             buffers=[name for name, _ in persistent_buffers(self.base)],  # each adapter's own
             dtype=trunk_dtype(self.base),
         )
@@ -575,7 +613,12 @@ class AdapterEngine:
 
     def load_state(self, session: Session, state: Any) -> tuple[int, bool, int]:
         with self._use(session) as engine:
-            return engine.load_state(session, state)
+            loaded = engine.load_state(session, state)
+        if any(loaded) and self.options.checkpoint_every and self.options.checkpoint_path:
+            # As a single trunk keeps what was loaded (its engine's _load_state): a restart
+            # would otherwise go back to the adapter before the load.
+            self.checkpoint(on_error="log")
+        return loaded
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -664,17 +707,19 @@ class AdapterEngine:
                 f"{path} holds {len(saved_adapters)} adapters, more than max_adapters="
                 f"{self.adapter_options.max_adapters}: raise --max-adapters"
             )
-        for identity, saved in saved_adapters.items():
-            adapter = self._new_adapter(identity)
-            named = dict(adapter.engine.params)
-            if set(saved["parameters"]) != set(named) or any(
-                value.shape != named[name].shape for name, value in saved["parameters"].items()
-            ):
-                raise ValueError(
-                    f"{path}: the adapter of {identity} does not fit these LoRA options "
-                    "(other rank or target modules); start with the options it was saved with"
-                )
+        try:  # all checked and built before anything is loaded, as a single trunk's
+            self._check_saved_sessions(saved_adapters)
+            built = [
+                (identity, saved, *self._restored_adapter(path, identity, saved))
+                for identity, saved in saved_adapters.items()
+            ]
+        except (InvalidRequest, TrunkError) as exc:
+            raise ValueError(
+                f"checkpoint {path} cannot be restored, and nothing of it was loaded: {exc}"
+            ) from exc
+        for identity, saved, adapter, sessions in built:
             buffers = dict(persistent_buffers(adapter.engine.module))
+            named = dict(adapter.engine.params)
             with torch.no_grad():
                 for name, value in saved["parameters"].items():
                     named[name].copy_(value)
@@ -682,13 +727,46 @@ class AdapterEngine:
                     if name in buffers:
                         buffers[name].copy_(value)
             adapter.engine.weights_version = int(saved["weights_version"])
-            for key, entry in saved["sessions"].items():
-                adapter.engine.restore_session(self.sessions.get(key), entry)
+            for key, give in sessions.items():
+                give(self.sessions.get(key))
             self._adapters[identity] = adapter
         self.saved_version = self.weights_version
         with self._lock:  # all were made resident: not beyond max_resident_adapters
             self._offload_beyond_limit()
         log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)
+
+    def _check_saved_sessions(self, saved_adapters: dict[str, Any]) -> None:
+        """Refuse a checkpoint holding more sessions than this server's limits let it keep."""
+        counts = {identity: len(saved["sessions"]) for identity, saved in saved_adapters.items()}
+        if sum(counts.values()) > self.sessions.max_sessions:
+            raise InvalidRequest(
+                f"it holds {sum(counts.values())} sessions, more than max_sessions="
+                f"{self.sessions.max_sessions}: raise --max-sessions"
+            )
+        for identity, count in counts.items():
+            if count > self.sessions.max_per_identity:
+                raise InvalidRequest(
+                    f"client {identity} has {count} sessions in it, more than "
+                    f"ServerOptions.max_sessions_per_identity={self.sessions.max_per_identity}"
+                )
+
+    def _restored_adapter(
+        self, path: str, identity: str, saved: dict[str, Any]
+    ) -> tuple[_Adapter, dict[str, Callable[[Session], None]]]:
+        """A new adapter for a saved one, checked, and its sessions built (nothing loaded)."""
+        adapter = self._new_adapter(identity)
+        named = dict(adapter.engine.params)
+        if set(saved["parameters"]) != set(named) or any(
+            value.shape != named[name].shape for name, value in saved["parameters"].items()
+        ):
+            raise ValueError(
+                f"{path}: the adapter of {identity} does not fit these LoRA options "
+                "(other rank or target modules); start with the options it was saved with"
+            )
+        sessions = {
+            key: adapter.engine.restored_session(entry) for key, entry in saved["sessions"].items()
+        }
+        return adapter, sessions
 
     def _check_recipe(self, path: str, saved: Any) -> None:
         """Refuse adapters trained with another alpha, rank or targets, or on another base:

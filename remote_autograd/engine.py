@@ -232,7 +232,9 @@ class TrunkEngine:
         for listener in self.session_listeners:
             listener(key)
 
-    def info(self) -> TrunkInfo:
+    def info(self, identity: str | None = None) -> TrunkInfo:
+        """What the Info RPC tells a client (``identity``: the caller's, for engines that keep
+        something per identity)."""
         return TrunkInfo(
             trainable_parameters=[name for name, _ in self.params],
             trainable_numel=sum(p.numel() for _, p in self.params),

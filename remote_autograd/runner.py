@@ -201,7 +201,7 @@ class TrunkRunner:
             state = generator.get_state()
             generator.manual_seed(seed)
             try:
-                return self.module(*args, **kwargs)
+                return self._call_seeded(args, kwargs)
             finally:
                 generator.set_state(state)
         devices = [self.device.index or torch.cuda.current_device()]
@@ -209,7 +209,11 @@ class TrunkRunner:
             torch.default_generator.manual_seed(seed)
             with torch.cuda.device(devices[0]):
                 torch.cuda.manual_seed(seed)
-            return self.module(*args, **kwargs)
+            return self._call_seeded(args, kwargs)
+
+    def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """The module called with its generators freshly seeded."""
+        return self.module(*args, **kwargs)
 
     def _autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         if dtype is None:

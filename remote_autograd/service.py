@@ -226,9 +226,10 @@ class TrunkService(pb_grpc.TrunkServicer):
 
     @_rpc
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
-        self.identity(context)  # authenticated, but no session: Info alone holds no slot
+        # Authenticated, but no session: Info alone holds no slot.
+        identity = self.identity(context)
         limits = self.options.limits
-        trunk = self.engine.info()
+        trunk = self.engine.info(identity)
         return pb.InfoReply(
             server_version=__version__,
             protocol_version=PROTOCOL_VERSION,

@@ -13,6 +13,7 @@ import hashlib
 import signal
 import ssl
 import threading
+import types
 from collections.abc import Callable
 
 import grpc
@@ -31,10 +32,11 @@ from remote_autograd import (
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
+    SteppedTrunkWarning,
     serve,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
-from remote_autograd.adapters import AdapterEngine, AdapterOptions
+from remote_autograd.adapters import AdapterEngine, AdapterOptions, to_peft_names
 from remote_autograd.errors import AuthenticationError
 from remote_autograd.service import certificate_name
 
@@ -334,6 +336,34 @@ def test_bad_adapter_options_are_refused_by_name():
         AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(target_modules=("nope",)))
 
 
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("targets", [("attn",), ("out_proj",), ("proj", "attn")])
+def test_lora_on_multihead_attention_is_refused_by_name(targets):
+    """peft merges a MultiheadAttention's adapter into the base weights around every forward,
+    registering new tensors: each client got a private copy of the frozen base, drifting from
+    it and kept in no checkpoint (a restarted server computed something else). And the
+    attention reads out_proj's weight without calling it: an adapter there never ran."""
+    trunk = nn.Sequential(nn.Linear(8, 8), _Attention()).double()
+    with pytest.raises(ValueError, match=r"nn.MultiheadAttention \(1.attn.*--lora-targets"):
+        AdapterEngine(trunk, ServerOptions(tokens=TOKENS), adapter_options(target_modules=targets))
+    engine = AdapterEngine(
+        trunk, ServerOptions(tokens=TOKENS), adapter_options(target_modules=("proj",))
+    )
+    assert list(engine.info().trainable_parameters) == [
+        "1.proj.lora_A.default.weight",
+        "1.proj.lora_B.default.weight",
+    ]
+
+
 def test_idle_adapters_move_off_the_device_and_come_back(start_server):
     """The offload path (here cpu -> cpu: the same code moves cuda -> cpu on a GPU server)."""
     server = per_client_server(start_server)
@@ -468,23 +498,28 @@ def test_demo_with_three_clients_trains_three_adapters_of_one_trunk(tmp_path, ca
 
 
 class _MeetingTrunk(nn.Module):
-    """A trunk whose forward waits at ``meeting`` (a class attribute: replicas share it)."""
+    """A trunk whose forward waits at ``meeting`` (a class attribute: replicas share it). Its
+    dropout is off, and its config names the dropout of a head it does not hold, as GPT-2's
+    does (``summary_first_dropout``: such names made GPT-2 trunks served with --dropout 0
+    take the random lock)."""
 
     meeting: threading.Barrier | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(8, 8).double()
+        self.drop = nn.Dropout(0.0)
+        self.config = types.SimpleNamespace(summary_first_dropout=0.1, attn_pdrop=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _MeetingTrunk.meeting is not None:
-            _MeetingTrunk.meeting.wait(timeout=120)
-        return self.layer(x)
+            _MeetingTrunk.meeting.wait(timeout=60)
+        return self.drop(self.layer(x))
 
 
 def test_forwards_of_different_clients_run_at_the_same_time(start_server):
-    """Two clients' training forwards meet inside the trunk: neither waits for the other's
-    to finish (were they serialised behind one lock, the barrier would break)."""
+    """Two clients' seeded training forwards meet inside the trunk: neither waits for the
+    other's to finish (were they serialised behind one lock, the barrier would break)."""
     options = AdapterOptions(rank=2, target_modules=("layer",), offload_after=0.0)
     server = start_server(AdapterEngine(_MeetingTrunk(), ServerOptions(tokens=TOKENS), options))
     trunks = [RemoteModule(server.address, options=client_options(i)) for i in range(2)]
@@ -638,6 +673,65 @@ def test_checkpoint_every_step_restores_adapters_and_optimizer_state(start_serve
         AdapterEngine(dropout_trunk(), options, adapter_options(rank=2))
 
 
+def test_an_uploaded_adapter_is_checkpointed_under_checkpoint_every(start_server, tmp_path):
+    """A single trunk checkpointing every few steps keeps what a LoadState brought; the adapters
+    engine did not (its adapters' engines save nothing themselves): a kill after an upload
+    brought back the adapter before it. A new engine on the file holds the upload."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path, checkpoint_every=5)
+    server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
+    trunk = RemoteModule(server.address, options=client_options(0))
+    upload = {k: torch.full_like(v, 0.25) for k, v in trunk.adapter_state_dict().items()}
+    trunk.load_adapter_state_dict(upload)
+    trunk.close()
+    restored = AdapterEngine(dropout_trunk(), options, adapter_options())  # no graceful stop
+    assert restored.stats()["adapters"] == 1
+    (adapter,) = restored._adapters.values()
+    got = {name: p.detach() for name, p in adapter.engine.params}
+    assert_same_state(to_peft_names(got), upload)
+
+
+def test_a_new_run_meeting_its_trained_adapter_is_warned(start_server):
+    """Info told every client weights version 0 (each adapter "starts fresh"), so a run with
+    the token of one that trained before, or after a restart from a checkpoint, went on from
+    that adapter without the SteppedTrunkWarning a single trunk gives. Now Info tells the
+    caller's own adapter's version: warned with that token, not with another."""
+    server = per_client_server(start_server)
+    Learner(server.address, 0).train_alone(2)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    again = RemoteModule(server.address, options=client_options(0))
+    with pytest.warns(SteppedTrunkWarning, match="weights version 2"):
+        again(x)
+    other = RemoteModule(server.address, options=client_options(1))
+    other(x)  # no warning: its adapter is new (warnings are errors in this suite)
+    again.close()
+    other.close()
+
+
+@pytest.mark.parametrize("mismatch", ["max_lr", "max_sessions_per_identity", "max_sessions"])
+def test_a_checkpoint_beyond_this_servers_limits_is_refused_whole(start_server, tmp_path, mismatch):
+    """A restart whose checkpoint a session of does not fit this server's options: refused at
+    start naming the file and the option, with nothing of it loaded (it raised the refusal of
+    a call, InvalidRequest or LimitExceeded with a call's advice, half loaded)."""
+    path = str(tmp_path / "adapters.ckpt")
+    options = ServerOptions(tokens=TOKENS, checkpoint_path=path)
+    engine = AdapterEngine(dropout_trunk(), options, adapter_options())
+    server = start_server(engine)
+    learners = [Learner(server.address, 0), Learner(server.address, 0), Learner(server.address, 1)]
+    for learner in learners:
+        learner.train_alone(1)  # 3 sessions, two of token 0, each with its Adam
+    engine.checkpoint()
+    changed = {
+        "max_lr": {"max_lr": 0.01},  # the saved Adam steps with lr=0.05
+        "max_sessions_per_identity": {"max_sessions_per_identity": 1},
+        "max_sessions": {"max_sessions": 2},
+    }[mismatch]
+    with pytest.raises(ValueError, match=f"checkpoint {path} cannot be restored.*{mismatch}"):
+        AdapterEngine(dropout_trunk(), dataclasses.replace(options, **changed), adapter_options())
+    for learner in learners:
+        learner.trunk.close()
+
+
 # -- one client's dropout masks are its own, whatever the others do --------------------------------
 
 
@@ -665,30 +759,53 @@ class _FunctionalDropout(nn.Module):
         return nn.functional.dropout(x, self.attention_dropout, self.training)
 
 
-def _paused_trunk(functional: bool) -> nn.Module:
+class _StochasticDepth(nn.Module):
+    """Drops whole samples at random, from ``torch.rand``: no dropout layer, no dropout name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, dtype=x.dtype) >= 0.5
+        return x * keep / 0.5
+
+
+_DRAWS: dict[str, Callable[[], nn.Module]] = {
+    "dropout": lambda: nn.Dropout(0.5),
+    "functional": _FunctionalDropout,
+    "rrelu": nn.RReLU,  # a random negative slope per element in training
+    "stochastic_depth": _StochasticDepth,
+}
+
+
+def _paused_trunk(draw: str) -> nn.Module:
     torch.manual_seed(3)
-    drop = _FunctionalDropout if functional else (lambda: nn.Dropout(0.5))
-    layers = [nn.Linear(8, 8), drop(), _Pause(), drop(), _Pause(), nn.Linear(8, 8)]
+    layer = _DRAWS[draw]
+    layers = [nn.Linear(8, 8), layer(), _Pause(), layer(), _Pause(), nn.Linear(8, 8)]
     return nn.Sequential(*layers).double()
 
 
 @pytest.mark.parametrize(
-    ("functional", "meanwhile"),
-    [(False, "eval_forward"), (True, "training_forward"), (False, "new_client")],
+    ("draw", "meanwhile"),
+    [
+        ("dropout", "eval_forward"),
+        ("functional", "training_forward"),
+        ("dropout", "new_client"),
+        ("rrelu", "training_forward"),
+        ("stochastic_depth", "training_forward"),
+    ],
 )
-def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
-    functional, meanwhile
-):
-    """Client A's training forward pauses between two dropout layers while client B makes an
-    eval forward with grad (it was seeded: the process-wide generator was set under A), a
+def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(draw, meanwhile):
+    """Client A's training forward pauses between two layers that draw while client B makes
+    an eval forward with grad (it was seeded: the process-wide generator was set under A), a
     training forward of a trunk whose dropout is functional (attention_dropout: no lock was
-    taken), or its first call (peft initialised B's adapter from the generator under A). A's
-    output equals A's alone, bit for bit."""
+    taken), or whose layers draw but are no dropout (RReLU, stochastic depth: no lock either),
+    or its first call (peft initialised B's adapter from the generator under A). A's output
+    equals A's alone, bit for bit."""
     x = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(4, 8).requires_grad_()
     outputs = []
     for beside in (False, True):
         options = adapter_options(target_modules=("0", "5"))
-        engine = AdapterEngine(_paused_trunk(functional), ServerOptions(tokens=TOKENS), options)
+        engine = AdapterEngine(_paused_trunk(draw), ServerOptions(tokens=TOKENS), options)
         server = serve(engine, "127.0.0.1:0")
         a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
         try:
