@@ -708,7 +708,9 @@ class AdapterEngine:
                 f"{self.adapter_options.max_adapters}: raise --max-adapters"
             )
         try:  # all checked and built before anything is loaded, as a single trunk's
-            self._check_saved_sessions(saved_adapters)
+            self.sessions.check_room(
+                k for saved in saved_adapters.values() for k in saved["sessions"]
+            )
             built = [
                 (identity, saved, *self._restored_adapter(path, identity, saved))
                 for identity, saved in saved_adapters.items()
@@ -734,21 +736,6 @@ class AdapterEngine:
         with self._lock:  # all were made resident: not beyond max_resident_adapters
             self._offload_beyond_limit()
         log.info("resumed %d client adapters from checkpoint %s", len(saved_adapters), path)
-
-    def _check_saved_sessions(self, saved_adapters: dict[str, Any]) -> None:
-        """Refuse a checkpoint holding more sessions than this server's limits let it keep."""
-        counts = {identity: len(saved["sessions"]) for identity, saved in saved_adapters.items()}
-        if sum(counts.values()) > self.sessions.max_sessions:
-            raise InvalidRequest(
-                f"it holds {sum(counts.values())} sessions, more than max_sessions="
-                f"{self.sessions.max_sessions}: raise --max-sessions"
-            )
-        for identity, count in counts.items():
-            if count > self.sessions.max_per_identity:
-                raise InvalidRequest(
-                    f"client {identity} has {count} sessions in it, more than "
-                    f"ServerOptions.max_sessions_per_identity={self.sessions.max_per_identity}"
-                )
 
     def _restored_adapter(
         self, path: str, identity: str, saved: dict[str, Any]

@@ -73,6 +73,7 @@ class GradNormCall:
     zero_grad: int = 0  # a deferred zero_grad() (ZeroGrad) and clip scale, applied first
     grad_scale: float = 0.0
     ops_id: str = ""  # names them: a retry with the same id does not apply them again
+    server_id: str = ""  # the process that accumulated the gradients ("": not checked)
 
 
 @dataclass(frozen=True)

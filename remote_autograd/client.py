@@ -649,7 +649,11 @@ class TrunkClient:
         # retry (a lost reply) does not apply it twice.
         ops_id = "" if zero == pb.ZERO_GRAD_NONE and scale == 1.0 else secrets.token_hex(8)
         request = pb.GradNormRequest(
-            norm_type=norm_type, zero_grad=zero, grad_scale=scale, ops_id=ops_id
+            norm_type=norm_type,
+            zero_grad=zero,
+            grad_scale=scale,
+            ops_id=ops_id,
+            server_id=self._grads_server_id,
         )
         try:
             reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))

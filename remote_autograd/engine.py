@@ -597,6 +597,7 @@ class TrunkEngine:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
         and the gradients' dtype."""
         check_grad_scale(call.grad_scale, self.options, "GradNorm")
+        self._check_gradients_here(call.server_id, "GradNorm")
         args = dataclasses.asdict(call)
         with session.lock, self._lock, self.runner.mirrored("grad_norms", session, **args):
             return self.norms(session, call)
@@ -621,6 +622,15 @@ class TrunkEngine:
         values = [float(next(computed)) if g.numel() else empty for g in grads]
         return self.runner.ranks.norms(values, norm_type), grads[0].dtype
 
+    def _check_gradients_here(self, server_id: str, what: str) -> None:
+        """Refuse a call about gradients that another server process accumulated."""
+        if server_id and server_id != self.server_id:
+            raise StaleContext(
+                f"{what}: its gradients were accumulated by server process {server_id}, which "
+                f"is gone (this is {self.server_id}: a restart); they are lost, so run this "
+                "step's forward and backward again"
+            )
+
     def step(self, session: Session, call: StepCall) -> StepResult:
         """Apply the session's optimizer once per step number (a repeat is a replay)."""
         with session.lock:
@@ -638,12 +648,7 @@ class TrunkEngine:
                     f"#{session.last_step} (a server restarted from an older checkpoint "
                     f"resumes at step #{session.last_step}: continue training from there)"
                 )
-            if call.server_id and call.server_id != self.server_id:
-                raise StaleContext(
-                    f"Step #{call.step}: its gradients were accumulated by server process "
-                    f"{call.server_id}, which is gone (this is {self.server_id}: a restart); "
-                    "they are lost, so run this step's forward and backward again"
-                )
+            self._check_gradients_here(call.server_id, f"Step #{call.step}")
             check_grad_scale(call.grad_scale, self.options, "Step")
             groups = step_groups(call.param_groups, optimizer)
             check_updates(optimizer, groups, self.options)
@@ -935,11 +940,7 @@ class TrunkEngine:
                 raise InvalidRequest("it needs a weights_version >= 0 and a map of sessions")
             if self.runner.world == 1:
                 check_module_state(state.get("module"), self.module)
-            if len(sessions) > self.sessions.max_sessions:
-                raise InvalidRequest(
-                    f"it holds {len(sessions)} sessions, more than max_sessions="
-                    f"{self.sessions.max_sessions}: raise --max-sessions"
-                )
+            self.sessions.check_room(sessions)
             restored = {key: self.restored_session(saved) for key, saved in sessions.items()}
         except (InvalidRequest, TrunkError) as exc:
             raise ValueError(

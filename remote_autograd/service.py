@@ -324,6 +324,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             zero_grad=int(ZeroGrad.from_wire(request.zero_grad)),
             grad_scale=request.grad_scale,
             ops_id=request.ops_id[:64],
+            server_id=request.server_id[:64],
         )
         norms, dtype = self.engine.grad_norms(self.session(context), call)
         return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))

@@ -10,10 +10,11 @@ them, so a token holder opening sessions in a loop cannot lock the others out; s
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -128,6 +129,24 @@ class SessionTable:
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._items
+
+    def check_room(self, keys: Iterable[str]) -> None:
+        """Refuse (InvalidRequest) sessions this table could never hold together: a
+        checkpoint's, checked before any of them is restored."""
+        counts = collections.Counter(identity_of(key) for key in keys)
+        total = sum(counts.values())
+        if total > self.max_sessions:
+            raise InvalidRequest(
+                f"it holds {total} sessions, more than max_sessions={self.max_sessions}: "
+                "raise --max-sessions"
+            )
+        for identity, count in counts.items():
+            if identity is not None and count > self.max_per_identity:
+                raise InvalidRequest(
+                    f"it holds {count} sessions of {identity}, more than "
+                    f"max_sessions_per_identity={self.max_per_identity}: raise "
+                    "--max-sessions-per-identity"
+                )
 
     def __len__(self) -> int:
         return len(self._items)

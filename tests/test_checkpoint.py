@@ -3,6 +3,7 @@ a file that is not a checkpoint, a save that fails; and the CLI saving one on SI
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -226,18 +227,35 @@ def test_a_checkpoint_that_does_not_hold_is_refused_whole(tmp_path, case):
 
 
 @pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")  # three sessions
-def test_a_checkpoint_with_more_sessions_than_allowed_says_which_option(tmp_path):
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ({"max_sessions": 2}, "holds 3 sessions, more than max_sessions=2: raise --max-sessions"),
+        (
+            {"max_sessions_per_identity": 2},
+            "holds 3 sessions of [0-9a-f]+, more than max_sessions_per_identity=2: raise "
+            "--max-sessions-per-identity",
+        ),
+    ],
+    ids=["max_sessions", "max_sessions_per_identity"],
+)
+def test_a_checkpoint_with_more_sessions_than_allowed_says_which_option(tmp_path, limit, message):
+    """Refused at start naming the option, nothing loaded (one token's three sessions beyond
+    max_sessions_per_identity raised the LimitExceeded of a call, its weights loaded)."""
     path = str(tmp_path / "trunk.ckpt")
-    server = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    options = ServerOptions(checkpoint_path=path, tokens=("token-a",))
+    server = serve(nn.Linear(8, 8).double(), options=options)
     try:
-        remotes = [RemoteModule(server.address) for _ in range(3)]  # kept: a dropped one ends
+        remotes = [  # kept: a dropped one ends
+            RemoteModule(server.address, options=ClientOptions(token="token-a")) for _ in range(3)
+        ]
         for remote in remotes:
             _one_step(remote, RemoteOptimizer(remote, "SGD", lr=0.1))
         remotes[0].client.checkpoint()
     finally:
         server.stop(grace=None)
-    with pytest.raises(ValueError, match="holds 3 sessions, more than max_sessions=2: raise"):
-        serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path, max_sessions=2))
+    with pytest.raises(ValueError, match=f"nothing of it was loaded: it {message}"):
+        serve(nn.Linear(8, 8).double(), options=dataclasses.replace(options, **limit))
 
 
 def test_a_starting_server_removes_what_killed_writes_of_its_checkpoint_left(tmp_path):

@@ -396,6 +396,13 @@ def test_killed_server_restarts_from_its_checkpoint(tmp_path, bulk_min_bytes, re
         with pytest.raises(StaleContext, match="gradients were accumulated by server process"):
             run.remote_optimizer.step()
         run.step(4)  # the step again, from its forward
+        # Killed after backward, before clipping: the norms are refused as the Step is (they
+        # were taken of no trunk gradient: the local parts' norm, and a wrong coefficient).
+        run.forward_backward(5)
+        kill_and_restart()
+        parts = [*run.bottom.parameters(), run.remote, *run.top.parameters()]
+        with pytest.raises(StaleContext, match="GradNorm: its gradients were accumulated by"):
+            clip_grad_norm_(parts, 1e-3)
         for step in range(5, STEPS + 1):
             run.step(step)
         _assert_equal(run.parameters(), reference)

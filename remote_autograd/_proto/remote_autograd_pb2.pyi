@@ -157,16 +157,18 @@ class ConfigureOptimizerReply(_message.Message):
     def __init__(self, param_group: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ...) -> None: ...
 
 class GradNormRequest(_message.Message):
-    __slots__ = ("norm_type", "zero_grad", "grad_scale", "ops_id")
+    __slots__ = ("norm_type", "zero_grad", "grad_scale", "ops_id", "server_id")
     NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
     ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
     GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     OPS_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     norm_type: float
     zero_grad: ZeroGradMode
     grad_scale: float
     ops_id: str
-    def __init__(self, norm_type: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., grad_scale: _Optional[float] = ..., ops_id: _Optional[str] = ...) -> None: ...
+    server_id: str
+    def __init__(self, norm_type: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., grad_scale: _Optional[float] = ..., ops_id: _Optional[str] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class GradNormReply(_message.Message):
     __slots__ = ("norms", "dtype")
