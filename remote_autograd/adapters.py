@@ -64,7 +64,7 @@ from .calls import (
 )
 from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
-from .engine import ID_PATTERN, CheckpointPace, TrunkEngine, paced_checkpoint
+from .engine import ID_PATTERN, CheckpointPace, TrunkEngine, paced_checkpoint, saved_weights_id
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
 from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
 from .guard import StepBackup, check_finite_weights
@@ -644,6 +644,7 @@ class AdapterEngine:
                     sessions = engine.saved_sessions(self._sessions_of(adapter.identity))
                     saved[adapter.identity] = {
                         "weights_version": engine.weights_version,
+                        "weights_id": engine.weights_id,
                         "parameters": {n: p.detach().cpu().clone() for n, p in engine.params},
                         "buffers": {
                             n: b.cpu().clone() for n, b in persistent_buffers(engine.module)
@@ -729,6 +730,7 @@ class AdapterEngine:
                     if name in buffers:
                         buffers[name].copy_(value)
             adapter.engine.weights_version = int(saved["weights_version"])
+            adapter.engine.weights_id = saved_weights_id(saved)
             for key, give in sessions.items():
                 give(self.sessions.get(key))
             self._adapters[identity] = adapter

@@ -34,6 +34,7 @@ class ComputeCall:
     recompute: bool = False  # re-create a lost context from these inputs (nothing is run now)
     rng_seed: int = 0  # the forward's RNG seed; 0: the engine picks one
     weights_version: int = 0  # recompute only: the weights the lost forward ran on
+    weights_id: str = ""  # recompute only: their id ("": not checked)
     backward_seq: int = 0  # recompute only: backwards the lost context had answered
     autocast: torch.dtype | None = None  # the client's torch.autocast dtype (None: off)
 
@@ -45,6 +46,7 @@ class ComputeResult:
     seed: int  # the RNG seed it ran with, for a later recompute
     recomputed: bool
     compute_seconds: float
+    weights_id: str = ""  # names those weights (TrunkEngine.weights_id)
 
 
 @dataclass(frozen=True)

@@ -451,6 +451,7 @@ class TrunkClient:
         training: bool,
         seed: int,
         weights_version: int,
+        weights_id: str,
         backward_seq: int,
         autocast: str = "",
     ) -> pb.Header:
@@ -464,6 +465,7 @@ class TrunkClient:
             needs_input_grad=needs_input_grad,
             rng_seed=seed,
             weights_version=weights_version,
+            weights_id=weights_id,
             backward_seq=backward_seq,
             autocast_dtype=autocast,
         )

@@ -132,6 +132,13 @@ class CheckpointPace:
             self._asked = now
 
 
+def saved_weights_id(state: dict[str, Any]) -> str:
+    """The id of the weights a checkpoint holds (a fresh one if it names none: it was written
+    before ids, and no client holds one of its forwards)."""
+    saved = state.get("weights_id")
+    return saved if isinstance(saved, str) and 0 < len(saved) <= 64 else secrets.token_hex(8)
+
+
 def paced_checkpoint(engine: Any) -> int:
     """A checkpoint asked for by a client (either engine): at most once per
     min_checkpoint_interval seconds for all clients together (each fsyncs the whole trunk).
@@ -190,6 +197,9 @@ class TrunkEngine:
         # Called with a session's key when it ends (the service drops its bulk connections).
         self.session_listeners: list[Callable[[str], None]] = []
         self.weights_version = 0  # optimizer steps (and loads) applied to the weights
+        # Names the weights: new at every change, kept in checkpoints. A restart from an older
+        # checkpoint counts its versions again, so a version alone may name other weights.
+        self.weights_id = secrets.token_hex(8)
         self.saved_version: int | None = None  # weights_version of the last checkpoint
         self.server_id = uuid.uuid4().hex[:16]  # a restarted server is a different process
         self._lock = threading.RLock()
@@ -302,6 +312,7 @@ class TrunkEngine:
             seed=seed,
             recomputed=call.recompute,
             compute_seconds=seconds,
+            weights_id=self.weights_id,
         )
 
     def _run_compute(self, session, call, template, leaves, tensors, seed, lease):
@@ -318,7 +329,10 @@ class TrunkEngine:
             # slices of one micro_batches call, the micro-batches of a pipelined step).
             started = time.perf_counter()
             version = self.weights_version
-            if call.recompute and call.weights_version != version:
+            if call.recompute and (
+                call.weights_version != version
+                or (call.weights_id and call.weights_id != self.weights_id)
+            ):
                 raise StaleContext(
                     f"cannot re-create the forward of request {call.request_id[:12]}: it ran "
                     f"on weights version {call.weights_version}, the trunk is now at "
@@ -622,6 +636,11 @@ class TrunkEngine:
         values = [float(next(computed)) if g.numel() else empty for g in grads]
         return self.runner.ranks.norms(values, norm_type), grads[0].dtype
 
+    def weights_moved(self) -> None:
+        """Count a change of the weights (a Step, a load), and name the new ones."""
+        self.weights_version += 1
+        self.weights_id = secrets.token_hex(8)
+
     def _check_gradients_here(self, server_id: str, what: str) -> None:
         """Refuse a call about gradients that another server process accumulated."""
         if server_id and server_id != self.server_id:
@@ -699,7 +718,7 @@ class TrunkEngine:
             )
             session.grads.clear()
             session.grads.update(grads)
-            self.weights_version += 1
+            self.weights_moved()
             session.last_step = call.step
             every = self.options.checkpoint_every
             if every and self.options.checkpoint_path and self.weights_version % every == 0:
@@ -785,7 +804,7 @@ class TrunkEngine:
                         self.runner.assign(named[name], value)
                     for name, value in (buffers or {}).items():
                         named_buffers[name].copy_(value)
-                    self.weights_version += 1
+                    self.weights_moved()
             if type(step) is int and step >= 0:
                 session.last_step = step
             loaded = parameters is not None or buffers or optimizer_state is not None
@@ -812,7 +831,12 @@ class TrunkEngine:
             version = self.weights_version
             sessions = self.saved_sessions(self.sessions.values())
             module_state = dict(self.module.state_dict())
-            state = {"weights_version": version, "module": module_state, "sessions": sessions}
+            state = {
+                "weights_version": version,
+                "weights_id": self.weights_id,
+                "module": module_state,
+                "sessions": sessions,
+            }
             try:
                 check_finite_weights(module_state, self.runner.ranks)
             except TrunkError as exc:
@@ -949,6 +973,7 @@ class TrunkEngine:
         with torch.no_grad():
             self.module.load_state_dict(state["module"])
         self.weights_version = self.saved_version = version
+        self.weights_id = saved_weights_id(state)
         for key, give in restored.items():
             give(self.sessions.get(key))
         log.info(

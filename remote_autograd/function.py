@@ -53,6 +53,7 @@ class RemoteCall:
         self.seed = 0  # the server's RNG seed for this forward
         self.given_seeds: list[int] | None = None  # a recompute's: its first run's seed
         self.weights_version = 0  # the trunk's weights the forward ran on
+        self.weights_id = ""  # and their id (a recompute must find these very weights)
         self.nonfinite = False  # the last backward's trunk gradients were NaN/inf (not kept)
 
     def seeds(self) -> list[int]:
@@ -84,6 +85,7 @@ class RemoteCall:
             raise
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
+        self.weights_id = header.weights_id
         self.output_template, outputs = flatten(value)
         return outputs  # on the CPU: remote_apply moves them (see there)
 
@@ -112,6 +114,7 @@ class RemoteCall:
             training=self.training,
             seed=self.seed,
             weights_version=self.weights_version,
+            weights_id=self.weights_id,
             backward_seq=self.backwards - 1,
             autocast=self.autocast,
         )

@@ -392,6 +392,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             recompute=header.recompute,
             rng_seed=header.rng_seed,
             weights_version=header.weights_version,
+            weights_id=header.weights_id[:64],
             backward_seq=header.backward_seq,
             autocast=autocast_dtype(header.autocast_dtype),
         )
@@ -408,6 +409,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         reply = pb.Header(
             request_id=header.request_id,
             weights_version=result.weights_version,
+            weights_id=result.weights_id,
             rng_seed=result.seed,
             recomputed=result.recomputed,
             server_id=self.engine.server_id,

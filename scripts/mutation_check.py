@@ -940,6 +940,22 @@ MUTATIONS: list[Mutation] = [
         ),
         "every piece of a staged tensor is copied and sent",
     ),
+    M(
+        "recompute_ignores_weights_id",
+        "remote_autograd/engine.py",
+        "                or (call.weights_id and call.weights_id != self.weights_id)\n",
+        "                or False\n",
+        ("tests/test_faults.py::test_a_recompute_never_runs_on_other_weights_of_the_same_version",),
+        "a recompute runs only on the very weights its forward ran on",
+    ),
+    M(
+        "grad_norm_of_a_dead_servers_gradients",
+        "remote_autograd/engine.py",
+        '        self._check_gradients_here(call.server_id, "GradNorm")\n',
+        "",
+        ("tests/test_faults.py::test_killed_server_restarts_from_its_checkpoint[262144]",),
+        "clip_grad_norm_ after a restart is refused, not taken of the local parts alone",
+    ),
 ]
 
 

@@ -414,6 +414,40 @@ def test_killed_server_restarts_from_its_checkpoint(tmp_path, bulk_min_bytes, re
         _end(processes)
 
 
+@pytest.mark.filterwarnings("ignore::remote_autograd.SteppedTrunkWarning")  # three sessions
+def test_a_recompute_never_runs_on_other_weights_of_the_same_version(tmp_path):
+    """Two sessions, a checkpoint every 2 steps. A's forward ran on version 3; the server dies
+    and resumes at version 2, and another session steps it to another version 3. A's Backward
+    recomputed its forward on those weights (the version matched) and gave the gradients of a
+    forward A never ran, which A's Step then applied. The weights' id says they differ."""
+    checkpoint = str(tmp_path / "trunk.ckpt")
+    args = ("factories:dropout_trunk", "--checkpoint", checkpoint, "--checkpoint-every", "2")
+    process, address = spawn_server(*args)
+    processes = [process]
+    options = {"retries": 10, "retry_backoff": 0.1, "retry_backoff_max": 1.0}
+    try:
+        a, b = Run(address, **options), Run(address, **options)
+        a.step(1)
+        b.step(2)  # version 2: saved
+        b.step(3)  # version 3: lost with the process
+        x, y = batch(4)
+        loss = F.mse_loss(a.top(a.remote(a.bottom(x))), y)  # on version 3
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        processes.append(spawn_server(*args, port=int(address.rsplit(":", 1)[1]))[0])
+        c = Run(address, **options)
+        c.step(5)  # another version 3
+        assert c.remote.client._refresh_info().weights_version == 3
+        with pytest.raises(StaleContext, match="cannot re-create the forward of request"):
+            loss.backward()
+        # A redoes the step from its forward, on the weights it now finds: a whole step.
+        a.remote_optimizer.zero_grad()
+        a.step(4)
+        assert a.remote.client._refresh_info().weights_version == 4
+    finally:
+        _end(processes)
+
+
 def test_checkpoint_on_request_on_schedule_and_at_shutdown(tmp_path, reference):
     path = str(tmp_path / "trunk.ckpt")
     server = serve(dropout_trunk(), options=ServerOptions(checkpoint_path=path))
