@@ -71,6 +71,7 @@ from .guard import StepBackup, check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
 from .sessions import Session, SessionTable, session_key
+from .tree import flatten
 from .validate import clone_tree
 
 __all__ = [
@@ -170,10 +171,11 @@ class _AdapterRunner(TrunkRunner):
     shared ones: moving them per replica would copy them), taking the process-wide random
     lock around training forwards of a trunk that draws from the process-wide generators.
 
-    Whether it draws is found out, not guessed: its first seeded training forward runs under
-    the lock, and looks whether the generators moved from where the seed put them. Dropout
-    with p > 0 draws, as do RReLU, stochastic depth or any layer of the user's that calls
-    torch.rand; dropout with p = 0 (``--dropout 0``) does not."""
+    Whether it draws is found out, not guessed: its first seeded training forward of a batch
+    that is not empty runs under the lock, and looks whether the generators moved from where
+    the seed put them. Dropout with p > 0 draws, as do RReLU, stochastic depth or any layer of
+    the user's that calls torch.rand; dropout with p = 0 (``--dropout 0``) does not. Forwards
+    of a trunk that draws nothing are not seeded."""
 
     def __init__(
         self,
@@ -201,11 +203,11 @@ class _AdapterRunner(TrunkRunner):
         autocast: torch.dtype | None = None,
         recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
-        if not training:
-            # Nothing to draw in eval mode; seeding would set the process-wide generator under
-            # another client's training forward, between two of its dropout layers.
+        if not training or self.draws is False:
+            # Nothing to draw; seeding would set the process-wide generator under another
+            # client's training forward, between two of its dropout layers.
             seed = None
-        elif seed is not None and self.draws is not False:
+        elif seed is not None:
             with self._random_lock:
                 return super().forward(
                     template, leaves, training, seed, grad=grad, autocast=autocast
@@ -218,7 +220,10 @@ class _AdapterRunner(TrunkRunner):
         seeded = _generator_states(self.device)
         result = self.module(*args, **kwargs)
         moved = _generator_states(self.device)
-        self.draws = not all(map(torch.equal, seeded, moved))
+        if not all(map(torch.equal, seeded, moved)):
+            self.draws = True
+        elif any(t.numel() for t in flatten((args, kwargs))[1]):
+            self.draws = False  # not from an empty batch, which dropout draws nothing for
         return result
 
 
@@ -552,8 +557,9 @@ class AdapterEngine:
         """The trunk as ``identity``'s adapter makes it: its weights version is that adapter's
         (0 before it exists), so a new run meeting a trained adapter is warned
         (SteppedTrunkWarning), as on a single-tenant server."""
-        with self._lock:
-            adapter = self._adapters.get(identity) if identity is not None else None
+        # Not under the table's lock, which a new client's adapter holds while it waits for
+        # another's dropout forward: one lookup is atomic.
+        adapter = self._adapters.get(identity) if identity is not None else None
         return TrunkInfo(
             trainable_parameters=list(self._initial),
             trainable_numel=sum(t.numel() for t in self._initial.values()),

@@ -633,6 +633,7 @@ class TrunkClient:
             name=name,
             options=msgpack.packb(kwargs),
             param_groups=msgpack.packb(groups) if groups else b"",
+            none_in_tuples=True,
         )
         reply = self._call(
             "ConfigureOptimizer",
@@ -659,6 +660,10 @@ class TrunkClient:
         )
         try:
             reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))
+        except StaleContext:
+            self._restore_grad_ops(zero, scale)
+            self.forget_gradients()  # as a refused Step: redone from its forward, here
+            raise
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise

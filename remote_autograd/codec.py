@@ -767,7 +767,7 @@ def iter_chunks(buffers: Sequence[Buffer], chunk_bytes: int) -> Iterator[bytes]:
                     yield b"".join(pending)
                     pending, pending_len = [], 0
             if pending_len and isinstance(buffer, DeviceBytes):
-                pending = [b"".join(pending)]  # the staging buffer is reused
+                pending[-1] = bytes(pending[-1])  # the piece's buffer is reused
     if pending_len:
         yield b"".join(pending)
 

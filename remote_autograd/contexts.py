@@ -47,14 +47,15 @@ class ForwardContext:
     inputs: list[torch.Tensor]  # leaves on the server device (requires_grad where asked)
     input_dtypes: list[torch.dtype]  # dtypes the client sent (gradients go back in these)
     outputs: list[torch.Tensor] | None  # the trunk's tensor outputs, attached to the graph
-    nbytes: int  # bytes held: inputs, outputs and the activations saved for Backward
+    nbytes: int  # bytes held: inputs, outputs, the activations saved for Backward, last_reply
     weights_version: int  # optimizer steps applied when the forward ran
     seed: int = 0  # RNG seed of the forward (dropout), so a recompute matches it
     template: Any = None  # where the inputs go in (args, kwargs), for a recompute
     training: bool = True  # the trunk's mode during the forward, for a recompute
     autocast: torch.dtype | None = None  # the forward's autocast dtype, for a recompute
     backward_seq: int = 0  # backwards answered so far
-    last_reply: Any = None  # the last Backward's reply, for a retried call
+    last_reply: Any = None  # the last Backward's reply, for a retried call (keep_reply)
+    reply_bytes: int = 0  # its tensors' bytes, counted in nbytes
     # Re-created by the client after the server lost it: the Backwards the lost context had
     # answered (their gradients are in the session: answered again, not added again), and
     # whether the last of them was non-finite.
@@ -146,6 +147,51 @@ class ContextCache:
                 held = self._per_identity.setdefault(identity, [0, 0])
                 held[0] += 1
                 held[1] += context.nbytes
+
+    def keep_reply(self, context: ForwardContext, reply: Any, nbytes: int) -> None:
+        """Hold a Backward's reply (``nbytes`` of input gradients) with its context, for a
+        retried call, counted in the context's bytes: the others go first to make room (least
+        recently used; the identity's own first for its share). A reply that would not fit
+        even then is not kept, and its retry is refused as stale."""
+        key = _key(context.session, context.request_id)
+        identity = identity_of(context.session)
+        with self._lock:
+            if self._items.get(key) is not context:  # dropped meanwhile: nothing to count
+                return
+            grow = nbytes - context.reply_bytes
+            held = self._per_identity.get(identity) if identity is not None else None
+            while held is not None and held[1] + grow > self.max_identity_bytes:
+                oldest = next(
+                    (
+                        c
+                        for c in self._items.values()
+                        if c is not context and identity_of(c.session) == identity
+                    ),
+                    None,
+                )
+                if oldest is None:
+                    break
+                self._pop_locked(
+                    oldest,
+                    f"evicted to stay under max_identity_context_bytes={self.max_identity_bytes}",
+                )
+            while self._nbytes + grow > self.max_bytes:
+                oldest = next((c for c in self._items.values() if c is not context), None)
+                if oldest is None:
+                    break
+                self._pop_locked(
+                    oldest, f"evicted to stay under max_context_bytes={self.max_bytes}"
+                )
+            fits = self._nbytes + grow <= self.max_bytes and (
+                held is None or held[1] + grow <= self.max_identity_bytes
+            )
+            if not fits:
+                reply, nbytes, grow = None, 0, -context.reply_bytes
+            context.last_reply, context.reply_bytes = reply, nbytes
+            context.nbytes += grow
+            self._nbytes += grow
+            if held is not None:
+                held[1] += grow
 
     def _make_room_for_identity_locked(self, identity: str, nbytes: int) -> None:
         """Evict the identity's own oldest contexts until one more of ``nbytes`` fits its share."""

@@ -289,7 +289,7 @@ class TrunkEngine:
         # between (see StepTurns). The context carries it once cached.
         lease = self.turns.lease(session.key) if keep else -1
         try:
-            outputs, out_template, version, seconds = self._run_compute(
+            outputs, out_template, (version, weights_id), seconds = self._run_compute(
                 session, call, template, leaves, tensors, seed, lease
             )
         except BaseException:
@@ -312,12 +312,12 @@ class TrunkEngine:
             seed=seed,
             recomputed=call.recompute,
             compute_seconds=seconds,
-            weights_id=self.weights_id,
+            weights_id=weights_id,
         )
 
     def _run_compute(self, session, call, template, leaves, tensors, seed, lease):
         """The forward, and the context it leaves for Backward; returns (outputs or None,
-        their template, weights version, seconds in the trunk)."""
+        their template, (weights version, weights id), seconds in the trunk)."""
         keep = call.keep_context or call.recompute
         out_template = None
         # Kept for recompute (the server's option, or a client re-creating a lost context):
@@ -328,15 +328,19 @@ class TrunkEngine:
             # Timed from here: the time waiting for the lock is another call's compute (the
             # slices of one micro_batches call, the micro-batches of a pipelined step).
             started = time.perf_counter()
-            version = self.weights_version
-            if call.recompute and (
-                call.weights_version != version
-                or (call.weights_id and call.weights_id != self.weights_id)
-            ):
+            version, weights_id = self.weights_version, self.weights_id
+            if call.recompute and call.weights_version != version:
                 raise StaleContext(
                     f"cannot re-create the forward of request {call.request_id[:12]}: it ran "
                     f"on weights version {call.weights_version}, the trunk is now at "
                     f"{version}; run the step's forward and backward again"
+                )
+            if call.recompute and call.weights_id and call.weights_id != weights_id:
+                raise StaleContext(
+                    f"cannot re-create the forward of request {call.request_id[:12]}: the "
+                    f"trunk's weights of version {version} are not those it ran on (the server "
+                    "resumed from an older checkpoint, and was stepped since); run the step's "
+                    "forward and backward again"
                 )
             # A kept graph's inputs, outputs and saved activations count against
             # max_context_bytes; the trunk's own weights, which every forward saves, do not.
@@ -413,7 +417,7 @@ class TrunkEngine:
                     "forward ran (its client closed, or it was idle past session_ttl); the "
                     "forward's context is not kept: open a new session"
                 )
-        return outputs, out_template, version, seconds
+        return outputs, out_template, (version, weights_id), seconds
 
     def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:
         """Gradients of the kept forward ``call.request_id`` given its outputs' gradients
@@ -505,7 +509,8 @@ class TrunkEngine:
                 nonfinite=nonfinite,
             )
             context.backward_seq = call.seq
-            context.last_reply = result
+            reply_bytes = sum(g.numel() * g.element_size() for g in returned if g is not None)
+            self.contexts.keep_reply(context, result, reply_bytes)
             self.turns.end_context(context)
             log.debug(
                 "Backward %s #%d (session %s): accumulated",

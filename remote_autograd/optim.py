@@ -34,7 +34,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     number), ``zero_grad()`` (free: it rides on the next call), ``param_groups`` whose
     hyperparameters a stock ``torch.optim.lr_scheduler`` may change (sent with every step), and
     ``state_dict()``/``load_state_dict()``. ``optimizer_class`` is a class of ``torch.optim``
-    (or its name); keyword arguments must be plain numbers, bools or tuples of numbers.
+    (or its name); keyword arguments must be plain numbers, bools or None, or tuples of these.
 
     ``param_groups`` gives groups by trunk parameter name, like torch's per-group options:
     ``[{"params": "blocks.0.*", "lr": 1e-4}, {"params": ["head.weight"], "weight_decay": 0}]``
@@ -69,7 +69,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if not is_plain(value):
                 raise TypeError(
                     f"{name}({key}={value!r}): remote optimizer options must be plain numbers, "
-                    "bools or tuples of numbers"
+                    "bools or None, or tuples of these"
                 )
         self.module = module
         self.client = module.client
@@ -377,7 +377,7 @@ def _named_groups(
             if key != "params" and not is_plain(value):
                 raise TypeError(
                     f"param group {index}: {key}={value!r}: remote optimizer options must be "
-                    "plain numbers, bools or tuples of numbers"
+                    "plain numbers, bools or None, or tuples of these"
                 )
         named.append({**group, "params": sorted(members, key=names.index)})
     return named

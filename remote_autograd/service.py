@@ -139,6 +139,10 @@ def certificate_name(auth: dict[str, list[bytes]]) -> str:
     return "/sha256=" + hashlib.sha256(der).hexdigest()
 
 
+def _holds_none(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and any(item is None for item in value)
+
+
 def _session_id(context: grpc.ServicerContext) -> str:
     """The session id the call names (its metadata), as sent: the engine checks it."""
     return str(dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, ""))
@@ -312,6 +316,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         resolved = self.engine.configure_optimizer(
             self.session(context), request.name, options, groups
         )
+        if not request.none_in_tuples:
+            resolved = [{k: v for k, v in g.items() if not _holds_none(v)} for g in resolved]
         return pb.ConfigureOptimizerReply(
             param_group=msgpack.packb({k: v for k, v in resolved[0].items() if k != "params"}),
             param_groups=msgpack.packb(resolved),

@@ -921,7 +921,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "staging_buffer_reused_before_read",
         "remote_autograd/codec.py",
-        '                pending = [b"".join(pending)]  # the staging buffer is reused',
+        "                pending[-1] = bytes(pending[-1])  # the piece's buffer is reused",
         "                pass",
         (
             "tests/test_staging.py::test_staged_frames_are_the_frames_encoded_whole[torch.float32-none]",
@@ -943,8 +943,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "recompute_ignores_weights_id",
         "remote_autograd/engine.py",
-        "                or (call.weights_id and call.weights_id != self.weights_id)\n",
-        "                or False\n",
+        "            if call.recompute and call.weights_id and call.weights_id != weights_id:\n",
+        "            if False:\n",
         ("tests/test_faults.py::test_a_recompute_never_runs_on_other_weights_of_the_same_version",),
         "a recompute runs only on the very weights its forward ran on",
     ),

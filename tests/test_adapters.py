@@ -792,6 +792,7 @@ def _paused_trunk(draw: str) -> nn.Module:
         ("dropout", "new_client"),
         ("rrelu", "training_forward"),
         ("stochastic_depth", "training_forward"),
+        ("dropout", "training_forward_after_an_empty_batch"),
     ],
 )
 def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(draw, meanwhile):
@@ -799,8 +800,10 @@ def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
     an eval forward with grad (it was seeded: the process-wide generator was set under A), a
     training forward of a trunk whose dropout is functional (attention_dropout: no lock was
     taken), or whose layers draw but are no dropout (RReLU, stochastic depth: no lock either),
-    or its first call (peft initialised B's adapter from the generator under A). A's output
-    equals A's alone, bit for bit."""
+    or its first call (peft initialised B's adapter from the generator under A), or a
+    training forward after its first was an empty batch (dropout draws nothing for one: B's
+    adapter was taken to draw nothing, and ran unlocked). A's output equals A's alone, bit for
+    bit."""
     x = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(4, 8).requires_grad_()
     outputs = []
     for beside in (False, True):
@@ -809,7 +812,9 @@ def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
         server = serve(engine, "127.0.0.1:0")
         a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
         try:
-            if meanwhile != "new_client":
+            if meanwhile == "training_forward_after_an_empty_batch":
+                b(x[:0].detach())
+            elif meanwhile != "new_client":
                 with torch.no_grad():
                     b(x)  # B's adapter exists
             if meanwhile == "eval_forward":

@@ -398,3 +398,28 @@ def test_what_frames_decode_to_is_bounded_by_max_decoding_bytes(start_server):
     y_local = y.detach().requires_grad_()
     reference(y_local).sum().backward()
     assert torch.equal(y.grad, y_local.grad)
+
+
+def test_a_kept_backward_reply_counts_in_max_context_bytes(start_server):
+    """A context keeps its last Backward's reply (input gradients as large as its inputs) for
+    a retried call: uncounted, a client keeping its graphs (retain_graph) held twice
+    max_context_bytes (three contexts of 1 MiB counted under 4 MiB, with 3 MiB of replies
+    beside them). Counted, older contexts make room; what is held stays under the limit."""
+    limit = 4 << 20
+    server = start_server(nn.Linear(1024, 1).double(), ServerOptions(max_context_bytes=limit))
+    remote = RemoteModule(server.address)
+    kept = []
+    for _ in range(4):
+        x = torch.randn(128, 1024, dtype=torch.float64, requires_grad=True)  # 1 MiB
+        y = remote(x)
+        y.sum().backward(retain_graph=True)
+        kept.append(y)
+        held = 0
+        for context in server.engine.contexts.snapshot():
+            held += sum(t.numel() * t.element_size() for t in context.inputs)
+            if context.last_reply is not None:
+                grads = [g for g in context.last_reply.grads if g is not None]
+                held += sum(g.numel() * g.element_size() for g in grads)
+        assert held <= server.stats()["context_bytes"] <= limit
+        assert torch.equal(x.grad, server.engine.module.weight.detach().expand(128, -1))
+    remote.close()

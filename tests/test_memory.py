@@ -48,7 +48,8 @@ def test_a_kept_forward_counts_its_saved_activations(start_server):
     expected = 8 * (batch * width + 2 * batch * 4 * width + batch * width)
     assert server.stats()["context_bytes"] == expected
     out.sum().backward()  # the counted context still works
-    assert x.grad is not None and server.stats()["context_bytes"] in (0, expected)
+    # Until released, the context keeps its reply (x's gradient) for a retry: counted too.
+    assert x.grad is not None and server.stats()["context_bytes"] in (0, expected + x.nbytes)
 
 
 def test_views_and_weights_are_not_counted_twice(start_server):
@@ -123,7 +124,8 @@ def test_plain_values_a_kept_forward_holds_count_against_max_context_bytes(start
         remote(x, table=list(range(100_000)))
     assert server.stats()["contexts"] == 0
     remote(x, table=list(range(10))).sum().backward()
-    assert server.stats()["context_bytes"] in (0, 2 * 4 * 4 * 2)  # the input and output only
+    # Until released: the input, the output and the reply kept for a retry (x's gradient).
+    assert server.stats()["context_bytes"] in (0, 3 * 2 * 4 * 4)
     assert torch.equal(x.grad, torch.full((2, 4), 2.0))
 
 

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 
 import factories
+import grpc
+import msgpack
 import pytest
 import torch
 from polling import wait_for
@@ -23,6 +25,8 @@ from remote_autograd import (
     ServerOptions,
     clip_grad_norm_,
 )
+from remote_autograd._proto import remote_autograd_pb2 as pb
+from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
 from remote_autograd.errors import DeadlineExceeded, InvalidRequest, StaleContext
 
 
@@ -583,3 +587,19 @@ def test_every_optimizer_trains_and_resumes_from_its_state_dict_like_torch(
         for key, value in local.state_dict().items():
             assert torch.equal(weights[key], value), (step, key)
     remote.close()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_tuples_holding_none_reach_only_clients_that_read_them(start_server, announced):
+    """Adafactor's eps (None, 1e-3) in the configured groups: a client before session 13
+    refused such an entry at its first step(), so only a client that says it reads them gets
+    it; that client's state_dict() loads back (the test above)."""
+    server = start_server(nn.Linear(4, 3).double())
+    with grpc.insecure_channel(server.address) as channel:
+        reply = pb_grpc.TrunkStub(channel).ConfigureOptimizer(
+            pb.ConfigureOptimizerRequest(name="Adafactor", none_in_tuples=announced),
+            metadata=(("ra-session", "s1"),),
+        )
+    (group,) = msgpack.unpackb(reply.param_groups, raw=False)
+    assert group["lr"] == 0.01 and group["params"] == ["weight", "bias"]
+    assert group.get("eps") == ([None, 0.001] if announced else None)

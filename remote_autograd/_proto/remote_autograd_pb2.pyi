@@ -141,14 +141,16 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class ConfigureOptimizerRequest(_message.Message):
-    __slots__ = ("name", "options", "param_groups")
+    __slots__ = ("name", "options", "param_groups", "none_in_tuples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NONE_IN_TUPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     options: bytes
     param_groups: bytes
-    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ...) -> None: ...
+    none_in_tuples: bool
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ..., none_in_tuples: _Optional[bool] = ...) -> None: ...
 
 class ConfigureOptimizerReply(_message.Message):
     __slots__ = ("param_group", "param_groups")
