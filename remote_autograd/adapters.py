@@ -593,7 +593,9 @@ class AdapterEngine:
         with self._use(session) as engine:
             return engine.configure_optimizer(session, name, options, groups)
 
-    def grad_norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
+    def grad_norms(
+        self, session: Session, call: GradNormCall
+    ) -> tuple[list[float], list[torch.dtype]]:
         with self._use(session) as engine:
             return engine.grad_norms(session, call)
 

@@ -644,7 +644,8 @@ class TrunkClient:
             return [{**group, "params": list(self.info().trainable_parameters)}]
         return msgpack.unpackb(reply.param_groups, raw=False)
 
-    def grad_norms(self, norm_type: float) -> tuple[list[float], str]:
+    def grad_norms(self, norm_type: float) -> tuple[list[float], list[str]]:
+        """Each trunk gradient's norm, and the dtype of each gradient."""
         self._await_step()
         stub = self._connect()
         zero, scale = self._take_grad_ops()
@@ -667,7 +668,8 @@ class TrunkClient:
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
-        return list(reply.norms), reply.dtype
+        norms = list(reply.norms)
+        return norms, list(reply.dtypes) or [reply.dtype] * len(norms)  # an older server: one
 
     def step(self, step: int, param_groups: list[dict[str, Any]]) -> pb.StepReply:
         self._await_step()

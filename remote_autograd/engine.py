@@ -612,16 +612,18 @@ class TrunkEngine:
             for group, spec in zip(optimizer.param_groups, named, strict=True)
         ]
 
-    def grad_norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
+    def grad_norms(
+        self, session: Session, call: GradNormCall
+    ) -> tuple[list[float], list[torch.dtype]]:
         """Per-parameter norms of the session's gradients, in the trunk's parameter order,
-        and the gradients' dtype."""
+        and each gradient's dtype."""
         check_grad_scale(call.grad_scale, self.options, "GradNorm")
         self._check_gradients_here(call.server_id, "GradNorm")
         args = dataclasses.asdict(call)
         with session.lock, self._lock, self.runner.mirrored("grad_norms", session, **args):
             return self.norms(session, call)
 
-    def norms(self, session: Session, call: GradNormCall) -> tuple[list[float], torch.dtype]:
+    def norms(self, session: Session, call: GradNormCall) -> tuple[list[float], list[torch.dtype]]:
         """:meth:`grad_norms` once checked (the caller holds the locks)."""
         norm_type = call.norm_type
         self.runner.combine(session)
@@ -630,7 +632,7 @@ class TrunkEngine:
             session.last_ops_id = call.ops_id
         grads = [local(session.grads[n]) for n, _ in self.params if n in session.grads]
         if not grads:
-            return [], torch.float32
+            return [], []
         # A rank's shard may be empty (fsdp: a first dimension smaller than the world), and
         # torch refuses the inf-norm of an empty tensor: on that rank only, which would leave
         # the others waiting in the collective. An empty shard's norm is the value that leaves
@@ -639,7 +641,7 @@ class TrunkEngine:
         computed = iter(torch._foreach_norm(whole, norm_type) if whole else ())
         empty = math.inf if norm_type < 0 else 0.0
         values = [float(next(computed)) if g.numel() else empty for g in grads]
-        return self.runner.ranks.norms(values, norm_type), grads[0].dtype
+        return self.runner.ranks.norms(values, norm_type), [g.dtype for g in grads]
 
     def weights_moved(self) -> None:
         """Count a change of the weights (a Step, a load), and name the new ones."""

@@ -17,7 +17,7 @@ from .errors import InvalidRequest, RemoteError, TrunkError
 from .fingerprint import persistent_buffers
 from .options import ServerOptions
 from .ranks import ONE, Ranks, is_sharded, local
-from .sessions import Session, ZeroGrad
+from .sessions import Session, ZeroGrad, scale_tensor
 from .validate import finite_flags
 
 __all__ = [
@@ -224,7 +224,7 @@ def _scaled(grads: Sequence[torch.Tensor], grad_scale: float) -> list[torch.Tens
     """``grad * grad_scale`` as new tensors, the same arithmetic as Session.apply_pending."""
     if not grads or not grad_scale or grad_scale == 1.0:
         return list(grads)
-    return list(torch._foreach_mul(list(grads), torch.tensor(grad_scale, dtype=grads[0].dtype)))
+    return list(torch._foreach_mul(list(grads), scale_tensor(grad_scale)))
 
 
 def _refuse_non_finite(
@@ -311,7 +311,7 @@ def accumulate(
         return
     others = [session.grads[name] for name in session.grads if name not in param_grads]
     if others and grad_scale and grad_scale != 1.0:  # the check passed: scale them in place
-        torch._foreach_mul_(others, torch.tensor(grad_scale, dtype=others[0].dtype))
+        torch._foreach_mul_(others, scale_tensor(grad_scale))
     session.grads.update(zip(both, sums, strict=True))
     for name, grad in param_grads.items():
         session.grads.setdefault(name, grad)

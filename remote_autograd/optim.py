@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import codec
 from .errors import SESSION_GONE, NotConfigured, StaleContext, TransportError
@@ -460,7 +461,9 @@ def clip_grad_norm_(
     the local parts by their norm alone. Or list the parts in the order of the unsplit model,
     e.g.
     ``[*bottom.parameters(), trunk, *top.parameters()]``: each RemoteModule stands for its
-    trunk's parameters. The norms are stacked in that order, as torch does for the unsplit
+    trunk's parameters, and a tensor listed twice (a weight the bottom and the top tie) counts
+    once, as in the unsplit model's ``parameters()``. The norms are stacked in that order (by
+    dtype first where there are several), as torch does for the unsplit
     model, and the remote gradients are scaled by the same coefficient on the server (it rides
     on the next Backward, GradNorm or Step). Returns the total norm. As torch's, it takes one
     tensor too; ``foreach`` is accepted for torch's signature (the local gradients are always
@@ -472,7 +475,10 @@ def clip_grad_norm_(
     elif isinstance(parameters, torch.Tensor):
         parts = [parameters]  # list() of a tensor would be its rows, none with a .grad
     else:
-        parts = list(parameters)
+        # A tensor listed twice counts once, as in model.parameters(): the bottom's and the
+        # top's parameters hold a tied weight (embeddings and LM head) both.
+        unique: dict[int, Any] = {}
+        parts = [unique.setdefault(id(p), p) for p in parameters if id(p) not in unique]
     norms: list[torch.Tensor] = []
     local: list[torch.Tensor] = []
     remotes: list[RemoteModule] = []
@@ -483,8 +489,11 @@ def clip_grad_norm_(
                 # 0 and the local gradients are zeroed, not made NaN, for an optimizer whose
                 # GradScaler saw no overflow of its own to step (its unscale_ came first).
                 norms.append(torch.tensor(math.inf))
-            remote_norms, dtype = part.client.grad_norms(norm_type)
-            norms.extend(torch.tensor(n, dtype=codec.DTYPES[dtype]) for n in remote_norms)
+            remote_norms, dtypes = part.client.grad_norms(norm_type)
+            norms.extend(
+                torch.tensor(n, dtype=codec.DTYPES[d])
+                for n, d in zip(remote_norms, dtypes, strict=True)
+            )
             remotes.append(part)
         elif part.grad is not None:
             norms.extend(torch._foreach_norm([part.grad], norm_type))
@@ -493,7 +502,8 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     first_device = local[0].device if local else torch.device("cpu")
     total_norm = torch.linalg.vector_norm(
-        torch.stack([n.to(first_device) for n in norms]), norm_type
+        torch.stack([norms[i].to(first_device) for i in _torch_order(norms, first_device)]),
+        norm_type,
     )
     if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
         raise RuntimeError(
@@ -514,6 +524,17 @@ def clip_grad_norm_(
         else:  # NaN gradients here: the trunk's would be NaN too; its step() refuses them
             _flag_nonfinite(remote)
     return total_norm
+
+
+def _torch_order(norms: list[torch.Tensor], device: torch.device) -> list[int]:
+    """The order in which torch's clip_grad_norm_ would stack these norms for the unsplit
+    model on one device: grouped by dtype (by its own grouping function, whose order is that
+    of a hash map), in the parameters' order within a group. Of one dtype: as they are."""
+    if len({n.dtype for n in norms}) == 1:
+        return list(range(len(norms)))
+    proxies = [torch.empty(0, dtype=n.dtype, device=device) for n in norms]
+    grouped = _group_tensors_by_device_and_dtype([proxies], with_indices=True)  # type: ignore[list-item]
+    return [index for _, (_, indices) in grouped.items() for index in indices]
 
 
 def _flag_nonfinite(module: RemoteModule) -> None:

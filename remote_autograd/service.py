@@ -332,8 +332,9 @@ class TrunkService(pb_grpc.TrunkServicer):
             ops_id=request.ops_id[:64],
             server_id=request.server_id[:64],
         )
-        norms, dtype = self.engine.grad_norms(self.session(context), call)
-        return pb.GradNormReply(norms=norms, dtype=codec.dtype_name(dtype))
+        norms, dtypes = self.engine.grad_norms(self.session(context), call)
+        names = [codec.dtype_name(dtype) for dtype in dtypes]
+        return pb.GradNormReply(norms=norms, dtype=names[0] if names else "float32", dtypes=names)
 
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:

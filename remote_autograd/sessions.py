@@ -29,6 +29,7 @@ __all__ = [
     "SessionTable",
     "ZeroGrad",
     "ended_while_waiting",
+    "scale_tensor",
     "identity_of",
     "session_key",
 ]
@@ -94,7 +95,15 @@ class Session:
                 raise InvalidRequest(f"grad_scale must be finite, got {grad_scale}")
             grads = list(self.grads.values())
             if grads:
-                torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=grads[0].dtype))
+                torch._foreach_mul_(grads, scale_tensor(grad_scale))
+
+
+def scale_tensor(grad_scale: float) -> torch.Tensor:
+    """A clip coefficient as the tensor gradients are multiplied by. torch's clip_grad_norm_
+    multiplies every gradient by the coefficient tensor of its norms' dtype, which float64
+    holds exactly; a float32 or bfloat16 gradient is multiplied by it as by that tensor. Cast
+    to the first gradient's dtype, as once, it was rounded for a trunk of several dtypes."""
+    return torch.tensor(grad_scale, dtype=torch.float64)
 
 
 def ended_while_waiting(op: str, key: str) -> InvalidRequest:

@@ -603,3 +603,73 @@ def test_tuples_holding_none_reach_only_clients_that_read_them(start_server, ann
     (group,) = msgpack.unpackb(reply.param_groups, raw=False)
     assert group["lr"] == 0.01 and group["params"] == ["weight", "bias"]
     assert group.get("eps") == ([None, 0.001] if announced else None)
+
+
+class _TwoDtypes(nn.Module):
+    """A trunk training parameters of two dtypes (a low-precision layer, norms kept wider)."""
+
+    def __init__(self, first: torch.dtype, second: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first, self.second = first, second
+        self.a = nn.Linear(16, 16).to(first)
+        self.b = nn.Linear(16, 16).to(second)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.to(self.first))).to(self.second)).float()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+    ],
+    ids=["bf16-float32", "float32-float64", "float64-float32"],
+)
+def test_clipping_a_trunk_of_several_dtypes_equals_torch(start_server, first, second):
+    """The server told one dtype for all its norms (the first gradient's), and scaled every
+    gradient by the coefficient cast to that dtype: a bf16 layer before a float32 one got
+    float32 norms rounded to bf16, and float32 gradients clipped by a bf16 coefficient (0.2%
+    off). Now each norm comes in its gradient's dtype, and the coefficient as torch's is."""
+    torch.manual_seed(0)
+    bottom, top = nn.Linear(6, 16), nn.Linear(16, 3)
+    trunk = _TwoDtypes(first, second)
+    local = nn.Sequential(*copy.deepcopy((bottom, trunk, top)))
+    remote = RemoteModule(start_server(copy.deepcopy(trunk)).address)
+    split = nn.Sequential(bottom, remote, top)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for model in (split, local):
+        model(x).square().sum().backward()
+    total = clip_grad_norm_(split, 1e-3)
+    assert torch.equal(total, torch.nn.utils.clip_grad_norm_(local.parameters(), 1e-3))
+    trunk_opt = RemoteOptimizer(remote, "SGD", lr=1.0)
+    trunk_opt.step()
+    torch.optim.SGD(local[1].parameters(), lr=1.0).step()
+    weights = remote.remote_state_dict()
+    for name, value in local[1].state_dict().items():
+        assert torch.equal(weights[name], value), name
+    for mine, theirs in zip(bottom.parameters(), local[0].parameters(), strict=True):
+        assert torch.equal(mine.grad, theirs.grad)
+    remote.close()
+
+
+def test_clipping_a_list_naming_a_tied_weight_twice_counts_it_once(start_server):
+    """The bottom's embedding is the top's output weight (GPT-2's tied wte and lm_head): the
+    documented list ``[*bottom.parameters(), trunk, *top.parameters()]`` names it twice, and
+    it was counted twice in the norm and scaled twice. Now as torch on the unsplit model."""
+    torch.manual_seed(0)
+    embedding, trunk = nn.Embedding(10, 4).double(), nn.Linear(4, 4).double()
+    head = nn.Linear(4, 10, bias=False).double()
+    head.weight = embedding.weight
+    local = nn.Sequential(*copy.deepcopy((embedding, trunk, head)))
+    remote = RemoteModule(start_server(trunk).address)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for model in (nn.Sequential(embedding, remote, head), local):
+        model(tokens).square().sum().backward()
+    parts = [*embedding.parameters(), remote, *head.parameters()]
+    total = clip_grad_norm_(parts, 0.5)
+    assert torch.equal(total, torch.nn.utils.clip_grad_norm_(local.parameters(), 0.5))
+    assert torch.equal(embedding.weight.grad, local[0].weight.grad)
+    remote.close()

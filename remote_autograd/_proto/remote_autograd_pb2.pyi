@@ -175,12 +175,14 @@ class GradNormRequest(_message.Message):
     def __init__(self, norm_type: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., grad_scale: _Optional[float] = ..., ops_id: _Optional[str] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class GradNormReply(_message.Message):
-    __slots__ = ("norms", "dtype")
+    __slots__ = ("norms", "dtype", "dtypes")
     NORMS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
     norms: _containers.RepeatedScalarFieldContainer[float]
     dtype: str
-    def __init__(self, norms: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    dtypes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, norms: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ..., dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step", "param_groups", "grad_scale", "zero_grad", "server_id")
