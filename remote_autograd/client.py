@@ -435,7 +435,9 @@ class TrunkClient:
             training=training,
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
-            rng_seed=self._next_seed() if rng_seed is None else rng_seed,
+            # An eval forward draws no dropout, so takes no seed: locally it draws nothing from
+            # the generator, and a run validating between steps would draw other masks after.
+            rng_seed=(self._next_seed() if training else 0) if rng_seed is None else rng_seed,
             autocast_dtype=autocast,
             named_values=True,
         )

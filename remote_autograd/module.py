@@ -110,7 +110,8 @@ class RemoteModule(nn.Module):
             self._check_cast()
         rng = _rng_state() if self.training else None
         again = rng is not None and torch._C._current_graph_task_id() != -1  # a recompute
-        kept = self._seeds.pop(rng, None) if rng is not None and again else None
+        # Read, not taken: a retain_graph backward runs the recompute again from the same state.
+        kept = self._seeds.get(rng) if rng is not None and again else None
         seeds = kept[1] if kept else None
         if again and not seeds:
             warnings.warn(_RECOMPUTED, stacklevel=2)
