@@ -155,11 +155,15 @@ SERVER_FLAGS: tuple[_Flag, ...] = tuple(_flags())
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """``--address`` and one flag per ServerOptions field (see :data:`SERVER_FLAGS`)."""
     group = parser.add_argument_group("server")
-    group.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    group.add_argument(
+        "--address", default="127.0.0.1:50051", help="host:port to listen on (default: %(default)s)"
+    )
     for flag in SERVER_FLAGS:
         text = flag.help.replace("%", "%%")
         if flag.kind is bool:
             action = "store_false" if flag.default else "store_true"
+            if flag.default:  # --no-X: the field's comment says what X does
+                text = f"turn off what is on by default: {text}"
             group.add_argument(flag.flag, dest=flag.dest, action=action, help=text)
         elif flag.kind == "file":
             group.add_argument(flag.flag, dest=flag.dest, metavar="FILE", help=f"{text} (a file)")

@@ -21,6 +21,7 @@ from remote_autograd.hf import (
     lr_factor,
     train,
 )
+from remote_autograd.hf.checkpoint import ResumeMismatch
 from remote_autograd.hf.data import builtin_corpus, micro_batches, pack_samples
 
 SPEC = ModelSpec(n_layer=4, n_embd=32, n_head=2, n_positions=64, trunk_start=1, trunk_end=3)
@@ -172,7 +173,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(start_server, tmp_path: Pa
     run = {**RUN, "steps": 1, "lora": lora}
     train(TrainConfig(server=server.address, model=SPEC, out_dir=str(tmp_path), **run))
     other = ModelSpec(**{**SPEC.__dict__, "seed": 1})
-    with pytest.raises(ValueError, match="resume with the same options"):
+    with pytest.raises(ResumeMismatch, match="resume with the same options"):
         train(
             TrainConfig(
                 server=server.address,
@@ -182,6 +183,19 @@ def test_resume_refuses_a_checkpoint_of_another_model(start_server, tmp_path: Pa
                 **run,
             )
         )
+    # No model type and no folder is GPT-2: a resume naming it (docs/tutorial.md's command
+    # with --model-type gpt2, or without after a run with it) is the same model.
+    named = ModelSpec(**{**SPEC.__dict__, "model_type": "gpt2"})
+    resumed = train(
+        TrainConfig(
+            server=server.address,
+            model=named,
+            out_dir=str(tmp_path / "c"),
+            resume=str(tmp_path / "checkpoints"),
+            **{**run, "steps": 2},
+        )
+    )
+    assert [m["step"] for m in resumed.history] == [1, 2]
 
 
 def test_a_sequence_longer_than_the_models_positions_is_refused_by_name(tmp_path) -> None:

@@ -14,7 +14,13 @@ from torch import nn
 from ..module import RemoteModule
 from ..optim import RemoteOptimizer
 
-__all__ = ["find_checkpoint", "load_checkpoint", "save_checkpoint", "trainable_state"]
+__all__ = [
+    "ResumeMismatch",
+    "find_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "trainable_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,18 @@ def save_checkpoint(
     return path
 
 
+class ResumeMismatch(ValueError):
+    """A training checkpoint written with other model or LoRA options than this run's."""
+
+
+def _same_meaning(options: dict[str, Any]) -> dict[str, Any]:
+    """Model options as they decide the model: no model type and no folder is GPT-2 (``train``
+    without --model-type), the same model as --model-type gpt2."""
+    if "model_type" in options and options.get("path") is None and options["model_type"] is None:
+        return {**options, "model_type": "gpt2"}
+    return options
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """``path`` itself, or the newest ``step_*.pt`` in it when it is a folder."""
     path = Path(path)
@@ -97,10 +115,14 @@ def load_checkpoint(
     path = find_checkpoint(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     for what, current in (("model", dataclasses.asdict(spec)), ("lora", dataclasses.asdict(lora))):
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state[what].items()}
-        current = {k: tuple(v) if isinstance(v, list) else v for k, v in current.items()}
+        saved = _same_meaning(
+            {k: tuple(v) if isinstance(v, list) else v for k, v in state[what].items()}
+        )
+        current = _same_meaning(
+            {k: tuple(v) if isinstance(v, list) else v for k, v in current.items()}
+        )
         if saved != current:
-            raise ValueError(
+            raise ResumeMismatch(
                 f"{path} was written with {what} options {saved}, but this run has {current}; "
                 "resume with the same options"
             )

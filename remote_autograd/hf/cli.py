@@ -262,6 +262,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     from ..errors import TrunkMismatch
     from ..options import ClientOptions
+    from .checkpoint import ResumeMismatch
     from .models import build_config
     from .training import TrainConfig, train
 
@@ -308,7 +309,8 @@ def run_train(args: argparse.Namespace) -> None:
         )
         try:
             result = train(config)
-        except TrunkMismatch as exc:  # the server was started with another model or layers
+        # The server was started with another model or layers; --resume of another run's.
+        except (TrunkMismatch, ResumeMismatch) as exc:
             raise SystemExit(f"{args.command}: {exc}") from exc
     _print_summary(result, time.perf_counter() - started)
 
