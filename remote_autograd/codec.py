@@ -293,7 +293,7 @@ class Decoder:
             for meta, numel, start, size, _ in layout.tensors
         ]
         value = _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
-        return _unpinned(value, len(view), tensors, layout.tensors)
+        return _unpinned(value, _held_bytes(view), tensors, layout.tensors)
 
     def growth(self, buf: Any) -> int:
         """Bytes that decoding the frame in ``buf`` allocates beyond ``buf`` itself, at most at
@@ -474,6 +474,15 @@ _MAX_SHAPE_PRODUCT = 1 << 48  # of a shape's non-zero sizes: far from int64 stri
 # that a raw tensor viewing the frame may keep alive: above this, and above 1/16 of the bytes
 # its values use, the views are copied out (see _unpinned).
 _PIN_SLACK = 16 << 10
+
+
+def _held_bytes(view: memoryview) -> int:
+    """The bytes a view of a frame keeps alive: all of its buffer, which may be larger (a
+    pooled receive buffer serves frames of half its size and more)."""
+    try:
+        return max(len(view), memoryview(view.obj).nbytes)
+    except TypeError:  # no owner that exports a buffer
+        return len(view)
 
 
 def _unpinned(value: Any, frame_bytes: int, decoded: list[torch.Tensor], layout: list) -> Any:

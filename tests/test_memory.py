@@ -22,6 +22,7 @@ from remote_autograd import (
     ServerOptions,
     TrunkError,
     codec,
+    frames,
 )
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd._proto import remote_autograd_pb2_grpc as pb_grpc
@@ -313,3 +314,27 @@ def test_a_loaded_optimizer_state_holds_no_frame(start_server):
     # A view of a received buffer has storage that cannot be resized; a copy's can.
     assert all(b.untyped_storage().resizable() for b in buffers)
     remote.close()
+
+
+def _address(buffer: memoryview) -> int:
+    return torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()  # the tensor goes at once
+
+
+def test_a_decoded_tensor_never_keeps_a_pooled_buffer_larger_than_its_frame():
+    """The receive pool hands a free buffer of up to twice a frame's size to it, and the frame's
+    raw tensors aliased it: a kept input of 1.1 MiB held a 2 MiB buffer, counted as 1.1 MiB
+    (a server held up to twice max_context_bytes). A tensor whose buffer is much larger than
+    what the frame's values use is copied out; one that fills its buffer still aliases it."""
+    x = torch.randn(144 * 1024, dtype=torch.float64)  # 1.125 MiB
+    frame = codec.encode({"x": x}, compression="none")
+    for spare in (2 * MiB, len(frame)):
+        pool = frames._BufferPool(max_buffers=4)  # its own: the process-wide one holds others'
+        held = pool.take(spare)
+        start = _address(held)
+        del held  # free in the pool
+        view = pool.take(len(frame))
+        assert _address(view) == start  # the same buffer, handed out again
+        view[:] = frame
+        got = codec.Decoder().decode(view)["x"]
+        assert torch.equal(got, x)
+        assert (start <= got.data_ptr() < start + spare) == (spare == len(frame)), spare
