@@ -589,9 +589,10 @@ class AdapterEngine:
         name: str,
         options: dict[str, Any],
         groups: list[dict[str, Any]] | None = None,
+        optimizer_id: str = "",
     ) -> list[dict[str, Any]]:
         with self._use(session) as engine:
-            return engine.configure_optimizer(session, name, options, groups)
+            return engine.configure_optimizer(session, name, options, groups, optimizer_id)
 
     def grad_norms(
         self, session: Session, call: GradNormCall

@@ -85,6 +85,7 @@ class StepCall:
     zero_grad: ZeroGrad = ZeroGrad.KEEP
     grad_scale: float = 0.0
     server_id: str = ""  # the server process that accumulated the gradients ("" = unknown)
+    optimizer_id: str = ""  # the client's configuration it steps ("": not checked)
 
 
 @dataclass

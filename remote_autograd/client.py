@@ -108,6 +108,7 @@ class TrunkClient:
         self.grad_events = 0
         # The server process that holds the gradients of the step in progress ("" = none yet).
         self._grads_server_id = ""
+        self._optimizer_id = ""  # the configuration Steps step (ConfigureOptimizerRequest)
         # Whether this session has run a forward or loaded state: a trunk stepped by others
         # before either is worth a warning (_check_fresh).
         self._started = False
@@ -155,6 +156,7 @@ class TrunkClient:
         self._release_thread = None
         self._steps_done = self._forwards_since_zero_grad = 0
         self._grads_server_id = ""
+        self._optimizer_id = ""  # the new session holds no optimizer
         self._stepping = None  # the parent's thread did not come along
         self._pid = os.getpid()
         self._leftovers.take(self)  # this process's session, not opened yet
@@ -631,16 +633,19 @@ class TrunkClient:
         self._await_step()
         stub = self._connect()
         self.info()
+        optimizer_id = secrets.token_hex(8)
         request = pb.ConfigureOptimizerRequest(
             name=name,
             options=msgpack.packb(kwargs),
             param_groups=msgpack.packb(groups) if groups else b"",
             none_in_tuples=True,
+            optimizer_id=optimizer_id,
         )
         reply = self._call(
             "ConfigureOptimizer",
             lambda: stub.ConfigureOptimizer(request, **self._kw(_CONTROL_TIMEOUT)),
         )
+        self._optimizer_id = optimizer_id
         if not reply.param_groups:  # a server from before param groups: one group of all
             group = msgpack.unpackb(reply.param_group, raw=False)
             return [{**group, "params": list(self.info().trainable_parameters)}]
@@ -721,6 +726,7 @@ class TrunkClient:
             zero_grad=zero,
             grad_scale=scale,
             server_id=self._grads_server_id,
+            optimizer_id=self._optimizer_id,
         )
         return _StepRequest(message, zero, scale)
 

@@ -564,10 +564,12 @@ class TrunkEngine:
         name: str,
         options: dict[str, Any],
         groups: list[dict[str, Any]] | None = None,
+        optimizer_id: str = "",
     ) -> list[dict[str, Any]]:
         """Give the session its optimizer: a class of torch.optim by name, plain kwargs, and
         parameter groups by parameter name (optimizer_groups.py); returns each group's
-        resolved hyperparameters with "params": its parameter names."""
+        resolved hyperparameters with "params": its parameter names. ``optimizer_id`` (the
+        client's name for this configuration) is what its Steps say they step."""
         cls = optimizer_class(name)
         if self.runner.mode == "fsdp" and name in _NOT_SHARDED:
             raise InvalidRequest(
@@ -592,7 +594,14 @@ class TrunkEngine:
         with (
             session.lock,
             self._lock,
-            self.runner.mirrored("configure", session, name=name, options=options, groups=groups),
+            self.runner.mirrored(
+                "configure",
+                session,
+                name=name,
+                options=options,
+                groups=groups,
+                optimizer_id=optimizer_id,
+            ),
         ):
             try:
                 optimizer = cls(torch_groups(named, self.params), **kwargs)
@@ -604,6 +613,7 @@ class TrunkEngine:
             session.optimizer_options = kwargs
             session.optimizer_groups = named if groups else None
             session.last_step = 0
+            session.optimizer_id = optimizer_id
         return [
             {
                 **plain_group({k: v for k, v in group.items() if k != "params"}),
@@ -665,6 +675,14 @@ class TrunkEngine:
                 raise NotConfigured(
                     "Step before ConfigureOptimizer: create a RemoteOptimizer for this trunk "
                     f"first{_SESSION_GONE}"
+                )
+            # Before the replay test: a new optimizer's step #1 is no replay of the old one's.
+            if call.optimizer_id and session.optimizer_id not in ("", call.optimizer_id):
+                raise StaleContext(
+                    f"Step #{call.step}: this session's optimizer on the server is not the one "
+                    "the client configured last (the server resumed from a checkpoint taken "
+                    f"before it: {session.optimizer_name} of then); create the RemoteOptimizer "
+                    "again (or load its state_dict) and redo the step"
                 )
             if call.step == session.last_step and call.step > 0:
                 return StepResult(call.step, self.weights_version, replayed=True)
@@ -870,6 +888,7 @@ class TrunkEngine:
             session.key: {
                 "step": session.last_step,
                 "optimizer": session.optimizer_name,
+                "optimizer_id": session.optimizer_id,
                 "options": session.optimizer_options,
                 "groups": session.optimizer_groups,
                 "state": session.optimizer.state_dict(),
@@ -919,6 +938,9 @@ class TrunkEngine:
         cls = optimizer_class(name)
         options = plain_map(saved.get("options"), "optimizer options")
         groups = saved.get("groups")
+        optimizer_id = saved.get("optimizer_id", "")  # none before session 13
+        if not isinstance(optimizer_id, str) or len(optimizer_id) > 64:
+            raise InvalidRequest("a session's optimizer_id is not a short string")
         try:
             optimizer = cls(
                 torch_groups(groups, self.params) if groups else [p for _, p in self.params],
@@ -939,6 +961,7 @@ class TrunkEngine:
             session.optimizer_name = name
             session.optimizer_options = options
             session.last_step = step
+            session.optimizer_id = optimizer_id
 
         return give
 

@@ -271,7 +271,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
             remote.update({k: v for k, v in local.items() if k != "params"})
         # The server's last step, not this side's count: after a step that failed, they may
         # differ until the next step() asks.
-        optimizer_state["remote_step"] = int(state["step"])
+        remote_step = int(state["step"])
+        if self._unsettled is None and remote_step != self._step_count:
+            # A server restarted from an older checkpoint: its state is of an earlier step
+            # than the model beside it, and a checkpoint of both would not resume as trained.
+            raise StaleContext(
+                f"state_dict(): the server on {self.client.address} holds this session at step "
+                f"#{remote_step}, this optimizer has stepped #{self._step_count}: the server "
+                "resumed from an older checkpoint and lost the steps after it. Go on training "
+                f"from step #{remote_step} (the next step() says so too) and save after it"
+            )
+        optimizer_state["remote_step"] = remote_step
         return optimizer_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]

@@ -314,7 +314,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         options = unpack(request.options, "optimizer options")
         groups = unpack(request.param_groups, "param_groups") if request.param_groups else None
         resolved = self.engine.configure_optimizer(
-            self.session(context), request.name, options, groups
+            self.session(context), request.name, options, groups, request.optimizer_id[:64]
         )
         if not request.none_in_tuples:
             resolved = [{k: v for k, v in g.items() if not _holds_none(v)} for g in resolved]
@@ -344,6 +344,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             zero_grad=ZeroGrad.from_wire(request.zero_grad),
             grad_scale=request.grad_scale,
             server_id=request.server_id,
+            optimizer_id=request.optimizer_id[:64],
         )
         result = self.engine.step(self.session(context), call)
         return pb.StepReply(

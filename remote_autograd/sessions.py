@@ -78,6 +78,7 @@ class Session:
     optimizer_name: str = ""  # the torch.optim class, for checkpoints
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # its plain kwargs
     optimizer_groups: list[dict[str, Any]] | None = None  # its param groups (names), if given
+    optimizer_id: str = ""  # the client's name for it: a Step of another is refused
     last_step: int = 0
     last_ops_id: str = ""  # the GradNorm ops_id last applied (a retry's are not again)
     last_seen: float = field(default_factory=time.monotonic)

@@ -441,6 +441,10 @@ def test_a_recompute_never_runs_on_other_weights_of_the_same_version(tmp_path):
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         processes.append(spawn_server(*args, port=int(address.rsplit(":", 1)[1]))[0])
+        # B stepped twice, the restarted server holds its first: a state_dict() now would
+        # save the model of one step beside the trunk's optimizer of another.
+        with pytest.raises(StaleContext, match="holds this session at step #1, this optimizer"):
+            b.remote_optimizer.state_dict()
         c = Run(address, **options)
         c.step(5)  # another version 3
         assert c.remote.client._refresh_info().weights_version == 3
@@ -450,6 +454,36 @@ def test_a_recompute_never_runs_on_other_weights_of_the_same_version(tmp_path):
         a.remote_optimizer.zero_grad()
         a.step(4)
         assert a.remote.client._refresh_info().weights_version == 4
+    finally:
+        _end(processes)
+
+
+def test_a_step_of_an_optimizer_a_restart_lost_is_refused(tmp_path):
+    """A session replaced its Adam by SGD after the last checkpoint, and the server died: the
+    restarted server brought back the Adam, and the client's next SGD Step stepped it without
+    a word. Refused now; a RemoteOptimizer made again steps SGD, as locally."""
+    checkpoint = str(tmp_path / "trunk.ckpt")
+    args = ("factories:dropout_trunk", "--checkpoint", checkpoint, "--checkpoint-every", "1")
+    process, address = spawn_server(*args)
+    processes = [process]
+    try:
+        run = Run(address, retries=10, retry_backoff=0.1, retry_backoff_max=1.0)
+        run.remote_optimizer = RemoteOptimizer(run.remote, "Adam", lr=0.01)
+        run.step(1)  # saved, with the session's Adam
+        run.remote_optimizer = RemoteOptimizer(run.remote, "SGD", lr=0.1)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        processes.append(spawn_server(*args, port=int(address.rsplit(":", 1)[1]))[0])
+        with pytest.raises(StaleContext, match="not the one the client configured last"):
+            run.step(2)
+        before = run.remote.remote_state_dict()
+        run.remote_optimizer = RemoteOptimizer(run.remote, "SGD", lr=0.1)
+        run.forward_backward(2)
+        run.finish_step()
+        after = run.remote.remote_state_dict()
+        assert any(not torch.equal(after[k], before[k]) for k in before)  # stepped, once
+        state = run.remote_optimizer.state_dict()["state"]
+        assert all(set(entry) <= {"momentum_buffer"} for entry in state.values()), state
     finally:
         _end(processes)
 

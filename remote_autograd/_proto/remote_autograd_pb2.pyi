@@ -141,16 +141,18 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class ConfigureOptimizerRequest(_message.Message):
-    __slots__ = ("name", "options", "param_groups", "none_in_tuples")
+    __slots__ = ("name", "options", "param_groups", "none_in_tuples", "optimizer_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     NONE_IN_TUPLES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     options: bytes
     param_groups: bytes
     none_in_tuples: bool
-    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ..., none_in_tuples: _Optional[bool] = ...) -> None: ...
+    optimizer_id: str
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[bytes] = ..., param_groups: _Optional[bytes] = ..., none_in_tuples: _Optional[bool] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
 
 class ConfigureOptimizerReply(_message.Message):
     __slots__ = ("param_group", "param_groups")
@@ -185,18 +187,20 @@ class GradNormReply(_message.Message):
     def __init__(self, norms: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ..., dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step", "param_groups", "grad_scale", "zero_grad", "server_id")
+    __slots__ = ("step", "param_groups", "grad_scale", "zero_grad", "server_id", "optimizer_id")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     ZERO_GRAD_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
     step: int
     param_groups: bytes
     grad_scale: float
     zero_grad: ZeroGradMode
     server_id: str
-    def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., server_id: _Optional[str] = ...) -> None: ...
+    optimizer_id: str
+    def __init__(self, step: _Optional[int] = ..., param_groups: _Optional[bytes] = ..., grad_scale: _Optional[float] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., server_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("step", "weights_version", "replayed", "wait_seconds", "waited_forwards", "wait_expired")
