@@ -28,7 +28,7 @@ from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
 from .tokens import TokenGate
-from .transport import bulk_server_tls, create_server
+from .transport import bulk_server_tls, create_server, is_local_socket
 
 __all__ = ["SERVICE_NAME", "TrunkServer", "serve"]
 
@@ -87,8 +87,9 @@ class TrunkServer:
             address, options, interceptors=(gate, self._drain, *interceptors)
         )
         host = address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
-        if options.bulk:  # TLS exactly when the gRPC port is
+        local = is_local_socket(address)  # no port, and no TCP beside it for a bulk channel
+        self.address = address if local else f"{host}:{self.port}"
+        if options.bulk and not local:  # TLS exactly when the gRPC port is
             self.service.bulk = BulkListener(
                 host.strip("[]") or "0.0.0.0",
                 options.bulk_port,

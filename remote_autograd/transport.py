@@ -84,7 +84,17 @@ def create_channel(address: str, options: ClientOptions) -> grpc.Channel:
     return grpc.insecure_channel(address, options=channel_options)
 
 
+_LOCAL_SOCKETS = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket addresses
+
+
+def is_local_socket(address: str) -> bool:
+    """A Unix domain socket: reachable from this machine only (its file's permissions)."""
+    return address.startswith(_LOCAL_SOCKETS)
+
+
 def is_loopback(address: str) -> bool:
+    if is_local_socket(address):
+        return True
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True

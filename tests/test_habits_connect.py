@@ -107,3 +107,34 @@ def test_the_operating_system_has_the_last_word_on_a_refusal(start_server):
 )
 def test_the_bulk_channel_is_reached_at_the_host_of_any_address_form(address, host):
     assert bulk_host(address) == host
+
+
+def test_a_server_on_a_unix_domain_socket_trains_as_locally(tmp_path):
+    """``serve(trunk, "unix:/path")``: a Unix socket is reachable from this machine only, as
+    loopback is, so it needs no TLS; it was refused as "not a loopback address", and with
+    insecure=True the bulk channel failed to bind TCP on host "unix". Large frames take gRPC
+    streams there. Float64, bit for bit."""
+    import copy
+
+    from torch import nn
+
+    from remote_autograd import RemoteOptimizer, serve
+
+    torch.manual_seed(0)
+    trunk = nn.Linear(256, 4).double()
+    local = copy.deepcopy(trunk)
+    server = serve(trunk, f"unix:{tmp_path / 'trunk.sock'}")
+    try:
+        remote = RemoteModule(server.address)
+        assert server.address.startswith("unix:") and server.service.bulk is None
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+        local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+        x = torch.randn(1024, 256, dtype=torch.float64)  # 2 MiB: a stream of messages
+        for model, opt in ((remote, optimizer), (local, local_optimizer)):
+            model(x).square().sum().backward()
+            opt.step()
+        for name, value in local.state_dict().items():
+            assert torch.equal(remote.remote_state_dict()[name], value), name
+        remote.close()
+    finally:
+        server.stop(grace=None)
