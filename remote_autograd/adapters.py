@@ -379,9 +379,14 @@ class AdapterEngine:
         try:
             module = inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
         except ValueError as exc:
+            what = (
+                "a target module is not a layer LoRA adapts (Linear, Conv, Embedding...)"
+                if "is not supported" in str(exc)
+                else f"none of the target modules {sorted(targets)} is in the trunk"
+            )
             raise ValueError(
-                f"per-client adapters: none of the target modules {sorted(targets)} is in the "
-                f"trunk ({exc}); change AdapterOptions.target_modules (--lora-targets)"
+                f"per-client adapters: {what} ({exc}); change AdapterOptions.target_modules "
+                "(--lora-targets)"
             ) from exc
         attention = _adapted_attention(module)
         if attention:

@@ -273,10 +273,23 @@ class RemoteModule(nn.Module):
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Upload an adapter (peft's saved names, as :meth:`adapter_state_dict` gives) to
-        resume from it; every tensor is checked against the server's before any is loaded."""
+        resume from it; every tensor is checked against the server's before any is loaded. An
+        adapter is whole: one missing some of the trunk's LoRA weights (trained with fewer
+        target modules) is refused, as it would leave those layers as they were
+        (``load_remote_state_dict`` loads a part on purpose)."""
         from .adapters import from_peft_names
 
-        self.load_remote_state_dict(from_peft_names(dict(state)))
+        named = from_peft_names(dict(state))
+        lora = {n for n in self.client.info().trainable_parameters if "lora_" in n}
+        missing = sorted(lora - set(named))
+        if missing:
+            raise ValueError(
+                f"the adapter lacks {len(missing)} of the trunk's LoRA weights "
+                f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): it was "
+                "trained with other target modules; upload a whole adapter, or load the part "
+                "with load_remote_state_dict()"
+            )
+        self.load_remote_state_dict(named)
 
     def save_adapter(self, path: str) -> None:
         """Download the adapter into a safetensors file (peft's saved names)."""

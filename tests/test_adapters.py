@@ -283,6 +283,12 @@ def test_a_client_cannot_read_load_or_release_anothers_adapter(start_server):
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)
     # b reads its own adapter, still the initial one: a's weights are out of its reach.
     assert_same_state(b.adapter_state_dict(), fresh)
+    # An adapter of fewer target modules is refused whole (it loaded the subset, and left the
+    # other layers as they were, without a word).
+    part = {k: v for k, v in fresh.items() if k.startswith("0.")}
+    with pytest.raises(ValueError, match=r"lacks 2 of the trunk's LoRA weights \(3\.lora_A"):
+        b.load_adapter_state_dict({k: v + 1 for k, v in part.items()})
+    assert_same_state(b.adapter_state_dict(), fresh)
     # b loads an adapter: only b's changes.
     b.load_adapter_state_dict({k: v + 1 for k, v in fresh.items()})
     assert_same_state(a.adapter_state_dict(), trained)
@@ -332,8 +338,10 @@ def test_bad_adapter_options_are_refused_by_name():
         AdapterEngine(dropout_trunk(), ServerOptions(), AdapterOptions(target_modules=()))
     with pytest.raises(ValueError, match="rank"):
         AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(rank=0))
-    with pytest.raises(ValueError, match="--lora-targets"):
+    with pytest.raises(ValueError, match="none of the target modules.*--lora-targets"):
         AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(target_modules=("nope",)))
+    with pytest.raises(ValueError, match="a target module is not a layer LoRA adapts"):
+        AdapterEngine(dropout_trunk(), ServerOptions(), adapter_options(target_modules=("1",)))
 
 
 class _Attention(nn.Module):

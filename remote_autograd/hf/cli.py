@@ -508,12 +508,17 @@ def build_hf_trunk(args: argparse.Namespace) -> Any:
         trunk = build_trunk(spec, lora)
     except ValueError as exc:  # an unknown family, a split that does not fit...
         raise SystemExit(f"serve: {exc}") from exc
+    trainable = sum(p.numel() for p in trunk.parameters() if p.requires_grad)
+    kind = f"LoRA rank {lora.rank}" if lora.rank else "no LoRA here"
+    if getattr(args, "adapters", "shared") == "per-client":
+        kind = f"frozen; each client's LoRA adapter of rank {args.lora_rank} comes per client"
+        trainable = 0
     log.info(
-        "trunk: blocks [%d, %d) of a %s, %d trainable parameters (LoRA rank %d)",
+        "trunk: blocks [%d, %d) of a %s, %d trainable parameters (%s)",
         spec.trunk_start,
         spec.trunk_end,
         trunk.config.model_type,
-        sum(p.numel() for p in trunk.parameters() if p.requires_grad),
-        lora.rank,
+        trainable,
+        kind,
     )
     return trunk
