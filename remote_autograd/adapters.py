@@ -104,6 +104,9 @@ class AdapterOptions:
     offload_after: float = 300.0  # an adapter idle this many seconds moves to offload_device
     # with its gradients and optimizer state (0: never)
     offload_device: str = "cpu"  # where idle adapters wait
+    # Whether training forwards take the random lock (docs/adapters.md, Concurrency): None
+    # finds out, True always (a trunk that draws in a way neither seen nor watched), False never
+    lock_forwards: bool | None = None
 
     def check(self) -> None:
         """Refuse options that cannot work, naming the option."""
@@ -171,11 +174,12 @@ class _AdapterRunner(TrunkRunner):
     shared ones: moving them per replica would copy them), taking the process-wide random
     lock around training forwards of a trunk that draws from the process-wide generators.
 
-    Whether it draws is found out, not guessed: its first seeded training forward of a batch
-    that is not empty runs under the lock, and looks whether the generators moved from where
-    the seed put them. Dropout with p > 0 draws, as do RReLU, stochastic depth or any layer of
-    the user's that calls torch.rand; dropout with p = 0 (``--dropout 0``) does not. Forwards
-    of a trunk that draws nothing are not seeded."""
+    A trunk whose layers say they draw (:func:`_draws_randomness`) takes the lock for every
+    training forward. Any other is watched: its first seeded training forward of a batch that
+    is not empty runs under the lock, and looks whether the generators moved from where the
+    seed put them (a layer of the user's that calls torch.rand). Looking alone would not do: a
+    trunk that seeds its own dropout inside ``fork_rng`` (the trainer's GPT-2 trunk) leaves
+    the generator where it found it. Forwards of a trunk that draws nothing are not seeded."""
 
     def __init__(
         self,
@@ -190,7 +194,8 @@ class _AdapterRunner(TrunkRunner):
         self.module_name = type(module).__name__
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._random_lock = random_lock
-        self.draws: bool | None = None  # whether a training forward draws (None: not known yet)
+        # Whether a training forward draws (None: not known yet, watched at the next one).
+        self.draws: bool | None = True if _draws_randomness(module) else None
 
     def forward(
         self,
@@ -225,6 +230,34 @@ class _AdapterRunner(TrunkRunner):
         elif any(t.numel() for t in flatten((args, kwargs))[1]):
             self.draws = False  # not from an empty batch, which dropout draws nothing for
         return result
+
+
+# Config fields of the heads a split trunk does not hold (GPT-2's summary_first_dropout,
+# GPT-NeoX's classifier_dropout): a dropout there is drawn by no trunk forward.
+_HEAD_FIELDS = ("summary_", "classifier_")
+_DROP_NAMES = ("dropout", "pdrop", "drop_prob", "drop_path")
+
+
+def _draws_randomness(module: nn.Module) -> bool:
+    """Whether a training forward surely draws from the process-wide generators: dropout layers
+    with p > 0, RReLU, and the functional dropout or stochastic depth a layer applies from a
+    float attribute of its own or of its config above 0 (Llama's ``attention_dropout``,
+    GPT-2's ``attn_pdrop``, timm's ``drop_prob``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.RReLU):
+            return True
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            if layer.p > 0:
+                return True
+            continue
+        config = getattr(layer, "config", None)
+        for source in (vars(layer), vars(config) if hasattr(config, "__dict__") else {}):
+            for key, value in source.items():
+                if key.startswith(_HEAD_FIELDS) or type(value) is not float or value <= 0:
+                    continue
+                if any(name in key for name in _DROP_NAMES):
+                    return True
+    return False
 
 
 def _adapted_attention(module: nn.Module) -> list[str]:
@@ -417,6 +450,8 @@ class AdapterEngine:
                 param = named[name]
                 param.data = value.to(self._device, self._dtype or value.dtype).clone()
         runner = _AdapterRunner(module, self._device, self._dtype, self._random_lock)
+        if self.adapter_options.lock_forwards is not None:
+            runner.draws = self.adapter_options.lock_forwards
         engine = TrunkEngine(module, self._sub_options, runner=runner)
         engine.contexts = self.contexts  # one cache, bounded server-wide
         engine.sessions = self.sessions  # one table: a Step sees its session end

@@ -777,11 +777,24 @@ class _StochasticDepth(nn.Module):
         return x * keep / 0.5
 
 
+class _SelfSeeded(nn.Module):
+    """Noise from a seed of its own inside fork_rng, as the trainer's GPT-2 trunk seeds its
+    dropout: the generator is where it was after the forward, so watching it sees nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(1 << 30, ())))  # from the seeded generator
+            return x * (torch.rand_like(x) >= 0.5)
+
+
 _DRAWS: dict[str, Callable[[], nn.Module]] = {
     "dropout": lambda: nn.Dropout(0.5),
     "functional": _FunctionalDropout,
     "rrelu": nn.RReLU,  # a random negative slope per element in training
     "stochastic_depth": _StochasticDepth,
+    "self_seeded": _SelfSeeded,  # with AdapterOptions(lock_forwards=True)
 }
 
 
@@ -801,6 +814,7 @@ def _paused_trunk(draw: str) -> nn.Module:
         ("rrelu", "training_forward"),
         ("stochastic_depth", "training_forward"),
         ("dropout", "training_forward_after_an_empty_batch"),
+        ("self_seeded", "training_forward"),
     ],
 )
 def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(draw, meanwhile):
@@ -815,7 +829,9 @@ def test_another_clients_call_in_the_middle_of_a_forward_leaves_its_masks_alone(
     x = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(4, 8).requires_grad_()
     outputs = []
     for beside in (False, True):
-        options = adapter_options(target_modules=("0", "5"))
+        options = adapter_options(
+            target_modules=("0", "5"), lock_forwards=True if draw == "self_seeded" else None
+        )
         engine = AdapterEngine(_paused_trunk(draw), ServerOptions(tokens=TOKENS), options)
         server = serve(engine, "127.0.0.1:0")
         a, b = (RemoteModule(server.address, options=client_options(i)) for i in (0, 1))
