@@ -88,7 +88,7 @@ class ChunkedCall:
         given = self.given_seeds if self.given_seeds and len(self.given_seeds) == k else None
         for index, call in enumerate(self.calls):
             # The slices' dropout seeds in slice order, whatever order the threads run in.
-            call.seed = given[index] if given else self._seed()
+            call.seed = given[index] if given else self.client._next_seed(self.training)
         try:
             return self._joined(sent, rows, k)
         except BaseException:
@@ -96,9 +96,6 @@ class ChunkedCall:
             # their contexts on the server until context_ttl (and hold up others' Steps).
             self.release()
             raise
-
-    def _seed(self) -> int:
-        return self.client._next_seed() if self.training else 0  # eval draws no dropout
 
     def _joined(self, sent: list[tuple[torch.Tensor, ...]], rows: int, k: int) -> list:
         """Run the slices' forwards and join their outputs along the batch."""

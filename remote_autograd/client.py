@@ -104,6 +104,7 @@ class TrunkClient:
         # Where this session is, for the trunk's RNG seeds (see _next_seed).
         self._steps_done = 0
         self._forwards_since_zero_grad = 0
+        self._eval_forwards = 0  # since zero_grad(): their seeds are of a series of their own
         # zero_grad()s and Backwards so far: did the gradients change since a failed step?
         self.grad_events = 0
         # The server process that holds the gradients of the step in progress ("" = none yet).
@@ -154,7 +155,7 @@ class TrunkClient:
         self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
         self._release_wakeup = threading.Event()
         self._release_thread = None
-        self._steps_done = self._forwards_since_zero_grad = 0
+        self._steps_done = self._forwards_since_zero_grad = self._eval_forwards = 0
         self._grads_server_id = ""
         self._optimizer_id = ""  # the new session holds no optimizer
         self._stepping = None  # the parent's thread did not come along
@@ -437,9 +438,7 @@ class TrunkClient:
             training=training,
             needs_input_grad=needs_input_grad,
             reply_quantization=self.options.activation_quantization,
-            # An eval forward draws no dropout, so takes no seed: locally it draws nothing from
-            # the generator, and a run validating between steps would draw other masks after.
-            rng_seed=(self._next_seed() if training else 0) if rng_seed is None else rng_seed,
+            rng_seed=self._next_seed(training) if rng_seed is None else rng_seed,
             autocast_dtype=autocast,
             named_values=True,
         )
@@ -481,16 +480,22 @@ class TrunkClient:
         _, reply = self._exchange("Compute", header, {"args": args, "kwargs": kwargs}, "activation")
         return reply
 
-    def _next_seed(self) -> int:
+    def _next_seed(self, training: bool = True) -> int:
         """The seed of the next forward's dropout: with options.seed, a function of the seed,
         the steps done and the forwards since zero_grad(), so a step redone from its
-        zero_grad() after a fault draws the same dropout as the first try."""
+        zero_grad() after a fault draws the same dropout as the first try. Eval forwards
+        (which draw only from layers that drop in eval mode too) count in a series of their
+        own: a validation pass between steps leaves the training forwards' masks alone."""
         if self.options.seed is None:
             return 0  # the server picks one and tells us
         self._await_step()  # a Step in flight moves the counters (micro_batches slices ask here)
         with self._lock:
-            key = f"{self.options.seed}:{self._steps_done}:{self._forwards_since_zero_grad}"
-            self._forwards_since_zero_grad += 1
+            if training:
+                key = f"{self.options.seed}:{self._steps_done}:{self._forwards_since_zero_grad}"
+                self._forwards_since_zero_grad += 1
+            else:
+                key = f"{self.options.seed}:{self._steps_done}:eval:{self._eval_forwards}"
+                self._eval_forwards += 1
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return (int.from_bytes(digest, "big") >> 1) or 1
 
@@ -581,7 +586,7 @@ class TrunkClient:
             self._pending_zero = pb.ZERO_GRAD_TO_NONE if set_to_none else pb.ZERO_GRAD_TO_ZERO
             self._pending_scale = 1.0
             self._grads_server_id = ""  # gradients held anywhere so far no longer count
-            self._forwards_since_zero_grad = 0
+            self._forwards_since_zero_grad = self._eval_forwards = 0
 
     def scale_grads_later(self, scale: float) -> None:
         """Defer multiplying the session's gradients by ``scale`` (gradient clipping). A scale
@@ -609,7 +614,7 @@ class TrunkClient:
         with self._lock:
             self._grads_server_id = ""
             self._steps_done = step
-            self._forwards_since_zero_grad = 0
+            self._forwards_since_zero_grad = self._eval_forwards = 0
 
     def _restore_grad_ops(self, zero: pb.ZeroGradMode, scale: float) -> None:
         with self._lock:

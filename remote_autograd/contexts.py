@@ -56,6 +56,7 @@ class ForwardContext:
     backward_seq: int = 0  # backwards answered so far
     last_reply: Any = None  # the last Backward's reply, for a retried call (keep_reply)
     reply_bytes: int = 0  # its tensors' bytes, counted in nbytes
+    last_nonfinite: bool = False  # the last Backward's gradients were not finite (kept or not)
     # Re-created by the client after the server lost it: the Backwards the lost context had
     # answered (their gradients are in the session: answered again, not added again), and
     # whether the last of them was non-finite.
@@ -150,42 +151,24 @@ class ContextCache:
 
     def keep_reply(self, context: ForwardContext, reply: Any, nbytes: int) -> None:
         """Hold a Backward's reply (``nbytes`` of input gradients) with its context, for a
-        retried call, counted in the context's bytes: the others go first to make room (least
-        recently used; the identity's own first for its share). A reply that would not fit
-        even then is not kept, and its retry is refused as stale."""
+        retried call, counted in the context's bytes, if it fits beside what is held: no
+        other context goes for it (they may still await their Backward), and a reply that
+        does not fit is not kept (its retry is refused as stale)."""
         key = _key(context.session, context.request_id)
         identity = identity_of(context.session)
+        nonfinite = bool(getattr(reply, "nonfinite", False))
         with self._lock:
-            if self._items.get(key) is not context:  # dropped meanwhile: nothing to count
+            context.last_nonfinite = nonfinite
+            if self._items.get(key) is not context:  # dropped meanwhile (evicted, released)
+                gone = self._gone.get(key)
+                if gone is not None:  # what it answered counts, for a re-created context
+                    self._gone[key] = (gone[0], max(context.backward_seq, gone[1]), nonfinite)
                 return
             grow = nbytes - context.reply_bytes
             held = self._per_identity.get(identity) if identity is not None else None
-            while held is not None and held[1] + grow > self.max_identity_bytes:
-                oldest = next(
-                    (
-                        c
-                        for c in self._items.values()
-                        if c is not context and identity_of(c.session) == identity
-                    ),
-                    None,
-                )
-                if oldest is None:
-                    break
-                self._pop_locked(
-                    oldest,
-                    f"evicted to stay under max_identity_context_bytes={self.max_identity_bytes}",
-                )
-            while self._nbytes + grow > self.max_bytes:
-                oldest = next((c for c in self._items.values() if c is not context), None)
-                if oldest is None:
-                    break
-                self._pop_locked(
-                    oldest, f"evicted to stay under max_context_bytes={self.max_bytes}"
-                )
-            fits = self._nbytes + grow <= self.max_bytes and (
-                held is None or held[1] + grow <= self.max_identity_bytes
-            )
-            if not fits:
+            if self._nbytes + grow > self.max_bytes or (
+                held is not None and held[1] + grow > self.max_identity_bytes
+            ):
                 reply, nbytes, grow = None, 0, -context.reply_bytes
             context.last_reply, context.reply_bytes = reply, nbytes
             context.nbytes += grow
@@ -293,9 +276,11 @@ class ContextCache:
             if held[0] <= 0:
                 del self._per_identity[identity]  # type: ignore[arg-type]
         key = _key(context.session, context.request_id)
-        reply = context.last_reply
-        nonfinite = bool(getattr(reply, "nonfinite", False))
-        self._gone[key] = (reason, max(context.backward_seq, context.answered), nonfinite)
+        self._gone[key] = (
+            reason,
+            max(context.backward_seq, context.answered),
+            context.last_nonfinite,
+        )
         self._gone.move_to_end(key)
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)

@@ -230,6 +230,7 @@ class DistributedRunner(TrunkRunner):
         *,
         retain_graph: bool,
         parameters: bool = True,
+        training: bool | None = None,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         if not isinstance(outputs, ShardedOutputs):
             raise TypeError("DistributedRunner.gradients needs the outputs of its own forward")
@@ -256,13 +257,16 @@ class DistributedRunner(TrunkRunner):
                 "wanted": wanted,
                 "retain": retain_graph,
                 "parameters": parameters,
+                "training": training,
             }
         mine = plan.grad_shares(outputs, outputs.batched_outputs, grads, 0)
         replies, result, error = self._exchange(
             commands,
             self._unstoppable(
                 "the trunk's backward",
-                lambda: self.backward_share(token, mine, wanted, retain_graph, parameters, []),
+                lambda: self.backward_share(
+                    token, mine, wanted, retain_graph, parameters, [], training
+                ),
             ),
             after_backward=True,
         )
@@ -587,7 +591,8 @@ class DistributedRunner(TrunkRunner):
             self.graphs[token] = (outputs, leaves)
         return out_template, outputs
 
-    def backward_share(self, token, grads, wanted, retain, parameters, zeros_for):
+    def backward_share(self, token, grads, wanted, retain, parameters, zeros_for, training=None):
+        self.set_mode(training)  # the forward's (see TrunkRunner.gradients)
         try:
             return self._backward_of(token, grads, wanted, retain, parameters, zeros_for)
         finally:

@@ -483,6 +483,7 @@ class TrunkEngine:
                         [context.inputs[i] for i in wanted],
                         retain_graph=context.outputs is not None,
                         parameters=not call.freeze_parameters and not again,
+                        training=context.training,
                     )
                 finally:
                     if kept is not None:
@@ -648,7 +649,11 @@ class TrunkEngine:
         # the others waiting in the collective. An empty shard's norm is the value that leaves
         # the ranks' combination as it is: 0 (sums, max), or inf for p < 0 (min, sums of x**p).
         whole = [g for g in grads if g.numel()]
-        computed = iter(torch._foreach_norm(whole, norm_type) if whole else ())
+        # A shard's norm in its own dtype would be rounded, then rounded again once the ranks'
+        # are combined (a bfloat16 norm one unit off torch's): shards' norms in float64, cast
+        # to the gradient's dtype once, on the client.
+        wide = torch.float64 if self.runner.mode == "fsdp" else None
+        computed = iter(torch._foreach_norm(whole, norm_type, dtype=wide) if whole else ())
         empty = math.inf if norm_type < 0 else 0.0
         values = [float(next(computed)) if g.numel() else empty for g in grads]
         return self.runner.ranks.norms(values, norm_type), [g.dtype for g in grads]

@@ -114,6 +114,7 @@ class Follower:
                 command["retain"],
                 command["parameters"],
                 command["zeros_for"],
+                command.get("training"),
             )
         except Exception as exc:  # noqa: BLE001 - every rank learns of it in the vote
             error = exc

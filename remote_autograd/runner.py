@@ -115,10 +115,13 @@ class TrunkRunner:
         *,
         retain_graph: bool,
         parameters: bool = True,
+        training: bool | None = None,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Gradients of ``inputs`` and of the trainable parameters (all None without
         ``parameters``: a frozen trunk), given the gradients of the outputs (one tensor or
-        None each)."""
+        None each). ``training``: the mode of the forward, which a checkpointed block inside
+        the trunk runs again in (another session's forward may have switched it since)."""
+        self.set_mode(training)
         targets, grad_outputs = self._grad_pairs(outputs, grads)
         wrt = [*inputs, *(p for _, p in self.params if parameters)]
         results: Sequence[torch.Tensor | None]
@@ -214,6 +217,11 @@ class TrunkRunner:
     def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The module called with its generators freshly seeded."""
         return self.module(*args, **kwargs)
+
+    def set_mode(self, training: bool | None) -> None:
+        """Put the trunk in training or eval mode (None: leave it)."""
+        if training is not None and self.module.training != training:
+            self.module.train(training)  # walks every submodule: not when it is so already
 
     def _autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         if dtype is None:

@@ -224,3 +224,25 @@ def narrow_slow_trunk() -> nn.Module:
         for param in trunk.parameters():
             param.copy_(0.4 * torch.randn(param.shape, generator=generator, dtype=torch.float64))
     return trunk
+
+
+class _Bf16Middle(nn.Module):
+    """float32, bfloat16 and float32 layers: a trunk of two parameter dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(17)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)])
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        self.layers[1].to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.layers[0](x))
+        h = torch.tanh(self.layers[1](h.to(torch.bfloat16))).float()
+        return self.layers[2](h)
+
+
+def bf16_middle_trunk() -> nn.Module:
+    return _Bf16Middle()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -153,3 +154,39 @@ def test_a_step_that_stopped_waiting_makes_the_old_forward_stale(start_server):
     for name, value in server.engine.module.state_dict().items():
         assert torch.equal(value, moved[name])
     a(x).sum().backward()  # A simply runs its forward again
+
+
+class _ModeCheckpointed(nn.Module):
+    """A block checkpointed inside the trunk whose computation depends on the module's mode
+    (as BatchNorm's or stochastic depth's does): its backward runs its forward again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.layers = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 4)]).double()
+
+    def block(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.layers[0](t) * (1.0 if self.training else 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.layers[1](checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_a_kept_graphs_backward_runs_in_its_forwards_mode(start_server):
+    """Another client's eval forward between a training forward and its Backward left the trunk
+    in eval mode, and the checkpointed block inside it ran its forward again in that mode:
+    gradients of a forward that never ran (0.26 off). Float64, bit for bit with local."""
+    local = _ModeCheckpointed()
+    server = start_server(copy.deepcopy(local))
+    x = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    local(xs[1]).square().mean().backward()
+    with RemoteModule(server.address) as mine, RemoteModule(server.address) as other:
+        loss = mine(xs[0]).square().mean()
+        other.eval()
+        with torch.no_grad():
+            other(torch.randn(2, 4, dtype=torch.float64))
+        loss.backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)

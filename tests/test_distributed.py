@@ -24,6 +24,7 @@ from conftest import child_env, serving_address
 from factories import (
     awkward_trunk,
     batch,
+    bf16_middle_trunk,
     headed_trunk,
     linear32_trunk,
     local_parts,
@@ -996,3 +997,24 @@ def test_an_optimizer_state_saved_with_other_ids_is_sharded_by_group_order(narro
             torch.testing.assert_close(
                 state[index]["momentum_buffer"], param_state["momentum_buffer"], **TOL
             )
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0])
+def test_norms_of_a_sharded_bfloat16_layer_are_rounded_once(norm_type):
+    """fsdp: each rank took its shard's norm of a bfloat16 gradient in bfloat16, and the
+    client rounded the ranks' combination to bfloat16 again: one unit off torch (33.61 for
+    33.64), and the float32 weights clipped by another coefficient. One sample, so the
+    gradients are torch's bit for bit; the total norm is then torch's within float32's
+    rounding (a float32 norm of shards is not the whole's to the last bit)."""
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(5))
+    local = bf16_middle_trunk()
+    local(x).square().sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(local.parameters(), 1e9, norm_type=norm_type)
+    process, address = spawn_torchrun("factories:bf16_middle_trunk", "--parallel", "fsdp")
+    try:
+        with RemoteModule(address, options=ClientOptions(timeout=60, retries=0)) as remote:
+            remote(x).square().sum().backward()
+            total = clip_grad_norm_([remote], 1e9, norm_type=norm_type)
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    finally:
+        stop_torchrun(process)
