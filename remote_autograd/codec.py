@@ -293,6 +293,8 @@ class Decoder:
             for meta, numel, start, size, _ in layout.tensors
         ]
         value = _unpack(layout.tree, "frame values", tensors, max_depth=self.limits.max_depth)
+        if device is not None:  # its raw tensors are copied to the GPU, not kept as views
+            return value
         return _unpinned(value, _held_bytes(view), tensors, layout.tensors)
 
     def growth(self, buf: Any) -> int:

@@ -432,6 +432,12 @@ class TrunkEngine:
                     "Backward %s #%d: a retry, answered again", call.request_id[:12], call.seq
                 )
                 return context.last_reply
+            if call.seq == context.backward_seq:  # a retry, whose answer was not kept
+                raise StaleContext(
+                    f"Backward #{call.seq} for request {call.request_id[:12]}: answered "
+                    "already, and its answer was not kept for a retry (it did not fit in "
+                    "max_context_bytes); run the step's forward and backward again"
+                )
             if call.seq != context.backward_seq + 1:
                 raise StaleContext(
                     f"Backward #{call.seq} for request {call.request_id[:12]}: "

@@ -956,6 +956,33 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_faults.py::test_killed_server_restarts_from_its_checkpoint[262144]",),
         "clip_grad_norm_ after a restart is refused, not taken of the local parts alone",
     ),
+    M(
+        "backward_in_the_modules_current_mode",
+        "remote_autograd/runner.py",
+        '        the trunk runs again in (another session\'s forward may have switched it since)."""\n'
+        "        self.set_mode(training)\n",
+        '        the trunk runs again in (another session\'s forward may have switched it since)."""\n',
+        ("tests/test_concurrency.py::test_a_kept_graphs_backward_runs_in_its_forwards_mode",),
+        "a kept graph's backward runs in the mode of its forward",
+    ),
+    M(
+        "optimizer_id_unchecked",
+        "remote_autograd/engine.py",
+        '            if call.optimizer_id and session.optimizer_id not in ("", call.optimizer_id):',
+        "            if False:",
+        ("tests/test_faults.py::test_a_step_of_an_optimizer_a_restart_lost_is_refused",),
+        "a Step of an optimizer a restart lost is refused",
+    ),
+    M(
+        "eval_forwards_take_training_seeds",
+        "remote_autograd/client.py",
+        "            if training:\n                key = f",
+        "            if True:\n                key = f",
+        (
+            "tests/test_habits.py::test_validating_in_eval_mode_between_steps_leaves_the_dropout_masks_alone[1]",
+        ),
+        "an eval forward leaves the training forwards' dropout seeds alone",
+    ),
 ]
 
 
