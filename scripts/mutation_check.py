@@ -959,9 +959,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "backward_in_the_modules_current_mode",
         "remote_autograd/runner.py",
-        '        the trunk runs again in (another session\'s forward may have switched it since)."""\n'
-        "        self.set_mode(training)\n",
-        '        the trunk runs again in (another session\'s forward may have switched it since)."""\n',
+        'switched it since)."""\n        self.set_mode(training)\n',
+        'switched it since)."""\n',
         ("tests/test_concurrency.py::test_a_kept_graphs_backward_runs_in_its_forwards_mode",),
         "a kept graph's backward runs in the mode of its forward",
     ),
