@@ -196,6 +196,7 @@ class _AdapterRunner(TrunkRunner):
         self._random_lock = random_lock
         # Whether a training forward draws (None: not known yet, watched at the next one).
         self.draws: bool | None = True if _draws_randomness(module) else None
+        self.lock: bool | None = None  # AdapterOptions.lock_forwards: forced either way
 
     def forward(
         self,
@@ -208,11 +209,11 @@ class _AdapterRunner(TrunkRunner):
         autocast: torch.dtype | None = None,
         recompute: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
-        if not training or self.draws is False:
+        if not training or (self.draws is False and self.lock is None):
             # Nothing to draw; seeding would set the process-wide generator under another
             # client's training forward, between two of its dropout layers.
             seed = None
-        elif seed is not None:
+        elif seed is not None and (self.lock or (self.lock is None and self.draws is not False)):
             with self._random_lock:
                 return super().forward(
                     template, leaves, training, seed, grad=grad, autocast=autocast
@@ -450,8 +451,7 @@ class AdapterEngine:
                 param = named[name]
                 param.data = value.to(self._device, self._dtype or value.dtype).clone()
         runner = _AdapterRunner(module, self._device, self._dtype, self._random_lock)
-        if self.adapter_options.lock_forwards is not None:
-            runner.draws = self.adapter_options.lock_forwards
+        runner.lock = self.adapter_options.lock_forwards
         engine = TrunkEngine(module, self._sub_options, runner=runner)
         engine.contexts = self.contexts  # one cache, bounded server-wide
         engine.sessions = self.sessions  # one table: a Step sees its session end

@@ -435,8 +435,9 @@ class TrunkEngine:
             if call.seq == context.backward_seq:  # a retry, whose answer was not kept
                 raise StaleContext(
                     f"Backward #{call.seq} for request {call.request_id[:12]}: answered "
-                    "already, and its answer was not kept for a retry (it did not fit in "
-                    "max_context_bytes); run the step's forward and backward again"
+                    "already (its gradients were added), and its answer was not kept for a "
+                    "retry (it did not fit in max_context_bytes or max_identity_context_bytes)"
+                    ": call zero_grad() and redo the step from its first forward"
                 )
             if call.seq != context.backward_seq + 1:
                 raise StaleContext(
@@ -693,7 +694,8 @@ class TrunkEngine:
                     f"Step #{call.step}: this session's optimizer on the server is not the one "
                     "the client configured last (the server resumed from a checkpoint taken "
                     f"before it: {session.optimizer_name} of then); create the RemoteOptimizer "
-                    "again (or load its state_dict) and redo the step"
+                    "again (then load_state_dict() into it to resume a saved state) and redo "
+                    "the step"
                 )
             if call.step == session.last_step and call.step > 0:
                 return StepResult(call.step, self.weights_version, replayed=True)

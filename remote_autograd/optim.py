@@ -104,6 +104,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         _warn_if_data_parallel(module.client.address)
         # Inside stepping(), step() sends the Step from a thread and leaves its reply here.
         self._stepping = False
+        self._in_block = False  # inside stepping(), with a step sent
         self._reply: Future[Any] | None = None
         # A step that got no answer (deadline, server unavailable, interrupted) may have been
         # applied: (its number, the error, the client's gradient events then), settled by
@@ -217,13 +218,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._stepping = False
         reply, self._reply = self._reply, None  # None: the scaler skipped the step
         number = self._step_count
+        self._in_block = reply is not None  # its step's outcome is settled when it ends
         try:
             yield
         except BaseException as exc:
+            self._in_block = False
             error = self._answer(reply)
             if error is not None:
                 exc.add_note(f"The trunk's step #{number} failed too: {error}")
             raise
+        self._in_block = False
         error = self._answer(reply)
         if error is not None:
             raise error
@@ -272,7 +276,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # The server's last step, not this side's count: after a step that failed, they may
         # differ until the next step() asks.
         remote_step = int(state["step"])
-        if self._unsettled is None and remote_step != self._step_count:
+        if self._unsettled is not None and isinstance(self._unsettled[1], StaleContext):
+            # Refused for what the server holds (gradients a restart lost, another step
+            # number, another optimizer): its state is not this optimizer's step yet.
+            raise StaleContext(
+                f"state_dict(): the last step() was refused ({self._unsettled[1]}); redo that "
+                "step, then save"
+            )
+        if self._unsettled is None and not self._in_block and remote_step != self._step_count:
             # A server restarted from an older checkpoint: its state is of an earlier step
             # than the model beside it, and a checkpoint of both would not resume as trained.
             raise StaleContext(

@@ -936,3 +936,18 @@ def test_a_checkpoint_reply_says_only_the_callers_own_version(tmp_path):
         assert b.client.checkpoint().weights_version == 0
     finally:
         server.stop(grace=None)
+
+
+def test_forwards_not_locked_on_request_are_still_seeded(start_server):
+    """AdapterOptions(lock_forwards=False) turns the random lock off, not the seeds: the same
+    client seed gives the same dropout masks (it dropped the seed, and a recompute drew other
+    masks than its forward)."""
+    options = adapter_options(lock_forwards=False)
+    server = start_server(AdapterEngine(dropout_trunk(), ServerOptions(tokens=TOKENS), options))
+    x = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for index in (0, 0, 1):  # client 1: another seed, its adapter the same initial one
+        with RemoteModule(server.address, options=client_options(index)) as trunk:
+            outputs.append(trunk(x))  # each a new session: the same seed for its first forward
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], outputs[2])  # the masks come from the seed

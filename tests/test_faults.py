@@ -476,6 +476,9 @@ def test_a_step_of_an_optimizer_a_restart_lost_is_refused(tmp_path):
         processes.append(spawn_server(*args, port=int(address.rsplit(":", 1)[1]))[0])
         with pytest.raises(StaleContext, match="not the one the client configured last"):
             run.step(2)
+        # Nor is the restored Adam's state saved as the SGD's.
+        with pytest.raises(StaleContext, match=r"the last step\(\) was refused"):
+            run.remote_optimizer.state_dict()
         before = run.remote.remote_state_dict()
         run.remote_optimizer = RemoteOptimizer(run.remote, "SGD", lr=0.1)
         run.forward_backward(2)

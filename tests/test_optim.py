@@ -262,6 +262,8 @@ def test_a_failed_step_is_raised_when_the_block_ends(start_server):
         pair.trunk_opt.stepping(),
     ):
         ran.append(True)
+        # Waits for the step, which failed: the server's step, not a "restart" refusal.
+        assert pair.trunk_opt.state_dict()["remote_step"] == 1
     assert ran == [True]
     assert pair.trunk_opt.state_dict()["remote_step"] == 1
     for name, value in pair.remote.remote_state_dict().items():
