@@ -671,15 +671,9 @@ class TrunkClient:
             ops_id=ops_id,
             server_id=self._grads_server_id,
         )
-        try:
-            reply = self._call("GradNorm", lambda: stub.GradNorm(request, **self._kw()))
-        except StaleContext:
-            self._restore_grad_ops(zero, scale)
-            self.forget_gradients()  # as a refused Step: redone from its forward, here
-            raise
-        except BaseException:
-            self._restore_grad_ops(zero, scale)
-            raise
+        reply = self._call_carrying(
+            "GradNorm", lambda: stub.GradNorm(request, **self._kw()), zero, scale
+        )
         norms = list(reply.norms)
         return norms, list(reply.dtypes) or [reply.dtype] * len(norms)  # an older server: one
 
@@ -739,15 +733,7 @@ class TrunkClient:
         stub = self._connect()
         request, zero, scale = prepared
         step = request.step
-        try:
-            reply = self._call("Step", lambda: stub.Step(request, **self._kw()))
-        except StaleContext:
-            self._restore_grad_ops(zero, scale)
-            self.forget_gradients()  # the step is redone from its forward, on this server
-            raise
-        except BaseException:
-            self._restore_grad_ops(zero, scale)
-            raise
+        reply = self._call_carrying("Step", lambda: stub.Step(request, **self._kw()), zero, scale)
         self.settled_step(step)
         if reply.waited_forwards:
             self._count_step_wait(step, reply)
@@ -769,6 +755,22 @@ class TrunkClient:
             "gone); counted in TrunkClient.stats.step_waits_expired"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _call_carrying(
+        self, method: str, invoke: Callable[[], Any], zero: Any, scale: float
+    ) -> Any:
+        """A call that carries the deferred zero_grad/clip scale: put back if it fails. A
+        refusal for gradients this server does not hold (StaleContext: a restart lost them)
+        also stops checking them: the step is redone from its forward, on this server."""
+        try:
+            return self._call(method, invoke)
+        except StaleContext:
+            self._restore_grad_ops(zero, scale)
+            self.forget_gradients()
+            raise
+        except BaseException:
+            self._restore_grad_ops(zero, scale)
+            raise
 
     def forget_gradients(self) -> None:
         """The step in progress is abandoned (its gradients were lost): stop checking them."""
