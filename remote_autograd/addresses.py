@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["accepts_connections", "bulk_host", "check_address", "unreachable_reason"]
+__all__ = [
+    "accepts_connections",
+    "bulk_host",
+    "check_address",
+    "is_unix_socket",
+    "unreachable_reason",
+]
 
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://", "tcp://")
@@ -40,13 +46,21 @@ def check_address(address: object) -> str:
     return text
 
 
+_UNIX_SOCKETS = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket addresses
+
+
+def is_unix_socket(address: str) -> bool:
+    """A Unix domain socket: reachable from this machine only (its file's permissions)."""
+    return address.lower().startswith(_UNIX_SOCKETS)
+
+
 def bulk_host(address: str) -> str | None:
     """The host of a checked address, where its bulk channel is reached (the port comes from
     the server): ``host:port``, ``[ipv6]:port``, ``dns:///host:port``, ``ipv4:a.b.c.d:port``
     (the first of a list), ``ipv6:[addr]:port`` (or without the port). None for a socket that
     is not TCP (``unix:``, ``unix-abstract:``, ``vsock:``): no bulk channel then."""
     lowered = address.lower()
-    if lowered.startswith(("unix:", "unix-abstract:", "vsock:")):
+    if lowered.startswith((*_UNIX_SOCKETS, "vsock:")):
         return None
     if lowered.startswith("dns:"):
         target = address[4:].lstrip("/").rsplit("/", 1)[-1]

@@ -22,13 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .adapters import AdapterEngine
+from .addresses import bulk_host
 from .bulk import BulkListener
 from .drain import CallDrain
 from .engine import TrunkEngine
 from .options import ServerOptions
 from .service import TrunkService, tolerant
 from .tokens import TokenGate
-from .transport import bulk_server_tls, create_server, is_local_socket
+from .transport import bulk_server_tls, create_server
 
 __all__ = ["SERVICE_NAME", "TrunkServer", "serve"]
 
@@ -87,9 +88,9 @@ class TrunkServer:
             address, options, interceptors=(gate, self._drain, *interceptors)
         )
         host = address.rsplit(":", 1)[0]
-        local = is_local_socket(address)  # no port, and no TCP beside it for a bulk channel
-        self.address = address if local else f"{host}:{self.port}"
-        if options.bulk and not local:  # TLS exactly when the gRPC port is
+        tcp = bulk_host(address) is not None  # else no port, and no TCP for a bulk channel
+        self.address = f"{host}:{self.port}" if tcp else address
+        if options.bulk and tcp:  # TLS exactly when the gRPC port is
             self.service.bulk = BulkListener(
                 host.strip("[]") or "0.0.0.0",
                 options.bulk_port,

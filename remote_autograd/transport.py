@@ -14,6 +14,7 @@ from concurrent import futures
 
 import grpc
 
+from .addresses import is_unix_socket
 from .options import ClientOptions, ServerOptions
 
 __all__ = [
@@ -84,16 +85,8 @@ def create_channel(address: str, options: ClientOptions) -> grpc.Channel:
     return grpc.insecure_channel(address, options=channel_options)
 
 
-_LOCAL_SOCKETS = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket addresses
-
-
-def is_local_socket(address: str) -> bool:
-    """A Unix domain socket: reachable from this machine only (its file's permissions)."""
-    return address.startswith(_LOCAL_SOCKETS)
-
-
 def is_loopback(address: str) -> bool:
-    if is_local_socket(address):
+    if is_unix_socket(address):  # reachable from this machine only, as loopback is
         return True
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
