@@ -210,8 +210,10 @@ def train(config: TrainConfig) -> TrainResult:
             # With clipping off the norm is still measured (an infinite bound scales by 1).
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             grad_norm = float(clip_grad_norm_(clip_order, max_norm))
-            optimizer.step()
+            # The trunk first: a Step refused after a server restart leaves both parts unstepped,
+            # so redoing the step cannot step the local parts twice.
             trunk_optimizer.step()
+            optimizer.step()
             for scheduler in schedulers:
                 scheduler.step()
             optimizer.zero_grad()
