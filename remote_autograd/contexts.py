@@ -105,18 +105,22 @@ class ContextCache:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def put(self, context: ForwardContext) -> None:
-        if context.nbytes > self.max_bytes:
+    def check_size(self, session: str, nbytes: int) -> None:
+        """Refuse a context of ``nbytes`` that no eviction could make room for: what
+        :meth:`put` would refuse it for, asked before the forward's effects are kept."""
+        if nbytes > self.max_bytes:
             raise LimitExceeded(
-                f"forward context of {context.nbytes} bytes exceeds max_context_bytes="
-                f"{self.max_bytes}"
+                f"forward context of {nbytes} bytes exceeds max_context_bytes={self.max_bytes}"
             )
-        identity = identity_of(context.session)
-        if identity is not None and context.nbytes > self.max_identity_bytes:
+        if identity_of(session) is not None and nbytes > self.max_identity_bytes:
             raise LimitExceeded(
-                f"forward context of {context.nbytes} bytes exceeds max_identity_context_bytes="
+                f"forward context of {nbytes} bytes exceeds max_identity_context_bytes="
                 f"{self.max_identity_bytes}"
             )
+
+    def put(self, context: ForwardContext) -> None:
+        self.check_size(context.session, context.nbytes)
+        identity = identity_of(context.session)
         key = _key(context.session, context.request_id)
         with self._lock:
             self._expire_locked()

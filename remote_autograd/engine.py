@@ -373,6 +373,11 @@ class TrunkEngine:
                             autocast=call.autocast,
                         )
                     check_finite_buffers(moved)
+                    if keep:  # refused below, it must not have moved them: refused here
+                        footprint.add([*leaves, *(outputs if graph else ())])
+                        nbytes = footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE)
+                        self.contexts.check_size(session.key, nbytes)
+                        self._check_alive(session)
                 except Exception:
                     # Refused here or by another rank of a distributed trunk: as they were.
                     restore_buffers(before)
@@ -382,7 +387,9 @@ class TrunkEngine:
             seconds = time.perf_counter() - started
         if keep:
             kept = None if lazy else outputs
-            footprint.add([*leaves, *(kept or ())])
+            if call.recompute:  # nothing ran: only the inputs are kept
+                footprint.add(leaves)
+                nbytes = footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE)
             answered: dict[str, Any] = {}
             if call.recompute:
                 # The context this one re-creates may have answered a Backward whose reply was
@@ -397,7 +404,7 @@ class TrunkEngine:
                     inputs=leaves,
                     input_dtypes=[t.dtype for t in tensors],
                     outputs=kept,
-                    nbytes=footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE),
+                    nbytes=nbytes,
                     weights_version=version,
                     seed=seed,
                     template=template,
@@ -409,15 +416,21 @@ class TrunkEngine:
                 )
             )
             if not self.sessions.holds(session):
-                # Ended (EndSession, expiry) while the forward ran, after its contexts were
-                # dropped: this one would be kept, with its lease, for no one.
+                # Ended just after the check above: this one would be kept, with its lease,
+                # for no one.
                 self.contexts.release(session.key, [call.request_id])
-                raise InvalidRequest(
-                    f"Compute: session {session.key.rpartition('/')[2]!r} ended while its "
-                    "forward ran (its client closed, or it was idle past session_ttl); the "
-                    "forward's context is not kept: open a new session"
-                )
+                self._check_alive(session)
         return outputs, out_template, (version, weights_id), seconds
+
+    def _check_alive(self, session: Session) -> None:
+        """Refuse to keep a forward of a session that ended (EndSession, expiry) while it
+        ran, after its contexts were dropped."""
+        if not self.sessions.holds(session):
+            raise InvalidRequest(
+                f"Compute: session {session.key.rpartition('/')[2]!r} ended while its "
+                "forward ran (its client closed, or it was idle past session_ttl); the "
+                "forward's context is not kept: open a new session"
+            )
 
     def backward(self, session: Session, call: BackwardCall, value: Any) -> BackwardResult:
         """Gradients of the kept forward ``call.request_id`` given its outputs' gradients

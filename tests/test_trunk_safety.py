@@ -28,6 +28,7 @@ from remote_autograd import (
     ClientOptions,
     CodecError,
     InvalidRequest,
+    LimitExceeded,
     RemoteModule,
     RemoteOptimizer,
     ServerOptions,
@@ -527,6 +528,31 @@ def test_a_training_forward_cannot_make_the_trunks_buffers_non_finite(start_serv
         assert _same(dict(server.engine.module.state_dict()), before)
     assert server.stats()["contexts"] == 0
     _another_session_trains(server, factory=batchnorm_trunk)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["graph", "recompute"])
+def test_a_kept_forward_refused_for_its_size_leaves_the_trunks_buffers_as_they_were(
+    start_server, recompute
+):
+    """A training forward kept for Backward runs before its context can be measured: one
+    larger than max_context_bytes is refused, and the BatchNorm statistics it moved (every
+    session's) are put back. A smaller batch then moves them once, as the same layers do
+    locally."""
+    options = ServerOptions(max_context_bytes=4096, recompute=recompute)
+    server = start_server(batchnorm_trunk(), options)
+    remote = RemoteModule(server.address, options=ClientOptions(retries=0))
+    before = {n: t.clone() for n, t in server.engine.module.state_dict().items()}
+    x = torch.randn(256, 4, dtype=torch.float64)
+    with pytest.raises(LimitExceeded, match=r"exceeds max_context_bytes=4096"):
+        remote(x.clone().requires_grad_())
+    assert _same(dict(server.engine.module.state_dict()), before)
+    assert server.stats()["contexts"] == 0
+    local = batchnorm_trunk()
+    small, local_small = x[:8].clone().requires_grad_(), x[:8].clone().requires_grad_()
+    remote(small).square().sum().backward()
+    local(local_small).square().sum().backward()
+    assert torch.equal(small.grad, local_small.grad)
+    assert _same(dict(server.engine.module.state_dict()), dict(local.state_dict()))
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(start_server, tmp_path, caplog):
