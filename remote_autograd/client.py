@@ -98,6 +98,9 @@ class TrunkClient:
         self._pending_releases: list[str] = []
         self._pending_zero: pb.ZeroGradMode = pb.ZERO_GRAD_NONE
         self._pending_scale = 1.0
+        # Set when the Backward carrying them has been answered: a Backward of another thread
+        # that arrived first would have its gradients zeroed (or scaled) with the earlier ones.
+        self._grad_ops_carried: threading.Event | None = None
         self._release_wakeup = threading.Event()
         self._release_thread: threading.Thread | None = None
         self._closed = False
@@ -153,6 +156,7 @@ class TrunkClient:
         self._frames = self._frame_exchange()
         self._pending_releases = []
         self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
+        self._grad_ops_carried = None
         self._release_wakeup = threading.Event()
         self._release_thread = None
         self._steps_done = self._forwards_since_zero_grad = self._eval_forwards = 0
@@ -511,7 +515,7 @@ class TrunkClient:
     ) -> tuple[Any, pb.Header]:
         self._await_step()
         self.grad_events += 1
-        zero, scale = self._take_grad_ops()
+        zero, scale, carried = self._take_grad_ops_in_order()
         header = pb.Header(
             request_id=request_id,
             backward_seq=seq,
@@ -527,6 +531,9 @@ class TrunkClient:
         except BaseException:
             self._restore_grad_ops(zero, scale)
             raise
+        finally:
+            if carried is not None:
+                carried.set()  # the others go: after this one's zero_grad, or retaking it
         with self._lock:
             if not self._grads_server_id:
                 self._grads_server_id = reply.server_id
@@ -605,6 +612,23 @@ class TrunkClient:
             taken = (self._pending_zero, self._pending_scale)
             self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
             return taken
+
+    def _take_grad_ops_in_order(self) -> tuple[pb.ZeroGradMode, float, threading.Event | None]:
+        """A Backward's deferred zero_grad()/clip scale, taken so that the server applies
+        them before the gradients of any Backward sent after them: one that carries them
+        gets an event to set once answered, and Backwards of other threads wait for it (a
+        failed one put them back: one of those takes them)."""
+        while True:
+            with self._lock:
+                zero, scale = self._pending_zero, self._pending_scale
+                if zero != pb.ZERO_GRAD_NONE or scale != 1.0:
+                    self._pending_zero, self._pending_scale = pb.ZERO_GRAD_NONE, 1.0
+                    carried = self._grad_ops_carried = threading.Event()
+                    return zero, scale, carried
+                carrier = self._grad_ops_carried
+                if carrier is None or carrier.is_set():
+                    return zero, scale, None
+            carrier.wait()
 
     def drop_grad_ops(self) -> None:
         self._take_grad_ops()

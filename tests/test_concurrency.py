@@ -190,3 +190,57 @@ def test_a_kept_graphs_backward_runs_in_its_forwards_mode(start_server):
             other(torch.randn(2, 4, dtype=torch.float64))
         loss.backward()
     assert torch.equal(xs[0].grad, xs[1].grad)
+
+
+def test_threads_sharing_a_remote_module_keep_each_others_gradients(start_server):
+    """One RemoteModule trained from two threads at once, each a forward and backward of its
+    own batch after zero_grad(), as torch allows for a local module: the gradients add up.
+    The deferred zero_grad() rides on the first thread's Backward, and the other's must not
+    reach the server before it (it would be zeroed with the last step's). Forced here: the
+    Backward carrying it is held back before it is sent."""
+
+    def trunk() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).double()
+
+    server = start_server(trunk())
+    remote = RemoteModule(server.address)
+    remote_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
+    local = trunk()
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    exchange, held_back = remote.client._exchange, []
+
+    def carrier_last(name, header, *args, **kwargs):
+        if name == "Backward" and header.zero_grad:
+            held_back.append(header.request_id)
+            threading.Event().wait(0.3)  # the other thread's Backward is ready by now
+        return exchange(name, header, *args, **kwargs)
+
+    remote.client._exchange = carrier_last
+    errors: list[BaseException] = []
+
+    def train(x: torch.Tensor) -> None:
+        try:
+            remote(x).tanh().sum().backward()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        xs = [torch.randn(4, 8, generator=generator, dtype=torch.float64) for _ in range(2)]
+        remote_opt.zero_grad()
+        local_opt.zero_grad()
+        threads = [threading.Thread(target=train, args=(x,)) for x in xs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        for x in xs:
+            local(x).tanh().sum().backward()
+        remote_opt.step()
+        local_opt.step()
+    assert len(held_back) == 3  # every step's zero_grad() rode on one of its Backwards
+    state = remote.remote_state_dict()
+    for name, value in local.state_dict().items():
+        assert torch.equal(state[name], value), name
