@@ -73,7 +73,7 @@ class _BFloat16:
         return numel * 2
 
     def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
-        if tensor.dtype == torch.bfloat16:
+        if tensor.element_size() <= 2:  # no byte to gain; float16's 65504 would round to inf
             return tensor, None
         # float64 may hold what bfloat16 cannot (a cast, not a check: NaN and inf cast as is)
         if tensor.dtype == torch.float64 and not _float32_range(_amax(tensor), nonfinite=True):
@@ -92,6 +92,8 @@ class _Float16:
         return numel * 2
 
     def quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if tensor.element_size() <= 2:  # no byte to gain, and float16's subnormals to lose
+            return tensor, None
         amax = _amax(tensor)
         if not math.isfinite(amax):
             return tensor, None  # non-finite values travel losslessly; the receiver decides
