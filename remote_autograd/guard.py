@@ -396,6 +396,8 @@ class StepBackup:
 
     def __init__(self) -> None:
         self._pool: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._copies = 0  # calls of copy() so far
+        self._taken_at: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         # Each parameter's largest |value| after the last step, with the tensor's version
         # counter then (any later in-place change, a LoadState or a rollback, bumps it).
         self._max: dict[int, tuple[int, float]] = {}
@@ -435,24 +437,55 @@ class StepBackup:
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(buffers, [t.detach() for t in tensors])
+        self._copies += 1
+        self._taken_at.update(dict.fromkeys(taken, self._copies))
+        self._trim(sum(b.numel() * b.element_size() for b in buffers))
         return buffers
+
+    def _trim(self, used: int) -> None:
+        """Keep at most twice what this step used (the steps of sessions with other shapes
+        alternate), dropping the shapes taken longest ago: a state loaded in ever new shapes
+        must not grow the pool for good."""
+        held = self.nbytes()
+        for key in sorted(self._pool, key=self._taken_at.__getitem__):
+            if held <= 2 * used or self._taken_at[key] == self._copies:
+                break
+            held -= sum(b.numel() * b.element_size() for b in self._pool.pop(key))
+            del self._taken_at[key]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)
 
 
 def _state_snapshot(
-    optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor], backup: StepBackup
-) -> tuple[dict[Any, dict[str, Any]], list[torch.Tensor]]:
+    optimizer: torch.optim.Optimizer,
+    tensors: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    backup: StepBackup,
+) -> tuple[dict[Any, dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
     """The optimizer state of ``tensors`` (the parameters a step moves), its tensors copied
-    into ``backup``; and the parameters' copies."""
+    into ``backup``; the parameters' copies; and copies of ``grads``."""
     state = {p: dict(entries) for p in tensors if (entries := optimizer.state.get(p)) is not None}
     slots = [(p, k) for p, entries in state.items() for k, v in entries.items()]
     slots = [(p, k) for p, k in slots if isinstance(state[p][k], torch.Tensor)]
-    copies = backup.copy([*tensors, *(state[p][k] for p, k in slots)])
-    for (param, key), copy in zip(slots, copies[len(tensors) :], strict=True):
+    copies = backup.copy([*tensors, *grads, *(state[p][k] for p, k in slots)])
+    first_state = len(tensors) + len(grads)
+    for (param, key), copy in zip(slots, copies[first_state:], strict=True):
         state[param][key] = copy
-    return state, copies[: len(tensors)]
+    return state, copies[: len(tensors)], copies[len(tensors) : first_state]
+
+
+def _may_write_grads(optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``step()`` may change the gradients it is given: torch's foreach paths do
+    (SGD with Nesterov momentum, Rprop, Adagrad maximizing with weight decay...), as does an
+    optimizer seen doing it before (``_ra_writes_grads``, set by guarded_step)."""
+    if getattr(optimizer, "_ra_writes_grads", False):
+        return True
+    on_cuda = any(local(t).device.type == "cuda" for t in tensors)
+    return any(
+        g.get("foreach") or (g.get("foreach", False) is None and on_cuda)
+        for g in optimizer.param_groups
+    )
 
 
 def _restore_state(
@@ -507,15 +540,33 @@ def guarded_step(
     tensors = [param for _, param in moving]
     backup = backup or StepBackup()
     saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    old_state, old_params = _state_snapshot(optimizer, tensors, backup)
+    given = [grads[name] for name in names]
+    # The session's gradients must be as they were after a refused step: copied too where
+    # the optimizer may write them.
+    kept = given if _may_write_grads(optimizer, tensors) else []
+    old_state, old_params, old_grads = _state_snapshot(optimizer, tensors, kept, backup)
+    versions = [local(g)._version for g in given]
     old_max = ranks.max(backup.max_abs(tensors, old_params))
 
     def roll_back() -> None:
         with torch.no_grad():
             torch._foreach_copy_([local(t).detach() for t in tensors], old_params)
+            if old_grads:
+                torch._foreach_copy_([local(g) for g in kept], old_grads)
         _restore_state(optimizer, tensors, old_state)
         for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
             group.update(saved)
+        if not old_grads and wrote_grads():
+            optimizer._ra_writes_grads = True  # type: ignore[attr-defined]
+            raise InvalidRequest(
+                f"Step refused, and {type(optimizer).__name__}.step() had changed the "
+                "session's gradients as it ran: they cannot be applied again. The weights "
+                "and the optimizer are as they were; call zero_grad() and redo the step's "
+                "forward and backward"
+            )
+
+    def wrote_grads() -> bool:
+        return any(local(g)._version != v for g, v in zip(given, versions, strict=True))
 
     for group, update in zip(optimizer.param_groups, updates, strict=True):
         group.update(update)
@@ -545,6 +596,8 @@ def guarded_step(
     if problem:
         roll_back()
         raise InvalidRequest(f"Step refused: {problem}; nothing was changed")
+    if not old_grads and wrote_grads():
+        optimizer._ra_writes_grads = True  # type: ignore[attr-defined]  # backed up from now on
     backup.remember(tensors, new_max)
 
 

@@ -426,6 +426,35 @@ def test_a_step_that_would_grow_the_weights_absurdly_is_refused(start_server, na
     _another_session_trains(server, name)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("SGD", {"momentum": 0.9, "nesterov": True, "foreach": True, "weight_decay": 0.0}),
+        ("Rprop", {"foreach": True, "step_sizes": (1e-6, 1e30)}),
+    ],
+    ids=["SGD-nesterov-foreach", "Rprop-foreach"],
+)
+def test_a_refused_step_leaves_the_gradients_an_optimizer_writes(start_server, name, kwargs):
+    """torch's foreach SGD with Nesterov momentum and foreach Rprop change the gradients they
+    are given (in place, as they step; foreach is the default on a GPU). A refused step puts
+    them back with the weights: the redone step equals the same step here."""
+    server, remote = _start(start_server, max_lr=1e30)
+    optimizer = RemoteOptimizer(remote, name, lr=1e30, **kwargs)
+    remote(_x(2)).square().sum().backward()
+    snapshot = _Snapshot(server, remote)
+    with pytest.raises(InvalidRequest, match=r"grow trunk parameter (weight|bias) .*ServerOpt"):
+        optimizer.step()
+    snapshot.assert_unchanged(server, remote)
+    optimizer.param_groups[0]["lr"] = 0.01
+    local = _local(linear32_trunk, snapshot.weights)
+    local_optimizer = getattr(torch.optim, name)(local.parameters(), lr=0.01, **kwargs)
+    local(_x(2)).square().sum().backward()
+    optimizer.step()  # the refused step, redone from the gradients the session holds
+    local_optimizer.step()
+    assert _same(_weights(server), {n: p.detach() for n, p in local.named_parameters()})
+    _another_session_trains(server, "Adam")
+
+
 @pytest.mark.parametrize("name", [*OPTIMIZERS, "AdamW-fused"])
 def test_a_step_with_a_non_finite_result_is_rolled_back_exactly(start_server, name):
     """Adam(W) with eps=0 and zero gradients divides 0 by 0 on its first step; SGD with lr=100
@@ -817,6 +846,19 @@ def test_the_step_backup_reuses_its_buffers_and_forgets_a_changed_tensors_maximu
     again = backup.copy([weight])
     assert again[0] is first[0] and backup.nbytes() == 8
     assert backup.max_abs([weight], again) == [30.0]
+
+
+def test_the_step_backup_forgets_shapes_no_step_takes_any_more():
+    """A session may load optimizer states of ever new shapes (each step then refused): the
+    kept buffers stay within twice what a step uses, and the last step's are reused."""
+    backup = StepBackup()
+    weight = torch.zeros(100)
+    for rows in range(1, 50):
+        backup.copy([weight, torch.zeros(rows, 3)])
+        assert backup.nbytes() <= 2 * (100 + rows * 3) * 4
+    first = backup.copy([weight])[0]
+    assert backup.copy([weight])[0] is first
+    assert backup.nbytes() == 400
 
 
 @pytest.mark.parametrize(
