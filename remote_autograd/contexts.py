@@ -26,6 +26,10 @@ from .sessions import identity_of
 __all__ = ["ContextCache", "ForwardContext"]
 
 _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error messages
+# Per session: how many Backwards this many of its recent contexts that went away had
+# answered (a retry whose reply was lost must not add its gradients twice). A session's own:
+# other sessions' churn cannot push them out.
+_REMEMBER_ANSWERED = 1024
 
 
 def _key(session: str, request_id: str) -> tuple[str, str]:
@@ -96,7 +100,8 @@ class ContextCache:
         self._items: OrderedDict[tuple[str, str], ForwardContext] = OrderedDict()
         self._nbytes = 0
         # Why recent ids went away, and the Backwards they had answered (seq, non-finite).
-        self._gone: OrderedDict[tuple[str, str], tuple[str, int, bool]] = OrderedDict()
+        self._gone: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._answered: dict[str, OrderedDict[str, tuple[int, bool]]] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -164,9 +169,8 @@ class ContextCache:
         with self._lock:
             context.last_nonfinite = nonfinite
             if self._items.get(key) is not context:  # dropped meanwhile (evicted, released)
-                gone = self._gone.get(key)
-                if gone is not None:  # what it answered counts, for a re-created context
-                    self._gone[key] = (gone[0], max(context.backward_seq, gone[1]), nonfinite)
+                # What it answered counts, for a re-created context.
+                self._remember_answered_locked(context, nonfinite)
                 return
             grow = nbytes - context.reply_bytes
             held = self._per_identity.get(identity) if identity is not None else None
@@ -202,8 +206,7 @@ class ContextCache:
             context = self._items.get(key)
             if context is None:
                 # Only this session's own history: nothing said about other sessions' ids.
-                gone = self._gone.get(key)
-                reason = gone[0] if gone else None
+                reason = self._gone.get(key)
                 raise ContextNotFound(
                     f"{method} for request {request_id[:12]}: no forward context ("
                     + (reason or f"expired after {self.ttl:g} s idle, released, or never created")
@@ -221,8 +224,8 @@ class ContextCache:
         """The Backwards a context of this id that went away had answered, and whether the
         last was non-finite ((0, False) if none is remembered)."""
         with self._lock:
-            gone = self._gone.get(_key(session, request_id))
-            return (gone[1], gone[2]) if gone else (0, False)
+            answered = self._answered.get(session)
+            return answered.get(request_id, (0, False)) if answered else (0, False)
 
     def release(self, session: str, request_ids: list[str]) -> int:
         released = 0
@@ -243,6 +246,7 @@ class ContextCache:
         with self._lock:
             for key in [k for k in self._items if k[0] == session]:
                 self._drop_locked(self._items.pop(key), "its session ended")
+            self._answered.pop(session, None)  # no call of it can come any more
 
     def expire(self) -> int:
         with self._lock:
@@ -280,11 +284,21 @@ class ContextCache:
             if held[0] <= 0:
                 del self._per_identity[identity]  # type: ignore[arg-type]
         key = _key(context.session, context.request_id)
-        self._gone[key] = (
-            reason,
-            max(context.backward_seq, context.answered),
-            context.last_nonfinite,
-        )
+        self._gone[key] = reason
         self._gone.move_to_end(key)
         while len(self._gone) > _FORGET_REASONS:
             self._gone.popitem(last=False)
+        self._remember_answered_locked(context, context.last_nonfinite)
+
+    def _remember_answered_locked(self, context: ForwardContext, nonfinite: bool) -> None:
+        seq = max(context.backward_seq, context.answered)
+        if not seq:
+            return  # answered nothing: (0, False), as for an id never seen
+        answered = self._answered.setdefault(context.session, OrderedDict())
+        answered[context.request_id] = (
+            max(seq, answered.get(context.request_id, (0, False))[0]),
+            nonfinite,
+        )
+        answered.move_to_end(context.request_id)
+        while len(answered) > _REMEMBER_ANSWERED:
+            answered.popitem(last=False)

@@ -86,3 +86,29 @@ def test_an_expired_session_closes_its_bulk_connections(start_server):
     _idle(server, remote)
     assert len(server.service.bulk) == 0
     assert torch.equal(remote(x), x * 1.5)  # a new session, which opens a new connection
+
+
+def test_other_sessions_churn_does_not_flush_what_a_lost_context_had_answered():
+    """A context that answered a Backward, then went away (expired, evicted), is re-created
+    by its client for the Backward's retry (its reply was lost): the server must still know
+    that the Backward was answered, or the retry adds the gradients a second time. Another
+    session releasing thousands of contexts meanwhile must not push that record out; the
+    session's end does."""
+    from remote_autograd.contexts import ContextCache, ForwardContext
+
+    cache = ContextCache(max_contexts=8, max_bytes=1 << 20, ttl=60.0)
+
+    def context(session: str, request_id: str) -> ForwardContext:
+        return ForwardContext(request_id, session, [], [], None, 0, 0)
+
+    answered = context("b", "lost")
+    cache.put(answered)
+    answered.backward_seq = 1  # its Backward #1 was answered (the reply then lost)
+    cache.release("b", ["lost"])
+    for index in range(5000):
+        cache.put(context("a", f"churn-{index}"))
+        cache.release("a", [f"churn-{index}"])
+    assert cache.answered("b", "lost") == (1, False)
+    assert cache.answered("a", "churn-0") == (0, False)  # answered nothing: nothing to keep
+    cache.drop_session("b")
+    assert cache.answered("b", "lost") == (0, False)
