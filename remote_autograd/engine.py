@@ -629,6 +629,9 @@ class TrunkEngine:
             except (TypeError, ValueError) as exc:
                 raise InvalidRequest(f"{name}(**{kwargs!r}): {exc}") from exc
             check_hyperparameters(name, optimizer.param_groups, self.options)
+            # What the session holds goes into checkpoints, which restore only what a
+            # LoadState would take: held to the same bounds.
+            check_finite_groups({"param_groups": optimizer.param_groups}, f"{name} options")
             session.optimizer = optimizer
             session.optimizer_name = name
             session.optimizer_options = kwargs

@@ -298,6 +298,12 @@ def step_groups(groups: Any, optimizer: torch.optim.Optimizer) -> list[dict[str,
                     f"hyperparameter {key}={value!r}: expected a finite number, bool or a list "
                     "of these"
                 )
+            if isinstance(value, (list, tuple)) and len(value) > MAX_GROUP_SEQUENCE:
+                # Kept in the group, and in every checkpoint, which could not be restored.
+                raise InvalidRequest(
+                    f"hyperparameter {key}: a sequence of {len(value)} items, more than "
+                    f"{MAX_GROUP_SEQUENCE}"
+                )
             update[key] = tuple(value) if isinstance(value, list) else value
         updates.append(update)
     return updates
@@ -312,34 +318,34 @@ MAX_GROUP_TEXT = 64  # characters of an entry's name, or of a string value
 MAX_GROUP_SEQUENCE = 16  # items of a list or tuple value
 
 
-def check_finite_groups(state: Any) -> None:
+def check_finite_groups(state: Any, what: str = "optimizer state") -> None:
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list):
-        raise InvalidRequest("optimizer state must hold 'param_groups' (a list)")
+        raise InvalidRequest(f"{what} must hold 'param_groups' (a list)")
     for group in groups:
         if not isinstance(group, dict):
             continue  # check_hyperparameters names it
         if len(group) > MAX_GROUP_ENTRIES + 1:
             raise InvalidRequest(
-                f"optimizer state: a param group holds {len(group) - 1} entries besides its "
+                f"{what}: a param group holds {len(group) - 1} entries besides its "
                 f"params, more than {MAX_GROUP_ENTRIES}"
             )
         for key, value in group.items():
             if not isinstance(key, str) or len(key) > MAX_GROUP_TEXT:
                 shown = key if isinstance(key, str) else describe(key)
                 raise InvalidRequest(
-                    f"optimizer state: a param group's entry named {str(shown)[:80]!r}: names "
+                    f"{what}: a param group's entry named {str(shown)[:80]!r}: names "
                     f"must be strings of at most {MAX_GROUP_TEXT} characters"
                 )
             if key == "params":
                 continue
             if not is_plain(value) and not isinstance(value, str):
-                raise InvalidRequest(f"optimizer state: {key}={value!r} is not finite and plain")
+                raise InvalidRequest(f"{what}: {key}={value!r} is not finite and plain")
             if (isinstance(value, str) and len(value) > MAX_GROUP_TEXT) or (
                 isinstance(value, (list, tuple)) and len(value) > MAX_GROUP_SEQUENCE
             ):
                 raise InvalidRequest(
-                    f"optimizer state: {key} holds a string of more than {MAX_GROUP_TEXT} "
+                    f"{what}: {key} holds a string of more than {MAX_GROUP_TEXT} "
                     f"characters or a sequence of more than {MAX_GROUP_SEQUENCE} items"
                 )
 

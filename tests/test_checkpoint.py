@@ -18,6 +18,7 @@ from torch import nn
 from remote_autograd import (
     ClientOptions,
     CodecError,
+    InvalidRequest,
     NotConfigured,
     RemoteModule,
     RemoteOptimizer,
@@ -132,6 +133,43 @@ def test_a_checkpoint_restores_weights_and_each_sessions_optimizer(tmp_path):
             assert torch.equal(state["state"][index]["momentum_buffer"], saved["momentum_buffer"])
         for name, param in resumed.engine.module.named_parameters():
             assert torch.equal(param.detach(), weights[name]), name
+    finally:
+        resumed.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({f"k{i}": i for i in range(65)}, r"entries besides its params, more than 64"),
+        ({"note_" + "x" * 80: 1.0}, r"names must be strings of at most 64 characters"),
+        ({"schedule": list(range(17))}, r"sequence of more than 16 items"),
+    ],
+    ids=["entries", "name", "sequence"],
+)
+def test_an_optimizer_is_held_to_what_a_checkpoint_restores(tmp_path, extra, message):
+    """What a session's optimizer holds is written into every checkpoint, and a checkpoint is
+    restored only within the bounds of a LoadState: a ConfigureOptimizer (or Step) beyond them
+    would have kept the server from starting again. Refused, naming the bound; then a
+    configuration within them checkpoints and restores."""
+    path = str(tmp_path / "trunk.ckpt")
+    server = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    try:
+        remote = RemoteModule(server.address)
+        group = {"params": ["weight", "bias"], "lr": 0.1, **extra}
+        with pytest.raises(InvalidRequest, match=rf"SGD options: .*{message}"):
+            remote.client.configure_optimizer("SGD", {"lr": 0.1}, [group])
+        optimizer = RemoteOptimizer(remote, "SGD", lr=0.1, momentum=0.9)
+        optimizer.param_groups[0]["momentum"] = [0.9] * 17  # a Step's update, likewise
+        with pytest.raises(InvalidRequest, match=r"momentum: a sequence of 17 items, more"):
+            _one_step(remote, optimizer)
+        optimizer.param_groups[0]["momentum"] = 0.9
+        optimizer.step()  # the refused one, redone
+        assert remote.client.checkpoint().weights_version == 1
+    finally:
+        server.stop(grace=None)
+    resumed = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=path))
+    try:
+        assert resumed.stats()["weights_version"] == 1
     finally:
         resumed.stop(grace=None)
 
