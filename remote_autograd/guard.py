@@ -575,7 +575,15 @@ def guarded_step(
     try:
         try:
             optimizer.step()
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AssertionError,
+            ArithmeticError,  # a hyperparameter the checks let pass overflows (ASGD's alpha)
+        ) as exc:
             # Not the session's doing: a lost rank, a device out of memory or failing.
             if isinstance(exc, _NOT_THE_INPUTS):
                 raise

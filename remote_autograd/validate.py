@@ -374,8 +374,8 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None:
             f"has {count}"
         )
     by_id = params_by_saved_id(state, optimizer)
-    entries_of = state.get("state", {})
-    if not isinstance(entries_of, dict):
+    entries_of = state.get("state")
+    if not isinstance(entries_of, dict):  # torch's state_dict() always has it, even empty
         raise InvalidRequest("optimizer state: 'state' must map parameter ids to their state")
     for key, entries in entries_of.items():
         param = by_id.get(key)

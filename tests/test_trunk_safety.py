@@ -832,6 +832,33 @@ def test_loaded_optimizer_state_is_held_to_the_same_bounds(start_server):
     _another_session_trains(server, "Adam")
 
 
+def test_an_optimizer_state_without_its_state_map_is_refused_as_the_callers(start_server):
+    """torch's state_dict() always holds "state" (empty before the first step): one without
+    it is the caller's mistake, answered INVALID_ARGUMENT, not a trunk failure (INTERNAL)."""
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "Adam", lr=0.01)
+    _good_step(remote, optimizer, _x(1))
+    snapshot = _Snapshot(server, remote)
+    groups = _session(server, remote).optimizer.state_dict()["param_groups"]
+    with pytest.raises(InvalidRequest, match=r"'state' must map parameter ids to their state"):
+        remote.client.load_state({"optimizer": {"param_groups": groups}})
+    snapshot.assert_unchanged(server, remote)
+
+
+def test_a_step_that_overflows_a_python_number_is_refused_and_changes_nothing(start_server):
+    """ASGD's alpha passes the hyperparameter checks at 1e300, and its step then overflows a
+    Python float (OverflowError): the session's to fix, answered INVALID_ARGUMENT, and rolled
+    back like any refused step."""
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "ASGD", lr=0.01, lambd=1.0, alpha=1e300)
+    remote(_x(2)).square().sum().backward()
+    snapshot = _Snapshot(server, remote)
+    with pytest.raises(InvalidRequest, match=r"ASGD.step\(\) raised OverflowError"):
+        optimizer.step()
+    snapshot.assert_unchanged(server, remote)
+    _another_session_trains(server, "Adam")
+
+
 def test_the_step_backup_reuses_its_buffers_and_forgets_a_changed_tensors_maximum():
     """The kept buffers serve every step; a remembered max |w| is used only while the tensor's
     version counter says it did not change (a LoadState or a rollback changes it)."""
