@@ -208,6 +208,7 @@ class _AdapterRunner(TrunkRunner):
         grad: bool,
         autocast: torch.dtype | None = None,
         recompute: bool = False,
+        keeps: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         if not training or (self.draws is False and self.lock is None):
             # Nothing to draw; seeding would set the process-wide generator under another
@@ -216,9 +217,25 @@ class _AdapterRunner(TrunkRunner):
         elif seed is not None and (self.lock or (self.lock is None and self.draws is not False)):
             with self._random_lock:
                 return super().forward(
-                    template, leaves, training, seed, grad=grad, autocast=autocast
+                    template,
+                    leaves,
+                    training,
+                    seed,
+                    grad=grad,
+                    autocast=autocast,
+                    recompute=recompute,
+                    keeps=keeps,
                 )
-        return super().forward(template, leaves, training, seed, grad=grad, autocast=autocast)
+        return super().forward(
+            template,
+            leaves,
+            training,
+            seed,
+            grad=grad,
+            autocast=autocast,
+            recompute=recompute,
+            keeps=keeps,
+        )
 
     def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.draws is not None:

@@ -163,6 +163,7 @@ class DistributedRunner(TrunkRunner):
         grad: bool,
         autocast: torch.dtype | None = None,
         recompute: bool = False,
+        keeps: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         plan = Plan(leaves, self.world, everyone=self.mode == "fsdp")
         token = -1
@@ -197,7 +198,7 @@ class DistributedRunner(TrunkRunner):
             self._unstoppable(
                 "the trunk",
                 lambda: self.forward_share(
-                    template, mine, training, seed, grad, token, autocast, recompute
+                    template, mine, training, seed, grad, token, autocast, recompute, keeps
                 ),
             ),
         )
@@ -571,14 +572,25 @@ class DistributedRunner(TrunkRunner):
         # detach(): a leaf of its own, not part of rank 0's input's graph.
         return tensor.to(self.device).detach().requires_grad_(need)
 
-    def forward_share(self, template, leaves, training, seed, grad, token, autocast, recompute):
+    def forward_share(
+        self, template, leaves, training, seed, grad, token, autocast, recompute, keeps=False
+    ):
         # Rank 0's engine guards its own buffers (BatchNorm statistics) and puts them back
         # after a recompute; the other ranks do the same for theirs here.
         guarded = self.rank != 0 and (training or recompute)
         kept = buffer_snapshot(self.module) if guarded else []
         try:
+            # Rank 0's share views the inputs its engine keeps (``keeps``, a recompute).
             out_template, outputs = TrunkRunner.forward(
-                self, template, leaves, training, seed, grad=grad, autocast=autocast
+                self,
+                template,
+                leaves,
+                training,
+                seed,
+                grad=grad,
+                autocast=autocast,
+                recompute=recompute,
+                keeps=keeps,
             )
             if guarded and not recompute:
                 check_finite_buffers(floating_buffers(self.module))

@@ -371,6 +371,7 @@ class TrunkEngine:
                             seed if keep or call.training else None,
                             grad=graph,
                             autocast=call.autocast,
+                            keeps=lazy,  # kept to run again at Backward: as it came
                         )
                     check_finite_buffers(moved)
                     if keep:  # refused below, it must not have moved them: refused here

@@ -87,12 +87,15 @@ class TrunkRunner:
         grad: bool,
         autocast: torch.dtype | None = None,
         recompute: bool = False,
+        keeps: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
         """Run the trunk (the caller holds the trunk lock), its RNG seeded by ``seed`` if
         given, under ``torch.autocast`` with ``autocast`` if given (the client's); returns the
         outputs' template and tensors. ``recompute``: a forward run again for its Backward,
-        whose buffer updates the caller undoes (as other processes of the trunk must)."""
-        args, kwargs = unflatten(template, [self._cast_in(t) for t in leaves])
+        whose buffer updates the caller undoes (as other processes of the trunk must).
+        ``keeps``: the caller keeps ``leaves`` to run this forward again from."""
+        given = [self._given(t, grad, copy=keeps or recompute) for t in leaves]
+        args, kwargs = unflatten(template, given)
         if self.module.training != training:  # train() walks every submodule: not per call
             self.module.train(training)
         with _grad_mode(grad), self._autocast(autocast):
@@ -232,6 +235,34 @@ class TrunkRunner:
         if self.dtype is not None and tensor.is_floating_point():
             return tensor.to(self.dtype)
         return tensor
+
+    def _given(self, leaf: torch.Tensor, grad: bool, *, copy: bool) -> torch.Tensor:
+        """What the trunk gets for an input. A trunk may change its input in place, as it
+        may the output of the layer before it locally (``ReLU(inplace=True)`` first, ``x +=
+        pos``); a leaf that requires grad refuses that, so the trunk gets an alias of it, and
+        a copy where the leaf is kept to run the forward again from (``copy``)."""
+        cast = self._cast_in(leaf)
+        if cast is not leaf:
+            return cast  # a tensor of its own already
+        if copy:
+            return leaf.clone()
+        return _Alias.apply(leaf) if grad and leaf.requires_grad else leaf
+
+
+class _Alias(torch.autograd.Function):
+    """The input's memory as a tensor of its own, on the input's graph: in-place changes of
+    it are the trunk's, as those of a local layer's output would be."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(
+            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def _own_memory(

@@ -114,3 +114,18 @@ Bias = collections.namedtuple("Bias", ["bias"])
 
 def make_named_outputs_trunk() -> nn.Module:
     return NamedOutputs()
+
+
+class AddsInPlace(nn.Module):
+    """Changes its input in place before using it (``x += pos``, then ``ReLU(inplace=True)``),
+    as a trunk may the output of the layer before it: float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.register_buffer("pos", torch.randn(4, dtype=torch.float64))
+        self.linear = nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x += self.pos
+        return self.linear(torch.relu_(x))

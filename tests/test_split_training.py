@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import Split, block_parts, mlp_parts
+from models import AddsInPlace, Split, block_parts, mlp_parts
 from polling import wait_for
 from torch import nn
 
@@ -505,3 +505,39 @@ def test_a_top_that_changes_the_trunks_output_in_place_trains_as_locally(start_s
             torch.testing.assert_close(a.grad, b.grad, **tol)
     for name, param in local[1].named_parameters():
         torch.testing.assert_close(trunk_grads[name], param.grad, **tol)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["graph", "recompute"])
+@pytest.mark.parametrize("needs_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_a_trunk_that_changes_its_input_in_place_trains_as_locally(
+    start_server, recompute, needs_grad
+):
+    """``x += pos`` and ``ReLU(inplace=True)`` on the trunk's input work locally on the output
+    of the layer before. The server's input is a leaf (which refuses that, when it requires
+    grad) and, under ServerOptions(recompute=True), what the forward runs from again at
+    Backward (which would start from the changed input). Outputs, input gradients and the
+    trunk's gradients (one SGD step, lr=1) equal local ones, over two steps."""
+    server = start_server(AddsInPlace(), ServerOptions(recompute=recompute))
+    remote = RemoteModule(server.address)
+    remote_opt = RemoteOptimizer(remote, "SGD", lr=1.0)
+    local = AddsInPlace()
+    local_opt = torch.optim.SGD(local.parameters(), lr=1.0)
+    for step in range(2):
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        remote_x = x.clone().requires_grad_(needs_grad)
+        local_x = x.clone().requires_grad_(needs_grad)
+        remote_opt.zero_grad()
+        local_opt.zero_grad()
+        out = remote(remote_x)
+        # Locally the trunk's input is the output of a layer before it (a leaf refuses it).
+        expected = local(local_x * 1.0)
+        assert torch.equal(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        if needs_grad:
+            assert torch.equal(remote_x.grad, local_x.grad)
+        remote_opt.step()
+        local_opt.step()
+        state = remote.remote_state_dict()
+        for name, value in local.state_dict().items():
+            assert torch.equal(state[name], value), (step, name)
