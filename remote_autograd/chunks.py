@@ -193,6 +193,7 @@ class ChunkedCall:
     def release(self) -> None:
         for call in self.calls:
             call.release()
+        self._inputs = ()  # as RemoteCall.release
 
 
 def _slice_rows(rows: int, k: int) -> list[int]:

@@ -93,6 +93,9 @@ class RemoteCall:
         """The client's graph no longer needs this forward's context on the server (released
         only by the process that made it, not by a fork holding a copy of the graph)."""
         self.client.schedule_release(self.request_id, self._pid)
+        # Nothing will be recomputed from them: a loss kept for logging (``losses.append(
+        # loss)``) keeps this call reachable, and must not keep its inputs step after step.
+        self._inputs, self._versions = (), []
 
     def _recompute(self) -> None:
         # The detached inputs share their tensors' version counters: one changed in place

@@ -338,3 +338,22 @@ def test_a_decoded_tensor_never_keeps_a_pooled_buffer_larger_than_its_frame():
         got = codec.Decoder().decode(view)["x"]
         assert torch.equal(got, x)
         assert (start <= got.data_ptr() < start + spare) == (spare == len(frame)), spare
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_loss_kept_for_logging_does_not_keep_the_trunks_inputs(start_server, micro_batches):
+    """``losses.append(loss)`` keeps each step's graph object reachable after its backward,
+    as it does locally; the inputs the client kept to resend (for a forward the server lost)
+    must go with the backward, or every step's trunk inputs stay in memory."""
+    server = start_server(nn.Linear(8, 8).double())
+    remote = RemoteModule(server.address, options=ClientOptions(micro_batches=micro_batches))
+    losses, storages = [], []
+    for _ in range(3):
+        x = torch.randn(4, 8, dtype=torch.float64)
+        storages.append(x.untyped_storage()._weak_ref())
+        loss = remote(x).square().sum()
+        loss.backward()
+        losses.append(loss)
+        del x
+    assert all(torch.UntypedStorage._expired(weak) for weak in storages)
+    assert len(losses) == 3
