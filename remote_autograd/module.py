@@ -331,13 +331,18 @@ class RemoteModule(nn.Module):
         state = super().__getstate__()  # type: ignore[misc]
         state = dict(state)
         state["client"] = self.client.options
+        # A copy continues this run (EMA, AveragedModel): the trunk's steps so far are its own,
+        # so it is not warned as a fresh run that finds a stepped trunk (SteppedTrunkWarning).
+        state["run_started"] = self.client._started
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         options = state.pop("client")
+        started = state.pop("run_started", False)
         super().__setstate__(state)
         self.client = TrunkClient(self.address, options)
+        self.client._started = started
         self._new_stand_in()  # on the CPU: a load's map_location may have moved the saved one
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from conftest import ROOT, child_env
 from models import mlp_parts
 from polling import wait_for
 
-from remote_autograd import ClientOptions, RemoteModule, RemoteOptimizer, ServerOptions
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    SteppedTrunkWarning,
+)
 
 # Clients here train one server's trunk in turn: starting from the weights an earlier client
 # left is the point, not a mistake (SteppedTrunkWarning).
@@ -191,3 +198,30 @@ def test_data_parallel_clients_are_told_the_trunk_steps_once_per_process(start_s
     assert completed.returncode == 0, completed.stderr[-2000:]
     # Two processes print to one pipe: their lines may interleave ("warnedwarned\n\n").
     assert completed.stdout.count("warned") == 2 and "[" not in completed.stdout, completed.stdout
+
+
+def test_a_copy_made_after_training_continues_the_run_without_a_warning(start_server):
+    """An EMA made mid-run (AveragedModel deep-copies the model after some steps) continues
+    that run: the trunk's steps are its original's, and the copy is not warned as a fresh run
+    that finds a stepped trunk (SteppedTrunkWarning), which told users to restart the server.
+    A copy of a module that never trained still is."""
+    server = start_server(mlp_parts(torch.float64)[1])
+    bottom, _, top = mlp_parts(torch.float64)
+    fresh = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
+    unused = copy.deepcopy(fresh)  # before anything ran
+    optimizer = RemoteOptimizer(fresh[1], "SGD", lr=0.1)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    fresh(x).sum().backward()
+    optimizer.step()
+    averaged = torch.optim.swa_utils.AveragedModel(fresh)
+    restored = pickle.loads(pickle.dumps(fresh))
+    caught = []
+    for model in (averaged, restored, unused):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model(x).sum().backward()  # a training forward of the copy
+        caught.append([str(w.message) for w in seen if w.category is SteppedTrunkWarning])
+    assert caught[:2] == [[], []]
+    assert len(caught[2]) == 1 and "weights version 1" in caught[2][0]
+    for model in (fresh, averaged.module, restored, unused):
+        model[1].close()
