@@ -104,7 +104,11 @@ class RemoteModule(nn.Module):
 
     # Dynamo must not trace into the RPC (threads, finalizers, sockets): torch.compile of a
     # model holding this module compiles the local parts and breaks the graph here.
-    @torch.compiler.disable
+    @torch.compiler.disable(
+        reason="a RemoteModule's forward is a call to the trunk server, which Dynamo cannot "
+        "trace: with fullgraph=True, compile the parts before and after it on their own "
+        "(docs/habits.md, torch.compile)"
+    )
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._cast_dtype is not None:
             self._check_cast()

@@ -107,6 +107,19 @@ def test_compile_of_the_whole_model_breaks_the_graph_at_the_remote_module(start_
     split.close()
 
 
+def test_compile_with_fullgraph_is_refused_with_the_way_out(start_server):
+    """fullgraph=True cannot hold the trunk's RPC: Dynamo's refusal names why and what to do
+    (it once told users to remove the library's own torch.compiler.disable)."""
+    torch._dynamo.reset()
+    split = Split(start_server)
+    x = next(iter(_batches(1)))
+    with pytest.raises(Exception, match=r"compile the parts before and after it on their own"):
+        torch.compile(split.model, backend="eager", fullgraph=True)(x)
+    compiled_bottom = torch.compile(split.model[0], backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled_bottom(x), split.local[0](x), rtol=0, atol=0)
+    split.close()
+
+
 # -- autocast -----------------------------------------------------------------------------------
 
 
