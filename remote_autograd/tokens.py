@@ -35,7 +35,7 @@ import grpc
 
 from .drain import behavior_kind
 from .errors import ERROR_METADATA_KEY
-from .transport import AUTH_METADATA_KEY
+from .transport import AUTH_METADATA_KEY, torch_threads
 
 __all__ = ["REFUSAL", "BearerTokens", "TokenGate"]
 
@@ -109,7 +109,11 @@ class TokenGate(grpc.ServerInterceptor):
         with self._lock:
             pool = self._pools.get(name)
             if pool is None:  # at most one per configured token
-                pool = ThreadPoolExecutor(self.token_workers, thread_name_prefix=f"ra-{name[:8]}")
+                pool = ThreadPoolExecutor(
+                    self.token_workers,
+                    thread_name_prefix=f"ra-{name[:8]}",
+                    initializer=torch_threads,
+                )
                 self._pools[name] = pool
             return pool
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import grpc
+import torch
 
 from .addresses import is_unix_socket
 from .options import ClientOptions, ServerOptions
@@ -97,6 +98,15 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def torch_threads() -> None:
+    """Run in each new worker thread: torch sets a thread's intra-op thread count (OpenMP's)
+    on its first parallel op, and oneDNN's kernels (convolutions) do not ask; without this, a
+    worker thread ran them with one thread per core whatever ``torch.set_num_threads`` said:
+    other summation orders than the same module run in the caller's thread, and more threads
+    than the cores the process was given."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def create_server(
     address: str,
     options: ServerOptions,
@@ -107,7 +117,9 @@ def create_server(
     max_message = max_message_bytes(options.unary_payload_bytes, options.stream_chunk_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(
-            max_workers=options.max_workers, thread_name_prefix="remote-autograd"
+            max_workers=options.max_workers,
+            thread_name_prefix="remote-autograd",
+            initializer=torch_threads,
         ),
         interceptors=list(interceptors),
         # A small request can produce a large output: a unary reply may be up to a whole

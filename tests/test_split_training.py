@@ -541,3 +541,33 @@ def test_a_trunk_that_changes_its_input_in_place_trains_as_locally(
         state = remote.remote_state_dict()
         for name, value in local.state_dict().items():
             assert torch.equal(state[name], value), (step, name)
+
+
+def test_the_servers_threads_run_the_trunk_with_the_processs_thread_count(start_server):
+    """torch.set_num_threads(1), then a trunk served in this process: the server's worker
+    threads must run oneDNN's kernels (a channels_last float32 convolution) with one thread
+    too. They used one per core, and the weight gradient's summation order differed from the
+    same convolution run here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        local = nn.Conv2d(8, 16, 3, padding=1).to(memory_format=torch.channels_last)
+        server = start_server(copy.deepcopy(local))
+        remote = RemoteModule(server.address)
+        remote_opt = RemoteOptimizer(remote, "SGD", lr=1e-3)
+        local_opt = torch.optim.SGD(local.parameters(), lr=1e-3)
+        x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(5))
+        weights = torch.arange(1.0, 4 * 16 * 16 * 16 + 1).reshape(4, 16, 16, 16) / 16384
+        expected = local(x)
+        (expected * weights).sum().backward()
+        out = remote(x)
+        (out * weights).sum().backward()
+        assert torch.equal(out, expected)
+        remote_opt.step()
+        local_opt.step()
+        state = remote.remote_state_dict()
+        for name, param in local.named_parameters():
+            assert torch.equal(state[name], param.detach()), name
+    finally:
+        torch.set_num_threads(threads)
