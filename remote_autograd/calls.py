@@ -47,6 +47,8 @@ class ComputeResult:
     recomputed: bool
     compute_seconds: float
     weights_id: str = ""  # names those weights (TrunkEngine.weights_id)
+    # Per output tensor: it needs no gradient (empty: not known, every one may).
+    without_grad: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

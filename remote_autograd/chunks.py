@@ -133,6 +133,14 @@ class ChunkedCall:
             outputs.append(torch.cat(parts))
         return outputs
 
+    @property
+    def without_grad(self) -> list[bool]:
+        """Per output: no slice's needs a gradient (unknown, [], if a slice's is)."""
+        flags = [call.without_grad for call in self.calls]
+        if not flags or any(len(f) != len(flags[0]) for f in flags) or not flags[0]:
+            return []
+        return [all(column) for column in zip(*flags, strict=True)]
+
     def _new_call(self, inputs: tuple[torch.Tensor, ...]) -> RemoteCall:
         call = RemoteCall(
             self.client,
@@ -193,7 +201,8 @@ class ChunkedCall:
     def release(self) -> None:
         for call in self.calls:
             call.release()
-        self._inputs = ()  # as RemoteCall.release
+        if any(call.backwards for call in self.calls):
+            self._inputs = ()  # as RemoteCall.release
 
 
 def _slice_rows(rows: int, k: int) -> list[int]:

@@ -303,6 +303,14 @@ class TrunkEngine:
             keep,
             version,
         )
+        # Known where the forward ran with its graph on this process: which outputs need
+        # no gradient (the client marks them so, as they are locally).
+        graphed = keep and not (call.recompute or self.options.recompute)
+        without_grad = (
+            [not o.requires_grad for o in outputs]
+            if graphed and outputs is not None and self.runner.world == 1
+            else []
+        )
         return ComputeResult(
             # None for a re-created context: the client has the outputs already.
             value=None
@@ -313,6 +321,7 @@ class TrunkEngine:
             recomputed=call.recompute,
             compute_seconds=seconds,
             weights_id=weights_id,
+            without_grad=without_grad if any(without_grad) else [],
         )
 
     def _run_compute(self, session, call, template, leaves, tensors, seed, lease):

@@ -55,6 +55,8 @@ class RemoteCall:
         self.weights_version = 0  # the trunk's weights the forward ran on
         self.weights_id = ""  # and their id (a recompute must find these very weights)
         self.nonfinite = False  # the last backward's trunk gradients were NaN/inf (not kept)
+        self.without_grad: list[bool] = []  # per output: needs no gradient (server's; [] unknown)
+        self._released = False  # release() ran: a context re-created after it is released too
 
     def seeds(self) -> list[int]:
         return [self.seed]
@@ -86,6 +88,7 @@ class RemoteCall:
         self.seed = header.rng_seed
         self.weights_version = header.weights_version
         self.weights_id = header.weights_id
+        self.without_grad = list(header.outputs_without_grad)
         self.output_template, outputs = flatten(value)
         return outputs  # on the CPU: remote_apply moves them (see there)
 
@@ -93,9 +96,13 @@ class RemoteCall:
         """The client's graph no longer needs this forward's context on the server (released
         only by the process that made it, not by a fork holding a copy of the graph)."""
         self.client.schedule_release(self.request_id, self._pid)
-        # Nothing will be recomputed from them: a loss kept for logging (``losses.append(
-        # loss)``) keeps this call reachable, and must not keep its inputs step after step.
-        self._inputs, self._versions = (), []
+        self._released = True
+        # Released after its backward (not at its forward, as under a non-reentrant
+        # checkpoint, whose recompute's backward still needs them): nothing will be resent.
+        # A loss kept for logging (``losses.append(loss)``) keeps this call reachable, and
+        # must not keep its inputs step after step.
+        if self.backwards:
+            self._inputs, self._versions = (), []
 
     def _recompute(self) -> None:
         # The detached inputs share their tensors' version counters: one changed in place
@@ -147,7 +154,14 @@ class RemoteCall:
             if not self.client.options.recover_contexts:
                 raise
             self._recompute()
-            value, reply = self.client.backward(*args, freeze_parameters=frozen, device=device)
+            try:
+                value, reply = self.client.backward(*args, freeze_parameters=frozen, device=device)
+            finally:
+                if self._released:
+                    # Released at the forward (a non-reentrant checkpoint, or saved-tensor
+                    # hooks that copy, drop the marker there): nothing else would release
+                    # the re-created context, and each step would leave one behind.
+                    self.client.schedule_release(self.request_id, self._pid)
         self.nonfinite = reply.nonfinite
         out: list[torch.Tensor | None] = []
         pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)
@@ -180,7 +194,16 @@ class _RemoteFunction(torch.autograd.Function):
         ctx.call = call
         ctx.dummy = get_gradient_edge(dummy).node if dummy.requires_grad else None
         ctx.set_materialize_grads(False)  # unused outputs send None, not a tensor of zeros
-        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        # As locally: integer outputs, and those the trunk gave without a graph (a detached
+        # tensor, a buffer), need no gradient; a backward through them alone is refused.
+        without = call.without_grad if len(call.without_grad) == len(outputs) else []
+        ctx.mark_non_differentiable(
+            *[
+                o
+                for i, o in enumerate(outputs)
+                if not o.is_floating_point() or (without and without[i])
+            ]
+        )
         if call.keep_context:
             # A marker saved for backward: autograd frees it when the graph is freed, or right
             # after a backward without retain_graph. Either way the server may drop the context.

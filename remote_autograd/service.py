@@ -423,6 +423,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             server_id=self.engine.server_id,
             compute_seconds=result.compute_seconds,
             codec_seconds=(decoded - started) + (time.perf_counter() - computed),
+            outputs_without_grad=result.without_grad,
         )
         return reply, buffers
 

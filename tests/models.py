@@ -129,3 +129,20 @@ class AddsInPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x += self.pos
         return self.linear(torch.relu_(x))
+
+
+class SomeOutputsDetached(nn.Module):
+    """Returns ``(h, h.detach() * 2, pos, h computed under no_grad)``: locally only the first
+    requires grad. float64, batch-first outputs (pos repeated over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.linear = nn.Linear(4, 3).double()
+        self.register_buffer("pos", torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.linear(x)
+        with torch.no_grad():
+            quiet = self.linear(x)
+        return h, h.detach() * 2, self.pos.expand(x.shape[0], 3), quiet

@@ -587,6 +587,33 @@ def test_a_recomputed_forward_without_a_seed_option_gets_its_first_runs_masks(st
     remote.close()
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("how", ["non_reentrant", "copying_hooks"])
+def test_forwards_released_before_their_backward_leave_no_context_behind(
+    start_server, how, micro_batches
+):
+    """A non-reentrant checkpoint, or saved-tensor hooks that copy, drop the forward's marker
+    at the forward: its context is released there, and the backward has the server re-create
+    it. Nothing released the re-created one, and every step left a context (the trunk's
+    inputs and activations) on the server until context_ttl."""
+    from torch.utils.checkpoint import checkpoint
+
+    server = start_server(nn.Linear(4, 4).double())
+    options = ClientOptions(micro_batches=micro_batches)
+    remote = RemoteModule(server.address, options=options)
+    for _ in range(3):
+        x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+        if how == "non_reentrant":
+            y = checkpoint(lambda t: remote(t) * 2, x, use_reentrant=False)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                y = remote(x) * 2
+        y.sum().backward()
+        assert torch.equal(x.grad, 2 * server.engine.module.weight.detach().sum(0).expand(4, 4))
+    wait_for(lambda: server.stats()["contexts"] == 0)
+    remote.close()
+
+
 def test_a_recompute_whose_seeds_cannot_be_told_warns(start_server):
     """The trunk twice in one checkpointed function, nothing drawn here between: both forwards
     start from one RNG state, so the recompute cannot tell which seeds are its own, and says

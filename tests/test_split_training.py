@@ -6,11 +6,17 @@ import copy
 
 import pytest
 import torch
-from models import AddsInPlace, Split, block_parts, mlp_parts
+from models import AddsInPlace, SomeOutputsDetached, Split, block_parts, mlp_parts
 from polling import wait_for
 from torch import nn
 
-from remote_autograd import RemoteModule, RemoteOptimizer, ServerOptions, clip_grad_norm_
+from remote_autograd import (
+    ClientOptions,
+    RemoteModule,
+    RemoteOptimizer,
+    ServerOptions,
+    clip_grad_norm_,
+)
 
 STEPS = 5
 
@@ -571,3 +577,34 @@ def test_the_servers_threads_run_the_trunk_with_the_processs_thread_count(start_
             assert torch.equal(state[name], param.detach()), name
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_outputs_the_trunk_gives_without_a_graph_need_no_gradient_as_locally(
+    start_server, micro_batches
+):
+    """A detached output, a buffer, an output computed under no_grad: locally they do not
+    require grad, and a backward through them alone is refused. They came back requiring
+    grad, and such a backward went through without a word (a loss built on the wrong output
+    trained nothing)."""
+    server = start_server(SomeOutputsDetached())
+    options = ClientOptions(micro_batches=micro_batches)
+    remote = RemoteModule(server.address, options=options)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=1.0)
+    local = SomeOutputsDetached()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    outputs, expected = remote(x.clone()), local(x.clone())
+    assert [o.requires_grad for o in outputs] == [o.requires_grad for o in expected]
+    assert [o.requires_grad for o in outputs] == [True, False, False, False]
+    for out, want in zip(outputs, expected, strict=True):
+        assert torch.equal(out, want)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        outputs[1].sum().backward()
+    (outputs[0].square().sum() + outputs[1].sum()).backward()  # the graph's part only
+    (expected[0].square().sum() + expected[1].sum()).backward()
+    optimizer.step()
+    state = remote.remote_state_dict()
+    exact = {"rtol": 0, "atol": 0 if micro_batches == 1 else 1e-12}  # slices: summation order
+    with torch.no_grad():
+        for name, param in local.named_parameters():
+            torch.testing.assert_close(state[name], param - param.grad, **exact)

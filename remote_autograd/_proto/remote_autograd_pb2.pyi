@@ -17,7 +17,7 @@ ZERO_GRAD_TO_NONE: ZeroGradMode
 ZERO_GRAD_TO_ZERO: ZeroGradMode
 
 class Header(_message.Message):
-    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection", "freeze_parameters", "autocast_dtype", "report_nonfinite", "nonfinite", "named_values", "weights_id")
+    __slots__ = ("request_id", "payload_bytes", "keep_context", "training", "backward_seq", "needs_input_grad", "reply_quantization", "release_ids", "zero_grad", "weights_version", "compute_seconds", "codec_seconds", "recomputed", "grad_scale", "rng_seed", "recompute", "server_id", "bulk_connection", "freeze_parameters", "autocast_dtype", "report_nonfinite", "nonfinite", "named_values", "weights_id", "outputs_without_grad")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEEP_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Header(_message.Message):
     NONFINITE_FIELD_NUMBER: _ClassVar[int]
     NAMED_VALUES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_WITHOUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload_bytes: int
     keep_context: bool
@@ -66,7 +67,8 @@ class Header(_message.Message):
     nonfinite: bool
     named_values: bool
     weights_id: str
-    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ..., freeze_parameters: _Optional[bool] = ..., autocast_dtype: _Optional[str] = ..., report_nonfinite: _Optional[bool] = ..., nonfinite: _Optional[bool] = ..., named_values: _Optional[bool] = ..., weights_id: _Optional[str] = ...) -> None: ...
+    outputs_without_grad: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, request_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., keep_context: _Optional[bool] = ..., training: _Optional[bool] = ..., backward_seq: _Optional[int] = ..., needs_input_grad: _Optional[_Iterable[bool]] = ..., reply_quantization: _Optional[str] = ..., release_ids: _Optional[_Iterable[str]] = ..., zero_grad: _Optional[_Union[ZeroGradMode, str]] = ..., weights_version: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., recomputed: _Optional[bool] = ..., grad_scale: _Optional[float] = ..., rng_seed: _Optional[int] = ..., recompute: _Optional[bool] = ..., server_id: _Optional[str] = ..., bulk_connection: _Optional[str] = ..., freeze_parameters: _Optional[bool] = ..., autocast_dtype: _Optional[str] = ..., report_nonfinite: _Optional[bool] = ..., nonfinite: _Optional[bool] = ..., named_values: _Optional[bool] = ..., weights_id: _Optional[str] = ..., outputs_without_grad: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "payload")
