@@ -8,12 +8,14 @@ first call has waited out its ``connect_timeout``.
 
 from __future__ import annotations
 
+import os
 import socket
 
 __all__ = [
     "accepts_connections",
     "bulk_host",
     "check_address",
+    "refuse_a_taken_socket",
     "is_unix_socket",
     "unreachable_reason",
 ]
@@ -22,8 +24,9 @@ _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://", "tcp://")
 
 
-def check_address(address: object) -> str:
-    """``address`` if it is a usable trunk address; a ValueError that says why otherwise."""
+def check_address(address: object, *, listen: bool = False) -> str:
+    """``address`` if it is a usable trunk address; a ValueError that says why otherwise.
+    ``listen``: one a server binds, where port 0 asks for any free port."""
     if not isinstance(address, str):
         raise ValueError(f"a trunk address is a 'host:port' string, got {type(address).__name__}")
     text = address.strip()
@@ -40,9 +43,11 @@ def check_address(address: object) -> str:
             )
     if lowered.startswith(_GRPC_SCHEMES):
         if lowered.startswith("dns:"):
-            _check_host_port(text.split(":", 1)[1].lstrip("/").split("/", 1)[-1], address)
+            _check_host_port(
+                text.split(":", 1)[1].lstrip("/").split("/", 1)[-1], address, 0 if listen else 1
+            )
         return text
-    _check_host_port(text, address)
+    _check_host_port(text, address, 0 if listen else 1)
     return text
 
 
@@ -52,6 +57,27 @@ _UNIX_SOCKETS = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket address
 def is_unix_socket(address: str) -> bool:
     """A Unix domain socket: reachable from this machine only (its file's permissions)."""
     return address.lower().startswith(_UNIX_SOCKETS)
+
+
+def refuse_a_taken_socket(address: str) -> None:
+    """Refuse to listen on a Unix socket another server answers on: gRPC would silently
+    take its path over (a TCP port in use is refused). A file nobody answers on is a stale
+    one, which gRPC replaces."""
+    if not address.lower().startswith("unix:"):
+        return
+    path = address[len("unix:") :]
+    path = "/" + path.lstrip("/") if path.startswith("//") else path
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise OSError(f"cannot serve on {address!r}: another server listens on that socket")
 
 
 def bulk_host(address: str) -> str | None:
@@ -75,7 +101,7 @@ def bulk_host(address: str) -> str | None:
     return target.partition(":")[0]
 
 
-def _check_host_port(text: str, address: str) -> None:
+def _check_host_port(text: str, address: str, lowest: int = 1) -> None:
     if text.startswith("["):  # [ipv6]:port
         host, sep, port = text[1:].partition("]:")
     else:
@@ -89,9 +115,11 @@ def _check_host_port(text: str, address: str) -> None:
             f"trunk address {address!r} names no port: give 'host:port', "
             f"e.g. '{text.strip('[]') or '127.0.0.1'}:50051'"
         )
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
         raise ValueError(
-            f"trunk address {address!r}: the port must be a number from 1 to 65535, got {port!r}"
+            f"trunk address {address!r}: the port must be a number from {lowest} to 65535"
+            + (" (0: any free port)" if lowest == 0 else "")
+            + f", got {port!r}"
         )
 
 

@@ -70,6 +70,48 @@ class ClientOptions:
     # client expects; a server serving another one is refused (TrunkMismatch). None: no check
 
 
+# ServerOptions fields that a value out of these bounds would make useless: a server that
+# refuses every call, never answers a stream (chunks of 0 bytes) or forgets at once.
+_SERVER_BOUNDS = (
+    (
+        (
+            "max_contexts",
+            "max_session_contexts",
+            "max_sessions",
+            "max_sessions_per_identity",
+            "max_identity_contexts",
+            "max_context_bytes",
+            "max_identity_context_bytes",
+            "max_inflight_bytes",
+            "max_identity_inflight_bytes",
+            "max_decoding_bytes",
+            "unary_payload_bytes",
+            "stream_chunk_bytes",
+        ),
+        1,
+        "a whole number >= 1",
+    ),
+    (("checkpoint_every",), 0, "a whole number >= 0 (0: never by count)"),
+    (
+        ("max_bulk_connections", "max_session_bulk_connections"),
+        0,
+        "a whole number >= 0 (0: every large frame goes by gRPC)",
+    ),
+    (
+        ("context_ttl", "session_ttl", "bulk_timeout", "bulk_hello_timeout"),
+        1e-9,
+        "a number of seconds > 0",
+    ),
+    (("max_lr", "max_grad_scale"), 1e-300, "a number > 0"),
+    (
+        ("step_wait", "checkpoint_interval", "min_checkpoint_interval", "max_weight_growth"),
+        0,
+        "a number >= 0",
+    ),
+)
+_SERVED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How a trunk server runs and what it accepts. Settings that contradict each other or
@@ -99,10 +141,27 @@ class ServerOptions:
                 raise ValueError(
                     f"ServerOptions.{name} must be >= 1 (a whole number), got {value!r}"
                 )
-        if not self.bulk_hello_timeout > 0:
+        for names, lowest, what in _SERVER_BOUNDS:
+            for name in names:
+                value = getattr(self, name)
+                kinds = (int,) if "whole" in what else (int, float)
+                if isinstance(value, bool) or not isinstance(value, kinds) or not value >= lowest:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"ServerOptions.{name} ({flag}) must be {what}, got {value!r}")
+        if not 0 <= self.bulk_port <= 65535:
             raise ValueError(
-                f"ServerOptions.bulk_hello_timeout must be > 0 seconds, got "
-                f"{self.bulk_hello_timeout!r}"
+                f"ServerOptions.bulk_port (--bulk-port) must be a TCP port, 0 to 65535 (0: any "
+                f"free one), got {self.bulk_port!r}"
+            )
+        if self.compression not in ("auto", "lz4", "none"):
+            raise ValueError(
+                "ServerOptions.compression (--compression) must be 'auto', 'lz4' or 'none', "
+                f"got {self.compression!r}"
+            )
+        if self.dtype is not None and self.dtype not in _SERVED_DTYPES:
+            raise ValueError(
+                f"ServerOptions.dtype (--dtype) must be one of {', '.join(_SERVED_DTYPES)}, "
+                f"got {self.dtype!r}"
             )
 
     device: str = "cpu"  # where the trunk runs: "cpu", "cuda", "cuda:1"...

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .adapters import AdapterEngine
-from .addresses import bulk_host
+from .addresses import bulk_host, check_address, refuse_a_taken_socket
 from .bulk import BulkListener
 from .drain import CallDrain
 from .engine import TrunkEngine
@@ -73,6 +73,8 @@ class TrunkServer:
         *,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
+        address = check_address(address, listen=True)  # port 99999 would wrap around
+        refuse_a_taken_socket(address)
         if isinstance(trunk, (TrunkEngine, AdapterEngine)):
             self.engine = trunk
             self.options = options = trunk.options
@@ -107,6 +109,8 @@ class TrunkServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_done = threading.Event()  # the first stop() has finished
         self._sweeper = threading.Thread(target=self._sweep, name="ra-sweeper", daemon=True)
 
     def start(self) -> TrunkServer:
@@ -123,9 +127,20 @@ class TrunkServer:
         """Stop taking calls, let calls in flight finish for ``grace`` seconds, then close
         (saving a last checkpoint when the weights moved since the previous one). During the
         grace period health answers ``NOT_SERVING`` and new Trunk calls ``UNAVAILABLE``."""
-        if self._stopped.is_set():
+        with self._stop_lock:
+            first = not self._stopped.is_set()
+            self._stopped.set()
+        if not first:
+            # Another caller stops it (a signal handler's stop beside the program's own):
+            # return when it has, last checkpoint written, not before.
+            self._stop_done.wait()
             return
-        self._stopped.set()
+        try:
+            self._stop(grace)
+        finally:
+            self._stop_done.set()
+
+    def _stop(self, grace: float | None) -> None:
         self._health.enter_graceful_shutdown()
         if grace:  # health answers NOT_SERVING while the calls in flight drain
             started = time.monotonic()

@@ -356,3 +356,44 @@ def test_an_empty_load_writes_no_checkpoint(tmp_path):
         assert path.exists()
     finally:
         server.stop(grace=None)
+
+
+def test_a_second_stop_returns_once_the_first_has_saved(tmp_path):
+    """stop() from a signal handler beside the program's own: the second returned at once,
+    while the first still waited for a call in flight, and a process exiting there lost the
+    last checkpoint. It now returns once the first stop has saved it."""
+    import threading
+
+    class Waits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8).double()
+            self.go = threading.Event()
+            self.entered = threading.Event()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:  # the eval call is the one held in flight
+                self.entered.set()
+                self.go.wait(30)
+            return self.linear(x)
+
+    path = tmp_path / "trunk.ckpt"
+    trunk = Waits()
+    server = serve(trunk, options=ServerOptions(checkpoint_path=str(path)))
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    _one_step(remote, optimizer)  # weights moved: stop() saves them
+    remote.eval()
+    in_flight = threading.Thread(target=lambda: remote(torch.ones(1, 8, dtype=torch.float64)))
+    in_flight.start()
+    assert trunk.entered.wait(30)
+    first = threading.Thread(target=server.stop, kwargs={"grace": 30.0})
+    first.start()
+    while not server._stopped.is_set():
+        threading.Event().wait(0.01)
+    threading.Timer(0.3, trunk.go.set).start()  # the call in flight ends a moment later
+    server.stop()
+    assert path.exists() and load_checkpoint(str(path))["weights_version"] == 1
+    first.join(30)
+    in_flight.join(30)
+    remote.close()

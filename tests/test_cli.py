@@ -49,7 +49,16 @@ def test_serve_refuses_a_module_and_a_model_together() -> None:
         (["--tls-cert", "{pem}"], "certificate_chain and private_key go together"),
         (["--tls-key", "{pem}"], "certificate_chain and private_key go together"),
         (["--max-workers", "0"], "max_workers must be >= 1"),
-        (["--bulk-hello-timeout", "0"], "bulk_hello_timeout must be > 0"),
+        (["--bulk-hello-timeout", "0"], r"bulk_hello_timeout \(--bulk-hello-timeout\) must be"),
+        (["--stream-chunk-bytes", "0"], r"\(--stream-chunk-bytes\) must be a whole number >= 1"),
+        (["--compression", "zstd"], r"\(--compression\) must be 'auto', 'lz4' or 'none'"),
+        (["--bulk-port", "99999"], r"\(--bulk-port\) must be a TCP port"),
+        (["--dtype", "float128"], r"\(--dtype\) must be one of float32"),
+        (["--context-ttl", "0"], r"\(--context-ttl\) must be a number of seconds > 0"),
+        (["--session-ttl", "-1"], r"\(--session-ttl\) must be a number of seconds > 0"),
+        (["--max-sessions", "0"], r"\(--max-sessions\) must be a whole number >= 1"),
+        (["--max-lr", "-1"], r"\(--max-lr\) must be a number > 0"),
+        (["--step-wait", "-5"], r"\(--step-wait\) must be a number >= 0"),
         (["--token-file", "{empty}"], "holds no line; refusing to start"),
         (["--checkpoint", "{missing}/trunk.ckpt"], "not a directory this process can write"),
     ],
@@ -61,6 +70,15 @@ def test_serve_refuses_a_module_and_a_model_together() -> None:
         "key-without-cert",
         "no-workers",
         "no-hello-time",
+        "chunks-of-nothing",
+        "unknown-compression",
+        "port-out-of-range",
+        "unknown-dtype",
+        "contexts-forgotten-at-once",
+        "sessions-forgotten-at-once",
+        "no-session",
+        "negative-lr-bound",
+        "negative-step-wait",
         "empty-token-file",
         "checkpoint-folder-missing",
     ],
@@ -194,7 +212,9 @@ def test_every_server_option_has_a_flag_that_reaches_it(tmp_path: Path) -> None:
             argv += [flag.flag, str(value)]
             expected[flag.path] = value
         else:
-            value = {"device": "cuda:1", "compression": "lz4"}.get(flag.path[-1], "chosen")
+            value = {"device": "cuda:1", "compression": "lz4", "dtype": "float64"}.get(
+                flag.path[-1], "chosen"
+            )
             argv += [flag.flag, value]
             expected[flag.path] = value
         assert flag.help, f"{flag.flag} has no help text"

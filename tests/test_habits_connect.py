@@ -138,3 +138,42 @@ def test_a_server_on_a_unix_domain_socket_trains_as_locally(tmp_path):
         remote.close()
     finally:
         server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:99999", r"from 0 to 65535 \(0: any free port\), got '99999'"),
+        ("localhost", "names no port"),
+        ("grpc://127.0.0.1:5000", "drop the 'grpc://'"),
+    ],
+)
+def test_a_server_refuses_an_address_it_would_bind_otherwise(address, message):
+    """A server took port 99999 as 34463 (wrapped modulo 65536) and 'localhost' as port 443,
+    addresses no client could then give; it refuses them as a client does."""
+    from torch import nn
+
+    from remote_autograd import serve
+
+    with pytest.raises(ValueError, match=message):
+        serve(nn.Linear(2, 2), address)
+
+
+def test_a_second_server_on_a_unix_socket_in_use_is_refused(tmp_path):
+    """gRPC replaces a Unix socket's file: a second server on the path took it over, and
+    the first, still running, could no longer be reached. Refused, as a TCP port in use is;
+    a path left by a stopped server is served again."""
+    from torch import nn
+
+    from remote_autograd import serve
+
+    address = f"unix:{tmp_path / 'trunk.sock'}"
+    first = serve(nn.Linear(2, 2), address)
+    try:
+        with pytest.raises(OSError, match="another server listens on that socket"):
+            serve(nn.Linear(2, 2), address)
+        with RemoteModule(address) as remote:
+            assert remote(torch.ones(1, 2)).shape == (1, 2)  # the first still serves
+    finally:
+        first.stop(grace=None)
+    serve(nn.Linear(2, 2), address).stop(grace=None)
