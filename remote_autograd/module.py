@@ -55,6 +55,29 @@ def _rng_state() -> int:
     return hash(torch.default_generator.get_state().numpy().tobytes())
 
 
+_SAMPLED = 16  # elements of each input a forward's key reads
+
+
+def _inputs_key(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
+    """A cheap stand-in for the forward's input values: each tensor's shape, dtype and up to
+    16 evenly spaced elements. A checkpoint's recompute gives the trunk the values of its first
+    run again; two checkpoints from one RNG state (nothing drawn on this side between them)
+    give it other values, so each still finds its own seeds."""
+    key: list[Any] = []
+    for tensor in tensors:
+        key += [tuple(tensor.shape), tensor.dtype]
+        count = tensor.numel()
+        if count and tensor.layout == torch.strided and tensor.device.type != "meta":
+            flat = torch.linspace(0, count - 1, min(count, _SAMPLED)).long()
+            sample = (
+                tensor.detach()[torch.unravel_index(flat, tensor.shape)]
+                if tensor.dim()
+                else tensor.detach()
+            )
+            key.append(sample.reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return tuple(key)
+
+
 class RemoteModule(nn.Module):
     """Runs the trunk served at ``address``; ``loss.backward()`` reaches it like any layer.
 
@@ -95,7 +118,7 @@ class RemoteModule(nn.Module):
         self._new_stand_in()
         self._cast_dtype: torch.dtype | None = None  # the last model.to(dtype)/half()/double()
         # Seeds of recent training forwards by the client's RNG state then (see _rng_state).
-        self._seeds: OrderedDict[int, tuple[int, list[int]]] = OrderedDict()
+        self._seeds: OrderedDict[tuple[Any, ...], tuple[int, list[int]]] = OrderedDict()
         self.trunk_requires_grad = True  # requires_grad_(False) freezes the trunk (below)
 
     @property
@@ -112,14 +135,14 @@ class RemoteModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._cast_dtype is not None:
             self._check_cast()
-        rng = _rng_state() if self.training else None
+        template, tensors = flatten((list(args), kwargs))
+        rng = (_rng_state(), _inputs_key(tensors)) if self.training else None
         again = rng is not None and torch._C._current_graph_task_id() != -1  # a recompute
         # Read, not taken: a retain_graph backward runs the recompute again from the same state.
         kept = self._seeds.get(rng) if rng is not None and again else None
         seeds = kept[1] if kept else None
         if again and not seeds:
             warnings.warn(_RECOMPUTED, stacklevel=2)
-        template, tensors = flatten((list(args), kwargs))
         if any(t.device.type == "meta" for t in tensors):
             raise ValueError(
                 "a RemoteModule computes on its server: meta tensors hold no data to send (to "
@@ -154,7 +177,7 @@ class RemoteModule(nn.Module):
             self._remember_seeds(rng, call.seeds())
         return unflatten(call.output_template, outputs)
 
-    def _remember_seeds(self, rng: int, seeds: list[int]) -> None:
+    def _remember_seeds(self, rng: tuple[Any, ...], seeds: list[int]) -> None:
         # Two forwards from one RNG state with no backward between (nothing drawn on this
         # side): a recompute could not tell whose seeds it needs. One before a backward is
         # another step's, replaced.
