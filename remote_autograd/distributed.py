@@ -120,6 +120,7 @@ class DistributedRunner(TrunkRunner):
         self.world = dist.get_world_size()
         self.wire = RankWire(control, limits)  # what rank 0 accepts, every rank reads
         self.ranks = GroupRanks(control, sharded=mode == "fsdp")
+        uncast = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
         if dtype is not None:
             module = module.to(dtype)
         # Every rank starts from rank 0's weights, sent on the host before anything moves to
@@ -130,6 +131,7 @@ class DistributedRunner(TrunkRunner):
             sharding.shard(module)
         super().__init__(module, device, dtype)
         self.module_name = name
+        self.uncast = uncast
         self.engine: Any = None  # this rank's engine (serve_distributed sets it)
         self.graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._next_token = 0

@@ -50,6 +50,7 @@ class TrunkRunner:
 
     ranks: Ranks = ONE  # how the engine's checks combine over the trunk's processes
     world = 1  # processes computing the trunk
+    uncast: torch.dtype | None = None  # the module's floating dtype before ServerOptions.dtype
     mode = ""  # how they share it ("ddp", "fsdp"; "" for one process)
 
     def __init__(
@@ -59,6 +60,9 @@ class TrunkRunner:
         self.device = device
         self.dtype = dtype
         self.module_name = type(module).__name__  # FSDP2 renames the class it shards
+        # Outputs in the served dtype go back in the uncast module's where no floating input
+        # says which (a trunk taking token ids only).
+        self.uncast = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
         self.module = module.to(device)
         if dtype is not None:
             self.module = self.module.to(dtype)
@@ -105,9 +109,13 @@ class TrunkRunner:
                 result = self._seeded(seed, args, kwargs)
         out_template, outputs = flatten(result)
         if self.dtype is not None:
-            back = next((t.dtype for t in leaves if t.is_floating_point()), None)
-            if back is not None:
-                outputs = [o.to(back) if o.is_floating_point() else o for o in outputs]
+            # Outputs back in the caller's dtype, as the uncast model gives them: those in the
+            # served dtype only (one the trunk makes on purpose, a .half(), stays), in the
+            # first floating input's dtype, else the uncast module's.
+            floating = (t.dtype for t in leaves if t.is_floating_point())
+            back = next(floating, self.uncast)
+            if back is not None and back != self.dtype:
+                outputs = [o.to(back) if o.dtype == self.dtype else o for o in outputs]
         return out_template, outputs
 
     def gradients(

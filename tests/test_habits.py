@@ -197,6 +197,35 @@ def test_float_is_no_cast_beside_a_trunk_served_in_another_dtype(start_server):
     split.close()
 
 
+class _IdsAndHalf(nn.Module):
+    """Token ids in (no floating input); a float32 output and a float16 one made on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embedding = nn.Embedding(10, 4)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.linear(self.embedding(ids))
+        return h, h.detach().half()
+
+
+@pytest.mark.parametrize("served", ["float64", "bfloat16"])
+def test_outputs_of_a_served_dtype_come_back_as_the_uncast_trunk_gives_them(start_server, served):
+    """A trunk served in another dtype casts its outputs back: a trunk given token ids only
+    (no floating input to say to what) gave them in the served dtype, and an output the trunk
+    makes in its own dtype on purpose (a .half()) was cast too. Now each comes back in the
+    dtype the uncast module gives: the served dtype's outputs in the module's, others as they
+    are."""
+    server = start_server(_IdsAndHalf(), ServerOptions(dtype=served))
+    remote = RemoteModule(server.address)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    expected = [o.dtype for o in _IdsAndHalf()(ids)]
+    assert [o.dtype for o in remote(ids)] == expected == [torch.float32, torch.float16]
+    remote.close()
+
+
 def test_double_works_when_the_trunk_is_served_in_float64(start_server):
     split = Split(start_server, options=ServerOptions(dtype="float64"))
     assert split.remote.remote_info()["dtype"] == "float64"
