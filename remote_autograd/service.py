@@ -43,6 +43,7 @@ from .errors import (
 from .sessions import ANONYMOUS, Session, ZeroGrad, identity_of, session_key
 from .tokens import REFUSAL, BearerTokens
 from .transport import SESSION_METADATA_KEY
+from .tree import flatten
 from .validate import autocast_dtype, unpack
 
 __all__ = ["PROTOCOL_VERSION", "TrunkService", "tolerant"]
@@ -364,14 +365,21 @@ class TrunkService(pb_grpc.TrunkServicer):
     @_rpc
     @_streams_reply
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext):
+        session = self.session(context)
         state = self.engine.get_state(
-            self.session(context),
+            session,
             parameters=request.parameters,
             optimizer=request.optimizer,
             buffers=request.buffers,
         )
-        buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
-        yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
+        # The reply holds a copy of the weights until the client has read it all: counted as
+        # frames in flight are, or replies nobody reads would hold a copy each.
+        nbytes = sum(t.numel() * t.element_size() for t in flatten(state)[1])
+        owner = identity_of(session.key)
+        with self._inflight.reserve(nbytes, "GetState", owner, what="a reply of"):
+            buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
+            del state
+            yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
 
     @_rpc
     def LoadState(self, request_iterator: Any, context: grpc.ServicerContext):

@@ -423,3 +423,21 @@ def test_a_kept_backward_reply_counts_in_max_context_bytes(start_server):
         assert held <= server.stats()["context_bytes"] <= limit
         assert torch.equal(x.grad, server.engine.module.weight.detach().expand(128, -1))
     remote.close()
+
+
+def test_a_state_reply_counts_as_a_frame_in_flight(start_server):
+    """GetState (state_dict()) holds a copy of the weights until the client has read it all;
+    replies a client leaves unread held one copy each, counted in no limit. They count in
+    max_inflight_bytes now, as incoming frames do: a state larger than the limit is refused
+    by name, one within it is read and lets go of its bytes."""
+    trunk = nn.Linear(64, 64).double()  # 33,280 bytes of parameters
+    server = start_server(trunk, ServerOptions(max_inflight_bytes=20_000))
+    remote = RemoteModule(server.address)
+    with pytest.raises(LimitExceeded, match=r"GetState: a reply of 33280 bytes, more than "):
+        remote.remote_state_dict()
+    roomy = start_server(nn.Linear(64, 64).double(), ServerOptions(max_inflight_bytes=40_000))
+    with RemoteModule(roomy.address) as other:
+        state = other.remote_state_dict()
+        assert torch.equal(state["weight"], roomy.engine.module.weight.detach())
+    assert roomy.stats()["inflight_bytes"] == 0
+    remote.close()
