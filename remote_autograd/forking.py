@@ -44,17 +44,23 @@ class _Gate:
         self._active = 0
         self._latest_deadline = 0.0  # monotonic: when the longest call in flight gives up
         self._forking = False
+        self._inside = threading.local()  # depth: calls this thread is inside
 
     @contextlib.contextmanager
     def call(self, timeout: float) -> Iterator[None]:
+        depth = getattr(self._inside, "depth", 0)
         with self._cond:
-            while self._forking:
+            # A call made inside another (a bulk ticket, an Info refresh) goes on: the fork
+            # waits for the outer one, which would otherwise wait for the fork.
+            while self._forking and not depth:
                 self._cond.wait()
             self._active += 1
             self._latest_deadline = max(self._latest_deadline, time.monotonic() + timeout)
+        self._inside.depth = depth + 1
         try:
             yield
         finally:
+            self._inside.depth = depth
             with self._cond:
                 self._active -= 1
                 if self._active == 0:

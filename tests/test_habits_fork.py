@@ -161,3 +161,43 @@ def test_a_child_forked_while_a_session_was_being_dropped_can_drop_its_own(mlp_s
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+
+
+def test_a_call_made_inside_a_call_goes_on_while_a_fork_waits():
+    """A fork waits for the client calls in flight (forking.py). A call that makes another
+    inside it (the bulk channel's ticket, an Info refresh after a failed connection) waited
+    for the fork, which waited for it: both stalled until the call's deadline, and the fork
+    went on with gRPC in the middle of a call. The inner call now goes on, and the fork
+    follows the outer one."""
+    from remote_autograd.forking import _Gate
+
+    gate = _Gate()
+    inside, inner_done, fork_waits = threading.Event(), threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def outer_call() -> None:
+        with gate.call(timeout=60.0):
+            inside.set()
+            fork_waits.wait(60)
+            with gate.call(timeout=60.0):  # made inside the outer one
+                order.append("inner call")
+            inner_done.set()
+        order.append("outer call ended")
+
+    def fork() -> None:
+        gate.before_fork()
+        order.append("fork")
+        gate.after_fork_in_parent()
+
+    caller = threading.Thread(target=outer_call)
+    caller.start()
+    assert inside.wait(60)
+    forker = threading.Thread(target=fork)
+    forker.start()
+    while not gate._forking:  # the fork has started waiting
+        threading.Event().wait(0.001)
+    fork_waits.set()
+    assert inner_done.wait(60)
+    caller.join(60)
+    forker.join(60)
+    assert order == ["inner call", "outer call ended", "fork"]
