@@ -448,6 +448,8 @@ class TrunkEngine:
         the session, input gradients are returned. A repeated ``seq`` is a retry: answered
         again, nothing accumulates twice."""
         check_grad_scale(call.grad_scale, self.options, "Backward")
+        if call.seq < 1:  # 0 would read as a retry of a Backward that never ran
+            raise InvalidRequest(f"Backward: backward_seq must be 1 or more, got {call.seq}")
         context = self.contexts.get(session.key, call.request_id)
         with context.lock:
             if call.seq == context.backward_seq and context.last_reply is not None:
@@ -729,7 +731,8 @@ class TrunkEngine:
                 raise StaleContext(
                     f"Step #{call.step} does not follow this session's last step "
                     f"#{session.last_step} (a server restarted from an older checkpoint "
-                    f"resumes at step #{session.last_step}: continue training from there)"
+                    f"resumes at step #{session.last_step}: continue training from there; "
+                    "a client that skipped step numbers has a fault of its own)"
                 )
             self._check_gradients_here(call.server_id, f"Step #{call.step}")
             check_grad_scale(call.grad_scale, self.options, "Step")
@@ -823,6 +826,8 @@ class TrunkEngine:
         parameters = state.get("parameters")
         optimizer_state = state.get("optimizer")
         step = state.get("step")
+        if step is not None and (type(step) is not int or step < 0):
+            raise InvalidRequest(f"LoadState: 'step' must be a whole number >= 0, got {step!r}")
         if parameters is not None:
             check_parameters(parameters, dict(self.params))
         buffers = state.get("buffers")
@@ -869,7 +874,7 @@ class TrunkEngine:
                     for name, value in (buffers or {}).items():
                         named_buffers[name].copy_(value)
                     self.weights_moved()
-            if type(step) is int and step >= 0:
+            if step is not None:
                 session.last_step = step
             loaded = parameters is not None or buffers or optimizer_state is not None
             if loaded and self.options.checkpoint_every and self.options.checkpoint_path:

@@ -859,6 +859,28 @@ def test_a_step_that_overflows_a_python_number_is_refused_and_changes_nothing(st
     _another_session_trains(server, "Adam")
 
 
+def test_malformed_control_fields_are_refused_by_name_and_change_nothing(start_server):
+    """A Backward numbered 0 was told it had been answered already (its gradients added),
+    though none ran; a LoadState "step" of -1 or 1.5 was answered OK and ignored; a bool
+    tensor loaded into a float parameter as ones. Each is refused, naming the field."""
+    server, remote = _start(start_server)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    _good_step(remote, optimizer, _x(1))
+    snapshot = _Snapshot(server, remote)
+    request_id = "ab" * 16
+    remote.client.compute(
+        request_id, [_x(2)], {}, needs_input_grad=[False], keep_context=True, training=True
+    )
+    with pytest.raises(InvalidRequest, match="backward_seq must be 1 or more, got 0"):
+        remote.client.backward(request_id, 0, [torch.ones(3, 4)], [False])
+    for step in (-1, 1.5):
+        with pytest.raises(InvalidRequest, match=r"'step' must be a whole number >= 0"):
+            remote.client.load_state({"step": step})
+    with pytest.raises(InvalidRequest, match=r"parameter weight: expected floating values"):
+        remote.client.load_state({"parameters": {"weight": torch.ones(2, 4, dtype=torch.bool)}})
+    snapshot.assert_unchanged(server, remote)
+
+
 def test_the_step_backup_reuses_its_buffers_and_forgets_a_changed_tensors_maximum():
     """The kept buffers serve every step; a remembered max |w| is used only while the tensor's
     version counter says it did not change (a LoadState or a rollback changes it)."""
