@@ -128,6 +128,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "optimizers that re-evaluate it (LBFGS) cannot run on the server"
             )
         self._check_current("step")
+        if self.client._closed:  # nothing goes out: not a step that may have been applied
+            self.client._connect()  # raises the closed client's TransportError
         if not math.isfinite(_take_unscale(self.module)):
             raise FloatingPointError(
                 "the trunk's gradients of this step are not finite (NaN or inf; the server kept "

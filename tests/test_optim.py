@@ -675,3 +675,19 @@ def test_clipping_a_list_naming_a_tied_weight_twice_counts_it_once(start_server)
     assert torch.equal(total, torch.nn.utils.clip_grad_norm_(local.parameters(), 0.5))
     assert torch.equal(embedding.weight.grad, local[0].weight.grad)
     remote.close()
+
+
+def test_a_step_after_close_says_the_client_is_closed_and_counts_nothing(start_server):
+    """step() after close() never leaves the process: its error says so, without the note of
+    a step that got no answer ("the server may have applied it"), and the step count stays."""
+    from remote_autograd import TransportError
+
+    server = start_server(nn.Linear(4, 4).double())
+    remote = RemoteModule(server.address)
+    optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
+    remote(torch.ones(1, 4, dtype=torch.float64)).sum().backward()
+    remote.close()
+    with pytest.raises(TransportError, match="is closed: create a new RemoteModule") as caught:
+        optimizer.step()
+    assert not any("may have applied" in note for note in getattr(caught.value, "__notes__", []))
+    assert optimizer._step_count == 0 and optimizer._unsettled is None
