@@ -578,7 +578,7 @@ class AdapterEngine:
         # Contexts already answered still hold graphs on the device: drop them (a later
         # Backward on one is recomputed by the client, see ClientOptions.recover_contexts).
         for session in self._sessions_of(adapter.identity):
-            self.contexts.drop_session(session.key)
+            self.contexts.drop_session(session.key, ended=False)
         self._move(adapter, self._offload_device, resident=False)
 
     def _offload_beyond_limit(self) -> None:

@@ -242,11 +242,16 @@ class ContextCache:
         with self._lock:
             return list(self._items.values())
 
-    def drop_session(self, session: str) -> None:
+    def drop_session(self, session: str, *, ended: bool = True) -> None:
+        """Drop the session's contexts: it ended (its records of answered Backwards go too:
+        no call of it can come any more), or not (``ended=False``: an adapter offloaded; its
+        client may retry a Backward on a re-created context)."""
+        reason = "its session ended" if ended else "its adapter was moved off the device"
         with self._lock:
             for key in [k for k in self._items if k[0] == session]:
-                self._drop_locked(self._items.pop(key), "its session ended")
-            self._answered.pop(session, None)  # no call of it can come any more
+                self._drop_locked(self._items.pop(key), reason)
+            if ended:
+                self._answered.pop(session, None)
 
     def expire(self) -> int:
         with self._lock:

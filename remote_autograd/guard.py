@@ -7,6 +7,7 @@ Every refusal raises InvalidRequest naming the hyperparameter, option or paramet
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -397,6 +398,7 @@ class StepBackup:
     def __init__(self) -> None:
         self._pool: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
         self._copies = 0  # calls of copy() so far
+        self._used: collections.deque[int] = collections.deque(maxlen=16)  # bytes, last steps
         self._taken_at: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         # Each parameter's largest |value| after the last step, with the tensor's version
         # counter then (any later in-place change, a LoadState or a rollback, bumps it).
@@ -439,19 +441,28 @@ class StepBackup:
                 torch._foreach_copy_(buffers, [t.detach() for t in tensors])
         self._copies += 1
         self._taken_at.update(dict.fromkeys(taken, self._copies))
-        self._trim(sum(b.numel() * b.element_size() for b in buffers))
+        self._trim(sum(b.numel() * b.element_size() for b in buffers), taken)
         return buffers
 
-    def _trim(self, used: int) -> None:
-        """Keep at most twice what this step used (the steps of sessions with other shapes
-        alternate), dropping the shapes taken longest ago: a state loaded in ever new shapes
-        must not grow the pool for good."""
+    def _trim(self, used: int, taken: dict[Any, int]) -> None:
+        """Keep at most twice what the largest of the last 16 steps used (sessions whose
+        optimizers hold other shapes and amounts of state alternate, and each finds its
+        buffers): the shapes taken longest ago go first, then the buffers of this step's
+        shapes beyond what it took. A state loaded in ever new shapes must not grow the pool
+        for good."""
+        self._used.append(used)
+        budget = 2 * max(self._used)
         held = self.nbytes()
         for key in sorted(self._pool, key=self._taken_at.__getitem__):
-            if held <= 2 * used or self._taken_at[key] == self._copies:
+            if held <= budget:
                 break
-            held -= sum(b.numel() * b.element_size() for b in self._pool.pop(key))
-            del self._taken_at[key]
+            if self._taken_at[key] == self._copies:
+                surplus = self._pool[key][taken[key] + 1 :]
+                del self._pool[key][taken[key] + 1 :]
+            else:
+                surplus = self._pool.pop(key)
+                del self._taken_at[key]
+            held -= sum(b.numel() * b.element_size() for b in surplus)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)

@@ -5,6 +5,7 @@ Nothing here reads the environment; pass options explicitly.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 __all__ = ["ClientOptions", "Limits", "ServerOptions"]
@@ -85,13 +86,13 @@ _SERVER_BOUNDS = (
             "max_inflight_bytes",
             "max_identity_inflight_bytes",
             "max_decoding_bytes",
-            "unary_payload_bytes",
             "stream_chunk_bytes",
         ),
         1,
         "a whole number >= 1",
     ),
     (("checkpoint_every",), 0, "a whole number >= 0 (0: never by count)"),
+    (("unary_payload_bytes",), 0, "a whole number >= 0 (0: every frame streamed)"),
     (
         ("max_bulk_connections", "max_session_bulk_connections"),
         0,
@@ -144,11 +145,19 @@ class ServerOptions:
         for names, lowest, what in _SERVER_BOUNDS:
             for name in names:
                 value = getattr(self, name)
-                kinds = (int,) if "whole" in what else (int, float)
-                if isinstance(value, bool) or not isinstance(value, kinds) or not value >= lowest:
+                # Numbers of any kind (8e9, a numpy integer from a config), whole where
+                # they count something.
+                number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                whole = number and ("whole" not in what or float(value).is_integer())
+                if not whole or not value >= lowest:
                     flag = "--" + name.replace("_", "-")
                     raise ValueError(f"ServerOptions.{name} ({flag}) must be {what}, got {value!r}")
-        if not 0 <= self.bulk_port <= 65535:
+        port = self.bulk_port
+        if (
+            not isinstance(port, numbers.Integral)
+            or isinstance(port, bool)
+            or not 0 <= port <= 65535
+        ):
             raise ValueError(
                 f"ServerOptions.bulk_port (--bulk-port) must be a TCP port, 0 to 65535 (0: any "
                 f"free one), got {self.bulk_port!r}"

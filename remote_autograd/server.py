@@ -111,6 +111,7 @@ class TrunkServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._stop_done = threading.Event()  # the first stop() has finished
+        self._stopping_thread = 0  # the thread running the first stop()
         self._sweeper = threading.Thread(target=self._sweep, name="ra-sweeper", daemon=True)
 
     def start(self) -> TrunkServer:
@@ -130,10 +131,14 @@ class TrunkServer:
         with self._stop_lock:
             first = not self._stopped.is_set()
             self._stopped.set()
+            if first:
+                self._stopping_thread = threading.get_ident()
         if not first:
-            # Another caller stops it (a signal handler's stop beside the program's own):
-            # return when it has, last checkpoint written, not before.
-            self._stop_done.wait()
+            # Another caller stops it (a thread beside the program's own stop): return when
+            # it has, last checkpoint written, not before. A signal handler that interrupted
+            # the first stop() in this very thread cannot wait for it: it returns at once.
+            if threading.get_ident() != self._stopping_thread:
+                self._stop_done.wait()
             return
         try:
             self._stop(grace)

@@ -397,3 +397,28 @@ def test_a_second_stop_returns_once_the_first_has_saved(tmp_path):
     first.join(30)
     in_flight.join(30)
     remote.close()
+
+
+def test_a_stop_inside_stop_in_the_same_thread_returns(tmp_path):
+    """A signal handler's stop() that interrupts the program's own stop() in the same thread
+    (SIGTERM while the last checkpoint is written) cannot wait for the stop below it on its
+    own stack: it returns at once, and the first stop() finishes and saves."""
+    import threading
+
+    path = tmp_path / "trunk.ckpt"
+    server = serve(nn.Linear(8, 8).double(), options=ServerOptions(checkpoint_path=str(path)))
+    remote = RemoteModule(server.address)
+    _one_step(remote, RemoteOptimizer(remote, "SGD", lr=0.1))
+    remote.close()
+    save = server.engine.save_if_changed
+
+    def interrupted_save() -> None:
+        server.stop()  # as a signal handler run in this thread here would
+        save()
+
+    server.engine.save_if_changed = interrupted_save
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": None}, daemon=True)
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive(), "stop() inside stop() waited for itself"
+    assert load_checkpoint(str(path))["weights_version"] == 1

@@ -112,3 +112,20 @@ def test_other_sessions_churn_does_not_flush_what_a_lost_context_had_answered():
     assert cache.answered("a", "churn-0") == (0, False)  # answered nothing: nothing to keep
     cache.drop_session("b")
     assert cache.answered("b", "lost") == (0, False)
+
+
+def test_contexts_dropped_for_an_offloaded_adapter_keep_what_they_had_answered():
+    """Per-client adapters drop a live session's contexts when its adapter leaves the device
+    (drop_session(ended=False)): its client may still retry a Backward whose reply was lost on
+    a re-created context, which must not add its gradients twice. Only a session's end
+    forgets them."""
+    from remote_autograd.contexts import ContextCache, ForwardContext
+
+    cache = ContextCache(max_contexts=8, max_bytes=1 << 20, ttl=60.0)
+    context = ForwardContext("lost", "b", [], [], None, 0, 0)
+    cache.put(context)
+    context.backward_seq = 2
+    cache.drop_session("b", ended=False)
+    assert cache.answered("b", "lost") == (2, False)
+    cache.drop_session("b")
+    assert cache.answered("b", "lost") == (0, False)
