@@ -684,7 +684,9 @@ class TrunkClient:
         """Each trunk gradient's norm, and the dtype of each gradient."""
         self._await_step()
         stub = self._connect()
-        zero, scale = self._take_grad_ops()
+        # In order, as a Backward takes them: the Backwards of other threads (micro_batches
+        # slices after apply_grad_ops) wait until the server has applied them.
+        zero, scale, carried = self._take_grad_ops_in_order()
         # A deferred zero_grad/scale is applied by the server on arrival: named, so that a
         # retry (a lost reply) does not apply it twice.
         ops_id = "" if zero == pb.ZERO_GRAD_NONE and scale == 1.0 else secrets.token_hex(8)
@@ -695,9 +697,13 @@ class TrunkClient:
             ops_id=ops_id,
             server_id=self._grads_server_id,
         )
-        reply = self._call_carrying(
-            "GradNorm", lambda: stub.GradNorm(request, **self._kw()), zero, scale
-        )
+        try:
+            reply = self._call_carrying(
+                "GradNorm", lambda: stub.GradNorm(request, **self._kw()), zero, scale
+            )
+        finally:
+            if carried is not None:
+                carried.set()
         norms = list(reply.norms)
         return norms, list(reply.dtypes) or [reply.dtype] * len(norms)  # an older server: one
 

@@ -30,6 +30,7 @@ _FORGET_REASONS = 4096  # remember why this many recent ids went away, for error
 # answered (a retry whose reply was lost must not add its gradients twice). A session's own:
 # other sessions' churn cannot push them out.
 _REMEMBER_ANSWERED = 1024
+_REMEMBER_SESSIONS = 4096  # sessions with such records (live ones are max_sessions at most)
 
 
 def _key(session: str, request_id: str) -> tuple[str, str]:
@@ -101,7 +102,9 @@ class ContextCache:
         self._nbytes = 0
         # Why recent ids went away, and the Backwards they had answered (seq, non-finite).
         self._gone: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._answered: dict[str, OrderedDict[str, tuple[int, bool]]] = {}
+        # Per session, oldest first: a session that ended while a Backward of it was
+        # answered gets a record again (keep_reply), so the sessions remembered are bounded.
+        self._answered: OrderedDict[str, OrderedDict[str, tuple[int, bool]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -300,6 +303,9 @@ class ContextCache:
         if not seq:
             return  # answered nothing: (0, False), as for an id never seen
         answered = self._answered.setdefault(context.session, OrderedDict())
+        self._answered.move_to_end(context.session)
+        while len(self._answered) > _REMEMBER_SESSIONS:
+            self._answered.popitem(last=False)
         answered[context.request_id] = (
             max(seq, answered.get(context.request_id, (0, False))[0]),
             nonfinite,

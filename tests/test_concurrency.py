@@ -192,31 +192,42 @@ def test_a_kept_graphs_backward_runs_in_its_forwards_mode(start_server):
     assert torch.equal(xs[0].grad, xs[1].grad)
 
 
-def test_threads_sharing_a_remote_module_keep_each_others_gradients(start_server):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_threads_sharing_a_remote_module_keep_each_others_gradients(start_server, micro_batches):
     """One RemoteModule trained from two threads at once, each a forward and backward of its
     own batch after zero_grad(), as torch allows for a local module: the gradients add up.
-    The deferred zero_grad() rides on the first thread's Backward, and the other's must not
-    reach the server before it (it would be zeroed with the last step's). Forced here: the
-    Backward carrying it is held back before it is sent."""
+    The deferred zero_grad() rides on the first thread's Backward (with micro_batches, on a
+    GradNorm sent before the slices'), and the other's must not reach the server before it
+    (it would be zeroed with the last step's). Forced here: the call carrying it is held back
+    before it is sent."""
 
     def trunk() -> nn.Module:
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).double()
 
     server = start_server(trunk())
-    remote = RemoteModule(server.address)
+    remote = RemoteModule(server.address, options=ClientOptions(micro_batches=micro_batches))
     remote_opt = RemoteOptimizer(remote, "SGD", lr=0.1)
     local = trunk()
     local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
-    exchange, held_back = remote.client._exchange, []
+    client = remote.client
+    exchange, carrying, held_back = client._exchange, client._call_carrying, []
+
+    def hold_back() -> None:
+        held_back.append(1)
+        threading.Event().wait(0.3)  # the other thread's Backward is ready by now
 
     def carrier_last(name, header, *args, **kwargs):
         if name == "Backward" and header.zero_grad:
-            held_back.append(header.request_id)
-            threading.Event().wait(0.3)  # the other thread's Backward is ready by now
+            hold_back()
         return exchange(name, header, *args, **kwargs)
 
-    remote.client._exchange = carrier_last
+    def gradnorm_last(method, invoke, zero, scale):
+        if method == "GradNorm" and zero:
+            hold_back()
+        return carrying(method, invoke, zero, scale)
+
+    client._exchange, client._call_carrying = carrier_last, gradnorm_last
     errors: list[BaseException] = []
 
     def train(x: torch.Tensor) -> None:
@@ -240,7 +251,8 @@ def test_threads_sharing_a_remote_module_keep_each_others_gradients(start_server
             local(x).tanh().sum().backward()
         remote_opt.step()
         local_opt.step()
-    assert len(held_back) == 3  # every step's zero_grad() rode on one of its Backwards
+    assert len(held_back) == 3  # every step's zero_grad() rode on one call
     state = remote.remote_state_dict()
+    exact = {"rtol": 0, "atol": 0 if micro_batches == 1 else 1e-12}  # slices: summation order
     for name, value in local.state_dict().items():
-        assert torch.equal(state[name], value), name
+        torch.testing.assert_close(state[name], value, **exact, msg=name)

@@ -129,3 +129,22 @@ def test_contexts_dropped_for_an_offloaded_adapter_keep_what_they_had_answered()
     assert cache.answered("b", "lost") == (2, False)
     cache.drop_session("b")
     assert cache.answered("b", "lost") == (0, False)
+
+
+def test_records_of_answered_backwards_are_kept_for_a_bounded_number_of_sessions():
+    """A session that ends while a Backward of it is answered gets its record again after
+    its end dropped them (the reply is kept after the context went): the sessions with
+    records are bounded, the oldest forgotten first."""
+    from remote_autograd.contexts import _REMEMBER_SESSIONS, ContextCache, ForwardContext
+
+    cache = ContextCache(max_contexts=8, max_bytes=1 << 20, ttl=60.0)
+    for index in range(_REMEMBER_SESSIONS + 100):
+        session = f"ended-{index}"
+        context = ForwardContext("r", session, [], [], None, 0, 0)
+        cache.put(context)
+        context.backward_seq = 1
+        cache.drop_session(session)
+        cache.keep_reply(context, None, 0)  # its Backward's reply, after the session's end
+    assert len(cache._answered) == _REMEMBER_SESSIONS
+    assert cache.answered(f"ended-{_REMEMBER_SESSIONS + 99}", "r") == (1, False)
+    assert cache.answered("ended-0", "r") == (0, False)
