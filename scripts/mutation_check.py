@@ -982,6 +982,76 @@ MUTATIONS: list[Mutation] = [
         ),
         "an eval forward leaves the training forwards' dropout seeds alone",
     ),
+    M(
+        "another_threads_backward_overtakes_zero_grad",
+        "remote_autograd/client.py",
+        "                if carrier is None or carrier.is_set():",
+        "                if True:",
+        (
+            "tests/test_concurrency.py::test_threads_sharing_a_remote_module_keep_each_others_gradients[1]",
+        ),
+        "a Backward of another thread waits for the one carrying a deferred zero_grad()",
+    ),
+    M(
+        "offload_forgets_answered_backwards",
+        "remote_autograd/contexts.py",
+        "            if ended:",
+        "            if True:",
+        (
+            "tests/test_sessions.py::test_contexts_dropped_for_an_offloaded_adapter_keep_what_they_had_answered",
+        ),
+        "an adapter offload keeps what its live sessions' contexts had answered",
+    ),
+    M(
+        "recompute_from_changed_inputs",
+        "remote_autograd/runner.py",
+        "        if copy:",
+        "        if False:",
+        (
+            "tests/test_split_training.py::test_a_trunk_that_changes_its_input_in_place_trains_as_locally[no-input-grad-recompute]",
+        ),
+        "a forward kept for recompute runs on a copy of the inputs it keeps",
+    ),
+    M(
+        "gradients_written_by_a_refused_step_stay",
+        "remote_autograd/guard.py",
+        "    kept = given if _may_write_grads(optimizer, tensors) else []",
+        "    kept = []",
+        (
+            "tests/test_trunk_safety.py::test_a_refused_step_leaves_the_gradients_an_optimizer_writes[SGD-nesterov-foreach]",
+        ),
+        "a refused step puts back the gradients its optimizer wrote",
+    ),
+    M(
+        "seeds_by_rng_state_alone",
+        "remote_autograd/module.py",
+        "        rng = (_rng_state(), _inputs_key(tensors)) if self.training else None",
+        "        rng = (_rng_state(), ()) if self.training else None",
+        (
+            "tests/test_habits.py::test_two_trunk_calls_from_one_rng_state_find_their_seeds[two_checkpoints-reentrant]",
+        ),
+        "two trunk calls from one RNG state find their own seeds at recompute",
+    ),
+    M(
+        "outputs_without_grad_require_grad",
+        "remote_autograd/function.py",
+        "                if not o.is_floating_point() or (without and without[i])",
+        "                if not o.is_floating_point()",
+        (
+            "tests/test_split_training.py::test_outputs_the_trunk_gives_without_a_graph_need_no_gradient_as_locally[1]",
+        ),
+        "outputs the trunk gives without a graph need no gradient, as locally",
+    ),
+    M(
+        "refused_context_moves_buffers",
+        "remote_autograd/engine.py",
+        "                        self.contexts.check_size(session.key, nbytes)",
+        "                        pass",
+        (
+            "tests/test_trunk_safety.py::test_a_kept_forward_refused_for_its_size_leaves_the_trunks_buffers_as_they_were[graph]",
+        ),
+        "a kept forward refused for its size leaves the shared buffers as they were",
+    ),
 ]
 
 
