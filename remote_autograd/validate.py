@@ -123,10 +123,6 @@ def check_parameters(parameters: Any, named: dict[str, torch.Tensor]) -> None:
             raise InvalidRequest(
                 f"parameter {name}: expected shape {list(named[name].shape)}, got {describe(value)}"
             )
-        if not value.is_floating_point():  # True would load as 1.0: not a weight anyone meant
-            raise InvalidRequest(
-                f"parameter {name}: expected floating values, got {describe(value)}"
-            )
         if not _finite_as(value, named[name]):
             raise InvalidRequest(
                 f"parameter {name} holds NaN or inf{_as(value, named[name])}; refused"

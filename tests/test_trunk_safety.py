@@ -861,8 +861,9 @@ def test_a_step_that_overflows_a_python_number_is_refused_and_changes_nothing(st
 
 def test_malformed_control_fields_are_refused_by_name_and_change_nothing(start_server):
     """A Backward numbered 0 was told it had been answered already (its gradients added),
-    though none ran; a LoadState "step" of -1 or 1.5 was answered OK and ignored; a bool
-    tensor loaded into a float parameter as ones. Each is refused, naming the field."""
+    though none ran; a LoadState "step" of -1 or 1.5 was answered OK and ignored. Each is
+    refused, naming the field. (An integer or bool tensor loads into a float parameter cast,
+    as torch's own load_state_dict copies it.)"""
     server, remote = _start(start_server)
     optimizer = RemoteOptimizer(remote, "SGD", lr=0.1)
     _good_step(remote, optimizer, _x(1))
@@ -876,8 +877,6 @@ def test_malformed_control_fields_are_refused_by_name_and_change_nothing(start_s
     for step in (-1, 1.5):
         with pytest.raises(InvalidRequest, match=r"'step' must be a whole number >= 0"):
             remote.client.load_state({"step": step})
-    with pytest.raises(InvalidRequest, match=r"parameter weight: expected floating values"):
-        remote.client.load_state({"parameters": {"weight": torch.ones(2, 4, dtype=torch.bool)}})
     snapshot.assert_unchanged(server, remote)
 
 
