@@ -35,6 +35,7 @@ or in eval mode, forwards of different clients run at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -210,32 +211,24 @@ class _AdapterRunner(TrunkRunner):
         recompute: bool = False,
         keeps: bool = False,
     ) -> tuple[Any, list[torch.Tensor]]:
+        locked = False
         if not training or (self.draws is False and self.lock is None):
             # Nothing to draw; seeding would set the process-wide generator under another
             # client's training forward, between two of its dropout layers.
             seed = None
         elif seed is not None and (self.lock or (self.lock is None and self.draws is not False)):
-            with self._random_lock:
-                return super().forward(
-                    template,
-                    leaves,
-                    training,
-                    seed,
-                    grad=grad,
-                    autocast=autocast,
-                    recompute=recompute,
-                    keeps=keeps,
-                )
-        return super().forward(
-            template,
-            leaves,
-            training,
-            seed,
-            grad=grad,
-            autocast=autocast,
-            recompute=recompute,
-            keeps=keeps,
-        )
+            locked = True
+        with self._random_lock if locked else contextlib.nullcontext():
+            return super().forward(
+                template,
+                leaves,
+                training,
+                seed,
+                grad=grad,
+                autocast=autocast,
+                recompute=recompute,
+                keeps=keeps,
+            )
 
     def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.draws is not None:

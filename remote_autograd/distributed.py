@@ -583,7 +583,8 @@ class DistributedRunner(TrunkRunner):
         kept = buffer_snapshot(self.module) if guarded else []
         try:
             # Rank 0's share views the inputs its engine keeps (``keeps``, a recompute).
-            out_template, outputs = TrunkRunner.forward(
+            run = TrunkRunner.forward
+            out_template, outputs = run(
                 self,
                 template,
                 leaves,
