@@ -242,11 +242,14 @@ def run_server(module: Any, args: argparse.Namespace, options: ServerOptions | N
             return
     else:
         build_engine = getattr(args, "build_engine", None)  # per-client adapters (hf extra)
-        server = serve(
-            build_engine(module, options, args) if build_engine else module,
-            args.address,
-            options=options,
-        )
+        try:
+            server = serve(
+                build_engine(module, options, args) if build_engine else module,
+                args.address,
+                options=options,
+            )
+        except (OSError, ValueError) as exc:  # an address or port it cannot serve on
+            raise SystemExit(f"serve: {exc}") from exc
     runner = getattr(server.engine, "runner", None)  # the per-client adapters' engine has none
     name = runner.module_name if runner is not None else type(module).__name__
     print(f"remote-autograd: serving {name} on {server.address}", flush=True)

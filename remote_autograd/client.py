@@ -122,6 +122,7 @@ class TrunkClient:
         # A Step in flight from step_in_background(): its thread and its future.
         self._stepping: tuple[threading.Thread, Future[pb.StepReply]] | None = None
         self._pid = os.getpid()  # the process that opened the session (see forking.py)
+        self.forked = False  # this process is a fork of the one that opened the first session
         forking.on_fork_in_child(self, TrunkClient._after_fork_in_child)
         _LIVE.add(self)
         # A client dropped without close() (a deepcopy evaluated and thrown away) ends its
@@ -164,6 +165,7 @@ class TrunkClient:
         self._optimizer_id = ""  # the new session holds no optimizer
         self._stepping = None  # the parent's thread did not come along
         self._pid = os.getpid()
+        self.forked = True
         self._leftovers.take(self)  # this process's session, not opened yet
 
     # -- connection -------------------------------------------------------------------------

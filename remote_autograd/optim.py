@@ -148,6 +148,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         except Warning:  # raised (-W error) once the step was applied: it counts
             raise
         except BaseException as exc:
+            if isinstance(exc, NotConfigured) and self.client.forked:
+                exc.add_note(
+                    "this process is a fork of the one that made this RemoteOptimizer: the "
+                    "optimizer belongs to the parent's session, and this process has a "
+                    "session of its own; create a RemoteOptimizer here to train from it"
+                )
             self._failed(exc)
             raise
 

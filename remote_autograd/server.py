@@ -93,15 +93,22 @@ class TrunkServer:
         tcp = bulk_host(address) is not None  # else no port, and no TCP for a bulk channel
         self.address = f"{host}:{self.port}" if tcp else address
         if options.bulk and tcp:  # TLS exactly when the gRPC port is
-            self.service.bulk = BulkListener(
-                host.strip("[]") or "0.0.0.0",
-                options.bulk_port,
-                max_connections=options.max_bulk_connections,
-                max_session_connections=options.max_session_bulk_connections,
-                timeout=options.bulk_timeout,
-                hello_timeout=options.bulk_hello_timeout,
-                tls=bulk_server_tls(options),
-            )
+            try:
+                self.service.bulk = BulkListener(
+                    host.strip("[]") or "0.0.0.0",
+                    options.bulk_port,
+                    max_connections=options.max_bulk_connections,
+                    max_session_connections=options.max_session_bulk_connections,
+                    timeout=options.bulk_timeout,
+                    hello_timeout=options.bulk_hello_timeout,
+                    tls=bulk_server_tls(options),
+                )
+            except OSError as exc:
+                self._server.stop(None)
+                raise OSError(
+                    f"could not bind the bulk channel on port {options.bulk_port} "
+                    f"(ServerOptions.bulk_port, --bulk-port; 0: any free one): {exc}"
+                ) from exc
         _add_trunk_service(self.service, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

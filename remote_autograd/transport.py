@@ -11,6 +11,7 @@ import ssl
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
 import torch
@@ -137,7 +138,7 @@ def create_server(
             root_certificates=options.client_ca,
             require_client_auth=options.client_ca is not None,
         )
-        port = server.add_secure_port(address, credentials)
+        port = _bound(address, lambda: server.add_secure_port(address, credentials))
     else:
         if not is_loopback(address):
             if not options.insecure:
@@ -150,10 +151,22 @@ def create_server(
                 "serving PLAIN TEXT on %s (--insecure): anyone on the network can read and send",
                 address,
             )
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+        port = _bound(address, lambda: server.add_insecure_port(address))
     return server, port
+
+
+def _bound(address: str, add_port: Any) -> int:
+    """The port gRPC bound, or an OSError that names the address (gRPC raises a
+    RuntimeError, or returns 0, for a port another process holds)."""
+    try:
+        port = add_port()
+    except RuntimeError as exc:
+        port, reason = 0, f": {exc}"
+    else:
+        reason = ""
+    if port == 0:
+        raise OSError(f"could not bind {address} (is the port in use?){reason}")
+    return int(port)
 
 
 # -- TLS of the bulk channel (bulk.py): the same certificates as the gRPC port -----------------

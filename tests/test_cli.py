@@ -257,3 +257,20 @@ def test_importing_the_core_cli_imports_no_hf_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("which", ["grpc", "bulk"])
+def test_serve_on_a_port_in_use_stops_with_a_message(which: str) -> None:
+    """A port another process holds: the gRPC port, or the bulk channel's (--bulk-port). The
+    bulk port's bind error was a raw traceback naming no flag."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = f"127.0.0.1:{port}" if which == "grpc" else "127.0.0.1:0"
+        flags = [] if which == "grpc" else ["--bulk-port", str(port)]
+        expected = "could not bind" if which == "grpc" else r"bulk channel on port .*--bulk-port"
+        with pytest.raises(SystemExit, match=expected):
+            main(["serve", "--module", "models:make_mlp_trunk", "--address", address, *flags])

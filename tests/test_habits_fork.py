@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, spawn_server
 
-from remote_autograd import RemoteModule
+from remote_autograd import NotConfigured, RemoteModule, RemoteOptimizer
 
 # Clients here train one server's trunk in turn: starting from the weights an earlier client
 # left is the point, not a mistake (SteppedTrunkWarning).
@@ -201,3 +201,32 @@ def test_a_call_made_inside_a_call_goes_on_while_a_fork_waits():
     caller.join(60)
     forker.join(60)
     assert order == ["inner call", "outer call ended", "fork"]
+
+
+def _child_steps(module: RemoteModule, optimizer: RemoteOptimizer, x, queue) -> None:
+    try:
+        module(x).sum().backward()
+        optimizer.step()
+        queue.put(("stepped", []))
+    except NotConfigured as exc:
+        queue.put(("not configured", getattr(exc, "__notes__", [])))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", [repr(exc)]))
+
+
+def test_a_forked_child_stepping_the_parents_optimizer_is_told_why_it_cannot(mlp_server):
+    """The optimizer lives in the parent's session; a forked child has a session of its own.
+    Its step() was refused with NotConfigured blaming session_ttl or a server restart; the
+    error now says that this process is a fork, and what to do."""
+    module = RemoteModule(mlp_server)
+    optimizer = RemoteOptimizer(module, "SGD", lr=0.1)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_steps, args=(module, optimizer, x, queue))
+    child.start()
+    outcome, notes = queue.get(timeout=120)
+    child.join(timeout=120)
+    assert outcome == "not configured"
+    assert any("this process is a fork" in note for note in notes), notes
+    module.close()
