@@ -14,7 +14,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from . import memory
 from .client import TrunkClient
-from .errors import CodecError, ContextNotFound
+from .errors import ContextNotFound
 from .tree import flatten, unflatten
 
 __all__: list[str] = []
@@ -81,7 +81,9 @@ class RemoteCall:
                 autocast=self.autocast,
                 rng_seed=self.seed or None,  # set before forward by a ChunkedCall (chunks.py)
             )
-        except CodecError:  # a reply this side refused: the server kept a forward nobody uses
+        except BaseException:
+            # A reply this side refused, a call interrupted (Ctrl-C) or failed for good: the
+            # server may have kept a forward (and its Step lease) that no Backward will use.
             if self.keep_context:
                 self.release()
             raise

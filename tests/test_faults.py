@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import spawn_server
 from factories import batch, batchnorm_trunk, dropout_trunk, local_parts
+from polling import wait_for
 
 from remote_autograd import (
     ClientOptions,
@@ -593,3 +594,30 @@ def test_a_gradnorm_whose_reply_was_lost_is_retried_and_scales_once():
         _assert_stepped_alike(optimizer, local_optimizer, remote, local)
     finally:
         server.stop(grace=None)
+
+
+def test_a_forward_interrupted_after_the_server_kept_it_leaves_no_context(start_server):
+    """Ctrl-C in a training forward after the server ran it (the reply on its way): no
+    Backward will use that context, and it held a Step lease, costing another session one
+    step_wait. It is released; training then goes on."""
+    from torch import nn
+
+    server = start_server(nn.Linear(4, 4).double())
+    remote = RemoteModule(server.address)
+    exchange = remote.client._exchange
+
+    def interrupted(name, header, *args, **kwargs):
+        reply = exchange(name, header, *args, **kwargs)
+        if name == "Compute":
+            raise KeyboardInterrupt  # as the user's Ctrl-C would land here
+        return reply
+
+    remote.client._exchange = interrupted
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(KeyboardInterrupt):
+        remote(x)
+    remote.client._exchange = exchange
+    wait_for(lambda: server.stats()["contexts"] == 0)
+    remote(x).sum().backward()
+    assert x.grad is not None
+    remote.close()
