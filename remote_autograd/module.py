@@ -68,7 +68,8 @@ def _inputs_key(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
         key += [tuple(tensor.shape), tensor.dtype]
         count = tensor.numel()
         if count and tensor.layout == torch.strided and tensor.device.type != "meta":
-            flat = torch.linspace(0, count - 1, min(count, _SAMPLED)).long()
+            taken = min(count, _SAMPLED)  # whole-number indices: no float rounding past the end
+            flat = torch.arange(taken) * (count - 1) // max(taken - 1, 1)
             sample = (
                 tensor.detach()[torch.unravel_index(flat, tensor.shape)]
                 if tensor.dim()

@@ -149,6 +149,8 @@ class ServerOptions:
                 # they count something.
                 number = isinstance(value, numbers.Real) and not isinstance(value, bool)
                 whole = number and ("whole" not in what or float(value).is_integer())
+                if whole and "whole" in what and not isinstance(value, int):
+                    object.__setattr__(self, name, int(value))  # 8e9, a numpy integer: an int
                 if not whole or not value >= lowest:
                     flag = "--" + name.replace("_", "-")
                     raise ValueError(f"ServerOptions.{name} ({flag}) must be {what}, got {value!r}")

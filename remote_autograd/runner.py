@@ -109,11 +109,16 @@ class TrunkRunner:
                 result = self._seeded(seed, args, kwargs)
         out_template, outputs = flatten(result)
         if self.dtype is not None:
-            # Outputs back in the caller's dtype, as the uncast model gives them: those in the
-            # served dtype only (one the trunk makes on purpose, a .half(), stays), in the
-            # first floating input's dtype, else the uncast module's.
+            # Outputs back in the caller's dtype: those in the served dtype only (one the trunk
+            # makes on purpose, a .half(), stays), in the first floating input's dtype. With
+            # none (token ids in), in the uncast module's where the served dtype is narrower
+            # (a float32 model served in bfloat16); a wider one (a float16 checkpoint served
+            # in float32) keeps the precision it was chosen for.
             floating = (t.dtype for t in leaves if t.is_floating_point())
-            back = next(floating, self.uncast)
+            back = next(floating, None)
+            uncast = self.uncast
+            if back is None and uncast is not None and uncast.itemsize > self.dtype.itemsize:
+                back = uncast
             if back is not None and back != self.dtype:
                 outputs = [o.to(back) if o.dtype == self.dtype else o for o in outputs]
         return out_template, outputs

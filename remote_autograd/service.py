@@ -374,9 +374,10 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
         # The reply holds a copy of the weights until the client has read it all: counted as
         # frames in flight are, or replies nobody reads would hold a copy each.
+        # Against the whole budget, not the identity's share: a state may be larger than
+        # the share (1 GiB), and nothing would ever make room for it.
         nbytes = sum(t.numel() * t.element_size() for t in flatten(state)[1])
-        owner = identity_of(session.key)
-        with self._inflight.reserve(nbytes, "GetState", owner, what="a reply of"):
+        with self._inflight.reserve(nbytes, "GetState", None, what="a reply of"):
             buffers = codec.Encoder(compression=self.options.compression).encode_buffers(state)
             del state
             yield from frames.frame_messages(pb.Header(), buffers, self.options.stream_chunk_bytes)
@@ -597,6 +598,12 @@ class _ByteBudget:
             raise LimitExceeded(
                 f"{method}: {what} {nbytes} bytes{beyond}, more than {self.name}={self.limit} "
                 "allows at all; send smaller calls (micro_batches) or raise the limit"
+            )
+        if owner is not None and nbytes > self.owner_limit:
+            raise LimitExceeded(
+                f"{method}: {what} {nbytes} bytes{beyond}, more than "
+                f"max_identity_inflight_bytes={self.owner_limit} allows one identity at all; "
+                "send smaller calls (micro_batches) or raise the limit"
             )
         with self._lock:
             if self.used + nbytes > self.limit:

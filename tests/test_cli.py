@@ -274,3 +274,15 @@ def test_serve_on_a_port_in_use_stops_with_a_message(which: str) -> None:
         expected = "could not bind" if which == "grpc" else r"bulk channel on port .*--bulk-port"
         with pytest.raises(SystemExit, match=expected):
             main(["serve", "--module", "models:make_mlp_trunk", "--address", address, *flags])
+
+
+def test_whole_number_options_given_as_floats_become_ints() -> None:
+    """8e9 or a numpy integer from a config file is a byte count: kept as a float it reached
+    protobuf's integer fields, and every call of the server failed."""
+    import numpy as np
+
+    from remote_autograd import ServerOptions
+
+    options = ServerOptions(stream_chunk_bytes=65536.0, max_context_bytes=np.int64(1 << 30))
+    assert type(options.stream_chunk_bytes) is int and options.stream_chunk_bytes == 65536
+    assert type(options.max_context_bytes) is int

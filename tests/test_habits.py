@@ -211,18 +211,28 @@ class _IdsAndHalf(nn.Module):
         return h, h.detach().half()
 
 
-@pytest.mark.parametrize("served", ["float64", "bfloat16"])
-def test_outputs_of_a_served_dtype_come_back_as_the_uncast_trunk_gives_them(start_server, served):
-    """A trunk served in another dtype casts its outputs back: a trunk given token ids only
-    (no floating input to say to what) gave them in the served dtype, and an output the trunk
-    makes in its own dtype on purpose (a .half()) was cast too. Now each comes back in the
-    dtype the uncast module gives: the served dtype's outputs in the module's, others as they
-    are."""
-    server = start_server(_IdsAndHalf(), ServerOptions(dtype=served))
+@pytest.mark.parametrize(
+    ("module_dtype", "served", "expected"),
+    [
+        (torch.float32, "bfloat16", [torch.float32, torch.float16]),  # narrower: cast back
+        (torch.float16, "float32", [torch.float32, torch.float16]),  # wider: kept
+        (torch.float32, "float64", [torch.float64, torch.float16]),  # wider: kept
+    ],
+    ids=["f32-as-bf16", "f16-as-f32", "f32-as-f64"],
+)
+def test_outputs_of_a_served_dtype_given_token_ids(start_server, module_dtype, served, expected):
+    """A trunk given token ids only has no floating input to say what dtype its caller uses.
+    Served narrower than its module (a float32 model in bfloat16) its outputs came back in
+    bfloat16; they go back in the module's dtype. Served wider (a float16 checkpoint in
+    float32) they keep the served dtype, the precision it was chosen for. An output the
+    trunk makes in another dtype on purpose (a .half()) comes back as it is."""
+    module = _IdsAndHalf()
+    module.linear.to(module_dtype)
+    module.embedding.to(module_dtype)
+    server = start_server(module, ServerOptions(dtype=served))
     remote = RemoteModule(server.address)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    expected = [o.dtype for o in _IdsAndHalf()(ids)]
-    assert [o.dtype for o in remote(ids)] == expected == [torch.float32, torch.float16]
+    assert [o.dtype for o in remote(ids)] == expected
     remote.close()
 
 
@@ -640,6 +650,23 @@ def test_forwards_released_before_their_backward_leave_no_context_behind(
         y.sum().backward()
         assert torch.equal(x.grad, 2 * server.engine.module.weight.detach().sum(0).expand(4, 4))
     wait_for(lambda: server.stats()["contexts"] == 0)
+    remote.close()
+
+
+def test_a_training_forward_under_a_half_precision_default_dtype(start_server):
+    """The key of a forward's dropout seeds samples its inputs at whole-number indices: under
+    torch.set_default_dtype(torch.float16) an input of more than 65504 elements made every
+    training forward fail (the indices were computed in the default dtype)."""
+    server = start_server(nn.Linear(256, 8))
+    remote = RemoteModule(server.address)
+    x = torch.randn(300, 256, requires_grad=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        out = remote(x)
+    finally:
+        torch.set_default_dtype(default)
+    assert out.dtype == torch.float32 and out.shape == (300, 8)
     remote.close()
 
 

@@ -441,3 +441,16 @@ def test_a_state_reply_counts_as_a_frame_in_flight(start_server):
         assert torch.equal(state["weight"], roomy.engine.module.weight.detach())
     assert roomy.stats()["inflight_bytes"] == 0
     remote.close()
+
+
+def test_a_state_larger_than_one_identitys_share_is_fetched(start_server):
+    """A GetState reply counts against max_inflight_bytes as a whole, not the token's share
+    (max_identity_inflight_bytes, 1 GiB by default): nothing would ever make room for a
+    state larger than the share, and it was refused with "retry later"."""
+    options = ServerOptions(
+        tokens=("tok",), max_inflight_bytes=4 << 20, max_identity_inflight_bytes=512 << 10
+    )
+    server = start_server(nn.Linear(512, 512).double(), options)  # 2.1 MB of parameters
+    with RemoteModule(server.address, options=ClientOptions(token="tok")) as remote:
+        state = remote.remote_state_dict()
+        assert torch.equal(state["weight"], server.engine.module.weight.detach())
