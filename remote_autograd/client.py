@@ -518,17 +518,17 @@ class TrunkClient:
         self._await_step()
         self.grad_events += 1
         zero, scale, carried = self._take_grad_ops_in_order()
-        header = pb.Header(
-            request_id=request_id,
-            backward_seq=seq,
-            needs_input_grad=needs_input_grad,
-            reply_quantization=self.options.gradient_quantization,
-            zero_grad=zero,
-            grad_scale=scale,
-            freeze_parameters=freeze_parameters,
-            report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
-        )
-        try:
+        try:  # from the taking on: an interrupt anywhere must set the event
+            header = pb.Header(
+                request_id=request_id,
+                backward_seq=seq,
+                needs_input_grad=needs_input_grad,
+                reply_quantization=self.options.gradient_quantization,
+                zero_grad=zero,
+                grad_scale=scale,
+                freeze_parameters=freeze_parameters,
+                report_nonfinite=True,  # the client decides at step() (GradScaler skips it)
+            )
             value, reply = self._exchange("Backward", header, {"grads": grads}, "gradient", device)
         except BaseException:
             self._restore_grad_ops(zero, scale)
@@ -689,17 +689,17 @@ class TrunkClient:
         # In order, as a Backward takes them: the Backwards of other threads (micro_batches
         # slices after apply_grad_ops) wait until the server has applied them.
         zero, scale, carried = self._take_grad_ops_in_order()
-        # A deferred zero_grad/scale is applied by the server on arrival: named, so that a
-        # retry (a lost reply) does not apply it twice.
-        ops_id = "" if zero == pb.ZERO_GRAD_NONE and scale == 1.0 else secrets.token_hex(8)
-        request = pb.GradNormRequest(
-            norm_type=norm_type,
-            zero_grad=zero,
-            grad_scale=scale,
-            ops_id=ops_id,
-            server_id=self._grads_server_id,
-        )
-        try:
+        try:  # from the taking on: an interrupt anywhere must set the event
+            # A deferred zero_grad/scale is applied by the server on arrival: named, so that
+            # a retry (a lost reply) does not apply it twice.
+            ops_id = "" if zero == pb.ZERO_GRAD_NONE and scale == 1.0 else secrets.token_hex(8)
+            request = pb.GradNormRequest(
+                norm_type=norm_type,
+                zero_grad=zero,
+                grad_scale=scale,
+                ops_id=ops_id,
+                server_id=self._grads_server_id,
+            )
             reply = self._call_carrying(
                 "GradNorm", lambda: stub.GradNorm(request, **self._kw()), zero, scale
             )
