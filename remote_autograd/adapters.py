@@ -205,11 +205,7 @@ class _AdapterRunner(TrunkRunner):
         leaves: list[torch.Tensor],
         training: bool,
         seed: int | None,
-        *,
-        grad: bool,
-        autocast: torch.dtype | None = None,
-        recompute: bool = False,
-        keeps: bool = False,
+        **flags: Any,
     ) -> tuple[Any, list[torch.Tensor]]:
         locked = False
         if not training or (self.draws is False and self.lock is None):
@@ -219,16 +215,7 @@ class _AdapterRunner(TrunkRunner):
         elif seed is not None and (self.lock or (self.lock is None and self.draws is not False)):
             locked = True
         with self._random_lock if locked else contextlib.nullcontext():
-            return super().forward(
-                template,
-                leaves,
-                training,
-                seed,
-                grad=grad,
-                autocast=autocast,
-                recompute=recompute,
-                keeps=keeps,
-            )
+            return super().forward(template, leaves, training, seed, **flags)
 
     def _call_seeded(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.draws is not None:

@@ -356,6 +356,12 @@ class TrunkEngine:
             graph = keep and not lazy
             shared = [*self.module.parameters(), *self.module.buffers()] if graph else []
             footprint = Footprint(shared)
+
+            def context_bytes(held: list[torch.Tensor]) -> int:
+                # What the kept context counts: its tensors, its plain values beyond a few KiB.
+                footprint.add(held)
+                return footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE)
+
             if not call.recompute:
                 # A training forward moves the trunk's buffers (BatchNorm statistics), which
                 # every session shares: they must stay finite, or come back as they were.
@@ -384,8 +390,7 @@ class TrunkEngine:
                         )
                     check_finite_buffers(moved)
                     if keep:  # refused below, it must not have moved them: refused here
-                        footprint.add([*leaves, *(outputs if graph else ())])
-                        nbytes = footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE)
+                        nbytes = context_bytes([*leaves, *(outputs if graph else ())])
                         self.contexts.check_size(session.key, nbytes)
                         self._check_alive(session)
                 except Exception:
@@ -397,11 +402,9 @@ class TrunkEngine:
             seconds = time.perf_counter() - started
         if keep:
             kept = None if lazy else outputs
-            if call.recompute:  # nothing ran: only the inputs are kept
-                footprint.add(leaves)
-                nbytes = footprint.nbytes + max(0, plain_bytes(template) - _TREE_ALLOWANCE)
             answered: dict[str, Any] = {}
             if call.recompute:
+                nbytes = context_bytes(leaves)  # nothing ran: only the inputs are kept
                 # The context this one re-creates may have answered a Backward whose reply was
                 # lost, and that Backward is retried on this one: not added twice.
                 seq, nonfinite = self.contexts.answered(session.key, call.request_id)

@@ -9,9 +9,8 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from typing import Any
 
 import grpc
 import torch
@@ -155,7 +154,7 @@ def create_server(
     return server, port
 
 
-def _bound(address: str, add_port: Any) -> int:
+def _bound(address: str, add_port: Callable[[], int]) -> int:
     """The port gRPC bound, or an OSError that names the address (gRPC raises a
     RuntimeError, or returns 0, for a port another process holds)."""
     try:
