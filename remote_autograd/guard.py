@@ -567,8 +567,7 @@ def guarded_step(
         _restore_state(optimizer, tensors, old_state)
         for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
             group.update(saved)
-        if not old_grads and wrote_grads():
-            optimizer._ra_writes_grads = True  # type: ignore[attr-defined]
+        if grads_lost():
             raise InvalidRequest(
                 f"Step refused, and {type(optimizer).__name__}.step() had changed the "
                 "session's gradients as it ran: they cannot be applied again. The weights "
@@ -576,13 +575,20 @@ def guarded_step(
                 "forward and backward"
             )
 
-    def wrote_grads() -> bool:
-        return any(local(g)._version != v for g, v in zip(given, versions, strict=True))
+    def grads_lost() -> bool:
+        # The optimizer changed the gradients with no copy to put back: it is backed up from
+        # its next step on.
+        lost = not old_grads and any(
+            local(g)._version != v for g, v in zip(given, versions, strict=True)
+        )
+        if lost:
+            optimizer._ra_writes_grads = True  # type: ignore[attr-defined]
+        return lost
 
     for group, update in zip(optimizer.param_groups, updates, strict=True):
         group.update(update)
-    for name, param in moving:
-        param.grad = grads[name]
+    for param, grad in zip(tensors, given, strict=True):
+        param.grad = grad
     try:
         try:
             optimizer.step()
@@ -615,8 +621,7 @@ def guarded_step(
     if problem:
         roll_back()
         raise InvalidRequest(f"Step refused: {problem}; nothing was changed")
-    if not old_grads and wrote_grads():
-        optimizer._ra_writes_grads = True  # type: ignore[attr-defined]  # backed up from now on
+    grads_lost()  # a step that stood: only learnt from
     backup.remember(tensors, new_max)
 
 
