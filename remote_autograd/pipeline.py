@@ -33,34 +33,67 @@ from torch import nn
 
 from .tree import flatten, unflatten
 
-__all__ = ["PipelinedStep", "split_batch"]
+__all__ = ["PipelinedStep", "batch_rows", "split_batch"]
 
 log = logging.getLogger(__name__)
 
 
 def split_batch(value: Any, micro_batches: int) -> list[Any]:
-    """Split every tensor in ``value`` (a tensor, or lists, tuples and dicts of them) along
-    dimension 0 into ``micro_batches`` parts (sizes differ by at most one, like
+    """Split every tensor in ``value`` (a tensor, or lists, tuples, dicts and other mappings of
+    them) along dimension 0 into ``micro_batches`` parts (sizes differ by at most one, like
     ``torch.tensor_split``); values that are not tensors go to every part unchanged."""
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
-    template, tensors = flatten(value)
-    if not tensors:
-        raise ValueError("the batch holds no tensor to split into micro-batches")
-    sizes = {t.shape[0] if t.dim() else None for t in tensors}
-    if None in sizes or len(sizes) != 1:
-        shapes = [tuple(t.shape) for t in tensors]
-        raise ValueError(
-            f"every tensor of a batch needs the same size in dimension 0 (the batch); got {shapes}"
-        )
-    rows = sizes.pop()
-    assert rows is not None
+    rows = batch_rows(value)
     if rows < micro_batches:
         raise ValueError(
             f"a batch of {rows} samples cannot be split into micro_batches={micro_batches}"
         )
-    parts = [torch.tensor_split(t, micro_batches, dim=0) for t in tensors]
-    return [unflatten(template, [p[i] for p in parts]) for i in range(micro_batches)]
+    return _split_rows(value, _part_rows(rows, micro_batches))
+
+
+def batch_rows(value: Any, what: str = "the batch") -> int:
+    """The size of dimension 0 that every tensor in ``value`` shares."""
+    _, tensors = flatten(value)
+    if not tensors:
+        raise ValueError(f"{what} holds no tensor to split into micro-batches")
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if None in sizes or len(sizes) != 1:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(
+            f"every tensor of {what} needs the same size in dimension 0 (the batch); got {shapes}"
+        )
+    rows = sizes.pop()
+    assert rows is not None
+    return rows
+
+
+def _part_rows(rows: int, parts: int) -> list[int]:
+    """``torch.tensor_split``'s sizes: the first ``rows % parts`` parts one row longer."""
+    return [rows // parts + (i < rows % parts) for i in range(parts)]
+
+
+def _split_rows(value: Any, sizes: list[int]) -> list[Any]:
+    template, tensors = flatten(value)
+    pieces = [torch.split(t, sizes, dim=0) for t in tensors]
+    return [unflatten(template, [p[i] for p in pieces]) for i in range(len(sizes))]
+
+
+def _split_labels(y: Any, sizes: list[int]) -> list[Any]:
+    """``y`` split as the batch was (``sizes``: samples per micro-batch). Labels with one row
+    per sample are split like it; labels with k rows per sample (per-token labels flattened
+    sample by sample, ``y.view(-1)``) give each micro-batch the rows of its samples; labels
+    with no tensor go whole to every micro-batch."""
+    if not flatten(y)[1]:
+        return [y] * len(sizes)
+    rows, samples = batch_rows(y, "y (the labels)"), sum(sizes)
+    if rows % samples:
+        raise ValueError(
+            f"y (the labels) has {rows} rows in dimension 0 and x (the batch) {samples}: "
+            "PipelinedStep splits both by samples, so y needs one row per sample of x, or the "
+            "same number of rows for each (per-token labels flattened sample by sample)"
+        )
+    return _split_rows(y, [size * (rows // samples) for size in sizes])
 
 
 class _Cut:
@@ -104,7 +137,9 @@ class PipelinedStep:
     ``h = bottom(x_i)``, ``z = trunk(h)``, ``out = top(z)``, ``loss_i = loss_fn(out, y_i)``: each
     part is any callable (an ``nn.Module``; ``trunk`` usually holds a
     :class:`~remote_autograd.RemoteModule`), their values tensors or lists, tuples and dicts
-    of tensors. ``x`` and ``y`` are split along dimension 0 (:func:`split_batch`).
+    of tensors. ``x`` is split along dimension 0 (:func:`split_batch`; a batch of fewer
+    samples than ``micro_batches`` runs one per sample), ``y`` with its samples (one row each,
+    or k: per-token labels flattened, ``labels.view(-1)``).
 
     ``reduction="mean"`` (for a loss that is a mean over the batch): micro-batch i's loss is
     weighted by ``weight(y_i) / sum(weight(y_j))``, where ``weight`` defaults to the number of
@@ -147,11 +182,15 @@ class PipelinedStep:
         self.reduction = reduction
         self.weight = weight
 
-    def scales(self, ys: list[Any]) -> list[float]:
-        """What each micro-batch's loss is multiplied by (see the class docstring)."""
+    def scales(self, ys: list[Any], samples: list[int] | None = None) -> list[float]:
+        """What each micro-batch's loss is multiplied by (see the class docstring);
+        ``samples``: how many each holds (by default, the rows of its ``y``)."""
         if self.reduction == "sum":
             return [1.0] * len(ys)
-        weights = [float(self.weight(y)) if self.weight else float(_rows(y)) for y in ys]
+        if self.weight:
+            weights = [float(self.weight(y)) for y in ys]
+        else:
+            weights = [float(n) for n in samples] if samples else [float(_rows(y)) for y in ys]
         total = sum(weights)
         if not total > 0:
             raise ValueError(f"the micro-batches' loss weights sum to {total}; nothing to average")
@@ -160,15 +199,22 @@ class PipelinedStep:
     def __call__(self, x: Any, y: Any) -> torch.Tensor:
         if not torch.is_grad_enabled():
             raise RuntimeError("PipelinedStep runs backward: call it with grad mode on")
-        xs = split_batch(x, self.micro_batches)
-        ys = split_batch(y, self.micro_batches)
-        scales = self.scales(ys)
-        m = self.micro_batches
+        rows = batch_rows(x, "x (the batch)")
+        # A batch with fewer samples than micro_batches (a loader's last) runs one per sample.
+        m = min(self.micro_batches, rows)
+        sizes = _part_rows(rows, m)
+        xs, ys = _split_rows(x, sizes), _split_labels(y, sizes)
+        scales = self.scales(ys, sizes)
+        self._check_batch_statistics()
         bottoms: dict[int, _Cut] = {}
         trunk_out: dict[int, Future] = {}
         trunk_back: dict[int, Future] = {}
         total: torch.Tensor | None = None
-        lane = _Lane() if self._local_trunk() else ThreadPoolExecutor(1, "ra-trunk-lane")
+        seam: _Cut | None = None
+        forwarded: Future | None = None
+        interrupted = trunk_failed = False
+        local = self._local_trunk()
+        lane = _Lane() if local else ThreadPoolExecutor(1, "ra-trunk-lane")
         # Autocast is per thread: the lane's trunk forward runs under the caller's, as the plain
         # loop's would (and RemoteModule tells the server, which runs the trunk under it).
         autocasts = [
@@ -179,7 +225,9 @@ class PipelinedStep:
         try:
 
             def forward_bottom(i: int) -> None:
-                bottoms[i] = _Cut(self.bottom(xs[i]))
+                # A trunk that is not a RemoteModule alone may change its input in place
+                # (ReLU(inplace=True) first), as it may the bottom's output in the plain loop.
+                bottoms[i] = _Cut(self.bottom(xs[i]), modifiable=not self._remote_only())
                 trunk_out[i] = lane.submit(self._trunk_forward, bottoms[i].value, autocasts)
 
             def carry(i: int) -> None:
@@ -195,7 +243,9 @@ class PipelinedStep:
                 forward_bottom(i)
             for i in range(m):
                 # Top forward and backward of micro-batch i, on the trunk's output.
-                seam = _Cut(trunk_out.pop(i).result(), modifiable=True)
+                forwarded = trunk_out.pop(i)
+                trunk_failed = forwarded.exception() is not None  # waits for it
+                seam = _Cut(forwarded.result(), modifiable=True)
                 loss = self.loss_fn(self.top(seam.value), ys[i])
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(
@@ -225,6 +275,7 @@ class PipelinedStep:
                     break
             raise
         except BaseException as exc:  # KeyboardInterrupt...: stop now, and say what is left
+            interrupted = True
             if trunk_back or bottoms:
                 exc.add_note(
                     "the step was interrupted between micro-batches: the parts hold gradients "
@@ -233,8 +284,18 @@ class PipelinedStep:
                 )
             raise
         finally:
-            # On an error the queued trunk calls are dropped; one in flight finishes first.
-            lane.shutdown(wait=True, cancel_futures=True)
+            # After an error in the bottom or the top, the trunk forwards already queued still
+            # run (their contexts are released with their outputs below): whether one had
+            # started would otherwise depend on thread timing, and each moves the dropout seeds
+            # of later forwards (ClientOptions.seed). After the trunk's own error or an
+            # interrupt they are dropped, not tried again; one in flight finishes first.
+            lane.shutdown(wait=True, cancel_futures=interrupted or trunk_failed)
+            # An exception kept by the caller keeps this frame: not the outputs' graphs and
+            # their server contexts.
+            bottoms.clear()
+            trunk_out.clear()
+            trunk_back.clear()
+            forwarded = seam = None
         assert total is not None
         return total
 
@@ -243,6 +304,29 @@ class PipelinedStep:
             for device, dtype in autocasts:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
             return self.trunk(value)
+
+    def _remote_only(self) -> bool:
+        """The trunk is a RemoteModule itself: the server gets its own copy of the inputs."""
+        from .module import RemoteModule
+
+        return isinstance(self.trunk, RemoteModule)
+
+    def _check_batch_statistics(self) -> None:
+        """Warn of a local part that computes over the batch in training mode: a micro-batch
+        is then normalised by its own statistics, and running statistics move once per
+        micro-batch, not once per batch."""
+        for name, part in (("bottom", self.bottom), ("trunk", self.trunk), ("top", self.top)):
+            if not isinstance(part, nn.Module):
+                continue
+            found = next((m for m in part.modules() if _batch_statistics(m)), None)
+            if found is not None:
+                warnings.warn(
+                    f"PipelinedStep: the {name} holds {type(found).__name__} in training mode, "
+                    "which computes statistics over the batch: each micro-batch is normalised "
+                    "by its own and its running statistics move once per micro-batch, so the "
+                    "step is not the whole batch's (docs/pipeline.md, When it is valid)",
+                    stacklevel=3,
+                )
 
     def _local_trunk(self) -> bool:
         """A trunk module without a RemoteModule in it runs on the caller's thread: there is
@@ -266,6 +350,17 @@ class PipelinedStep:
                 stacklevel=3,
             )
         return False
+
+
+def _batch_statistics(module: nn.Module) -> bool:
+    """BatchNorm in training mode, or a norm that keeps running statistics and updates them."""
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and bool(
+        module.track_running_stats
+    )
 
 
 def _random(module: nn.Module) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 import warnings
 
 import pytest
@@ -224,9 +225,11 @@ def test_bad_arguments_are_refused_before_anything_runs(start_server):
         PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, reduction="max")
     step = PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=4)
     with pytest.raises(ValueError, match="3 samples cannot be split into micro_batches=4"):
-        step(torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="same size in dimension 0"):
+        split_batch(torch.randn(3, 6), 4)
+    with pytest.raises(ValueError, match=r"of x \(the batch\) needs the same size in dimension 0"):
         step((torch.randn(8, 6), torch.randn(7, 6)), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"y \(the labels\) has 12 rows .* x \(the batch\) 8"):
+        step(torch.randn(8, 6, dtype=torch.float64), torch.zeros(12, dtype=torch.long))
     bad_loss = PipelinedStep(bottom, trunk, top, lambda out, y: out, micro_batches=2)
     with pytest.raises(ValueError, match="one element"):
         bad_loss(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8))
@@ -447,3 +450,202 @@ def test_local_dropout_beside_a_remote_module_in_the_trunk_warns(start_server):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             step(x, y)
+
+
+def _plain_loop(parts, loss_fn, xs, ys, scales) -> None:
+    bottom, trunk, top = parts
+    for x_i, y_i, s_i in zip(xs, ys, scales, strict=True):
+        (loss_fn(top(trunk(bottom(x_i))), y_i) * s_i).backward()
+
+
+def _same_grads(first: nn.Module, second: nn.Module) -> None:
+    for (name, a), b in zip(first.named_parameters(), second.parameters(), strict=True):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+
+
+def test_a_short_batch_runs_one_micro_batch_per_sample(start_server):
+    """A loader's last batch with fewer samples than micro_batches (3 of 4) runs as 3
+    micro-batches, as the plain loop over them does; it used to stop the loop."""
+    bottom, trunk, top = mlp_parts(torch.float64)
+    local = copy.deepcopy((bottom, trunk, top))
+    server = start_server(trunk)
+    x, y = (t[:3] for t in next(_batches("mlp", torch.float64, 1)))
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, nn.functional.cross_entropy, micro_batches=4)
+        loss = step(x, y)
+        grads = dict(server.engine.sessions.values()[0].grads)
+    xs, ys = split_batch(x, 3), split_batch(y, 3)
+    _plain_loop(local, nn.functional.cross_entropy, xs, ys, step.scales(ys))
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(nn.Sequential(*local)(x), y))
+    _same_grads(nn.Sequential(bottom, top), nn.Sequential(local[0], local[2]))
+    for name, param in local[1].named_parameters():
+        assert torch.equal(grads[name], param.grad), name
+
+
+def test_a_batch_encoding_and_flattened_token_labels_are_split_by_samples(start_server):
+    """A tokenizer's BatchEncoding (a mapping, not a dict) is split like a dict, and per-token
+    labels flattened sample by sample (``labels.view(-1)``) go with their samples: 5 samples
+    in 2 micro-batches of 3 and 2 (split by rows, the labels' 10 would have gone 5 and 5).
+    Labels of another length are refused by name."""
+    from transformers import BatchEncoding
+
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(20, 8).double(), nn.Linear(8, 20).double()
+    trunk = nn.Linear(8, 8).double()
+    local = copy.deepcopy((embed, trunk, head))
+    server = start_server(trunk)
+    ids = torch.randint(0, 20, (5, 2))
+    batch = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones(5, 2)})
+    labels = ids.view(-1)
+
+    def bottom_of(embedding):
+        return lambda enc: embedding(enc["input_ids"]) * enc["attention_mask"][..., None]
+
+    def loss_fn(logits, target):
+        return nn.functional.cross_entropy(logits.flatten(0, 1), target)
+
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom_of(embed), remote, head, loss_fn, micro_batches=2)
+        step(batch, labels)
+        grads = dict(server.engine.sessions.values()[0].grads)
+        with pytest.raises(ValueError, match=r"y \(the labels\) has 9 rows"):
+            step(batch, labels[:9])
+    parts = (bottom_of(local[0]), local[1], local[2])
+    xs = [
+        BatchEncoding({k: v[rows] for k, v in batch.items()}) for rows in (slice(0, 3), slice(3, 5))
+    ]
+    ys = [labels[:6], labels[6:]]
+    _plain_loop(parts, loss_fn, xs, ys, [0.6, 0.4])
+    _same_grads(nn.Sequential(embed, head), nn.Sequential(local[0], local[2]))
+    for name, param in local[1].named_parameters():
+        assert torch.equal(grads[name], param.grad), name
+
+
+@pytest.mark.parametrize("where", ["local_trunk", "beside_a_remote_module"])
+def test_a_trunk_that_changes_its_input_in_place_trains_as_in_the_plain_loop(start_server, where):
+    """``ReLU(inplace=True)`` first in the trunk: the plain loop changes the bottom's output in
+    place; the pipelined step gave the trunk the cut's leaf, and every step failed."""
+    _, trunk, top = mlp_parts(torch.float64)
+    bottom = nn.Linear(6, 12, dtype=torch.float64)  # saves no output that the trunk changes
+    local = copy.deepcopy((bottom, trunk, top))
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    with RemoteModule(server.address) as remote:
+        inner = copy.deepcopy(local[1]) if where == "local_trunk" else remote
+        step = PipelinedStep(
+            bottom,
+            nn.Sequential(nn.ReLU(inplace=True), inner),
+            top,
+            nn.functional.cross_entropy,
+            micro_batches=2,
+        )
+        step(x, y)
+        if where == "local_trunk":
+            grads = {n: p.grad for n, p in inner.named_parameters()}
+        else:
+            grads = dict(server.engine.sessions.values()[0].grads)
+    xs, ys = split_batch(x, 2), split_batch(y, 2)
+    parts = (local[0], nn.Sequential(nn.ReLU(inplace=True), local[1]), local[2])
+    _plain_loop(parts, nn.functional.cross_entropy, xs, ys, step.scales(ys))
+    _same_grads(nn.Sequential(bottom, top), nn.Sequential(local[0], local[2]))
+    for name, param in local[1].named_parameters():
+        assert torch.equal(grads[name], param.grad), name
+
+
+@pytest.mark.parametrize(
+    "norm", [nn.BatchNorm1d(12), nn.InstanceNorm1d(3, track_running_stats=True)]
+)
+def test_a_part_with_batch_statistics_in_training_mode_warns(start_server, norm):
+    bottom, trunk, top = mlp_parts(torch.float64)
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    norm = norm.double()
+    with RemoteModule(server.address) as remote:
+        noted = nn.Sequential(bottom, norm) if isinstance(norm, nn.BatchNorm1d) else bottom
+        top_part = (
+            top
+            if isinstance(norm, nn.BatchNorm1d)
+            else nn.Sequential(nn.Unflatten(1, (3, 4)), norm, nn.Flatten(), top)
+        )
+        step = PipelinedStep(noted, remote, top_part, nn.functional.cross_entropy, micro_batches=2)
+        with pytest.warns(UserWarning, match=f"holds {type(norm).__name__} in training mode"):
+            step(x, y)
+        norm.eval()  # running statistics only: each sample alone
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            step(x, y)
+
+
+def _failing_loss(calls: list[int]):
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(len(calls))
+        if len(calls) == 3:  # micro-batch 2 of the first batch
+            raise ValueError("a bad micro-batch")
+        return nn.functional.cross_entropy(out, target)
+
+    return loss_fn
+
+
+class _SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.3)  # keeps the lane in this Backward while the top's loss fails
+        return grad
+
+
+class _CountingTrunk(nn.Linear):
+    """Counts its forwards; its backward is slow."""
+
+    def __init__(self) -> None:
+        super().__init__(12, 12, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return _SlowBackward.apply(super().forward(h))
+
+
+def test_after_an_error_the_forwards_queued_ahead_always_run(start_server):
+    """The loss fails in micro-batch 2 of 4 while the lane is in micro-batch 1's Backward, with
+    micro-batch 3's forward queued behind it. That forward was dropped when it had not started
+    and ran when it had, so whether the seeds of later forwards (ClientOptions.seed) moved
+    depended on thread timing; now it always runs (its context is released)."""
+    trunk = _CountingTrunk()
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    bottom, top = nn.Linear(6, 12, dtype=torch.float64), nn.Linear(12, 3, dtype=torch.float64)
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, _failing_loss([]), micro_batches=4)
+        with pytest.raises(ValueError, match="a bad micro-batch"):
+            step(x, y)
+        assert trunk.calls == 4
+        with torch.no_grad():
+            remote(x.new_zeros(1, 12))  # carries the deferred releases
+        assert len(server.engine.contexts) == 0
+
+
+def test_a_kept_error_keeps_no_trunk_context(start_server):
+    """An exception kept after the step raised (a retry helper's, a notebook's last one) holds
+    the step's frame: it held the outputs of the forwards queued ahead, and their contexts on
+    the server, until the exception went."""
+    import gc
+
+    bottom, trunk, top = mlp_parts(torch.float64)
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(bottom, remote, top, _failing_loss([]), micro_batches=4)
+        kept = []
+        try:
+            step(x, y)
+        except ValueError as exc:
+            kept.append(exc)
+        gc.collect()
+        with torch.no_grad():
+            remote(x.new_zeros(1, 12))  # carries the deferred releases
+        assert len(server.engine.contexts) == 0
+        assert kept
