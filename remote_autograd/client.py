@@ -137,13 +137,16 @@ class TrunkClient:
             self._metadata += ((AUTH_METADATA_KEY, f"Bearer {self.options.token}"),)
 
     def _frame_exchange(self) -> FrameExchange:
+        # Its methods weakly: the exchange holding them would put the client in a cycle, and
+        # a client in a cycle ends its session (the finalizer above) only at the garbage
+        # collector's next full run; dropped eval copies then piled up against max_sessions.
         return FrameExchange(
             self.address,
             self.options,
             self.stats,
-            kw=self._kw,
-            open_ticket=self._open_bulk_ticket,
-            refresh_info=self._refresh_info,
+            kw=_weakly(self._kw),
+            open_ticket=_weakly(self._open_bulk_ticket),
+            refresh_info=_weakly(self._refresh_info),
         )
 
     def _after_fork_in_child(self) -> None:
@@ -842,6 +845,19 @@ class TrunkClient:
                 frames.frame_messages(pb.Header(), buffers, info.stream_chunk_bytes), **self._kw()
             ),
         )
+
+
+def _weakly(method: Callable[..., T]) -> Callable[..., T]:
+    """``method`` (bound to a client), callable without keeping the client alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> T:
+        bound = ref()
+        if bound is None:  # only its own exchange calls it, so the client is in use
+            raise ReferenceError("the TrunkClient was garbage collected")
+        return bound(*args, **kwargs)
+
+    return call
 
 
 def _release_loop(ref: weakref.ref[TrunkClient], wakeup: threading.Event) -> None:

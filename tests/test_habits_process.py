@@ -99,27 +99,33 @@ def test_deepcopy_opens_a_new_session_on_the_same_server(start_server):
 def test_dropped_copies_end_their_sessions(start_server, evaluate):
     """Copy the model, evaluate the copy, drop it, every epoch: a dropped local copy frees
     everything, and a dropped copy of a split model ends its session (more epochs than
-    max_sessions allows), its release thread with it. The model itself trains on."""
+    max_sessions allows), its release thread with it, as soon as it is dropped: the garbage
+    collector is off (a client's bound methods, held by its frame exchange, made a cycle that
+    only a collection freed). The model itself trains on."""
     server = start_server(mlp_parts(torch.float64)[1], ServerOptions(max_sessions=3))
     bottom, _, top = mlp_parts(torch.float64)
     model = torch.nn.Sequential(bottom, RemoteModule(server.address), top)
     x = torch.randn(3, 6, dtype=torch.float64)
     model(x).sum().backward()
     expected = model(x).detach()
-    for _ in range(6):
-        if evaluate == "pickled":
-            snapshot = pickle.loads(pickle.dumps(model))
-        else:
-            snapshot = copy.deepcopy(model)
-        if evaluate == "eval_with_grad":  # in eval mode, but a graph (and a kept context)
-            snapshot.eval()
-            assert torch.equal(snapshot(x).detach(), expected)
-        else:
-            with torch.no_grad():
-                assert torch.equal(snapshot(x), expected)
-        del snapshot
-        gc.collect()
-        wait_for(lambda: server.stats()["sessions"] == 1)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(6):
+            if evaluate == "pickled":
+                snapshot = pickle.loads(pickle.dumps(model))
+            else:
+                snapshot = copy.deepcopy(model)
+            if evaluate == "eval_with_grad":  # in eval mode, but a graph (and a kept context)
+                snapshot.eval()
+                assert torch.equal(snapshot(x).detach(), expected)
+            else:
+                with torch.no_grad():
+                    assert torch.equal(snapshot(x), expected)
+            del snapshot
+            wait_for(lambda: server.stats()["sessions"] == 1)
+    finally:
+        gc.enable()
     releasers = [t for t in threading.enumerate() if t.name == "ra-release"]
     wait_for(lambda: sum(t.is_alive() for t in releasers) <= 1)  # the model's own, if any
     model(x).sum().backward()  # the model's session is intact
