@@ -68,6 +68,13 @@ class TrunkRunner:
             self.module = self.module.to(dtype)
         # The trainable parameters, in module order: the order of every gradient list.
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        # Submodules served in eval mode inside a trunk served in training mode (a frozen
+        # BatchNorm, `trunk.train(); trunk.bn.eval()`): training forwards keep them so, as
+        # the trunk's owner set them. An eval forward in between would otherwise have ended
+        # it: train(True) walks every submodule.
+        self.kept_in_eval = (
+            [m for m in self.module.modules() if not m.training] if self.module.training else []
+        )
 
     def leaves(self, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:
         """The received inputs on the trunk's device, requiring a gradient where asked."""
@@ -100,8 +107,7 @@ class TrunkRunner:
         ``keeps``: the caller keeps ``leaves`` to run this forward again from."""
         given = [self._given(t, grad, copy=keeps or recompute) for t in leaves]
         args, kwargs = unflatten(template, given)
-        if self.module.training != training:  # train() walks every submodule: not per call
-            self.module.train(training)
+        self.set_mode(training)
         with _grad_mode(grad), self._autocast(autocast):
             if seed is None:  # nothing will recompute this forward: no need to pin its RNG
                 result = self.module(*args, **kwargs)
@@ -238,6 +244,8 @@ class TrunkRunner:
         """Put the trunk in training or eval mode (None: leave it)."""
         if training is not None and self.module.training != training:
             self.module.train(training)  # walks every submodule: not when it is so already
+            for module in self.kept_in_eval if training else ():
+                module.train(False)
 
     def _autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         if dtype is None:

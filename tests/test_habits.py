@@ -996,3 +996,33 @@ def test_validating_in_eval_mode_between_steps_leaves_the_dropout_masks_alone(
         remote.close()
     for name, value in runs[0].items():
         assert torch.equal(runs[1][name], value), name
+
+
+def test_a_submodule_served_in_eval_mode_stays_so_after_a_validation_pass(start_server):
+    """Fine-tuning with a frozen BatchNorm: the trunk is served with ``trunk.train();
+    trunk.bn.eval()``. A validation pass in eval mode, then training again, used to put the
+    whole trunk in training mode (``train(True)`` walks every submodule): the BatchNorm then
+    normalised by batch statistics and moved its running ones, with no word. The training
+    forwards after it equal the same trunk's locally, whose owner keeps the BatchNorm frozen."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        trunk[1].running_mean.uniform_(-1, 1)  # statistics of its own, not a batch's
+    trunk.train()
+    trunk[1].eval()
+    local = copy.deepcopy(trunk)
+    server = start_server(trunk)
+    x = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+    with RemoteModule(server.address) as remote:
+        for _ in range(2):
+            remote.eval()  # validation, then training again
+            with torch.no_grad():
+                torch.testing.assert_close(remote(x), local.eval()(x), rtol=0, atol=0)
+            remote.train()
+            local.train()
+            local[1].eval()  # what the owner of a frozen BatchNorm does locally
+            torch.testing.assert_close(remote(x), local(x), rtol=0, atol=0)
+        state = remote.state_dict()
+    for name, value in local.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert state["1.num_batches_tracked"] == 0
