@@ -831,7 +831,10 @@ class TrunkClient:
             "GetState",
             lambda: frames.receive(stub.GetState(request, **self._kw()), self.options.limits),
         )
-        return received.decode(self._decoder)
+        # Ordinary tensors, as a local module's state_dict() gives under inference_mode too:
+        # an inference tensor cannot be trained after load_state_dict(..., assign=True).
+        with torch.inference_mode(False):
+            return received.decode(self._decoder)
 
     def load_state(self, state: dict[str, Any]) -> pb.LoadStateReply:
         self._await_step()

@@ -960,6 +960,15 @@ def test_a_remote_module_built_under_inference_mode_trains_later(start_server):
     weights = remote.remote_state_dict()
     for name, value in local.state_dict().items():
         assert torch.equal(weights[name], value), name
+    # A state_dict taken under inference_mode holds ordinary tensors, as a local module's does:
+    # loaded with assign=True into a local copy, it trains (an inference tensor cannot).
+    with torch.inference_mode():
+        state = nn.Sequential(remote).state_dict()
+    assert not any(t.is_inference() for t in state.values())
+    copy_of_trunk = nn.Linear(4, 3).double()
+    copy_of_trunk.load_state_dict({k.removeprefix("0."): v for k, v in state.items()}, assign=True)
+    copy_of_trunk(x).sum().backward()
+    assert copy_of_trunk.weight.grad is not None
     remote.close()
 
 
