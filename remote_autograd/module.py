@@ -211,7 +211,9 @@ class RemoteModule(nn.Module):
     def _check_cast(self) -> None:
         wanted = self._cast_dtype
         served = self.client.info().dtype
-        if wanted is None or str(wanted)[6:] == served:
+        # A trunk without floating parameters computes in its inputs' dtype, as a local one
+        # that a cast leaves unchanged.
+        if wanted is None or not served or str(wanted)[6:] == served:
             return
         name = str(wanted)[6:]
         raise TypeError(

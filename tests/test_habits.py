@@ -255,6 +255,24 @@ def test_double_works_when_the_trunk_is_served_in_float64(start_server):
     split.close()
 
 
+@pytest.mark.parametrize("cast", ["double", "half"])
+def test_a_cast_beside_a_trunk_without_floating_parameters_computes_as_locally(start_server, cast):
+    """A trunk with no floating parameters (a GELU, a LayerNorm without affine weights)
+    computes in its inputs' dtype, and a cast changes nothing of it locally. The cast was
+    refused, saying to cast the model back to an empty dtype."""
+    trunk = nn.Sequential(nn.GELU(), nn.LayerNorm(4, elementwise_affine=False))
+    local = copy.deepcopy(trunk)
+    server = start_server(trunk)
+    dtype = torch.float64 if cast == "double" else torch.float16
+    x = torch.randn(3, 4).to(dtype).requires_grad_()
+    with RemoteModule(server.address) as remote:
+        getattr(remote, cast)()
+        getattr(local, cast)()
+        out = remote(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, local(x), rtol=0, atol=0)
+
+
 # -- GradScaler ---------------------------------------------------------------------------------
 
 
