@@ -111,3 +111,4 @@ class TrunkInfo:
     dtype: str = ""  # the floating parameters' dtype ("" when the trunk has none)
     world_size: int = 1  # processes computing the trunk (distributed.py)
     parallel: str = ""  # "ddp", or "" for one process
+    batch_statistics: str = ""  # class of a module computing over the batch in training, or ""

@@ -257,6 +257,7 @@ class TrunkEngine:
             dtype=trunk_dtype(self.module),
             world_size=self.runner.world,
             parallel=self.runner.mode,
+            batch_statistics=self.runner.batch_statistics,
         )
 
     # -- Compute and Backward -----------------------------------------------------------------

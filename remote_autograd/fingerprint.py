@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "computes_over_batch",
     "fingerprint_differences",
     "fingerprint_digest",
     "persistent_buffers",
@@ -28,6 +29,17 @@ __all__ = [
 
 _FORMAT = 1
 _SHOWN = 5  # differences of one kind named in a message; the rest are counted
+
+
+def computes_over_batch(module: nn.Module) -> bool:
+    """Whether ``module`` itself, in training mode, computes over the batch (BatchNorm's batch
+    statistics) or moves running statistics once per call (an InstanceNorm that tracks
+    them): a batch run in pieces then computes something else than the whole batch."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and bool(
+        module.track_running_stats
+    )
 
 
 def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -165,6 +165,14 @@ class RemoteModule(nn.Module):
             "frozen": functools.partial(_frozen, not self.trunk_requires_grad, self),
         }
         slices = self.micro_batches or self.client.options.micro_batches
+        if slices > 1 and self.training and self.batch_statistics():
+            warnings.warn(
+                f"micro_batches={slices}: the trunk at {self.address} holds "
+                f"{self.batch_statistics()}, which a training forward runs over the batch: "
+                "each slice is normalised by its own statistics and moves the running ones, "
+                "so the outputs are not the whole batch's (docs/pipeline.md, micro_batches)",
+                stacklevel=2,
+            )
         call: RemoteCall | ChunkedCall = (
             ChunkedCall(self.client, template, micro_batches=slices, **kwargs)
             if slices > 1
@@ -177,6 +185,11 @@ class RemoteModule(nn.Module):
         if rng is not None and not again and (keep or self.client.info().protocol_version > 1):
             self._remember_seeds(rng, call.seeds())
         return unflatten(call.output_template, outputs)
+
+    def batch_statistics(self) -> str:
+        """The class of a trunk module that a training forward runs over the batch
+        (BatchNorm), as the server says; "" if none (or a server too old to say)."""
+        return self.client.info().batch_statistics
 
     def _remember_seeds(self, rng: tuple[Any, ...], seeds: list[int]) -> None:
         # Two forwards from one RNG state with no backward between (nothing drawn on this
@@ -348,6 +361,7 @@ class RemoteModule(nn.Module):
             "buffers": list(info.buffers),
             "fingerprint": info.fingerprint,  # see remote_autograd.trunk_fingerprint
             "max_payload_bytes": info.max_payload_bytes,
+            "batch_statistics": info.batch_statistics,  # see batch_statistics()
         }
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fingerprint import computes_over_batch
 from .tree import flatten, unflatten
 
 __all__ = ["PipelinedStep", "batch_rows", "split_batch"]
@@ -312,16 +313,16 @@ class PipelinedStep:
         return isinstance(self.trunk, RemoteModule)
 
     def _check_batch_statistics(self) -> None:
-        """Warn of a local part that computes over the batch in training mode: a micro-batch
-        is then normalised by its own statistics, and running statistics move once per
-        micro-batch, not once per batch."""
+        """Warn of a part that computes over the batch in training mode (a local module, or
+        a served trunk's): a micro-batch is then normalised by its own statistics, and running
+        statistics move once per micro-batch, not once per batch."""
         for name, part in (("bottom", self.bottom), ("trunk", self.trunk), ("top", self.top)):
             if not isinstance(part, nn.Module):
                 continue
-            found = next((m for m in part.modules() if _batch_statistics(m)), None)
-            if found is not None:
+            found = next(filter(None, (_over_batch(m) for m in part.modules())), "")
+            if found:
                 warnings.warn(
-                    f"PipelinedStep: the {name} holds {type(found).__name__} in training mode, "
+                    f"PipelinedStep: the {name} holds {found} in training mode, "
                     "which computes statistics over the batch: each micro-batch is normalised "
                     "by its own and its running statistics move once per micro-batch, so the "
                     "step is not the whole batch's (docs/pipeline.md, When it is valid)",
@@ -352,15 +353,16 @@ class PipelinedStep:
         return False
 
 
-def _batch_statistics(module: nn.Module) -> bool:
-    """BatchNorm in training mode, or a norm that keeps running statistics and updates them."""
+def _over_batch(module: nn.Module) -> str:
+    """The class that ``module`` runs over the batch in its training forward, "" if none: its
+    own, or a served trunk's (as its server says)."""
+    from .module import RemoteModule
+
     if not module.training:
-        return False
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return True
-    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and bool(
-        module.track_running_stats
-    )
+        return ""
+    if isinstance(module, RemoteModule):
+        return module.batch_statistics()
+    return type(module).__name__ if computes_over_batch(module) else ""
 
 
 def _random(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint_file, memory
 from .errors import InvalidRequest
+from .fingerprint import computes_over_batch
 from .ranks import ONE, Ranks
 from .tree import flatten, unflatten
 from .validate import describe
@@ -74,6 +75,15 @@ class TrunkRunner:
         # it: train(True) walks every submodule.
         self.kept_in_eval = (
             [m for m in self.module.modules() if not m.training] if self.module.training else []
+        )
+        kept = set(map(id, self.kept_in_eval))
+        self.batch_statistics = next(  # a module that a training forward runs over the batch
+            (
+                type(m).__name__
+                for m in self.module.modules()
+                if id(m) not in kept and computes_over_batch(m)
+            ),
+            "",
         )
 
     def leaves(self, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:

@@ -258,6 +258,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             dtype=trunk.dtype,
             world_size=trunk.world_size,
             parallel=trunk.parallel,
+            batch_statistics=trunk.batch_statistics,
         )
 
     @_rpc

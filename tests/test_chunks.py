@@ -274,3 +274,40 @@ def test_an_output_without_the_batch_is_refused_at_every_batch_size_or_computed_
             assert rows <= 2, f"{rows} rows were sliced and joined"
             for mine, theirs in zip(got, local(x), strict=True):
                 torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_slicing_a_trunk_that_runs_over_the_batch_warns(start_server):
+    """BatchNorm in the served trunk: each slice of a training forward is normalised by its
+    own statistics (outputs off by 0.94 in the hunt) and moves the running ones once per
+    slice. The server says which module (Info.batch_statistics); the client warns, also
+    through PipelinedStep. Eval forwards, and a BatchNorm served frozen (in eval mode inside a
+    training trunk), are the whole batch's: no word."""
+    import warnings
+
+    from remote_autograd import PipelinedStep
+
+    batch_norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    frozen = copy.deepcopy(batch_norm)
+    frozen[1].eval()
+    x = torch.randn(10, 4, dtype=torch.float64)  # slices of 3 and 2 samples in the step
+    with RemoteModule(start_server(batch_norm).address, micro_batches=2) as remote:
+        assert remote.remote_info()["batch_statistics"] == "BatchNorm1d"
+        with pytest.warns(UserWarning, match="holds BatchNorm1d, which a training forward"):
+            remote(x)
+        step = PipelinedStep(
+            nn.Identity(), remote, nn.Identity(), lambda z, y: z.sum(), micro_batches=2
+        )
+        with warnings.catch_warnings(record=True) as caught:  # the slices' warning too
+            warnings.simplefilter("always")
+            step(x.requires_grad_(), x)
+        said = [str(w.message) for w in caught]
+        assert any("the trunk holds BatchNorm1d in training mode" in m for m in said), said
+        remote.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            remote(x)
+    with RemoteModule(start_server(frozen).address, micro_batches=2) as remote:
+        assert remote.remote_info()["batch_statistics"] == ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            remote(x)

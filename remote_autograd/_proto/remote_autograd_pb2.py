@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remote_autograd.proto\x12\x12remote_autograd.v1\"\xdb\x04\n\x06Header\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckeep_context\x18\x03 \x01(\x08\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x14\n\x0c\x62\x61\x63kward_seq\x18\x05 \x01(\r\x12\x18\n\x10needs_input_grad\x18\x06 \x03(\x08\x12\x1a\n\x12reply_quantization\x18\x07 \x01(\t\x12\x13\n\x0brelease_ids\x18\x08 \x03(\t\x12\x33\n\tzero_grad\x18\t \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x17\n\x0fweights_version\x18\n \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rcodec_seconds\x18\x0c \x01(\x01\x12\x12\n\nrecomputed\x18\r \x01(\x08\x12\x12\n\ngrad_scale\x18\x0e \x01(\x01\x12\x10\n\x08rng_seed\x18\x0f \x01(\x04\x12\x11\n\trecompute\x18\x10 \x01(\x08\x12\x11\n\tserver_id\x18\x11 \x01(\t\x12\x17\n\x0f\x62ulk_connection\x18\x12 \x01(\t\x12\x19\n\x11\x66reeze_parameters\x18  \x01(\x08\x12\x16\n\x0e\x61utocast_dtype\x18# \x01(\t\x12\x18\n\x10report_nonfinite\x18$ \x01(\x08\x12\x11\n\tnonfinite\x18% \x01(\x08\x12\x14\n\x0cnamed_values\x18& \x01(\x08\x12\x12\n\nweights_id\x18\' \x01(\t\x12\x1c\n\x14outputs_without_grad\x18( \x03(\x08\"D\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.remote_autograd.v1.Header\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\r\n\x0bInfoRequest\"\x80\x04\n\tInfoReply\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x14\n\x0c\x63ompressions\x18\x04 \x03(\t\x12\x19\n\x11max_payload_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x07 \x01(\r\x12\x1b\n\x13unary_payload_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12stream_chunk_bytes\x18\t \x01(\x04\x12\x1c\n\x14trainable_parameters\x18\n \x03(\t\x12\x17\n\x0ftrainable_numel\x18\x0b \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x13\n\x0bmodule_repr\x18\r \x01(\t\x12\x1b\n\x13\x63ontext_ttl_seconds\x18\x0e \x01(\x01\x12\x11\n\tserver_id\x18\x0f \x01(\t\x12\x11\n\tbulk_port\x18\x10 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18  \x01(\t\x12\x17\n\x0fweights_version\x18! \x01(\x04\x12\x0f\n\x07\x62uffers\x18\" \x03(\t\x12\r\n\x05\x64type\x18# \x01(\t\x12\x12\n\nworld_size\x18) \x01(\r\x12\x10\n\x08parallel\x18* \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"~\n\x19\x43onfigureOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x01(\x0c\x12\x14\n\x0cparam_groups\x18# \x01(\x0c\x12\x16\n\x0enone_in_tuples\x18$ \x01(\x08\x12\x14\n\x0coptimizer_id\x18% \x01(\t\"D\n\x17\x43onfigureOptimizerReply\x12\x13\n\x0bparam_group\x18\x01 \x01(\x0c\x12\x14\n\x0cparam_groups\x18# \x01(\x0c\"\x90\x01\n\x0fGradNormRequest\x12\x11\n\tnorm_type\x18\x01 \x01(\x01\x12\x33\n\tzero_grad\x18\x02 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x0e\n\x06ops_id\x18\x04 \x01(\t\x12\x11\n\tserver_id\x18\x05 \x01(\t\"=\n\rGradNormReply\x12\r\n\x05norms\x18\x01 \x03(\x01\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64types\x18\x03 \x03(\t\"\xa3\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparam_groups\x18\x02 \x01(\x0c\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x33\n\tzero_grad\x18\x04 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x11\n\tserver_id\x18\x05 \x01(\t\x12\x14\n\x0coptimizer_id\x18\x06 \x01(\t\"\x89\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x14\n\x0cwait_seconds\x18\x1a \x01(\x01\x12\x17\n\x0fwaited_forwards\x18\x1b \x01(\r\x12\x14\n\x0cwait_expired\x18\x1c \x01(\x08\"I\n\x0fGetStateRequest\x12\x12\n\nparameters\x18\x01 \x01(\x08\x12\x11\n\toptimizer\x18\x02 \x01(\x08\x12\x0f\n\x07\x62uffers\x18  \x01(\x08\"]\n\x0eLoadStateReply\x12\x19\n\x11parameters_loaded\x18\x01 \x01(\r\x12\x18\n\x10optimizer_loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x62uffers_loaded\x18  \x01(\r\"\x11\n\x0fOpenBulkRequest\"R\n\rOpenBulkReply\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1a\n\x12ticket_ttl_seconds\x18\x03 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"8\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"\x13\n\x11\x45ndSessionRequest\" \n\x0f\x45ndSessionReply\x12\r\n\x05\x65nded\x18\x01 \x01(\x08*P\n\x0cZeroGradMode\x12\x12\n\x0eZERO_GRAD_NONE\x10\x00\x12\x15\n\x11ZERO_GRAD_TO_NONE\x10\x01\x12\x15\n\x11ZERO_GRAD_TO_ZERO\x10\x02\x32\xec\x08\n\x05Trunk\x12\x46\n\x04Info\x12\x1f.remote_autograd.v1.InfoRequest\x1a\x1d.remote_autograd.v1.InfoReply\x12?\n\x07\x43ompute\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12I\n\rComputeStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12@\n\x08\x42\x61\x63kward\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12O\n\x07Release\x12\".remote_autograd.v1.ReleaseRequest\x1a .remote_autograd.v1.ReleaseReply\x12p\n\x12\x43onfigureOptimizer\x12-.remote_autograd.v1.ConfigureOptimizerRequest\x1a+.remote_autograd.v1.ConfigureOptimizerReply\x12R\n\x08GradNorm\x12#.remote_autograd.v1.GradNormRequest\x1a!.remote_autograd.v1.GradNormReply\x12\x46\n\x04Step\x12\x1f.remote_autograd.v1.StepRequest\x1a\x1d.remote_autograd.v1.StepReply\x12L\n\x08GetState\x12#.remote_autograd.v1.GetStateRequest\x1a\x19.remote_autograd.v1.Frame0\x01\x12L\n\tLoadState\x12\x19.remote_autograd.v1.Frame\x1a\".remote_autograd.v1.LoadStateReply(\x01\x12X\n\nCheckpoint\x12%.remote_autograd.v1.CheckpointRequest\x1a#.remote_autograd.v1.CheckpointReply\x12R\n\x08OpenBulk\x12#.remote_autograd.v1.OpenBulkRequest\x1a!.remote_autograd.v1.OpenBulkReply\x12X\n\nEndSession\x12%.remote_autograd.v1.EndSessionRequest\x1a#.remote_autograd.v1.EndSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remote_autograd.proto\x12\x12remote_autograd.v1\"\xdb\x04\n\x06Header\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckeep_context\x18\x03 \x01(\x08\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x14\n\x0c\x62\x61\x63kward_seq\x18\x05 \x01(\r\x12\x18\n\x10needs_input_grad\x18\x06 \x03(\x08\x12\x1a\n\x12reply_quantization\x18\x07 \x01(\t\x12\x13\n\x0brelease_ids\x18\x08 \x03(\t\x12\x33\n\tzero_grad\x18\t \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x17\n\x0fweights_version\x18\n \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rcodec_seconds\x18\x0c \x01(\x01\x12\x12\n\nrecomputed\x18\r \x01(\x08\x12\x12\n\ngrad_scale\x18\x0e \x01(\x01\x12\x10\n\x08rng_seed\x18\x0f \x01(\x04\x12\x11\n\trecompute\x18\x10 \x01(\x08\x12\x11\n\tserver_id\x18\x11 \x01(\t\x12\x17\n\x0f\x62ulk_connection\x18\x12 \x01(\t\x12\x19\n\x11\x66reeze_parameters\x18  \x01(\x08\x12\x16\n\x0e\x61utocast_dtype\x18# \x01(\t\x12\x18\n\x10report_nonfinite\x18$ \x01(\x08\x12\x11\n\tnonfinite\x18% \x01(\x08\x12\x14\n\x0cnamed_values\x18& \x01(\x08\x12\x12\n\nweights_id\x18\' \x01(\t\x12\x1c\n\x14outputs_without_grad\x18( \x03(\x08\"D\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.remote_autograd.v1.Header\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\r\n\x0bInfoRequest\"\x9a\x04\n\tInfoReply\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x14\n\x0c\x63ompressions\x18\x04 \x03(\t\x12\x19\n\x11max_payload_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x07 \x01(\r\x12\x1b\n\x13unary_payload_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12stream_chunk_bytes\x18\t \x01(\x04\x12\x1c\n\x14trainable_parameters\x18\n \x03(\t\x12\x17\n\x0ftrainable_numel\x18\x0b \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x13\n\x0bmodule_repr\x18\r \x01(\t\x12\x1b\n\x13\x63ontext_ttl_seconds\x18\x0e \x01(\x01\x12\x11\n\tserver_id\x18\x0f \x01(\t\x12\x11\n\tbulk_port\x18\x10 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18  \x01(\t\x12\x17\n\x0fweights_version\x18! \x01(\x04\x12\x0f\n\x07\x62uffers\x18\" \x03(\t\x12\r\n\x05\x64type\x18# \x01(\t\x12\x12\n\nworld_size\x18) \x01(\r\x12\x10\n\x08parallel\x18* \x01(\t\x12\x18\n\x10\x62\x61tch_statistics\x18+ \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"~\n\x19\x43onfigureOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x01(\x0c\x12\x14\n\x0cparam_groups\x18# \x01(\x0c\x12\x16\n\x0enone_in_tuples\x18$ \x01(\x08\x12\x14\n\x0coptimizer_id\x18% \x01(\t\"D\n\x17\x43onfigureOptimizerReply\x12\x13\n\x0bparam_group\x18\x01 \x01(\x0c\x12\x14\n\x0cparam_groups\x18# \x01(\x0c\"\x90\x01\n\x0fGradNormRequest\x12\x11\n\tnorm_type\x18\x01 \x01(\x01\x12\x33\n\tzero_grad\x18\x02 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x0e\n\x06ops_id\x18\x04 \x01(\t\x12\x11\n\tserver_id\x18\x05 \x01(\t\"=\n\rGradNormReply\x12\r\n\x05norms\x18\x01 \x03(\x01\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64types\x18\x03 \x03(\t\"\xa3\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparam_groups\x18\x02 \x01(\x0c\x12\x12\n\ngrad_scale\x18\x03 \x01(\x01\x12\x33\n\tzero_grad\x18\x04 \x01(\x0e\x32 .remote_autograd.v1.ZeroGradMode\x12\x11\n\tserver_id\x18\x05 \x01(\t\x12\x14\n\x0coptimizer_id\x18\x06 \x01(\t\"\x89\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x14\n\x0cwait_seconds\x18\x1a \x01(\x01\x12\x17\n\x0fwaited_forwards\x18\x1b \x01(\r\x12\x14\n\x0cwait_expired\x18\x1c \x01(\x08\"I\n\x0fGetStateRequest\x12\x12\n\nparameters\x18\x01 \x01(\x08\x12\x11\n\toptimizer\x18\x02 \x01(\x08\x12\x0f\n\x07\x62uffers\x18  \x01(\x08\"]\n\x0eLoadStateReply\x12\x19\n\x11parameters_loaded\x18\x01 \x01(\r\x12\x18\n\x10optimizer_loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x62uffers_loaded\x18  \x01(\r\"\x11\n\x0fOpenBulkRequest\"R\n\rOpenBulkReply\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1a\n\x12ticket_ttl_seconds\x18\x03 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"8\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"\x13\n\x11\x45ndSessionRequest\" \n\x0f\x45ndSessionReply\x12\r\n\x05\x65nded\x18\x01 \x01(\x08*P\n\x0cZeroGradMode\x12\x12\n\x0eZERO_GRAD_NONE\x10\x00\x12\x15\n\x11ZERO_GRAD_TO_NONE\x10\x01\x12\x15\n\x11ZERO_GRAD_TO_ZERO\x10\x02\x32\xec\x08\n\x05Trunk\x12\x46\n\x04Info\x12\x1f.remote_autograd.v1.InfoRequest\x1a\x1d.remote_autograd.v1.InfoReply\x12?\n\x07\x43ompute\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12I\n\rComputeStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12@\n\x08\x42\x61\x63kward\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.remote_autograd.v1.Frame\x1a\x19.remote_autograd.v1.Frame(\x01\x30\x01\x12O\n\x07Release\x12\".remote_autograd.v1.ReleaseRequest\x1a .remote_autograd.v1.ReleaseReply\x12p\n\x12\x43onfigureOptimizer\x12-.remote_autograd.v1.ConfigureOptimizerRequest\x1a+.remote_autograd.v1.ConfigureOptimizerReply\x12R\n\x08GradNorm\x12#.remote_autograd.v1.GradNormRequest\x1a!.remote_autograd.v1.GradNormReply\x12\x46\n\x04Step\x12\x1f.remote_autograd.v1.StepRequest\x1a\x1d.remote_autograd.v1.StepReply\x12L\n\x08GetState\x12#.remote_autograd.v1.GetStateRequest\x1a\x19.remote_autograd.v1.Frame0\x01\x12L\n\tLoadState\x12\x19.remote_autograd.v1.Frame\x1a\".remote_autograd.v1.LoadStateReply(\x01\x12X\n\nCheckpoint\x12%.remote_autograd.v1.CheckpointRequest\x1a#.remote_autograd.v1.CheckpointReply\x12R\n\x08OpenBulk\x12#.remote_autograd.v1.OpenBulkRequest\x1a!.remote_autograd.v1.OpenBulkReply\x12X\n\nEndSession\x12%.remote_autograd.v1.EndSessionRequest\x1a#.remote_autograd.v1.EndSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'remote_autograd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ZEROGRADMODE']._serialized_start=2445
-  _globals['_ZEROGRADMODE']._serialized_end=2525
+  _globals['_ZEROGRADMODE']._serialized_start=2471
+  _globals['_ZEROGRADMODE']._serialized_end=2551
   _globals['_HEADER']._serialized_start=46
   _globals['_HEADER']._serialized_end=649
   _globals['_FRAME']._serialized_start=651
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=721
   _globals['_INFOREQUEST']._serialized_end=734
   _globals['_INFOREPLY']._serialized_start=737
-  _globals['_INFOREPLY']._serialized_end=1249
-  _globals['_RELEASEREQUEST']._serialized_start=1251
-  _globals['_RELEASEREQUEST']._serialized_end=1288
-  _globals['_RELEASEREPLY']._serialized_start=1290
-  _globals['_RELEASEREPLY']._serialized_end=1322
-  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_start=1324
-  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_end=1450
-  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_start=1452
-  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_end=1520
-  _globals['_GRADNORMREQUEST']._serialized_start=1523
-  _globals['_GRADNORMREQUEST']._serialized_end=1667
-  _globals['_GRADNORMREPLY']._serialized_start=1669
-  _globals['_GRADNORMREPLY']._serialized_end=1730
-  _globals['_STEPREQUEST']._serialized_start=1733
-  _globals['_STEPREQUEST']._serialized_end=1896
-  _globals['_STEPREPLY']._serialized_start=1899
-  _globals['_STEPREPLY']._serialized_end=2036
-  _globals['_GETSTATEREQUEST']._serialized_start=2038
-  _globals['_GETSTATEREQUEST']._serialized_end=2111
-  _globals['_LOADSTATEREPLY']._serialized_start=2113
-  _globals['_LOADSTATEREPLY']._serialized_end=2206
-  _globals['_OPENBULKREQUEST']._serialized_start=2208
-  _globals['_OPENBULKREQUEST']._serialized_end=2225
-  _globals['_OPENBULKREPLY']._serialized_start=2227
-  _globals['_OPENBULKREPLY']._serialized_end=2309
-  _globals['_CHECKPOINTREQUEST']._serialized_start=2311
-  _globals['_CHECKPOINTREQUEST']._serialized_end=2330
-  _globals['_CHECKPOINTREPLY']._serialized_start=2332
-  _globals['_CHECKPOINTREPLY']._serialized_end=2388
-  _globals['_ENDSESSIONREQUEST']._serialized_start=2390
-  _globals['_ENDSESSIONREQUEST']._serialized_end=2409
-  _globals['_ENDSESSIONREPLY']._serialized_start=2411
-  _globals['_ENDSESSIONREPLY']._serialized_end=2443
-  _globals['_TRUNK']._serialized_start=2528
-  _globals['_TRUNK']._serialized_end=3660
+  _globals['_INFOREPLY']._serialized_end=1275
+  _globals['_RELEASEREQUEST']._serialized_start=1277
+  _globals['_RELEASEREQUEST']._serialized_end=1314
+  _globals['_RELEASEREPLY']._serialized_start=1316
+  _globals['_RELEASEREPLY']._serialized_end=1348
+  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_start=1350
+  _globals['_CONFIGUREOPTIMIZERREQUEST']._serialized_end=1476
+  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_start=1478
+  _globals['_CONFIGUREOPTIMIZERREPLY']._serialized_end=1546
+  _globals['_GRADNORMREQUEST']._serialized_start=1549
+  _globals['_GRADNORMREQUEST']._serialized_end=1693
+  _globals['_GRADNORMREPLY']._serialized_start=1695
+  _globals['_GRADNORMREPLY']._serialized_end=1756
+  _globals['_STEPREQUEST']._serialized_start=1759
+  _globals['_STEPREQUEST']._serialized_end=1922
+  _globals['_STEPREPLY']._serialized_start=1925
+  _globals['_STEPREPLY']._serialized_end=2062
+  _globals['_GETSTATEREQUEST']._serialized_start=2064
+  _globals['_GETSTATEREQUEST']._serialized_end=2137
+  _globals['_LOADSTATEREPLY']._serialized_start=2139
+  _globals['_LOADSTATEREPLY']._serialized_end=2232
+  _globals['_OPENBULKREQUEST']._serialized_start=2234
+  _globals['_OPENBULKREQUEST']._serialized_end=2251
+  _globals['_OPENBULKREPLY']._serialized_start=2253
+  _globals['_OPENBULKREPLY']._serialized_end=2335
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2337
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2356
+  _globals['_CHECKPOINTREPLY']._serialized_start=2358
+  _globals['_CHECKPOINTREPLY']._serialized_end=2414
+  _globals['_ENDSESSIONREQUEST']._serialized_start=2416
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2435
+  _globals['_ENDSESSIONREPLY']._serialized_start=2437
+  _globals['_ENDSESSIONREPLY']._serialized_end=2469
+  _globals['_TRUNK']._serialized_start=2554
+  _globals['_TRUNK']._serialized_end=3686
 # @@protoc_insertion_point(module_scope)

@@ -83,7 +83,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port", "fingerprint", "weights_version", "buffers", "dtype", "world_size", "parallel")
+    __slots__ = ("server_version", "protocol_version", "quantizations", "compressions", "max_payload_bytes", "max_tensor_bytes", "max_tensors", "unary_payload_bytes", "stream_chunk_bytes", "trainable_parameters", "trainable_numel", "device", "module_repr", "context_ttl_seconds", "server_id", "bulk_port", "fingerprint", "weights_version", "buffers", "dtype", "world_size", "parallel", "batch_statistics")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class InfoReply(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol_version: int
     quantizations: _containers.RepeatedScalarFieldContainer[str]
@@ -128,7 +129,8 @@ class InfoReply(_message.Message):
     dtype: str
     world_size: int
     parallel: str
-    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_version: _Optional[int] = ..., buffers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., parallel: _Optional[str] = ...) -> None: ...
+    batch_statistics: str
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., quantizations: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_payload_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., unary_payload_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., trainable_parameters: _Optional[_Iterable[str]] = ..., trainable_numel: _Optional[int] = ..., device: _Optional[str] = ..., module_repr: _Optional[str] = ..., context_ttl_seconds: _Optional[float] = ..., server_id: _Optional[str] = ..., bulk_port: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_version: _Optional[int] = ..., buffers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., parallel: _Optional[str] = ..., batch_statistics: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)
