@@ -84,6 +84,7 @@ class _Connection:
 
     def __init__(self, sock: socket.socket, connection_id: str, session: str = "") -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keep_alive(sock)
         self.sock = sock
         self.id = connection_id
         self.session = session
@@ -417,7 +418,7 @@ class BulkClient:
         self,
         host: str,
         port: int,
-        open_ticket: Callable[[], tuple[bytes, str]],
+        open_ticket: Callable[[float], tuple[bytes, str]],
         *,
         limits: Limits,
         connect_timeout: float,
@@ -434,10 +435,14 @@ class BulkClient:
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
-    def connect(self) -> _Connection:
-        ticket, connection_id = self._open_ticket()
-        sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+    def connect(self, timeout: float | None = None) -> _Connection:
+        """A new connection, open within ``timeout`` seconds in all (ticket, TCP connect, TLS
+        handshake, hello) or at most ``connect_timeout``; else an OSError (a timeout)."""
+        deadline = time.monotonic() + min(timeout or self._connect_timeout, self._connect_timeout)
+        ticket, connection_id = self._open_ticket(_left(deadline))
+        sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))
         try:
+            sock.settimeout(_left(deadline))  # the TLS handshake, as a whole (CPython)
             if self._tls is not None:
                 # A server that refuses our certificate (mutual TLS) says so in an alert that
                 # the read of its answer raises (ssl.SSLError, an OSError).
@@ -445,7 +450,9 @@ class BulkClient:
             sock.sendall(HELLO + ticket)
             answer = bytearray(len(HELLO) + 1)
             connection = _Connection(sock, connection_id)
+            connection.deadline = deadline
             connection.recv_into(memoryview(answer))
+            connection.deadline = None
         except BaseException:
             sock.close()
             raise
@@ -455,13 +462,15 @@ class BulkClient:
         sock.settimeout(None)  # each call bounds its own reads and writes (its deadline)
         return connection
 
-    def take(self) -> _Connection:
+    def take(self, timeout: float | None = None) -> _Connection:
+        """An idle connection, or a new one open within ``timeout`` (see connect)."""
         with self._lock:
             while self._idle:
                 connection = self._idle.pop()
-                if not connection.closed:
+                if not connection.closed and not _gone(connection.sock):
                     return connection
-        return self.connect()
+                connection.close()
+        return self.connect(timeout)
 
     def give_back(self, connection: _Connection) -> None:
         with self._lock:
@@ -547,6 +556,34 @@ def _recv_exact(
         if got == 0:
             raise ConnectionError(f"{what} closed after {filled} of {total} bytes")
         filled += got
+
+
+# Keepalive probes on an idle connection: a NAT or firewall that forgets idle flows (after a
+# few minutes) keeps this one, and a peer gone without a word is found out within about a
+# minute, instead of a call stalling for bulk_timeout on a dead pooled connection.
+_KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _gone(sock: socket.socket) -> bool:
+    """An idle connection the peer closed, that failed (keepalive), or with bytes to read: an
+    idle connection is sent nothing, so it cannot carry a call."""
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), _HUNG_UP | select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed under us
+        return True
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
 
 
 def _digest(ticket: bytes) -> bytes:

@@ -59,6 +59,8 @@ __all__ = ["CallStats", "TrunkClient"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CONTROL_TIMEOUT = 30.0
+# Calls with deadlines of their own, not ClientOptions.timeout.
+_CONTROL_CALLS = frozenset({"Info", "OpenBulk", "Release", "ConfigureOptimizer", "Checkpoint"})
 _RELEASE_DELAY = 0.05  # seconds a release waits to ride on the next call before its own RPC
 _UNREACHABLE_GRACE = 1.0  # seconds a refused connection / unknown host is retried (a restart)
 _IDLE_CHECK = 5.0  # seconds a release thread waits before it checks its client is alive
@@ -379,7 +381,11 @@ class TrunkClient:
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
-                    raise from_rpc_error(exc, method=method, address=self.address) from exc
+                    timeout = None if method in _CONTROL_CALLS else self.options.timeout
+                    error = from_rpc_error(
+                        exc, method=method, address=self.address, timeout=timeout
+                    )
+                    raise error from exc
                 log.debug(
                     "%s to %s unavailable; retry %d in %.2fs", method, self.address, attempt, delay
                 )
@@ -412,10 +418,14 @@ class TrunkClient:
             self._refresh_info()  # another server process answered: is it the same trunk?
         return received.decode(self._decoder, device=device), received.header
 
-    def _open_bulk_ticket(self) -> tuple[bytes, str]:
+    def _open_bulk_ticket(self, timeout: float) -> tuple[bytes, str]:
+        """A ticket for a new bulk connection, asked for within ``timeout`` (the opening's)."""
         stub = self._connect()
+        kw = self._kw(min(timeout, _CONTROL_TIMEOUT))
+        # Not retried: the call it is for goes in gRPC messages instead, and has the rest of
+        # its deadline to be retried itself.
         reply = self._call(
-            "OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **self._kw(_CONTROL_TIMEOUT))
+            "OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **kw), retry=False
         )
         return reply.ticket, reply.connection_id
 

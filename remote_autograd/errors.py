@@ -183,8 +183,11 @@ def named(name: str | None) -> type[RemoteAutogradError] | None:
     return _BY_NAME.get(name or "")
 
 
-def from_rpc_error(exc: grpc.RpcError, *, method: str, address: str) -> RemoteAutogradError:
-    """Translate a failed gRPC call into the exception tree (the only place this is done)."""
+def from_rpc_error(
+    exc: grpc.RpcError, *, method: str, address: str, timeout: float | None = None
+) -> RemoteAutogradError:
+    """Translate a failed gRPC call into the exception tree (the only place this is done);
+    ``timeout``: the call's deadline, when it was ClientOptions.timeout."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
     name = None
@@ -194,9 +197,12 @@ def from_rpc_error(exc: grpc.RpcError, *, method: str, address: str) -> RemoteAu
                 name = value
     cls = named(name) or _BY_STATUS.get(code, RemoteError)
     if cls is TransportError or issubclass(cls, TransportError):
+        late = "raise ClientOptions.timeout for slow trunks or slow links"
+        if timeout is not None:
+            late = f"no answer within ClientOptions.timeout={timeout:g} s; {late}"
         hint = {
             grpc.StatusCode.UNAVAILABLE: "is the server running and reachable?",
-            grpc.StatusCode.DEADLINE_EXCEEDED: "raise ClientOptions.timeout for slow trunks",
+            grpc.StatusCode.DEADLINE_EXCEEDED: late,
         }.get(code, "")
         message = f"{method} to {address} failed ({code.name}): {details}"
         return cls(f"{message}; {hint}" if hint else message, status=code)

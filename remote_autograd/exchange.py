@@ -29,7 +29,7 @@ from ._proto import remote_autograd_pb2 as pb
 from ._proto import remote_autograd_pb2_grpc as pb_grpc
 from .addresses import bulk_host
 from .bulk import BulkClient
-from .errors import LimitExceeded, RemoteError
+from .errors import DeadlineExceeded, LimitExceeded, RemoteError
 from .options import ClientOptions
 from .transport import bulk_client_tls, fits_unary
 
@@ -65,14 +65,14 @@ class FrameExchange:
         options: ClientOptions,
         stats: CallStats,
         *,
-        kw: Callable[[], dict[str, Any]],
-        open_ticket: Callable[[], tuple[bytes, str]],
+        kw: Callable[..., dict[str, Any]],
+        open_ticket: Callable[[float], tuple[bytes, str]],
         refresh_info: Callable[[], pb.InfoReply],
     ) -> None:
         self.address = address
         self.options = options
         self.stats = stats
-        self._kw = kw  # timeout and metadata of a call
+        self._kw = kw  # timeout and metadata of a call (the given timeout, or the options')
         self._open_ticket = open_ticket  # an OpenBulk RPC
         self._refresh_info = refresh_info  # an Info RPC (a restarted server's new bulk port)
         self._lock = threading.Lock()
@@ -102,10 +102,16 @@ class FrameExchange:
         rpc = getattr(stub, method)
 
         def invoke() -> frames.Received:
-            connection = self._bulk_connection(bulk)
+            # One deadline for the whole call, a new bulk connection's opening included (a
+            # firewalled port, or a hung server's OpenBulk, once stalled a call past it).
+            timeout = self.options.timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            # Half of it at most: the other half is left for gRPC messages if it fails.
+            connection = self._bulk_connection(bulk, None if timeout is None else timeout / 2)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             if connection is None:
-                return plain()
-            received = bulk.call(connection, rpc, header, buffers, **self._kw())
+                return plain(left)
+            received = bulk.call(connection, rpc, header, buffers, **self._kw(left))
             self.stats.bulk_calls += 1
             return received
 
@@ -131,24 +137,25 @@ class FrameExchange:
         header: pb.Header,
         buffers: list,
         streamed: bool,
-    ) -> Callable[[], frames.Received]:
-        """The call in gRPC messages: one unary message, or a stream of chunks."""
+    ) -> Callable[..., frames.Received]:
+        """The call in gRPC messages: one unary message, or a stream of chunks; given a
+        ``timeout``, within it (what a bulk call's deadline has left), else the options'."""
         limits = self.options.limits
         if streamed:
             stream = getattr(stub, method + "Stream")
 
-            def invoke_stream() -> frames.Received:
+            def invoke_stream(timeout: float | None = None) -> frames.Received:
                 messages = frames.frame_messages(header, buffers, info.stream_chunk_bytes)
-                return frames.receive(stream(messages, **self._kw()), limits)
+                return frames.receive(stream(messages, **self._kw(timeout)), limits)
 
             return invoke_stream
         unary = getattr(stub, method)
         message: list[pb.Frame] = []  # made on the first try: a bulk call may never need it
 
-        def invoke_unary() -> frames.Received:
+        def invoke_unary(timeout: float | None = None) -> frames.Received:
             if not message:
                 message.append(frames.unary_message(header, buffers))
-            return frames.receive_unary(unary(message[0], **self._kw()), limits)
+            return frames.receive_unary(unary(message[0], **self._kw(timeout)), limits)
 
         return invoke_unary
 
@@ -168,19 +175,25 @@ class FrameExchange:
                         info.bulk_port,
                         self._open_ticket,
                         limits=self.options.limits,
-                        connect_timeout=self.options.connect_timeout,
+                        connect_timeout=self.options.bulk_connect_timeout,
                         tls=bulk_client_tls(self.options),
                         server_hostname=host,
                     )
         return self._bulk
 
-    def _bulk_connection(self, bulk: BulkClient) -> Any:
-        """A connection of the bulk channel, or None: this call goes in gRPC messages."""
+    def _bulk_connection(self, bulk: BulkClient, timeout: float | None) -> Any:
+        """A connection of the bulk channel (a new one open within ``timeout``, at most
+        ``bulk_connect_timeout``), or None: this call goes in gRPC messages."""
         try:
-            return bulk.take()
+            return bulk.take(timeout)
         except LimitExceeded as exc:
             log.debug("no bulk connection for now (%s); this call uses gRPC messages", exc)
             return None
+        except (TimeoutError, DeadlineExceeded) as exc:
+            # Not a restarted server's new port (that refuses at once): a port that drops
+            # what is sent to it, or a server that does not answer. Asking it for its Info
+            # would wait again; the call itself, in gRPC messages, finds out which.
+            return self._unreachable(exc)
         except OSError as exc:
             reason: Exception = exc
             info = self._refresh_info()
@@ -192,9 +205,13 @@ class FrameExchange:
         if info.bulk_port and info.bulk_port != bulk.port:
             bulk.port = info.bulk_port
             try:
-                return bulk.take()
+                return bulk.take(timeout)
             except OSError as exc:
                 reason = exc
+        return self._unreachable(reason)
+
+    def _unreachable(self, reason: Exception) -> None:
+        """Large frames go in gRPC messages for a while: the bulk channel failed (``reason``)."""
         log.warning(
             "the bulk channel of %s cannot be reached (%s); large frames use gRPC streams "
             "for %g s (ClientOptions.bulk_retry_interval), then it is tried again",
@@ -203,4 +220,3 @@ class FrameExchange:
             self.options.bulk_retry_interval,
         )
         self._bulk_retry_at = time.monotonic() + self.options.bulk_retry_interval
-        return None

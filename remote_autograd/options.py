@@ -53,6 +53,7 @@ class ClientOptions:
     # expiry, eviction) resends the saved inputs so the server recomputes the forward
     seed: int | None = None  # seed of the trunk's per-forward RNG (dropout); None: random.
     # With a seed, a whole split run is reproducible and recomputed forwards match exactly
+    # (with micro_batches > 1 up to float rounding: slices' gradients add in arrival order)
     compression: str = "auto"  # "auto" (LZ4 where a sample says it pays), "lz4" or "none"
     activation_quantization: str = "none"  # wire codec of forward tensors: none|bf16|fp16|int8
     gradient_quantization: str = "none"  # wire codec of backward tensors: none|bf16|fp16|int8
@@ -62,6 +63,9 @@ class ClientOptions:
     bulk_min_bytes: int = 512 * KiB  # frames (either way) from this size use the bulk channel
     bulk_retry_interval: float = 30.0  # after the bulk channel could not be reached, large
     # frames use gRPC streams this many seconds, then the channel is tried again
+    bulk_connect_timeout: float = 10.0  # a new bulk connection (its ticket, TCP connect, TLS
+    # handshake) not open within this long, or within the call's deadline, is given up: the
+    # call goes as gRPC streams (a firewalled port once stalled it for connect_timeout)
     token: str | None = None  # bearer token sent with every call
     root_certificates: bytes | None = None  # PEM of the CA that signed the server (enables TLS)
     certificate_chain: bytes | None = None  # PEM client certificate (mutual TLS)

@@ -687,6 +687,39 @@ def test_a_reply_stalled_on_the_way_ends_by_the_calls_deadline_and_is_retried(st
         remote.close()
 
 
+def test_a_bulk_port_that_never_answers_costs_a_call_half_its_deadline(start_server, caplog):
+    """What Info names as the bulk port takes connections and never answers (a middlebox, a
+    port forward to nowhere; a firewall that drops SYNs is alike): opening a connection waited
+    out connect_timeout (30 s) before the call's deadline had begun, again at every
+    bulk_retry_interval. Now it gets at most half the call's deadline
+    (ClientOptions.bulk_connect_timeout beside), and the call goes on in gRPC messages."""
+    server = start_server(Scale(torch.float64))
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes connects; no reply
+    server.service.bulk.port = silent.getsockname()[1]
+    x = torch.randn(4, MiB // 32, dtype=torch.float64)
+    options = ClientOptions(timeout=4.0, connect_timeout=120.0, bulk_retry_interval=0.1)
+    remote = RemoteModule(server.address, options=options)
+    got: list[torch.Tensor] = []
+
+    def calls() -> None:
+        for _ in range(2):  # the second tries the channel again
+            got.append(remote(x).detach())
+            time.sleep(0.2)
+
+    call = threading.Thread(target=calls, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            call.start()
+            call.join(timeout=60)  # a guard (connect_timeout is 120 s), not a measurement
+            assert not call.is_alive(), "a call waited out connect_timeout"
+        assert len(got) == 2 and all(torch.equal(y, x * 1.5) for y in got)
+        assert remote.client.stats.bulk_calls == 0
+        assert caplog.text.count("cannot be reached") == 2
+    finally:
+        silent.close()
+        remote.close()
+
+
 class Trickler(threading.Thread):
     """Opens bulk connections and sends their first bytes one at a time, every 0.2 s, until the
     server closes them (then opens the next), until told to stop. ``endings`` says how each

@@ -293,7 +293,10 @@ def test_a_call_past_client_options_timeout_is_deadline_exceeded(start_server):
     try:
         remote = RemoteModule(server.address, options=ClientOptions(timeout=0.5))
         remote.client.info()  # connected: only the Compute can run out of time
-        with pytest.raises(DeadlineExceeded, match="raise ClientOptions.timeout") as info:
+        with pytest.raises(
+            DeadlineExceeded,
+            match=r"within ClientOptions.timeout=0.5 s; raise ClientOptions.timeout",
+        ) as info:
             remote(torch.zeros(2))
         assert type(info.value) is DeadlineExceeded
         assert info.value.status == grpc.StatusCode.DEADLINE_EXCEEDED
