@@ -268,8 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.overlap_step:
         modes += [f"{mode}, overlapped step" for mode in modes]
     with ExitStack() as stack:
-        for mode in modes:
-            server = stack.enter_context(
+        servers = [
+            stack.enter_context(
                 ServerProcess(
                     "--serve-trunk",
                     args.preset,
@@ -277,8 +277,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     module="benchmarks.bench_pipeline",
                     env={"OMP_NUM_THREADS": "1"},
                     timeout=180,
+                    wait=False,  # started side by side, waited for below
                 )
             )
+            for _ in modes
+        ]
+        for mode, server in zip(modes, servers, strict=True):
+            server.wait_ready()
             runners[mode] = Split(
                 preset,
                 server.address,
