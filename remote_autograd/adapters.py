@@ -67,7 +67,7 @@ from .codec import DTYPES
 from .contexts import ContextCache, ForwardContext
 from .engine import ID_PATTERN, CheckpointPace, TrunkEngine, paced_checkpoint, saved_weights_id
 from .errors import InvalidRequest, LimitExceeded, NotConfigured, TrunkError
-from .fingerprint import persistent_buffers, trunk_dtype, trunk_fingerprint
+from .fingerprint import batch_statistics, persistent_buffers, trunk_dtype, trunk_fingerprint
 from .guard import StepBackup, check_finite_weights
 from .options import ServerOptions
 from .runner import TrunkRunner
@@ -198,6 +198,7 @@ class _AdapterRunner(TrunkRunner):
         # Whether a training forward draws (None: not known yet, watched at the next one).
         self.draws: bool | None = True if _draws_randomness(module) else None
         self.lock: bool | None = None  # AdapterOptions.lock_forwards: forced either way
+        self.note_modes()
 
     def forward(
         self,
@@ -435,6 +436,7 @@ class AdapterEngine:
             replica = self._inject(self._replica(base))
         # What every client trains: the base with one adapter (the trainer's own trunk).
         self.fingerprint = trunk_fingerprint(replica)
+        self._batch_statistics = batch_statistics(replica)  # what Info says (runner.py)
         return {n: p.detach().clone() for n, p in replica.named_parameters() if p.requires_grad}
 
     def _new_adapter(self, identity: str) -> _Adapter:
@@ -607,6 +609,7 @@ class AdapterEngine:
             weights_version=adapter.engine.weights_version if adapter is not None else 0,
             buffers=[name for name, _ in persistent_buffers(self.base)],  # each adapter's own
             dtype=trunk_dtype(self.base),
+            batch_statistics=self._batch_statistics,
         )
 
     def compute(self, session: Session, call: ComputeCall, value: Any) -> ComputeResult:

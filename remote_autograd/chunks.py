@@ -15,6 +15,7 @@ every slice, and their gradient is the sum of the slices'.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -58,6 +59,7 @@ class ChunkedCall:
         self._output_rows: list[list[int]] = []  # per output: its rows in each slice
         self._slice_rows: list[int] = []  # the batch's rows in each slice
         self.given_seeds: list[int] | None = None  # a recompute's: its first run's seeds
+        self._recovering = threading.Lock()  # one slice re-creates a lost context at a time
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
@@ -152,6 +154,7 @@ class ChunkedCall:
             frozen=self.frozen,
         )
         call._inputs = inputs
+        call.recovering = self._recovering
         return call
 
     @property

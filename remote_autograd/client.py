@@ -422,11 +422,7 @@ class TrunkClient:
         """A ticket for a new bulk connection, asked for within ``timeout`` (the opening's)."""
         stub = self._connect()
         kw = self._kw(min(timeout, _CONTROL_TIMEOUT))
-        # Not retried: the call it is for goes in gRPC messages instead, and has the rest of
-        # its deadline to be retried itself.
-        reply = self._call(
-            "OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **kw), retry=False
-        )
+        reply = self._call("OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **kw))
         return reply.ticket, reply.connection_id
 
     def _refresh_info(self) -> pb.InfoReply:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "batch_statistics",
     "computes_over_batch",
     "fingerprint_differences",
     "fingerprint_digest",
@@ -31,14 +32,32 @@ _FORMAT = 1
 _SHOWN = 5  # differences of one kind named in a message; the rest are counted
 
 
-def computes_over_batch(module: nn.Module) -> bool:
-    """Whether ``module`` itself, in training mode, computes over the batch (BatchNorm's batch
-    statistics) or moves running statistics once per call (an InstanceNorm that tracks
-    them): a batch run in pieces then computes something else than the whole batch."""
+def computes_over_batch(module: nn.Module, training: bool = True) -> bool:
+    """Whether ``module`` itself, in a forward in that mode, computes over the batch
+    (BatchNorm's batch statistics, in eval mode too where it keeps no running ones) or moves
+    running statistics once per call (an InstanceNorm that tracks them, in training): a batch
+    run in pieces then computes something else than the whole batch."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return True
-    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and bool(
-        module.track_running_stats
+        return training or not module.track_running_stats
+    return (
+        training
+        and isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        and bool(module.track_running_stats)
+    )
+
+
+def batch_statistics(module: nn.Module) -> str:
+    """The class of a submodule of ``module`` that a training forward runs over the batch, ""
+    if none. Submodules in eval mode inside a module in training mode (a frozen BatchNorm)
+    stay so in training forwards (runner.py) and count as such."""
+    frozen = module.training
+    return next(
+        (
+            type(sub).__name__
+            for sub in module.modules()
+            if computes_over_batch(sub, training=sub.training or not frozen)
+        ),
+        "",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -57,6 +58,10 @@ class RemoteCall:
         self.nonfinite = False  # the last backward's trunk gradients were NaN/inf (not kept)
         self.without_grad: list[bool] = []  # per output: needs no gradient (server's; [] unknown)
         self._released = False  # release() ran: a context re-created after it is released too
+        # Held while a lost context is re-created and its Backward retried: the slices of one
+        # micro_batches call share a lock, so under a tight context limit their re-created
+        # contexts do not evict each other's (chunks.py).
+        self.recovering: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
     def seeds(self) -> list[int]:
         return [self.seed]
@@ -155,15 +160,18 @@ class RemoteCall:
             # server recompute the forward (refused if the weights moved since).
             if not self.client.options.recover_contexts:
                 raise
-            self._recompute()
-            try:
-                value, reply = self.client.backward(*args, freeze_parameters=frozen, device=device)
-            finally:
-                if self._released:
-                    # Released at the forward (a non-reentrant checkpoint, or saved-tensor
-                    # hooks that copy, drop the marker there): nothing else would release
-                    # the re-created context, and each step would leave one behind.
-                    self.client.schedule_release(self.request_id, self._pid)
+            with self.recovering:
+                self._recompute()
+                try:
+                    value, reply = self.client.backward(
+                        *args, freeze_parameters=frozen, device=device
+                    )
+                finally:
+                    if self._released:
+                        # Released at the forward (a non-reentrant checkpoint, or saved-tensor
+                        # hooks that copy, drop the marker there): nothing else would release
+                        # the re-created context, and each step would leave one behind.
+                        self.client.schedule_release(self.request_id, self._pid)
         self.nonfinite = reply.nonfinite
         out: list[torch.Tensor | None] = []
         pairs = zip(value["grads"], self._inputs, needs_input_grad, strict=True)

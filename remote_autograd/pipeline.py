@@ -201,6 +201,8 @@ class PipelinedStep:
         if not torch.is_grad_enabled():
             raise RuntimeError("PipelinedStep runs backward: call it with grad mode on")
         rows = batch_rows(x, "x (the batch)")
+        if rows == 0:
+            raise ValueError("x (the batch) holds no sample: there is nothing to step")
         # A batch with fewer samples than micro_batches (a loader's last) runs one per sample.
         m = min(self.micro_batches, rows)
         sizes = _part_rows(rows, m)
@@ -233,8 +235,12 @@ class PipelinedStep:
 
             def carry(i: int) -> None:
                 """Micro-batch i on through the trunk's backward and then the bottom's."""
+                nonlocal trunk_failed
                 try:
-                    trunk_back.pop(i).result()
+                    backward = trunk_back.pop(i)
+                    if backward.exception() is not None:  # waits for it
+                        trunk_failed = True
+                    backward.result()
                     bottoms.pop(i).backward()
                 except Exception as exc:
                     exc.add_note(_mixed(i))
@@ -245,7 +251,8 @@ class PipelinedStep:
             for i in range(m):
                 # Top forward and backward of micro-batch i, on the trunk's output.
                 forwarded = trunk_out.pop(i)
-                trunk_failed = forwarded.exception() is not None  # waits for it
+                if forwarded.exception() is not None:  # waits for it
+                    trunk_failed = True
                 seam = _Cut(forwarded.result(), modifiable=True)
                 loss = self.loss_fn(self.top(seam.value), ys[i])
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -313,17 +320,18 @@ class PipelinedStep:
         return isinstance(self.trunk, RemoteModule)
 
     def _check_batch_statistics(self) -> None:
-        """Warn of a part that computes over the batch in training mode (a local module, or
-        a served trunk's): a micro-batch is then normalised by its own statistics, and running
-        statistics move once per micro-batch, not once per batch."""
+        """Warn of a part that computes over the batch (in training mode, or a BatchNorm
+        without running statistics; a local module, or a served trunk's): a micro-batch is
+        then normalised by its own statistics, and running statistics move once per
+        micro-batch, not once per batch."""
         for name, part in (("bottom", self.bottom), ("trunk", self.trunk), ("top", self.top)):
             if not isinstance(part, nn.Module):
                 continue
             found = next(filter(None, (_over_batch(m) for m in part.modules())), "")
             if found:
                 warnings.warn(
-                    f"PipelinedStep: the {name} holds {found} in training mode, "
-                    "which computes statistics over the batch: each micro-batch is normalised "
+                    f"PipelinedStep: the {name} holds {found}, which computes statistics over "
+                    "the batch (in training mode): each micro-batch is normalised "
                     "by its own and its running statistics move once per micro-batch, so the "
                     "step is not the whole batch's (docs/pipeline.md, When it is valid)",
                     stacklevel=3,
@@ -358,11 +366,9 @@ def _over_batch(module: nn.Module) -> str:
     own, or a served trunk's (as its server says)."""
     from .module import RemoteModule
 
-    if not module.training:
-        return ""
     if isinstance(module, RemoteModule):
-        return module.batch_statistics()
-    return type(module).__name__ if computes_over_batch(module) else ""
+        return module.batch_statistics() if module.training else ""
+    return type(module).__name__ if computes_over_batch(module, module.training) else ""
 
 
 def _random(module: nn.Module) -> bool:

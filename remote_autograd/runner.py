@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint_file, memory
 from .errors import InvalidRequest
-from .fingerprint import computes_over_batch
+from .fingerprint import batch_statistics
 from .ranks import ONE, Ranks
 from .tree import flatten, unflatten
 from .validate import describe
@@ -69,22 +69,18 @@ class TrunkRunner:
             self.module = self.module.to(dtype)
         # The trainable parameters, in module order: the order of every gradient list.
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        # Submodules served in eval mode inside a trunk served in training mode (a frozen
-        # BatchNorm, `trunk.train(); trunk.bn.eval()`): training forwards keep them so, as
-        # the trunk's owner set them. An eval forward in between would otherwise have ended
-        # it: train(True) walks every submodule.
+        self.note_modes()
+
+    def note_modes(self) -> None:
+        """Remember the modes the trunk is served in. Submodules in eval mode inside a trunk
+        in training mode (a frozen BatchNorm, ``trunk.train(); trunk.bn.eval()``) stay so in
+        training forwards, as the trunk's owner set them: an eval forward in between would
+        otherwise end it, as ``train(True)`` walks every submodule."""
+        module = self.module
         self.kept_in_eval = (
-            [m for m in self.module.modules() if not m.training] if self.module.training else []
+            [m for m in module.modules() if not m.training] if module.training else []
         )
-        kept = set(map(id, self.kept_in_eval))
-        self.batch_statistics = next(  # a module that a training forward runs over the batch
-            (
-                type(m).__name__
-                for m in self.module.modules()
-                if id(m) not in kept and computes_over_batch(m)
-            ),
-            "",
-        )
+        self.batch_statistics = batch_statistics(module)  # what Info says (see there)
 
     def leaves(self, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:
         """The received inputs on the trunk's device, requiring a gradient where asked."""

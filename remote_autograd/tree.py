@@ -2,9 +2,9 @@
 
 Named tuples and Hugging Face ``ModelOutput``s keep their type (what a trunk returns is what
 its caller gets); other tuple and dict subclasses become plain tuples and dicts, as the wire
-carries them (codec.py). Other mappings (a tokenizer's ``BatchEncoding``) are walked too and
-keep their type where it can be built from a dict, for :func:`~remote_autograd.split_batch`;
-the wire refuses them.
+carries them (codec.py). ``UserDict``s (a tokenizer's ``BatchEncoding``) are walked too and
+keep their type, for :func:`~remote_autograd.split_batch`; the wire refuses them. Other
+mappings are plain values.
 
 Plain recursive functions rather than closures: a recursive closure is a reference cycle, and a
 cycle holding tensors keeps them (and, through their graph, server contexts) alive until the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Mapping
+from collections import UserDict
 from typing import Any
 
 import torch
@@ -43,12 +43,12 @@ def _dict_like(node: dict, items: dict) -> dict:
     return model_output(type(node), items) if is_model_output(node) else items
 
 
-def _mapping_like(node: Mapping, items: dict) -> Any:
-    """A mapping of ``node``'s type built from ``items`` where its type takes a dict (UserDict,
-    BatchEncoding), else a dict. (The wire carries plain dicts only: codec.py refuses others.)"""
+def _mapping_like(node: UserDict, items: dict) -> Any:
+    """A mapping of ``node``'s type built from ``items`` (a UserDict's type takes a dict, as
+    BatchEncoding's does), else a dict. (The wire carries plain dicts: codec.py refuses it.)"""
     try:
-        return type(node)(items)  # type: ignore[call-arg]
-    except Exception:  # noqa: BLE001 - any constructor that takes no dict
+        return type(node)(items)
+    except Exception:  # noqa: BLE001 - a subclass whose constructor takes no dict
         return items
 
 
@@ -92,7 +92,7 @@ def _flatten(node: Any, tensors: list[torch.Tensor]) -> Any:
         return [_flatten(item, tensors) for item in node]
     if isinstance(node, dict):
         return _dict_like(node, {key: _flatten(item, tensors) for key, item in node.items()})
-    if isinstance(node, Mapping):  # a tokenizer's BatchEncoding (a UserDict)
+    if isinstance(node, UserDict):  # a tokenizer's BatchEncoding
         return _mapping_like(node, {key: _flatten(item, tensors) for key, item in node.items()})
     return node
 
@@ -107,7 +107,7 @@ def unflatten(template: Any, tensors: list[torch.Tensor] | tuple[torch.Tensor, .
         return [unflatten(item, tensors) for item in template]
     if isinstance(template, dict):
         return _dict_like(template, {k: unflatten(item, tensors) for k, item in template.items()})
-    if isinstance(template, Mapping):
+    if isinstance(template, UserDict):
         items = {k: unflatten(item, tensors) for k, item in template.items()}
         return _mapping_like(template, items)
     return template

@@ -257,6 +257,21 @@ def test_each_client_has_its_own_statistics_of_the_base(start_server, tmp_path):
         assert torch.equal(_eval_output(a_again, probe), a_before)
 
 
+def test_training_after_a_validation_pass_works_on_a_per_client_server(start_server):
+    """A per-client adapter server runs each adapter on a runner of its own: after session
+    15's change of how the trunk's modes are set, a training forward after an eval one failed
+    there (the runner lacked the modes the trunk was served in). Its Info names the base's
+    BatchNorm, as a single-tenant server's does."""
+    lora = adapter_options(target_modules=("0",))
+    server = start_server(AdapterEngine(batchnorm_trunk(), ServerOptions(tokens=TOKENS), lora))
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    with RemoteModule(server.address, options=client_options(0)) as remote:
+        assert remote.remote_info()["batch_statistics"] == "BatchNorm1d"
+        _eval_output(remote, x.detach())
+        remote(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_the_per_identity_session_limit_holds_for_adapters_too(start_server):
     options = ServerOptions(tokens=TOKENS, max_sessions=3, max_sessions_per_identity=1)
     server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))

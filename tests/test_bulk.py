@@ -720,6 +720,34 @@ def test_a_bulk_port_that_never_answers_costs_a_call_half_its_deadline(start_ser
         remote.close()
 
 
+def test_a_large_call_while_the_server_restarts_waits_for_it(start_server):
+    """The client's first large call asks for a bulk ticket while its server restarts on the
+    same port: OpenBulk is UNAVAILABLE for a moment and is retried as any call is, and the call
+    then goes on the new server's channel (a review found a version that failed it at once)."""
+    from remote_autograd import serve
+
+    first = serve(Scale(torch.float64), "127.0.0.1:0")
+    port = first.address.rsplit(":", 1)[1]
+    remote = RemoteModule(first.address, options=ClientOptions(timeout=20))
+    remote.remote_info()  # connected, no bulk connection yet
+    first.stop(grace=None)
+    restarted: list = []
+    starter = threading.Timer(
+        0.5, lambda: restarted.append(serve(Scale(torch.float64), f"127.0.0.1:{port}"))
+    )
+    starter.start()
+    x = torch.randn(4, MiB // 32, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            assert torch.equal(remote(x), x * 1.5)
+        assert remote.client.stats.bulk_calls == 1
+    finally:
+        starter.join()
+        remote.close()
+        for server in restarted:
+            server.stop(grace=None)
+
+
 class Trickler(threading.Thread):
     """Opens bulk connections and sends their first bytes one at a time, every 0.2 s, until the
     server closes them (then opens the next), until told to stop. ``endings`` says how each

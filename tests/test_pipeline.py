@@ -230,6 +230,8 @@ def test_bad_arguments_are_refused_before_anything_runs(start_server):
         step((torch.randn(8, 6), torch.randn(7, 6)), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"y \(the labels\) has 12 rows .* x \(the batch\) 8"):
         step(torch.randn(8, 6, dtype=torch.float64), torch.zeros(12, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x \(the batch\) holds no sample"):
+        step(torch.randn(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
     bad_loss = PipelinedStep(bottom, trunk, top, lambda out, y: out, micro_batches=2)
     with pytest.raises(ValueError, match="one element"):
         bad_loss(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8))
@@ -568,7 +570,8 @@ def test_a_part_with_batch_statistics_in_training_mode_warns(start_server, norm)
             else nn.Sequential(nn.Unflatten(1, (3, 4)), norm, nn.Flatten(), top)
         )
         step = PipelinedStep(noted, remote, top_part, nn.functional.cross_entropy, micro_batches=2)
-        with pytest.warns(UserWarning, match=f"holds {type(norm).__name__} in training mode"):
+        said = f"holds {type(norm).__name__}, which computes statistics over"
+        with pytest.warns(UserWarning, match=said):
             step(x, y)
         norm.eval()  # running statistics only: each sample alone
         with warnings.catch_warnings():
@@ -649,3 +652,32 @@ def test_a_kept_error_keeps_no_trunk_context(start_server):
             remote(x.new_zeros(1, 12))  # carries the deferred releases
         assert len(server.engine.contexts) == 0
         assert kept
+
+
+def test_split_batch_walks_user_dicts_and_passes_other_mappings_along():
+    """A tokenizer's BatchEncoding (a UserDict) is split and keeps its type; any other mapping
+    (a config object) is a plain value that every part gets as it is (a review found a version
+    that rebuilt it as a dict)."""
+    from collections.abc import Mapping
+
+    from transformers import BatchEncoding
+
+    class Config(Mapping):
+        def __init__(self, **values):
+            self.values = values
+
+        def __getitem__(self, key):
+            return self.values[key]
+
+        def __iter__(self):
+            return iter(self.values)
+
+        def __len__(self):
+            return len(self.values)
+
+    config = Config(scale=2.0)
+    batch = BatchEncoding({"ids": torch.arange(6)})
+    parts = split_batch((batch, config), 2)
+    assert [type(p[0]) for p in parts] == [BatchEncoding] * 2
+    assert [p[0]["ids"].tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    assert all(p[1] is config for p in parts)
