@@ -1052,6 +1052,51 @@ MUTATIONS: list[Mutation] = [
         ),
         "a kept forward refused for its size leaves the shared buffers as they were",
     ),
+    # -- session 15 ---------------------------------------------------------------------------
+    M(
+        "frozen_submodules_unfrozen_by_training",
+        "remote_autograd/runner.py",
+        "            for module in self.kept_in_eval if training else ():",
+        "            for module in ():",
+        (
+            "tests/test_habits.py::test_a_submodule_served_in_eval_mode_stays_so_after_a_validation_pass",
+        ),
+        "a submodule served in eval mode stays so in training forwards",
+    ),
+    M(
+        "exchange_holds_the_client",
+        "remote_autograd/client.py",
+        "            kw=_weakly(self._kw),",
+        "            kw=self._kw,",
+        ("tests/test_habits_process.py::test_dropped_copies_end_their_sessions[no_grad]",),
+        "a dropped client ends its session without a garbage collection",
+    ),
+    M(
+        "pipelined_trunk_gets_the_leaf",
+        "remote_autograd/pipeline.py",
+        "modifiable=not self._remote_only())",
+        "modifiable=False)",
+        (
+            "tests/test_pipeline.py::test_a_trunk_that_changes_its_input_in_place_trains_as_in_the_plain_loop[local_trunk]",
+        ),
+        "a trunk that is not a bare RemoteModule may change its input in place",
+    ),
+    M(
+        "slices_recover_at_once",
+        "remote_autograd/chunks.py",
+        "        call.recovering = self._recovering",
+        "        pass",
+        ("tests/test_chunks.py::test_slices_recover_their_lost_contexts_one_at_a_time",),
+        "slices re-create lost contexts one at a time",
+    ),
+    M(
+        "bulk_opening_unbounded_by_the_call",
+        "remote_autograd/exchange.py",
+        "self._bulk_connection(bulk, None if timeout is None else timeout / 2)",
+        "self._bulk_connection(bulk, None)",
+        ("tests/test_bulk.py::test_a_bulk_port_that_never_answers_costs_a_call_half_its_deadline",),
+        "opening a bulk connection takes at most half the call's deadline",
+    ),
 ]
 
 
