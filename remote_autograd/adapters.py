@@ -198,6 +198,8 @@ class _AdapterRunner(TrunkRunner):
         # Whether a training forward draws (None: not known yet, watched at the next one).
         self.draws: bool | None = True if _draws_randomness(module) else None
         self.lock: bool | None = None  # AdapterOptions.lock_forwards: forced either way
+        if not module.training:
+            module.eval()  # peft makes its layers (their dropout) in training mode under it
         self.note_modes()
 
     def forward(

@@ -59,7 +59,7 @@ class ChunkedCall:
         self._output_rows: list[list[int]] = []  # per output: its rows in each slice
         self._slice_rows: list[int] = []  # the batch's rows in each slice
         self.given_seeds: list[int] | None = None  # a recompute's: its first run's seeds
-        self._recovering = threading.Lock()  # one slice re-creates a lost context at a time
+        self._recovering = _OneAtATime()  # slices re-create lost contexts one at a time
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
@@ -218,6 +218,28 @@ def _slice_rows(rows: int, k: int) -> list[int]:
     if extra == 0:  # base >= 2 here
         sizes[0], sizes[-1] = base + 1, base - 1
     return sizes
+
+
+class _OneAtATime:
+    """Held while a slice re-creates its lost context and retries its Backward, so that under
+    a tight context limit the slices' re-created contexts do not evict each other. Once one
+    slice's recovery fails, the slices waiting give up with its error: each would otherwise
+    wait out a deadline of its own, one after another, against the same server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failed: BaseException | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._failed is not None:
+            self._lock.release()
+            raise self._failed
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        if error is not None:
+            self._failed = error
+        self._lock.release()
 
 
 def _run_all(jobs: list[Any]) -> list[Any]:

@@ -64,7 +64,7 @@ from .errors import (
     TrunkError,
     named,
 )
-from .fingerprint import trunk_fingerprint
+from .fingerprint import batch_statistics, trunk_fingerprint
 from .follower import Follower
 from .guard import buffer_snapshot, check_finite_buffers, floating_buffers, restore_buffers
 from .options import Limits, ServerOptions
@@ -127,10 +127,12 @@ class DistributedRunner(TrunkRunner):
         # the device; fsdp then shards layer by layer onto it, so no rank's device ever holds
         # the whole trunk.
         self._broadcast_state(module)
+        statistics = batch_statistics(module)  # fsdp renames the classes it shards, too
         if mode == "fsdp":
             sharding.shard(module)
         super().__init__(module, device, dtype)
         self.module_name = name
+        self.batch_statistics = statistics
         self.uncast = uncast
         self.engine: Any = None  # this rank's engine (serve_distributed sets it)
         self.graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}

@@ -272,6 +272,27 @@ def test_training_after_a_validation_pass_works_on_a_per_client_server(start_ser
         assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_eval_forwards_of_a_base_served_in_eval_mode_draw_no_lora_dropout(start_server):
+    """A base served in eval mode (as from_pretrained leaves it): peft made the LoRA layers
+    in training mode beneath it, and eval forwards before any training one ran their dropout
+    (a client that loads its adapter and validates first got other outputs each time)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    lora = adapter_options(target_modules=("2",), rank=2, dropout=0.5)
+    server = start_server(AdapterEngine(base, ServerOptions(tokens=TOKENS), lora))
+    with RemoteModule(server.address, options=client_options(0)) as remote:
+        names = remote.remote_info()["trainable_parameters"]
+        shapes = {n: (2, 4) if "lora_A" in n else (3, 2) for n in names}
+        remote.load_remote_state_dict(
+            {n: torch.ones(s, dtype=torch.float64) for n, s in shapes.items()}
+        )
+        remote.eval()
+        x = torch.randn(8, 4, dtype=torch.float64)
+        with torch.no_grad():
+            first, second = remote(x), remote(x)
+        assert torch.equal(first, second)
+
+
 def test_the_per_identity_session_limit_holds_for_adapters_too(start_server):
     options = ServerOptions(tokens=TOKENS, max_sessions=3, max_sessions_per_identity=1)
     server = start_server(AdapterEngine(dropout_trunk(), options, adapter_options()))
