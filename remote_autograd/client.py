@@ -419,10 +419,16 @@ class TrunkClient:
         return received.decode(self._decoder, device=device), received.header
 
     def _open_bulk_ticket(self, timeout: float) -> tuple[bytes, str]:
-        """A ticket for a new bulk connection, asked for within ``timeout`` (the opening's)."""
+        """A ticket for a new bulk connection, asked for within ``timeout`` (the opening's):
+        retried while the server is unavailable (a restart), each try within what is left."""
         stub = self._connect()
-        kw = self._kw(min(timeout, _CONTROL_TIMEOUT))
-        reply = self._call("OpenBulk", lambda: stub.OpenBulk(pb.OpenBulkRequest(), **kw))
+        deadline = time.monotonic() + min(timeout, _CONTROL_TIMEOUT)
+
+        def ask() -> pb.OpenBulkReply:
+            left = max(deadline - time.monotonic(), 0.001)
+            return stub.OpenBulk(pb.OpenBulkRequest(), **self._kw(left))
+
+        reply = self._call("OpenBulk", ask)
         return reply.ticket, reply.connection_id
 
     def _refresh_info(self) -> pb.InfoReply:

@@ -38,7 +38,7 @@ def computes_over_batch(module: nn.Module, training: bool = True) -> bool:
     running statistics once per call (an InstanceNorm that tracks them, in training): a batch
     run in pieces then computes something else than the whole batch."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return training or not module.track_running_stats
+        return training or module.running_mean is None  # what torch's forward decides by
     return (
         training
         and isinstance(module, nn.modules.instancenorm._InstanceNorm)

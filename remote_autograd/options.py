@@ -43,6 +43,11 @@ class ClientOptions:
             )
         if self.micro_batches < 1:
             raise ValueError(f"ClientOptions.micro_batches must be >= 1, got {self.micro_batches}")
+        wait = self.bulk_connect_timeout
+        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not wait > 0:
+            raise ValueError(
+                f"ClientOptions.bulk_connect_timeout must be a number of seconds > 0, got {wait!r}"
+            )
 
     timeout: float = 300.0  # deadline of a Compute/Backward/Step call, seconds
     connect_timeout: float = 30.0  # wait this long for the server to come up on first use

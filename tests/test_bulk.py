@@ -718,6 +718,9 @@ def test_a_bulk_port_that_never_answers_costs_a_call_half_its_deadline(start_ser
     finally:
         silent.close()
         remote.close()
+    for wrong in (0, -1.0, None, "10", True):
+        with pytest.raises(ValueError, match="bulk_connect_timeout must be a number of seconds"):
+            ClientOptions(bulk_connect_timeout=wrong)
 
 
 def test_a_large_call_while_the_server_restarts_waits_for_it(start_server):
