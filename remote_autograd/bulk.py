@@ -437,7 +437,8 @@ class BulkClient:
 
     def connect(self, timeout: float | None = None) -> _Connection:
         """A new connection, open within ``timeout`` seconds in all (ticket, TCP connect, TLS
-        handshake, hello) or at most ``connect_timeout``; else an OSError (a timeout)."""
+        handshake, hello) or at most ``connect_timeout``; else an OSError (a timeout, a refusal)
+        or the OpenBulk call's error."""
         deadline = time.monotonic() + min(timeout or self._connect_timeout, self._connect_timeout)
         ticket, connection_id = self._open_ticket(_left(deadline))
         sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))

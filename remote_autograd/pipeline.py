@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 
 def split_batch(value: Any, micro_batches: int) -> list[Any]:
-    """Split every tensor in ``value`` (a tensor, or lists, tuples, dicts and other mappings of
-    them) along dimension 0 into ``micro_batches`` parts (sizes differ by at most one, like
-    ``torch.tensor_split``); values that are not tensors go to every part unchanged."""
+    """Split every tensor in ``value`` (a tensor, or lists, tuples, dicts and UserDicts, such
+    as a tokenizer's BatchEncoding, of them) along dimension 0 into ``micro_batches`` parts
+    (sizes differ by at most one, like ``torch.tensor_split``); values that are not tensors go
+    to every part unchanged."""
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
     rows = batch_rows(value)
@@ -216,8 +217,7 @@ class PipelinedStep:
         seam: _Cut | None = None
         forwarded: Future | None = None
         interrupted = trunk_failed = False
-        local = self._local_trunk()
-        lane = _Lane() if local else ThreadPoolExecutor(1, "ra-trunk-lane")
+        lane = _Lane() if self._local_trunk() else ThreadPoolExecutor(1, "ra-trunk-lane")
         # Autocast is per thread: the lane's trunk forward runs under the caller's, as the plain
         # loop's would (and RemoteModule tells the server, which runs the trunk under it).
         autocasts = [
