@@ -43,11 +43,7 @@ class ClientOptions:
             )
         if self.micro_batches < 1:
             raise ValueError(f"ClientOptions.micro_batches must be >= 1, got {self.micro_batches}")
-        wait = self.bulk_connect_timeout
-        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not wait > 0:
-            raise ValueError(
-                f"ClientOptions.bulk_connect_timeout must be a number of seconds > 0, got {wait!r}"
-            )
+        _check_bounds(self, _CLIENT_BOUNDS, flags=False)
 
     timeout: float = 300.0  # deadline of a Compute/Backward/Step call, seconds
     connect_timeout: float = 30.0  # wait this long for the server to come up on first use
@@ -79,6 +75,9 @@ class ClientOptions:
     fingerprint: str | None = None  # remote_autograd.trunk_fingerprint() of the trunk this
     # client expects; a server serving another one is refused (TrunkMismatch). None: no check
 
+
+# ClientOptions fields checked by _check_bounds (the others are read as given).
+_CLIENT_BOUNDS = ((("bulk_connect_timeout",), 1e-9, "a number of seconds > 0"),)
 
 # ServerOptions fields that a value out of these bounds would make useless: a server that
 # refuses every call, never answers a stream (chunks of 0 bytes) or forgets at once.
@@ -122,6 +121,23 @@ _SERVER_BOUNDS = (
 _SERVED_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
+def _check_bounds(options: object, bounds: tuple, *, flags: bool) -> None:
+    """Refuse a field of ``options`` out of ``bounds`` ((names, lowest, what), ...) by name
+    (and, with ``flags``, its command-line flag). Numbers of any kind (8e9, a numpy integer
+    from a config) pass, whole where they count something, and are then made ints."""
+    for names, lowest, what in bounds:
+        for name in names:
+            value = getattr(options, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            whole = number and ("whole" not in what or float(value).is_integer())
+            if whole and "whole" in what and not isinstance(value, int):
+                object.__setattr__(options, name, int(value))  # 8e9, a numpy integer: an int
+            if not whole or not value >= lowest:
+                flag = f" (--{name.replace('_', '-')})" if flags else ""
+                owner = type(options).__name__
+                raise ValueError(f"{owner}.{name}{flag} must be {what}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How a trunk server runs and what it accepts. Settings that contradict each other or
@@ -151,18 +167,7 @@ class ServerOptions:
                 raise ValueError(
                     f"ServerOptions.{name} must be >= 1 (a whole number), got {value!r}"
                 )
-        for names, lowest, what in _SERVER_BOUNDS:
-            for name in names:
-                value = getattr(self, name)
-                # Numbers of any kind (8e9, a numpy integer from a config), whole where
-                # they count something.
-                number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-                whole = number and ("whole" not in what or float(value).is_integer())
-                if whole and "whole" in what and not isinstance(value, int):
-                    object.__setattr__(self, name, int(value))  # 8e9, a numpy integer: an int
-                if not whole or not value >= lowest:
-                    flag = "--" + name.replace("_", "-")
-                    raise ValueError(f"ServerOptions.{name} ({flag}) must be {what}, got {value!r}")
+        _check_bounds(self, _SERVER_BOUNDS, flags=True)
         port = self.bulk_port
         if (
             not isinstance(port, numbers.Integral)
