@@ -8,7 +8,9 @@ weights and batches, AdamW everywhere (``--fused``: ``AdamW(fused=True)``, one k
 
 - monolithic: the whole model in this process, one thread;
 - sequential: the ordinary split step (``loss.backward()`` through ``RemoteModule``);
-- pipelined: ``PipelinedStep`` with ``micro_batches`` pieces (remote_autograd.pipeline).
+- pipelined: ``PipelinedStep`` with ``micro_batches`` pieces (remote_autograd.pipeline);
+- pipelined, split backward: the same with ``split_backward=True`` (the top's weight
+  gradients computed while the trunk's Backward runs).
 
 With ``--overlap-step`` both split runs run again (five runs in lockstep) with the trunk's
 optimizer stepping beside the client's (``with trunk_opt.stepping(): opt.step()``), so the
@@ -138,7 +140,12 @@ class Split:
     """Bottom and top here, the middle blocks on a trunk server; sequential or pipelined."""
 
     def __init__(
-        self, preset: dict[str, Any], address: str, pipelined: bool, overlap_step: bool = False
+        self,
+        preset: dict[str, Any],
+        address: str,
+        pipelined: bool,
+        overlap_step: bool = False,
+        split_backward: bool = False,
     ) -> None:
         from remote_autograd import PipelinedStep, RemoteModule, RemoteOptimizer
 
@@ -154,6 +161,7 @@ class Split:
                 top,
                 causal_lm_loss,
                 micro_batches=preset["micro_batches"],
+                split_backward=split_backward,
             )
             if pipelined
             else None
@@ -264,9 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "parallel_capacity_before": parallel_capacity(preset["probe_s"]),
     }
     runners: dict[str, Any] = {"monolithic": Monolithic(preset)}
-    modes = ["sequential", "pipelined"]
+    modes = ["sequential", "pipelined", "pipelined, split backward"]
     if args.overlap_step:
-        modes += [f"{mode}, overlapped step" for mode in modes]
+        modes += [f"{mode}, overlapped step" for mode in ("sequential", "pipelined")]
     with ExitStack() as stack:
         servers = [
             stack.enter_context(
@@ -289,6 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.address,
                 pipelined=mode.startswith("pipelined"),
                 overlap_step=mode.endswith("overlapped step"),
+                split_backward=mode.endswith("split backward"),
             )
         # Lockstep: a slow patch of a shared machine hits all three runs alike.
         for i, ids in enumerate(batches(preset)):
@@ -299,13 +308,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data["load_after"] = os.getloadavg()
     data["parallel_capacity_after"] = parallel_capacity(preset["probe_s"])
     mono, seq, pipe = (results[k] for k in ("monolithic", "sequential", "pipelined"))
+    split = results["pipelined, split backward"]
     data["ratios"] = {
         "pipelined_vs_sequential": pipe["step_s"] / seq["step_s"],
         "pipelined_vs_monolithic": pipe["step_s"] / mono["step_s"],
         "sequential_vs_monolithic": seq["step_s"] / mono["step_s"],
+        "split_backward_vs_sequential": split["step_s"] / seq["step_s"],
+        "split_backward_vs_monolithic": split["step_s"] / mono["step_s"],
+        "split_backward_vs_pipelined": split["step_s"] / pipe["step_s"],
         "max_loss_rel_diff_pipelined_vs_sequential": max(
             abs(a - b) / abs(b) for a, b in zip(pipe["losses"], seq["losses"], strict=True)
         ),
+        # The same computation as the pipelined run's, bit for bit (float32 here too).
+        "losses_equal_split_backward_vs_pipelined": split["losses"] == pipe["losses"],
     }
     if args.overlap_step:
         seq_o, pipe_o = (results[f"{k}, overlapped step"] for k in ("sequential", "pipelined"))
@@ -358,6 +373,7 @@ def markdown(data: dict[str, Any]) -> str:
         "trunk busy ms",
         "trunk idle",
     ]
+    split_equal = r.get("losses_equal_split_backward_vs_pipelined")
     load = data["load_before"][0], data["load_after"][0]
     capacity = data["parallel_capacity_before"], data["parallel_capacity_after"]
     return (
@@ -371,7 +387,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"got {capacity[0] or 0:.2f}x / {capacity[1] or 0:.2f}x the throughput of one alone, "
         f"before / after (2.0 on two idle cores). Losses of the pipelined "
         f"run vs the sequential one: max rel. diff "
-        f"{r['max_loss_rel_diff_pipelined_vs_sequential']:.1e}.\n\n" + table(header, rows)
+        f"{r['max_loss_rel_diff_pipelined_vs_sequential']:.1e}; of the split-backward run vs "
+        f"the pipelined one: {'equal' if split_equal else 'not equal'}.\n\n" + table(header, rows)
     )
 
 

@@ -10,6 +10,9 @@ backward (1F1B) with ``depth`` micro-batches in the trunk ahead of the top::
     client: b0 b1 t0 b2 t1 b3 B0 t2 B1 t3 B2 B3   b = bottom forward, t = top fwd + bwd
     trunk :    f0 f1 g0 f2 g1 f3 g2 g3             B = bottom backward, f/g = trunk fwd/bwd
 
+With ``split_backward=True`` each ``t`` is cut in two: the top's forward and the gradient of
+the trunk's output, then (once ``g`` is queued) the top's parameters' gradients, beside ``g``.
+
 Each part's gradients accumulate in micro-batch order (top 0, 1, ...; trunk 0, 1, ...; bottom
 0, 1, ...) and the trunk's Computes go out in micro-batch order, so the gradients, and the
 trunk's dropout under ``ClientOptions(seed=...)``, are those of the plain loop over the same
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from .fingerprint import computes_over_batch
+from .split_backward import backward_inputs_first
 from .tree import flatten, unflatten
 
 __all__ = ["PipelinedStep", "batch_rows", "split_batch"]
@@ -148,6 +152,12 @@ class PipelinedStep:
     samples; pass e.g. the count of non-ignored labels for a token-mean loss. ``"sum"``: the
     losses are added. The returned loss is that weighted sum, detached (backward already ran).
 
+    ``split_backward=True``: the top's backward runs in two passes, the gradient of the trunk's
+    output first, the top's own parameters' while the trunk's Backward runs
+    (:mod:`remote_autograd.split_backward`). Equal bit for bit; but a hook on a tensor made by
+    one of the top's layers with parameters (``out.register_hook``, ``out.retain_grad()``) runs
+    twice, so it is off by default.
+
     Valid when the samples of a batch are independent in every part: no BatchNorm in training
     mode, no loss that couples samples (see docs/pipeline.md).
     """
@@ -163,6 +173,7 @@ class PipelinedStep:
         depth: int = 2,
         reduction: str = "mean",
         weight: Callable[[Any], float] | None = None,
+        split_backward: bool = False,
     ) -> None:
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int):
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
@@ -183,6 +194,7 @@ class PipelinedStep:
         self.depth = depth
         self.reduction = reduction
         self.weight = weight
+        self.split_backward = split_backward
 
     def scales(self, ys: list[Any], samples: list[int] | None = None) -> list[float]:
         """What each micro-batch's loss is multiplied by (see the class docstring);
@@ -216,6 +228,7 @@ class PipelinedStep:
         total: torch.Tensor | None = None
         seam: _Cut | None = None
         forwarded: Future | None = None
+        weights: Callable[[], None] | None = None  # the top's second backward pass
         interrupted = trunk_failed = False
         lane = _Lane() if self._local_trunk() else ThreadPoolExecutor(1, "ra-trunk-lane")
         # Autocast is per thread: the lane's trunk forward runs under the caller's, as the plain
@@ -260,10 +273,16 @@ class PipelinedStep:
                         f"loss_fn must return a tensor with one element, got {_describe(loss)}"
                     )
                 scaled = loss * scales[i] if self.reduction == "mean" else loss
-                scaled.backward()
+                if self.split_backward:  # the seam's gradient now, the top's weights' below
+                    weights = backward_inputs_first(scaled, seam.leaves)
+                else:
+                    scaled.backward()
                 total = scaled.detach() if total is None else total + scaled.detach()
                 del loss, scaled
                 trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
+                if weights is not None:
+                    weights()  # while the trunk computes its Backward
+                    weights = None
                 if i + self.depth < m:
                     forward_bottom(i + self.depth)  # overlaps trunk backward i
                 if i > 0:  # the bottom's backward of the micro-batch before, whose trunk
@@ -303,7 +322,7 @@ class PipelinedStep:
             bottoms.clear()
             trunk_out.clear()
             trunk_back.clear()
-            forwarded = seam = None
+            forwarded = seam = weights = None
         assert total is not None
         return total
 

@@ -130,7 +130,7 @@ def test_pipeline_smoke(tmp_path: Path) -> None:
     data = run_script("benchmarks.bench_pipeline", tmp_path, "--overlap-step")
     assert data["benchmark"] == "pipeline"
     overlapped = ("sequential, overlapped step", "pipelined, overlapped step")
-    for name in ("monolithic", "sequential", "pipelined", *overlapped):
+    for name in ("monolithic", "sequential", "pipelined", "pipelined, split backward", *overlapped):
         assert data[name]["step_s"] > 0
         assert len(data[name]["losses"]) == data["preset"]["steps"]
     # Stepping the trunk beside the client changes no number.
@@ -140,6 +140,8 @@ def test_pipeline_smoke(tmp_path: Path) -> None:
         assert data[name]["trunk_idle_fraction"] < 1
     # The pipelined step computes what the sequential one does (float32 summation order).
     assert data["ratios"]["max_loss_rel_diff_pipelined_vs_sequential"] < 1e-4
+    # Splitting the top's backward changes no number either.
+    assert data["ratios"]["losses_equal_split_backward_vs_pipelined"] is True
     assert data["parallel_capacity_before"] is None  # the probe is off in the smoke preset
 
 

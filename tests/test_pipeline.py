@@ -66,14 +66,16 @@ def _batches(kind: str, dtype: torch.dtype, n: int, seed: int = 1):
             yield (tokens, padding), tokens
 
 
-def _run(kind, parts, trunk, batches, *, pipelined: bool, micro: int):
+def _run(kind, parts, trunk, batches, *, pipelined: bool, micro: int, split: bool = False):
     """STEPS optimizer steps of two accumulated batches each, clipped, with an LR schedule."""
     bottom, _, top = parts
     stage_b, stage_t, stage_top, loss_fn = _stages(kind, bottom, trunk, top)
     opt = torch.optim.SGD([*bottom.parameters(), *top.parameters()], lr=0.05, momentum=0.9)
     trunk_opt = RemoteOptimizer(trunk, torch.optim.SGD, lr=0.05, momentum=0.9)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in (opt, trunk_opt)]
-    step = PipelinedStep(stage_b, stage_t, stage_top, loss_fn, micro_batches=micro)
+    step = PipelinedStep(
+        stage_b, stage_t, stage_top, loss_fn, micro_batches=micro, split_backward=split
+    )
     trace = []
     for index in range(STEPS):
         opt.zero_grad()
@@ -100,15 +102,16 @@ def _run(kind, parts, trunk, batches, *, pipelined: bool, micro: int):
     return trace, trunk.remote_state_dict()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-backward", "split-backward"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(("kind", "micro"), [("mlp", 3), ("blocks", 2), ("blocks", 4)])
-def test_pipelined_training_matches_the_plain_loop(kind, micro, dtype, start_server):
+def test_pipelined_training_matches_the_plain_loop(kind, micro, dtype, split, start_server):
     parts = mlp_parts(dtype) if kind == "mlp" else block_parts(dtype)
     twin = copy.deepcopy(parts)
     batches = list(_batches(kind, dtype, 2 * STEPS))
     servers = [start_server(parts[1]), start_server(twin[1])]
     with RemoteModule(servers[0].address) as a, RemoteModule(servers[1].address) as b:
-        piped, piped_state = _run(kind, parts, a, batches, pipelined=True, micro=micro)
+        piped, piped_state = _run(kind, parts, a, batches, pipelined=True, micro=micro, split=split)
         plain, plain_state = _run(kind, twin, b, batches, pipelined=False, micro=micro)
     tol = _tolerance(dtype)
     for (p_losses, p_norm, p_grads), (q_losses, q_norm, q_grads) in zip(piped, plain, strict=True):
@@ -437,6 +440,23 @@ def test_a_local_trunk_with_dropout_is_reproducible_under_manual_seed():
         results.append((step(x, y), bottom[0].weight.grad))
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-backward", "split-backward"])
+def test_split_backward_queues_the_trunks_backward_before_the_tops_weights(split):
+    """With split_backward the trunk's backward of a micro-batch is queued before the top's
+    weight gradients are computed. A local trunk runs it at once, on this thread, so the
+    top's weight hook sees it done; with one backward, not yet."""
+    torch.manual_seed(0)
+    bottom, trunk, top = (nn.Linear(6, 6).double() for _ in range(3))
+    seen = []
+    top.weight.register_hook(lambda g: seen.append(trunk.weight.grad is not None))
+    step = PipelinedStep(
+        bottom, trunk, top, nn.functional.cross_entropy, micro_batches=2, split_backward=split
+    )
+    x, y = next(_batches("mlp", torch.float64, 1))
+    step(x, y)
+    assert seen == [split, True]  # micro-batch 1's top always after micro-batch 0's trunk
 
 
 def test_local_dropout_beside_a_remote_module_in_the_trunk_warns(start_server):

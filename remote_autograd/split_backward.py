@@ -1,0 +1,152 @@
+"""A backward in two passes: the gradients of some inputs first, the parameters' after.
+
+``finish = backward_inputs_first(loss, inputs)`` leaves in ``inputs`` (leaf tensors) the gradients
+that ``loss.backward()`` would, and computes nothing else it need not; ``finish()`` then
+accumulates the parameters' gradients, so that after both every ``.grad`` holds what one
+``loss.backward()`` would have left, bit for bit. :class:`~remote_autograd.PipelinedStep` runs
+the top's backward this way (``split_backward=True``): the trunk's Backward waits only for the
+gradient of the trunk's output, and the top's weight gradients (for a language model, the
+vocabulary-sized head's, a third of the top's work) are computed while the trunk computes.
+Zero-bubble pipeline schedules call this the B/W split.
+
+How. The graph is walked from the loss. A node is *on the path* when an input is reached from
+it. Pass 1 is ``torch.autograd.grad(loss, inputs)``: autograd runs only the nodes on the path,
+and each computes only the outputs that lead on along it (a Linear's node computes the
+gradient of its input, not of its weight). A *split* node is a node on the path with an edge
+off it, towards parameters; pass 1 also captures the gradient arriving at each split node, as
+it arrives (before the node's hooks run). Pass 2 runs each split node again from that
+gradient, with ``inputs=`` the leaves below its edges off the path, so that it computes only
+those edges' gradients, and autograd carries them on down to the parameters.
+
+That restriction holds only where no leaf is below two split nodes; otherwise, and where a
+split node is a Python ``autograd.Function`` (whose backward computes every output, and would
+run twice), the loss gets one plain ``backward()`` in pass 1 and ``finish`` does nothing.
+
+Hooks. A split node runs in both passes, and so do the hooks of the tensors it made (for
+``out = linear(x)``: ``out.register_hook(...)``, ``out.retain_grad()``). A hook that returns
+the same gradient from the same input keeps the numbers equal, but its side effects happen
+twice, and ``retain_grad()`` accumulates twice. The parameters' own hooks run once, in pass 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.autograd.function import BackwardCFunction
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+
+__all__ = ["backward_inputs_first"]
+
+
+def backward_inputs_first(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """Accumulate ``loss``'s gradients into the leaf tensors ``inputs`` now, and return what
+    accumulates the rest (see the module docstring)."""
+    root = loss.grad_fn
+    ends = {get_gradient_edge(t).node: t for t in inputs if t.requires_grad}
+    if root is None or not ends:  # torch's own error, or nothing to split off
+        loss.backward()
+        return _nothing
+    graph = _Graph(root, loss.output_nr, ends)
+    if not graph.splits or not graph.separable():
+        loss.backward()
+        return _nothing
+    reached = [t for node, t in ends.items() if graph.on_path.get(node)]
+    edges = [get_gradient_edge(t) for t in reached]
+    edges += [GradientEdge(node, k) for node, slots in graph.splits.items() for k in slots]
+    grads = torch.autograd.grad(
+        loss, edges, retain_graph=True, allow_unused=True, materialize_grads=False
+    )
+    for tensor, grad in zip(reached, grads, strict=False):
+        if grad is not None:
+            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+    captured = iter(grads[len(reached) :])
+    work = []
+    for node, slots in graph.splits.items():
+        arriving = [(GradientEdge(node, k), g) for k in slots if (g := next(captured)) is not None]
+        if arriving:
+            work.append((arriving, graph.below[node]))
+
+    def finish() -> None:
+        while work:
+            arriving, leaves = work.pop(0)  # drop each node's gradients once used
+            torch.autograd.backward(
+                [edge for edge, _ in arriving], [g for _, g in arriving], inputs=leaves
+            )
+
+    return finish
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Graph:
+    """The autograd graph below ``root``: which nodes lead to ``ends`` (the path), the split
+    nodes with the input slots a gradient arrives in, and the leaves below each one's edges off
+    the path."""
+
+    def __init__(self, root: Node, output_nr: int, ends: dict[Node, torch.Tensor]) -> None:
+        self.on_path: dict[Node, bool] = {}
+        slots: dict[Node, set[int]] = {root: {output_nr}}
+        order: list[Node] = []  # each node after every node below it
+        stack: list[tuple[Node, bool]] = [(root, False)]
+        while stack:  # depth first, without recursion: graphs can be thousands deep
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in self.on_path:
+                continue
+            self.on_path[node] = False
+            stack.append((node, True))
+            for child, slot in _children(node):
+                slots.setdefault(child, set()).add(slot)
+                if child not in self.on_path:
+                    stack.append((child, False))
+        for node in order:
+            self.on_path[node] = node in ends or any(self.on_path[c] for c, _ in _children(node))
+        self.splits: dict[Node, list[int]] = {}
+        self.below: dict[Node, list[torch.Tensor]] = {}
+        self.python_split = False
+        for node in reversed(order):  # from the loss down: autograd's order in pass 2
+            if not self.on_path[node]:
+                continue
+            below = _leaves([c for c, _ in _children(node) if not self.on_path[c]])
+            if below:  # (edges off the path to no leaf change nothing)
+                self.python_split |= isinstance(node, BackwardCFunction)
+                self.splits[node] = sorted(slots[node])
+                self.below[node] = below
+
+    def separable(self) -> bool:
+        """Pass 2 can run each split node on its edges off the path alone."""
+        if self.python_split:
+            return False
+        seen: set[int] = set()
+        for leaves in self.below.values():
+            ids = {id(t) for t in leaves}
+            if ids & seen:
+                return False
+            seen |= ids
+        return True
+
+
+def _children(node: Node) -> list[tuple[Node, int]]:
+    return [(child, slot) for child, slot in node.next_functions if child is not None]
+
+
+def _leaves(starts: list[Node]) -> list[torch.Tensor]:
+    """The leaf tensors whose gradients autograd accumulates below ``starts``."""
+    found: list[torch.Tensor] = []
+    seen: set[Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if isinstance(variable, torch.Tensor):
+            found.append(variable)
+        stack.extend(child for child, _ in _children(node))
+    return found
