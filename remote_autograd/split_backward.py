@@ -58,8 +58,15 @@ def backward_inputs_first(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) ->
         loss, edges, retain_graph=True, allow_unused=True, materialize_grads=False
     )
     for tensor, grad in zip(reached, grads, strict=False):
-        if grad is not None:
-            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+        if grad is None:
+            continue
+        if tensor.grad is not None:
+            tensor.grad = tensor.grad + grad
+        elif grad.layout == torch.strided and grad.stride() != tensor.stride():
+            # as autograd's accumulator leaves it: in the leaf's layout, not an expanded view
+            tensor.grad = torch.empty_like(tensor).copy_(grad)
+        else:
+            tensor.grad = grad
     captured = iter(grads[len(reached) :])
     work = []
     for node, slots in graph.splits.items():

@@ -176,6 +176,23 @@ def test_several_inputs_and_one_the_loss_does_not_use():
     assert unused.grad is None
 
 
+def test_the_inputs_gradient_is_laid_out_as_one_backward_lays_it_out():
+    """z.sum() * w gives z an expanded gradient; autograd's accumulator makes it dense."""
+    weight = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    z0 = torch.randn(3, 4, dtype=torch.float64)
+    grads = []
+    for split in (False, True):
+        z = z0.clone().requires_grad_()
+        loss = z.sum() * weight
+        if split:
+            backward_inputs_first(loss, [z])()
+        else:
+            loss.backward()
+        grads.append(z.grad)
+    assert grads[1].stride() == grads[0].stride() == z0.stride()
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_parameter_and_module_hooks_run_once_and_see_what_one_backward_gives():
     seen: dict[bool, dict[tuple[str, int], list[torch.Tensor]]] = {False: {}, True: {}}
     top = Top("mlp")
