@@ -281,7 +281,14 @@ class PipelinedStep:
                 del loss, scaled
                 trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
                 if weights is not None:
-                    weights()  # while the trunk computes its Backward
+                    try:
+                        weights()  # while the trunk computes its Backward
+                    except Exception as exc:
+                        exc.add_note(
+                            f"micro-batch {i}'s gradients reached only some of the top's "
+                            "parameters; call zero_grad() on both optimizers before the next step"
+                        )
+                        raise
                     weights = None
                 if i + self.depth < m:
                     forward_bottom(i + self.depth)  # overlaps trunk backward i

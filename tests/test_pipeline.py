@@ -459,6 +459,43 @@ def test_split_backward_queues_the_trunks_backward_before_the_tops_weights(split
     assert seen == [split, True]  # micro-batch 1's top always after micro-batch 0's trunk
 
 
+def test_an_error_in_the_tops_second_pass_says_the_top_holds_part_of_a_micro_batch(
+    start_server,
+):
+    """A top parameter's hook raises in the second pass of micro-batch 1: the error says so,
+    and after zero_grad() the next step trains as the plain loop does."""
+    bottom, trunk, top = mlp_parts(torch.float64)
+    local = copy.deepcopy((bottom, trunk, top))
+    server = start_server(trunk)
+    x, y = next(_batches("mlp", torch.float64, 1))
+    calls = []
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a failing hook")
+        return grad
+
+    handle = next(top.parameters()).register_hook(hook)
+    with RemoteModule(server.address) as remote:
+        step = PipelinedStep(
+            bottom, remote, top, nn.functional.cross_entropy, micro_batches=2, split_backward=True
+        )
+        with pytest.raises(ValueError, match="a failing hook") as info:
+            step(x, y)
+        assert any("call zero_grad() on both optimizers" in n for n in info.value.__notes__)
+        handle.remove()
+        for p in (*bottom.parameters(), *top.parameters()):
+            p.grad = None
+        remote.zero_grad()
+        step(x, y)
+        loss = nn.functional.cross_entropy(local[2](local[1](local[0](x))), y)
+        loss.backward()
+        for mine, theirs in [(bottom, local[0]), (top, local[2])]:
+            for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
 def test_local_dropout_beside_a_remote_module_in_the_trunk_warns(start_server):
     bottom, trunk, top = mlp_parts(torch.float64)
     server = start_server(trunk)
