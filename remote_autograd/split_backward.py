@@ -18,23 +18,37 @@ it arrives (before the node's hooks run). Pass 2 runs each split node again from
 gradient, with ``inputs=`` the leaves below its edges off the path, so that it computes only
 those edges' gradients, and autograd carries them on down to the parameters.
 
-That restriction holds only where no leaf is below two split nodes; otherwise, and where a
-split node is a Python ``autograd.Function`` (whose backward computes every output, and would
-run twice), the loss gets one plain ``backward()`` in pass 1 and ``finish`` does nothing.
+That restriction holds only where no leaf is below two split nodes. Otherwise, where a split
+node is a Python ``autograd.Function`` (whose backward computes every output, and would run
+twice), and where a reentrant ``torch.utils.checkpoint`` is on the path (it refuses
+``autograd.grad``), the loss gets one plain ``backward()`` at once and ``finish`` does nothing.
+
+The inputs' gradients are accumulated as autograd's accumulator does: a copy in the input's
+layout, added in place to a gradient already there, then the input's post-accumulate hooks.
 
 Hooks. A split node runs in both passes, and so do the hooks of the tensors it made (for
 ``out = linear(x)``: ``out.register_hook(...)``, ``out.retain_grad()``). A hook that returns
 the same gradient from the same input keeps the numbers equal, but its side effects happen
-twice, and ``retain_grad()`` accumulates twice. The parameters' own hooks run once, in pass 2.
+twice, ``retain_grad()`` accumulates twice, and a hook that changes its gradient in place
+(which PyTorch forbids, but one backward tolerates) is applied twice. The parameters' own hooks
+run once, in pass 2, as do module backward hooks.
+
+The graph. Pass 1 keeps the graph (``retain_graph=True``); pass 2 frees what it runs. The rest
+(the saved tensors of the nodes on the path above the split nodes) lives as long as the loss or
+the top's outputs are referenced, and a second ``loss.backward()`` through it would not raise:
+drop them after ``finish()``. A non-reentrant checkpoint recomputes its region in each pass
+that runs through it.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.utils.checkpoint import CheckpointFunction
 
 __all__ = ["backward_inputs_first"]
 
@@ -42,33 +56,29 @@ __all__ = ["backward_inputs_first"]
 def backward_inputs_first(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> Callable[[], None]:
     """Accumulate ``loss``'s gradients into the leaf tensors ``inputs`` now, and return what
     accumulates the rest (see the module docstring)."""
+    for t in inputs:
+        if not t.is_leaf:
+            raise ValueError(
+                "backward_inputs_first: inputs must be leaf tensors (detach().requires_grad_() "
+                f"them); got one made by {type(t.grad_fn).__name__}"
+            )
     root = loss.grad_fn
     ends = {get_gradient_edge(t).node: t for t in inputs if t.requires_grad}
-    if root is None or not ends:  # torch's own error, or nothing to split off
+    graph = _Graph(root, loss.output_nr, ends) if root is not None and ends else None
+    if graph is None or graph.whole:  # one plain backward (torch's own errors included)
         loss.backward()
         return _nothing
-    graph = _Graph(root, loss.output_nr, ends)
-    if not graph.splits or not graph.separable():
-        loss.backward()
-        return _nothing
-    reached = [t for node, t in ends.items() if graph.on_path.get(node)]
+    reached = [t for node, t in ends.items() if graph.on_path[node]]
     edges = [get_gradient_edge(t) for t in reached]
     edges += [GradientEdge(node, k) for node, slots in graph.splits.items() for k in slots]
     grads = torch.autograd.grad(
         loss, edges, retain_graph=True, allow_unused=True, materialize_grads=False
     )
-    for tensor, grad in zip(reached, grads, strict=False):
-        if grad is None:
-            continue
-        if tensor.grad is not None:
-            tensor.grad = tensor.grad + grad
-        elif grad.layout == torch.strided and grad.stride() != tensor.stride():
-            # as autograd's accumulator leaves it: in the leaf's layout, not an expanded view
-            tensor.grad = torch.empty_like(tensor).copy_(grad)
-        else:
-            tensor.grad = grad
+    for tensor, grad in zip(reached, grads[: len(reached)], strict=True):
+        if grad is not None:
+            _accumulate(tensor, grad)
     captured = iter(grads[len(reached) :])
-    work = []
+    work: collections.deque = collections.deque()
     for node, slots in graph.splits.items():
         arriving = [(GradientEdge(node, k), g) for k in slots if (g := next(captured)) is not None]
         if arriving:
@@ -76,12 +86,27 @@ def backward_inputs_first(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) ->
 
     def finish() -> None:
         while work:
-            arriving, leaves = work.pop(0)  # drop each node's gradients once used
+            arriving, leaves = work.popleft()  # drop each node's gradients once used
             torch.autograd.backward(
                 [edge for edge, _ in arriving], [g for _, g in arriving], inputs=leaves
             )
 
     return finish
+
+
+def _accumulate(tensor: torch.Tensor, grad: torch.Tensor) -> None:
+    """What autograd's accumulator does with a leaf's gradient: a copy in the leaf's layout
+    (``grad`` may be an expanded view, or the very tensor captured for pass 2), added in place
+    to a gradient already there; then the leaf's post-accumulate hooks."""
+    with torch.no_grad():
+        if tensor.grad is None:
+            tensor.grad = grad.clone() if grad.is_sparse else torch.empty_like(tensor).copy_(grad)
+        elif tensor.grad.is_sparse != grad.is_sparse:
+            tensor.grad = tensor.grad + grad
+        else:
+            tensor.grad += grad
+    for hook in (getattr(tensor, "_post_accumulate_grad_hooks", None) or {}).values():
+        hook(tensor)
 
 
 def _nothing() -> None:
@@ -90,8 +115,8 @@ def _nothing() -> None:
 
 class _Graph:
     """The autograd graph below ``root``: which nodes lead to ``ends`` (the path), the split
-    nodes with the input slots a gradient arrives in, and the leaves below each one's edges off
-    the path."""
+    nodes with the input slots a gradient arrives in, the leaves below each one's edges off the
+    path, and whether the loss must get one plain backward (``whole``) instead."""
 
     def __init__(self, root: Node, output_nr: int, ends: dict[Node, torch.Tensor]) -> None:
         self.on_path: dict[Node, bool] = {}
@@ -115,20 +140,23 @@ class _Graph:
             self.on_path[node] = node in ends or any(self.on_path[c] for c, _ in _children(node))
         self.splits: dict[Node, list[int]] = {}
         self.below: dict[Node, list[torch.Tensor]] = {}
-        self.python_split = False
+        whole = False
         for node in reversed(order):  # from the loss down: autograd's order in pass 2
             if not self.on_path[node]:
                 continue
+            # A reentrant checkpoint refuses autograd.grad(), which pass 1 is.
+            whole |= getattr(node, "_forward_cls", None) is CheckpointFunction
             below = _leaves([c for c, _ in _children(node) if not self.on_path[c]])
             if below:  # (edges off the path to no leaf change nothing)
-                self.python_split |= isinstance(node, BackwardCFunction)
+                # A Python Function's backward computes every output, and would run twice.
+                whole |= isinstance(node, BackwardCFunction)
                 self.splits[node] = sorted(slots[node])
                 self.below[node] = below
+        self.whole = whole or not self.splits or not self._separable()
 
-    def separable(self) -> bool:
-        """Pass 2 can run each split node on its edges off the path alone."""
-        if self.python_split:
-            return False
+    def _separable(self) -> bool:
+        """No leaf is below two split nodes, so pass 2 can run each split node on its edges off
+        the path alone (a leaf that a node's path reaches is below a split node under it)."""
         seen: set[int] = set()
         for leaves in self.below.values():
             ids = {id(t) for t in leaves}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from models import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from remote_autograd.split_backward import backward_inputs_first
 
@@ -36,7 +37,7 @@ class Top(nn.Module):
             self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5))
         elif kind == "lm_head":  # GPT-2's: final norm, head without bias, shifted labels
             self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 11, bias=False)
-        elif kind == "block":
+        elif kind in ("block", "checkpoint", "reentrant_checkpoint"):
             self.block, self.head = Block(8), nn.Linear(8, 5)
         elif kind == "conv":
             self.conv, self.head = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(6, 5)
@@ -63,10 +64,13 @@ class Top(nn.Module):
             return nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
             )
-        if kind == "block":
-            return nn.functional.cross_entropy(
-                self.head(self.block(z)).flatten(0, 1), labels.flatten()
+        if kind in ("block", "checkpoint", "reentrant_checkpoint"):
+            hidden = (
+                self.block(z)
+                if kind == "block"
+                else checkpoint(self.block, z, use_reentrant=kind == "reentrant_checkpoint")
             )
+            return nn.functional.cross_entropy(self.head(hidden).flatten(0, 1), labels.flatten())
         if kind == "conv":
             hidden = self.conv(z.reshape(4, 4, 6)).relu().mean(-1)  # [4, 6]
             return nn.functional.cross_entropy(self.head(hidden), labels[:, 0])
@@ -88,8 +92,11 @@ class Top(nn.Module):
         return z.pow(2).sum()
 
 
-SPLIT = ["mlp", "lm_head", "block", "conv", "temperature", "regularised", "embedding", "deep"]
-WHOLE = ["tied", "python_function"]  # one plain backward: the same numbers, nothing deferred
+SPLIT = ["mlp", "lm_head", "block", "checkpoint", "conv", "temperature", "regularised"]
+SPLIT += ["embedding", "deep"]
+# One plain backward: the same numbers, nothing deferred. (A reentrant checkpoint refuses the
+# first pass's autograd.grad.)
+WHOLE = ["tied", "python_function", "reentrant_checkpoint"]
 
 
 def _grads(top: Top, z: torch.Tensor) -> list[torch.Tensor | None]:
@@ -191,6 +198,41 @@ def test_the_inputs_gradient_is_laid_out_as_one_backward_lays_it_out():
         grads.append(z.grad)
     assert grads[1].stride() == grads[0].stride() == z0.stride()
     assert torch.equal(grads[0], grads[1])
+
+
+def test_the_inputs_gradient_is_accumulated_as_autograd_accumulates_it():
+    """In place onto a gradient already there (the same tensor object), as a copy (changing it
+    before the second pass changes no parameter's gradient), post-accumulate hooks once."""
+    top = Top("regularised")  # the head's node passes its gradient on unchanged
+    z = torch.randn(4, 3, 8, dtype=torch.float64).requires_grad_()
+    expected = _grads_of(top, z, split=False)
+    top.zero_grad(set_to_none=True)
+    z.grad = torch.zeros_like(z)
+    held = z.grad
+    hooked = []
+    z.register_post_accumulate_grad_hook(lambda t: hooked.append(t.grad.clone()))
+    finish = backward_inputs_first(top.loss(z), [z])
+    assert z.grad is held and len(hooked) == 1 and torch.equal(hooked[0], expected[0])
+    z.grad.mul_(1000.0)  # e.g. clipped in place before it is sent
+    finish()
+    assert _same([p.grad for p in top.parameters()], expected[1:])
+
+
+def _grads_of(top: Top, z: torch.Tensor, split: bool) -> list[torch.Tensor | None]:
+    top.zero_grad(set_to_none=True)
+    z.grad = None
+    if split:
+        backward_inputs_first(top.loss(z), [z])()
+    else:
+        top.loss(z).backward()
+    return [g.clone() if g is not None else None for g in _grads(top, z)]
+
+
+def test_an_input_that_is_not_a_leaf_is_refused():
+    top = Top("mlp")
+    z = torch.randn(4, 3, 8, dtype=torch.float64, requires_grad=True) * 2
+    with pytest.raises(ValueError, match="inputs must be leaf tensors"):
+        backward_inputs_first(top.loss(z), [z])
 
 
 def test_parameter_and_module_hooks_run_once_and_see_what_one_backward_gives():
