@@ -184,6 +184,8 @@ class PipelinedStep:
                 "depth (micro-batches in the trunk ahead of the top) must be an int >= 1, "
                 f"got {depth!r}"
             )
+        if not isinstance(split_backward, bool):
+            raise ValueError(f"split_backward must be True or False, got {split_backward!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.bottom = bottom

@@ -226,6 +226,8 @@ def test_bad_arguments_are_refused_before_anything_runs(start_server):
         PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=0)
     with pytest.raises(ValueError, match="reduction"):
         PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, reduction="max")
+    with pytest.raises(ValueError, match="split_backward must be True or False"):
+        PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, split_backward="yes")
     step = PipelinedStep(bottom, trunk, top, nn.functional.cross_entropy, micro_batches=4)
     with pytest.raises(ValueError, match="3 samples cannot be split into micro_batches=4"):
         split_batch(torch.randn(3, 6), 4)
