@@ -189,10 +189,13 @@ def test_backward_reaches_the_trunks_gradients_only_where_it_would_locally(
         for optimizer in optimizers:
             optimizer.step()
         grads.append(leaf.grad)
-    assert torch.equal(grads[1], grads[0])
+    # Sliced, the rows go through the matrix products in pieces: on some CPUs' kernels that
+    # changes the last bit (float64, measured: 1.1e-16).
+    exact = {"rtol": 0, "atol": 0 if micro_batches == 1 else 1e-12}
+    torch.testing.assert_close(grads[1], grads[0], **exact)
     state = split.state_dict()
     for name, param in local.state_dict().items():
-        assert torch.equal(state[name], param), name
+        torch.testing.assert_close(state[name], param, **exact, msg=name)
 
 
 def test_zero_grad_of_the_remote_module_clears_the_trunks_gradients(start_server):
@@ -596,15 +599,15 @@ def test_outputs_the_trunk_gives_without_a_graph_need_no_gradient_as_locally(
     outputs, expected = remote(x.clone()), local(x.clone())
     assert [o.requires_grad for o in outputs] == [o.requires_grad for o in expected]
     assert [o.requires_grad for o in outputs] == [True, False, False, False]
+    exact = {"rtol": 0, "atol": 0 if micro_batches == 1 else 1e-12}  # slices: kernels, order
     for out, want in zip(outputs, expected, strict=True):
-        assert torch.equal(out, want)
+        torch.testing.assert_close(out, want, **exact)
     with pytest.raises(RuntimeError, match="does not require grad"):
         outputs[1].sum().backward()
     (outputs[0].square().sum() + outputs[1].sum()).backward()  # the graph's part only
     (expected[0].square().sum() + expected[1].sum()).backward()
     optimizer.step()
     state = remote.remote_state_dict()
-    exact = {"rtol": 0, "atol": 0 if micro_batches == 1 else 1e-12}  # slices: summation order
     with torch.no_grad():
         for name, param in local.named_parameters():
             torch.testing.assert_close(state[name], param - param.grad, **exact)
