@@ -3,7 +3,7 @@
 Client and trunk server are separate processes with one torch thread each (two machines'
 worth of compute on a 2-core box). The client holds the embeddings, the first blocks, the
 final norm and the tied LM head; the server the middle blocks, chosen so that both sides do
-about the same work. Three runs in lockstep (step i of each back to back) from the same
+about the same work. Four runs in lockstep (step i of each back to back) from the same
 weights and batches, AdamW everywhere (``--fused``: ``AdamW(fused=True)``, one kernel per step):
 
 - monolithic: the whole model in this process, one thread;
@@ -12,7 +12,7 @@ weights and batches, AdamW everywhere (``--fused``: ``AdamW(fused=True)``, one k
 - pipelined, split backward: the same with ``split_backward=True`` (the top's weight
   gradients computed while the trunk's Backward runs).
 
-With ``--overlap-step`` both split runs run again (five runs in lockstep) with the trunk's
+With ``--overlap-step`` the first two split runs run again (six runs in lockstep) with the trunk's
 optimizer stepping beside the client's (``with trunk_opt.stepping(): opt.step()``), so the
 two ways of stepping compare in one run.
 
@@ -93,7 +93,7 @@ def build_split(preset: dict[str, Any]) -> SplitModel:
         n_head=n_head,
         vocab_size=vocab,
         n_positions=1024,
-        resid_pdrop=0.0,  # no dropout: the three runs compare step by step
+        resid_pdrop=0.0,  # no dropout: the runs compare step by step
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         bos_token_id=0,
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 overlap_step=mode.endswith("overlapped step"),
                 split_backward=mode.endswith("split backward"),
             )
-        # Lockstep: a slow patch of a shared machine hits all three runs alike.
+        # Lockstep: a slow patch of a shared machine hits all runs alike.
         for i, ids in enumerate(batches(preset)):
             for runner in runners.values():
                 runner.step(ids, timed=i >= preset["warmup"])
@@ -388,8 +388,12 @@ def markdown(data: dict[str, Any]) -> str:
         f"before / after (2.0 on two idle cores). Losses of the pipelined "
         f"run vs the sequential one: max rel. diff "
         f"{r['max_loss_rel_diff_pipelined_vs_sequential']:.1e}; of the split-backward run vs "
-        f"the pipelined one: {'equal' if split_equal else 'not equal'}.\n\n" + table(header, rows)
+        f"the pipelined one: {_equal_text(split_equal)}.\n\n" + table(header, rows)
     )
+
+
+def _equal_text(equal: bool | None) -> str:
+    return "n/a (not run)" if equal is None else "equal" if equal else "not equal"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--overlap-step",
         action="store_true",
-        help="also run both split steps with trunk_opt.stepping() (five runs in lockstep)",
+        help="also run sequential and pipelined with trunk_opt.stepping() (six in lockstep)",
     )
     parser.add_argument(
         "--fused",

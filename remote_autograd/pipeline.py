@@ -230,7 +230,7 @@ class PipelinedStep:
         total: torch.Tensor | None = None
         seam: _Cut | None = None
         forwarded: Future | None = None
-        weights: Callable[[], None] | None = None  # the top's second backward pass
+        finish_top: Callable[[], None] | None = None  # the top's second backward pass
         interrupted = trunk_failed = False
         lane = _Lane() if self._local_trunk() else ThreadPoolExecutor(1, "ra-trunk-lane")
         # Autocast is per thread: the lane's trunk forward runs under the caller's, as the plain
@@ -276,22 +276,22 @@ class PipelinedStep:
                     )
                 scaled = loss * scales[i] if self.reduction == "mean" else loss
                 if self.split_backward:  # the seam's gradient now, the top's weights' below
-                    weights = backward_inputs_first(scaled, seam.leaves)
+                    finish_top = backward_inputs_first(scaled, seam.leaves)
                 else:
                     scaled.backward()
                 total = scaled.detach() if total is None else total + scaled.detach()
                 del loss, scaled
                 trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
-                if weights is not None:
+                if finish_top is not None:
                     try:
-                        weights()  # while the trunk computes its Backward
+                        finish_top()  # while the trunk computes its Backward
                     except Exception as exc:
                         exc.add_note(
                             f"micro-batch {i}'s gradients reached only some of the top's "
                             "parameters; call zero_grad() on both optimizers before the next step"
                         )
                         raise
-                    weights = None
+                    finish_top = None
                 if i + self.depth < m:
                     forward_bottom(i + self.depth)  # overlaps trunk backward i
                 if i > 0:  # the bottom's backward of the micro-batch before, whose trunk
@@ -331,7 +331,7 @@ class PipelinedStep:
             bottoms.clear()
             trunk_out.clear()
             trunk_back.clear()
-            forwarded = seam = weights = None
+            forwarded = seam = finish_top = None
         assert total is not None
         return total
 

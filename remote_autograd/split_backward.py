@@ -20,8 +20,9 @@ those edges' gradients, and autograd carries them on down to the parameters.
 
 That restriction holds only where no leaf is below two split nodes. Otherwise, where a split
 node is a Python ``autograd.Function`` (whose backward computes every output, and would run
-twice), and where a reentrant ``torch.utils.checkpoint`` is on the path (it refuses
-``autograd.grad``), the loss gets one plain ``backward()`` at once and ``finish`` does nothing.
+twice), and where the graph holds a reentrant ``torch.utils.checkpoint`` (it refuses
+``autograd.grad`` and ``inputs=``), the loss gets one plain ``backward()`` at once and
+``finish`` does nothing.
 
 The inputs' gradients are accumulated as autograd's accumulator does: a copy in the input's
 layout, added in place to a gradient already there, then the input's post-accumulate hooks.
@@ -30,8 +31,10 @@ Hooks. A split node runs in both passes, and so do the hooks of the tensors it m
 ``out = linear(x)``: ``out.register_hook(...)``, ``out.retain_grad()``). A hook that returns
 the same gradient from the same input keeps the numbers equal, but its side effects happen
 twice, ``retain_grad()`` accumulates twice, and a hook that changes its gradient in place
-(which PyTorch forbids, but one backward tolerates) is applied twice. The parameters' own hooks
-run once, in pass 2, as do module backward hooks.
+(which PyTorch forbids, but one backward tolerates) is applied twice. So do hooks on a split
+node itself (``out.grad_fn.register_hook``) and the legacy ``Module.register_backward_hook``,
+each pass with part of the node's gradients. The parameters' own hooks run once, in pass 2;
+full module backward hooks once, in pass 1.
 
 The graph. Pass 1 keeps the graph (``retain_graph=True``); pass 2 frees what it runs. The rest
 (the saved tensors of the nodes on the path above the split nodes) lives as long as the loss or
@@ -68,7 +71,7 @@ def backward_inputs_first(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) ->
     if graph is None or graph.whole:  # one plain backward (torch's own errors included)
         loss.backward()
         return _nothing
-    reached = [t for node, t in ends.items() if graph.on_path[node]]
+    reached = [t for node, t in ends.items() if graph.on_path.get(node)]  # the loss may skip one
     edges = [get_gradient_edge(t) for t in reached]
     edges += [GradientEdge(node, k) for node, slots in graph.splits.items() for k in slots]
     grads = torch.autograd.grad(
@@ -101,7 +104,7 @@ def _accumulate(tensor: torch.Tensor, grad: torch.Tensor) -> None:
     with torch.no_grad():
         if tensor.grad is None:
             tensor.grad = grad.clone() if grad.is_sparse else torch.empty_like(tensor).copy_(grad)
-        elif tensor.grad.is_sparse != grad.is_sparse:
+        elif tensor.grad.is_sparse and not grad.is_sparse:  # a dense sum cannot go in place
             tensor.grad = tensor.grad + grad
         else:
             tensor.grad += grad
@@ -140,12 +143,12 @@ class _Graph:
             self.on_path[node] = node in ends or any(self.on_path[c] for c, _ in _children(node))
         self.splits: dict[Node, list[int]] = {}
         self.below: dict[Node, list[torch.Tensor]] = {}
-        whole = False
+        # A reentrant checkpoint refuses autograd.grad() (pass 1) and backward(inputs=) (pass 2),
+        # on the path or off it.
+        whole = any(getattr(node, "_forward_cls", None) is CheckpointFunction for node in order)
         for node in reversed(order):  # from the loss down: autograd's order in pass 2
             if not self.on_path[node]:
                 continue
-            # A reentrant checkpoint refuses autograd.grad(), which pass 1 is.
-            whole |= getattr(node, "_forward_cls", None) is CheckpointFunction
             below = _leaves([c for c, _ in _children(node) if not self.on_path[c]])
             if below:  # (edges off the path to no leaf change nothing)
                 # A Python Function's backward computes every output, and would run twice.

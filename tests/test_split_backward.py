@@ -3,6 +3,8 @@ exactly what one ``loss.backward()`` leaves (float64, bit for bit)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from models import Block
@@ -41,8 +43,10 @@ class Top(nn.Module):
             self.block, self.head = Block(8), nn.Linear(8, 5)
         elif kind == "conv":
             self.conv, self.head = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(6, 5)
-        elif kind in ("tied", "python_function"):
+        elif kind in ("tied", "python_function", "reentrant_checkpoint_off_path"):
             self.weight = nn.Parameter(torch.randn(8, 8) / 3)
+            if kind == "reentrant_checkpoint_off_path":
+                self.mix = nn.Linear(8, 8)
         elif kind == "temperature":  # a parameter in the loss itself
             self.head, self.temperature = nn.Linear(8, 5), nn.Parameter(torch.tensor(1.5))
         elif kind == "regularised":  # a term of the loss that does not depend on the input
@@ -78,6 +82,9 @@ class Top(nn.Module):
             return (flat @ self.weight @ self.weight.t()).tanh().sum()
         if kind == "python_function":
             return _Scale.apply(flat, self.weight[0]).pow(2).sum()
+        if kind == "reentrant_checkpoint_off_path":  # over parameters alone, below a split node
+            weight = checkpoint(self.mix, self.weight, use_reentrant=True)
+            return (flat @ weight).tanh().sum()
         if kind == "temperature":
             return nn.functional.cross_entropy(self.head(flat) / self.temperature, labels.flatten())
         if kind == "regularised":
@@ -96,7 +103,7 @@ SPLIT = ["mlp", "lm_head", "block", "checkpoint", "conv", "temperature", "regula
 SPLIT += ["embedding", "deep"]
 # One plain backward: the same numbers, nothing deferred. (A reentrant checkpoint refuses the
 # first pass's autograd.grad.)
-WHOLE = ["tied", "python_function", "reentrant_checkpoint"]
+WHOLE = ["tied", "python_function", "reentrant_checkpoint", "reentrant_checkpoint_off_path"]
 
 
 def _grads(top: Top, z: torch.Tensor) -> list[torch.Tensor | None]:
@@ -168,19 +175,61 @@ def test_the_python_function_runs_backward_once():
 
 
 def test_several_inputs_and_one_the_loss_does_not_use():
-    head = nn.Linear(8, 1).double()
+    """(A trunk output the top ignores.) Two heads, so that the graph is split."""
+    heads = [nn.Linear(8, 1).double() for _ in range(2)]
+    params = [p for head in heads for p in head.parameters()]
     a, b, unused = (torch.randn(5, 8, dtype=torch.float64).requires_grad_() for _ in range(3))
 
     def loss() -> torch.Tensor:
-        return (head(a) * head(b).tanh()).sum()
+        return (heads[0](a) * heads[1](b).tanh()).sum()
 
     loss().backward()
-    expected = [a.grad, b.grad, head.weight.grad, head.bias.grad]
-    for t in (a, b, head.weight, head.bias):
+    expected = [a.grad, b.grad, *(p.grad for p in params)]
+    for t in (a, b, *params):
         t.grad = None
-    backward_inputs_first(loss(), [a, b, unused])()
-    assert _same([a.grad, b.grad, head.weight.grad, head.bias.grad], expected)
+    finish = backward_inputs_first(loss(), [a, b, unused])
+    assert all(p.grad is None for p in params)  # split, not one backward
+    finish()
+    assert _same([a.grad, b.grad, *(p.grad for p in params)], expected)
     assert unused.grad is None
+
+
+def test_a_root_that_is_a_second_output_and_a_node_given_no_gradient():
+    """The loss is output 1 of its node (its gradient arrives in slot 1, not 0); and a
+    Function above a split node gives it no gradient, so one backward leaves that head's
+    gradient None, not zeros."""
+
+    class NoneForA(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a + b
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, grad
+
+    weight = nn.Parameter(torch.tensor([[2.0]], dtype=torch.float64))
+    head = nn.Linear(4, 4).double()
+    z0 = torch.tensor([[3.0]], dtype=torch.float64)
+    y0 = torch.randn(3, 4, dtype=torch.float64)
+
+    def losses(z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        with warnings.catch_warnings():  # deprecated, but the one op that returns its input
+            warnings.simplefilter("ignore", UserWarning)
+            _, copy = torch.triangular_solve(z * 1.0, weight)  # copy: output 1, weight's clone
+        assert copy.output_nr == 1
+        return [copy, NoneForA.apply(head(y), y * 2).sum()]  # copy: one element, a loss
+
+    results = []
+    for split in (False, True):
+        z, y = z0.clone().requires_grad_(), y0.clone().requires_grad_()
+        weight.grad = None
+        head.zero_grad(set_to_none=True)
+        for loss in losses(z, y):
+            (backward_inputs_first(loss, [z, y])() if split else loss.backward())
+        results.append([z.grad, y.grad, weight.grad, head.weight.grad])
+    assert results[0][3] is None
+    assert _same(*results)
 
 
 def test_the_inputs_gradient_is_laid_out_as_one_backward_lays_it_out():
@@ -226,6 +275,22 @@ def _grads_of(top: Top, z: torch.Tensor, split: bool) -> list[torch.Tensor | Non
     else:
         top.loss(z).backward()
     return [g.clone() if g is not None else None for g in _grads(top, z)]
+
+
+def test_a_sparse_gradient_of_an_input_is_added_in_place_to_a_dense_one():
+    """z used as an embedding table with sparse=True, and a head on top to split off."""
+    head = nn.Linear(8, 2).double()
+    z = torch.randn(6, 8, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([[0, 2], [2, 5]])
+    z.grad = torch.ones_like(z)
+    held = z.grad
+    loss = head(nn.functional.embedding(ids, z, sparse=True)).pow(2).sum()
+    backward_inputs_first(loss, [z])()
+    assert z.grad is held
+    expected = torch.ones_like(z)
+    z2 = z.detach().clone().requires_grad_()
+    head(nn.functional.embedding(ids, z2)).pow(2).sum().backward()
+    torch.testing.assert_close(z.grad, expected + z2.grad, rtol=0, atol=1e-15)
 
 
 def test_an_input_that_is_not_a_leaf_is_refused():

@@ -321,7 +321,6 @@ def _pipelined_step(
                 loss_fn,
                 micro_batches=pieces,
                 weight=predicted_tokens,
-                split_backward=True,  # the LM head's weight gradient beside the trunk's Backward
             )
         return steps[pieces](x, labels)
 
