@@ -1097,6 +1097,49 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_bulk.py::test_a_bulk_port_that_never_answers_costs_a_call_half_its_deadline",),
         "opening a bulk connection takes at most half the call's deadline",
     ),
+    # -- split backward (session 16) ------------------------------------------------------
+    M(
+        "split_backward_ignored_by_the_step",
+        "remote_autograd/pipeline.py",
+        "if self.split_backward:  # the seam's gradient now",
+        "if False:  # the seam's gradient now",
+        (
+            "tests/test_pipeline.py::"
+            "test_split_backward_queues_the_trunks_backward_before_the_tops_weights",
+        ),
+        "PipelinedStep(split_backward=True) queues the trunk's Backward before the top's weights",
+    ),
+    M(
+        "split_backward_leaf_below_two_nodes",
+        "remote_autograd/split_backward.py",
+        "self.whole = whole or not self.splits or not self._separable()",
+        "self.whole = whole or not self.splits",
+        (
+            "tests/test_split_backward.py::test_both_passes_leave_what_one_backward_leaves_bit_for_bit",
+        ),
+        "a weight below two split nodes gets one plain backward (not counted twice)",
+    ),
+    M(
+        "split_backward_root_slot_zero",
+        "remote_autograd/split_backward.py",
+        "slots: dict[Node, set[int]] = {root: {output_nr}}",
+        "slots: dict[Node, set[int]] = {root: {0}}",
+        (
+            "tests/test_split_backward.py::"
+            "test_a_root_that_is_a_second_output_and_a_node_given_no_gradient",
+        ),
+        "the loss's gradient is captured in the slot of its own output",
+    ),
+    M(
+        "split_backward_input_grad_aliased",
+        "remote_autograd/split_backward.py",
+        "tensor.grad = grad.clone() if grad.is_sparse else torch.empty_like(tensor).copy_(grad)",
+        "tensor.grad = grad",
+        (
+            "tests/test_split_backward.py::test_the_inputs_gradient_is_laid_out_as_one_backward_lays_it_out",
+        ),
+        "an input's gradient is a copy in its layout, as autograd's accumulator leaves it",
+    ),
 ]
 
 
