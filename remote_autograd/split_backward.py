@@ -122,7 +122,7 @@ class _Graph:
     path, and whether the loss must get one plain backward (``whole``) instead."""
 
     def __init__(self, root: Node, output_nr: int, ends: dict[Node, torch.Tensor]) -> None:
-        self.on_path: dict[Node, bool] = {}
+        edges: dict[Node, list[tuple[Node, int]]] = {}  # each node below root: its edges
         slots: dict[Node, set[int]] = {root: {output_nr}}
         order: list[Node] = []  # each node after every node below it
         stack: list[tuple[Node, bool]] = [(root, False)]
@@ -131,16 +131,17 @@ class _Graph:
             if expanded:
                 order.append(node)
                 continue
-            if node in self.on_path:
+            if node in edges:
                 continue
-            self.on_path[node] = False
+            edges[node] = [(c, slot) for c, slot in node.next_functions if c is not None]
             stack.append((node, True))
-            for child, slot in _children(node):
+            for child, slot in edges[node]:
                 slots.setdefault(child, set()).add(slot)
-                if child not in self.on_path:
+                if child not in edges:
                     stack.append((child, False))
+        self.on_path: dict[Node, bool] = {}
         for node in order:
-            self.on_path[node] = node in ends or any(self.on_path[c] for c, _ in _children(node))
+            self.on_path[node] = node in ends or any(self.on_path[c] for c, _ in edges[node])
         self.splits: dict[Node, list[int]] = {}
         self.below: dict[Node, list[torch.Tensor]] = {}
         # A reentrant checkpoint refuses autograd.grad() (pass 1) and backward(inputs=) (pass 2),
@@ -149,7 +150,7 @@ class _Graph:
         for node in reversed(order):  # from the loss down: autograd's order in pass 2
             if not self.on_path[node]:
                 continue
-            below = _leaves([c for c, _ in _children(node) if not self.on_path[c]])
+            below = _leaves([c for c, _ in edges[node] if not self.on_path[c]], edges)
             if below:  # (edges off the path to no leaf change nothing)
                 # A Python Function's backward computes every output, and would run twice.
                 whole |= isinstance(node, BackwardCFunction)
@@ -169,12 +170,9 @@ class _Graph:
         return True
 
 
-def _children(node: Node) -> list[tuple[Node, int]]:
-    return [(child, slot) for child, slot in node.next_functions if child is not None]
-
-
-def _leaves(starts: list[Node]) -> list[torch.Tensor]:
-    """The leaf tensors whose gradients autograd accumulates below ``starts``."""
+def _leaves(starts: list[Node], edges: dict[Node, list[tuple[Node, int]]]) -> list[torch.Tensor]:
+    """The leaf tensors whose gradients autograd accumulates below ``starts`` (``edges``: each
+    node's, from the walk)."""
     found: list[torch.Tensor] = []
     seen: set[Node] = set()
     stack = list(starts)
@@ -186,5 +184,5 @@ def _leaves(starts: list[Node]) -> list[torch.Tensor]:
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if isinstance(variable, torch.Tensor):
             found.append(variable)
-        stack.extend(child for child, _ in _children(node))
+        stack.extend(child for child, _ in edges[node])
     return found
