@@ -110,7 +110,7 @@ class _Connection:
 
     def send(self, magic: bytes, status: int, buffers: Sequence[Any], length: int) -> None:
         if self.deadline is not None:
-            self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
+            self.sock.settimeout(_left(self.deadline))
         try:
             self.sock.sendall(_PREFIX.pack(magic, status, length))
             for buffer in buffers:
