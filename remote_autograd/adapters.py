@@ -529,6 +529,7 @@ class AdapterEngine:
     def _move(self, adapter: _Adapter, device: torch.device, *, resident: bool) -> None:
         """Move an adapter with its sessions' gradients and optimizer state (caller: _lock,
         and no call of the adapter in flight but the caller's own)."""
+        adapter.engine.step_backup.forget()  # `param.data =` below leaves no version behind
         with torch.no_grad():
             for _, param in adapter.engine.params:
                 param.data = param.data.to(device)

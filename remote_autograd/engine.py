@@ -839,6 +839,9 @@ class TrunkEngine:
         if buffers is not None:
             check_buffers(buffers, named_buffers)
         with session.lock:
+            # The copy the last step began for the next one (guard.py) reads these tensors
+            # on a thread of its own: it ends first, and is dropped.
+            self.step_backup.forget()
             if optimizer_state is not None:
                 if session.optimizer is None:
                     raise NotConfigured(

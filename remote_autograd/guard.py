@@ -8,7 +8,10 @@ Every refusal raises InvalidRequest naming the hyperparameter, option or paramet
 from __future__ import annotations
 
 import collections
+import logging
 import math
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +36,8 @@ __all__ = [
     "keep_configured_flags",
     "pending_grads",
 ]
+
+log = logging.getLogger(__name__)
 
 # Flags that change what the optimizer keeps in its state or how it runs: set them when
 # configuring the optimizer, not in a Step (amsgrad switched on mid-run finds no max_exp_avg_sq).
@@ -403,6 +408,8 @@ class StepBackup:
         # Each parameter's largest |value| after the last step, with the tensor's version
         # counter then (any later in-place change, a LoadState or a rollback, bumps it).
         self._max: dict[int, tuple[int, float]] = {}
+        self._prepared: _Prepared | None = None  # the copy prepare() takes between steps
+        self.reused = 0  # how many tensors the last copy() found copied already (prepare())
 
     def max_abs(
         self, tensors: Sequence[torch.Tensor], copies: Sequence[torch.Tensor]
@@ -425,8 +432,43 @@ class StepBackup:
 
     def copy(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copies of ``tensors`` (of a DTensor: its shard) in the kept buffers (valid until the
-        next call)."""
+        next call). The leading tensors that prepare() copied and that have not changed since
+        are not copied again."""
         tensors = [local(t) for t in tensors]
+        prepared, self._prepared = self._prepared, None  # one copy() uses it up
+        if prepared is not None:
+            prepared.thread.join()
+        buffers = self._buffers(tensors)
+        self.reused = prepared.ready(tensors, buffers) if prepared is not None else 0
+        _copy_into(buffers[self.reused :], tensors[self.reused :])
+        return buffers
+
+    def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Start copying ``tensors`` now, on a thread of its own, for the next copy().
+
+        A step stands, and the server answers; until the next step nothing changes what it
+        will copy (forwards and backwards only read the weights), so the copy is taken while
+        the trunk waits for its next call, not inside the next Step (for GPT-2's 9 blocks on
+        one CPU thread: 79 of the Step's 180 ms). copy() waits for the thread, then takes
+        only what it holds as it still is: the same tensor, with the same version counter
+        (every in-place write bumps it), in the same buffer. Writes that bypass the counter
+        (``param.data = ...``) must call forget(). On a GPU the copy is a kernel queued on the
+        stream already: there is nothing to move, and nothing is prepared."""
+        self.forget()
+        tensors = [local(t) for t in tensors]
+        if not tensors or any(t.device.type != "cpu" for t in tensors):
+            return
+        self._prepared = _Prepared(tensors, self._buffers(tensors))
+
+    def forget(self) -> None:
+        """Drop the prepared copy (after a write that its version counters cannot see)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.thread.join()
+
+    def _buffers(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A kept buffer for each of ``tensors``, the same one for the same place in a list of
+        the same shapes; the pool is trimmed to what the last steps took."""
         taken: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         buffers = []
         for tensor in tensors:
@@ -436,9 +478,6 @@ class StepBackup:
             if index == len(pool):
                 pool.append(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
             buffers.append(pool[index])
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, [t.detach() for t in tensors])
         self._copies += 1
         self._taken_at.update(dict.fromkeys(taken, self._copies))
         self._trim(sum(b.numel() * b.element_size() for b in buffers), taken)
@@ -468,6 +507,62 @@ class StepBackup:
         return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)
 
 
+class _Prepared:
+    """A copy StepBackup.prepare() takes on a thread of its own. It holds its tensors weakly
+    once copied: an optimizer dropped with its session is not kept alive until the next step."""
+
+    def __init__(self, tensors: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        self.tensors = [weakref.ref(t) for t in tensors]
+        self.versions = [t._version for t in tensors]
+        self.buffers = buffers
+        self.done = False  # set by the thread once every tensor is copied
+        # Not a daemon: the interpreter waits for it at exit, as a copy cut off in C++ by the
+        # interpreter's end aborts the process.
+        self.thread = threading.Thread(
+            target=self._run, args=(tensors,), name="ra-step-backup", daemon=False
+        )
+        self.thread.start()
+
+    def _run(self, tensors: list[torch.Tensor]) -> None:
+        try:
+            _copy_into(self.buffers, tensors)
+            self.done = True
+        except Exception:  # out of memory: copy() then copies everything itself
+            log.debug("the step backup's copy between steps failed", exc_info=True)
+
+    def ready(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> int:
+        """How many leading ``tensors`` this copy holds as they are now, in ``buffers`` (the
+        thread has ended)."""
+        if not self.done:
+            return 0
+        ready = 0
+        for now, buffer, then, version, kept in zip(
+            tensors, buffers, self.tensors, self.versions, self.buffers, strict=False
+        ):
+            if then() is not now or now._version != version or buffer is not kept:
+                break
+            ready += 1
+        return ready
+
+
+def _copy_into(buffers: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
+    if buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(list(buffers), [t.detach() for t in tensors])
+
+
+def _state_slots(
+    optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """The optimizer's state tensors of ``tensors``: (parameter, key, tensor), in order."""
+    return [
+        (param, key, value)
+        for param in tensors
+        for key, value in optimizer.state.get(param, {}).items()
+        if isinstance(value, torch.Tensor)
+    ]
+
+
 def _state_snapshot(
     optimizer: torch.optim.Optimizer,
     tensors: Sequence[torch.Tensor],
@@ -475,15 +570,21 @@ def _state_snapshot(
     backup: StepBackup,
 ) -> tuple[dict[Any, dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
     """The optimizer state of ``tensors`` (the parameters a step moves), its tensors copied
-    into ``backup``; the parameters' copies; and copies of ``grads``."""
+    into ``backup``; the parameters' copies; and copies of ``grads``. The parameters and the
+    state come first, in the order :func:`_backed_up` gives StepBackup.prepare()."""
     state = {p: dict(entries) for p in tensors if (entries := optimizer.state.get(p)) is not None}
-    slots = [(p, k) for p, entries in state.items() for k, v in entries.items()]
-    slots = [(p, k) for p, k in slots if isinstance(state[p][k], torch.Tensor)]
-    copies = backup.copy([*tensors, *grads, *(state[p][k] for p, k in slots)])
-    first_state = len(tensors) + len(grads)
-    for (param, key), copy in zip(slots, copies[first_state:], strict=True):
+    slots = _state_slots(optimizer, tensors)
+    copies = backup.copy([*_backed_up(tensors, slots), *grads])
+    first_grad = len(tensors) + len(slots)
+    for (param, key, _), copy in zip(slots, copies[len(tensors) : first_grad], strict=True):
         state[param][key] = copy
-    return state, copies[: len(tensors)], copies[len(tensors) : first_state]
+    return state, copies[: len(tensors)], copies[first_grad:]
+
+
+def _backed_up(
+    tensors: Sequence[torch.Tensor], slots: Sequence[tuple[torch.Tensor, str, torch.Tensor]]
+) -> list[torch.Tensor]:
+    return [*tensors, *(value for _, _, value in slots)]
 
 
 def _may_write_grads(optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]) -> bool:
@@ -623,6 +724,8 @@ def guarded_step(
         raise InvalidRequest(f"Step refused: {problem}; nothing was changed")
     grads_lost()  # a step that stood: only learnt from
     backup.remember(tensors, new_max)
+    # What the next step copies first, copied while the trunk waits for the next call.
+    backup.prepare(_backed_up(tensors, _state_slots(optimizer, tensors)))
 
 
 def _problem(

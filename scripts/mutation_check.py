@@ -1140,6 +1140,40 @@ MUTATIONS: list[Mutation] = [
         ),
         "an input's gradient is a copy in its layout, as autograd's accumulator leaves it",
     ),
+    # -- the step backup taken between steps (session 17) ---------------------------------
+    M(
+        "step_backup_ignores_versions",
+        "remote_autograd/guard.py",
+        "if then() is not now or now._version != version or buffer is not kept:",
+        "if then() is not now or buffer is not kept:",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since",
+        ),
+        "a tensor written since the copy between steps is copied again",
+    ),
+    M(
+        "step_backup_ignores_identity",
+        "remote_autograd/guard.py",
+        "if then() is not now or now._version != version or buffer is not kept:",
+        "if now._version != version or buffer is not kept:",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since",
+        ),
+        "another tensor in a prepared tensor's place is copied",
+    ),
+    M(
+        "step_backup_not_prepared",
+        "remote_autograd/guard.py",
+        "    backup.prepare(_backed_up(tensors, _state_slots(optimizer, tensors)))",
+        "    pass",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_a_step_refused_after_steps_that_stood_restores_exactly_what_stood",
+        ),
+        "a step that stands prepares the next step's copy",
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ import copy
 import logging
 import signal
 import subprocess
+import weakref
 from collections import Counter
 
 import grpc
@@ -915,6 +916,88 @@ def test_the_step_backup_forgets_shapes_no_step_takes_any_more():
     for _ in range(20):  # two sessions' steps, one after the other
         assert backup.copy([weight])[0] is adam[0]
         assert [id(b) for b in backup.copy([weight, weight, weight])] == [id(b) for b in adam]
+
+
+def test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since():
+    """prepare() copies on a thread while the trunk waits; the next copy() takes from it only
+    the leading tensors that are the same objects, with the same version counters, in the
+    same buffers: every copy holds the values its tensors have when copy() is called."""
+    first, second = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))
+    state = torch.randn(5)  # an optimizer state tensor: not a parameter
+    backup = StepBackup()
+
+    def assert_copies(tensors, reused):
+        copies = backup.copy(tensors)
+        assert backup.reused == reused
+        assert all(torch.equal(c, t.detach()) for c, t in zip(copies, tensors, strict=True))
+        return copies
+
+    backup.prepare([first, second, state])
+    kept = assert_copies([first, second, state], reused=3)
+    backup.prepare([first, second, state])
+    with torch.no_grad():
+        second.mul_(2.0)  # a write between the steps (a rollback, a LoadState): copied again
+    assert [id(c) for c in assert_copies([first, second, state], reused=1)] == list(map(id, kept))
+    backup.prepare([first, second])
+    assert_copies([first, second, state, torch.randn(4)], reused=2)  # gradients: after them
+    backup.prepare([first, second, state])
+    assert_copies([second, first, state], reused=0)  # another order: other tensors in front
+    other, twin = torch.randn(2, 3), torch.randn(2, 3)  # same shape, same version (0)
+    backup.prepare([first, other, state])
+    assert_copies([first, twin, state], reused=1)  # another tensor in the same place
+    backup.prepare([first, state])
+    with torch.no_grad():
+        first.data = first.data.double()  # no version bump, but another buffer (an adapter
+    assert_copies([first, state], reused=0)  # moved to another device: its buffers are there)
+    backup.prepare([first, state])
+    backup.forget()  # a write the version counters miss (`param.data = ...`) says so
+    with torch.no_grad():
+        first.data = torch.randn(5)
+    assert_copies([first, state], reused=0)
+    assert_copies([first, state], reused=0)  # each prepared copy serves one copy() only
+    backup.prepare([])
+    assert_copies([first], reused=0)
+    dropped = torch.randn(5)  # an optimizer state whose session ended
+    alive = weakref.ref(dropped)
+    backup.prepare([first, dropped])
+    del dropped
+    backup._prepared.thread.join()
+    assert alive() is None  # not kept until the next step
+    assert_copies([first, torch.randn(5)], reused=1)
+
+
+@pytest.mark.parametrize("between", ["nothing", "a LoadState", "another session's step"])
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_a_step_refused_after_steps_that_stood_restores_exactly_what_stood(
+    start_server, name, between
+):
+    """A step that stands starts the copy the next step needs, on a thread, while the trunk
+    waits for its next call (StepBackup.prepare). A refused step after it restores exactly the
+    weights and optimizer state that stood, also when a LoadState or another session's step
+    changed the weights in between; the session then goes on as here."""
+    server, remote = _start(start_server, max_lr=1e30)
+    optimizer = RemoteOptimizer(remote, name, **OPTIMIZERS[name])
+    for seed in (3, 4):
+        _good_step(remote, optimizer, _x(seed))
+    if between == "a LoadState":
+        remote.client.load_state({"parameters": {n: w / 3 for n, w in _weights(server).items()}})
+    elif between == "another session's step":
+        _another_session_trains(server, "Adam")
+    optimizer.zero_grad()
+    remote(_x(2)).square().sum().backward()
+    snapshot = _Snapshot(server, remote)
+    optimizer.param_groups[0].update(lr=1e30, weight_decay=0.0)
+    with pytest.raises(InvalidRequest, match=r"grow trunk parameter (weight|bias) .*ServerOpt"):
+        optimizer.step()
+    snapshot.assert_unchanged(server, remote)
+    backup = server.engine.step_backup
+    # Weight and bias came from the copy taken between the steps, with their optimizer
+    # state (SGD: a momentum buffer each; AdamW: two moments and a step count), unless a load
+    # came between; another session's step prepared them too, but with its own state.
+    state = {"SGD": 2, "AdamW": 6}[name]
+    assert backup.reused == {"nothing": 2 + state, "a LoadState": 0}.get(between, 2)
+    optimizer.param_groups[0].update(OPTIMIZERS[name])
+    _goes_on(server, remote, optimizer, snapshot)
 
 
 @pytest.mark.parametrize(
