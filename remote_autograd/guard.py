@@ -406,7 +406,8 @@ class StepBackup:
         self._used: collections.deque[int] = collections.deque(maxlen=16)  # bytes, last steps
         self._taken_at: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         # Each parameter's largest |value| after the last step, with the tensor's version
-        # counter then (any later in-place change, a LoadState or a rollback, bumps it).
+        # counter then (any later in-place change, a LoadState or a rollback, bumps it; a fused
+        # optimizer's kernel does not, but every step that stands is remembered anew).
         self._max: dict[int, tuple[int, float]] = {}
         self._prepared: _Prepared | None = None  # the copy prepare() takes between steps
         self.reused = 0  # how many tensors the last copy() found copied already (prepare())
@@ -434,31 +435,37 @@ class StepBackup:
         """Copies of ``tensors`` (of a DTensor: its shard) in the kept buffers (valid until the
         next call). The leading tensors that prepare() copied and that have not changed since
         are not copied again."""
-        tensors = [local(t) for t in tensors]
         prepared, self._prepared = self._prepared, None  # one copy() uses it up
         if prepared is not None:
             prepared.thread.join()
-        buffers = self._buffers(tensors)
-        self.reused = prepared.ready(tensors, buffers) if prepared is not None else 0
-        _copy_into(buffers[self.reused :], tensors[self.reused :])
+        shards = [local(t) for t in tensors]
+        buffers = self._buffers(shards)
+        self.reused = prepared.ready(tensors, shards, buffers) if prepared is not None else 0
+        _copy_into(buffers[self.reused :], shards[self.reused :])
         return buffers
 
     def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
         """Start copying ``tensors`` now, on a thread of its own, for the next copy().
 
-        A step stands, and the server answers; until the next step nothing changes what it
-        will copy (forwards and backwards only read the weights), so the copy is taken while
-        the trunk waits for its next call, not inside the next Step (for GPT-2's 9 blocks on
-        one CPU thread: 79 of the Step's 180 ms). copy() waits for the thread, then takes
-        only what it holds as it still is: the same tensor, with the same version counter
-        (every in-place write bumps it), in the same buffer. Writes that bypass the counter
-        (``param.data = ...``) must call forget(). On a GPU the copy is a kernel queued on the
-        stream already: there is nothing to move, and nothing is prepared."""
+        Called once a step stands: until the next step nothing changes what that step will
+        copy (forwards and backwards only read the weights), so the copy runs after the
+        answer, beside whatever the trunk does next, not inside the next Step (for GPT-2's 9
+        blocks on one CPU thread: 79 of the Step's 180 ms). copy() waits for the thread, then
+        takes only what it holds as it still is: the same tensor, with the same version counter,
+        in the same buffer. PyTorch's in-place ops bump the counter; a fused optimizer's kernel
+        does not, but an optimizer steps only inside guarded_step, after its copy(). Any other
+        write that bypasses the counter (``param.data = ...``) must call forget() first. On a
+        GPU the copy is a kernel queued on the stream already: nothing is prepared. Best
+        effort: a thread or buffer that cannot be had leaves nothing prepared, and the next
+        copy() copies everything itself."""
         self.forget()
-        tensors = [local(t) for t in tensors]
-        if not tensors or any(t.device.type != "cpu" for t in tensors):
+        shards = [local(t) for t in tensors]
+        if not shards or any(t.device.type != "cpu" for t in shards):
             return
-        self._prepared = _Prepared(tensors, self._buffers(tensors))
+        try:
+            self._prepared = _Prepared(tensors, shards, self._buffers(shards, trim=False))
+        except Exception:  # the step has stood: this must not fail it (MemoryError, no thread)
+            log.warning("no copy between steps: the next Step takes it itself", exc_info=True)
 
     def forget(self) -> None:
         """Drop the prepared copy (after a write that its version counters cannot see)."""
@@ -466,9 +473,10 @@ class StepBackup:
         if prepared is not None:
             prepared.thread.join()
 
-    def _buffers(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _buffers(self, tensors: Sequence[torch.Tensor], trim: bool = True) -> list[torch.Tensor]:
         """A kept buffer for each of ``tensors``, the same one for the same place in a list of
-        the same shapes; the pool is trimmed to what the last steps took."""
+        the same shapes; then (``trim``: a step's copy, not a prepared one) the pool is trimmed
+        to what the last steps took."""
         taken: dict[tuple[torch.Size, torch.dtype, torch.device], int] = {}
         buffers = []
         for tensor in tensors:
@@ -478,9 +486,11 @@ class StepBackup:
             if index == len(pool):
                 pool.append(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
             buffers.append(pool[index])
-        self._copies += 1
+        if trim:
+            self._copies += 1
         self._taken_at.update(dict.fromkeys(taken, self._copies))
-        self._trim(sum(b.numel() * b.element_size() for b in buffers), taken)
+        if trim:
+            self._trim(sum(b.numel() * b.element_size() for b in buffers), taken)
         return buffers
 
     def _trim(self, used: int, taken: dict[Any, int]) -> None:
@@ -508,38 +518,49 @@ class StepBackup:
 
 
 class _Prepared:
-    """A copy StepBackup.prepare() takes on a thread of its own. It holds its tensors weakly
+    """A copy StepBackup.prepare() takes on a thread of its own. It holds the tensors weakly
     once copied: an optimizer dropped with its session is not kept alive until the next step."""
 
-    def __init__(self, tensors: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        shards: list[torch.Tensor],
+        buffers: list[torch.Tensor],
+    ) -> None:
+        # The tensors themselves name them: a DTensor's to_local() is a new view each call.
         self.tensors = [weakref.ref(t) for t in tensors]
-        self.versions = [t._version for t in tensors]
+        self.versions = [t._version for t in shards]  # a view shares its base's counter
         self.buffers = buffers
         self.done = False  # set by the thread once every tensor is copied
         # Not a daemon: the interpreter waits for it at exit, as a copy cut off in C++ by the
         # interpreter's end aborts the process.
         self.thread = threading.Thread(
-            target=self._run, args=(tensors,), name="ra-step-backup", daemon=False
+            target=self._run, args=(shards,), name="ra-step-backup", daemon=False
         )
         self.thread.start()
 
-    def _run(self, tensors: list[torch.Tensor]) -> None:
+    def _run(self, shards: list[torch.Tensor]) -> None:
         try:
-            _copy_into(self.buffers, tensors)
+            _copy_into(self.buffers, shards)
             self.done = True
         except Exception:  # out of memory: copy() then copies everything itself
             log.debug("the step backup's copy between steps failed", exc_info=True)
 
-    def ready(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> int:
-        """How many leading ``tensors`` this copy holds as they are now, in ``buffers`` (the
-        thread has ended)."""
+    def ready(
+        self,
+        tensors: Sequence[torch.Tensor],
+        shards: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+    ) -> int:
+        """How many leading ``tensors`` (whose shards go into ``buffers``) this copy holds as
+        they are now (the thread has ended)."""
         if not self.done:
             return 0
         ready = 0
-        for now, buffer, then, version, kept in zip(
-            tensors, buffers, self.tensors, self.versions, self.buffers, strict=False
+        for now, shard, buffer, then, version, kept in zip(
+            tensors, shards, buffers, self.tensors, self.versions, self.buffers, strict=False
         ):
-            if then() is not now or now._version != version or buffer is not kept:
+            if then() is not now or shard._version != version or buffer is not kept:
                 break
             ready += 1
         return ready
@@ -646,7 +667,8 @@ def guarded_step(
 
     Costs a copy of what the step changes (the parameters that have a gradient, as torch's
     optimizers skip the others, and their optimizer state) into ``backup``'s kept buffers, and
-    one max-magnitude pass over them with one synchronisation per device and dtype."""
+    one max-magnitude pass over them with one synchronisation per device and dtype. On a CPU
+    the copy is mostly taken after the last step that stood, on a thread (StepBackup.prepare)."""
     moving = [(name, param) for name, param in params if name in grads]
     names = [name for name, _ in moving]
     tensors = [param for _, param in moving]

@@ -1174,6 +1174,28 @@ MUTATIONS: list[Mutation] = [
         ),
         "a step that stands prepares the next step's copy",
     ),
+    M(
+        "step_backup_prepare_can_fail_the_step",
+        "remote_autograd/guard.py",
+        "        except Exception:  # the step has stood: this must not fail it",
+        "        except MemoryError:  # the step has stood: this must not fail it",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_a_step_stands_when_no_copy_between_steps_can_be_started",
+        ),
+        "a copy between steps that cannot start leaves the step standing",
+    ),
+    M(
+        "step_backup_names_by_shard_view",
+        "remote_autograd/guard.py",
+        "        self.tensors = [weakref.ref(t) for t in tensors]",
+        "        self.tensors = [weakref.ref(t) for t in shards]",
+        (
+            "tests/test_trunk_safety.py::"
+            "test_a_sharded_trunks_copy_between_steps_is_used_and_sees_its_shards_change",
+        ),
+        "a sharded trunk's copy between steps is found by its DTensors",
+    ),
 ]
 
 

@@ -12,6 +12,8 @@ import copy
 import logging
 import signal
 import subprocess
+import sys
+import threading
 import weakref
 from collections import Counter
 
@@ -40,7 +42,7 @@ from remote_autograd import (
 from remote_autograd import client as client_module
 from remote_autograd._proto import remote_autograd_pb2 as pb
 from remote_autograd.checkpoint_file import load_checkpoint
-from remote_autograd.guard import StepBackup, check_hyperparameters
+from remote_autograd.guard import StepBackup, check_hyperparameters, guarded_step
 from remote_autograd.sessions import ANONYMOUS
 from remote_autograd.validate import clone_tree
 
@@ -964,6 +966,75 @@ def test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_chan
     backup._prepared.thread.join()
     assert alive() is None  # not kept until the next step
     assert_copies([first, torch.randn(5)], reused=1)
+
+
+def test_a_step_stands_when_no_copy_between_steps_can_be_started(monkeypatch, caplog):
+    """prepare() runs after the step stood: a thread that cannot start (or a buffer that
+    cannot be had) must not fail the Step, whose weights have moved already (a retry would
+    apply it twice). The next step copies everything itself and still rolls back exactly."""
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    backup, options = StepBackup(), ServerOptions()
+    start = threading.Thread.start
+
+    def no_thread(thread: threading.Thread) -> None:
+        if thread.name == "ra-step-backup":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with caplog.at_level(logging.WARNING, logger="remote_autograd.guard"):
+        guarded_step(optimizer, [("w", weight)], {"w": torch.ones(4)}, [{}], options, backup)
+    assert torch.equal(weight.detach(), torch.full((4,), 0.9))  # stepped once, and it stood
+    assert "no copy between steps" in caplog.text
+    monkeypatch.undo()
+    stood = clone_tree(optimizer.state_dict()), weight.detach().clone()
+    with pytest.raises(InvalidRequest, match="grow trunk parameter w"):
+        guarded_step(
+            optimizer, [("w", weight)], {"w": torch.ones(4)}, [{"lr": 1e30}], options, backup
+        )
+    assert backup.reused == 0
+    assert torch.equal(weight.detach(), stood[1])
+    assert torch.equal(
+        optimizer.state_dict()["state"][0]["momentum_buffer"],
+        stood[0]["state"][0]["momentum_buffer"],
+    )
+
+
+_SHARDED_BACKUP = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://{rendezvous}", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from remote_autograd.guard import StepBackup
+mesh = init_device_mesh("cpu", (1,))
+weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+state = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+backup = StepBackup()
+backup.prepare([weight, state])
+copies = backup.copy([weight, state])
+assert backup.reused == 2, backup.reused  # to_local() is a new view each call: not the name
+assert torch.equal(copies[1], state.to_local())
+backup.prepare([weight, state])
+with torch.no_grad():
+    state.to_local().mul_(2.0)  # the shard's view shares its counter
+copies = backup.copy([weight, state])
+assert backup.reused == 1, backup.reused
+assert torch.equal(copies[1], state.to_local()) and torch.equal(copies[0], weight.to_local())
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_a_sharded_trunks_copy_between_steps_is_used_and_sees_its_shards_change(tmp_path):
+    """An FSDP trunk's parameters and state are DTensors: the copy between steps goes by the
+    DTensor (its to_local() view is new each call) and by its shard's version counter. In a
+    child process with a real one-rank gloo group."""
+    script = _SHARDED_BACKUP.format(rendezvous=tmp_path / "rendezvous")
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("between", ["nothing", "a LoadState", "another session's step"])
