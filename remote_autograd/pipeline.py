@@ -152,6 +152,11 @@ class PipelinedStep:
     samples; pass e.g. the count of non-ignored labels for a token-mean loss. ``"sum"``: the
     losses are added. The returned loss is that weighted sum, detached (backward already ran).
 
+    ``scaler``: a ``torch.amp.GradScaler`` (fp16 autocast): each micro-batch's weighted loss is
+    scaled by it before its backward, as ``scaler.scale(loss).backward()`` does in the plain
+    loop; then ``scaler.step(opt)``, ``scaler.step(trunk_opt)`` and ``scaler.update()`` as
+    usual. The returned loss is unscaled.
+
     ``split_backward=True``: the top's backward runs in two passes, the gradient of the trunk's
     output first, the top's own parameters' while the trunk's Backward runs
     (:mod:`remote_autograd.split_backward`). Equal bit for bit; but a hook on a tensor made by
@@ -174,6 +179,7 @@ class PipelinedStep:
         reduction: str = "mean",
         weight: Callable[[Any], float] | None = None,
         split_backward: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int):
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
@@ -188,6 +194,10 @@ class PipelinedStep:
             raise ValueError(f"split_backward must be True or False, got {split_backward!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(
+                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+            )
         self.bottom = bottom
         self.trunk = trunk
         self.top = top
@@ -197,10 +207,13 @@ class PipelinedStep:
         self.reduction = reduction
         self.weight = weight
         self.split_backward = split_backward
+        self.scaler = scaler
 
     def scales(self, ys: list[Any], samples: list[int] | None = None) -> list[float]:
         """What each micro-batch's loss is multiplied by (see the class docstring);
-        ``samples``: how many each holds (by default, the rows of its ``y``)."""
+        ``samples``: how many each holds (by default, the rows of its ``y``; give them where
+        ``y`` holds no tensor, or the pieces weigh alike). A total weight of 0 (every label
+        ignored) raises ValueError: there is no mean to take."""
         if self.reduction == "sum":
             return [1.0] * len(ys)
         if self.weight:
@@ -275,12 +288,13 @@ class PipelinedStep:
                         f"loss_fn must return a tensor with one element, got {_describe(loss)}"
                     )
                 scaled = loss * scales[i] if self.reduction == "mean" else loss
+                root = scaled if self.scaler is None else self.scaler.scale(scaled)
                 if self.split_backward:  # the seam's gradient now, the top's weights' below
-                    finish_top = backward_inputs_first(scaled, seam.leaves)
+                    finish_top = backward_inputs_first(root, seam.leaves)
                 else:
-                    scaled.backward()
+                    root.backward()
                 total = scaled.detach() if total is None else total + scaled.detach()
-                del loss, scaled
+                del loss, scaled, root
                 trunk_back[i] = lane.submit(seam.backward)  # the Backward RPC, in the lane
                 if finish_top is not None:
                     try:
@@ -365,6 +379,30 @@ class PipelinedStep:
                     stacklevel=3,
                 )
 
+    def _check_shared_with_the_lane(self, trunk_modules: list[nn.Module]) -> None:
+        """Warn of a parameter that a local layer of the trunk (beside a RemoteModule, so run
+        on the trunk lane) shares with the bottom or the top, whose backwards run on the
+        caller's thread meanwhile: its contributions are added in another order than the plain
+        loop adds them, which may change from run to run."""
+        from .module import RemoteModule
+
+        lane = {
+            id(p)
+            for m in trunk_modules
+            if not isinstance(m, RemoteModule)
+            for p in m.parameters(recurse=False)
+        }
+        for name, part in (("bottom", self.bottom), ("top", self.top)):
+            if lane & _parameters(part):
+                warnings.warn(
+                    f"PipelinedStep: the {name} shares a parameter with a local layer of the "
+                    "trunk, whose backward runs on the trunk's worker thread while the "
+                    f"{name}'s run on this one: that parameter's gradient equals the plain "
+                    "loop's up to float rounding only, not bit for bit, and may differ from "
+                    "run to run. Keep the layer in one part",
+                    stacklevel=4,
+                )
+
     def _local_trunk(self) -> bool:
         """A trunk module without a RemoteModule in it runs on the caller's thread: there is
         no server to overlap with, and its dropout then draws from the process's RNG in order,
@@ -378,6 +416,7 @@ class PipelinedStep:
         modules = list(trunk.modules())
         if not any(isinstance(module, RemoteModule) for module in modules):
             return True
+        self._check_shared_with_the_lane(modules)
         if trunk.training and any(_random(module) for module in modules):
             warnings.warn(
                 "PipelinedStep: the trunk holds a RemoteModule and a local dropout layer; that "
@@ -387,6 +426,10 @@ class PipelinedStep:
                 stacklevel=3,
             )
         return False
+
+
+def _parameters(part: Any) -> set[int]:
+    return {id(p) for p in part.parameters()} if isinstance(part, nn.Module) else set()
 
 
 def _over_batch(module: nn.Module) -> str:

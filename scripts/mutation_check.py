@@ -1144,7 +1144,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "step_backup_ignores_versions",
         "remote_autograd/guard.py",
-        "if then() is not now or now._version != version or buffer is not kept:",
+        "if then() is not now or shard._version != version or buffer is not kept:",
         "if then() is not now or buffer is not kept:",
         (
             "tests/test_trunk_safety.py::"
@@ -1155,8 +1155,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "step_backup_ignores_identity",
         "remote_autograd/guard.py",
-        "if then() is not now or now._version != version or buffer is not kept:",
-        "if now._version != version or buffer is not kept:",
+        "if then() is not now or shard._version != version or buffer is not kept:",
+        "if shard._version != version or buffer is not kept:",
         (
             "tests/test_trunk_safety.py::"
             "test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since",
@@ -1195,6 +1195,25 @@ MUTATIONS: list[Mutation] = [
             "test_a_sharded_trunks_copy_between_steps_is_used_and_sees_its_shards_change",
         ),
         "a sharded trunk's copy between steps is found by its DTensors",
+    ),
+    M(
+        "pipelined_step_ignores_its_scaler",
+        "remote_autograd/pipeline.py",
+        "root = scaled if self.scaler is None else self.scaler.scale(scaled)",
+        "root = scaled",
+        (
+            "tests/test_pipeline.py::"
+            "test_a_grad_scaler_scales_each_micro_batch_as_in_the_plain_loop",
+        ),
+        "PipelinedStep(scaler=...) scales each micro-batch's loss",
+    ),
+    M(
+        "pipelined_step_misses_parameters_shared_with_the_lane",
+        "remote_autograd/pipeline.py",
+        "        self._check_shared_with_the_lane(modules)\n",
+        "",
+        ("tests/test_pipeline.py::test_a_parameter_shared_with_a_local_layer_of_the_trunk_warns",),
+        "a parameter shared with a local layer of the trunk is warned of",
     ),
 ]
 
