@@ -155,3 +155,13 @@ def test_distributed_smoke(tmp_path: Path, parallel: str) -> None:
         assert result["busiest_rank_cpu_s_per_step"] > 0
     assert data["speedup_2_vs_1"] > 0 and data["cpu_speedup_2_vs_1"] > 0
     assert set(data["front_door_overhead_s"]) == {"1 rank", "2 ranks"}
+
+
+def test_guard_smoke(tmp_path: Path) -> None:
+    data = run_script("benchmarks.bench_guard", tmp_path)
+    assert data["benchmark"] == "guard" and data["parameters"] > 0
+    ways = ["bare", "guarded_back_to_back", "guarded_after_a_pause", "guarded_nothing_prepared"]
+    assert set(data["ms"]) == {*ways, "copy"}
+    for name, times in data["times"].items():
+        assert len(times) == data["preset"]["steps"] and all(t > 0 for t in times), name
+    assert set(data["ratios"]) == {f"{name}_vs_bare" for name in [*ways[1:], "copy"]}
