@@ -77,16 +77,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state = [v for s in optimizer.state.values() for v in s.values()]
         backup.copy([p for _, p in params] + state)
 
-    def timed(fn: Any, *, prepared: bool, pause: float = 0.0) -> float:
+    def timed(fn: Any, *, prepared: bool, pause: float = 0.0) -> tuple[float, int]:
         """``fn``'s seconds, right after a guarded step that stood (``prepared``: with the
-        copy it started for the next step; else that copy dropped first, untimed)."""
+        copy it started for the next step; else that copy dropped first, untimed), and how
+        many tensors its copy found prepared."""
         guarded()
         if not prepared:
             backup.forget()
         time.sleep(pause)
+        backup.reused = 0
         start = time.perf_counter()
         fn()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, backup.reused
 
     ways = {
         "bare": lambda: timed(bare, prepared=False),
@@ -96,11 +98,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "copy": lambda: timed(copy, prepared=False),
     }
     times: dict[str, list[float]] = {name: [] for name in ways}
+    reused: dict[str, list[int]] = {name: [] for name in ways}
     for index in range(preset["warmup"] + preset["steps"]):
         for name, way in ways.items():
-            seconds = way()
+            seconds, found = way()
             if index >= preset["warmup"]:
                 times[name].append(seconds)
+                reused[name].append(found)
     medians = {name: median(values) for name, values in times.items()}
     return {
         "benchmark": "guard",
@@ -110,6 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "parameters": sum(p.numel() for _, p in params),
         "times": times,
+        "tensors": len(params) + sum(len(s) for s in optimizer.state.values()),
+        "tensors_found_prepared": reused,
         "ms": {name: value * 1e3 for name, value in medians.items()},
         "ratios": {
             f"{name}_vs_bare": value / medians["bare"]

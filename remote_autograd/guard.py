@@ -433,15 +433,21 @@ class StepBackup:
 
     def copy(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copies of ``tensors`` (of a DTensor: its shard) in the kept buffers (valid until the
-        next call). The leading tensors that prepare() copied and that have not changed since
-        are not copied again."""
+        next copy() or prepare()). The tensors that prepare() copied into the same buffers and
+        that have not changed since are not copied again."""
         prepared, self._prepared = self._prepared, None  # one copy() uses it up
         if prepared is not None:
             prepared.thread.join()
         shards = [local(t) for t in tensors]
         buffers = self._buffers(shards)
-        self.reused = prepared.ready(tensors, shards, buffers) if prepared is not None else 0
-        _copy_into(buffers[self.reused :], shards[self.reused :])
+        ready = (
+            [False] * len(shards) if prepared is None else prepared.ready(tensors, shards, buffers)
+        )
+        self.reused = sum(ready)
+        _copy_into(
+            [b for b, done in zip(buffers, ready, strict=True) if not done],
+            [t for t, done in zip(shards, ready, strict=True) if not done],
+        )
         return buffers
 
     def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -450,7 +456,7 @@ class StepBackup:
         Called once a step stands: until the next step nothing changes what that step will
         copy (forwards and backwards only read the weights), so the copy runs after the
         answer, beside whatever the trunk does next, not inside the next Step (for GPT-2's 9
-        blocks on one CPU thread: 79 of the Step's 180 ms). copy() waits for the thread, then
+        blocks on one CPU thread: 79 of the Step's ~185 ms). copy() waits for the thread, then
         takes only what it holds as it still is: the same tensor, with the same version counter,
         in the same buffer. PyTorch's in-place ops bump the counter; a fused optimizer's kernel
         does not, but an optimizer steps only inside guarded_step, after its copy(). Any other
@@ -551,18 +557,18 @@ class _Prepared:
         tensors: Sequence[torch.Tensor],
         shards: Sequence[torch.Tensor],
         buffers: Sequence[torch.Tensor],
-    ) -> int:
-        """How many leading ``tensors`` (whose shards go into ``buffers``) this copy holds as
-        they are now (the thread has ended)."""
+    ) -> list[bool]:
+        """For each of ``tensors`` (whose shards go into ``buffers``), whether this copy holds
+        it as it is now, in that buffer (the thread has ended)."""
         if not self.done:
-            return 0
-        ready = 0
-        for now, shard, buffer, then, version, kept in zip(
-            tensors, shards, buffers, self.tensors, self.versions, self.buffers, strict=False
-        ):
-            if then() is not now or shard._version != version or buffer is not kept:
-                break
-            ready += 1
+            return [False] * len(tensors)
+        held = {id(buffer): i for i, buffer in enumerate(self.buffers)}
+        ready = []
+        for now, shard, buffer in zip(tensors, shards, buffers, strict=True):
+            i = held.get(id(buffer))
+            ready.append(
+                i is not None and self.tensors[i]() is now and shard._version == self.versions[i]
+            )
         return ready
 
 

@@ -154,7 +154,7 @@ class PipelinedStep:
 
     ``scaler``: a ``torch.amp.GradScaler`` (fp16 autocast): each micro-batch's weighted loss is
     scaled by it before its backward, as ``scaler.scale(loss).backward()`` does in the plain
-    loop; then ``scaler.step(opt)``, ``scaler.step(trunk_opt)`` and ``scaler.update()`` as
+    loop; then ``scaler.step(trunk_opt)``, ``scaler.step(opt)`` and ``scaler.update()`` as
     usual. The returned loss is unscaled.
 
     ``split_backward=True``: the top's backward runs in two passes, the gradient of the trunk's
@@ -391,6 +391,7 @@ class PipelinedStep:
             for m in trunk_modules
             if not isinstance(m, RemoteModule)
             for p in m.parameters(recurse=False)
+            if p.requires_grad  # a frozen one gets no gradient to add in any order
         }
         for name, part in (("bottom", self.bottom), ("top", self.top)):
             if lane & _parameters(part):
@@ -429,7 +430,10 @@ class PipelinedStep:
 
 
 def _parameters(part: Any) -> set[int]:
-    return {id(p) for p in part.parameters()} if isinstance(part, nn.Module) else set()
+    """The trainable parameters of a part that is a module (a function cannot be looked into)."""
+    if not isinstance(part, nn.Module):
+        return set()
+    return {id(p) for p in part.parameters() if p.requires_grad}
 
 
 def _over_batch(module: nn.Module) -> str:

@@ -1144,8 +1144,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "step_backup_ignores_versions",
         "remote_autograd/guard.py",
-        "if then() is not now or shard._version != version or buffer is not kept:",
-        "if then() is not now or buffer is not kept:",
+        "i is not None and self.tensors[i]() is now and shard._version == self.versions[i]",
+        "i is not None and self.tensors[i]() is now",
         (
             "tests/test_trunk_safety.py::"
             "test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since",
@@ -1155,8 +1155,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "step_backup_ignores_identity",
         "remote_autograd/guard.py",
-        "if then() is not now or shard._version != version or buffer is not kept:",
-        "if shard._version != version or buffer is not kept:",
+        "i is not None and self.tensors[i]() is now and shard._version == self.versions[i]",
+        "i is not None and shard._version == self.versions[i]",
         (
             "tests/test_trunk_safety.py::"
             "test_the_step_backup_uses_a_copy_taken_between_steps_only_where_nothing_changed_since",
@@ -1206,6 +1206,17 @@ MUTATIONS: list[Mutation] = [
             "test_a_grad_scaler_scales_each_micro_batch_as_in_the_plain_loop",
         ),
         "PipelinedStep(scaler=...) scales each micro-batch's loss",
+    ),
+    M(
+        "pipelined_step_returns_the_scaled_loss",
+        "remote_autograd/pipeline.py",
+        "total = scaled.detach() if total is None else total + scaled.detach()",
+        "total = root.detach() if total is None else total + root.detach()",
+        (
+            "tests/test_pipeline.py::"
+            "test_a_grad_scaler_scales_each_micro_batch_as_in_the_plain_loop",
+        ),
+        "PipelinedStep(scaler=...) returns the unscaled loss",
     ),
     M(
         "pipelined_step_misses_parameters_shared_with_the_lane",

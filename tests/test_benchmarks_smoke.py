@@ -165,3 +165,8 @@ def test_guard_smoke(tmp_path: Path) -> None:
     for name, times in data["times"].items():
         assert len(times) == data["preset"]["steps"] and all(t > 0 for t in times), name
     assert set(data["ratios"]) == {f"{name}_vs_bare" for name in [*ways[1:], "copy"]}
+    # Each guarded way timed what it says: the copy taken before it, or not.
+    found = data["tensors_found_prepared"]
+    for name in ("guarded_back_to_back", "guarded_after_a_pause"):
+        assert found[name] == [data["tensors"]] * data["preset"]["steps"], name
+    assert set(found["guarded_nothing_prepared"]) == set(found["copy"]) == {0}

@@ -743,16 +743,16 @@ def test_split_batch_walks_user_dicts_and_passes_other_mappings_along():
 
 
 def _scaled_training(parts, remote, batches, *, pipelined: bool, split: bool = False):
-    """Three optimizer steps under a GradScaler, the second one's loss made infinite (an fp16
-    overflow): the weights after each step, the scale, and the gradients of the first batch
-    before unscaling."""
+    """Three optimizer steps under a GradScaler, one piece of the second one's loss made
+    infinite (an fp16 overflow): the loss returned, the scale and the weights after each step,
+    and the gradients of the first batch before unscaling."""
     bottom, _, top = parts
     calls = []
 
-    def loss_fn(out, y):  # micro-batches 2 and 3 (of the second batch) overflow
+    def loss_fn(out, y):  # the second batch's first micro-batch overflows
         calls.append(len(calls))
         loss = nn.functional.cross_entropy(out, y)
-        return loss * float("inf") if len(calls) in (3, 4) else loss
+        return loss * float("inf") if len(calls) == 3 else loss
 
     opt = torch.optim.SGD([*bottom.parameters(), *top.parameters()], lr=0.1)
     trunk_opt = RemoteOptimizer(remote, torch.optim.SGD, lr=0.1)
@@ -765,17 +765,19 @@ def _scaled_training(parts, remote, batches, *, pipelined: bool, split: bool = F
         opt.zero_grad()
         trunk_opt.zero_grad()
         if pipelined:
-            step(x, y)
+            loss = step(x, y)
         else:
-            ys = split_batch(y, 2)
+            ys, loss = split_batch(y, 2), 0.0
             for x_i, y_i, s_i in zip(split_batch(x, 2), ys, step.scales(ys), strict=True):
-                scaler.scale(loss_fn(top(remote(bottom(x_i))), y_i) * s_i).backward()
+                piece = loss_fn(top(remote(bottom(x_i))), y_i) * s_i
+                scaler.scale(piece).backward()
+                loss = loss + piece.detach()
         if first_grads is None:
             first_grads = [p.grad.clone() for p in bottom.parameters()]
-        scaler.step(opt)
         scaler.step(trunk_opt)
+        scaler.step(opt)
         scaler.update()
-        trace.append((scaler.get_scale(), remote.remote_state_dict(), copy.deepcopy(bottom)))
+        trace.append((loss, scaler.get_scale(), remote.remote_state_dict(), copy.deepcopy(bottom)))
     return trace, first_grads
 
 
@@ -807,21 +809,24 @@ def test_a_grad_scaler_scales_each_micro_batch_as_in_the_plain_loop(split, start
     assert all(torch.equal(g, 2.0**10 * u) for g, u in zip(piped_grads, unscaled, strict=True))
     assert all(torch.equal(g, q) for g, q in zip(piped_grads, plain_grads, strict=True))
     assert (
-        [scale for scale, _, _ in piped]
-        == [scale for scale, _, _ in plain]
+        [scale for _, scale, _, _ in piped]
+        == [scale for _, scale, _, _ in plain]
         == [2.0**11, 2.0**10, 2.0**11]
     )
-    for (_, p_state, p_bottom), (_, q_state, q_bottom) in zip(piped, plain, strict=True):
+    # The loss returned is the plain loop's weighted sum, unscaled (inf where it overflowed).
+    assert [loss for loss, _, _, _ in piped] == [loss for loss, _, _, _ in plain]
+    assert 0 < piped[0][0] < 2 and piped[1][0] == float("inf")
+    for (_, _, p_state, p_bottom), (_, _, q_state, q_bottom) in zip(piped, plain, strict=True):
         assert all(torch.equal(v, q_state[n]) for n, v in p_state.items())
         assert all(
             torch.equal(v, w)
             for v, w in zip(p_bottom.parameters(), q_bottom.parameters(), strict=True)
         )
     # The overflowing step was skipped on both sides of the wire: step 2's weights are step 1's.
-    assert all(torch.equal(v, piped[0][1][n]) for n, v in piped[1][1].items())
+    assert all(torch.equal(v, piped[0][2][n]) for n, v in piped[1][2].items())
     assert all(
         torch.equal(v, w)
-        for v, w in zip(piped[1][2].parameters(), piped[0][2].parameters(), strict=True)
+        for v, w in zip(piped[1][3].parameters(), piped[0][3].parameters(), strict=True)
     )
 
 
@@ -849,3 +854,5 @@ def test_a_parameter_shared_with_a_local_layer_of_the_trunk_warns(part, start_se
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             exact(x, y)
+            shared.requires_grad_(False)  # frozen: no gradient to add in any order
+            lossy(x, y)
