@@ -398,7 +398,7 @@ class PipelinedStep:
                 warnings.warn(
                     f"PipelinedStep: the {name} shares a parameter with a local layer of the "
                     "trunk, whose backward runs on the trunk's worker thread while the "
-                    f"{name}'s run on this one: that parameter's gradient equals the plain "
+                    f"{name}'s runs on this one: that parameter's gradient equals the plain "
                     "loop's up to float rounding only, not bit for bit, and may differ from "
                     "run to run. Keep the layer in one part",
                     stacklevel=4,
